@@ -1,0 +1,86 @@
+"""`#announce` lines: the prototype's `ANNOUNCE <ip:port> <base64 wg public key>`.
+
+The sender's identity always comes from Keybase's message metadata, never from the body.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import ipaddress
+import re
+from dataclasses import dataclass
+
+from kbwg.agent.peers import DeviceId
+
+ANNOUNCE_CHANNEL = "announce"
+# How long an announcement stays valid; agents re-announce well within it.
+ANNOUNCE_TTL_S = 3600.0
+
+_ANNOUNCE_RE = re.compile(r"^ANNOUNCE (\S+):(\d{1,5}) (\S+)\s*$")
+
+
+class AnnounceError(ValueError):
+    """A body that is not a usable announcement."""
+
+
+@dataclass(frozen=True)
+class Announcement:
+    sender: DeviceId
+    endpoint_ip: str
+    endpoint_port: int
+    public_key: str  # base64, as WireGuard prints it
+    msg_id: int
+    sent_at: float
+
+    @property
+    def endpoint(self) -> str:
+        return f"{self.endpoint_ip}:{self.endpoint_port}"
+
+
+def format_announce(ip: str, port: int, public_key_b64: str) -> str:
+    return f"ANNOUNCE {ip}:{port} {public_key_b64}"
+
+
+def decode_public_key(text: str) -> bytes:
+    try:
+        key = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise AnnounceError(f"public key {text[:60]!r} is not base64") from exc
+    if len(key) != 32:
+        raise AnnounceError(f"public key decodes to {len(key)} bytes, not 32")
+    return key
+
+
+def parse_announce(body: str, sender: DeviceId, msg_id: int, sent_at: float) -> Announcement:
+    match = _ANNOUNCE_RE.match(body)
+    if match is None:
+        raise AnnounceError(f"not an ANNOUNCE line: {body[:80]!r}")
+    ip_text, port_text, key_text = match.groups()
+    try:
+        ip = ipaddress.IPv4Address(ip_text)
+    except ValueError as exc:
+        raise AnnounceError(f"endpoint address {ip_text!r} is not IPv4") from exc
+    port = int(port_text)
+    if not 1 <= port <= 65535:
+        raise AnnounceError(f"endpoint port {port} is out of range")
+    decode_public_key(key_text)
+    return Announcement(sender, str(ip), port, key_text, msg_id, sent_at)
+
+
+@dataclass
+class AnnounceBook:
+    """Newest announcement per device. Message ids grow within one conversation, so a
+    lower or equal id is a replay or a late delivery and never replaces a newer one."""
+
+    latest: dict[DeviceId, Announcement]
+
+    def __init__(self) -> None:
+        self.latest = {}
+
+    def offer(self, announcement: Announcement) -> bool:
+        current = self.latest.get(announcement.sender)
+        if current is not None and announcement.msg_id <= current.msg_id:
+            return False
+        self.latest[announcement.sender] = announcement
+        return True

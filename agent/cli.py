@@ -1,0 +1,241 @@
+"""`kbwg-agent`: command-line entry point."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import sys
+
+from kbwg.agent.control import ControlError, call
+from kbwg.agent.statedir import ENV_STATE_DIR, StateDirBusy, lock_state_dir, resolve_state_dir
+from kbwg.agent.status_view import render_status
+
+log = logging.getLogger(__name__)
+
+ENV_KEYBASE = "KBWG_KEYBASE"
+
+
+def _add_state_dir(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--state-dir",
+        help=f"folder for the agent's control socket and runtime files "
+        f"(default: ${ENV_STATE_DIR}, else /run/kbwg-agent as root, else "
+        "$XDG_RUNTIME_DIR/kbwg-agent)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kbwg-agent",
+        description="WireGuard mesh among the devices of a Keybase team. Keybase is the "
+        "control plane: peers.json in the team's KBFS folder gives each device its overlay "
+        "address and #announce carries endpoints and keys.",
+    )
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="more logging (-v info is the default for join, -vv debug)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    join = sub.add_parser(
+        "join",
+        help="join the team's mesh and keep it up until interrupted",
+        description="Create this device's WireGuard interface, configure every announced "
+        "device listed in /keybase/team/TEAM/peers.json as a peer, announce this device "
+        "in the team's #announce channel and follow new announcements. Run it as the "
+        "Keybase user: the WireGuard device is owned by a small privileged helper (the "
+        "device owner) that join starts directly when run as root, or otherwise with "
+        "`sudo -n` (which must be allowed without a password for that one command). "
+        "INT or TERM removes the interface and everything the agent added.",
+    )
+    join.add_argument("team", help="Keybase team name")
+    join.add_argument("--keybase", help=f"path of the keybase CLI (default: ${ENV_KEYBASE}, "
+                      "else `keybase` on PATH)")
+    _add_state_dir(join)
+    join.add_argument("--interface", default="kbwg0",
+                      help="WireGuard interface name (default: kbwg0)")
+    join.add_argument("--port", type=int, default=51820,
+                      help="WireGuard UDP listen port, 0 for any free port (default: 51820)")
+    join.add_argument("--endpoint", metavar="IP[:PORT]",
+                      help="endpoint to announce (default: the address of the interface "
+                      "with the default route, and the listen port)")
+    join.add_argument("--backend", choices=["auto", "kernel", "userspace"], default="auto",
+                      help="WireGuard implementation: the kernel module, wireguard-go, or "
+                      "auto (kernel when available; default)")
+    join.add_argument("--keepalive", type=int, default=25, metavar="SECONDS",
+                      help="persistent keepalive for every peer, 0 to disable (default: 25)")
+
+    status = sub.add_parser(
+        "status",
+        help="show the running agent's peers",
+        description="Ask the agent running with this state dir for its peers: overlay "
+        "address, endpoint, last handshake and traffic of each.",
+    )
+    _add_state_dir(status)
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    _add_diag(sub)
+    return parser
+
+
+def _add_diag(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    diag = sub.add_parser(
+        "diag",
+        help="report what this network allows: candidates, STUN, NAT behaviour, relays",
+        description="Bind a UDP port and report the interfaces and host candidates, each "
+        "STUN server's round-trip time and mapped address, the NAT's mapping and filtering "
+        "behaviour, hairpinning, relay reachability and a one-line conclusion. STUN and "
+        "relay servers come from --stun/--relay or from the team's kbwg.json (--team); "
+        "there is no built-in public server. Exit status: 0 done, 2 UDP blocked (servers "
+        "configured but none answered), 1 usage or configuration error.",
+    )
+    diag.add_argument("--json", action="store_true",
+                      help="machine-readable output (stable keys, see the README)")
+    source = diag.add_mutually_exclusive_group()
+    source.add_argument("--team", help="take STUN and relay servers from "
+                        "/keybase/team/TEAM/kbwg.json")
+    source.add_argument("--stun", action="append", default=[], metavar="HOST:PORT",
+                        help="a STUN server to use (repeatable)")
+    diag.add_argument("--keybase", help=f"path of the keybase CLI, with --team (default: "
+                      f"${ENV_KEYBASE}, else `keybase` on PATH)")
+    diag.add_argument("--relay", action="append", default=[], metavar="URL",
+                      help="a relay to test, turn:HOST:PORT (repeatable)")
+    diag.add_argument("--relay-secret", default="",
+                      help="the relays' TURN REST shared secret (kept for the allocation "
+                      "test; reachability needs none)")
+    diag.add_argument("--port", type=int, default=0,
+                      help="local UDP port to test from (default: any free port)")
+    diag.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS",
+                      help="bound on the whole run (default: 5)")
+    diag.add_argument("--no-classic", action="store_true",
+                      help="skip pystun3's classic RFC 3489 NAT type")
+
+
+def _setup_logging(verbosity: int, quiet: bool = False) -> None:
+    if verbosity >= 2:
+        level = logging.DEBUG
+    elif verbosity == 1 or not quiet:
+        level = logging.INFO
+    else:
+        level = logging.WARNING
+    logging.basicConfig(
+        level=level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _fail(message: str, code: int = 1) -> int:
+    print(f"kbwg-agent: error: {message}", file=sys.stderr)
+    return code
+
+
+async def _join(args: argparse.Namespace) -> int:
+    from kbwg.agent.daemon import Agent, JoinError, JoinOptions
+    from kbwg.agent.keybase import KeybaseClient, KeybaseError, resolve_keybase_binary
+    from kbwg.agent.owner_client import OwnerError, OwnerGone, OwnerStartError
+
+    state_dir = resolve_state_dir(args.state_dir)
+    try:
+        lock = lock_state_dir(state_dir)
+    except (StateDirBusy, OSError) as exc:
+        return _fail(str(exc))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    options = JoinOptions(
+        team=args.team,
+        state_dir=state_dir,
+        interface=args.interface,
+        listen_port=args.port,
+        endpoint=args.endpoint,
+        backend=args.backend,
+        keepalive_s=args.keepalive,
+    )
+    agent = Agent(options, KeybaseClient(resolve_keybase_binary(args.keybase)))
+    try:
+        await agent.run(stop)
+    except (JoinError, KeybaseError, OwnerError, OwnerGone, OwnerStartError) as exc:
+        return _fail(str(exc))
+    finally:
+        lock.close()
+    log.info("stopped")
+    return 0
+
+
+async def _status(args: argparse.Namespace) -> int:
+    try:
+        status = await call(resolve_state_dir(args.state_dir), "status")
+    except ControlError as exc:
+        return _fail(str(exc))
+    if args.json:
+        print(json.dumps(status, indent=2, sort_keys=True))
+    else:
+        print(render_status(status))
+    return 0
+
+
+async def _diag(args: argparse.Namespace) -> int:
+    from kbwg.agent.diag import DiagOptions, render_report, run_diag
+    from kbwg.agent.teamconfig import (
+        RelayConfig,
+        TeamConfigError,
+        load_team_config,
+        parse_host_port,
+        parse_relay_url,
+    )
+
+    options = DiagOptions(port=args.port, timeout=args.timeout, classic=not args.no_classic)
+    if not 0 <= args.port <= 65535 or args.timeout <= 0:
+        return _fail("--port must be 0-65535 and --timeout positive")
+    try:
+        options.stun = [parse_host_port(text) for text in args.stun]
+        for url in args.relay:
+            address, transport = parse_relay_url(url)
+            options.relays.append(RelayConfig(url, address.host, address.port,
+                                              args.relay_secret, transport))
+    except ValueError as exc:
+        return _fail(str(exc))
+    if args.team:
+        from kbwg.agent.keybase import KeybaseClient, KeybaseError, resolve_keybase_binary
+
+        keybase = KeybaseClient(resolve_keybase_binary(args.keybase))
+        try:
+            config = await load_team_config(keybase, args.team)
+        except (TeamConfigError, KeybaseError) as exc:
+            return _fail(str(exc))
+        finally:
+            await keybase.close()
+        options.stun = config.stun
+        options.relays = config.relays + options.relays
+        options.interface_exclude = config.interface_exclude
+        options.overlay = config.overlay
+        options.config_source = f"team {args.team} kbwg.json"
+    try:
+        report = await run_diag(options)
+    except OSError as exc:
+        return _fail(f"cannot run diag: {exc}")
+    if args.json:
+        print(json.dumps(report.to_json(), indent=2, sort_keys=True))
+    else:
+        print(render_report(report))
+    return report.exit_code
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "join":
+        _setup_logging(args.verbose)
+        return asyncio.run(_join(args))
+    _setup_logging(args.verbose, quiet=True)
+    if args.command == "status":
+        return asyncio.run(_status(args))
+    if args.command == "diag":
+        return asyncio.run(_diag(args))
+    return _fail(f"unknown command {args.command}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

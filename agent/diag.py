@@ -1,0 +1,346 @@
+"""`kbwg-agent diag`: what this host's network allows, like `tailscale netcheck`.
+
+Standalone mode binds its own UDP socket and runs everything from it: interfaces and
+host candidates, one Binding to every STUN server (RTT, mapped address), NAT mapping
+and filtering behaviour, hairpin, the classic pystun3 type, relay reachability, and a
+one-line conclusion. The JSON form (`DiagReport.to_json`) is a stable interface.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from ipaddress import IPv4Network
+from typing import Any
+
+from kbwg.agent.peers import DEFAULT_OVERLAY
+from kbwg.agent.teamconfig import HostPort, RelayConfig
+from kbwg.negotiation.candidates import (
+    DEFAULT_INTERFACE_EXCLUDE,
+    Candidate,
+    InterfaceAddress,
+    gather_host_candidates,
+    gather_srflx,
+    host_address_problem,
+    interface_addresses,
+)
+from kbwg.negotiation.natprobe import (
+    ENDPOINT_DEPENDENT,
+    ENDPOINT_INDEPENDENT,
+    NatBehaviour,
+    probe_nat,
+)
+from kbwg.negotiation.stun_client import (
+    Address,
+    StunClient,
+    StunCounters,
+    StunError,
+    bind_udp,
+    format_address,
+    open_udp_client,
+    resolve,
+)
+
+log = logging.getLogger(__name__)
+
+JSON_VERSION = 1
+EXIT_OK = 0
+EXIT_UDP_BLOCKED = 2
+
+
+@dataclass
+class DiagOptions:
+    stun: list[HostPort] = field(default_factory=list)
+    relays: list[RelayConfig] = field(default_factory=list)
+    port: int = 0
+    timeout: float = 5.0
+    interface_exclude: list[str] = field(default_factory=lambda: list(DEFAULT_INTERFACE_EXCLUDE))
+    overlay: IPv4Network = DEFAULT_OVERLAY
+    classic: bool = True
+    config_source: str = "command line"
+
+
+@dataclass
+class InterfaceReport:
+    name: str
+    address: str
+    used: bool
+    reason: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "address": self.address, "used": self.used,
+                "reason": self.reason}
+
+
+@dataclass
+class ServerReport:
+    """A STUN server, or a relay reached by STUN Binding."""
+
+    server: str
+    address: str | None = None
+    rtt_ms: float | None = None
+    mapped: str | None = None
+    other_address: str | None = None
+    error: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"server": self.server, "address": self.address, "rtt_ms": self.rtt_ms,
+                "mapped": self.mapped, "other_address": self.other_address,
+                "error": self.error}
+
+
+@dataclass
+class RelayReport(ServerReport):
+    url: str = ""
+
+    @property
+    def reachable(self) -> bool:
+        return self.rtt_ms is not None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"url": self.url, "reachable": self.reachable, **super().to_json()}
+
+
+@dataclass
+class DiagReport:
+    local_port: int
+    config_source: str
+    nat: NatBehaviour
+    interfaces: list[InterfaceReport] = field(default_factory=list)
+    stun: list[ServerReport] = field(default_factory=list)
+    relays: list[RelayReport] = field(default_factory=list)
+    candidates: list[Candidate] = field(default_factory=list)
+    counters: StunCounters = field(default_factory=StunCounters)
+    duration_s: float = 0.0
+    mode: str = "standalone"
+
+    @property
+    def conclusion(self) -> str:
+        return conclude(self)
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_UDP_BLOCKED if self.nat.udp is False else EXIT_OK
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "version": JSON_VERSION,
+            "mode": self.mode,
+            "config_source": self.config_source,
+            "local_port": self.local_port,
+            **self.nat.to_json(),
+            "interfaces": [i.to_json() for i in self.interfaces],
+            "stun": [s.to_json() for s in self.stun],
+            "relays": [r.to_json() for r in self.relays],
+            "candidates": [c.to_json() for c in self.candidates],
+            "stun_counters": self.counters.to_json(),
+            "duration_s": round(self.duration_s, 3),
+            "conclusion": self.conclusion,
+        }
+
+
+def conclude(report: DiagReport) -> str:
+    nat = report.nat
+    relays = [r for r in report.relays if r.reachable]
+    if report.relays:
+        relay = (f"relay reachable ({relays[0].rtt_ms:.1f} ms)" if relays
+                 else "no relay reachable: peers that cannot connect directly stay unreachable")
+    else:
+        relay = "no relay configured: peers that cannot connect directly stay unreachable"
+    if nat.udp is None:
+        return ("no STUN server configured: host candidates only, so direct connections "
+                f"to peers on the same LAN; NAT behaviour unknown; {relay}")
+    if nat.udp is False:
+        return ("UDP blocked: no STUN server answered; only peers on the same LAN can "
+                f"connect; {relay}")
+    if nat.behind_nat is False:
+        verdict = "no NAT (public address): direct connections likely"
+    elif nat.mapping == ENDPOINT_INDEPENDENT:
+        if nat.filtering == ENDPOINT_INDEPENDENT:
+            verdict = "full-cone NAT: direct connections likely"
+        else:
+            verdict = ("port-preserving NAT (endpoint-independent mapping): direct "
+                       "connections likely, except with peers behind symmetric NATs")
+    elif nat.mapping == ENDPOINT_DEPENDENT:
+        verdict = ("symmetric NAT (endpoint-dependent mapping): direct connections only "
+                   "with peers on open or full-cone NATs; peers behind port-restricted or "
+                   "symmetric NATs will be relayed")
+    else:
+        verdict = ("NAT mapping unknown (configure an RFC 5780 server or two STUN servers): "
+                   "direct connections possible")
+    return f"{verdict}; {relay}"
+
+
+def _interface_reports(addresses: Sequence[InterfaceAddress], options: DiagOptions,
+                       ) -> list[InterfaceReport]:
+    reports = []
+    for entry in sorted(addresses, key=lambda e: (e.index, e.address)):
+        problem = host_address_problem(entry, options.interface_exclude, [options.overlay])
+        reports.append(InterfaceReport(entry.interface, f"{entry.address}/{entry.prefixlen}",
+                                       problem is None, problem))
+    return reports
+
+
+async def _resolve_all(servers: Sequence[HostPort], timeout: float,
+                       ) -> list[tuple[str, Address | None]]:
+    async def one(server: HostPort) -> tuple[str, Address | None]:
+        try:
+            return str(server), await asyncio.wait_for(resolve(server.host, server.port),
+                                                       timeout)
+        except (OSError, TimeoutError) as exc:
+            log.info("cannot resolve %s: %s", server, exc)
+            return str(server), None
+    return list(await asyncio.gather(*(one(s) for s in servers)))
+
+
+async def _probe_relay(client: StunClient, relay: RelayConfig, address: Address | None,
+                       timeout: float) -> RelayReport:
+    report = RelayReport(server=str(relay.address), url=relay.url)
+    if address is None:
+        report.error = "cannot resolve"
+        return report
+    report.address = format_address(address)
+    try:
+        answer = await client.binding(address, timeout=timeout, rto=0.3)
+    except StunError as exc:
+        report.error = str(exc)
+        return report
+    report.rtt_ms = answer.rtt_ms
+    report.mapped = format_address(answer.mapped)
+    return report
+
+
+async def run_diag(options: DiagOptions) -> DiagReport:
+    """Standalone diagnosis from a UDP socket of our own (port `options.port`)."""
+    started = time.monotonic()
+    deadline = started + options.timeout
+
+    def remaining(share: float = 1.0) -> float:
+        return max(0.1, (deadline - time.monotonic()) * share)
+
+    addresses = await interface_addresses()
+    counters = StunCounters()
+    client, transport = await bind_udp("0.0.0.0", options.port, counters)
+    try:
+        local_port = transport.local_address[1]
+        report = DiagReport(local_port=local_port, config_source=options.config_source,
+                            nat=NatBehaviour(), counters=counters)
+        report.interfaces = _interface_reports(addresses, options)
+        report.candidates = gather_host_candidates(
+            local_port, options.interface_exclude, [options.overlay], addresses=addresses)
+
+        stun_servers = await _resolve_all(options.stun, remaining(0.2))
+        relay_servers = await _resolve_all([r.address for r in options.relays], remaining(0.2))
+        gather_timeout = remaining(0.4)
+        (srflx, results), relays = await asyncio.gather(
+            gather_srflx(client, stun_servers, ("0.0.0.0", local_port),
+                         timeout=gather_timeout, rto=0.3),
+            asyncio.gather(*(
+                _probe_relay(client, relay, addr, gather_timeout)
+                for relay, (_, addr) in zip(options.relays, relay_servers, strict=True)
+            )),
+        )
+        report.candidates.extend(srflx)
+        report.relays = list(relays)
+        for result in results:
+            answer = result.binding
+            report.stun.append(ServerReport(
+                server=result.server,
+                address=format_address(result.address) if result.address else None,
+                rtt_ms=answer.rtt_ms if answer else None,
+                mapped=format_address(answer.mapped) if answer else None,
+                other_address=format_address(answer.other_address)
+                if answer and answer.other_address else None,
+                error=result.error,
+            ))
+
+        @contextlib.asynccontextmanager
+        async def fresh() -> AsyncIterator[StunClient]:
+            async with open_udp_client(counters=counters) as (other, _):
+                yield other
+
+        report.nat = await probe_nat(
+            client, [r.binding for r in results if r.binding],
+            servers_tried=len(options.stun),
+            local_addresses={a.address for a in addresses},
+            local_port=local_port, fresh_client=fresh, timeout=remaining(0.9),
+            classic=options.classic,
+        )
+    finally:
+        transport.close()
+    report.duration_s = time.monotonic() - started
+    return report
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[object]], indent: str = "  ",
+           ) -> list[str]:
+    cells = [[str(c) for c in header]] + [["-" if c is None else str(c) for c in r]
+                                          for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    return [indent + "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+            for row in cells]
+
+
+def _yes_no(value: bool | None) -> str:
+    return "unknown" if value is None else ("yes" if value else "no")
+
+
+def render_report(report: DiagReport) -> str:
+    data = report.to_json()
+    lines = [f"kbwg-agent diag ({report.mode}, UDP port {report.local_port}, "
+             f"servers from {report.config_source}, {report.duration_s:.2f}s)", ""]
+    lines.append("Interfaces")
+    lines += _table(("NAME", "ADDRESS", "HOST CANDIDATE"), [
+        (i.name, i.address, "yes" if i.used else f"no ({i.reason})") for i in report.interfaces
+    ])
+    lines += ["", "STUN servers"]
+    if report.stun:
+        lines += _table(("SERVER", "RTT", "MAPPED", "NOTE"), [
+            (s.server, f"{s.rtt_ms:.1f} ms" if s.rtt_ms is not None else None, s.mapped,
+             s.error or (f"RFC 5780, other address {s.other_address}"
+                         if s.other_address else ""))
+            for s in report.stun
+        ])
+    else:
+        lines.append("  none configured (use --stun HOST:PORT or the team's kbwg.json)")
+    nat = report.nat
+    lines += ["", "NAT behaviour"]
+    mapping = nat.mapping + (f" (by {nat.mapping_method})" if nat.mapping_method else "")
+    filtering = nat.filtering + (f" (by {nat.filtering_server})" if nat.filtering_server
+                                 else "")
+    lines += _table(("", ""), [
+        ("UDP", _yes_no(nat.udp) if nat.udp is not None else "not tested (no STUN server)"),
+        ("Mapped address", data["mapped"]),
+        ("Behind NAT", _yes_no(nat.behind_nat)),
+        ("Mapping", mapping),
+        ("Filtering", filtering),
+        ("Hairpin", _yes_no(nat.hairpin)),
+        ("Classic type", f"{nat.classic} (pystun3)" if nat.classic else None),
+    ])[1:]
+    lines += ["", "Relays"]
+    if report.relays:
+        lines += _table(("URL", "REACHABLE", "RTT", "NOTE"), [
+            (r.url, _yes_no(r.reachable), f"{r.rtt_ms:.1f} ms" if r.rtt_ms is not None
+             else None, r.error or "")
+            for r in report.relays
+        ])
+    else:
+        lines.append("  none configured")
+    lines += ["", "Candidates"]
+    if report.candidates:
+        lines += _table(("TYPE", "ADDRESS", "PORT", "INTERFACE", "PRIORITY", "SOURCE"), [
+            (c.type, c.address, c.port, c.interface, c.priority, c.source)
+            for c in report.candidates
+        ])
+    else:
+        lines.append("  none: no usable interface address")
+    for note in nat.notes:
+        lines.append(f"note: {note}")
+    if report.counters.ignored:
+        lines.append(f"note: {report.counters.ignored} bad or stray STUN datagrams ignored")
+    lines += ["", f"Conclusion: {report.conclusion}"]
+    return "\n".join(lines)

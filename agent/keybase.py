@@ -1,0 +1,773 @@
+"""The agent's client of the Keybase CLI JSON API (`keybase chat api`, `chat api-listen`,
+`fs read`/`fs write`, `whoami --json`), see shared/reference/keybase-cli-api.md.
+
+Keybase is reached only by running its CLI; which binary is a matter of configuration
+(`--keybase` / ``KBWG_KEYBASE``), so the same code drives the real CLI or a stand-in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import json
+import logging
+import os
+import re
+import time
+from collections.abc import AsyncGenerator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_BINARY = "keybase"
+BINARY_ENV = "KBWG_KEYBASE"
+
+# Body limits in UTF-8 bytes (msgchecker getMaxTextLength): CHAT is small, the others large.
+CHAT_BODY_LIMIT = 10_000
+DEV_BODY_LIMIT = 1_000_000
+TOPIC_TYPES = frozenset({"none", "chat", "dev", "kbfsfileedit", "emoji", "emojicross"})
+BODY_LIMITS: Mapping[str, int] = {
+    "chat": CHAT_BODY_LIMIT,
+    "dev": DEV_BODY_LIMIT,
+    "kbfsfileedit": DEV_BODY_LIMIT,
+    "emoji": DEV_BODY_LIMIT,
+    "emojicross": DEV_BODY_LIMIT,
+    "none": DEV_BODY_LIMIT,
+}
+
+# v1 methods of `keybase chat api` (chat_api_handler.go). Anything else would make the CLI
+# print `invalid v1 method` and exit, killing the shared pipe.
+KNOWN_METHODS = frozenset(
+    {
+        "list", "read", "get", "send", "edit", "reaction", "delete", "attach", "download",
+        "setstatus", "mark", "searchinbox", "searchregexp", "newconv", "listconvsonname",
+        "join", "leave", "addtochannel", "loadflip", "getunfurlsettings", "setunfurlsettings",
+        "advertisecommands", "clearcommands", "listcommands", "pin", "unpin",
+        "getresetconvmembers", "addresetconvmember", "getdeviceinfo", "listmembers",
+        "emojiadd", "emojiaddalias", "emojiremove", "emojilist",
+    }
+)  # fmt: skip
+# Methods whose options must name exactly one conversation.
+CONV_METHODS = frozenset(
+    {
+        "read",
+        "get",
+        "send",
+        "edit",
+        "reaction",
+        "delete",
+        "attach",
+        "download",
+        "setstatus",
+        "mark",
+        "join",
+        "leave",
+        "pin",
+        "unpin",
+        "loadflip",
+        "addtochannel",
+    }
+)
+
+# stderr of a `chat api` that died because of the request itself (decode-loop errors):
+# retrying on a fresh pipe would only kill that one too.
+_REQUEST_ERROR_RE = re.compile(
+    r"invalid \w+ v\d options|invalid v\d method|invalid version|json: |invalid character"
+    r"|unexpected EOF|illegal base64",
+)
+_NOT_FOUND_RE = re.compile(r"does not exist|not found|no such file", re.IGNORECASE)
+
+# Replies to `read` may carry many 1 MB dev bodies: the default 64 KiB line limit is far
+# too small.
+_STREAM_LIMIT = 256 * 1024 * 1024
+_STDERR_TAIL = 20
+# api-listen's status line, printed once it is subscribed (cmd_chat_api_listen.go).
+_LISTENING = "Listening for chat notifications"
+_STDERR_LINE_MAX = 300
+
+
+class KeybaseError(Exception):
+    """Anything that went wrong talking to Keybase."""
+
+
+class KeybaseServiceError(KeybaseError):
+    """The service answered `{"error": {"code", "message", "data"}}`."""
+
+    def __init__(self, code: int, message: str, data: Any = None) -> None:
+        super().__init__(f"keybase: {message} (code {code})" if code else f"keybase: {message}")
+        self.code = code
+        self.message = message
+        self.data = data
+
+
+class KeybaseRequestError(KeybaseError):
+    """A request rejected before it reached the service (client-side validation, or the
+    CLI's own decode loop)."""
+
+
+class KeybaseUnavailable(KeybaseError):
+    """The keybase binary cannot be started, or exits."""
+
+
+class KeybaseFileNotFound(KeybaseError, FileNotFoundError):
+    """A KBFS path that does not exist."""
+
+
+def _unavailable(binary: str, what: str) -> KeybaseUnavailable:
+    return KeybaseUnavailable(
+        f"{what} (keybase binary {binary!r}). Check --keybase / {BINARY_ENV}, and that the "
+        "Keybase service is running and logged in (`keybase whoami`)."
+    )
+
+
+def resolve_keybase_binary(cli_value: str | None) -> str:
+    """The binary to run: the CLI flag, else $KBWG_KEYBASE, else `keybase` on PATH."""
+    if cli_value:
+        return cli_value
+    return os.environ.get(BINARY_ENV) or DEFAULT_BINARY
+
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclass(frozen=True)
+class Channel:
+    name: str
+    topic_name: str
+    topic_type: str = "chat"
+    members_type: str = "team"
+
+    def to_json(self) -> dict[str, str]:
+        return {
+            "name": self.name,
+            "members_type": self.members_type,
+            "topic_name": self.topic_name,
+            "topic_type": self.topic_type,
+        }
+
+    @classmethod
+    def from_json(cls, obj: Any) -> Channel:
+        if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
+            raise ValueError(f"not a channel object: {obj!r}")
+        topic_type = obj.get("topic_type") or "chat"
+        members_type = obj.get("members_type") or "team"
+        topic_name = obj.get("topic_name") or ""
+        if not all(isinstance(v, str) for v in (topic_type, members_type, topic_name)):
+            raise ValueError(f"malformed channel object: {obj!r}")
+        return cls(obj["name"], topic_name, topic_type.lower(), members_type.lower())
+
+    @property
+    def body_limit(self) -> int:
+        return BODY_LIMITS.get(self.topic_type.lower(), CHAT_BODY_LIMIT)
+
+    def __str__(self) -> str:
+        suffix = "" if self.topic_type == "chat" else f" ({self.topic_type})"
+        return f"{self.name}#{self.topic_name}{suffix}"
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    id: int
+    conversation_id: str
+    channel: Channel
+    sender_username: str
+    sender_device: str
+    sent_at: float  # seconds since the epoch
+    body: str | None  # None for non-text content
+    content_type: str
+
+
+@dataclass(frozen=True)
+class Identity:
+    username: str
+    device: str
+
+
+@dataclass(frozen=True)
+class Page:
+    messages: list[ChatMessage]
+    next: str | None
+    last: bool
+
+
+def parse_message(obj: Any) -> ChatMessage:
+    """A MsgSummary (the `msg` of a read entry or a listen notification).
+
+    Raises ValueError on anything malformed; callers log and skip it.
+    """
+    if not isinstance(obj, dict):
+        raise ValueError(f"message is not an object: {type(obj).__name__}")
+    try:
+        msg_id = obj["id"]
+        conv_id = obj["conversation_id"]
+        channel = Channel.from_json(obj["channel"])
+        sender = obj["sender"]
+        content = obj["content"]
+    except KeyError as exc:
+        raise ValueError(f"message lacks {exc.args[0]!r}") from exc
+    if not isinstance(msg_id, int) or isinstance(msg_id, bool) or not isinstance(conv_id, str):
+        raise ValueError("message id or conversation id has the wrong type")
+    if not isinstance(sender, dict) or not isinstance(sender.get("username"), str):
+        raise ValueError("message sender is malformed")
+    device = sender.get("device_name")
+    if not isinstance(device, str):
+        raise ValueError("message sender has no device name")
+    sent_ms = obj.get("sent_at_ms")
+    sent_s = obj.get("sent_at")
+    if isinstance(sent_ms, (int, float)) and not isinstance(sent_ms, bool):
+        sent_at = sent_ms / 1000.0
+    elif isinstance(sent_s, (int, float)) and not isinstance(sent_s, bool):
+        sent_at = float(sent_s)
+    else:
+        raise ValueError("message has no sent_at/sent_at_ms")
+    if not isinstance(content, dict) or not isinstance(content.get("type"), str):
+        raise ValueError("message content is malformed")
+    content_type: str = content["type"]
+    body: str | None = None
+    if content_type == "text":
+        text = content.get("text")
+        if not isinstance(text, dict) or not isinstance(text.get("body"), str):
+            raise ValueError("text message has no body")
+        body = text["body"]
+    return ChatMessage(
+        id=msg_id,
+        conversation_id=conv_id,
+        channel=channel,
+        sender_username=sender["username"],
+        sender_device=device,
+        sent_at=sent_at,
+        body=body,
+        content_type=content_type,
+    )
+
+
+def validate_call(method: str, options: Any) -> None:
+    """Reject what the CLI's decode loop would reject (it would exit and end the pipe)."""
+    if method not in KNOWN_METHODS:
+        raise KeybaseRequestError(f'invalid v1 method "{method}"')
+    if not isinstance(options, dict):
+        raise KeybaseRequestError(f"options for {method} must be an object")
+    topic_type = options.get("topic_type")
+    if topic_type not in (None, "") and (
+        not isinstance(topic_type, str) or topic_type.lower() not in TOPIC_TYPES
+    ):
+        raise KeybaseRequestError(f"invalid topic type: '{topic_type}'")
+    channel = options.get("channel")
+    conv_id = options.get("conversation_id")
+    has_channel = isinstance(channel, dict) and bool(channel.get("name"))
+    if channel is not None:
+        if not isinstance(channel, dict):
+            raise KeybaseRequestError(f"{method}: channel must be an object")
+        ctype = channel.get("topic_type")
+        if ctype not in (None, "") and (
+            not isinstance(ctype, str) or ctype.lower() not in TOPIC_TYPES
+        ):
+            raise KeybaseRequestError(f"invalid topic type: '{ctype}'")
+    if conv_id is not None and not isinstance(conv_id, str):
+        raise KeybaseRequestError(f"{method}: conversation_id must be a string")
+    if method in CONV_METHODS or method == "newconv":
+        if has_channel and conv_id:
+            raise KeybaseRequestError(
+                f"invalid {method} v1 options: include channel or conversation_id, not both"
+            )
+        if not has_channel and not conv_id:
+            raise KeybaseRequestError(
+                f"invalid {method} v1 options: need channel or conversation_id"
+            )
+    if method == "send":
+        message = options.get("message")
+        body = message.get("body") if isinstance(message, dict) else None
+        if not isinstance(body, str) or not body:
+            raise KeybaseRequestError("invalid message, body cannot be empty")
+        if has_channel:
+            assert isinstance(channel, dict)
+            limit = BODY_LIMITS.get(
+                str(channel.get("topic_type") or "chat").lower(), CHAT_BODY_LIMIT
+            )
+        else:
+            # By conversation id the topic type is unknown here; the service enforces it.
+            limit = DEV_BODY_LIMIT
+        size = len(body.encode("utf-8", "surrogatepass"))
+        if size > limit:
+            raise KeybaseRequestError(
+                f"message exceeds the maximum length of {limit} bytes ({size} bytes)"
+            )
+    if method == "read":
+        pagination = options.get("pagination")
+        if pagination is not None and not isinstance(pagination, dict):
+            raise KeybaseRequestError("read: pagination must be an object")
+
+
+# --------------------------------------------------------------------------- client
+
+
+@dataclass
+class _Pipe:
+    proc: asyncio.subprocess.Process
+    stdin: asyncio.StreamWriter
+    stdout: asyncio.StreamReader
+    stderr_tail: collections.deque[str]
+    stderr_task: asyncio.Task[None]
+
+
+class KeybaseClient:
+    """One long-lived `keybase chat api` pipe for calls, plus one-shot commands.
+
+    Listeners are separate processes (`listen`). Call `close()` when done.
+    """
+
+    def __init__(
+        self,
+        binary: str = DEFAULT_BINARY,
+        env: Mapping[str, str] | None = None,
+        *,
+        call_timeout: float = 30.0,
+        listen_backoff: tuple[float, float] = (0.5, 30.0),
+    ) -> None:
+        self.binary = binary
+        # Extra variables layered over our own environment (PATH, HOME stay usable).
+        self._env: dict[str, str] | None = {**os.environ, **env} if env is not None else None
+        self._call_timeout = call_timeout
+        self._backoff_initial, self._backoff_max = listen_backoff
+        self._lock = asyncio.Lock()
+        self._pipe: _Pipe | None = None
+        self._listeners: set[asyncio.subprocess.Process] = set()
+        self._closed = False
+
+    # ----- processes
+
+    async def _spawn(
+        self, *args: str, stdin: int | None = asyncio.subprocess.DEVNULL
+    ) -> asyncio.subprocess.Process:
+        try:
+            return await asyncio.create_subprocess_exec(
+                self.binary,
+                *args,
+                stdin=stdin,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                env=self._env,
+                limit=_STREAM_LIMIT,
+                # Own process group: a Ctrl-C on the agent's terminal must not hit the
+                # CLI before the agent has decided how to shut down.
+                start_new_session=True,
+            )
+        except (FileNotFoundError, PermissionError, NotADirectoryError) as exc:
+            raise _unavailable(self.binary, f"cannot start keybase: {exc}") from exc
+
+    async def _run(self, *args: str, input_data: bytes | None = None) -> tuple[int, bytes, bytes]:
+        proc = await self._spawn(
+            *args,
+            stdin=asyncio.subprocess.PIPE if input_data is not None else asyncio.subprocess.DEVNULL,
+        )
+        try:
+            out, err = await asyncio.wait_for(
+                proc.communicate(input_data), timeout=self._call_timeout
+            )
+        except TimeoutError:
+            await _kill(proc)
+            raise _unavailable(
+                self.binary, f"`keybase {' '.join(args)}` did not finish in {self._call_timeout}s"
+            ) from None
+        except asyncio.CancelledError:
+            await _kill(proc)
+            raise
+        assert proc.returncode is not None
+        return proc.returncode, out, err
+
+    # ----- one-shot commands
+
+    async def whoami(self) -> Identity:
+        rc, out, err = await self._run("whoami", "--json")
+        if rc != 0:
+            raise _unavailable(
+                self.binary, f"`keybase whoami` failed ({_text(err) or f'exit {rc}'})"
+            )
+        try:
+            status = json.loads(out)
+            logged_in = status.get("loggedIn")
+            username = status["user"]["username"]
+            device = status["deviceName"]
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise KeybaseError(f"unexpected `keybase whoami --json` output: {out[:200]!r}") from exc
+        if not logged_in or not isinstance(username, str) or not isinstance(device, str):
+            raise _unavailable(self.binary, "Keybase is not logged in")
+        return Identity(username, device)
+
+    async def fs_read(self, path: str) -> bytes:
+        rc, out, err = await self._run("fs", "read", path)
+        if rc != 0:
+            _raise_fs(rc, err, f"keybase fs read {path}")
+        return out
+
+    async def fs_write(self, path: str, data: bytes) -> None:
+        rc, _out, err = await self._run("fs", "write", path, input_data=data)
+        if rc != 0:
+            _raise_fs(rc, err, f"keybase fs write {path}")
+
+    async def fs_mkdir(self, path: str) -> None:
+        rc, _out, err = await self._run("fs", "mkdir", path)
+        if rc != 0:
+            _raise_fs(rc, err, f"keybase fs mkdir {path}")
+
+    # ----- chat api pipe
+
+    async def _start_pipe(self) -> _Pipe:
+        proc = await self._spawn("chat", "api", stdin=asyncio.subprocess.PIPE)
+        assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+        tail: collections.deque[str] = collections.deque(maxlen=_STDERR_TAIL)
+        task = asyncio.create_task(_drain_stderr(proc.stderr, "chat api", tail))
+        logger.debug("started `%s chat api` (pid %d)", self.binary, proc.pid)
+        return _Pipe(proc, proc.stdin, proc.stdout, tail, task)
+
+    async def _stop_pipe(self) -> None:
+        pipe, self._pipe = self._pipe, None
+        if pipe is None:
+            return
+        with contextlib.suppress(OSError):
+            pipe.stdin.close()
+        try:
+            await asyncio.wait_for(pipe.proc.wait(), timeout=1.0)
+        except TimeoutError:
+            await _kill(pipe.proc)
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(pipe.stderr_task, timeout=1.0)
+
+    async def _exchange(self, line: bytes) -> bytes | None:
+        """Send one request on the pipe; its reply line, or None if the pipe ended."""
+        if self._pipe is not None and self._pipe.proc.returncode is not None:
+            logger.warning(
+                "`keybase chat api` exited (rc=%s%s); restarting it",
+                self._pipe.proc.returncode,
+                f", stderr: {' / '.join(self._pipe.stderr_tail)}" if self._pipe.stderr_tail else "",
+            )
+            await self._stop_pipe()
+        if self._pipe is None:
+            self._pipe = await self._start_pipe()
+        pipe = self._pipe
+        try:
+            pipe.stdin.write(line)
+            await pipe.stdin.drain()
+            reply = await asyncio.wait_for(pipe.stdout.readline(), timeout=self._call_timeout)
+        except (BrokenPipeError, ConnectionResetError):
+            reply = b""
+        except TimeoutError:
+            # The reply may still come later and would be taken for the next call's.
+            await _kill(pipe.proc)
+            await self._stop_pipe()
+            raise _unavailable(
+                self.binary, f"`keybase chat api` did not answer within {self._call_timeout}s"
+            ) from None
+        except asyncio.CancelledError:
+            # Same: an abandoned request leaves the pipe out of step.
+            await _kill(pipe.proc)
+            await self._stop_pipe()
+            raise
+        except ValueError as exc:  # line longer than the stream limit
+            await _kill(pipe.proc)
+            await self._stop_pipe()
+            raise KeybaseError(f"`keybase chat api` reply too large: {exc}") from exc
+        # A last line without its newline before EOF is still a whole JSON reply.
+        return reply or None
+
+    async def _pipe_failure(self) -> tuple[int | None, str]:
+        pipe = self._pipe
+        if pipe is None:
+            return None, ""
+        try:
+            await asyncio.wait_for(pipe.proc.wait(), timeout=2.0)
+        except TimeoutError:
+            await _kill(pipe.proc)
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(pipe.stderr_task, timeout=1.0)
+        rc = pipe.proc.returncode
+        err = " / ".join(pipe.stderr_tail)
+        await self._stop_pipe()
+        return rc, err
+
+    async def call(self, method: str, options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """One v1 call; the reply's `result` object.
+
+        Raises KeybaseRequestError (invalid request), KeybaseServiceError (`error` reply),
+        KeybaseUnavailable (the CLI cannot run or keeps dying).
+        """
+        opts = dict(options) if options is not None else {}
+        validate_call(method, opts)
+        if self._closed:
+            raise KeybaseError("client is closed")
+        request = {"method": method, "params": {"version": 1, "options": opts}}
+        line = (json.dumps(request, separators=(",", ":")) + "\n").encode()
+        async with self._lock:
+            reply = await self._exchange(line)
+            if reply is None:
+                rc, err = await self._pipe_failure()
+                if _REQUEST_ERROR_RE.search(err):
+                    raise KeybaseRequestError(f"keybase rejected the {method} request: {err}")
+                logger.warning(
+                    "`keybase chat api` exited (rc=%s%s); restarting it and retrying %s",
+                    rc,
+                    f", stderr: {err}" if err else "",
+                    method,
+                )
+                reply = await self._exchange(line)
+                if reply is None:
+                    rc, err = await self._pipe_failure()
+                    if _REQUEST_ERROR_RE.search(err):
+                        raise KeybaseRequestError(f"keybase rejected the {method} request: {err}")
+                    raise _unavailable(
+                        self.binary,
+                        f"`keybase chat api` exited twice (rc={rc}{', ' + err if err else ''})",
+                    )
+        return _decode_reply(reply, method)
+
+    # ----- chat helpers
+
+    async def send(self, channel: Channel, body: str) -> int:
+        """Post a text message (creating the conversation if needed); its message id."""
+        result = await self.call("send", {"channel": channel.to_json(), "message": {"body": body}})
+        msg_id = result.get("id")
+        if not isinstance(msg_id, int):
+            raise KeybaseError(f"send reply has no message id: {result!r}")
+        return msg_id
+
+    async def read(
+        self,
+        channel: Channel,
+        num: int = 50,
+        next_token: str | None = None,
+        *,
+        peek: bool = True,
+    ) -> Page:
+        """One page, newest first; pass `Page.next` back for the next older page."""
+        pagination: dict[str, Any] = {"num": num}
+        if next_token:
+            pagination["next"] = next_token
+        result = await self.call(
+            "read", {"channel": channel.to_json(), "pagination": pagination, "peek": peek}
+        )
+        messages: list[ChatMessage] = []
+        for entry in result.get("messages") or []:
+            if not isinstance(entry, dict):
+                logger.warning("skipping malformed read entry in %s: %r", channel, entry)
+                continue
+            if "error" in entry:
+                logger.warning("skipping undecryptable message in %s: %s", channel, entry["error"])
+                continue
+            try:
+                messages.append(parse_message(entry.get("msg")))
+            except ValueError as exc:
+                logger.warning("skipping malformed message in %s: %s", channel, exc)
+        pag = result.get("pagination") or {}
+        nxt = pag.get("next") if isinstance(pag, dict) else None
+        last = bool(pag.get("last")) if isinstance(pag, dict) else True
+        return Page(messages, nxt if isinstance(nxt, str) and nxt else None, last)
+
+    async def read_history(
+        self, channel: Channel, since: float, *, page_size: int = 50
+    ) -> AsyncGenerator[ChatMessage, None]:
+        """Messages newest first, back to `since` (epoch seconds) or the start."""
+        token: str | None = None
+        while True:
+            page = await self.read(channel, page_size, token)
+            for msg in page.messages:
+                if msg.sent_at < since:
+                    return
+                yield msg
+            if page.last or page.next is None or not page.messages:
+                return
+            token = page.next
+
+    async def join(self, channel: Channel) -> None:
+        await self.call("join", {"channel": channel.to_json()})
+
+    async def newconv(self, channel: Channel) -> str:
+        result = await self.call("newconv", {"channel": channel.to_json()})
+        conv_id = result.get("id")
+        if not isinstance(conv_id, str):
+            raise KeybaseError(f"newconv reply has no id: {result!r}")
+        return conv_id
+
+    # ----- listening
+
+    async def listen(
+        self,
+        dev: bool = True,
+        filter_channels: Sequence[Channel] | None = None,
+        ready: asyncio.Event | None = None,
+    ) -> AsyncGenerator[ChatMessage, None]:
+        """New chat messages (own ones included) from `keybase chat api-listen`.
+
+        `ready` is set once the listener says it is listening (its stderr status line):
+        messages sent from then on will be delivered. The listener is restarted with
+        backoff whenever it exits. Close the iterator (`contextlib.aclosing`, or cancel the
+        task consuming it) to stop the process.
+        """
+        args = ["chat", "api-listen"]
+        if dev:
+            args.append("--dev")
+        if filter_channels:
+            args += ["--filter-channels", json.dumps([c.to_json() for c in filter_channels])]
+        backoff = self._backoff_initial
+        first = True
+        while not self._closed:
+            try:
+                proc = await self._spawn(*args)
+            except KeybaseUnavailable:
+                if first:
+                    raise
+                logger.warning(
+                    "cannot restart `keybase chat api-listen`; retrying in %.1fs", backoff
+                )
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, self._backoff_max)
+                continue
+            first = False
+            self._listeners.add(proc)
+            assert proc.stdout is not None and proc.stderr is not None
+            tail: collections.deque[str] = collections.deque(maxlen=_STDERR_TAIL)
+            stderr_task = asyncio.create_task(_drain_stderr(proc.stderr, "api-listen", tail, ready))
+            started = time.monotonic()
+            ended = False
+            try:
+                while True:
+                    try:
+                        line = await proc.stdout.readline()
+                    except ValueError:
+                        logger.warning("api-listen line over the size limit; restarting it")
+                        break
+                    if not line:
+                        ended = True
+                        break
+                    msg = _parse_notification(line)
+                    if msg is not None:
+                        backoff = self._backoff_initial
+                        yield msg
+            finally:
+                self._listeners.discard(proc)
+                if ended:
+                    # It is stopping by itself: let it, so its exit code and last stderr
+                    # lines (the reason) make it into the log.
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(asyncio.shield(proc.wait()), 1.0)
+                        await asyncio.wait_for(stderr_task, 1.0)
+                await _kill(proc)
+                stderr_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await stderr_task
+            if self._closed:
+                return
+            if time.monotonic() - started > 10.0:
+                backoff = self._backoff_initial
+            logger.warning(
+                "`keybase chat api-listen` exited (rc=%s%s); restarting in %.1fs",
+                proc.returncode,
+                f", stderr: {' / '.join(tail)}" if tail else "",
+                backoff,
+            )
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, self._backoff_max)
+
+    async def close(self) -> None:
+        """Stop the chat api pipe and any listener processes."""
+        self._closed = True
+        async with self._lock:
+            await self._stop_pipe()
+        for proc in list(self._listeners):
+            await _kill(proc)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+async def _kill(proc: asyncio.subprocess.Process) -> None:
+    if proc.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+    # Shielded: reaping must finish even if our caller is being cancelled again.
+    with contextlib.suppress(asyncio.CancelledError, ProcessLookupError):
+        await asyncio.shield(proc.wait())
+
+
+async def _drain_stderr(
+    stream: asyncio.StreamReader,
+    what: str,
+    tail: collections.deque[str],
+    ready: asyncio.Event | None = None,
+) -> None:
+    # Drained continuously so a chatty CLI never blocks on a full stderr pipe; kept out of
+    # the JSON stream on stdout.
+    while True:
+        try:
+            line = await stream.readline()
+        except ValueError:
+            continue
+        if not line:
+            return
+        text = line.decode(errors="replace").rstrip()
+        if ready is not None and text.startswith(_LISTENING):
+            ready.set()
+        if text:
+            tail.append(text[:_STDERR_LINE_MAX])
+            logger.debug("keybase %s stderr: %s", what, text)
+
+
+def _text(err: bytes) -> str:
+    return err.decode(errors="replace").strip()
+
+
+def _raise_fs(rc: int, err: bytes, what: str) -> None:
+    text = _text(err) or f"exit code {rc}"
+    if _NOT_FOUND_RE.search(text):
+        raise KeybaseFileNotFound(f"{what}: {text}")
+    raise KeybaseError(f"{what} failed: {text}")
+
+
+def _decode_reply(reply: bytes, method: str) -> dict[str, Any]:
+    try:
+        obj = json.loads(reply)
+    except ValueError as exc:
+        raise KeybaseError(f"undecodable reply to {method}: {reply[:200]!r}") from exc
+    if not isinstance(obj, dict):
+        raise KeybaseError(f"unexpected reply to {method}: {reply[:200]!r}")
+    error = obj.get("error")
+    if error is not None:
+        if isinstance(error, dict):
+            code = error.get("code")
+            raise KeybaseServiceError(
+                code if isinstance(code, int) else 0,
+                str(error.get("message", "")),
+                error.get("data"),
+            )
+        raise KeybaseServiceError(0, str(error))
+    result = obj.get("result")
+    if result is None:
+        return {}
+    if not isinstance(result, dict):
+        raise KeybaseError(f"unexpected result for {method}: {result!r}")
+    return result
+
+
+def _parse_notification(line: bytes) -> ChatMessage | None:
+    try:
+        obj = json.loads(line)
+    except ValueError:
+        logger.warning("api-listen: undecodable line skipped: %r", line[:200])
+        return None
+    if not isinstance(obj, dict):
+        logger.warning("api-listen: unexpected line skipped: %r", line[:200])
+        return None
+    if obj.get("error"):
+        logger.warning("api-listen: notification with error skipped: %s", obj["error"])
+        return None
+    if obj.get("type") != "chat":
+        logger.debug("api-listen: %s notification ignored", obj.get("type"))
+        return None
+    if obj.get("source") not in (None, "remote"):
+        return None
+    try:
+        return parse_message(obj.get("msg"))
+    except ValueError as exc:
+        logger.warning("api-listen: malformed message skipped: %s", exc)
+        return None

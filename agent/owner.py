@@ -1,0 +1,571 @@
+"""The privileged device owner: `python -m kbwg.agent.owner [--log-level LEVEL]`.
+
+Started by the agent (through `sudo -n` unless already root), it speaks frames
+(kbwg.agent.frames, vocabulary in kbwg.agent.owner_protocol) on stdin/stdout and logs
+to stderr only. It owns the WireGuard device, the overlay address, any host routes it
+was asked for and the raw socket that shares the WireGuard port with STUN (whose packets
+it passes to the agent as `stun` events), and removes all of them on `shutdown`, INT,
+TERM, HUP, end of stdin (the agent exited), a broken stdout, or a stream it cannot
+resynchronise.
+
+Test-only: with KBWG_OWNER_FAKE_BACKEND=1 in the environment it uses an in-memory
+WireGuard backend and makes no netlink calls at all, so the protocol can be exercised
+without root. Never set it in production: nothing would be configured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import os
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from nacl.public import PrivateKey
+
+from kbwg.agent.frames import FrameBodyError, FrameError, encode_frame, read_frame, write_frame
+from kbwg.agent.owner_protocol import (
+    ERR_NO_DEVICE,
+    ERR_NO_STUN,
+    OP_ADD_ROUTE,
+    OP_CREATE,
+    OP_HELLO,
+    OP_REMOVE_PEER,
+    OP_REMOVE_ROUTE,
+    OP_SET_PEER,
+    OP_SHUTDOWN,
+    OP_STATS,
+    OP_STUN_OPEN,
+    OP_STUN_SEND,
+    OPS_WITHOUT_DEVICE,
+    PROTOCOL_VERSION,
+    AddRouteArgs,
+    CreateArgs,
+    ProtocolError,
+    RemovePeerArgs,
+    RemoveRouteArgs,
+    SetPeerArgs,
+    StunSendArgs,
+    encode_key,
+    error_reply,
+    format_endpoint,
+    ok_reply,
+    parse_request,
+    stun_event,
+)
+from kbwg.agent.rawstun import (
+    PacketCallback,
+    RawStunError,
+    RawStunSocket,
+    TokenBucket,
+    UdpDatagram,
+)
+from kbwg.agent.wg_backend import (
+    BackendError,
+    MemoryBackend,
+    PeerConfig,
+    WireGuardBackend,
+    select_backend,
+)
+
+# Under `python -m` __name__ is "__main__"; keep the module's real name in the log.
+logger = logging.getLogger("kbwg.agent.owner" if __name__ == "__main__" else __name__)
+
+FAKE_BACKEND_ENV = "KBWG_OWNER_FAKE_BACKEND"
+
+EXIT_OK = 0
+EXIT_STREAM_BROKEN = 1
+
+IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
+
+Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
+RawStunFactory = Callable[[int, PacketCallback], RawStunSocket]
+
+# STUN through the owner: ICE paces checks at tens per second, so these only bite a
+# runaway agent (sends) or a flood of STUN-shaped packets (events).
+STUN_SEND_RATE, STUN_SEND_BURST = 200.0, 100
+STUN_EVENT_RATE, STUN_EVENT_BURST = 500.0, 200
+# An agent that stops reading must not make the owner buffer events without bound.
+EVENT_BUFFER_LIMIT = 1 << 20
+
+
+@dataclass(frozen=True)
+class HostRoute:
+    destination: str
+    via: str | None
+    ifname: str
+
+
+class NetConfig(Protocol):
+    """The address and route side of the device, apart from WireGuard itself."""
+
+    async def set_mtu(self, ifname: str, mtu: int) -> None: ...
+
+    async def add_address(self, ifname: str, address: IPInterface) -> None: ...
+
+    async def set_up(self, ifname: str) -> None: ...
+
+    async def remove_address(self, ifname: str, address: IPInterface) -> None: ...
+
+    async def add_route(self, route: HostRoute, replace: bool) -> None: ...
+
+    async def remove_route(self, route: HostRoute) -> None: ...
+
+
+class NetlinkNetConfig:
+    """NetConfig through pyroute2's rtnetlink, one short-lived socket per call."""
+
+    async def _index(self, ipr: Any, ifname: str) -> int:
+        indexes = await ipr.link_lookup(ifname=ifname)
+        if not indexes:
+            raise BackendError(f"no interface named {ifname}")
+        return int(indexes[0])
+
+    async def set_mtu(self, ifname: str, mtu: int) -> None:
+        from pyroute2 import AsyncIPRoute
+
+        async with AsyncIPRoute() as ipr:
+            await ipr.link("set", index=await self._index(ipr, ifname), mtu=mtu)
+
+    async def add_address(self, ifname: str, address: IPInterface) -> None:
+        from pyroute2 import AsyncIPRoute
+
+        async with AsyncIPRoute() as ipr:
+            await ipr.addr(
+                "add",
+                index=await self._index(ipr, ifname),
+                address=str(address.ip),
+                prefixlen=address.network.prefixlen,
+            )
+
+    async def set_up(self, ifname: str) -> None:
+        from pyroute2 import AsyncIPRoute
+
+        async with AsyncIPRoute() as ipr:
+            await ipr.link("set", index=await self._index(ipr, ifname), state="up")
+
+    async def remove_address(self, ifname: str, address: IPInterface) -> None:
+        from pyroute2 import AsyncIPRoute
+
+        async with AsyncIPRoute() as ipr:
+            indexes = await ipr.link_lookup(ifname=ifname)
+            if not indexes:
+                # The address went with its link.
+                return
+            await ipr.addr(
+                "del", index=indexes[0], address=str(address.ip),
+                prefixlen=address.network.prefixlen,
+            )  # fmt: skip
+
+    def _route_args(self, index: int, route: HostRoute) -> dict[str, Any]:
+        network = ipaddress.ip_network(route.destination)
+        args: dict[str, Any] = {
+            "dst": str(network.network_address),
+            "dst_len": network.prefixlen,
+            "oif": index,
+            "family": 10 if network.version == 6 else 2,
+        }
+        if route.via is not None:
+            args["gateway"] = route.via
+        return args
+
+    async def add_route(self, route: HostRoute, replace: bool) -> None:
+        from pyroute2 import AsyncIPRoute
+
+        async with AsyncIPRoute() as ipr:
+            index = await self._index(ipr, route.ifname)
+            await ipr.route("replace" if replace else "add", **self._route_args(index, route))
+
+    async def remove_route(self, route: HostRoute) -> None:
+        from pyroute2 import AsyncIPRoute
+
+        async with AsyncIPRoute() as ipr:
+            indexes = await ipr.link_lookup(ifname=route.ifname)
+            if not indexes:
+                return
+            await ipr.route("del", **self._route_args(indexes[0], route))
+
+
+class NullNetConfig:
+    """Test-only NetConfig (KBWG_OWNER_FAKE_BACKEND): logs and touches nothing."""
+
+    async def set_mtu(self, ifname: str, mtu: int) -> None:
+        logger.debug("fake: mtu %s %d", ifname, mtu)
+
+    async def add_address(self, ifname: str, address: IPInterface) -> None:
+        logger.debug("fake: address %s %s", ifname, address)
+
+    async def set_up(self, ifname: str) -> None:
+        logger.debug("fake: up %s", ifname)
+
+    async def remove_address(self, ifname: str, address: IPInterface) -> None:
+        logger.debug("fake: remove address %s %s", ifname, address)
+
+    async def add_route(self, route: HostRoute, replace: bool) -> None:
+        logger.debug("fake: route %s", route)
+
+    async def remove_route(self, route: HostRoute) -> None:
+        logger.debug("fake: remove route %s", route)
+
+
+@dataclass
+class DeviceState:
+    backend: WireGuardBackend | None = None
+    ifname: str | None = None
+    # Set only once the address is really on the link, so cleanup removes only ours.
+    address: IPInterface | None = None
+    routes: dict[str, HostRoute] = field(default_factory=dict)
+    stun: RawStunSocket | None = None
+
+
+class OwnerServer:
+    """Serves requests one at a time and keeps track of everything it creates."""
+
+    def __init__(
+        self,
+        net: NetConfig,
+        backend_factory: Callable[[str], WireGuardBackend] = select_backend,
+        raw_stun_factory: RawStunFactory = RawStunSocket.open,
+    ) -> None:
+        self._net = net
+        self._backend_factory = backend_factory
+        self._raw_stun_factory = raw_stun_factory
+        self.state = DeviceState()
+        self.shutdown_requested = False
+        self._events: asyncio.StreamWriter | None = None
+        self._send_bucket = TokenBucket(STUN_SEND_RATE, STUN_SEND_BURST)
+        self._event_bucket = TokenBucket(STUN_EVENT_RATE, STUN_EVENT_BURST)
+        self.events_dropped = 0
+        # Later ops plug in here.
+        self.handlers: dict[str, Handler] = {
+            OP_HELLO: self._hello,
+            OP_CREATE: self._create,
+            OP_SET_PEER: self._set_peer,
+            OP_REMOVE_PEER: self._remove_peer,
+            OP_STATS: self._stats,
+            OP_ADD_ROUTE: self._add_route,
+            OP_REMOVE_ROUTE: self._remove_route,
+            OP_STUN_OPEN: self._stun_open,
+            OP_STUN_SEND: self._stun_send,
+            OP_SHUTDOWN: self._shutdown,
+        }
+
+    async def handle(self, frame: dict[str, Any]) -> dict[str, Any]:
+        try:
+            request = parse_request(frame)
+        except ProtocolError as exc:
+            rid = frame.get("id")
+            # Echo a usable id so the client fails that request instead of waiting.
+            echo = rid if isinstance(rid, int) and not isinstance(rid, bool) else None
+            logger.warning("invalid request: %s", exc)
+            return error_reply(echo, f"invalid request: {exc}")
+        handler = self.handlers.get(request.op)
+        if handler is None:
+            logger.warning("unknown op %r", request.op)
+            return error_reply(request.id, f"unknown op '{request.op}'")
+        if request.op not in OPS_WITHOUT_DEVICE and self.state.backend is None:
+            return error_reply(request.id, ERR_NO_DEVICE)
+        logger.debug("request %d: %s", request.id, request.op)
+        try:
+            result = await handler(request.args)
+        except (ProtocolError, BackendError, RawStunError) as exc:
+            logger.warning("%s failed: %s", request.op, exc)
+            return error_reply(request.id, str(exc))
+        except Exception as exc:
+            logger.exception("%s failed", request.op)
+            return error_reply(request.id, f"{request.op} failed: {exc}")
+        return ok_reply(request.id, **result)
+
+    def _backend(self) -> WireGuardBackend:
+        if self.state.backend is None:
+            raise ProtocolError(ERR_NO_DEVICE)
+        return self.state.backend
+
+    async def _hello(self, args: dict[str, Any]) -> dict[str, Any]:
+        return {"version": PROTOCOL_VERSION, "pid": os.getpid()}
+
+    async def _create(self, args: dict[str, Any]) -> dict[str, Any]:
+        if self.state.backend is not None:
+            raise ProtocolError(f"device {self.state.ifname} already exists")
+        spec = CreateArgs.parse(args)
+        backend = self._backend_factory(spec.backend)
+        port = await backend.create(spec.ifname, spec.private_key, spec.listen_port)
+        self.state.backend, self.state.ifname = backend, spec.ifname
+        try:
+            await self._net.set_mtu(spec.ifname, spec.mtu)
+            await self._net.add_address(spec.ifname, spec.address)
+            self.state.address = spec.address
+            await self._net.set_up(spec.ifname)
+        except BaseException:
+            # Half a device is worse than none: the agent may retry create cleanly.
+            await self.cleanup()
+            raise
+        public_key = bytes(PrivateKey(spec.private_key).public_key)
+        logger.info(
+            "created %s (%s backend, port %d, address %s)",
+            spec.ifname, backend.name, port, spec.address,
+        )  # fmt: skip
+        return {
+            "backend": backend.name,
+            "listen_port": port,
+            "public_key": encode_key(public_key),
+            "ifname": spec.ifname,
+        }
+
+    async def _set_peer(self, args: dict[str, Any]) -> dict[str, Any]:
+        spec = SetPeerArgs.parse(args)
+        await self._backend().set_peer(
+            PeerConfig(
+                public_key=spec.public_key,
+                endpoint=spec.endpoint,
+                allowed_ips=spec.allowed_ips,
+                keepalive=spec.keepalive,
+            )
+        )
+        return {}
+
+    async def _remove_peer(self, args: dict[str, Any]) -> dict[str, Any]:
+        spec = RemovePeerArgs.parse(args)
+        await self._backend().remove_peer(spec.public_key)
+        return {}
+
+    async def _stats(self, args: dict[str, Any]) -> dict[str, Any]:
+        if self.state.backend is None:
+            return {"listen_port": 0, "peers": []}
+        backend = self.state.backend
+        peers = await backend.peers()
+        return {
+            "listen_port": await backend.listen_port(),
+            "peers": [
+                {
+                    "public_key": encode_key(p.public_key),
+                    "endpoint": p.endpoint,
+                    "last_handshake": p.last_handshake,
+                    "rx_bytes": p.rx_bytes,
+                    "tx_bytes": p.tx_bytes,
+                    "allowed_ips": p.allowed_ips,
+                    "keepalive": p.keepalive,
+                }
+                for p in peers
+            ],
+        }
+
+    async def _add_route(self, args: dict[str, Any]) -> dict[str, Any]:
+        spec = AddRouteArgs.parse(args)
+        key = str(spec.destination)
+        route = HostRoute(destination=key, via=spec.via, ifname=spec.ifname)
+        previous = self.state.routes.get(key)
+        if previous is not None and previous.ifname != route.ifname:
+            # A replace would leave the old one tracked under the wrong interface.
+            await self._net.remove_route(previous)
+            del self.state.routes[key]
+            previous = None
+        # Replace only a route we own; `add` refuses to clobber someone else's.
+        await self._net.add_route(route, replace=previous is not None)
+        self.state.routes[key] = route
+        logger.info("host route %s via %s dev %s", key, route.via, route.ifname)
+        return {}
+
+    async def _remove_route(self, args: dict[str, Any]) -> dict[str, Any]:
+        spec = RemoveRouteArgs.parse(args)
+        key = str(spec.destination)
+        route = self.state.routes.get(key)
+        if route is None:
+            raise ProtocolError(f"no route to {key} was added by this owner")
+        await self._net.remove_route(route)
+        del self.state.routes[key]
+        return {}
+
+    async def _stun_open(self, args: dict[str, Any]) -> dict[str, Any]:
+        port = await self._backend().listen_port()
+        current = self.state.stun
+        if current is not None and current.port == port:
+            return {"port": port}
+        if current is not None:
+            current.close()
+            self.state.stun = None
+        self.state.stun = self._raw_stun_factory(port, self._on_stun_packet)
+        return {"port": port}
+
+    async def _stun_send(self, args: dict[str, Any]) -> dict[str, Any]:
+        spec = StunSendArgs.parse(args)
+        if self.state.stun is None:
+            raise ProtocolError(ERR_NO_STUN)
+        if not self._send_bucket.take():
+            raise ProtocolError("stun_send refused: over the rate limit")
+        source = self.state.stun.send(spec.data, spec.dest, spec.source)
+        return {"source": format_endpoint(source)}
+
+    def _on_stun_packet(self, datagram: UdpDatagram) -> None:
+        self.emit(stun_event(datagram.src, datagram.dst, datagram.payload), self._event_bucket)
+
+    def emit(self, event: dict[str, Any], bucket: TokenBucket | None = None) -> None:
+        """Send an unsolicited frame to the agent, or drop it (and count) when the agent
+        is not keeping up."""
+        writer = self._events
+        if writer is None or writer.is_closing():
+            return
+        if (bucket is not None and not bucket.take()) or (
+            writer.transport.get_write_buffer_size() > EVENT_BUFFER_LIMIT
+        ):
+            self.events_dropped += 1
+            if self.events_dropped in (1, 100) or self.events_dropped % 10000 == 0:
+                logger.warning("dropped %d events: the agent is not keeping up",
+                               self.events_dropped)  # fmt: skip
+            return
+        # One whole frame per write, so events never interleave with a reply.
+        writer.write(encode_frame(event))
+
+    async def _shutdown(self, args: dict[str, Any]) -> dict[str, Any]:
+        self.shutdown_requested = True
+        return {}
+
+    async def cleanup(self) -> None:
+        """Remove everything this owner created; safe to call repeatedly."""
+        state = self.state
+        if state.stun is not None:
+            stun, state.stun = state.stun, None
+            try:
+                stun.close()
+            except Exception:
+                logger.exception("closing the raw STUN socket failed")
+        for key, route in list(state.routes.items()):
+            try:
+                await self._net.remove_route(route)
+                logger.info("removed host route %s", key)
+            except Exception as exc:
+                logger.warning("removing host route %s failed: %s", key, exc)
+            state.routes.pop(key, None)
+        if state.address is not None and state.ifname is not None:
+            try:
+                await self._net.remove_address(state.ifname, state.address)
+                logger.info("removed address %s from %s", state.address, state.ifname)
+            except Exception as exc:
+                logger.warning("removing address %s failed: %s", state.address, exc)
+            state.address = None
+        if state.backend is not None:
+            backend, state.backend = state.backend, None
+            try:
+                await backend.close()
+                logger.info("removed device %s", state.ifname)
+            except Exception:
+                logger.exception("removing device %s failed", state.ifname)
+        state.ifname = None
+
+    async def serve(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        stop: asyncio.Event,
+    ) -> int:
+        """Answer frames until the stream ends or stop is set; returns the exit code."""
+        stopped = asyncio.ensure_future(stop.wait())
+        self._events = writer
+        try:
+            while True:
+                reading = asyncio.ensure_future(read_frame(reader))
+                await asyncio.wait({reading, stopped}, return_when=asyncio.FIRST_COMPLETED)
+                if not reading.done():
+                    reading.cancel()
+                    logger.info("stopping on signal")
+                    return EXIT_OK
+                try:
+                    frame = reading.result()
+                except FrameBodyError as exc:
+                    logger.warning("%s", exc)
+                    reply = error_reply(None, str(exc))
+                except FrameError as exc:
+                    logger.error("input stream broken (%s): cleaning up and exiting", exc)
+                    return EXIT_STREAM_BROKEN
+                else:
+                    if frame is None:
+                        logger.info("end of input (the agent is gone): cleaning up and exiting")
+                        return EXIT_OK
+                    reply = await self.handle(frame)
+                try:
+                    await write_frame(writer, reply)
+                except (ConnectionError, OSError) as exc:
+                    logger.info("output closed (%s): cleaning up and exiting", exc)
+                    return EXIT_OK
+                if self.shutdown_requested:
+                    logger.info("shutdown requested")
+                    return EXIT_OK
+                if stop.is_set():
+                    logger.info("stopping on signal")
+                    return EXIT_OK
+        finally:
+            self._events = None
+            stopped.cancel()
+
+
+async def _stdio_streams() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    loop = asyncio.get_running_loop()
+    # Frames get a private copy of stdout and fd 1 becomes stderr, so a stray print or a
+    # child process can never corrupt the frame stream.
+    frame_fd = os.dup(1)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(
+        lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(0, "rb", buffering=0)
+    )
+    transport, protocol = await loop.connect_write_pipe(
+        asyncio.streams.FlowControlMixin, os.fdopen(frame_fd, "wb", buffering=0)
+    )
+    writer = asyncio.StreamWriter(transport, protocol, reader, loop)
+    return reader, writer
+
+
+def make_server() -> OwnerServer:
+    if os.environ.get(FAKE_BACKEND_ENV) == "1":
+        logger.warning("%s=1: fake backend, nothing is configured (tests only)", FAKE_BACKEND_ENV)
+        return OwnerServer(NullNetConfig(), lambda _name: MemoryBackend())
+    return OwnerServer(NetlinkNetConfig())
+
+
+async def run() -> int:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        loop.add_signal_handler(signum, stop.set)
+    server = make_server()
+    code = EXIT_STREAM_BROKEN
+    try:
+        reader, writer = await _stdio_streams()
+        code = await server.serve(reader, writer, stop)
+    except Exception:
+        logger.exception("device owner failed")
+    finally:
+        await server.cleanup()
+    logger.info("device owner exiting with status %d", code)
+    return code
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m kbwg.agent.owner",
+        description="kbwg privileged device owner (frames on stdin/stdout, logs on stderr)",
+    )
+    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        stream=sys.stderr,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    # pyroute2 dumps every netlink message at DEBUG, which drowns the owner's own log.
+    logging.getLogger("pyroute2").setLevel(logging.WARNING)
+    code = asyncio.run(run())
+    with contextlib.suppress(Exception):
+        sys.stderr.flush()
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

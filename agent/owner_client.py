@@ -1,0 +1,303 @@
+"""The agent's side of the device owner: start it, send requests, receive events.
+
+    async with await DeviceOwner.start() as owner:
+        info = await owner.request("create", ifname="kbwg0", ...)
+
+The owner is started as `python -m kbwg.agent.owner`, through `sudo -n` when the agent
+is not root. Its stderr (its log) is read line by line and re-logged here at the level
+the owner logged it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import getpass
+import logging
+import os
+import shutil
+import sys
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any
+
+from kbwg.agent.frames import FrameError, read_frame, write_frame
+from kbwg.agent.owner_protocol import OP_HELLO, OP_SHUTDOWN
+
+logger = logging.getLogger(__name__)
+
+OWNER_MODULE = "kbwg.agent.owner"
+_STDERR_TAIL_LINES = 30
+_LEVELS = {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}
+
+EventCallback = Callable[[dict[str, Any]], None]
+
+
+class OwnerError(Exception):
+    """The owner answered a request with ok False."""
+
+
+class OwnerGone(Exception):
+    """The owner process has exited (or its pipe broke)."""
+
+    def __init__(self, returncode: int | None, detail: str = "") -> None:
+        message = f"device owner exited with status {returncode}"
+        if detail:
+            message += f": {detail}"
+        super().__init__(message)
+        self.returncode = returncode
+
+
+class OwnerStartError(Exception):
+    """The owner could not be started; the message says how to fix it."""
+
+
+def owner_command(python: str | None = None) -> list[str]:
+    """The command that starts the owner, with `sudo -n` when not root."""
+    command = [python or sys.executable, "-m", OWNER_MODULE]
+    if os.geteuid() != 0:
+        return ["sudo", "-n", *command]
+    return command
+
+
+def sudo_fix_hint(python: str | None = None) -> str:
+    python = python or sys.executable
+    try:
+        user = getpass.getuser()
+    except Exception:
+        user = "<user>"
+    return (
+        "the device owner needs root. Either run the agent as root, or let this user run "
+        f"the owner through sudo without a password, e.g. with `visudo -f /etc/sudoers.d/kbwg`:\n"
+        f"    {user} ALL=(root) NOPASSWD: {python} -m {OWNER_MODULE}\n"
+        "(that grants root to whoever can modify this Python environment, so install it "
+        "somewhere only root can write)"
+    )
+
+
+def _uses_sudo(command: list[str]) -> bool:
+    return bool(command) and os.path.basename(command[0]) == "sudo"
+
+
+class DeviceOwner:
+    """A running device owner process and the request/reply channel to it."""
+
+    def __init__(
+        self,
+        process: asyncio.subprocess.Process,
+        command: list[str],
+        on_event: EventCallback | None = None,
+    ) -> None:
+        self._process = process
+        self._command = command
+        self._on_event = on_event
+        # Unsolicited frames, for whoever wants them (on_event sees them as well).
+        self.events: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=1000)
+        self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self._next_id = 1
+        self._write_lock = asyncio.Lock()
+        self._stderr_tail: collections.deque[str] = collections.deque(maxlen=_STDERR_TAIL_LINES)
+        self._gone: OwnerGone | None = None
+        self._closed = False
+        self._reader_task = asyncio.create_task(self._read_replies())
+        self._stderr_task = asyncio.create_task(self._read_stderr())
+
+    @classmethod
+    async def start(
+        cls,
+        command: list[str] | None = None,
+        *,
+        env: dict[str, str] | None = None,
+        on_event: EventCallback | None = None,
+        start_timeout: float = 15.0,
+    ) -> DeviceOwner:
+        """Start the owner and wait for its `hello`; raises OwnerStartError."""
+        command = list(command) if command is not None else owner_command()
+        if _uses_sudo(command) and shutil.which(command[0]) is None:
+            raise OwnerStartError("sudo is not installed: " + sudo_fix_hint())
+        try:
+            process = await asyncio.create_subprocess_exec(
+                *command,
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                env=env,
+                # Out of the terminal's process group: the agent decides when the owner
+                # stops (and sudo then has no tty to allocate a pty on).
+                start_new_session=True,
+            )
+        except OSError as exc:
+            raise OwnerStartError(f"cannot run {command[0]}: {exc}") from exc
+        owner = cls(process, command, on_event)
+        try:
+            hello = await asyncio.wait_for(owner.request(OP_HELLO), start_timeout)
+        except (TimeoutError, OwnerGone, OwnerError) as exc:
+            await owner.close(timeout=5.0)
+            raise OwnerStartError(owner._start_failure(exc)) from exc
+        logger.info("device owner started (pid %s)", hello.get("pid"))
+        return owner
+
+    def _start_failure(self, exc: BaseException) -> str:
+        tail = "\n".join(self._stderr_tail)
+        what = "timed out" if isinstance(exc, TimeoutError) else str(exc)
+        message = f"device owner `{' '.join(self._command)}` failed to start ({what})"
+        if tail:
+            message += f":\n{tail}"
+        if _uses_sudo(self._command):
+            message += "\n" + sudo_fix_hint()
+        return message
+
+    @property
+    def pid(self) -> int:
+        return self._process.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self._process.returncode
+
+    @property
+    def stderr_tail(self) -> list[str]:
+        return list(self._stderr_tail)
+
+    async def request(self, op: str, **args: Any) -> dict[str, Any]:
+        """Send one request; returns the reply without `id` and `ok`."""
+        if self._gone is not None:
+            raise self._gone
+        rid = self._next_id
+        self._next_id += 1
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._pending[rid] = future
+        try:
+            async with self._write_lock:
+                assert self._process.stdin is not None
+                try:
+                    await write_frame(self._process.stdin, {"id": rid, "op": op, **args})
+                except (ConnectionError, OSError):
+                    await self._mark_gone()
+                    assert self._gone is not None
+                    raise self._gone from None
+            reply = await future
+        finally:
+            self._pending.pop(rid, None)
+        if not reply.get("ok"):
+            raise OwnerError(str(reply.get("error", "unknown error")))
+        return {k: v for k, v in reply.items() if k not in ("id", "ok")}
+
+    async def _read_replies(self) -> None:
+        assert self._process.stdout is not None
+        try:
+            while True:
+                frame = await read_frame(self._process.stdout)
+                if frame is None:
+                    break
+                self._dispatch(frame)
+        except FrameError as exc:
+            logger.error("device owner sent a broken stream: %s", exc)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            logger.exception("reading the device owner's replies failed")
+        await self._mark_gone()
+
+    def _dispatch(self, frame: dict[str, Any]) -> None:
+        if "event" in frame and "id" not in frame:
+            if self._on_event is not None:
+                try:
+                    self._on_event(frame)
+                except Exception:
+                    logger.exception("event callback failed")
+            try:
+                self.events.put_nowait(frame)
+            except asyncio.QueueFull:
+                logger.warning("dropping device owner event %s: queue full", frame.get("event"))
+            return
+        rid = frame.get("id")
+        future = self._pending.get(rid) if isinstance(rid, int) else None
+        if future is None:
+            logger.warning("device owner reply to no pending request: %r", frame)
+        elif not future.done():
+            future.set_result(frame)
+
+    async def _read_stderr(self) -> None:
+        assert self._process.stderr is not None
+        while True:
+            try:
+                line = await self._process.stderr.readline()
+            except (OSError, ValueError) as exc:
+                # ValueError: a line beyond the stream limit; the log is not worth dying for.
+                logger.warning("reading the device owner's log failed: %s", exc)
+                return
+            if not line:
+                return
+            text = line.decode(errors="replace").rstrip()
+            self._stderr_tail.append(text)
+            level_name, _, rest = text.partition(" ")
+            if level_name in _LEVELS:
+                logger.log(logging.getLevelName(level_name), "owner: %s", rest)
+            else:
+                logger.info("owner: %s", text)
+
+    async def _mark_gone(self) -> None:
+        if self._gone is not None:
+            return
+        # stdout closed: the process is exiting, its status follows shortly.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._process.wait(), 5.0)
+        # Its last log lines usually say why; let the stderr reader catch up with them.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self._stderr_task), 1.0)
+        tail = self._stderr_tail[-1] if self._stderr_tail else ""
+        self._gone = OwnerGone(self._process.returncode, tail)
+        if not self._closed:
+            logger.warning("%s", self._gone)
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(self._gone)
+
+    async def close(self, timeout: float = 10.0) -> int | None:
+        """Ask the owner to remove everything and exit; escalate if it does not.
+
+        Returns its exit status.
+        """
+        self._closed = True
+        process = self._process
+        if process.returncode is None and self._gone is None:
+            try:
+                await asyncio.wait_for(self.request(OP_SHUTDOWN), timeout)
+            except (TimeoutError, OwnerGone, OwnerError) as exc:
+                logger.warning("device owner shutdown request failed: %s", exc)
+        if process.stdin is not None:
+            # End of input is itself a shutdown request for the owner.
+            with contextlib.suppress(Exception):
+                process.stdin.close()
+        try:
+            await asyncio.wait_for(process.wait(), timeout)
+        except TimeoutError:
+            logger.warning("device owner did not exit, terminating it")
+            with contextlib.suppress(ProcessLookupError):
+                process.terminate()
+            try:
+                await asyncio.wait_for(process.wait(), timeout)
+            except TimeoutError:
+                logger.error("device owner ignored SIGTERM, killing it")
+                with contextlib.suppress(ProcessLookupError):
+                    process.kill()
+                await process.wait()
+        for task in (self._reader_task, self._stderr_task):
+            try:
+                await asyncio.wait_for(task, 2.0)
+            except (TimeoutError, asyncio.CancelledError):
+                task.cancel()
+        return process.returncode
+
+    async def __aenter__(self) -> DeviceOwner:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()

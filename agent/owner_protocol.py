@@ -1,0 +1,303 @@
+"""Request/reply vocabulary between the agent and the device owner, shared by both sides.
+
+Request: ``{"id": int, "op": str, ...args}``.
+Reply: ``{"id": int, "ok": True, ...result}`` or ``{"id": int | None, "ok": False,
+"error": str}``. Unsolicited events: ``{"event": str, ...}``.
+
+Ops (args → result):
+
+- ``hello`` () → ``version``, ``pid``. Handshake; allowed before ``create``.
+- ``create`` (``ifname``, ``private_key`` b64, ``listen_port`` 0 = pick, ``address``
+  "ip/prefix", ``backend`` "auto"|"kernel"|"userspace", optional ``mtu``) →
+  ``backend``, ``listen_port``, ``public_key`` b64, ``ifname``.
+- ``set_peer`` (``public_key`` b64, ``endpoint`` "ip:port"|None, ``allowed_ips`` list,
+  ``keepalive`` seconds) → {}.
+- ``remove_peer`` (``public_key``) → {}.
+- ``stats`` () → ``listen_port``, ``peers`` [{public_key, endpoint, last_handshake,
+  rx_bytes, tx_bytes}]. Allowed before ``create`` (empty).
+- ``add_route`` (``destination`` "ip/32", ``via`` gateway|None, ``ifname``) → {}.
+- ``remove_route`` (``destination``) → {}.
+- ``shutdown`` () → {}; the owner then removes everything and exits 0.
+- ``stun_open`` () → ``port``. After ``create``: opens the raw socket that shares the
+  WireGuard listen port with STUN (kbwg.agent.rawstun); again is a no-op.
+- ``stun_send`` (``dest`` "ip:port", ``data`` bytes: one STUN message of at most 1500
+  bytes, optional ``source`` local ip) → ``source`` "ip:port" it left from. Refused when
+  over the owner's rate limit. IPv4 only.
+
+Events: ``stun`` (``src`` "ip:port", ``dst`` "ip:port" = the local address and the
+WireGuard port, ``data`` bytes), one per datagram to the WireGuard port carrying the STUN
+cookie, after ``stun_open``. Events beyond the owner's rate limit are dropped.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import ipaddress
+from dataclasses import dataclass
+from typing import Any
+
+from kbwg.agent.rawstun import MAX_STUN_PAYLOAD, is_usable_unicast, looks_like_stun
+
+PROTOCOL_VERSION = 1
+
+OP_HELLO = "hello"
+OP_CREATE = "create"
+OP_SET_PEER = "set_peer"
+OP_REMOVE_PEER = "remove_peer"
+OP_STATS = "stats"
+OP_ADD_ROUTE = "add_route"
+OP_REMOVE_ROUTE = "remove_route"
+OP_SHUTDOWN = "shutdown"
+OP_STUN_OPEN = "stun_open"
+OP_STUN_SEND = "stun_send"
+
+EVENT_STUN = "stun"
+
+# Ops that make sense before a device exists.
+OPS_WITHOUT_DEVICE = frozenset({OP_HELLO, OP_STATS, OP_SHUTDOWN, OP_CREATE})
+
+BACKENDS = ("auto", "kernel", "userspace")
+DEFAULT_MTU = 1420
+KEY_LEN = 32
+IFNAME_MAX = 15
+
+ERR_NO_DEVICE = "no device yet"
+ERR_NO_STUN = "no STUN socket yet (stun_open first)"
+
+
+class ProtocolError(Exception):
+    """A frame that is not a valid request, or a request with bad arguments."""
+
+
+@dataclass(frozen=True)
+class Request:
+    id: int
+    op: str
+    args: dict[str, Any]
+
+
+def parse_request(obj: dict[str, Any]) -> Request:
+    rid = obj.get("id")
+    # bool is an int subclass; a True id is a client bug, not an id.
+    if not isinstance(rid, int) or isinstance(rid, bool):
+        raise ProtocolError("request needs an integer 'id'")
+    op = obj.get("op")
+    if not isinstance(op, str):
+        raise ProtocolError("request needs a string 'op'")
+    args = {k: v for k, v in obj.items() if k not in ("id", "op")}
+    return Request(rid, op, args)
+
+
+def ok_reply(rid: int, **result: Any) -> dict[str, Any]:
+    return {"id": rid, "ok": True, **result}
+
+
+def error_reply(rid: int | None, message: str) -> dict[str, Any]:
+    return {"id": rid, "ok": False, "error": message}
+
+
+def encode_key(key: bytes) -> str:
+    return base64.b64encode(key).decode("ascii")
+
+
+def decode_key(value: object, field: str) -> bytes:
+    if not isinstance(value, str):
+        raise ProtocolError(f"'{field}' must be a base64 string")
+    try:
+        key = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ProtocolError(f"'{field}' is not valid base64") from exc
+    if len(key) != KEY_LEN:
+        raise ProtocolError(f"'{field}' must decode to {KEY_LEN} bytes, not {len(key)}")
+    return key
+
+
+def _get(args: dict[str, Any], field: str, kind: type | tuple[type, ...], name: str) -> Any:
+    if field not in args:
+        raise ProtocolError(f"missing '{field}'")
+    value = args[field]
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ProtocolError(f"'{field}' must be {name}")
+    return value
+
+
+def _get_int(args: dict[str, Any], field: str, low: int, high: int) -> int:
+    value = _get(args, field, int, "an integer")
+    if not low <= value <= high:
+        raise ProtocolError(f"'{field}' must be between {low} and {high}")
+    return int(value)
+
+
+def _get_ifname(args: dict[str, Any], field: str = "ifname") -> str:
+    value = _get(args, field, str, "a string")
+    if not 0 < len(value) <= IFNAME_MAX or "/" in value or value.strip() != value:
+        raise ProtocolError(f"'{field}' is not a valid interface name")
+    return str(value)
+
+
+def parse_endpoint(value: str, field: str = "endpoint") -> tuple[str, int]:
+    """'ip:port' or '[ipv6]:port' → (ip, port)."""
+    host, sep, port_text = value.rpartition(":")
+    if not sep or not port_text.isdigit():
+        raise ProtocolError(f"'{field}' must be 'ip:port'")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    try:
+        addr = ipaddress.ip_address(host)
+    except ValueError as exc:
+        raise ProtocolError(f"'{field}' has an invalid address {host!r}") from exc
+    port = int(port_text)
+    if not 0 < port < 65536:
+        raise ProtocolError(f"'{field}' has an invalid port {port}")
+    return str(addr), port
+
+
+@dataclass(frozen=True)
+class CreateArgs:
+    ifname: str
+    private_key: bytes
+    listen_port: int
+    address: ipaddress.IPv4Interface | ipaddress.IPv6Interface
+    backend: str
+    mtu: int = DEFAULT_MTU
+
+    @classmethod
+    def parse(cls, args: dict[str, Any]) -> CreateArgs:
+        address_text = _get(args, "address", str, "a string 'ip/prefix'")
+        if "/" not in address_text:
+            raise ProtocolError("'address' must be 'ip/prefix'")
+        try:
+            address = ipaddress.ip_interface(address_text)
+        except ValueError as exc:
+            raise ProtocolError(f"'address' is invalid: {address_text!r}") from exc
+        backend = _get(args, "backend", str, "a string")
+        if backend not in BACKENDS:
+            raise ProtocolError(f"'backend' must be one of {', '.join(BACKENDS)}")
+        mtu = _get_int(args, "mtu", 576, 65535) if "mtu" in args else DEFAULT_MTU
+        return cls(
+            ifname=_get_ifname(args),
+            private_key=decode_key(args.get("private_key"), "private_key"),
+            listen_port=_get_int(args, "listen_port", 0, 65535),
+            address=address,
+            backend=backend,
+            mtu=mtu,
+        )
+
+
+@dataclass(frozen=True)
+class SetPeerArgs:
+    public_key: bytes
+    endpoint: tuple[str, int] | None
+    allowed_ips: list[str]
+    keepalive: int
+
+    @classmethod
+    def parse(cls, args: dict[str, Any]) -> SetPeerArgs:
+        if "endpoint" not in args:
+            raise ProtocolError("missing 'endpoint'")
+        raw_endpoint = args["endpoint"]
+        if raw_endpoint is not None and not isinstance(raw_endpoint, str):
+            raise ProtocolError("'endpoint' must be 'ip:port' or None")
+        raw_ips = _get(args, "allowed_ips", list, "a list of CIDR strings")
+        allowed: list[str] = []
+        for item in raw_ips:
+            if not isinstance(item, str) or "/" not in item:
+                raise ProtocolError(f"'allowed_ips' has a non-CIDR item {item!r}")
+            try:
+                allowed.append(str(ipaddress.ip_network(item, strict=False)))
+            except ValueError as exc:
+                raise ProtocolError(f"'allowed_ips' has an invalid CIDR {item!r}") from exc
+        return cls(
+            public_key=decode_key(args.get("public_key"), "public_key"),
+            endpoint=None if raw_endpoint is None else parse_endpoint(raw_endpoint),
+            allowed_ips=allowed,
+            keepalive=_get_int(args, "keepalive", 0, 65535),
+        )
+
+
+@dataclass(frozen=True)
+class RemovePeerArgs:
+    public_key: bytes
+
+    @classmethod
+    def parse(cls, args: dict[str, Any]) -> RemovePeerArgs:
+        return cls(public_key=decode_key(args.get("public_key"), "public_key"))
+
+
+def _parse_host_destination(args: dict[str, Any]) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    text = _get(args, "destination", str, "a string 'ip/32'")
+    try:
+        network = ipaddress.ip_network(text, strict=True)
+    except ValueError as exc:
+        raise ProtocolError(f"'destination' is invalid: {text!r}") from exc
+    if network.prefixlen != network.max_prefixlen:
+        raise ProtocolError("'destination' must be a host route (/32 or /128)")
+    return network
+
+
+@dataclass(frozen=True)
+class AddRouteArgs:
+    destination: ipaddress.IPv4Network | ipaddress.IPv6Network
+    via: str | None
+    ifname: str
+
+    @classmethod
+    def parse(cls, args: dict[str, Any]) -> AddRouteArgs:
+        destination = _parse_host_destination(args)
+        via = args.get("via")
+        if via is not None:
+            if not isinstance(via, str):
+                raise ProtocolError("'via' must be an address string or None")
+            try:
+                gateway = ipaddress.ip_address(via)
+            except ValueError as exc:
+                raise ProtocolError(f"'via' is not an address: {via!r}") from exc
+            if gateway.version != destination.version:
+                raise ProtocolError("'via' and 'destination' are of different families")
+            via = str(gateway)
+        return cls(destination=destination, via=via, ifname=_get_ifname(args))
+
+
+@dataclass(frozen=True)
+class RemoveRouteArgs:
+    destination: ipaddress.IPv4Network | ipaddress.IPv6Network
+
+    @classmethod
+    def parse(cls, args: dict[str, Any]) -> RemoveRouteArgs:
+        return cls(destination=_parse_host_destination(args))
+
+
+def format_endpoint(addr: tuple[str, int]) -> str:
+    host, port = addr
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def stun_event(src: tuple[str, int], dst: tuple[str, int], data: bytes) -> dict[str, Any]:
+    return {"event": EVENT_STUN, "src": format_endpoint(src), "dst": format_endpoint(dst),
+            "data": data}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class StunSendArgs:
+    dest: tuple[str, int]
+    data: bytes
+    source: str | None
+
+    @classmethod
+    def parse(cls, args: dict[str, Any]) -> StunSendArgs:
+        dest = parse_endpoint(_get(args, "dest", str, "a string 'ip:port'"), "dest")
+        if not is_usable_unicast(dest[0]):
+            raise ProtocolError(f"'dest' must be a unicast IPv4 address, not {dest[0]}")
+        data = _get(args, "data", bytes, "bytes")
+        if len(data) > MAX_STUN_PAYLOAD:
+            raise ProtocolError(f"'data' is {len(data)} bytes, more than {MAX_STUN_PAYLOAD}")
+        # The privileged owner sends STUN from the WireGuard port, nothing else.
+        if not looks_like_stun(data):
+            raise ProtocolError("'data' is not a STUN message")
+        source = args.get("source")
+        if source is not None and (not isinstance(source, str) or not is_usable_unicast(source)):
+            raise ProtocolError("'source' must be a unicast IPv4 address or None")
+        if source is not None:
+            source = str(ipaddress.IPv4Address(source))
+        return cls(dest=dest, data=bytes(data), source=source)

@@ -1,0 +1,98 @@
+"""peers.json: the team's static map of Keybase devices to overlay addresses.
+
+The format is the prototype's: a JSON list of `{"username", "device", "ip"}` objects.
+Every problem is reported with the entry it concerns, so a team admin can fix the file.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Network
+
+DEFAULT_OVERLAY = IPv4Network("100.64.0.0/10")
+
+
+class PeersError(ValueError):
+    """peers.json cannot be used; the message names the offending entry."""
+
+
+@dataclass(frozen=True)
+class DeviceId:
+    username: str
+    device: str
+
+    def __str__(self) -> str:
+        return f"{self.username}/{self.device}"
+
+
+@dataclass(frozen=True)
+class PeerEntry:
+    username: str
+    device: str
+    ip: IPv4Address
+
+    @property
+    def device_id(self) -> DeviceId:
+        return DeviceId(self.username, self.device)
+
+
+def _describe(index: int, raw: object) -> str:
+    if isinstance(raw, dict):
+        user, device = raw.get("username"), raw.get("device")
+        if isinstance(user, str) and isinstance(device, str):
+            return f"entry {index} ({user}/{device})"
+    return f"entry {index}"
+
+
+def _field(raw: dict[str, object], name: str, where: str) -> str:
+    value = raw.get(name)
+    if not isinstance(value, str) or not value.strip():
+        raise PeersError(f"peers.json {where}: '{name}' must be a non-empty string")
+    return value.strip()
+
+
+def parse_peers(data: bytes | str, overlay: IPv4Network = DEFAULT_OVERLAY) -> list[PeerEntry]:
+    """Parse and validate peers.json. Entries are numbered from 1 in error messages."""
+    try:
+        doc = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise PeersError(f"peers.json is not valid JSON: {exc}") from exc
+    if not isinstance(doc, list):
+        raise PeersError("peers.json must be a JSON list of {username, device, ip} objects")
+
+    entries: list[PeerEntry] = []
+    by_device: dict[DeviceId, int] = {}
+    by_ip: dict[IPv4Address, int] = {}
+    for index, raw in enumerate(doc, start=1):
+        where = _describe(index, raw)
+        if not isinstance(raw, dict):
+            raise PeersError(f"peers.json {where}: must be an object, got {type(raw).__name__}")
+        username = _field(raw, "username", where)
+        device = _field(raw, "device", where)
+        ip_text = _field(raw, "ip", where)
+        try:
+            ip = ipaddress.ip_address(ip_text)
+        except ValueError as exc:
+            raise PeersError(f"peers.json {where}: '{ip_text}' is not an IP address") from exc
+        if not isinstance(ip, IPv4Address) or ip not in overlay:
+            raise PeersError(
+                f"peers.json {where}: address {ip_text} is outside the overlay range {overlay}"
+            )
+        if ip in (overlay.network_address, overlay.broadcast_address):
+            raise PeersError(f"peers.json {where}: {ip_text} is not a usable host address")
+        entry = PeerEntry(username, device, ip)
+        if entry.device_id in by_device:
+            raise PeersError(
+                f"peers.json {where}: duplicate device {entry.device_id}, "
+                f"already listed as entry {by_device[entry.device_id]}"
+            )
+        if ip in by_ip:
+            raise PeersError(
+                f"peers.json {where}: duplicate address {ip}, already used by entry {by_ip[ip]}"
+            )
+        by_device[entry.device_id] = index
+        by_ip[ip] = index
+        entries.append(entry)
+    return entries

@@ -1,0 +1,368 @@
+"""STUN on the WireGuard port: a raw IPv4 socket behind a classic BPF filter (device owner).
+
+WireGuard (the kernel module or wireguard-go) owns UDP port P. A raw IPPROTO_UDP socket
+gets a copy of every UDP datagram delivered to this namespace, so the filter keeps only
+datagrams to port P whose payload carries the STUN magic cookie at offset 4; everything
+else (WireGuard's own traffic included) never leaves the kernel. WireGuard still receives
+the STUN answers too and discards them as junk. STUN leaves from P through the same raw
+socket, so checks and WireGuard share one NAT mapping.
+
+Sending: the kernel writes the IP header (no IP_HDRINCL); we write the UDP header and its
+checksum, which covers the source address. The source address is either given per send
+(IP_PKTINFO's ipi_spec_dst, which the kernel refuses unless it is local, so a multi-homed
+host can send checks from each of its addresses) or the one the routing table picks for
+the destination. Either way the routing table still picks the outgoing interface: a
+check that must leave through another one needs a host route (the owner's `add_route`).
+
+IPv4 only. Needs CAP_NET_RAW (the device owner runs as root).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import ipaddress
+import logging
+import socket
+import struct
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+logger = logging.getLogger(__name__)
+
+Address = tuple[str, int]
+
+STUN_COOKIE = 0x2112A442
+STUN_HEADER = 20
+MAX_STUN_PAYLOAD = 1500
+
+# Not exported by Python 3.11's socket module; values from linux/socket.h and linux/in.h.
+SO_ATTACH_FILTER = 26
+IP_PKTINFO = 8
+
+# Classic BPF opcodes (linux/bpf_common.h, linux/filter.h).
+BPF_LD_B_ABS = 0x30
+BPF_LD_H_ABS = 0x28
+BPF_LD_H_IND = 0x48
+BPF_LD_W_IND = 0x40
+BPF_LDX_B_MSH = 0xB1
+BPF_JEQ_K = 0x15
+BPF_JSET_K = 0x45
+BPF_RET_K = 0x06
+
+IPPROTO_UDP = 17
+# The "more fragments" flag and the fragment offset: a packet with any of them set is a
+# piece. Raw sockets see reassembled packets, so this only guards against surprises.
+IP_FRAGMENT_MASK = 0x3FFF
+ACCEPT_ALL = 0xFFFF
+
+_IPV4 = struct.Struct("!BBHHHBBH4s4s")
+_UDP = struct.Struct("!HHHH")
+_SOCK_FILTER = struct.Struct("=HBBI")
+_IN_PKTINFO = struct.Struct("=I4s4s")
+
+# Bounded work per readiness callback, so a flood cannot starve the owner's frame loop.
+_READS_PER_WAKEUP = 64
+_RECV_SIZE = 65535
+
+
+class RawStunError(Exception):
+    """The raw socket could not be opened, or a datagram could not be sent."""
+
+
+@dataclass(frozen=True)
+class BpfInsn:
+    code: int
+    jt: int
+    jf: int
+    k: int
+
+
+def stun_filter(port: int) -> list[BpfInsn]:
+    """Accept IPv4 UDP to `port`, not a fragment, with the STUN cookie at payload offset 4."""
+    if not 0 < port < 65536:
+        raise ValueError(f"invalid port {port}")
+    # Jump offsets count from the next instruction; drop is the last one, index 10.
+    return [
+        BpfInsn(BPF_LD_B_ABS, 0, 0, 9),  # 0: A = IP protocol
+        BpfInsn(BPF_JEQ_K, 0, 8, IPPROTO_UDP),  # 1: UDP, else drop
+        BpfInsn(BPF_LD_H_ABS, 0, 0, 6),  # 2: A = flags + fragment offset
+        BpfInsn(BPF_JSET_K, 6, 0, IP_FRAGMENT_MASK),  # 3: a fragment: drop
+        BpfInsn(BPF_LDX_B_MSH, 0, 0, 0),  # 4: X = 4 * IHL, where UDP starts
+        BpfInsn(BPF_LD_H_IND, 0, 0, 2),  # 5: A = UDP destination port
+        BpfInsn(BPF_JEQ_K, 0, 3, port),  # 6: port P, else drop
+        BpfInsn(BPF_LD_W_IND, 0, 0, 8 + 4),  # 7: A = payload word 4 (beyond the end: drop)
+        BpfInsn(BPF_JEQ_K, 0, 1, STUN_COOKIE),  # 8: the cookie: accept, else drop
+        BpfInsn(BPF_RET_K, 0, 0, ACCEPT_ALL),  # 9: accept (the whole packet)
+        BpfInsn(BPF_RET_K, 0, 0, 0),  # 10: drop
+    ]
+
+
+def pack_filter(program: list[BpfInsn]) -> bytes:
+    """The program as an array of `struct sock_filter` (native byte order)."""
+    return b"".join(_SOCK_FILTER.pack(i.code, i.jt, i.jf, i.k) for i in program)
+
+
+def unpack_filter(data: bytes) -> list[BpfInsn]:
+    return [BpfInsn(*fields) for fields in _SOCK_FILTER.iter_unpack(data)]
+
+
+def attach_filter(sock: socket.socket, program: list[BpfInsn]) -> None:
+    code = ctypes.create_string_buffer(pack_filter(program))
+    # struct sock_fprog { unsigned short len; struct sock_filter *filter; }: the pointer
+    # stays valid for the call, the kernel copies the program.
+    fprog = struct.pack("HP", len(program), ctypes.addressof(code))
+    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
+
+
+def internet_checksum(data: bytes) -> int:
+    """RFC 1071 one's complement checksum."""
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total > 0xFFFF:
+        total = (total >> 16) + (total & 0xFFFF)
+    return ~total & 0xFFFF
+
+
+def _pseudo_header(src_ip: str, dst_ip: str, udp_length: int) -> bytes:
+    return (
+        socket.inet_aton(src_ip)
+        + socket.inet_aton(dst_ip)
+        + struct.pack("!BBH", 0, IPPROTO_UDP, udp_length)
+    )
+
+
+def udp_checksum(src_ip: str, dst_ip: str, segment: bytes) -> int:
+    """Checksum of a UDP header + payload (checksum field zeroed) with its pseudo-header."""
+    value = internet_checksum(_pseudo_header(src_ip, dst_ip, len(segment)) + segment)
+    # 0 on the wire means "no checksum"; a computed 0 is sent as its other form.
+    return value or 0xFFFF
+
+
+def build_udp(src: Address, dst: Address, payload: bytes) -> bytes:
+    """UDP header + payload with a correct checksum for these addresses."""
+    length = _UDP.size + len(payload)
+    header = _UDP.pack(src[1], dst[1], length, 0)
+    checksum = udp_checksum(src[0], dst[0], header + payload)
+    return _UDP.pack(src[1], dst[1], length, checksum) + payload
+
+
+@dataclass(frozen=True)
+class UdpDatagram:
+    src: Address
+    dst: Address
+    payload: bytes
+
+
+class ParseError(ValueError):
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        # One of the RawStunCounters field names.
+        self.reason = reason
+
+
+def parse_ipv4_udp(packet: bytes) -> UdpDatagram:
+    """Validate an IPv4 packet carrying UDP and split it; raises ParseError."""
+    if len(packet) < _IPV4.size:
+        raise ParseError("truncated", f"{len(packet)} bytes, no IPv4 header")
+    ver_ihl, _tos, total, _ident, frag, _ttl, proto, _csum, src, dst = _IPV4.unpack_from(packet)
+    ihl = (ver_ihl & 0xF) * 4
+    if ver_ihl >> 4 != 4 or ihl < _IPV4.size:
+        raise ParseError("malformed", f"version/IHL byte {ver_ihl:#x}")
+    if proto != IPPROTO_UDP:
+        raise ParseError("malformed", f"protocol {proto}, not UDP")
+    if frag & IP_FRAGMENT_MASK:
+        raise ParseError("fragments", "a fragment")
+    if total < ihl + _UDP.size:
+        raise ParseError("malformed", f"total length {total} leaves no UDP header")
+    if len(packet) < total:
+        raise ParseError("truncated", f"{len(packet)} of {total} bytes")
+    sport, dport, udp_len, _ = _UDP.unpack_from(packet, ihl)
+    if udp_len < _UDP.size:
+        raise ParseError("malformed", f"UDP length {udp_len}")
+    if udp_len > total - ihl:
+        raise ParseError("truncated", f"UDP length {udp_len} beyond the packet")
+    # The UDP checksum is not checked: a raw socket sees packets before UDP does, and one
+    # that came over a veth from a local socket still carries the partial checksum of
+    # checksum offload. STUN's FINGERPRINT and MESSAGE-INTEGRITY cover the payload.
+    src_ip, dst_ip = socket.inet_ntoa(src), socket.inet_ntoa(dst)
+    return UdpDatagram((src_ip, sport), (dst_ip, dport), packet[ihl + _UDP.size : ihl + udp_len])
+
+
+def looks_like_stun(payload: bytes) -> bool:
+    """A STUN header: top bits 0, the cookie, a length that matches the datagram."""
+    if len(payload) < STUN_HEADER or len(payload) > MAX_STUN_PAYLOAD:
+        return False
+    msg_type, length, cookie = struct.unpack_from("!HHI", payload)
+    return not msg_type & 0xC000 and cookie == STUN_COOKIE and STUN_HEADER + length == len(payload)
+
+
+def route_source(dst_ip: str) -> str:
+    """The local address the routing table picks for `dst_ip` (no packet is sent)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.connect((dst_ip, 9))
+        return str(probe.getsockname()[0])
+
+
+class TokenBucket:
+    """`rate` per second with bursts of `burst`; protects the owner from a runaway agent
+    and the agent from a flood of STUN-shaped packets."""
+
+    def __init__(
+        self, rate: float, burst: int, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.rate, self.burst, self._clock = rate, burst, clock
+        self._tokens = float(burst)
+        self._last = clock()
+
+    def take(self) -> bool:
+        now = self._clock()
+        self._tokens = min(self.burst, self._tokens + (now - self._last) * self.rate)
+        self._last = now
+        if self._tokens < 1:
+            return False
+        self._tokens -= 1
+        return True
+
+
+@dataclass
+class RawStunCounters:
+    received: int = 0
+    delivered: int = 0
+    drained: int = 0
+    truncated: int = 0
+    malformed: int = 0
+    fragments: int = 0
+    # Passed the kernel filter but not our own check (should stay 0).
+    unfiltered: int = 0
+    sent: int = 0
+    send_errors: int = 0
+
+    def to_json(self) -> dict[str, int]:
+        return asdict(self)
+
+
+PacketCallback = Callable[[UdpDatagram], None]
+
+
+class RawStunSocket:
+    """The raw socket of one WireGuard port, feeding `on_packet` from the event loop."""
+
+    def __init__(self, sock: socket.socket, port: int, on_packet: PacketCallback) -> None:
+        self._sock: socket.socket | None = sock
+        self.port = port
+        self._on_packet = on_packet
+        self.counters = RawStunCounters()
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(sock.fileno(), self._on_readable)
+
+    @classmethod
+    def open(cls, port: int, on_packet: PacketCallback) -> RawStunSocket:
+        program = stun_filter(port)
+        try:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_UDP)
+        except OSError as exc:
+            raise RawStunError(f"cannot open a raw UDP socket: {exc}") from exc
+        try:
+            sock.setblocking(False)
+            attach_filter(sock, program)
+            # Whatever arrived between socket() and the filter went in unfiltered.
+            drained = _drain(sock)
+            self = cls(sock, port, on_packet)
+        except BaseException as exc:
+            sock.close()
+            if isinstance(exc, OSError):
+                raise RawStunError(f"cannot attach the STUN filter: {exc}") from exc
+            raise
+        self.counters.drained = drained
+        logger.info("raw STUN socket on port %d (%d unfiltered packets drained)", port, drained)
+        return self
+
+    @property
+    def closed(self) -> bool:
+        return self._sock is None
+
+    def _on_readable(self) -> None:
+        sock = self._sock
+        for _ in range(_READS_PER_WAKEUP):
+            if sock is None or self._sock is None:
+                return
+            try:
+                packet = sock.recv(_RECV_SIZE)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                logger.warning("raw STUN socket receive failed: %s", exc)
+                return
+            self._handle(packet)
+
+    def _handle(self, packet: bytes) -> None:
+        counters = self.counters
+        counters.received += 1
+        try:
+            datagram = parse_ipv4_udp(packet)
+        except ParseError as exc:
+            setattr(counters, exc.reason, getattr(counters, exc.reason) + 1)
+            logger.debug("ignored raw packet: %s", exc)
+            return
+        payload = datagram.payload
+        if (
+            datagram.dst[1] != self.port
+            or len(payload) < 8
+            or struct.unpack_from("!I", payload, 4)[0] != STUN_COOKIE
+        ):
+            counters.unfiltered += 1
+            return
+        counters.delivered += 1
+        try:
+            self._on_packet(datagram)
+        except Exception:
+            logger.exception("STUN packet callback failed")
+
+    def send(self, payload: bytes, dest: Address, source: str | None = None) -> Address:
+        """Send `payload` from port P to `dest`; returns the (source ip, P) it left from."""
+        sock = self._sock
+        if sock is None:
+            raise RawStunError("the raw STUN socket is closed")
+        dst_ip, dst_port = dest
+        try:
+            src_ip = source if source is not None else route_source(dst_ip)
+            udp = build_udp((src_ip, self.port), dest, payload)
+            pktinfo = _IN_PKTINFO.pack(0, socket.inet_aton(src_ip), bytes(4))
+            sock.sendmsg([udp], [(socket.IPPROTO_IP, IP_PKTINFO, pktinfo)], 0, (dst_ip, 0))
+        except OSError as exc:
+            self.counters.send_errors += 1
+            raise RawStunError(f"sending to {dst_ip}:{dst_port} failed: {exc}") from exc
+        self.counters.sent += 1
+        return (src_ip, self.port)
+
+    def close(self) -> None:
+        sock, self._sock = self._sock, None
+        if sock is None:
+            return
+        self._loop.remove_reader(sock.fileno())
+        sock.close()
+        logger.info("closed the raw STUN socket on port %d (%s)", self.port, self.counters)
+
+
+def _drain(sock: socket.socket) -> int:
+    count = 0
+    while True:
+        try:
+            sock.recv(_RECV_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return count
+        count += 1
+
+
+def is_usable_unicast(ip: str) -> bool:
+    """An IPv4 address a STUN datagram may be sent to or from."""
+    try:
+        addr = ipaddress.IPv4Address(ip)
+    except ValueError:
+        return False
+    return not (
+        addr.is_multicast or addr.is_unspecified or addr == ipaddress.IPv4Address("255.255.255.255")
+    )

@@ -1,0 +1,55 @@
+"""Human rendering of `status --json` for `kbwg-agent status`."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+
+def _ago(ts: float | None, now: float) -> str:
+    if not ts:
+        return "never"
+    seconds = max(0, int(now - ts))
+    if seconds < 120:
+        return f"{seconds}s ago"
+    if seconds < 7200:
+        return f"{seconds // 60}m ago"
+    return f"{seconds // 3600}h ago"
+
+
+def _bytes(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"
+
+
+def render_status(status: dict[str, Any], now: float | None = None) -> str:
+    now = time.time() if now is None else now
+    lines = [
+        f"{status['username']}/{status['device']} in team {status['team']}: "
+        f"{status['overlay_ip']} on {status['interface']} ({status['backend']}), "
+        f"listening on {status['endpoint']}",
+        f"public key {status['public_key']}",
+        "",
+    ]
+    header = ("PEER", "OVERLAY IP", "ENDPOINT", "HANDSHAKE", "RX", "TX")
+    rows = [header]
+    for peer in status["peers"]:
+        rows.append((
+            f"{peer['username']}/{peer['device']}",
+            peer["overlay_ip"],
+            peer["endpoint"] or "(not announced)",
+            _ago(peer["last_handshake"], now),
+            _bytes(peer["rx_bytes"]),
+            _bytes(peer["tx_bytes"]),
+        ))
+    if len(rows) == 1:
+        lines.append("no peers listed in peers.json besides this device")
+        return "\n".join(lines)
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(header))]
+    for row in rows:
+        lines.append("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+    return "\n".join(lines)

@@ -1,0 +1,247 @@
+"""kbwg.json: the team's configuration, kept in KBFS next to peers.json.
+
+Only team members can read the team folder, so the relay secret stays inside the team.
+An absent file is a valid configuration: no STUN, no relay, host candidates only. There
+is deliberately no built-in STUN or relay server: a default would send every member's
+addresses to a third party nobody in the team chose.
+
+Unknown keys are logged and ignored, so a file written for a newer agent still loads.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import re
+from dataclasses import dataclass, field
+from ipaddress import IPv4Network
+from typing import Protocol
+from urllib.parse import parse_qs
+
+from kbwg.agent.keybase import KeybaseFileNotFound
+from kbwg.agent.peers import DEFAULT_OVERLAY
+from kbwg.negotiation.candidates import DEFAULT_INTERFACE_EXCLUDE
+
+log = logging.getLogger(__name__)
+
+TEAM_CONFIG_NAME = "kbwg.json"
+STUN_DEFAULT_PORT = 3478
+
+# Keybase channel (topic) names: letters, digits, dashes and underscores, at most 20.
+_CHANNEL_RE = re.compile(r"^[A-Za-z0-9_-]{1,20}$")
+_KNOWN_KEYS = frozenset({
+    "stun", "relays", "overlay", "announce_channel", "negotiation_channel",
+    "interface_exclude",
+})
+_KNOWN_RELAY_KEYS = frozenset({"url", "secret", "username"})
+
+
+class TeamConfigError(ValueError):
+    """kbwg.json cannot be used; the message names the offending key."""
+
+
+@dataclass(frozen=True)
+class HostPort:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    def as_tuple(self) -> tuple[str, int]:
+        return (self.host, self.port)
+
+
+@dataclass(frozen=True)
+class RelayConfig:
+    url: str
+    host: str
+    port: int
+    secret: str
+    transport: str = "udp"
+    # None: the Keybase username of the device, filled in when credentials are made.
+    username: str | None = None
+
+    @property
+    def address(self) -> HostPort:
+        return HostPort(self.host, self.port)
+
+
+@dataclass(frozen=True)
+class TeamConfig:
+    stun: list[HostPort] = field(default_factory=list)
+    relays: list[RelayConfig] = field(default_factory=list)
+    overlay: IPv4Network = DEFAULT_OVERLAY
+    announce_channel: str = "announce"
+    negotiation_channel: str = "kbwg"
+    interface_exclude: list[str] = field(default_factory=lambda: list(DEFAULT_INTERFACE_EXCLUDE))
+
+
+class FileReader(Protocol):
+    async def fs_read(self, path: str) -> bytes: ...
+
+
+def parse_host_port(text: str, default_port: int | None = STUN_DEFAULT_PORT) -> HostPort:
+    """`HOST:PORT`, `[V6]:PORT`, or a bare host when `default_port` is given.
+
+    Raises ValueError with a message fit for the user.
+    """
+    text = text.strip()
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            raise ValueError(f"'{text}' is not HOST:PORT")
+        port_text = rest[1:] if rest else ""
+    elif text.count(":") == 1:
+        host, port_text = text.split(":")
+    elif ":" in text:
+        raise ValueError(f"'{text}': write IPv6 addresses as [ADDRESS]:PORT")
+    else:
+        host, port_text = text, ""
+    if not host or any(c.isspace() or c in "/?#@" for c in host):
+        raise ValueError(f"'{text}' has no valid host")
+    if not port_text:
+        if default_port is None:
+            raise ValueError(f"'{text}' has no port (HOST:PORT)")
+        return HostPort(host, default_port)
+    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        raise ValueError(f"'{text}': port must be a number from 1 to 65535")
+    return HostPort(host, int(port_text))
+
+
+def parse_relay_url(url: str) -> tuple[HostPort, str]:
+    """`turn:HOST[:PORT][?transport=udp]` (RFC 7065) -> (address, transport)."""
+    scheme, sep, rest = url.partition(":")
+    if not sep or scheme.lower() != "turn":
+        raise ValueError(f"'{url}' is not a turn: URL (turn:HOST:PORT); turns: is not supported")
+    hostport, _, query = rest.partition("?")
+    if hostport.startswith("//"):
+        raise ValueError(f"'{url}': write turn:HOST:PORT, without //")
+    address = parse_host_port(hostport)
+    transport = "udp"
+    if query:
+        params = parse_qs(query, keep_blank_values=True)
+        unknown = set(params) - {"transport"}
+        if unknown:
+            raise ValueError(f"'{url}': unknown URL parameter {sorted(unknown)[0]}")
+        transport = params["transport"][-1].lower()
+        if transport != "udp":
+            raise ValueError(f"'{url}': only transport=udp is supported")
+    return address, transport
+
+
+def _string_list(doc: dict[str, object], key: str) -> list[str]:
+    value = doc[key]
+    if not isinstance(value, list):
+        raise TeamConfigError(f"kbwg.json '{key}' must be a list of strings")
+    for index, item in enumerate(value, start=1):
+        if not isinstance(item, str) or not item.strip():
+            raise TeamConfigError(f"kbwg.json '{key}' item {index} must be a non-empty string")
+    return [item.strip() for item in value]
+
+
+def _parse_relay(index: int, raw: object) -> RelayConfig:
+    where = f"kbwg.json 'relays' item {index}"
+    if not isinstance(raw, dict):
+        raise TeamConfigError(f"{where} must be an object with 'url' and 'secret'")
+    for key in sorted(set(raw) - _KNOWN_RELAY_KEYS):
+        log.warning("%s: ignoring unknown key '%s'", where, key)
+    url = raw.get("url")
+    if not isinstance(url, str) or not url.strip():
+        raise TeamConfigError(f"{where}: 'url' must be a turn:HOST:PORT string")
+    try:
+        address, transport = parse_relay_url(url.strip())
+    except ValueError as exc:
+        raise TeamConfigError(f"{where}: 'url' {exc}") from exc
+    secret = raw.get("secret")
+    if not isinstance(secret, str) or not secret:
+        raise TeamConfigError(f"{where}: 'secret' must be a non-empty string")
+    username = raw.get("username")
+    if username is not None and (not isinstance(username, str) or not username.strip()):
+        raise TeamConfigError(f"{where}: 'username' must be a non-empty string when given")
+    return RelayConfig(
+        url=url.strip(), host=address.host, port=address.port, secret=secret,
+        transport=transport, username=username.strip() if username else None,
+    )
+
+
+def _channel(doc: dict[str, object], key: str, default: str) -> str:
+    value = doc.get(key, default)
+    if not isinstance(value, str) or not _CHANNEL_RE.match(value):
+        raise TeamConfigError(
+            f"kbwg.json '{key}' must be a channel name (letters, digits, - and _, "
+            f"at most 20), got {value!r}"
+        )
+    return value
+
+
+def parse_team_config(data: bytes | str) -> TeamConfig:
+    """Parse and validate kbwg.json; every error names the key it concerns."""
+    try:
+        doc = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise TeamConfigError(f"kbwg.json is not valid JSON: {exc}") from exc
+    if not isinstance(doc, dict):
+        raise TeamConfigError("kbwg.json must be a JSON object")
+    for key in sorted(set(doc) - _KNOWN_KEYS):
+        log.warning("kbwg.json: ignoring unknown key '%s'", key)
+
+    stun: list[HostPort] = []
+    if "stun" in doc:
+        for index, text in enumerate(_string_list(doc, "stun"), start=1):
+            try:
+                stun.append(parse_host_port(text))
+            except ValueError as exc:
+                raise TeamConfigError(f"kbwg.json 'stun' item {index}: {exc}") from exc
+
+    relays: list[RelayConfig] = []
+    if "relays" in doc:
+        if not isinstance(doc["relays"], list):
+            raise TeamConfigError("kbwg.json 'relays' must be a list of {url, secret} objects")
+        relays = [_parse_relay(i, raw) for i, raw in enumerate(doc["relays"], start=1)]
+
+    overlay = DEFAULT_OVERLAY
+    if "overlay" in doc:
+        raw_overlay = doc["overlay"]
+        try:
+            if not isinstance(raw_overlay, str):
+                raise ValueError("not a string")
+            network = ipaddress.ip_network(raw_overlay, strict=True)
+        except ValueError as exc:
+            raise TeamConfigError(
+                f"kbwg.json 'overlay' must be an IPv4 network like 100.64.0.0/10, "
+                f"got {raw_overlay!r}"
+            ) from exc
+        if not isinstance(network, IPv4Network) or network.prefixlen > 30:
+            raise TeamConfigError(
+                f"kbwg.json 'overlay' must be an IPv4 network of at least 4 addresses, "
+                f"got {raw_overlay!r}"
+            )
+        overlay = network
+
+    announce = _channel(doc, "announce_channel", "announce")
+    negotiation = _channel(doc, "negotiation_channel", "kbwg")
+    exclude = (
+        _string_list(doc, "interface_exclude") if "interface_exclude" in doc
+        else list(DEFAULT_INTERFACE_EXCLUDE)
+    )
+    return TeamConfig(
+        stun=stun, relays=relays, overlay=overlay, announce_channel=announce,
+        negotiation_channel=negotiation, interface_exclude=exclude,
+    )
+
+
+def team_config_path(team: str) -> str:
+    return f"/keybase/team/{team}/{TEAM_CONFIG_NAME}"
+
+
+async def load_team_config(keybase: FileReader, team: str) -> TeamConfig:
+    """Read the team's kbwg.json; an absent file gives the empty default."""
+    path = team_config_path(team)
+    try:
+        raw = await keybase.fs_read(path)
+    except KeybaseFileNotFound:
+        log.info("%s does not exist: no STUN or relay servers, host candidates only", path)
+        return TeamConfig()
+    return parse_team_config(raw)

@@ -1,0 +1,198 @@
+"""WireGuard backends: the interface the device owner drives, and the automatic choice.
+
+The kernel module (through pyroute2) is used when present, else wireguard-go. Both only
+ever run inside the privileged device owner.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import shutil
+import socket
+import struct
+from dataclasses import dataclass, field
+from typing import Protocol
+
+logger = logging.getLogger(__name__)
+
+WIREGUARD_GO = "wireguard-go"
+
+
+class BackendError(Exception):
+    """A backend could not be chosen, started or configured."""
+
+
+@dataclass(frozen=True)
+class PeerConfig:
+    public_key: bytes
+    endpoint: tuple[str, int] | None = None
+    # Replaces the peer's whole list when applied.
+    allowed_ips: list[str] = field(default_factory=list)
+    keepalive: int = 0
+
+
+@dataclass(frozen=True)
+class PeerStats:
+    public_key: bytes
+    endpoint: str | None
+    # Unix seconds, 0.0 if there was never a handshake.
+    last_handshake: float
+    rx_bytes: int
+    tx_bytes: int
+    allowed_ips: list[str] = field(default_factory=list)
+    keepalive: int = 0
+
+
+class WireGuardBackend(Protocol):
+    name: str
+
+    async def create(self, ifname: str, private_key: bytes, listen_port: int) -> int:
+        """Create the device with this key; returns the actual listen port."""
+        ...
+
+    async def set_peer(self, peer: PeerConfig) -> None: ...
+
+    async def remove_peer(self, public_key: bytes) -> None: ...
+
+    async def peers(self) -> list[PeerStats]: ...
+
+    async def listen_port(self) -> int: ...
+
+    async def close(self) -> None:
+        """Remove the device; safe to call more than once and after a failed create."""
+        ...
+
+
+def format_endpoint(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+# Generic netlink constants from linux/genetlink.h and linux/netlink.h.
+_NETLINK_GENERIC = 16
+_GENL_ID_CTRL = 0x10
+_CTRL_CMD_GETFAMILY = 3
+_CTRL_ATTR_FAMILY_NAME = 2
+_NLM_F_REQUEST = 1
+_NLMSG_ERROR = 2
+
+
+def kernel_wireguard_available() -> bool:
+    """Whether the `wireguard` generic netlink family resolves.
+
+    Asking the kernel for the family by name also autoloads the module when it is
+    installed but not loaded. This is a raw blocking socket on purpose: pyroute2's
+    synchronous API refuses to run inside an event loop, and this must be callable from
+    synchronous code too.
+    """
+    if os.path.isdir("/sys/module/wireguard"):
+        return True
+    name = b"wireguard\0"
+    attr_len = 4 + len(name)
+    attr = struct.pack("=HH", attr_len, _CTRL_ATTR_FAMILY_NAME) + name
+    attr += b"\0" * (-attr_len % 4)
+    payload = struct.pack("=BBH", _CTRL_CMD_GETFAMILY, 1, 0) + attr
+    message = struct.pack("=IHHII", 16 + len(payload), _GENL_ID_CTRL, _NLM_F_REQUEST, 1, 0)
+    try:
+        with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, _NETLINK_GENERIC) as sock:
+            sock.settimeout(2.0)
+            sock.bind((0, 0))
+            sock.send(message + payload)
+            reply = sock.recv(65536)
+    except OSError as exc:
+        logger.debug("generic netlink probe for wireguard failed: %s", exc)
+        return False
+    if len(reply) < 16:
+        return False
+    _length, msg_type, _flags, _seq, _pid = struct.unpack_from("=IHHII", reply)
+    if msg_type == _NLMSG_ERROR:
+        (code,) = struct.unpack_from("=i", reply, 16)
+        if code != 0:
+            logger.debug("wireguard genl family not found: %s", errno.errorcode.get(-code, code))
+        return code == 0
+    return msg_type == _GENL_ID_CTRL
+
+
+def wireguard_go_path() -> str | None:
+    return shutil.which(WIREGUARD_GO)
+
+
+def select_backend(name: str) -> WireGuardBackend:
+    """Return an unstarted backend: "kernel", "userspace" (wireguard-go) or "auto"."""
+    if name not in ("auto", "kernel", "userspace"):
+        raise BackendError(f"unknown WireGuard backend {name!r}")
+    if name in ("auto", "kernel"):
+        if kernel_wireguard_available():
+            from kbwg.agent.wg_kernel import KernelBackend
+
+            return KernelBackend()
+        if name == "kernel":
+            raise BackendError("the wireguard kernel module is not available on this host")
+    binary = wireguard_go_path()
+    if binary is None:
+        prefix = "no kernel WireGuard and " if name == "auto" else ""
+        raise BackendError(
+            f"{prefix}wireguard-go was not found in PATH: install the `wireguard-go` "
+            "package (Debian/Ubuntu: apt-get install wireguard-go)"
+        )
+    from kbwg.agent.wg_userspace import UserspaceBackend
+
+    return UserspaceBackend(binary)
+
+
+class MemoryBackend:
+    """In-memory stand-in, for tests only (the owner uses it under
+    KBWG_OWNER_FAKE_BACKEND=1): no device, no process, no privileges."""
+
+    name = "fake"
+
+    def __init__(self) -> None:
+        self.ifname: str | None = None
+        self.private_key: bytes | None = None
+        self._port = 0
+        self._peers: dict[bytes, PeerConfig] = {}
+
+    async def create(self, ifname: str, private_key: bytes, listen_port: int) -> int:
+        if self.ifname is not None:
+            raise BackendError(f"device {self.ifname} already exists")
+        self.ifname = ifname
+        self.private_key = private_key
+        # An unused-looking port stands in for the one WireGuard would pick.
+        self._port = listen_port or 51820
+        return self._port
+
+    async def set_peer(self, peer: PeerConfig) -> None:
+        self._require()
+        self._peers[peer.public_key] = peer
+
+    async def remove_peer(self, public_key: bytes) -> None:
+        self._require()
+        self._peers.pop(public_key, None)
+
+    async def peers(self) -> list[PeerStats]:
+        self._require()
+        return [
+            PeerStats(
+                public_key=p.public_key,
+                endpoint=None if p.endpoint is None else format_endpoint(*p.endpoint),
+                last_handshake=0.0,
+                rx_bytes=0,
+                tx_bytes=0,
+                allowed_ips=list(p.allowed_ips),
+                keepalive=p.keepalive,
+            )
+            for p in self._peers.values()
+        ]
+
+    async def listen_port(self) -> int:
+        self._require()
+        return self._port
+
+    async def close(self) -> None:
+        self.ifname = None
+        self._peers.clear()
+
+    def _require(self) -> None:
+        if self.ifname is None:
+            raise BackendError("no device")

@@ -1,0 +1,211 @@
+"""Local candidates: host addresses from the interfaces, server-reflexive from STUN.
+
+Host candidates come from every up interface's IPv4 addresses, minus loopback,
+link-local, addresses inside the overlay, and interfaces matching the exclude globs
+(the WireGuard device and other tunnels/virtual bridges: a peer reaching us through
+another overlay would be routing WireGuard inside a tunnel it may not keep).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fnmatch
+import ipaddress
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pyroute2 import IPRoute
+
+from kbwg.negotiation.stun_client import (
+    Address,
+    BindingResult,
+    StunClient,
+    StunError,
+    format_address,
+)
+
+log = logging.getLogger(__name__)
+
+CandidateType = Literal["host", "srflx", "relay", "prflx"]
+
+# RFC 8445 section 5.1.2.2 recommended type preferences.
+TYPE_PREFERENCE: dict[str, int] = {"host": 126, "prflx": 110, "srflx": 100, "relay": 0}
+
+# veth is not excluded: inside containers and network namespaces it is the uplink.
+DEFAULT_INTERFACE_EXCLUDE: tuple[str, ...] = (
+    "lo", "wg*", "kbwg*", "tun*", "tap*", "docker*", "br-*", "virbr*", "tailscale*",
+    "zt*", "nebula*",
+)
+_LOCAL_PREFERENCE_MAX = 65535
+_IFF_UP = 0x1
+_AF_INET = 2
+
+
+def candidate_priority(type_: str, local_preference: int = _LOCAL_PREFERENCE_MAX,
+                       component: int = 1) -> int:
+    """RFC 8445 section 5.1.2.1."""
+    return (1 << 24) * TYPE_PREFERENCE[type_] + (1 << 8) * local_preference + (256 - component)
+
+
+@dataclass
+class Candidate:
+    type: CandidateType
+    address: str
+    port: int
+    interface: str | None
+    priority: int
+    source: str
+    # The local address:port the candidate is sent from (RFC 8445's base); None for host.
+    base: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "type": self.type, "address": self.address, "port": self.port,
+            "interface": self.interface, "priority": self.priority, "source": self.source,
+            "base": self.base,
+        }
+
+
+@dataclass(frozen=True)
+class InterfaceAddress:
+    interface: str
+    index: int
+    address: str
+    prefixlen: int
+    up: bool
+    default_route: bool
+
+
+def list_interface_addresses() -> list[InterfaceAddress]:
+    """Every IPv4 address on this host with its interface, via netlink.
+
+    Blocking, and pyroute2 0.9's IPRoute refuses to run in a thread with a running
+    event loop: from async code use `interface_addresses()`.
+    """
+    with IPRoute() as ipr:
+        links = {link["index"]: link for link in ipr.get_links()}
+        default_oifs = {
+            route.get_attr("RTA_OIF") for route in ipr.get_routes(family=_AF_INET, table=254)
+            if route["dst_len"] == 0
+        }
+        result = []
+        for msg in ipr.get_addr(family=_AF_INET):
+            link = links.get(msg["index"])
+            if link is None:
+                continue
+            result.append(InterfaceAddress(
+                interface=str(link.get_attr("IFLA_IFNAME")),
+                index=int(msg["index"]),
+                address=str(msg.get_attr("IFA_ADDRESS")),
+                prefixlen=int(msg["prefixlen"]),
+                up=bool(link["flags"] & _IFF_UP),
+                default_route=msg["index"] in default_oifs,
+            ))
+    return result
+
+
+async def interface_addresses() -> list[InterfaceAddress]:
+    return await asyncio.to_thread(list_interface_addresses)
+
+
+def excluded_interface(name: str, patterns: Iterable[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
+
+
+def host_address_problem(
+    entry: InterfaceAddress, exclude_patterns: Iterable[str],
+    exclude_networks: Iterable[ipaddress.IPv4Network] = (),
+) -> str | None:
+    """Why this address is not a host candidate, or None when it is one."""
+    if not entry.up:
+        return "interface down"
+    if excluded_interface(entry.interface, exclude_patterns):
+        return "excluded interface"
+    addr = ipaddress.IPv4Address(entry.address)
+    if addr.is_loopback:
+        return "loopback"
+    if addr.is_link_local:
+        return "link-local"
+    if addr.is_multicast or addr.is_unspecified:
+        return "not unicast"
+    if any(addr in network for network in exclude_networks):
+        return "overlay address"
+    return None
+
+
+def gather_host_candidates(
+    port: int,
+    exclude_patterns: Iterable[str] = DEFAULT_INTERFACE_EXCLUDE,
+    exclude_networks: Iterable[ipaddress.IPv4Network] = (),
+    addresses: Sequence[InterfaceAddress] | None = None,
+) -> list[Candidate]:
+    """Host candidates for `port`, best first: the default-route interface leads.
+
+    `addresses` defaults to the host's own (netlink, blocking: from async code pass
+    `await interface_addresses()`).
+    """
+    patterns = list(exclude_patterns)
+    networks = list(exclude_networks)
+    entries = list_interface_addresses() if addresses is None else list(addresses)
+    usable = [e for e in entries if host_address_problem(e, patterns, networks) is None]
+    usable.sort(key=lambda e: (not e.default_route, e.index, ipaddress.IPv4Address(e.address)))
+    candidates = []
+    for rank, entry in enumerate(usable):
+        # Distinct local preferences keep priorities unique on multi-homed hosts.
+        local_pref = max(0, _LOCAL_PREFERENCE_MAX - rank)
+        candidates.append(Candidate(
+            type="host", address=entry.address, port=port, interface=entry.interface,
+            priority=candidate_priority("host", local_pref),
+            source=f"interface {entry.interface}",
+        ))
+    return candidates
+
+
+@dataclass
+class StunServerResult:
+    """One configured STUN server as seen from the gathering socket."""
+
+    server: str
+    address: Address | None
+    binding: BindingResult | None = None
+    error: str | None = None
+
+
+async def gather_srflx(
+    client: StunClient,
+    servers: Sequence[tuple[str, Address | None]],
+    base: Address,
+    *,
+    timeout: float = 3.0,
+    rto: float = 0.5,
+) -> tuple[list[Candidate], list[StunServerResult]]:
+    """Ask every STUN server at once; one srflx candidate per distinct mapped address.
+
+    `servers` pairs each server as configured (for reports) with its resolved address
+    (None when it could not be resolved). `base` is the local address of the socket.
+    """
+    async def one(name: str, address: Address | None) -> StunServerResult:
+        if address is None:
+            return StunServerResult(name, None, error="cannot resolve")
+        try:
+            binding = await client.binding(address, timeout=timeout, rto=rto)
+        except StunError as exc:
+            return StunServerResult(name, address, error=str(exc))
+        return StunServerResult(name, address, binding=binding)
+
+    results = list(await asyncio.gather(*(one(name, addr) for name, addr in servers)))
+    candidates: list[Candidate] = []
+    seen: set[Address] = set()
+    for result in results:
+        if result.binding is None or result.binding.mapped in seen:
+            continue
+        mapped = result.binding.mapped
+        seen.add(mapped)
+        candidates.append(Candidate(
+            type="srflx", address=mapped[0], port=mapped[1], interface=None,
+            priority=candidate_priority("srflx", _LOCAL_PREFERENCE_MAX - len(candidates)),
+            source=f"stun {result.server}", base=format_address(base),
+        ))
+    return candidates, results

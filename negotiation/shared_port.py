@@ -1,0 +1,168 @@
+"""STUN from the WireGuard port itself, through the device owner's raw socket.
+
+The agent never holds the raw socket: it asks the owner to send (`stun_send`) and gets
+what arrives as `stun` events. So a `StunClient` on this transport sees the NAT mapping
+WireGuard's own packets get.
+
+    transport = await SharedPortTransport.open(owner)
+    client = StunClient(transport)
+    transport.receiver = client.datagram_received
+    result = await client.binding(server)
+    # checks from one particular local address (multi-homed hosts):
+    bound = transport.from_source("198.18.1.10")
+    lan_client = StunClient(bound)
+    bound.receiver = lan_client.datagram_received
+
+Answers go to the receiver of the local address they arrived at (a NAT answers to the
+address a request left from), else to `transport.receiver`. `open` takes over the owner's
+`events` queue: any event other than `stun` goes to `on_other_event`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from kbwg.agent.owner_client import DeviceOwner
+from kbwg.agent.owner_protocol import (
+    EVENT_STUN,
+    OP_STUN_OPEN,
+    OP_STUN_SEND,
+    ProtocolError,
+    format_endpoint,
+    parse_endpoint,
+)
+
+logger = logging.getLogger(__name__)
+
+Address = tuple[str, int]
+Receiver = Callable[[bytes, Address], object]
+EventCallback = Callable[[dict[str, Any]], object]
+
+# Sends are fire-and-forget; past this many unanswered ones the owner is not keeping up
+# and a send fails at once (StunClient treats that like a lost datagram and retransmits).
+MAX_IN_FLIGHT = 256
+
+
+@dataclass
+class SharedPortCounters:
+    sent: int = 0
+    send_failed: int = 0
+    received: int = 0
+    bad_events: int = 0
+
+
+class SharedPortTransport:
+    """A `DatagramTransport` (negotiation.stun_client) whose socket is the WireGuard port."""
+
+    def __init__(self, owner: DeviceOwner, port: int) -> None:
+        self.owner = owner
+        self.port = port
+        self.receiver: Receiver | None = None
+        self.on_other_event: EventCallback | None = None
+        self.counters = SharedPortCounters()
+        self._bound: dict[str, SourceBound] = {}
+        self._sends: set[asyncio.Task[None]] = set()
+        self._pump: asyncio.Task[None] | None = None
+        self._closed = False
+
+    @classmethod
+    async def open(
+        cls, owner: DeviceOwner, receiver: Receiver | None = None
+    ) -> SharedPortTransport:
+        """Have the owner open its raw socket (after `create`) and start taking events."""
+        reply = await owner.request(OP_STUN_OPEN)
+        transport = cls(owner, int(reply["port"]))
+        transport.receiver = receiver
+        transport._pump = asyncio.create_task(transport._pump_events())
+        return transport
+
+    def from_source(self, source: str) -> SourceBound:
+        """A transport sending from `source` (a local address) over the same port."""
+        bound = self._bound.get(source)
+        if bound is None:
+            bound = self._bound[source] = SourceBound(self, source)
+        return bound
+
+    def send(self, data: bytes, addr: Address, source: str | None = None) -> None:
+        if self._closed:
+            raise OSError("shared-port transport is closed")
+        if len(self._sends) >= MAX_IN_FLIGHT:
+            self.counters.send_failed += 1
+            raise OSError(f"{len(self._sends)} STUN sends waiting for the device owner")
+        task = asyncio.create_task(self._send(data, addr, source))
+        self._sends.add(task)
+        task.add_done_callback(self._sends.discard)
+
+    async def _send(self, data: bytes, addr: Address, source: str | None) -> None:
+        args: dict[str, Any] = {"dest": format_endpoint(addr), "data": data}
+        if source is not None:
+            args["source"] = source
+        try:
+            await self.owner.request(OP_STUN_SEND, **args)
+        except Exception as exc:  # the retransmit timer copes; say why in the log
+            self.counters.send_failed += 1
+            logger.debug("stun_send to %s failed: %s", format_endpoint(addr), exc)
+        else:
+            self.counters.sent += 1
+
+    def handle_event(self, event: dict[str, Any]) -> bool:
+        """Deliver a `stun` event to `receiver`; False for any other event."""
+        if event.get("event") != EVENT_STUN:
+            return False
+        data, src, dst = event.get("data"), event.get("src"), event.get("dst")
+        try:
+            if not isinstance(data, bytes) or not isinstance(src, str) or not isinstance(dst, str):
+                raise ProtocolError("stun event without bytes 'data', 'src' and 'dst'")
+            addr = parse_endpoint(src, "src")
+            local_ip, _ = parse_endpoint(dst, "dst")
+        except ProtocolError as exc:
+            self.counters.bad_events += 1
+            logger.warning("bad stun event from the device owner: %s", exc)
+            return True
+        self.counters.received += 1
+        bound = self._bound.get(local_ip)
+        receiver = bound.receiver if bound is not None and bound.receiver else self.receiver
+        if receiver is not None:
+            try:
+                receiver(data, addr)
+            except Exception:
+                logger.exception("STUN receiver failed")
+        return True
+
+    async def _pump_events(self) -> None:
+        while True:
+            event = await self.owner.events.get()
+            if self.handle_event(event) or self.on_other_event is None:
+                continue
+            try:
+                self.on_other_event(event)
+            except Exception:
+                logger.exception("device owner event callback failed")
+
+    async def close(self) -> None:
+        """Stop taking events and wait for sends in flight (the owner's socket stays)."""
+        self._closed = True
+        if self._pump is not None:
+            self._pump.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._pump
+            self._pump = None
+        if self._sends:
+            await asyncio.wait(set(self._sends), timeout=5.0)
+
+
+class SourceBound:
+    """The shared port seen from one local address: a `DatagramTransport` too."""
+
+    def __init__(self, shared: SharedPortTransport, source: str) -> None:
+        self.shared = shared
+        self.source = source
+        self.receiver: Receiver | None = None
+
+    def send(self, data: bytes, addr: Address) -> None:
+        self.shared.send(data, addr, self.source)

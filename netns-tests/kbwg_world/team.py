@@ -1,0 +1,172 @@
+"""A Keybase team in a world: the stand-in's shared home, peers.json, and agents.
+
+Used by the netns scenario tests, the demo and the benchmarks, so all three start agents
+the same way a user would: `kbwg-agent join TEAM --keybase <stand-in>` inside a host.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kbwg_world.wait import wait_until
+from kbwg_world.world import Node, World
+
+BIN = Path(sys.executable).parent
+
+
+def _tool(name: str, module: str) -> list[str]:
+    script = BIN / name
+    return [str(script)] if script.exists() else [sys.executable, "-m", module]
+
+
+AGENT = _tool("kbwg-agent", "kbwg.agent.cli")
+STANDIN = BIN / "kbwg-keybase-standin"
+
+
+@dataclass(eq=False)
+class AgentProcess:
+    host: Node
+    username: str
+    device: str
+    state_dir: Path
+    log_path: Path
+    proc: subprocess.Popen[bytes]
+
+    @property
+    def name(self) -> str:
+        return f"{self.username}/{self.device}"
+
+    def status(self, timeout: float = 10.0) -> dict[str, Any]:
+        # The control socket is a file: reachable from any namespace, as in real use.
+        out = subprocess.run(
+            [*AGENT, "status", "--json", "--state-dir", str(self.state_dir)],
+            capture_output=True, text=True, timeout=timeout, check=True,
+        )  # fmt: skip
+        result: dict[str, Any] = json.loads(out.stdout)
+        return result
+
+    def try_status(self) -> dict[str, Any] | None:
+        try:
+            return self.status()
+        except (subprocess.CalledProcessError, subprocess.TimeoutExpired, ValueError):
+            return None
+
+    def log(self, last: int = 4000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-last:]
+        except FileNotFoundError:
+            return ""
+
+    def stop(self, sig: int = signal.SIGINT, timeout: float = 15.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired as exc:
+            self.proc.kill()
+            raise AssertionError(f"agent {self.name} ignored signal {sig}:\n{self.log()}") from exc
+
+
+@dataclass(eq=False)
+class Team:
+    world: World
+    name: str = "demo-team"
+    delay_ms: int = 0
+    agents: list[AgentProcess] = field(default_factory=list)
+
+    @property
+    def home(self) -> Path:
+        return self.world.dir / "keybase"
+
+    def kbfs_path(self, name: str) -> Path:
+        return self.home / "kbfs" / "team" / self.name / name
+
+    def write_file(self, name: str, data: bytes | str) -> None:
+        path = self.kbfs_path(name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+        tmp.replace(path)
+
+    def write_peers(self, entries: list[tuple[str, str, str]]) -> None:
+        """entries: (username, device, overlay ip)."""
+        doc = [{"username": u, "device": d, "ip": ip} for u, d, ip in entries]
+        self.write_file("peers.json", json.dumps(doc, indent=2))
+
+    def keybase_env(self, username: str, device: str) -> dict[str, str]:
+        return {
+            "KBWG_STANDIN_HOME": str(self.home),
+            "KBWG_STANDIN_USER": username,
+            "KBWG_STANDIN_DEVICE": device,
+            "KBWG_STANDIN_DELAY_MS": str(self.delay_ms),
+        }
+
+    def start_agent(
+        self, host: Node, username: str, device: str, *extra: str
+    ) -> AgentProcess:
+        self.home.mkdir(parents=True, exist_ok=True)
+        index = len(self.agents)
+        state_dir = self.world.dir / "agents" / f"{username}-{device}-{index}"
+        state_dir.mkdir(parents=True)
+        log_path = state_dir / "agent.log"
+        argv = [*AGENT, "-vv", "join", self.name, "--keybase", str(STANDIN),
+                "--state-dir", str(state_dir), *extra]  # fmt: skip
+        with open(log_path, "wb") as log:
+            proc = host.popen(
+                argv, env=self.keybase_env(username, device), stdout=log, stderr=log
+            )
+        agent = AgentProcess(host, username, device, state_dir, log_path, proc)
+        self.agents.append(agent)
+        return agent
+
+    def wait_running(self, agent: AgentProcess, timeout: float = 30.0) -> dict[str, Any]:
+        def ready() -> dict[str, Any] | None:
+            if agent.proc.poll() is not None:
+                raise AssertionError(
+                    f"agent {agent.name} exited with {agent.proc.returncode}:\n{agent.log()}"
+                )
+            return agent.try_status()
+
+        try:
+            return wait_until(ready, timeout=timeout, what=f"agent {agent.name} to answer status")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n--- log of {agent.name}:\n{agent.log()}") from None
+
+    def stop_all(self) -> None:
+        for agent in self.agents:
+            with contextlib.suppress(Exception):
+                agent.stop()
+
+
+def first_ping(host: Node, dest: str, timeout: float = 30.0) -> float:
+    """Seconds until the first ICMP echo reply from `dest`, pinging every 20 ms.
+
+    ping exits at once while there is no route to `dest` (the agent has not made its
+    interface yet), so it is restarted until the deadline.
+    """
+    start = time.monotonic()
+    deadline = start + timeout
+    while time.monotonic() < deadline:
+        left = max(1, int(deadline - time.monotonic()))
+        proc = subprocess.Popen(
+            host.argv(["ping", "-n", "-i", "0.02", "-W", "1", "-w", str(left), dest]),
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        )  # fmt: skip
+        try:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                if "bytes from" in line:
+                    return time.monotonic() - start
+        finally:
+            proc.kill()
+            proc.wait()
+        time.sleep(0.02)
+    raise AssertionError(f"no ping reply from {dest} in {host.name} within {timeout:.0f}s")
