@@ -85,7 +85,21 @@ EXIT_STREAM_BROKEN = 1
 IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
 
 Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
-RawStunFactory = Callable[[int, PacketCallback], RawStunSocket]
+
+
+class StunSocket(Protocol):
+    """What the owner needs of kbwg.agent.rawstun.RawStunSocket (tests substitute it)."""
+
+    port: int
+
+    def send(
+        self, payload: bytes, dest: tuple[str, int], source: str | None
+    ) -> tuple[str, int]: ...
+
+    def close(self) -> None: ...
+
+
+RawStunFactory = Callable[[int, PacketCallback], StunSocket]
 
 # STUN through the owner: ICE paces checks at tens per second, so these only bite a
 # runaway agent (sends) or a flood of STUN-shaped packets (events).
@@ -221,7 +235,7 @@ class DeviceState:
     # Set only once the address is really on the link, so cleanup removes only ours.
     address: IPInterface | None = None
     routes: dict[str, HostRoute] = field(default_factory=dict)
-    stun: RawStunSocket | None = None
+    stun: StunSocket | None = None
 
 
 class OwnerServer:

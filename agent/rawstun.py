@@ -270,15 +270,15 @@ class RawStunSocket:
             attach_filter(sock, program)
             # Whatever arrived between socket() and the filter went in unfiltered.
             drained = _drain(sock)
-            self = cls(sock, port, on_packet)
+            raw = cls(sock, port, on_packet)
         except BaseException as exc:
             sock.close()
             if isinstance(exc, OSError):
                 raise RawStunError(f"cannot attach the STUN filter: {exc}") from exc
             raise
-        self.counters.drained = drained
+        raw.counters.drained = drained
         logger.info("raw STUN socket on port %d (%d unfiltered packets drained)", port, drained)
-        return self
+        return raw
 
     @property
     def closed(self) -> bool:

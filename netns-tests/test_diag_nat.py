@@ -26,7 +26,7 @@ STUN_IP = "203.0.113.2"
 STUN_OTHER_IP = "198.51.100.2"  # the RFC 5780 "other address", on a second subnet
 SECOND_STUN_IP = "203.0.113.3"
 LOCAL_PORT = 40000  # diag's UDP port, fixed with --port so port preservation shows
-DIAG_TIMEOUT = 2.0
+DIAG_TIMEOUT = 3.0
 
 EI = "endpoint-independent"
 ED = "endpoint-dependent"
@@ -43,8 +43,13 @@ def internet_with_stun(world: World) -> tuple[Segment, StunServer]:
     return inet, StunServer.start(node)
 
 
-def run_diag(host: Node, *servers: StunServer, args: tuple[str, ...] = (),
-             timeout: float = DIAG_TIMEOUT, expect_exit: int = 0) -> dict[str, Any]:
+def run_diag(
+    host: Node,
+    *servers: StunServer,
+    args: tuple[str, ...] = (),
+    timeout: float = DIAG_TIMEOUT,
+    expect_exit: int = 0,
+) -> dict[str, Any]:
     argv = [agent(), "diag", "--json", "--port", str(LOCAL_PORT), "--timeout", str(timeout)]
     for server in servers:
         argv += ["--stun", server.address]
@@ -78,28 +83,36 @@ def srflx_candidates(report: dict[str, Any]) -> set[tuple[str, int]]:
 #   tests filtering from a second, fresh ephemeral socket (so the mapping test cannot open
 #   holes), and that socket's mapping is an ordinary masquerade one behind the firewall.
 #   The verdict describes the NAT, not the forward: a port forward is configuration.
-# - hairpin: nftables masquerade does not loop a packet to our own mapped address back;
-#   without NAT the "mapped" address is our own, so the request reaches our socket.
+# - hairpin: the routers do no NAT reflection (a LAN packet to the router's own WAN address
+#   ends at the router; the DNAT forward matches only what comes in on the WAN), so no
+#   hairpin behind a NAT; without NAT the "mapped" address is our own, so it comes back.
 NAT_CASES = [
-    pytest.param(NatMode.MASQUERADE, True, EI, APD, False, "port-restricted-cone",
-                 id="masquerade"),
-    pytest.param(NatMode.MASQUERADE_RANDOM, True, ED, APD, False, "symmetric",
-                 id="masquerade-random"),
-    pytest.param(NatMode.FULLY_RANDOM, True, ED, APD, False, "symmetric",
-                 id="fully-random"),
-    pytest.param(NatMode.STATIC_DNAT, True, EI, APD, False, "port-restricted-cone",
-                 id="static-dnat"),
+    pytest.param(NatMode.MASQUERADE, True, EI, APD, False, "port-restricted-cone", id="masquerade"),
+    pytest.param(
+        NatMode.MASQUERADE_RANDOM, True, ED, APD, False, "symmetric", id="masquerade-random"
+    ),
+    pytest.param(NatMode.FULLY_RANDOM, True, ED, APD, False, "symmetric", id="fully-random"),
+    pytest.param(
+        NatMode.STATIC_DNAT, True, EI, APD, False, "port-restricted-cone", id="static-dnat"
+    ),
     pytest.param(NatMode.NONE, False, EI, EI, True, "open-internet", id="none"),
     # A routed public LAN behind a stateful firewall: no NAT, but filtered like a NAT.
-    pytest.param(NatMode.NONE, True, EI, APD, True, "symmetric-udp-firewall",
-                 id="none-firewalled"),
+    pytest.param(NatMode.NONE, True, EI, APD, True, "symmetric-udp-firewall", id="none-firewalled"),
 ]
 
 
-@pytest.mark.parametrize(("nat", "firewall", "mapping", "filtering", "hairpin", "classic"),
-                         NAT_CASES)
-def test_diag_behind_each_nat_mode(world: World, nat: NatMode, firewall: bool, mapping: str,
-                                   filtering: str, hairpin: bool, classic: str) -> None:
+@pytest.mark.parametrize(
+    ("nat", "firewall", "mapping", "filtering", "hairpin", "classic"), NAT_CASES
+)
+def test_diag_behind_each_nat_mode(
+    world: World,
+    nat: NatMode,
+    firewall: bool,
+    mapping: str,
+    filtering: str,
+    hairpin: bool,
+    classic: str,
+) -> None:
     inet, stun = internet_with_stun(world)
     router = world.router("r", inet, nat=nat, firewall=firewall, lan_subnet="198.18.7.0/24")
     host = world.host("h", [router.lan], ips=["198.18.7.20"])
@@ -147,10 +160,13 @@ def test_diag_behind_each_nat_mode(world: World, nat: NatMode, firewall: bool, m
     assert interfaces["lo"]["used"] is False
 
 
-@pytest.mark.parametrize(("nat", "mapping"), [
-    pytest.param(NatMode.MASQUERADE, EI, id="masquerade"),
-    pytest.param(NatMode.FULLY_RANDOM, ED, id="fully-random"),
-])
+@pytest.mark.parametrize(
+    ("nat", "mapping"),
+    [
+        pytest.param(NatMode.MASQUERADE, EI, id="masquerade"),
+        pytest.param(NatMode.FULLY_RANDOM, ED, id="fully-random"),
+    ],
+)
 def test_two_plain_servers_tell_the_mapping(world: World, nat: NatMode, mapping: str) -> None:
     """Without RFC 5780 the mapping still shows from two servers on different IPs."""
     inet = world.internet()
@@ -193,16 +209,20 @@ def test_multihomed_host_lists_both_uplinks(world: World) -> None:
 
     report = run_diag(host, stun, second, args=("--no-classic",))
 
-    assert host_candidates(report) == {"eth0": (str(eth0), LOCAL_PORT),
-                                       "eth1": (str(eth1), LOCAL_PORT)}
+    assert host_candidates(report) == {
+        "eth0": (str(eth0), LOCAL_PORT),
+        "eth1": (str(eth1), LOCAL_PORT),
+    }
     # The default-route interface leads, and priorities stay distinct.
     hosts = candidates(report, "host")
     assert hosts[0]["interface"] == "eth0" and hosts[0]["priority"] > hosts[1]["priority"]
     interfaces = {i["name"]: i for i in report["interfaces"]}
     assert interfaces["eth0"]["address"] == f"{eth0}/24" and interfaces["eth0"]["used"]
     assert interfaces["eth1"]["address"] == f"{eth1}/24" and interfaces["eth1"]["used"]
-    assert srflx_candidates(report) == {(first_router.wan_ip, LOCAL_PORT),
-                                        (second_router.wan_ip, LOCAL_PORT)}
+    assert srflx_candidates(report) == {
+        (first_router.wan_ip, LOCAL_PORT),
+        (second_router.wan_ip, LOCAL_PORT),
+    }
     assert report["mapped"] == f"{first_router.wan_ip}:{LOCAL_PORT}"
     # The mapping test goes to the RFC 5780 server's other IP, through eth0 as well.
     assert report["mapping"] == EI and report["mapping_method"] == "rfc5780"

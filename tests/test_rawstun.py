@@ -1,0 +1,504 @@
+"""The shared WireGuard port without root: the BPF program (decoded and run by a small
+classic BPF interpreter), checksums, IPv4/UDP parsing, the owner's stun ops over a fake
+raw socket, and SharedPortTransport over a fake owner."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import struct
+from collections.abc import AsyncIterator, Callable
+from typing import Any, ClassVar, cast
+
+import pytest
+from aioice import stun
+
+from kbwg.agent import owner as owner_module
+from kbwg.agent.frames import read_frame, write_frame
+from kbwg.agent.owner import NullNetConfig, OwnerServer
+from kbwg.agent.owner_client import DeviceOwner
+from kbwg.agent.owner_protocol import ProtocolError, StunSendArgs, stun_event
+from kbwg.agent.rawstun import (
+    ACCEPT_ALL,
+    BPF_JEQ_K,
+    BPF_JSET_K,
+    BPF_LD_B_ABS,
+    BPF_LD_H_ABS,
+    BPF_LD_H_IND,
+    BPF_LD_W_IND,
+    BPF_LDX_B_MSH,
+    BPF_RET_K,
+    STUN_COOKIE,
+    BpfInsn,
+    PacketCallback,
+    ParseError,
+    RawStunError,
+    RawStunSocket,
+    TokenBucket,
+    UdpDatagram,
+    build_udp,
+    internet_checksum,
+    looks_like_stun,
+    pack_filter,
+    parse_ipv4_udp,
+    stun_filter,
+    udp_checksum,
+    unpack_filter,
+)
+from kbwg.agent.wg_backend import MemoryBackend
+from kbwg.negotiation.shared_port import SharedPortTransport
+from kbwg.negotiation.stun_client import StunClient
+
+PORT = 51820
+SRC = ("192.0.2.7", 3478)
+DST = ("198.51.100.9", PORT)
+
+
+def stun_request() -> bytes:
+    message = stun.Message(stun.Method.BINDING, stun.Class.REQUEST)
+    message.add_fingerprint()
+    return bytes(message)
+
+
+def ipv4(
+    payload: bytes,
+    *,
+    proto: int = 17,
+    frag: int = 0x4000,
+    options: bytes = b"",
+    src: str = SRC[0],
+    dst: str = DST[0],
+) -> bytes:
+    ihl = (20 + len(options)) // 4
+    header = struct.pack(
+        "!BBHHHBBH4s4s", 0x40 | ihl, 0, 20 + len(options) + len(payload), 1, frag, 64, proto,
+        0, socket.inet_aton(src), socket.inet_aton(dst),
+    )  # fmt: skip
+    return header + options + payload
+
+
+def udp_packet(payload: bytes, dport: int = PORT, **kw: Any) -> bytes:
+    return ipv4(build_udp(SRC, (DST[0], dport), payload), **kw)
+
+
+def run_bpf(program: list[BpfInsn], packet: bytes) -> int:
+    """Classic BPF, just the opcodes the filter uses; out-of-bounds loads drop, as in Linux."""
+    a = x = pc = 0
+    while True:
+        insn = program[pc]
+        pc += 1
+        code, k = insn.code, insn.k
+        if code in (BPF_LD_B_ABS, BPF_LD_H_ABS, BPF_LD_H_IND, BPF_LD_W_IND):
+            size = {BPF_LD_B_ABS: 1, BPF_LD_H_ABS: 2, BPF_LD_H_IND: 2, BPF_LD_W_IND: 4}[code]
+            offset = k + (x if code in (BPF_LD_H_IND, BPF_LD_W_IND) else 0)
+            if offset + size > len(packet):
+                return 0
+            a = int.from_bytes(packet[offset : offset + size], "big")
+        elif code == BPF_LDX_B_MSH:
+            if k >= len(packet):
+                return 0
+            x = 4 * (packet[k] & 0xF)
+        elif code == BPF_JEQ_K:
+            pc += insn.jt if a == k else insn.jf
+        elif code == BPF_JSET_K:
+            pc += insn.jt if a & k else insn.jf
+        elif code == BPF_RET_K:
+            return k
+        else:
+            raise AssertionError(f"unexpected opcode {code:#x}")
+
+
+# -- the BPF program ---------------------------------------------------------------------
+
+
+def test_filter_program_decodes_as_written() -> None:
+    program = unpack_filter(pack_filter(stun_filter(PORT)))
+    assert program == stun_filter(PORT)
+    assert len(pack_filter(program)) == 8 * len(program)  # struct sock_filter is 8 bytes
+    expected = [
+        (BPF_LD_B_ABS, 9),  # IP protocol
+        (BPF_JEQ_K, 17),
+        (BPF_LD_H_ABS, 6),  # flags + fragment offset
+        (BPF_JSET_K, 0x3FFF),
+        (BPF_LDX_B_MSH, 0),  # ldxb 4*([0]&0xf)
+        (BPF_LD_H_IND, 2),  # UDP destination port
+        (BPF_JEQ_K, PORT),
+        (BPF_LD_W_IND, 12),  # UDP header + 8 + 4: the cookie
+        (BPF_JEQ_K, STUN_COOKIE),
+        (BPF_RET_K, ACCEPT_ALL),
+        (BPF_RET_K, 0),
+    ]
+    assert [(i.code, i.k) for i in program] == expected
+    drop = len(program) - 1
+    for index, insn in enumerate(program):
+        if insn.code in (BPF_JEQ_K, BPF_JSET_K):
+            # Every failed test ends at the drop instruction, every jump stays inside.
+            fail = index + 1 + (insn.jf if insn.code == BPF_JEQ_K else insn.jt)
+            assert fail == drop, index
+    assert program[8].jt == 0 and program[9].code == BPF_RET_K
+
+
+@pytest.mark.parametrize("port", [0, 65536, -1])
+def test_filter_rejects_bad_ports(port: int) -> None:
+    with pytest.raises(ValueError):
+        stun_filter(port)
+
+
+def test_filter_accepts_only_stun_to_the_port() -> None:
+    program = stun_filter(PORT)
+    request = stun_request()
+    assert run_bpf(program, udp_packet(request)) == ACCEPT_ALL
+    # IP options move the UDP header: the filter follows the IHL.
+    assert run_bpf(program, udp_packet(request, options=b"\x01" * 8)) == ACCEPT_ALL
+    rejected = {
+        "other port": udp_packet(request, dport=PORT + 1),
+        "WireGuard handshake": udp_packet(b"\x01\x00\x00\x00" + bytes(144)),
+        "cookie at offset 8": udp_packet(b"\x00\x01\x00\x00wxyz" + STUN_COOKIE.to_bytes(4, "big")),
+        "payload too short": udp_packet(request[:7]),
+        "TCP": ipv4(build_udp(SRC, DST, request), proto=6),
+        "first fragment": udp_packet(request, frag=0x2000),
+        "later fragment": udp_packet(request, frag=0x0010),
+        "header only": udp_packet(request)[:20],
+        "empty": b"",
+    }
+    for what, packet in rejected.items():
+        assert run_bpf(program, packet) == 0, what
+
+
+# -- checksums ---------------------------------------------------------------------------
+
+
+def test_internet_checksum_vectors() -> None:
+    # RFC 1071's worked example, and the classic IPv4 header example.
+    assert internet_checksum(bytes.fromhex("0001f203f4f5f6f7")) == 0x220D
+    assert internet_checksum(bytes.fromhex("450000730000400040110000c0a80001c0a800c7")) == 0xB861
+    assert internet_checksum(b"\x01") == ~0x0100 & 0xFFFF  # odd length: zero padded
+
+
+def test_udp_checksum_known_vector() -> None:
+    # 152.1.51.27:41103 -> 152.14.94.75:9876, payload "bb": checksum 0x14de.
+    datagram = build_udp(("152.1.51.27", 0xA08F), ("152.14.94.75", 0x2694), b"bb")
+    assert datagram == bytes.fromhex("a08f2694000a14de6262")
+
+
+def test_udp_checksum_verifies_and_never_sends_zero() -> None:
+    payload = stun_request()
+    datagram = build_udp(SRC, DST, payload)
+    pseudo = (
+        socket.inet_aton(SRC[0])
+        + socket.inet_aton(DST[0])
+        + struct.pack("!BBH", 0, 17, len(datagram))
+    )
+    assert internet_checksum(pseudo + datagram) == 0  # what a receiver computes
+    # A sum of 0xffff would give 0, which means "no checksum": it goes out as 0xffff.
+    zero_sum = struct.pack("!HHHH", 0xFFFF - 17 - 8 - 8, 0, 8, 0)
+    assert internet_checksum(bytes(8) + struct.pack("!BBH", 0, 17, 8) + zero_sum) == 0
+    assert udp_checksum("0.0.0.0", "0.0.0.0", zero_sum) == 0xFFFF
+
+
+# -- parsing -----------------------------------------------------------------------------
+
+
+def test_parse_a_udp_packet() -> None:
+    payload = stun_request()
+    got = parse_ipv4_udp(udp_packet(payload, options=b"\x01" * 4) + b"trailer")
+    assert got == UdpDatagram(SRC, DST, payload)
+
+
+def test_parse_rejects_every_truncation() -> None:
+    packet = udp_packet(stun_request())
+    for length in range(len(packet)):
+        with pytest.raises(ParseError) as info:
+            parse_ipv4_udp(packet[:length])
+        assert info.value.reason in ("truncated", "malformed"), length
+
+
+@pytest.mark.parametrize(
+    ("packet", "reason"),
+    [
+        (b"\x60" + bytes(39), "malformed"),  # IPv6
+        (b"\x44" + bytes(39), "malformed"),  # IHL 4
+        (ipv4(build_udp(SRC, DST, b"x"), proto=6), "malformed"),
+        (ipv4(build_udp(SRC, DST, b"x"), frag=0x2000), "fragments"),
+        (ipv4(struct.pack("!HHHH", 1, PORT, 7, 0)), "malformed"),  # UDP length < 8
+        (ipv4(struct.pack("!HHHH", 1, PORT, 40, 0) + b"short"), "truncated"),
+    ],
+)
+def test_parse_rejects_bad_headers(packet: bytes, reason: str) -> None:
+    with pytest.raises(ParseError) as info:
+        parse_ipv4_udp(packet)
+    assert info.value.reason == reason
+
+
+async def test_receive_path_validates_and_counts() -> None:
+    """RawStunSocket's receive side over a datagram socketpair standing in for the raw one."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    ours.setblocking(False)
+    got: list[UdpDatagram] = []
+    raw = RawStunSocket(ours, PORT, got.append)
+    request = stun_request()
+    full = udp_packet(request)
+    for packet in (full[:10], full[:30], udp_packet(b"wireguard data"), udp_packet(request)):
+        theirs.send(packet)
+    try:
+        await asyncio.wait_for(_until(lambda: raw.counters.received == 4), 5)
+        assert got == [UdpDatagram(SRC, DST, request)]
+        c = raw.counters
+        assert (c.truncated, c.unfiltered, c.delivered) == (2, 1, 1)
+    finally:
+        raw.close()
+        theirs.close()
+    assert raw.closed
+    with pytest.raises(RawStunError):
+        raw.send(request, ("203.0.113.5", 3478))
+
+
+async def test_send_errors_are_reported_and_counted() -> None:
+    # A plain UDP socket refuses the raw socket's destination port 0 before routing
+    # anything, so nothing leaves this machine; any OSError will do.
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    udp.setblocking(False)
+    raw = RawStunSocket(udp, PORT, lambda _d: None)
+    try:
+        with pytest.raises(RawStunError):
+            raw.send(stun_request(), ("192.0.2.1", 3478), source="192.0.2.1")
+        assert (raw.counters.sent, raw.counters.send_errors) == (0, 1)
+    finally:
+        raw.close()
+
+
+async def _until(predicate: Callable[[], bool]) -> None:
+    while not predicate():
+        await asyncio.sleep(0.01)
+
+
+def test_looks_like_stun() -> None:
+    request = stun_request()
+    assert looks_like_stun(request)
+    assert not looks_like_stun(request[:-4])  # length field disagrees
+    assert not looks_like_stun(b"\x80" + request[1:])  # top bits set
+    assert not looks_like_stun(request[:4] + b"\0\0\0\0" + request[8:])  # no cookie
+    assert not looks_like_stun(request[:19])
+
+
+def test_token_bucket() -> None:
+    now = [0.0]
+    bucket = TokenBucket(rate=10, burst=3, clock=lambda: now[0])
+    assert [bucket.take() for _ in range(4)] == [True, True, True, False]
+    now[0] += 0.1
+    assert bucket.take() and not bucket.take()
+    now[0] += 100
+    assert sum(bucket.take() for _ in range(10)) == 3
+
+
+def test_stun_send_args() -> None:
+    request = stun_request()
+    args = StunSendArgs.parse({"dest": "203.0.113.5:3478", "data": request})
+    assert args == StunSendArgs(("203.0.113.5", 3478), request, None)
+    assert (
+        StunSendArgs.parse(
+            {"dest": "203.0.113.5:3478", "data": request, "source": "198.18.1.2"}
+        ).source
+        == "198.18.1.2"
+    )
+    big = stun.Message(stun.Method.BINDING, stun.Class.REQUEST)
+    big.attributes["SOFTWARE"] = "x" * 700
+    big.attributes["USERNAME"] = "y" * 800
+    bad: list[dict[str, Any]] = [
+        {"dest": "203.0.113.5:3478", "data": bytes(big)},  # over 1500 bytes
+        {"dest": "203.0.113.5:3478", "data": b"hello, not stun, definitely"},
+        {"dest": "203.0.113.5:3478", "data": "text"},
+        {"dest": "[2001:db8::1]:3478", "data": request},
+        {"dest": "224.0.0.1:3478", "data": request},
+        {"dest": "203.0.113.5", "data": request},
+        {"dest": "203.0.113.5:3478", "data": request, "source": "0.0.0.0"},
+        {"dest": "203.0.113.5:3478", "data": request, "source": 5},
+        {"data": request},
+    ]
+    assert len(bytes(big)) > 1500
+    for item in bad:
+        with pytest.raises(ProtocolError):
+            StunSendArgs.parse(item)
+
+
+# -- the owner's stun ops, over a fake raw socket -----------------------------------------
+
+
+class FakeStunSocket:
+    instances: ClassVar[list[FakeStunSocket]] = []
+
+    def __init__(self, port: int, on_packet: PacketCallback) -> None:
+        self.port = port
+        self.on_packet = on_packet
+        self.sent: list[tuple[bytes, tuple[str, int], str | None]] = []
+        self.closed = False
+        FakeStunSocket.instances.append(self)
+
+    def send(self, payload: bytes, dest: tuple[str, int], source: str | None) -> tuple[str, int]:
+        self.sent.append((payload, dest, source))
+        return (source or "198.18.1.2", self.port)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class Client:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+        self.next_id = 1
+
+    async def frame(self) -> dict[str, Any]:
+        frame = await asyncio.wait_for(read_frame(self.reader), 5)
+        assert frame is not None
+        return frame
+
+    async def call(self, op: str, **args: Any) -> dict[str, Any]:
+        rid, self.next_id = self.next_id, self.next_id + 1
+        await write_frame(self.writer, {"id": rid, "op": op, **args})
+        reply = await self.frame()
+        assert reply["id"] == rid
+        return reply
+
+
+@contextlib.asynccontextmanager
+async def serve_owner() -> AsyncIterator[tuple[OwnerServer, Client]]:
+    FakeStunSocket.instances.clear()
+    server = OwnerServer(NullNetConfig(), lambda _name: MemoryBackend(), FakeStunSocket)
+    ours, theirs = socket.socketpair()
+    s_reader, s_writer = await asyncio.open_unix_connection(sock=ours)
+    c_reader, c_writer = await asyncio.open_unix_connection(sock=theirs)
+    stop = asyncio.Event()
+    serving = asyncio.create_task(server.serve(s_reader, s_writer, stop))
+    try:
+        yield server, Client(c_reader, c_writer)
+    finally:
+        stop.set()
+        await asyncio.wait_for(serving, 5)
+        await server.cleanup()
+        for writer in (s_writer, c_writer):
+            writer.close()
+
+
+@pytest.fixture
+async def served() -> AsyncIterator[tuple[OwnerServer, Client]]:
+    async with serve_owner() as pair:
+        yield pair
+
+
+async def test_owner_stun_ops(served: tuple[OwnerServer, Client]) -> None:
+    server, client = served
+    request = stun_request()
+    assert not (await client.call("stun_open"))["ok"]  # no device yet
+    created = await client.call(
+        "create", ifname="kbt0", private_key="A" * 43 + "=", listen_port=0,
+        address="100.64.0.1/10", backend="auto",
+    )  # fmt: skip
+    assert created["ok"], created
+    refused = await client.call("stun_send", dest="203.0.113.5:3478", data=request)
+    assert not refused["ok"] and "stun_open" in refused["error"]
+
+    assert await client.call("stun_open") == {"id": 4, "ok": True, "port": 51820}
+    assert (await client.call("stun_open"))["port"] == 51820  # idempotent
+    (raw,) = FakeStunSocket.instances
+    assert raw.port == 51820
+
+    sent = await client.call("stun_send", dest="203.0.113.5:3478", data=request)
+    assert sent == {"id": 6, "ok": True, "source": "198.18.1.2:51820"}
+    sent = await client.call(
+        "stun_send", dest="203.0.113.5:3478", data=request, source="198.18.1.3"
+    )
+    assert sent["source"] == "198.18.1.3:51820"
+    assert raw.sent == [
+        (request, ("203.0.113.5", 3478), None),
+        (request, ("203.0.113.5", 3478), "198.18.1.3"),
+    ]
+    too_big = await client.call("stun_send", dest="203.0.113.5:3478", data=bytes(1501))
+    assert not too_big["ok"] and "1500" in too_big["error"]
+
+    # Received packets become unsolicited events.
+    raw.on_packet(UdpDatagram(("203.0.113.5", 3478), ("198.18.1.2", 51820), b"answer"))
+    event = await client.frame()
+    assert event == stun_event(("203.0.113.5", 3478), ("198.18.1.2", 51820), b"answer")
+    assert event == {"event": "stun", "src": "203.0.113.5:3478", "dst": "198.18.1.2:51820",
+                     "data": b"answer"}  # fmt: skip
+
+    await server.cleanup()
+    assert raw.closed
+
+
+async def test_owner_stun_send_rate_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(owner_module, "STUN_SEND_RATE", 0.0)  # no refill: exact counts
+    async with serve_owner() as (_server, client):
+        await client.call(
+            "create", ifname="kbt0", private_key="A" * 43 + "=", listen_port=0,
+            address="100.64.0.1/10", backend="auto",
+        )  # fmt: skip
+        await client.call("stun_open")
+        replies = [
+            await client.call("stun_send", dest="203.0.113.5:3478", data=stun_request())
+            for _ in range(owner_module.STUN_SEND_BURST + 5)
+        ]
+    assert sum(r["ok"] for r in replies) == owner_module.STUN_SEND_BURST
+    assert all("rate limit" in r["error"] for r in replies if not r["ok"])
+
+
+# -- SharedPortTransport over a fake owner ------------------------------------------------
+
+
+class FakeOwner:
+    def __init__(self) -> None:
+        self.events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self.requests: list[tuple[str, dict[str, Any]]] = []
+        self.fail = False
+
+    async def request(self, op: str, **args: Any) -> dict[str, Any]:
+        self.requests.append((op, args))
+        if self.fail:
+            raise OSError("owner gone")
+        return {"port": 51820} if op == "stun_open" else {"source": "198.18.1.2:51820"}
+
+
+async def test_shared_port_transport() -> None:
+    owner = FakeOwner()
+    other: list[dict[str, Any]] = []
+    transport = await SharedPortTransport.open(cast(DeviceOwner, owner))
+    transport.on_other_event = other.append
+    assert transport.port == 51820 and owner.requests == [("stun_open", {})]
+
+    client = StunClient(transport)
+    transport.receiver = client.datagram_received
+    lan = transport.from_source("198.18.1.2")
+    assert transport.from_source("198.18.1.2") is lan
+    lan_got: list[tuple[bytes, tuple[str, int]]] = []
+    lan.receiver = lambda data, src: lan_got.append((data, src))
+
+    binding = asyncio.create_task(client.binding(("203.0.113.5", 3478), timeout=2.0))
+    await asyncio.sleep(0.05)
+    ((op, args),) = owner.requests[1:]
+    assert op == "stun_send" and args["dest"] == "203.0.113.5:3478" and "source" not in args
+    request = stun.parse_message(args["data"])
+    answer = stun.Message(stun.Method.BINDING, stun.Class.RESPONSE, request.transaction_id)
+    answer.attributes["XOR-MAPPED-ADDRESS"] = ("192.0.2.44", 40000)
+    # Answers are routed by the local address they arrived at.
+    await owner.events.put(stun_event(("203.0.113.5", 3478), ("198.18.9.9", 51820), bytes(answer)))
+    result = await binding
+    assert result.mapped == ("192.0.2.44", 40000)
+
+    lan.send(b"check", ("203.0.113.6", 3478))
+    await asyncio.sleep(0.05)
+    assert owner.requests[-1][1]["source"] == "198.18.1.2"
+    await owner.events.put(stun_event(("203.0.113.6", 3478), ("198.18.1.2", 51820), b"x"))
+    await owner.events.put({"event": "stun", "src": "nonsense", "dst": "198.18.1.3:1", "data": b""})
+    await owner.events.put({"event": "link", "state": "down"})
+    await asyncio.sleep(0.05)
+    assert lan_got == [(b"x", ("203.0.113.6", 3478))]
+    assert other == [{"event": "link", "state": "down"}]
+    assert transport.counters.bad_events == 1 and transport.counters.received == 2
+
+    owner.fail = True
+    transport.send(b"lost", ("203.0.113.5", 3478))
+    await transport.close()
+    assert transport.counters.send_failed == 1 and transport.counters.sent == 2
+    with pytest.raises(OSError):
+        transport.send(b"late", ("203.0.113.5", 3478))
