@@ -8,6 +8,7 @@ import json
 import logging
 import signal
 import sys
+from typing import Any
 
 from kbwg.agent.control import ControlError, call
 from kbwg.agent.statedir import ENV_STATE_DIR, StateDirBusy, lock_state_dir, resolve_state_dir
@@ -76,7 +77,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_state_dir(status)
     status.add_argument("--json", action="store_true", help="machine-readable output")
     _add_diag(sub)
+    _add_relay(sub)
     return parser
+
+
+def _add_relay(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from kbwg.relay.main import add_arguments
+
+    relay = sub.add_parser(
+        "relay",
+        help="run a TURN relay (RFC 8656, UDP) for the team's relayed paths",
+        description="Serve TURN over UDP with TURN REST credentials (usernames "
+        "EXPIRY:USER, password base64(HMAC-SHA1(secret, username))), the subset a "
+        "WireGuard path needs, plus STUN Binding and, with --alt-address, RFC 5780 NAT "
+        "behaviour discovery. Quotas, rate limits and a peer address policy are on by "
+        "default. INT or TERM stops it; SIGUSR1 logs its counters.",
+    )
+    add_arguments(relay)
 
 
 def _add_diag(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -104,6 +121,9 @@ def _add_diag(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     diag.add_argument("--relay-secret", default="",
                       help="the relays' TURN REST shared secret (kept for the allocation "
                       "test; reachability needs none)")
+    diag.add_argument("--state-dir", help="ask the agent running with this state dir "
+                      "instead: the live WireGuard port's candidates, NAT behaviour seen "
+                      "from it, and per peer the candidates and pairs known")
     diag.add_argument("--port", type=int, default=0,
                       help="local UDP port to test from (default: any free port)")
     diag.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS",
@@ -178,7 +198,7 @@ async def _status(args: argparse.Namespace) -> int:
 
 
 async def _diag(args: argparse.Namespace) -> int:
-    from kbwg.agent.diag import DiagOptions, render_report, run_diag
+    from kbwg.agent.diag import DiagOptions, run_diag
     from kbwg.agent.teamconfig import (
         RelayConfig,
         TeamConfigError,
@@ -213,15 +233,38 @@ async def _diag(args: argparse.Namespace) -> int:
         options.interface_exclude = config.interface_exclude
         options.overlay = config.overlay
         options.config_source = f"team {args.team} kbwg.json"
+    if args.state_dir is not None:
+        return await _diag_agent(args)
     try:
         report = await run_diag(options)
     except OSError as exc:
         return _fail(f"cannot run diag: {exc}")
+    return _print_diag(args, report.to_json())
+
+
+def _print_diag(args: argparse.Namespace, data: dict[str, Any]) -> int:
+    from kbwg.agent.diag import EXIT_OK, EXIT_UDP_BLOCKED, render_report
+
     if args.json:
-        print(json.dumps(report.to_json(), indent=2, sort_keys=True))
+        print(json.dumps(data, indent=2, sort_keys=True))
     else:
-        print(render_report(report))
-    return report.exit_code
+        print(render_report(data))
+    return EXIT_UDP_BLOCKED if data.get("udp") is False else EXIT_OK
+
+
+async def _diag_agent(args: argparse.Namespace) -> int:
+    """The running agent's view: its WireGuard port's candidates and its peers."""
+    if args.stun or args.team or args.relay or args.port:
+        return _fail("--state-dir asks the running agent, which uses the team's kbwg.json; "
+                     "drop --stun/--team/--relay/--port, or drop --state-dir for a "
+                     "standalone run")
+    try:
+        data = await call(resolve_state_dir(args.state_dir), "diag",
+                          timeout=args.timeout + 10, diag_timeout=args.timeout,
+                          classic=not args.no_classic)
+    except ControlError as exc:
+        return _fail(str(exc))
+    return _print_diag(args, data)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -229,6 +272,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "join":
         _setup_logging(args.verbose)
         return asyncio.run(_join(args))
+    if args.command == "relay":
+        from kbwg.relay.main import run
+
+        _setup_logging(args.verbose)
+        return run(args)
     _setup_logging(args.verbose, quiet=True)
     if args.command == "status":
         return asyncio.run(_status(args))

@@ -30,6 +30,7 @@ from kbwg.agent.announce import (
     parse_announce,
 )
 from kbwg.agent.control import ControlServer
+from kbwg.agent.diag import DiagOptions, diagnose
 from kbwg.agent.keybase import Channel, ChatMessage, KeybaseClient, KeybaseError
 from kbwg.agent.localaddr import pick_announce_address
 from kbwg.agent.owner_client import DeviceOwner
@@ -40,6 +41,9 @@ from kbwg.agent.teamconfig import (
     load_team_config,
     team_config_path,
 )
+from kbwg.negotiation.gathering import LocalCandidates, gather_local, resolve_servers
+from kbwg.negotiation.shared_port import SharedPortTransport
+from kbwg.negotiation.stun_client import StunClient, StunCounters
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +123,11 @@ class Agent:
         self._owner_factory = owner_factory
         self._owner: DeviceOwner | None = None
         self._owner_task: asyncio.Task[DeviceOwner] | None = None
+        self._port: SharedPortTransport | None = None
+        self._stun_counters = StunCounters()
+        self._stun_clients: dict[str | None, StunClient] = {}
+        self._gathering: asyncio.Task[None] | None = None
+        self.local = LocalCandidates()
         self._state_ready = asyncio.Event()
         self._control: ControlServer | None = None
         self._book = AnnounceBook()
@@ -214,7 +223,12 @@ class Agent:
             me, mine.ip, self.options.interface, self.state.backend, port,
         )
 
-        self._control = ControlServer(self.options.state_dir, {"status": self._status})
+        self._port = await SharedPortTransport.open(self._owner)
+        self._stun = self._client_for(None)
+        self._gathering = asyncio.create_task(self._gather(), name="gather")
+        self._control = ControlServer(
+            self.options.state_dir, {"status": self._status, "diag": self._diag}
+        )
         await self._control.start()
         await self._join_channel(self.announce_channel)
         # History is read only once the listener is subscribed, so that no announcement
@@ -229,6 +243,26 @@ class Agent:
         await self.keybase.send(self.announce_channel, body)
         log.info("announced %s in #%s", self.state.announced_endpoint,
                  self.announce_channel.topic_name)
+
+    def _client_for(self, source: str | None) -> StunClient:
+        """A STUN client on the WireGuard port, sending from `source` (None: as routed)."""
+        assert self._port is not None
+        client = self._stun_clients.get(source)
+        if client is None:
+            transport = self._port if source is None else self._port.from_source(source)
+            client = self._stun_clients[source] = StunClient(transport, self._stun_counters)
+            transport.receiver = client.datagram_received
+        return client
+
+    async def _gather(self) -> None:
+        assert self.state is not None
+        servers = await resolve_servers(self.config.stun, timeout=2.0)
+        self.local = await gather_local(
+            self.state.listen_port, servers, self._client_for,
+            self.config.interface_exclude, [self.config.overlay],
+        )
+        log.info("local candidates: %s", ", ".join(
+            f"{c.type} {c.address}:{c.port}" for c in self.local.candidates) or "none")
 
     async def _join_channel(self, channel: Channel) -> None:
         """Keybase notifies only members of a conversation: be one before listening."""
@@ -442,15 +476,48 @@ class Agent:
             "listen_port": s.listen_port,
             "endpoint": s.announced_endpoint,
             "started_at": s.started_at,
-            "peers": [
-                p.to_json()
-                for p in sorted(s.peers.values(), key=lambda p: (p.entry.ip, p.entry.username))
-            ],
+            "candidates": self.local.to_json(),
+            "peers": [p.to_json() for p in self._sorted_peers()],
         }
+
+    async def _diag(self, request: dict[str, Any]) -> dict[str, Any]:
+        assert self.state is not None
+        timeout = request.get("diag_timeout", 5.0)
+        options = DiagOptions(
+            stun=list(self.config.stun), relays=list(self.config.relays),
+            port=self.state.listen_port,
+            timeout=float(timeout) if isinstance(timeout, int | float) and timeout > 0 else 5.0,
+            interface_exclude=list(self.config.interface_exclude),
+            overlay=self.config.overlay, classic=bool(request.get("classic", True)),
+            config_source=f"team {self.options.team} kbwg.json",
+        )
+        report = await diagnose(options, self._client_for(None), self.state.listen_port,
+                                self._stun_counters, client_for=self._client_for, mode="agent")
+        data = report.to_json()
+        data["peers"] = [self._peer_diag(p) for p in self._sorted_peers()]
+        return data
+
+    def _peer_diag(self, peer: PeerState) -> dict[str, Any]:
+        ann = peer.announcement
+        return {
+            **peer.to_json(),
+            "candidates": [{"type": "announced", "ip": ann.endpoint_ip,
+                            "port": ann.endpoint_port}] if ann else [],
+            "pairs": [],
+        }
+
+    def _sorted_peers(self) -> list[PeerState]:
+        assert self.state is not None
+        return sorted(self.state.peers.values(), key=lambda p: (p.entry.ip, p.entry.username))
 
     async def _shutdown(self) -> None:
         if self._control is not None:
             await self._control.close()
+        if self._gathering is not None:
+            self._gathering.cancel()
+            await asyncio.gather(self._gathering, return_exceptions=True)
+        if self._port is not None:
+            await self._port.close()
         if self._owner is None and self._owner_task is not None:
             # Start-up failed while the owner was starting: it must still be stopped.
             if not self._owner_task.done():

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Network
 from typing import Any
@@ -28,6 +28,7 @@ from kbwg.negotiation.candidates import (
     host_address_problem,
     interface_addresses,
 )
+from kbwg.negotiation.gathering import resolve_servers
 from kbwg.negotiation.natprobe import (
     ENDPOINT_DEPENDENT,
     ENDPOINT_INDEPENDENT,
@@ -42,7 +43,6 @@ from kbwg.negotiation.stun_client import (
     bind_udp,
     format_address,
     open_udp_client,
-    resolve,
 )
 
 log = logging.getLogger(__name__)
@@ -185,18 +185,6 @@ def _interface_reports(addresses: Sequence[InterfaceAddress], options: DiagOptio
     return reports
 
 
-async def _resolve_all(servers: Sequence[HostPort], timeout: float,
-                       ) -> list[tuple[str, Address | None]]:
-    async def one(server: HostPort) -> tuple[str, Address | None]:
-        try:
-            return str(server), await asyncio.wait_for(resolve(server.host, server.port),
-                                                       timeout)
-        except (OSError, TimeoutError) as exc:
-            log.info("cannot resolve %s: %s", server, exc)
-            return str(server), None
-    return list(await asyncio.gather(*(one(s) for s in servers)))
-
-
 async def _probe_relay(client: StunClient, relay: RelayConfig, address: Address | None,
                        timeout: float) -> RelayReport:
     report = RelayReport(server=str(relay.address), url=relay.url)
@@ -216,6 +204,28 @@ async def _probe_relay(client: StunClient, relay: RelayConfig, address: Address 
 
 async def run_diag(options: DiagOptions) -> DiagReport:
     """Standalone diagnosis from a UDP socket of our own (port `options.port`)."""
+    counters = StunCounters()
+    client, transport = await bind_udp("0.0.0.0", options.port, counters)
+    try:
+        return await diagnose(options, client, transport.local_address[1], counters)
+    finally:
+        transport.close()
+
+
+async def diagnose(
+    options: DiagOptions,
+    client: StunClient,
+    local_port: int,
+    counters: StunCounters,
+    client_for: Callable[[str], StunClient] | None = None,
+    mode: str = "standalone",
+) -> DiagReport:
+    """The report for `local_port`, probing through `client`.
+
+    `client_for(address)`, when given, gives a client sending from that local address, so
+    every host candidate gets its own server-reflexive candidate (a running agent's
+    shared WireGuard port); otherwise all probes leave as the routing table decides.
+    """
     started = time.monotonic()
     deadline = started + options.timeout
 
@@ -223,55 +233,61 @@ async def run_diag(options: DiagOptions) -> DiagReport:
         return max(0.1, (deadline - time.monotonic()) * share)
 
     addresses = await interface_addresses()
-    counters = StunCounters()
-    client, transport = await bind_udp("0.0.0.0", options.port, counters)
-    try:
-        local_port = transport.local_address[1]
-        report = DiagReport(local_port=local_port, config_source=options.config_source,
-                            nat=NatBehaviour(), counters=counters)
-        report.interfaces = _interface_reports(addresses, options)
-        report.candidates = gather_host_candidates(
-            local_port, options.interface_exclude, [options.overlay], addresses=addresses)
+    report = DiagReport(local_port=local_port, config_source=options.config_source,
+                        nat=NatBehaviour(), counters=counters, mode=mode)
+    report.interfaces = _interface_reports(addresses, options)
+    report.candidates = gather_host_candidates(
+        local_port, options.interface_exclude, [options.overlay], addresses=addresses)
 
-        stun_servers = await _resolve_all(options.stun, remaining(0.2))
-        relay_servers = await _resolve_all([r.address for r in options.relays], remaining(0.2))
-        gather_timeout = remaining(0.4)
-        (srflx, results), relays = await asyncio.gather(
-            gather_srflx(client, stun_servers, ("0.0.0.0", local_port),
-                         timeout=gather_timeout, rto=0.3),
-            asyncio.gather(*(
-                _probe_relay(client, relay, addr, gather_timeout)
-                for relay, (_, addr) in zip(options.relays, relay_servers, strict=True)
-            )),
-        )
-        report.candidates.extend(srflx)
-        report.relays = list(relays)
-        for result in results:
-            answer = result.binding
-            report.stun.append(ServerReport(
-                server=result.server,
-                address=format_address(result.address) if result.address else None,
-                rtt_ms=answer.rtt_ms if answer else None,
-                mapped=format_address(answer.mapped) if answer else None,
-                other_address=format_address(answer.other_address)
-                if answer and answer.other_address else None,
-                error=result.error,
-            ))
+    stun_servers = await resolve_servers(options.stun, remaining(0.2))
+    relay_servers = await resolve_servers([r.address for r in options.relays], remaining(0.2))
+    gather_timeout = remaining(0.4)
+    (srflx, results), relays = await asyncio.gather(
+        gather_srflx(client, stun_servers, ("0.0.0.0", local_port),
+                     timeout=gather_timeout, rto=0.3),
+        asyncio.gather(*(
+            _probe_relay(client, relay, addr, gather_timeout)
+            for relay, (_, addr) in zip(options.relays, relay_servers, strict=True)
+        )),
+    )
+    if client_for is not None and stun_servers:
+        # One srflx per uplink: the same servers asked from every other host address.
+        hosts = [c for c in report.candidates if c.type == "host"][1:]
+        for host, (more, _) in zip(hosts, await asyncio.gather(*(
+            gather_srflx(client_for(h.address), stun_servers, (h.address, local_port),
+                         timeout=gather_timeout, rto=0.3)
+            for h in hosts
+        )), strict=True):
+            for cand in more:
+                if all((c.address, c.port) != (cand.address, cand.port) for c in srflx):
+                    cand.interface = host.interface
+                    srflx.append(cand)
+    report.candidates.extend(srflx)
+    report.relays = list(relays)
+    for result in results:
+        answer = result.binding
+        report.stun.append(ServerReport(
+            server=result.server,
+            address=format_address(result.address) if result.address else None,
+            rtt_ms=answer.rtt_ms if answer else None,
+            mapped=format_address(answer.mapped) if answer else None,
+            other_address=format_address(answer.other_address)
+            if answer and answer.other_address else None,
+            error=result.error,
+        ))
 
-        @contextlib.asynccontextmanager
-        async def fresh() -> AsyncIterator[StunClient]:
-            async with open_udp_client(counters=counters) as (other, _):
-                yield other
+    @contextlib.asynccontextmanager
+    async def fresh() -> AsyncIterator[StunClient]:
+        async with open_udp_client(counters=counters) as (other, _):
+            yield other
 
-        report.nat = await probe_nat(
-            client, [r.binding for r in results if r.binding],
-            servers_tried=len(options.stun),
-            local_addresses={a.address for a in addresses},
-            local_port=local_port, fresh_client=fresh, timeout=remaining(0.9),
-            classic=options.classic,
-        )
-    finally:
-        transport.close()
+    report.nat = await probe_nat(
+        client, [r.binding for r in results if r.binding],
+        servers_tried=len(options.stun),
+        local_addresses={a.address for a in addresses},
+        local_port=local_port, fresh_client=fresh, timeout=remaining(0.9),
+        classic=options.classic,
+    )
     report.duration_s = time.monotonic() - started
     return report
 
@@ -289,58 +305,85 @@ def _yes_no(value: bool | None) -> str:
     return "unknown" if value is None else ("yes" if value else "no")
 
 
-def render_report(report: DiagReport) -> str:
-    data = report.to_json()
-    lines = [f"kbwg-agent diag ({report.mode}, UDP port {report.local_port}, "
-             f"servers from {report.config_source}, {report.duration_s:.2f}s)", ""]
+def _ms(value: float | None) -> str | None:
+    return None if value is None else f"{value:.1f} ms"
+
+
+def render_report(data: dict[str, Any]) -> str:
+    """The human report from `DiagReport.to_json()` (also what a running agent returns)."""
+    lines = [f"kbwg-agent diag ({data['mode']}, UDP port {data['local_port']}, "
+             f"servers from {data['config_source']}, {data['duration_s']:.2f}s)", ""]
     lines.append("Interfaces")
     lines += _table(("NAME", "ADDRESS", "HOST CANDIDATE"), [
-        (i.name, i.address, "yes" if i.used else f"no ({i.reason})") for i in report.interfaces
+        (i["name"], i["address"], "yes" if i["used"] else f"no ({i['reason']})")
+        for i in data["interfaces"]
     ])
     lines += ["", "STUN servers"]
-    if report.stun:
+    if data["stun"]:
         lines += _table(("SERVER", "RTT", "MAPPED", "NOTE"), [
-            (s.server, f"{s.rtt_ms:.1f} ms" if s.rtt_ms is not None else None, s.mapped,
-             s.error or (f"RFC 5780, other address {s.other_address}"
-                         if s.other_address else ""))
-            for s in report.stun
+            (s["server"], _ms(s["rtt_ms"]), s["mapped"],
+             s["error"] or (f"RFC 5780, other address {s['other_address']}"
+                            if s["other_address"] else ""))
+            for s in data["stun"]
         ])
     else:
         lines.append("  none configured (use --stun HOST:PORT or the team's kbwg.json)")
-    nat = report.nat
     lines += ["", "NAT behaviour"]
-    mapping = nat.mapping + (f" (by {nat.mapping_method})" if nat.mapping_method else "")
-    filtering = nat.filtering + (f" (by {nat.filtering_server})" if nat.filtering_server
-                                 else "")
+    mapping = data["mapping"] + (f" (by {data['mapping_method']})"
+                                 if data["mapping_method"] else "")
+    filtering = data["filtering"] + (f" (by {data['filtering_server']})"
+                                     if data["filtering_server"] else "")
+    udp = data["udp"]
     lines += _table(("", ""), [
-        ("UDP", _yes_no(nat.udp) if nat.udp is not None else "not tested (no STUN server)"),
+        ("UDP", _yes_no(udp) if udp is not None else "not tested (no STUN server)"),
         ("Mapped address", data["mapped"]),
-        ("Behind NAT", _yes_no(nat.behind_nat)),
+        ("Behind NAT", _yes_no(data["behind_nat"])),
         ("Mapping", mapping),
         ("Filtering", filtering),
-        ("Hairpin", _yes_no(nat.hairpin)),
-        ("Classic type", f"{nat.classic} (pystun3)" if nat.classic else None),
+        ("Hairpin", _yes_no(data["hairpin"])),
+        ("Classic type", f"{data['classic']} (pystun3)" if data["classic"] else None),
     ])[1:]
     lines += ["", "Relays"]
-    if report.relays:
+    if data["relays"]:
         lines += _table(("URL", "REACHABLE", "RTT", "NOTE"), [
-            (r.url, _yes_no(r.reachable), f"{r.rtt_ms:.1f} ms" if r.rtt_ms is not None
-             else None, r.error or "")
-            for r in report.relays
+            (r["url"], _yes_no(r["reachable"]), _ms(r["rtt_ms"]), r["error"] or "")
+            for r in data["relays"]
         ])
     else:
         lines.append("  none configured")
     lines += ["", "Candidates"]
-    if report.candidates:
+    if data["candidates"]:
         lines += _table(("TYPE", "ADDRESS", "PORT", "INTERFACE", "PRIORITY", "SOURCE"), [
-            (c.type, c.address, c.port, c.interface, c.priority, c.source)
-            for c in report.candidates
+            (c["type"], c["address"], c["port"], c["interface"], c["priority"], c["source"])
+            for c in data["candidates"]
         ])
     else:
         lines.append("  none: no usable interface address")
-    for note in nat.notes:
+    if "peers" in data:
+        lines += ["", "Peers"]
+        lines += _render_peers(data["peers"]) or ["  none listed besides this device"]
+    for note in data["notes"]:
         lines.append(f"note: {note}")
-    if report.counters.ignored:
-        lines.append(f"note: {report.counters.ignored} bad or stray STUN datagrams ignored")
-    lines += ["", f"Conclusion: {report.conclusion}"]
+    ignored = data["stun_counters"].get("ignored", 0)
+    if ignored:
+        lines.append(f"note: {ignored} bad or stray STUN datagrams ignored")
+    lines += ["", f"Conclusion: {data['conclusion']}"]
     return "\n".join(lines)
+
+
+def _render_peers(peers: Sequence[dict[str, Any]]) -> list[str]:
+    lines: list[str] = []
+    for peer in peers:
+        path = peer.get("path") or "none"
+        lines.append(f"  {peer['username']}/{peer['device']} ({peer['overlay_ip']}): {path}"
+                     + (f", {peer['reason']}" if peer.get("reason") else ""))
+        cands = peer.get("candidates") or []
+        if cands:
+            lines += _table(("TYPE", "ADDRESS", "PORT"),
+                            [(c["type"], c["ip"], c["port"]) for c in cands], indent="    ")
+        pairs = peer.get("pairs") or []
+        if pairs:
+            lines += _table(("LOCAL", "REMOTE", "STATE", "RTT"),
+                            [(x["local"], x["remote"], x["state"], _ms(x.get("rtt_ms")))
+                             for x in pairs], indent="    ")
+    return lines

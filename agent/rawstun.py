@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import fcntl
 import ipaddress
 import logging
 import socket
@@ -40,6 +41,7 @@ MAX_STUN_PAYLOAD = 1500
 # Not exported by Python 3.11's socket module; values from linux/socket.h and linux/in.h.
 SO_ATTACH_FILTER = 26
 IP_PKTINFO = 8
+SIOCGIFADDR = 0x8915
 
 # Classic BPF opcodes (linux/bpf_common.h, linux/filter.h).
 BPF_LD_B_ABS = 0x30
@@ -199,6 +201,26 @@ def looks_like_stun(payload: bytes) -> bool:
     return not msg_type & 0xC000 and cookie == STUN_COOKIE and STUN_HEADER + length == len(payload)
 
 
+def interface_index_of(ip: str) -> int:
+    """The index of the interface whose primary address is `ip`, 0 if none.
+
+    Pinning the interface (IP_PKTINFO's ipi_ifindex) makes a check from a second uplink
+    really leave through that uplink: the kernel then routes by that interface's own
+    routes (for example its higher-metric default route) instead of the main choice.
+    """
+    packed = socket.inet_aton(ip)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        for index, name in socket.if_nameindex():
+            request = struct.pack("16s16x", name.encode()[:15])
+            try:
+                reply = fcntl.ioctl(sock.fileno(), SIOCGIFADDR, request)
+            except OSError:
+                continue  # no IPv4 address on that interface
+            if reply[20:24] == packed:
+                return index
+    return 0
+
+
 def route_source(dst_ip: str) -> str:
     """The local address the routing table picks for `dst_ip` (no packet is sent)."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
@@ -329,8 +351,9 @@ class RawStunSocket:
         dst_ip, dst_port = dest
         try:
             src_ip = source if source is not None else route_source(dst_ip)
+            ifindex = interface_index_of(src_ip) if source is not None else 0
             udp = build_udp((src_ip, self.port), dest, payload)
-            pktinfo = _IN_PKTINFO.pack(0, socket.inet_aton(src_ip), bytes(4))
+            pktinfo = _IN_PKTINFO.pack(ifindex, socket.inet_aton(src_ip), bytes(4))
             sock.sendmsg([udp], [(socket.IPPROTO_IP, IP_PKTINFO, pktinfo)], 0, (dst_ip, 0))
         except OSError as exc:
             self.counters.send_errors += 1

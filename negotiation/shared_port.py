@@ -13,8 +13,9 @@ WireGuard's own packets get.
     lan_client = StunClient(bound)
     bound.receiver = lan_client.datagram_received
 
-Answers go to the receiver of the local address they arrived at (a NAT answers to the
-address a request left from), else to `transport.receiver`. `open` takes over the owner's
+Answers (STUN success or error responses) go to the receiver of the transport that sent
+the request, matched by transaction id; everything else (requests, indications, answers
+to unknown transactions) goes to `transport.receiver`. `open` takes over the owner's
 `events` queue: any event other than `stun` goes to `on_other_event`.
 """
 
@@ -23,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -46,6 +48,8 @@ EventCallback = Callable[[dict[str, Any]], object]
 # Sends are fire-and-forget; past this many unanswered ones the owner is not keeping up
 # and a send fails at once (StunClient treats that like a lost datagram and retransmits).
 MAX_IN_FLIGHT = 256
+# Transaction ids remembered for routing answers; far more than are ever outstanding.
+MAX_ORIGINS = 4096
 
 
 @dataclass
@@ -66,6 +70,7 @@ class SharedPortTransport:
         self.on_other_event: EventCallback | None = None
         self.counters = SharedPortCounters()
         self._bound: dict[str, SourceBound] = {}
+        self._origins: OrderedDict[bytes, SourceBound | None] = OrderedDict()
         self._sends: set[asyncio.Task[None]] = set()
         self._pump: asyncio.Task[None] | None = None
         self._closed = False
@@ -88,12 +93,19 @@ class SharedPortTransport:
             bound = self._bound[source] = SourceBound(self, source)
         return bound
 
-    def send(self, data: bytes, addr: Address, source: str | None = None) -> None:
+    def send(
+        self, data: bytes, addr: Address, source: str | None = None,
+        origin: SourceBound | None = None,
+    ) -> None:
         if self._closed:
             raise OSError("shared-port transport is closed")
         if len(self._sends) >= MAX_IN_FLIGHT:
             self.counters.send_failed += 1
             raise OSError(f"{len(self._sends)} STUN sends waiting for the device owner")
+        # Answers go back to whoever asked, whatever local address they arrive at.
+        self._origins[data[8:20]] = origin
+        while len(self._origins) > MAX_ORIGINS:
+            self._origins.popitem(last=False)
         task = asyncio.create_task(self._send(data, addr, source))
         self._sends.add(task)
         task.add_done_callback(self._sends.discard)
@@ -119,14 +131,15 @@ class SharedPortTransport:
             if not isinstance(data, bytes) or not isinstance(src, str) or not isinstance(dst, str):
                 raise ProtocolError("stun event without bytes 'data', 'src' and 'dst'")
             addr = parse_endpoint(src, "src")
-            local_ip, _ = parse_endpoint(dst, "dst")
+            parse_endpoint(dst, "dst")
         except ProtocolError as exc:
             self.counters.bad_events += 1
             logger.warning("bad stun event from the device owner: %s", exc)
             return True
         self.counters.received += 1
-        bound = self._bound.get(local_ip)
-        receiver = bound.receiver if bound is not None and bound.receiver else self.receiver
+        # Response classes (success, error) have the C1 class bit, 0x0100, set.
+        origin = self._origins.get(data[8:20]) if data[0] & 0x01 else None
+        receiver = origin.receiver if origin is not None and origin.receiver else self.receiver
         if receiver is not None:
             try:
                 receiver(data, addr)
@@ -165,4 +178,4 @@ class SourceBound:
         self.receiver: Receiver | None = None
 
     def send(self, data: bytes, addr: Address) -> None:
-        self.shared.send(data, addr, self.source)
+        self.shared.send(data, addr, self.source, origin=self)

@@ -44,12 +44,15 @@ class FakeOwner:
     calls: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     peers: dict[str, dict[str, Any]] = field(default_factory=dict)
     closed: bool = False
+    events: asyncio.Queue[dict[str, Any]] = field(default_factory=asyncio.Queue)
 
     async def request(self, op: str, **args: Any) -> dict[str, Any]:
         self.calls.append((op, args))
         if op == "create":
             return {"listen_port": args["listen_port"] or 40000, "backend": "memory",
                     "public_key": "x", "ifname": args["ifname"]}  # fmt: skip
+        if op == "stun_open":
+            return {"port": 40000}
         if op == "set_peer":
             self.peers[args["public_key"]] = args
         elif op == "remove_peer":

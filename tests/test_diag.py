@@ -152,7 +152,7 @@ def test_conclusions() -> None:
 
 def test_render_without_servers() -> None:
     text = render_report(DiagReport(local_port=5, config_source="command line",
-                                    nat=NatBehaviour()))
+                                    nat=NatBehaviour()).to_json())
     assert "none configured" in text and "Conclusion: no STUN server configured" in text
 
 

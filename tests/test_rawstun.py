@@ -485,16 +485,23 @@ async def test_shared_port_transport() -> None:
     result = await binding
     assert result.mapped == ("192.0.2.44", 40000)
 
-    lan.send(b"check", ("203.0.113.6", 3478))
+    # An answer goes to the transport that asked, whatever local address it reaches.
+    check = stun.Message(stun.Method.BINDING, stun.Class.REQUEST)
+    lan.send(bytes(check), ("203.0.113.6", 3478))
     await asyncio.sleep(0.05)
     assert owner.requests[-1][1]["source"] == "198.18.1.2"
-    await owner.events.put(stun_event(("203.0.113.6", 3478), ("198.18.1.2", 51820), b"x"))
+    reply = bytes(stun.Message(stun.Method.BINDING, stun.Class.RESPONSE, check.transaction_id))
+    await owner.events.put(stun_event(("203.0.113.6", 3478), ("198.18.9.9", 51820), reply))
+    # A request from a peer is nobody's answer: the default receiver gets it.
+    incoming = bytes(stun.Message(stun.Method.BINDING, stun.Class.REQUEST))
+    await owner.events.put(stun_event(("203.0.113.7", 51820), ("198.18.1.2", 51820), incoming))
     await owner.events.put({"event": "stun", "src": "nonsense", "dst": "198.18.1.3:1", "data": b""})
     await owner.events.put({"event": "link", "state": "down"})
     await asyncio.sleep(0.05)
-    assert lan_got == [(b"x", ("203.0.113.6", 3478))]
+    assert lan_got == [(reply, ("203.0.113.6", 3478))]
+    assert client.counters.unknown_transaction == 1, "the peer's request reached the default"
     assert other == [{"event": "link", "state": "down"}]
-    assert transport.counters.bad_events == 1 and transport.counters.received == 2
+    assert transport.counters.bad_events == 1 and transport.counters.received == 3
 
     owner.fail = True
     transport.send(b"lost", ("203.0.113.5", 3478))

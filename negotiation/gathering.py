@@ -1,0 +1,89 @@
+"""Local candidates of the WireGuard port: host addresses, and server-reflexive ones
+learnt by STUN from each host address through the shared port.
+
+Asking from every host address (not only the default route's) is what lets a
+multi-homed host offer one server-reflexive candidate per uplink.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+from kbwg.agent.teamconfig import HostPort
+from kbwg.negotiation.candidates import (
+    Candidate,
+    StunServerResult,
+    gather_host_candidates,
+    gather_srflx,
+    interface_addresses,
+)
+from kbwg.negotiation.stun_client import Address, StunClient, resolve
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LocalCandidates:
+    candidates: list[Candidate] = field(default_factory=list)
+    stun: list[StunServerResult] = field(default_factory=list)
+    gathered_at: float = 0.0
+
+    def to_json(self) -> list[dict[str, object]]:
+        return [c.to_json() for c in self.candidates]
+
+
+async def resolve_servers(
+    servers: Sequence[HostPort], timeout: float
+) -> list[tuple[str, Address | None]]:
+    """(name as configured, resolved address or None) for each server."""
+
+    async def one(server: HostPort) -> tuple[str, Address | None]:
+        name = str(server)
+        try:
+            return name, await asyncio.wait_for(resolve(server.host, server.port), timeout)
+        except (OSError, TimeoutError) as exc:
+            log.info("cannot resolve %s: %s", name, exc)
+            return name, None
+
+    return list(await asyncio.gather(*(one(s) for s in servers)))
+
+
+async def gather_local(
+    port: int,
+    servers: Sequence[tuple[str, Address | None]],
+    client_for: Callable[[str], StunClient],
+    exclude_patterns: Iterable[str],
+    exclude_networks: Iterable[ipaddress.IPv4Network],
+    timeout: float = 2.0,
+) -> LocalCandidates:
+    """Host candidates, then srflx from each host address at once.
+
+    `client_for(address)` gives a StunClient whose requests leave from that local
+    address on the WireGuard port.
+    """
+    addresses = await interface_addresses()
+    hosts = gather_host_candidates(port, exclude_patterns, exclude_networks, addresses=addresses)
+    result = LocalCandidates(candidates=list(hosts))
+    if servers and hosts:
+        gathered = await asyncio.gather(*(
+            gather_srflx(client_for(h.address), servers, (h.address, port),
+                         timeout=timeout, rto=0.2)
+            for h in hosts
+        ))
+        seen: set[tuple[str, int]] = set()
+        for host, (srflx, stun) in zip(hosts, gathered, strict=True):
+            if host is hosts[0]:
+                result.stun = stun
+            for cand in srflx:
+                if (cand.address, cand.port) in seen:
+                    continue
+                seen.add((cand.address, cand.port))
+                cand.interface = host.interface
+                result.candidates.append(cand)
+    result.gathered_at = time.time()
+    return result
