@@ -280,18 +280,23 @@ def receive(chat: ChatMessage, *, known_keys: Mapping[DeviceId, PublicKey],
         message = open_body(chat.body, sender=str(sender), sender_public=key,
                             my_private=my_private, me=str(me), types=types)
         guard.check(message)
-    except NotForUs as exc:
-        log.debug("negotiation message %d from %s not for us: %s", chat.id, sender, exc)
-        return None
-    except (BadBox, WrongSender, UnknownSender) as exc:
-        # Possible forgery: worth an operator's attention.
-        log.warning("ignoring negotiation message %d from %s: %s", chat.id, sender, exc)
-        return None
     except WireError as exc:
-        log.info("ignoring negotiation message %d from %s (%s): %s", chat.id, sender,
-                 type(exc).__name__, exc)
+        log_ignored(chat, exc)
         return None
     return message
+
+
+def log_ignored(chat: ChatMessage, exc: WireError) -> None:
+    """One log line for a dev-channel post that is not used, at a level that fits."""
+    sender = f"{chat.sender_username}/{chat.sender_device}"
+    if isinstance(exc, NotForUs):
+        log.debug("negotiation message %d from %s not for us: %s", chat.id, sender, exc)
+    elif isinstance(exc, BadBox | WrongSender | UnknownSender):
+        # Possible forgery: worth an operator's attention.
+        log.warning("ignoring negotiation message %d from %s: %s", chat.id, sender, exc)
+    else:
+        log.info("ignoring negotiation message %d from %s (%s): %s", chat.id, sender,
+                 type(exc).__name__, exc)
 
 
 # ------------------------------------------------------------------- bodies

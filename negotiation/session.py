@@ -1,0 +1,310 @@
+"""Pairwise offer/answer over the team's dev channel, one `PeerSession` per peer.
+
+Who offers: a device that learns of a peer offers at once, except when the peer
+announced after us (it joined later and finds our announcement in its history, so its
+offer is already on the way): then we wait `offer_grace_s` before offering ourselves.
+Glare (both offered) is resolved by key order: the offer of the device with the higher
+WireGuard public key wins, and that device is also the controlling side of the checks.
+
+A checker exists from the moment we offer, so the peer's checks are answered before its
+answer has even arrived (the answerer can connect one chat delivery earlier).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import logging
+import os
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from nacl.public import PrivateKey, PublicKey
+
+from kbwg.agent.keybase import ChatMessage
+from kbwg.agent.peers import DeviceId
+from kbwg.negotiation.replay import ReplayGuard
+from kbwg.negotiation.wire import (
+    Answer,
+    CandidateInfo,
+    Offer,
+    SenderKeyMismatch,
+    WireError,
+    WireMessage,
+    log_ignored,
+    new_sender_session,
+    new_session_id,
+    open_body,
+    seal,
+)
+
+log = logging.getLogger(__name__)
+
+OFFER_GRACE_S = 1.5
+ANSWER_TIMEOUT_S = 3.0
+MAX_OFFERS = 3
+# Offers that arrive before the sender's announcement (other channel, other order).
+PENDING_MAX = 8
+PENDING_TTL_S = 10.0
+
+
+class Checker(Protocol):
+    def set_remote(self, ufrag: str, pwd: str, candidates: list[CandidateInfo]) -> None: ...
+
+    def snapshot(self) -> dict[str, Any]: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class CheckerSpec:
+    """What a new checker needs; the agent's factory adds candidates and transport."""
+
+    peer: DeviceId
+    ufrag: str
+    pwd: str
+    controlling: bool
+    tie_breaker: int
+
+
+CheckerFactory = Callable[[CheckerSpec], Checker]
+Poster = Callable[[str], Awaitable[None]]
+
+
+def new_credentials() -> tuple[str, str]:
+    # RFC 8445: ufrag at least 24 bits, password at least 128 bits of randomness.
+    return secrets.token_hex(4), base64.b64encode(os.urandom(18)).decode()
+
+
+@dataclass
+class PeerSession:
+    peer: DeviceId
+    public_key: PublicKey
+    controlling: bool
+    state: str = "idle"  # idle, offering, checking, unanswered, closed
+    session_id: bytes | None = None
+    checker: Checker | None = None
+    offers_sent: int = 0
+    started_at: float = field(default_factory=time.time)
+    timer: asyncio.TimerHandle | None = None
+
+    def replace_checker(self, checker: Checker | None) -> None:
+        if self.checker is not None:
+            self.checker.close()
+        self.checker = checker
+
+    def cancel_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+
+class Negotiator:
+    """All sessions of this agent run: routes dev-channel messages and posts ours."""
+
+    def __init__(
+        self,
+        me: DeviceId,
+        private_key: PrivateKey,
+        post: Poster,
+        make_checker: CheckerFactory,
+        local_candidates: Callable[[], list[CandidateInfo]],
+        wg_port: int,
+        *,
+        offer_grace_s: float = OFFER_GRACE_S,
+        answer_timeout_s: float = ANSWER_TIMEOUT_S,
+    ) -> None:
+        self.me = me
+        self._private = private_key
+        self._public = bytes(private_key.public_key)
+        self._post = post
+        self._make_checker = make_checker
+        self._local_candidates = local_candidates
+        self._wg_port = wg_port
+        self._grace = offer_grace_s
+        self._answer_timeout = answer_timeout_s
+        self.sender_session = new_sender_session()
+        self.guard = ReplayGuard()
+        self.sessions: dict[DeviceId, PeerSession] = {}
+        self._pending: dict[DeviceId, list[tuple[float, ChatMessage]]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # -- peers ------------------------------------------------------------------
+
+    def peer_key(self, peer: DeviceId, public_key_b64: str, they_joined_later: bool) -> None:
+        """A peer's (new) announced key: start over with it."""
+        key = PublicKey(base64.b64decode(public_key_b64))
+        current = self.sessions.get(peer)
+        if current is not None and bytes(current.public_key) == bytes(key):
+            return
+        self.forget(peer)
+        session = PeerSession(peer, key, controlling=self._public > bytes(key))
+        self.sessions[peer] = session
+        if they_joined_later:
+            session.timer = asyncio.get_running_loop().call_later(
+                self._grace, self._spawn, self._offer_if_idle(session))
+        else:
+            self._spawn(self.offer(session))
+        for _, msg in self._pending.pop(peer, []):
+            self._spawn(self.handle(msg))
+
+    def forget(self, peer: DeviceId) -> None:
+        session = self.sessions.pop(peer, None)
+        if session is not None:
+            session.cancel_timer()
+            session.replace_checker(None)
+            session.state = "closed"
+
+    def snapshot(self, peer: DeviceId) -> dict[str, Any]:
+        session = self.sessions.get(peer)
+        if session is None:
+            return {"negotiation": "none"}
+        data = session.checker.snapshot() if session.checker is not None else {}
+        return {"negotiation": session.state, "controlling": session.controlling, **data}
+
+    # -- offers -------------------------------------------------------------------
+
+    async def _offer_if_idle(self, session: PeerSession) -> None:
+        if session.state == "idle":
+            log.info("no offer from %s yet; offering", session.peer)
+            await self.offer(session)
+
+    async def offer(self, session: PeerSession, kind: str = "offer") -> None:
+        """A new negotiation session with this peer (kind "restart" after a change)."""
+        session.cancel_timer()
+        ufrag, pwd = new_credentials()
+        tie_breaker = secrets.randbits(64)
+        session.session_id = new_session_id()
+        session.replace_checker(self._make_checker(
+            CheckerSpec(session.peer, ufrag, pwd, session.controlling, tie_breaker)))
+        session.state = "offering"
+        session.offers_sent = 0
+        body = Offer(ufrag, pwd, tie_breaker, self._local_candidates(), self._wg_port)
+        await self._send_offer(session, kind, body)
+
+    async def _send_offer(self, session: PeerSession, kind: str, body: Offer) -> None:
+        if session.state != "offering" or self.sessions.get(session.peer) is not session:
+            return
+        if session.offers_sent >= MAX_OFFERS:
+            session.state = "unanswered"
+            log.info("%s never answered %d offers: keeping its announced endpoint "
+                     "(an agent without negotiation?)", session.peer, MAX_OFFERS)
+            return
+        session.offers_sent += 1
+        assert session.session_id is not None
+        await self._send(session, kind, session.session_id, body.to_wire())
+        session.timer = asyncio.get_running_loop().call_later(
+            self._answer_timeout * session.offers_sent, self._spawn,
+            self._send_offer(session, kind, body))
+
+    async def restart_all(self) -> None:
+        """Our candidates changed: renegotiate with everyone."""
+        for session in list(self.sessions.values()):
+            await self.offer(session, kind="restart")
+
+    async def close(self) -> None:
+        """Say bye to every peer (best effort) and stop."""
+        byes = [self._send(s, "bye", s.session_id or new_session_id(), {})
+                for s in self.sessions.values()]
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(asyncio.gather(*byes, return_exceptions=True), 2.0)
+        for peer in list(self.sessions):
+            self.forget(peer)
+        for task in list(self._tasks):
+            task.cancel()
+
+    # -- incoming -----------------------------------------------------------------
+
+    async def handle(self, chat: ChatMessage) -> None:
+        """A dev-channel post from a device listed in peers.json."""
+        sender = DeviceId(chat.sender_username, chat.sender_device)
+        session = self.sessions.get(sender)
+        if sender == self.me or chat.body is None:
+            return
+        if session is None:
+            # Its announcement may still be on the way (another channel).
+            self._hold(sender, chat)
+            return
+        try:
+            message = open_body(chat.body, sender=str(sender), sender_public=session.public_key,
+                                my_private=self._private, me=str(self.me))
+            self.guard.check(message)
+            await self._dispatch(session, message)
+        except SenderKeyMismatch:
+            self._hold(sender, chat)  # sealed with a key not announced (yet)
+        except WireError as exc:
+            log_ignored(chat, exc)
+
+    def _hold(self, sender: DeviceId, chat: ChatMessage) -> None:
+        now = time.monotonic()
+        held = [(t, m) for t, m in self._pending.get(sender, []) if now - t < PENDING_TTL_S]
+        self._pending[sender] = [*held, (now, chat)][-PENDING_MAX:]
+        log.debug("holding negotiation message %d from %s until its key is announced",
+                  chat.id, sender)
+
+    async def _dispatch(self, session: PeerSession, message: WireMessage) -> None:
+        if message.type in ("offer", "restart"):
+            await self._on_offer(session, message, Offer.from_wire(message.body))
+        elif message.type == "answer":
+            self._on_answer(session, message, Answer.from_wire(message.body))
+        elif message.type == "bye":
+            log.info("%s said bye", session.peer)
+            session.cancel_timer()
+            session.replace_checker(None)
+            session.state = "idle"
+        else:
+            log.debug("ignoring %s from %s", message.type, session.peer)
+
+    async def _on_offer(self, session: PeerSession, message: WireMessage, offer: Offer) -> None:
+        if session.state == "offering" and session.controlling:
+            log.info("glare with %s: our offer wins (higher key)", session.peer)
+            return
+        if session.session_id is not None and session.session_id != message.session_id:
+            self.guard.supersede(str(session.peer), session.session_id)
+        session.cancel_timer()
+        ufrag, pwd = new_credentials()
+        session.session_id = message.session_id
+        checker = self._make_checker(
+            CheckerSpec(session.peer, ufrag, pwd, session.controlling, offer.tie_breaker))
+        session.replace_checker(checker)
+        checker.set_remote(offer.ufrag, offer.pwd, list(offer.candidates))
+        session.state = "checking"
+        log.info("%s from %s: %d candidates; answering", message.type, session.peer,
+                 len(offer.candidates))
+        answer = Answer(ufrag, pwd, self._local_candidates())
+        await self._send(session, "answer", message.session_id, answer.to_wire())
+
+    def _on_answer(self, session: PeerSession, message: WireMessage, answer: Answer) -> None:
+        if session.state != "offering" or message.session_id != session.session_id:
+            log.debug("answer from %s for another session; ignored", session.peer)
+            return
+        session.cancel_timer()
+        assert session.checker is not None
+        session.checker.set_remote(answer.ufrag, answer.pwd, list(answer.candidates))
+        session.state = "checking"
+        log.info("answer from %s: %d candidates", session.peer, len(answer.candidates))
+
+    # -- plumbing -----------------------------------------------------------------
+
+    async def _send(self, session: PeerSession, kind: str, session_id: bytes,
+                    body: dict[str, Any]) -> None:
+        message = WireMessage.new(kind, self.me, session.peer, self.sender_session,
+                                  session_id, body)
+        await self._post(seal(message, self._private, session.public_key))
+
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        async def run() -> None:
+            try:
+                await coro
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("negotiation step failed")
+
+        task = asyncio.ensure_future(run())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)

@@ -1,0 +1,284 @@
+"""Allocations and the rules that create, refresh and expire them (RFC 8656 6-12).
+
+The table is pure bookkeeping: it opens relayed sockets through a callback and tells
+the server when one goes away, so it can be tested without an event loop. It also
+maintains the two dictionaries the data path reads, rebuilt only on control changes:
+`routes` (client, channel) -> where to send, and each allocation's `peer_channels`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+from kbwg.relay.config import Lifetimes
+from kbwg.relay.limits import Counters, PeerPolicy, Quotas, RateLimiter, rate_limiter
+from kbwg.relay.wire import CHANNEL_MAX, CHANNEL_MIN
+
+log = logging.getLogger(__name__)
+
+Address = tuple[str, int]
+
+
+class Refusal(Exception):
+    """A request the relay refuses: the STUN error code and the counter to bump."""
+
+    def __init__(self, code: int, counter: str, detail: str = "") -> None:
+        super().__init__(detail or counter)
+        self.code = code
+        self.counter = counter
+
+
+class ChannelRoute(NamedTuple):
+    """What the ChannelData fast path needs, unpacked in one step."""
+
+    sendto: Callable[[bytes | memoryview, Address], int]
+    peer: Address
+    limiter: RateLimiter | None
+
+
+@dataclass
+class Channel:
+    peer: Address
+    expires: float
+
+
+@dataclass(eq=False)
+class Allocation:
+    client: Address
+    username: str
+    user: str
+    key: bytes
+    sock: socket.socket
+    relayed: Address
+    expires: float
+    limiter: RateLimiter | None
+    # The Allocate that created it, answered again if retransmitted (RFC 8656 7.2).
+    transaction_id: bytes = b""
+    response: bytes = b""
+    permissions: dict[str, float] = field(default_factory=dict)
+    channels: dict[int, Channel] = field(default_factory=dict)
+    peer_channel: dict[Address, int] = field(default_factory=dict)
+    # Expired channel numbers stay tied to their peer for a while (RFC 8656 12).
+    cooldown: dict[int, tuple[Address, float]] = field(default_factory=dict)
+    # Fast path, peer -> client: the channel of each peer with a live binding.
+    peer_channels: dict[Address, int] = field(default_factory=dict)
+    route_keys: list[tuple[Address, int]] = field(default_factory=list)
+
+    def permitted(self, ip: str, now: float) -> bool:
+        return self.permissions.get(ip, 0.0) > now
+
+
+@dataclass
+class Reservation:
+    """The odd port kept for a later Allocate with RESERVATION-TOKEN (RFC 8656 7.2)."""
+
+    sock: socket.socket
+    expires: float
+
+
+# RFC 8656 14.9: a reservation lasts about 30 seconds.
+RESERVATION_LIFETIME = 30.0
+
+
+class AllocationTable:
+    def __init__(self, *, quotas: Quotas, lifetimes: Lifetimes, policy: PeerPolicy,
+                 counters: Counters, open_socket: Callable[[bool, bool], socket.socket],
+                 open_pair: Callable[[], tuple[socket.socket, socket.socket]],
+                 on_created: Callable[[Allocation], None],
+                 on_removed: Callable[[Allocation], None]) -> None:
+        self.quotas = quotas
+        self.lifetimes = lifetimes
+        self.policy = policy
+        self.counters = counters
+        self._open_socket = open_socket
+        self._open_pair = open_pair
+        self.reservations: dict[bytes, Reservation] = {}
+        self._on_created = on_created
+        self._on_removed = on_removed
+        self.allocations: dict[Address, Allocation] = {}
+        self.routes: dict[tuple[Address, int], ChannelRoute] = {}
+        self._per_user: dict[str, int] = {}
+
+    def get(self, client: Address) -> Allocation | None:
+        return self.allocations.get(client)
+
+    def create(self, client: Address, username: str, user: str, key: bytes,
+               lifetime: int | None, now: float, *, even_port: bool = False,
+               reserve: bool = False, token: bytes | None = None,
+               dont_fragment: bool = False) -> tuple[Allocation, bytes | None]:
+        """The new allocation, and the token of the port reserved with it if asked."""
+        if self._per_user.get(user, 0) >= self.quotas.allocations_per_user:
+            raise Refusal(486, "quota_user", f"user {user} has too many allocations")
+        # Reservations hold ports too, so they count against the total.
+        if len(self.allocations) + len(self.reservations) >= self.quotas.allocations:
+            raise Refusal(508, "quota_total", "the relay is full")
+        new_token: bytes | None = None
+        if token is not None:
+            reservation = self.reservations.pop(token, None)
+            if reservation is None:
+                raise Refusal(508, "no_capacity", "unknown or expired reservation token")
+            sock = reservation.sock
+        else:
+            try:
+                if reserve:
+                    sock, odd = self._open_pair()
+                    new_token = os.urandom(8)
+                    self.reservations[new_token] = Reservation(
+                        odd, now + RESERVATION_LIFETIME)
+                else:
+                    sock = self._open_socket(even_port, dont_fragment)
+            except OSError as exc:
+                raise Refusal(508, "no_capacity", f"no relayed port: {exc}") from exc
+        host, port = sock.getsockname()[:2]
+        allocation = Allocation(
+            client=client, username=username, user=user, key=key, sock=sock,
+            relayed=(str(host), int(port)), expires=now + self.lifetimes.granted(lifetime),
+            limiter=rate_limiter(self.quotas, now),
+        )
+        self.allocations[client] = allocation
+        self._per_user[user] = self._per_user.get(user, 0) + 1
+        self.counters.allocations_created += 1
+        self._on_created(allocation)
+        log.info("allocation %s:%d for %s (%s) relayed at %s:%d", *client, user, username,
+                 *allocation.relayed)
+        return allocation, new_token
+
+    def refresh(self, allocation: Allocation, lifetime: int | None, now: float) -> float:
+        """Seconds granted; 0 deletes the allocation (RFC 8656 8)."""
+        if lifetime == 0:
+            self.remove(allocation, "deleted")
+            return 0
+        granted = self.lifetimes.granted(lifetime)
+        allocation.expires = now + granted
+        return granted
+
+    def _check_peer(self, peer: Address) -> None:
+        if ":" in peer[0]:
+            raise Refusal(443, "address_family", "IPv6 peer on an IPv4 allocation")
+        reason = self.policy.refusal(peer[0])
+        if reason is not None:
+            raise Refusal(403, "peer_forbidden", f"peer {peer[0]}: {reason}")
+
+    def permit(self, allocation: Allocation, peers: list[Address], now: float) -> None:
+        """Install or refresh permissions, all or none (RFC 8656 9.2)."""
+        for peer in peers:
+            self._check_peer(peer)
+        new = {peer[0] for peer in peers} - allocation.permissions.keys()
+        if len(allocation.permissions) + len(new) > self.quotas.permissions_per_allocation:
+            raise Refusal(508, "quota_permissions", "too many permissions")
+        expires = now + self.lifetimes.permission
+        for peer in peers:
+            allocation.permissions[peer[0]] = expires
+        self._sync(allocation, now)
+
+    def bind(self, allocation: Allocation, channel: int, peer: Address, now: float) -> None:
+        if not CHANNEL_MIN <= channel <= CHANNEL_MAX:
+            raise Refusal(400, "bad_channel_number", f"channel 0x{channel:04x} out of range")
+        self._check_peer(peer)
+        bound = allocation.channels.get(channel)
+        if bound is not None and bound.peer != peer:
+            raise Refusal(400, "channel_conflict", f"channel 0x{channel:04x} is bound")
+        cooling = allocation.cooldown.get(channel)
+        if cooling is not None and cooling[0] != peer:
+            raise Refusal(400, "channel_conflict", f"channel 0x{channel:04x} is cooling")
+        other = allocation.peer_channel.get(peer)
+        if other is not None and other != channel:
+            raise Refusal(400, "channel_conflict", "peer bound to another channel")
+        if bound is None and len(allocation.channels) >= self.quotas.channels_per_allocation:
+            raise Refusal(508, "quota_channels", "too many channels")
+        if peer[0] not in allocation.permissions and (
+                len(allocation.permissions) >= self.quotas.permissions_per_allocation):
+            raise Refusal(508, "quota_permissions", "too many permissions")
+        allocation.cooldown.pop(channel, None)
+        allocation.channels[channel] = Channel(peer, now + self.lifetimes.channel)
+        allocation.peer_channel[peer] = channel
+        # A channel binding also installs or refreshes the permission (RFC 8656 11.2).
+        allocation.permissions[peer[0]] = now + self.lifetimes.permission
+        self._sync(allocation, now)
+
+    def remove(self, allocation: Allocation, why: str) -> None:
+        if self.allocations.get(allocation.client) is not allocation:
+            return
+        del self.allocations[allocation.client]
+        for key in allocation.route_keys:
+            self.routes.pop(key, None)
+        allocation.route_keys = []
+        allocation.peer_channels = {}
+        left = self._per_user.get(allocation.user, 1) - 1
+        if left:
+            self._per_user[allocation.user] = left
+        else:
+            self._per_user.pop(allocation.user, None)
+        if why == "expired":
+            self.counters.allocations_expired += 1
+        else:
+            self.counters.allocations_deleted += 1
+        log.info("allocation %s:%d %s", *allocation.client, why)
+        self._on_removed(allocation)
+
+    def close(self) -> None:
+        for allocation in list(self.allocations.values()):
+            self.remove(allocation, "closed")
+        for reservation in self.reservations.values():
+            reservation.sock.close()
+        self.reservations.clear()
+
+    def sweep(self, now: float) -> None:
+        """Expire allocations, permissions and channels; cheap when nothing expires."""
+        for token, reservation in list(self.reservations.items()):
+            if reservation.expires <= now:
+                reservation.sock.close()
+                del self.reservations[token]
+        for allocation in list(self.allocations.values()):
+            if allocation.expires <= now:
+                self.remove(allocation, "expired")
+                continue
+            changed = False
+            for ip, expires in list(allocation.permissions.items()):
+                if expires <= now:
+                    del allocation.permissions[ip]
+                    self.counters.permissions_expired += 1
+                    changed = True
+            for number, channel in list(allocation.channels.items()):
+                if channel.expires <= now:
+                    del allocation.channels[number]
+                    allocation.peer_channel.pop(channel.peer, None)
+                    allocation.cooldown[number] = (
+                        channel.peer, now + self.lifetimes.channel_cooldown)
+                    self.counters.channels_expired += 1
+                    changed = True
+            for number, (_, until) in list(allocation.cooldown.items()):
+                if until <= now:
+                    del allocation.cooldown[number]
+            if changed:
+                self._sync(allocation, now)
+
+    def _sync(self, allocation: Allocation, now: float) -> None:
+        """Rebuild the fast-path entries of one allocation from its control state."""
+        for key in allocation.route_keys:
+            self.routes.pop(key, None)
+        keys: list[tuple[Address, int]] = []
+        peer_channels: dict[Address, int] = {}
+        for number, channel in allocation.channels.items():
+            # Data on a channel whose permission lapsed must stop (RFC 8656 12).
+            if channel.expires > now and allocation.permitted(channel.peer[0], now):
+                key = (allocation.client, number)
+                self.routes[key] = ChannelRoute(allocation.sock.sendto, channel.peer,
+                                                allocation.limiter)
+                keys.append(key)
+                peer_channels[channel.peer] = number
+        allocation.route_keys = keys
+        allocation.peer_channels = peer_channels
+
+    def counts(self) -> dict[str, int]:
+        allocations = self.allocations.values()
+        return {
+            "allocations": len(self.allocations),
+            "permissions": sum(len(a.permissions) for a in allocations),
+            "channels": sum(len(a.channels) for a in allocations),
+        }

@@ -1,0 +1,58 @@
+"""The relay's settings, as one immutable value built by the CLI or by tests."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from kbwg.relay.limits import Network, Quotas
+
+Address = tuple[str, int]
+
+
+@dataclass(frozen=True)
+class Lifetimes:
+    """Seconds; RFC 8656's defaults (allocation 600 s up to 3600, permission 300 s,
+    channel 600 s, channel number quarantined 300 s after expiry)."""
+
+    allocation_default: float = 600
+    allocation_max: float = 3600
+    permission: float = 300
+    channel: float = 600
+    channel_cooldown: float = 300
+    nonce: float = 600
+
+    def granted(self, requested: int | None) -> float:
+        """RFC 8656 7.2: the request capped by the maximum, but never below the default."""
+        if requested is None:
+            return self.allocation_default
+        return max(self.allocation_default, min(float(requested), self.allocation_max))
+
+
+@dataclass(frozen=True)
+class RelayConfig:
+    listen: Address
+    secret: str
+    realm: str = "kbwg"
+    # The address put in XOR-RELAYED-ADDRESS and bound by relayed sockets; defaults to
+    # the listen address, and is required when listening on 0.0.0.0.
+    relay_ip: str | None = None
+    # RFC 5780: a second IP and port; the relay then listens on all four combinations.
+    alt_address: Address | None = None
+    allow_peers: tuple[Network, ...] = ()
+    deny_peers: tuple[Network, ...] = ()
+    quotas: Quotas = field(default_factory=Quotas)
+    lifetimes: Lifetimes = field(default_factory=Lifetimes)
+    sweep_interval: float = 1.0
+    # Big buffers absorb bursts while the single Python thread is busy elsewhere.
+    socket_buffer: int = 4 * 1024 * 1024
+    relayed_socket_buffer: int = 1024 * 1024
+    # Datagrams handled per readiness callback before yielding to the event loop.
+    batch: int = 256
+    software: str | None = "kbwg-relay"
+
+    @property
+    def relayed_ip(self) -> str:
+        ip = self.relay_ip or self.listen[0]
+        if ip in ("0.0.0.0", ""):
+            raise ValueError("listening on a wildcard address needs --relay-ip")
+        return ip

@@ -1,0 +1,201 @@
+"""Abuse limits: quotas, per-allocation rate limits, the peer address policy, counters.
+
+A relay on the internet is an open proxy for anyone holding a credential, so every
+limit is on by default and every refusal is counted: the counters are how an operator
+tells an attack or a misconfigured client from normal traffic.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
+
+log = logging.getLogger(__name__)
+
+Network = IPv4Network | IPv6Network
+
+# Never relayed to unless --allow-peer says so: the relay host itself and addresses
+# whose traffic would reach the relay's own machine or link instead of a peer.
+DEFAULT_DENIED_PEERS: tuple[str, ...] = (
+    "0.0.0.0/8",  # "this network"
+    "127.0.0.0/8",  # loopback
+    "169.254.0.0/16",  # link-local
+    "224.0.0.0/4",  # multicast
+    "240.0.0.0/4",  # reserved, with the limited broadcast address
+    "::/128",
+    "::1/128",
+    "fe80::/10",
+    "ff00::/8",
+)
+
+
+@dataclass(frozen=True)
+class Quotas:
+    allocations: int = 1000
+    allocations_per_user: int = 10
+    permissions_per_allocation: int = 64
+    channels_per_allocation: int = 64
+    # Both directions together, per allocation; 0 disables the limit.
+    packets_per_second: int = 100_000
+    bytes_per_second: int = 125_000_000
+    burst_seconds: float = 0.2
+
+
+@dataclass(slots=True)
+class RateLimiter:
+    """Token buckets for packets and bytes, refilled from the caller's clock.
+
+    The caller passes one `now` per batch of packets: reading the clock per packet
+    would cost as much as the check itself.
+    """
+
+    packets_per_second: float
+    bytes_per_second: float
+    burst_seconds: float
+    packets: float = 0.0
+    bytes: float = 0.0
+    last: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.packets = self.packets_per_second * self.burst_seconds
+        self.bytes = self.bytes_per_second * self.burst_seconds
+
+    def allow(self, now: float, size: int) -> bool:
+        elapsed = now - self.last
+        if elapsed:
+            self.last = now
+            burst = self.burst_seconds
+            pps, bps = self.packets_per_second, self.bytes_per_second
+            self.packets = min(self.packets + elapsed * pps, pps * burst)
+            self.bytes = min(self.bytes + elapsed * bps, bps * burst)
+        if self.packets < 1 or self.bytes < size:
+            return False
+        self.packets -= 1
+        self.bytes -= size
+        return True
+
+
+def rate_limiter(quotas: Quotas, now: float) -> RateLimiter | None:
+    if quotas.packets_per_second <= 0 and quotas.bytes_per_second <= 0:
+        return None
+    # A disabled dimension gets a bucket that never runs dry.
+    unlimited = float(2**62)
+    limiter = RateLimiter(
+        float(quotas.packets_per_second) if quotas.packets_per_second > 0 else unlimited,
+        float(quotas.bytes_per_second) if quotas.bytes_per_second > 0 else unlimited,
+        quotas.burst_seconds,
+    )
+    limiter.last = now
+    return limiter
+
+
+def parse_networks(texts: Iterable[str]) -> tuple[Network, ...]:
+    """CIDR blocks or single addresses; raises ValueError naming the bad one."""
+    networks: list[Network] = []
+    for text in texts:
+        try:
+            networks.append(ipaddress.ip_network(text.strip(), strict=False))
+        except ValueError as exc:
+            raise ValueError(f"'{text}' is not an IP address or network") from exc
+    return tuple(networks)
+
+
+@dataclass(frozen=True)
+class PeerPolicy:
+    """Which peer addresses an allocation may relay to.
+
+    `allow` wins over everything else, so tests (or a relay deliberately serving its
+    own host) can open loopback without turning the other protections off.
+    """
+
+    allow: tuple[Network, ...] = ()
+    deny: tuple[Network, ...] = field(
+        default_factory=lambda: parse_networks(DEFAULT_DENIED_PEERS))
+    own: frozenset[str] = frozenset()
+
+    def refusal(self, ip: str) -> str | None:
+        """Why relaying to `ip` is refused, or None when allowed."""
+        try:
+            address: IPv4Address | IPv6Address = ipaddress.ip_address(ip)
+        except ValueError:
+            return "not an IP address"
+        if isinstance(address, IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        if any(address in network for network in self.allow):
+            return None
+        if str(address) in self.own:
+            return "the relay's own address"
+        for network in self.deny:
+            if address in network:
+                return f"denied network {network}"
+        return None
+
+
+@dataclass
+class Counters:
+    """Everything the relay did and refused; refusals are named after their reason."""
+
+    # Traffic.
+    stun_requests: int = 0
+    stun_indications: int = 0
+    channel_data_in: int = 0
+    peer_datagrams_in: int = 0
+    to_peer_packets: int = 0
+    to_peer_bytes: int = 0
+    to_client_packets: int = 0
+    to_client_bytes: int = 0
+    data_indications_out: int = 0
+    binding_responses: int = 0
+    change_request_responses: int = 0
+    # Allocation lifecycle.
+    allocations_created: int = 0
+    allocations_deleted: int = 0
+    allocations_expired: int = 0
+    permissions_expired: int = 0
+    channels_expired: int = 0
+    # Undecodable input, dropped silently.
+    truncated: int = 0
+    not_stun: int = 0
+    bad_fingerprint: int = 0
+    malformed: int = 0
+    unknown_method: int = 0
+    truncated_channel_data: int = 0
+    wrong_socket: int = 0
+    handler_errors: int = 0
+    # Refused requests, by error code.
+    unknown_attribute: int = 0  # 420
+    unauthenticated: int = 0  # 401 challenge: no credentials yet, the normal first step
+    bad_credentials: int = 0  # 401
+    expired_username: int = 0  # 401
+    wrong_realm: int = 0  # 401
+    stale_nonce: int = 0  # 438
+    bad_request: int = 0  # 400
+    bad_channel_number: int = 0  # 400
+    channel_conflict: int = 0  # 400
+    peer_forbidden: int = 0  # 403
+    allocation_mismatch: int = 0  # 437
+    wrong_credentials: int = 0  # 441
+    unsupported_transport: int = 0  # 442
+    address_family: int = 0  # 440/443
+    quota_user: int = 0  # 486
+    quota_total: int = 0  # 508
+    quota_permissions: int = 0  # 508
+    quota_channels: int = 0  # 508
+    no_capacity: int = 0  # 508: no relayed port, or a reservation we do not offer
+    # Dropped data.
+    no_allocation: int = 0
+    no_permission: int = 0
+    no_permission_in: int = 0
+    no_channel: int = 0
+    rate_limited: int = 0
+    send_errors: int = 0
+    receive_errors: int = 0
+
+    def to_json(self) -> dict[str, int]:
+        return asdict(self)
+
+    def nonzero(self) -> dict[str, int]:
+        return {key: value for key, value in asdict(self).items() if value}

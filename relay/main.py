@@ -1,0 +1,175 @@
+"""`kbwg-agent relay`: run the TURN relay until INT or TERM.
+
+Counters are logged every --stats-interval seconds, on SIGUSR1 and at exit, only the
+non-zero ones: a quiet relay logs one short line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ipaddress
+import json
+import logging
+import signal
+import sys
+from dataclasses import replace
+
+from kbwg.relay.config import Lifetimes, RelayConfig
+from kbwg.relay.limits import Quotas, parse_networks
+from kbwg.relay.server import RelayServer
+
+log = logging.getLogger(__name__)
+
+Address = tuple[str, int]
+DEFAULT_PORT = 3478
+
+
+def parse_address(text: str, default_port: int | None = DEFAULT_PORT) -> Address:
+    """IPv4 `ADDR[:PORT]`; raises ValueError with a message fit for the user."""
+    host, sep, port_text = text.strip().rpartition(":")
+    if not sep:
+        host, port_text = port_text, ""
+    try:
+        ipaddress.IPv4Address(host)
+    except ValueError:
+        raise ValueError(f"'{text}': the relay needs an IPv4 address") from None
+    if not port_text:
+        if default_port is None:
+            raise ValueError(f"'{text}' has no port")
+        return (host, default_port)
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ValueError(f"'{text}': port must be a number from 0 to 65535")
+    return (host, int(port_text))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    quotas, lifetimes = Quotas(), Lifetimes()
+    parser.add_argument("--listen", required=True, metavar="ADDR:PORT",
+                        help=f"UDP address to serve TURN and STUN on (port default "
+                        f"{DEFAULT_PORT})")
+    parser.add_argument("--secret-file", required=True, metavar="FILE",
+                        help="file holding the TURN REST shared secret (the team's relay "
+                        "secret from kbwg.json)")
+    parser.add_argument("--realm", default="kbwg", help="authentication realm "
+                        "(default: kbwg)")
+    parser.add_argument("--relay-ip", metavar="IP",
+                        help="address of relayed sockets, put in XOR-RELAYED-ADDRESS "
+                        "(default: the listen address; needed when listening on 0.0.0.0)")
+    parser.add_argument("--alt-address", metavar="IP:PORT",
+                        help="second IP and port for RFC 5780 NAT behaviour discovery "
+                        "(OTHER-ADDRESS, CHANGE-REQUEST); both must differ from --listen")
+    parser.add_argument("--allow-peer", action="append", default=[], metavar="CIDR",
+                        help="relay to these peers even when denied by default "
+                        "(loopback, link-local, multicast, the relay's own addresses)")
+    parser.add_argument("--deny-peer", action="append", default=[], metavar="CIDR",
+                        help="never relay to these peers (e.g. the relay's private LANs)")
+    parser.add_argument("--max-allocations", type=int, default=quotas.allocations,
+                        metavar="N", help=f"allocations in total (default "
+                        f"{quotas.allocations})")
+    parser.add_argument("--max-allocations-per-user", type=int, metavar="N",
+                        default=quotas.allocations_per_user,
+                        help=f"allocations per REST user (default "
+                        f"{quotas.allocations_per_user})")
+    parser.add_argument("--max-permissions", type=int, metavar="N",
+                        default=quotas.permissions_per_allocation,
+                        help=f"permissions per allocation (default "
+                        f"{quotas.permissions_per_allocation})")
+    parser.add_argument("--max-channels", type=int, metavar="N",
+                        default=quotas.channels_per_allocation,
+                        help=f"channels per allocation (default "
+                        f"{quotas.channels_per_allocation})")
+    parser.add_argument("--max-pps", type=int, metavar="N",
+                        default=quotas.packets_per_second,
+                        help=f"packets per second per allocation, 0 for no limit "
+                        f"(default {quotas.packets_per_second})")
+    parser.add_argument("--max-bytes-per-second", type=int, metavar="N",
+                        default=quotas.bytes_per_second,
+                        help=f"bytes per second per allocation, 0 for no limit "
+                        f"(default {quotas.bytes_per_second})")
+    parser.add_argument("--max-lifetime", type=int, metavar="SECONDS",
+                        default=int(lifetimes.allocation_max),
+                        help=f"longest allocation lifetime granted (default "
+                        f"{int(lifetimes.allocation_max)})")
+    parser.add_argument("--stats-interval", type=float, default=300, metavar="SECONDS",
+                        help="log counters this often, 0 never (default 300; SIGUSR1 "
+                        "logs them at once)")
+
+
+def build_config(args: argparse.Namespace) -> RelayConfig:
+    """Raises ValueError or OSError with a message fit for the user."""
+    with open(args.secret_file, encoding="utf-8") as handle:
+        secret = handle.read().strip()
+    if not secret:
+        raise ValueError(f"{args.secret_file} holds no secret")
+    numbers = (args.max_allocations, args.max_allocations_per_user, args.max_permissions,
+               args.max_channels, args.max_pps, args.max_bytes_per_second)
+    if min(numbers) < 0 or args.max_lifetime < 1:
+        raise ValueError("limits must not be negative, and --max-lifetime at least 1")
+    quotas = Quotas(
+        allocations=args.max_allocations, allocations_per_user=args.max_allocations_per_user,
+        permissions_per_allocation=args.max_permissions,
+        channels_per_allocation=args.max_channels, packets_per_second=args.max_pps,
+        bytes_per_second=args.max_bytes_per_second,
+    )
+    lifetimes = Lifetimes()
+    lifetimes = replace(lifetimes, allocation_max=args.max_lifetime,
+                        allocation_default=min(lifetimes.allocation_default,
+                                               args.max_lifetime))
+    config = RelayConfig(
+        listen=parse_address(args.listen),
+        secret=secret,
+        realm=args.realm,
+        relay_ip=args.relay_ip,
+        alt_address=parse_address(args.alt_address, None) if args.alt_address else None,
+        allow_peers=parse_networks(args.allow_peer),
+        deny_peers=parse_networks(args.deny_peer),
+        quotas=quotas,
+        lifetimes=lifetimes,
+    )
+    _ = config.relayed_ip  # fails early on a wildcard listen address without --relay-ip
+    return config
+
+
+def _log_counters(server: RelayServer, why: str) -> None:
+    state = server.table.counts()
+    log.info("counters (%s): %s %s", why, json.dumps(state),
+             json.dumps(server.counters.nonzero(), sort_keys=True))
+
+
+async def serve(config: RelayConfig, stats_interval: float) -> None:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    server = RelayServer(config)
+    loop.add_signal_handler(signal.SIGUSR1, _log_counters, server, "SIGUSR1")
+    try:
+        await server.start()
+        while not stop.is_set():
+            try:
+                await asyncio.wait_for(stop.wait(), stats_interval or None)
+            except TimeoutError:
+                _log_counters(server, "periodic")
+    finally:
+        _log_counters(server, "exit")
+        server.close()
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+            loop.remove_signal_handler(signum)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        config = build_config(args)
+    except (ValueError, OSError) as exc:
+        print(f"kbwg-agent relay: error: {exc}", file=sys.stderr)
+        return 1
+    try:
+        asyncio.run(serve(config, args.stats_interval))
+    except OSError as exc:
+        print(f"kbwg-agent relay: error: cannot serve: {exc}", file=sys.stderr)
+        return 1
+    except ValueError as exc:
+        print(f"kbwg-agent relay: error: {exc}", file=sys.stderr)
+        return 1
+    return 0

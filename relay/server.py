@@ -1,0 +1,291 @@
+"""The relay server: its sockets, the data path, and the expiry timer.
+
+Throughput is decided here. Each socket is a raw non-blocking socket watched with
+`loop.add_reader`; one readiness callback drains up to `batch` datagrams with
+`recvfrom_into` into a preallocated buffer and forwards slices of it, so a relayed
+packet costs two system calls, two dictionary lookups and no Python object beyond
+the address tuple the kernel hands back. asyncio's DatagramProtocol would add a bytes
+copy, a callback and a transport layer per packet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import struct
+import time
+
+from kbwg.relay.allocation import Allocation, AllocationTable
+from kbwg.relay.config import RelayConfig
+from kbwg.relay.control import ControlPlane
+from kbwg.relay.limits import DEFAULT_DENIED_PEERS, Counters, PeerPolicy, parse_networks
+from kbwg.relay.sockets import local_address, open_even_pair, open_relayed, open_udp
+
+log = logging.getLogger(__name__)
+
+Address = tuple[str, int]
+
+_MAX_DATAGRAM = 65536
+_CHANNEL_HEADER = struct.Struct("!HH")
+
+
+class RelayServer:
+    def __init__(self, config: RelayConfig, counters: Counters | None = None) -> None:
+        self.config = config
+        self.counters = counters if counters is not None else Counters()
+        self._relay_ip = config.relayed_ip
+        self._sockets: dict[Address, socket.socket] = {}
+        self._main: socket.socket | None = None
+        self._main_addr: Address = config.listen
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._sweeper: asyncio.Task[None] | None = None
+        # Two buffers: client->peer, and peer->client with room for the channel header.
+        self._in = bytearray(_MAX_DATAGRAM)
+        self._in_view = memoryview(self._in)
+        self._out = bytearray(_MAX_DATAGRAM + 4)
+        self._out_view = memoryview(self._out)
+        own = {config.listen[0], self._relay_ip}
+        if config.alt_address:
+            own.add(config.alt_address[0])
+        own.discard("0.0.0.0")
+        policy = PeerPolicy(
+            allow=config.allow_peers,
+            deny=parse_networks(DEFAULT_DENIED_PEERS) + config.deny_peers,
+            own=frozenset(own),
+        )
+        self.table = AllocationTable(
+            quotas=config.quotas, lifetimes=config.lifetimes, policy=policy,
+            counters=self.counters, open_socket=self._open_relayed,
+            open_pair=lambda: open_even_pair(self._relay_ip, config.relayed_socket_buffer),
+            on_created=self._allocation_created, on_removed=self._allocation_removed,
+        )
+        self.control: ControlPlane | None = None
+
+    @property
+    def address(self) -> Address:
+        if self._main is None:
+            raise RuntimeError("relay not started")
+        return local_address(self._main)
+
+    @property
+    def addresses(self) -> list[Address]:
+        return list(self._sockets)
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        config = self.config
+        try:
+            main = open_udp(config.listen, config.socket_buffer)
+            self._main = main
+            main_address = local_address(main)
+            self._main_addr = main_address
+            self._sockets[main_address] = main
+            alternates: dict[Address, Address] = {}
+            if config.alt_address is not None:
+                alternates = self._open_alternates(main_address, config.alt_address)
+            self.control = ControlPlane(config, self.table, self.counters, self._send,
+                                        main_address, alternates)
+            self._loop.add_reader(main.fileno(), self._main_readable)
+            for address, sock in self._sockets.items():
+                if sock is not main:
+                    self._loop.add_reader(sock.fileno(), self._aux_readable, sock, address)
+        except BaseException:
+            self.close()
+            raise
+        self._sweeper = asyncio.create_task(self._sweep())
+        log.info("relay listening on %s (relayed address %s)",
+                 ", ".join(f"{h}:{p}" for h, p in self._sockets), self._relay_ip)
+
+    def _open_alternates(self, main: Address, alt: Address) -> dict[Address, Address]:
+        """RFC 5780: listen on both IPs x both ports; each socket's OTHER-ADDRESS is the
+        one differing in both."""
+        if alt[0] == main[0] or alt[1] == main[1]:
+            raise ValueError("the alternate address needs another IP and another port")
+        alternates: dict[Address, Address] = {}
+        for ip, other_ip in ((main[0], alt[0]), (alt[0], main[0])):
+            for port, other_port in ((main[1], alt[1]), (alt[1], main[1])):
+                if (ip, port) != main:
+                    self._sockets[(ip, port)] = open_udp((ip, port), self.config.socket_buffer)
+                alternates[(ip, port)] = (other_ip, other_port)
+        return alternates
+
+    def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+        self.table.close()
+        for sock in self._sockets.values():
+            if self._loop is not None and sock.fileno() >= 0:
+                self._loop.remove_reader(sock.fileno())
+            sock.close()
+        self._sockets.clear()
+        self._main = None
+
+    async def __aenter__(self) -> RelayServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- sockets of allocations ---
+
+    def _open_relayed(self, even_port: bool, dont_fragment: bool) -> socket.socket:
+        return open_relayed(self._relay_ip, self.config.relayed_socket_buffer,
+                            even_port=even_port, dont_fragment=dont_fragment)
+
+    def _allocation_removed(self, allocation: Allocation) -> None:
+        sock = allocation.sock
+        if self._loop is not None and sock.fileno() >= 0:
+            self._loop.remove_reader(sock.fileno())
+        sock.close()
+
+    def _allocation_created(self, allocation: Allocation) -> None:
+        if self._loop is not None:
+            self._loop.add_reader(allocation.sock.fileno(), self._relayed_readable,
+                                  allocation)
+
+    # --- sending ---
+
+    def _send(self, data: bytes, to: Address, local: Address) -> None:
+        sock = self._sockets.get(local)
+        if sock is None:
+            return
+        try:
+            sock.sendto(data, to)
+        except OSError:
+            self.counters.send_errors += 1
+
+    # --- the data path ---
+
+    def _main_readable(self) -> None:
+        main = self._main
+        control = self.control
+        if main is None or control is None:
+            return
+        recv = main.recvfrom_into
+        buf, view = self._in, self._in_view
+        routes = self.table.routes
+        unpack = _CHANNEL_HEADER.unpack_from
+        counters = self.counters
+        now = time.monotonic()
+        received = sent = sent_bytes = 0
+        try:
+            for _ in range(self.config.batch):
+                try:
+                    size, client = recv(buf)
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError:
+                    counters.receive_errors += 1
+                    break
+                if size and 0x40 <= buf[0] <= 0x7F:
+                    received += 1
+                    if size < 4:
+                        counters.truncated_channel_data += 1
+                        continue
+                    channel, length = unpack(buf)
+                    # UDP ChannelData may carry padding, never less than its length.
+                    if length > size - 4:
+                        counters.truncated_channel_data += 1
+                        continue
+                    route = routes.get((client, channel))
+                    if route is None:
+                        counters.no_channel += 1
+                        continue
+                    sendto, peer, limiter = route
+                    if limiter is not None and not limiter.allow(now, length):
+                        counters.rate_limited += 1
+                        continue
+                    try:
+                        sendto(view[4:4 + length], peer)
+                    except OSError:
+                        counters.send_errors += 1
+                        continue
+                    sent += 1
+                    sent_bytes += length
+                else:
+                    control.datagram_received(bytes(view[:size]), client, self._main_addr)
+        finally:
+            counters.channel_data_in += received
+            counters.to_peer_packets += sent
+            counters.to_peer_bytes += sent_bytes
+
+    def _aux_readable(self, sock: socket.socket, local: Address) -> None:
+        """RFC 5780 sockets: STUN Binding only, never on the data path."""
+        control = self.control
+        if control is None:
+            return
+        for _ in range(self.config.batch):
+            try:
+                data, client = sock.recvfrom(_MAX_DATAGRAM)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                self.counters.receive_errors += 1
+                return
+            if data and 0x40 <= data[0] <= 0x7F:
+                self.counters.wrong_socket += 1
+                continue
+            control.datagram_received(data, (str(client[0]), int(client[1])), local)
+
+    def _relayed_readable(self, allocation: Allocation) -> None:
+        main = self._main
+        control = self.control
+        if main is None or control is None:
+            return
+        recv = allocation.sock.recvfrom_into
+        send = main.sendto
+        buf, view = self._out, self._out_view
+        payload = view[4:]
+        pack = _CHANNEL_HEADER.pack_into
+        client = allocation.client
+        channels = allocation.peer_channels
+        limiter = allocation.limiter
+        counters = self.counters
+        now = time.monotonic()
+        received = sent = sent_bytes = 0
+        try:
+            for _ in range(self.config.batch):
+                try:
+                    size, peer = recv(payload)
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError:  # closed under us when the allocation went away
+                    counters.receive_errors += 1
+                    break
+                received += 1
+                channel = channels.get(peer)
+                if channel is None and not allocation.permitted(peer[0], now):
+                    counters.no_permission_in += 1
+                    continue
+                if limiter is not None and not limiter.allow(now, size):
+                    counters.rate_limited += 1
+                    continue
+                try:
+                    if channel is not None:
+                        pack(buf, 0, channel, size)
+                        send(view[:4 + size], client)
+                    else:
+                        send(control.data_indication(
+                            allocation, (str(peer[0]), int(peer[1])),
+                            bytes(payload[:size])), client)
+                except OSError:
+                    counters.send_errors += 1
+                    continue
+                sent += 1
+                sent_bytes += size
+        finally:
+            counters.peer_datagrams_in += received
+            counters.to_client_packets += sent
+            counters.to_client_bytes += sent_bytes
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.sweep_interval)
+            try:
+                self.table.sweep(time.monotonic())
+            except Exception:  # the timer must survive a bug in one allocation
+                self.counters.handler_errors += 1
+                log.exception("expiry sweep failed")
