@@ -19,6 +19,7 @@ from ipaddress import IPv4Network
 from typing import Protocol
 from urllib.parse import parse_qs
 
+from kbwg.agent.claims import Policy
 from kbwg.agent.keybase import KeybaseFileNotFound
 from kbwg.agent.peers import DEFAULT_OVERLAY
 from kbwg.negotiation.candidates import DEFAULT_INTERFACE_EXCLUDE
@@ -32,7 +33,7 @@ STUN_DEFAULT_PORT = 3478
 _CHANNEL_RE = re.compile(r"^[A-Za-z0-9_-]{1,20}$")
 _KNOWN_KEYS = frozenset({
     "stun", "relays", "overlay", "announce_channel", "negotiation_channel",
-    "interface_exclude",
+    "interface_exclude", "dynamic_range", "policy",
 })
 _KNOWN_RELAY_KEYS = frozenset({"url", "secret", "username"})
 
@@ -76,6 +77,9 @@ class TeamConfig:
     announce_channel: str = "announce"
     negotiation_channel: str = "kbwg"
     interface_exclude: list[str] = field(default_factory=lambda: list(DEFAULT_INTERFACE_EXCLUDE))
+    # None: devices missing from peers.json cannot join (nowhere to claim an address).
+    dynamic_range: IPv4Network | None = None
+    policy: Policy = Policy.MESH
 
 
 class FileReader(Protocol):
@@ -176,6 +180,44 @@ def _channel(doc: dict[str, object], key: str, default: str) -> str:
     return value
 
 
+def _network(doc: dict[str, object], key: str, example: str) -> IPv4Network:
+    raw = doc[key]
+    try:
+        if not isinstance(raw, str):
+            raise ValueError("not a string")
+        network = ipaddress.ip_network(raw, strict=True)
+    except ValueError as exc:
+        raise TeamConfigError(
+            f"kbwg.json '{key}' must be an IPv4 network like {example}, got {raw!r}"
+        ) from exc
+    if not isinstance(network, IPv4Network) or network.prefixlen > 30:
+        raise TeamConfigError(
+            f"kbwg.json '{key}' must be an IPv4 network of at least 4 addresses, got {raw!r}"
+        )
+    return network
+
+
+def _dynamic_range(doc: dict[str, object], overlay: IPv4Network) -> IPv4Network | None:
+    if "dynamic_range" not in doc:
+        return None
+    network = _network(doc, "dynamic_range", "100.64.128.0/17")
+    # Inside the overlay, the range's own network and broadcast addresses are never
+    # claimed, which also keeps the overlay's out whenever the range touches them.
+    if not network.subnet_of(overlay):
+        raise TeamConfigError(
+            f"kbwg.json 'dynamic_range' {network} is not inside the overlay {overlay}"
+        )
+    return network
+
+
+def _policy(doc: dict[str, object]) -> Policy:
+    raw = doc.get("policy", Policy.MESH.value)
+    if isinstance(raw, str) and raw in {p.value for p in Policy}:
+        return Policy(raw)
+    choices = " or ".join(f"'{p.value}'" for p in Policy)
+    raise TeamConfigError(f"kbwg.json 'policy' must be {choices}, got {raw!r}")
+
+
 def parse_team_config(data: bytes | str) -> TeamConfig:
     """Parse and validate kbwg.json; every error names the key it concerns."""
     try:
@@ -201,24 +243,7 @@ def parse_team_config(data: bytes | str) -> TeamConfig:
             raise TeamConfigError("kbwg.json 'relays' must be a list of {url, secret} objects")
         relays = [_parse_relay(i, raw) for i, raw in enumerate(doc["relays"], start=1)]
 
-    overlay = DEFAULT_OVERLAY
-    if "overlay" in doc:
-        raw_overlay = doc["overlay"]
-        try:
-            if not isinstance(raw_overlay, str):
-                raise ValueError("not a string")
-            network = ipaddress.ip_network(raw_overlay, strict=True)
-        except ValueError as exc:
-            raise TeamConfigError(
-                f"kbwg.json 'overlay' must be an IPv4 network like 100.64.0.0/10, "
-                f"got {raw_overlay!r}"
-            ) from exc
-        if not isinstance(network, IPv4Network) or network.prefixlen > 30:
-            raise TeamConfigError(
-                f"kbwg.json 'overlay' must be an IPv4 network of at least 4 addresses, "
-                f"got {raw_overlay!r}"
-            )
-        overlay = network
+    overlay = _network(doc, "overlay", "100.64.0.0/10") if "overlay" in doc else DEFAULT_OVERLAY
 
     announce = _channel(doc, "announce_channel", "announce")
     negotiation = _channel(doc, "negotiation_channel", "kbwg")
@@ -229,6 +254,7 @@ def parse_team_config(data: bytes | str) -> TeamConfig:
     return TeamConfig(
         stun=stun, relays=relays, overlay=overlay, announce_channel=announce,
         negotiation_channel=negotiation, interface_exclude=exclude,
+        dynamic_range=_dynamic_range(doc, overlay), policy=_policy(doc),
     )
 
 

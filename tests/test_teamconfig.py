@@ -4,6 +4,7 @@ from ipaddress import IPv4Network
 
 import pytest
 
+from kbwg.agent.claims import Policy
 from kbwg.agent.keybase import KeybaseError, KeybaseFileNotFound
 from kbwg.agent.teamconfig import (
     HostPort,
@@ -33,6 +34,8 @@ def test_full_file() -> None:
         announce_channel="announce2",
         negotiation_channel="kbwg-dev",
         interface_exclude=["wg*", "eth9"],
+        dynamic_range="100.100.128.0/17",
+        policy="servers",
     ))
     assert config.stun == [HostPort("192.0.2.10", 3478), HostPort("stun.example.org", 3478),
                            HostPort("2001:db8::1", 3479)]
@@ -45,6 +48,8 @@ def test_full_file() -> None:
     assert config.overlay == IPv4Network("100.100.0.0/16")
     assert (config.announce_channel, config.negotiation_channel) == ("announce2", "kbwg-dev")
     assert config.interface_exclude == ["wg*", "eth9"]
+    assert config.dynamic_range == IPv4Network("100.100.128.0/17")
+    assert config.policy is Policy.SERVERS
 
 
 def test_empty_object_is_the_default_with_no_servers() -> None:
@@ -54,6 +59,22 @@ def test_empty_object_is_the_default_with_no_servers() -> None:
     assert config.overlay == IPv4Network("100.64.0.0/10")
     assert (config.announce_channel, config.negotiation_channel) == ("announce", "kbwg")
     assert config.interface_exclude == list(DEFAULT_INTERFACE_EXCLUDE)
+    assert config.dynamic_range is None and config.policy is Policy.MESH
+
+
+@pytest.mark.parametrize(("fields", "expected"), [
+    ({"dynamic_range": "100.64.128.0/17"}, IPv4Network("100.64.128.0/17")),
+    ({"dynamic_range": "100.127.255.252/30"}, IPv4Network("100.127.255.252/30")),
+    # The whole overlay is allowed: with an empty peers.json every device is dynamic.
+    ({"overlay": "10.9.0.0/16", "dynamic_range": "10.9.0.0/16"}, IPv4Network("10.9.0.0/16")),
+])
+def test_dynamic_range_inside_the_overlay(fields: dict[str, object],
+                                          expected: IPv4Network) -> None:
+    assert parse_team_config(_doc(**fields)).dynamic_range == expected
+
+
+def test_policy_mesh_is_explicit_too() -> None:
+    assert parse_team_config(_doc(policy="mesh")).policy is Policy.MESH
 
 
 def test_unknown_keys_are_ignored_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
@@ -95,6 +116,19 @@ def test_unknown_keys_are_ignored_with_a_warning(caplog: pytest.LogCaptureFixtur
     (_doc(negotiation_channel="x" * 21), "'negotiation_channel'"),
     (_doc(interface_exclude="wg*"), "'interface_exclude' must be a list"),
     (_doc(interface_exclude=["wg*", ""]), "'interface_exclude' item 2"),
+    (_doc(dynamic_range="100.64.128.1/17"), "'dynamic_range' must be an IPv4 network"),
+    (_doc(dynamic_range="fd00::/64"), "'dynamic_range' must be an IPv4 network"),
+    (_doc(dynamic_range="100.64.128.0/31"), "'dynamic_range' .*at least 4 addresses"),
+    (_doc(dynamic_range="100.64.128.4/32"), "'dynamic_range' .*at least 4 addresses"),
+    (_doc(dynamic_range=["100.64.128.0/17"]), "'dynamic_range' must be an IPv4 network"),
+    (_doc(dynamic_range="10.0.0.0/24"), "'dynamic_range' 10.0.0.0/24 is not inside the overlay"),
+    (_doc(dynamic_range="100.0.0.0/8"), "'dynamic_range' .*not inside the overlay 100.64.0.0/10"),
+    (_doc(overlay="100.100.0.0/16", dynamic_range="100.64.128.0/17"),
+     "'dynamic_range' .*not inside the overlay 100.100.0.0/16"),
+    (_doc(policy="star"), "'policy' must be 'mesh' or 'servers', got 'star'"),
+    (_doc(policy="MESH"), "'policy'"),
+    (_doc(policy=None), "'policy'"),
+    (_doc(policy=["mesh"]), "'policy'"),
 ])
 def test_bad_files_name_the_key(data: bytes, message: str) -> None:
     with pytest.raises(TeamConfigError, match=message):
