@@ -144,6 +144,8 @@ def _setup_logging(verbosity: int, quiet: bool = False) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # pyroute2 logs every netlink message at debug: far too much even for -vv.
+    logging.getLogger("pyroute2").setLevel(max(level, logging.INFO))
 
 
 def _fail(message: str, code: int = 1) -> int:
@@ -179,6 +181,9 @@ async def _join(args: argparse.Namespace) -> int:
         await agent.run(stop)
     except (JoinError, KeybaseError, OwnerError, OwnerGone, OwnerStartError) as exc:
         return _fail(str(exc))
+    except Exception as exc:
+        log.exception("the agent failed")
+        return _fail(f"{exc} (a bug: please report it with the log above)")
     finally:
         lock.close()
     log.info("stopped")

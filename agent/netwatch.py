@@ -40,9 +40,10 @@ class NetworkWatcher:
             dirty = asyncio.Event()
             notifier = asyncio.create_task(self._notify(dirty))
             try:
-                async for msg in ipr.get():
-                    if self._relevant(msg):
-                        dirty.set()
+                while True:  # get() ends after each batch of messages
+                    async for msg in ipr.get():
+                        if self._relevant(msg):
+                            dirty.set()
             finally:
                 notifier.cancel()
 

@@ -38,6 +38,7 @@ from kbwg.agent.owner_protocol import (
     OP_HELLO,
     OP_REMOVE_PEER,
     OP_REMOVE_ROUTE,
+    OP_SET_ADDRESS,
     OP_SET_PEER,
     OP_SHUTDOWN,
     OP_STATS,
@@ -56,6 +57,7 @@ from kbwg.agent.owner_protocol import (
     error_reply,
     format_endpoint,
     ok_reply,
+    parse_interface,
     parse_request,
     stun_event,
 )
@@ -267,6 +269,7 @@ class OwnerServer:
             OP_REMOVE_ROUTE: self._remove_route,
             OP_STUN_OPEN: self._stun_open,
             OP_STUN_SEND: self._stun_send,
+            OP_SET_ADDRESS: self._set_address,
             OP_SHUTDOWN: self._shutdown,
         }
 
@@ -300,6 +303,18 @@ class OwnerServer:
         if self.state.backend is None:
             raise ProtocolError(ERR_NO_DEVICE)
         return self.state.backend
+
+    async def _set_address(self, args: dict[str, Any]) -> dict[str, Any]:
+        address = parse_interface(args)
+        assert self.state.ifname is not None
+        if address == self.state.address:
+            return {}
+        await self._net.add_address(self.state.ifname, address)
+        old, self.state.address = self.state.address, address
+        if old is not None:
+            await self._net.remove_address(self.state.ifname, old)
+        logger.info("address of %s is now %s (was %s)", self.state.ifname, address, old)
+        return {}
 
     async def _hello(self, args: dict[str, Any]) -> dict[str, Any]:
         return {"version": PROTOCOL_VERSION, "pid": os.getpid()}

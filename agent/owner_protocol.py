@@ -17,6 +17,8 @@ Ops (args → result):
   rx_bytes, tx_bytes}]. Allowed before ``create`` (empty).
 - ``add_route`` (``destination`` "ip/32", ``via`` gateway|None, ``ifname``) → {}.
 - ``remove_route`` (``destination``) → {}.
+- ``set_address`` (``address`` "ip/prefix") → {}: replaces the overlay address (a
+  self-assigned address that lost a conflict moves).
 - ``shutdown`` () → {}; the owner then removes everything and exits 0.
 - ``stun_open`` () → ``port``. After ``create``: opens the raw socket that shares the
   WireGuard listen port with STUN (kbwg.agent.rawstun); again is a no-op.
@@ -51,6 +53,7 @@ OP_REMOVE_ROUTE = "remove_route"
 OP_SHUTDOWN = "shutdown"
 OP_STUN_OPEN = "stun_open"
 OP_STUN_SEND = "stun_send"
+OP_SET_ADDRESS = "set_address"
 
 EVENT_STUN = "stun"
 
@@ -153,6 +156,16 @@ def parse_endpoint(value: str, field: str = "endpoint") -> tuple[str, int]:
     return str(addr), port
 
 
+def parse_interface(args: dict[str, Any]) -> ipaddress.IPv4Interface | ipaddress.IPv6Interface:
+    address_text = _get(args, "address", str, "a string 'ip/prefix'")
+    if "/" not in address_text:
+        raise ProtocolError("'address' must be 'ip/prefix'")
+    try:
+        return ipaddress.ip_interface(address_text)
+    except ValueError as exc:
+        raise ProtocolError(f"'address' is invalid: {address_text!r}") from exc
+
+
 @dataclass(frozen=True)
 class CreateArgs:
     ifname: str
@@ -164,13 +177,7 @@ class CreateArgs:
 
     @classmethod
     def parse(cls, args: dict[str, Any]) -> CreateArgs:
-        address_text = _get(args, "address", str, "a string 'ip/prefix'")
-        if "/" not in address_text:
-            raise ProtocolError("'address' must be 'ip/prefix'")
-        try:
-            address = ipaddress.ip_interface(address_text)
-        except ValueError as exc:
-            raise ProtocolError(f"'address' is invalid: {address_text!r}") from exc
+        address = parse_interface(args)
         backend = _get(args, "backend", str, "a string")
         if backend not in BACKENDS:
             raise ProtocolError(f"'backend' must be one of {', '.join(BACKENDS)}")

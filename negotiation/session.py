@@ -4,10 +4,14 @@ Who offers: a device that learns of a peer offers at once, except when the peer
 announced after us (it joined later and finds our announcement in its history, so its
 offer is already on the way): then we wait `offer_grace_s` before offering ourselves.
 Glare (both offered) is resolved by key order: the offer of the device with the higher
-WireGuard public key wins, and that device is also the controlling side of the checks.
+WireGuard public key wins.
 
-A checker exists from the moment we offer, so the peer's checks are answered before its
-answer has even arrived (the answerer can connect one chat delivery earlier).
+The answering side controls the checks (the reverse of RFC 8445's habit): it has both
+sets of credentials the moment the offer arrives, so it checks and nominates at once,
+while the offerer's checker, which exists from the moment it offered, answers those
+checks. The answerer then sets its WireGuard endpoint and WireGuard's handshake reaches
+the offerer, which roams to it: the path is up one chat delivery after the offer,
+before the answer has even arrived.
 """
 
 from __future__ import annotations
@@ -84,7 +88,7 @@ def new_credentials() -> tuple[str, str]:
 class PeerSession:
     peer: DeviceId
     public_key: PublicKey
-    controlling: bool
+    wins_glare: bool
     state: str = "idle"  # idle, offering, checking, unanswered, closed
     session_id: bytes | None = None
     checker: Checker | None = None
@@ -112,7 +116,7 @@ class Negotiator:
         private_key: PrivateKey,
         post: Poster,
         make_checker: CheckerFactory,
-        local_candidates: Callable[[], list[CandidateInfo]],
+        local_candidates: Callable[[], Awaitable[list[CandidateInfo]]],
         wg_port: int,
         *,
         offer_grace_s: float = OFFER_GRACE_S,
@@ -142,11 +146,11 @@ class Negotiator:
         if current is not None and bytes(current.public_key) == bytes(key):
             return
         self.forget(peer)
-        session = PeerSession(peer, key, controlling=self._public > bytes(key))
+        session = PeerSession(peer, key, wins_glare=self._public > bytes(key))
         self.sessions[peer] = session
         if they_joined_later:
             session.timer = asyncio.get_running_loop().call_later(
-                self._grace, self._spawn, self._offer_if_idle(session))
+                self._grace, lambda: self._spawn(self._offer_if_idle(session)))
         else:
             self._spawn(self.offer(session))
         for _, msg in self._pending.pop(peer, []):
@@ -164,7 +168,10 @@ class Negotiator:
         if session is None:
             return {"negotiation": "none"}
         data = session.checker.snapshot() if session.checker is not None else {}
-        return {"negotiation": session.state, "controlling": session.controlling, **data}
+        # Once checks run, the checker's state (checking, connected, failed) says more.
+        state = data.get("state", session.state) if session.state == "checking" else \
+            session.state
+        return {**data, "negotiation": state}
 
     # -- offers -------------------------------------------------------------------
 
@@ -176,14 +183,15 @@ class Negotiator:
     async def offer(self, session: PeerSession, kind: str = "offer") -> None:
         """A new negotiation session with this peer (kind "restart" after a change)."""
         session.cancel_timer()
+        candidates = await self._local_candidates()
         ufrag, pwd = new_credentials()
         tie_breaker = secrets.randbits(64)
         session.session_id = new_session_id()
         session.replace_checker(self._make_checker(
-            CheckerSpec(session.peer, ufrag, pwd, session.controlling, tie_breaker)))
+            CheckerSpec(session.peer, ufrag, pwd, False, tie_breaker)))
         session.state = "offering"
         session.offers_sent = 0
-        body = Offer(ufrag, pwd, tie_breaker, self._local_candidates(), self._wg_port)
+        body = Offer(ufrag, pwd, tie_breaker, candidates, self._wg_port)
         await self._send_offer(session, kind, body)
 
     async def _send_offer(self, session: PeerSession, kind: str, body: Offer) -> None:
@@ -198,8 +206,8 @@ class Negotiator:
         assert session.session_id is not None
         await self._send(session, kind, session.session_id, body.to_wire())
         session.timer = asyncio.get_running_loop().call_later(
-            self._answer_timeout * session.offers_sent, self._spawn,
-            self._send_offer(session, kind, body))
+            self._answer_timeout * session.offers_sent,
+            lambda: self._spawn(self._send_offer(session, kind, body)))
 
     async def restart_all(self) -> None:
         """Our candidates changed: renegotiate with everyone."""
@@ -260,22 +268,23 @@ class Negotiator:
             log.debug("ignoring %s from %s", message.type, session.peer)
 
     async def _on_offer(self, session: PeerSession, message: WireMessage, offer: Offer) -> None:
-        if session.state == "offering" and session.controlling:
+        if session.state == "offering" and session.wins_glare:
             log.info("glare with %s: our offer wins (higher key)", session.peer)
             return
         if session.session_id is not None and session.session_id != message.session_id:
             self.guard.supersede(str(session.peer), session.session_id)
         session.cancel_timer()
+        candidates = await self._local_candidates()
         ufrag, pwd = new_credentials()
         session.session_id = message.session_id
         checker = self._make_checker(
-            CheckerSpec(session.peer, ufrag, pwd, session.controlling, offer.tie_breaker))
+            CheckerSpec(session.peer, ufrag, pwd, True, secrets.randbits(64)))
         session.replace_checker(checker)
         checker.set_remote(offer.ufrag, offer.pwd, list(offer.candidates))
         session.state = "checking"
         log.info("%s from %s: %d candidates; answering", message.type, session.peer,
                  len(offer.candidates))
-        answer = Answer(ufrag, pwd, self._local_candidates())
+        answer = Answer(ufrag, pwd, candidates)
         await self._send(session, "answer", message.session_id, answer.to_wire())
 
     def _on_answer(self, session: PeerSession, message: WireMessage, answer: Answer) -> None:

@@ -43,6 +43,7 @@ logger = logging.getLogger(__name__)
 
 Address = tuple[str, int]
 Receiver = Callable[[bytes, Address], object]
+LocalReceiver = Callable[[bytes, Address, str], object]
 EventCallback = Callable[[dict[str, Any]], object]
 
 # Sends are fire-and-forget; past this many unanswered ones the owner is not keeping up
@@ -67,6 +68,8 @@ class SharedPortTransport:
         self.owner = owner
         self.port = port
         self.receiver: Receiver | None = None
+        # Takes, when set, what `receiver` would: with the local address it arrived at.
+        self.local_receiver: LocalReceiver | None = None
         self.on_other_event: EventCallback | None = None
         self.counters = SharedPortCounters()
         self._bound: dict[str, SourceBound] = {}
@@ -131,7 +134,7 @@ class SharedPortTransport:
             if not isinstance(data, bytes) or not isinstance(src, str) or not isinstance(dst, str):
                 raise ProtocolError("stun event without bytes 'data', 'src' and 'dst'")
             addr = parse_endpoint(src, "src")
-            parse_endpoint(dst, "dst")
+            local_ip, _ = parse_endpoint(dst, "dst")
         except ProtocolError as exc:
             self.counters.bad_events += 1
             logger.warning("bad stun event from the device owner: %s", exc)
@@ -139,12 +142,15 @@ class SharedPortTransport:
         self.counters.received += 1
         # Response classes (success, error) have the C1 class bit, 0x0100, set.
         origin = self._origins.get(data[8:20]) if data[0] & 0x01 else None
-        receiver = origin.receiver if origin is not None and origin.receiver else self.receiver
-        if receiver is not None:
-            try:
-                receiver(data, addr)
-            except Exception:
-                logger.exception("STUN receiver failed")
+        try:
+            if origin is not None and origin.receiver is not None:
+                origin.receiver(data, addr)
+            elif self.local_receiver is not None:
+                self.local_receiver(data, addr, local_ip)
+            elif self.receiver is not None:
+                self.receiver(data, addr)
+        except Exception:
+            logger.exception("STUN receiver failed")
         return True
 
     async def _pump_events(self) -> None:

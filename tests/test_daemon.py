@@ -113,8 +113,10 @@ async def world(tmp_path: Path) -> AsyncIterator[World]:
     async def factory(_command: list[str] | None) -> Any:
         return owner
 
+    # The test's peers only announce (like the prototype): after the short fallback
+    # delay they get their announced endpoint.
     options = JoinOptions(team=TEAM, state_dir=tmp_path / "state", endpoint="198.18.0.5",
-                          refresh_s=0.2)  # fmt: skip
+                          refresh_s=0.2, announced_fallback_s=0.1)  # fmt: skip
     options.state_dir.mkdir()
     agent = Agent(options, KeybaseClient(STANDIN, env=env_for(home, "alice", "laptop")),
                   owner_factory=factory)  # fmt: skip
@@ -139,7 +141,8 @@ async def test_announced_peer_is_configured_and_shown(world: World) -> None:
     await world.client("bob", "desk").send(ANNOUNCE, f"ANNOUNCE 198.18.0.6:51820 {key}")
     await wait_for(lambda: key in world.owner.peers, "bob to be configured")
     assert world.owner.peers[key]["allowed_ips"] == ["100.64.0.2/32"]
-    assert world.owner.peers[key]["endpoint"] == "198.18.0.6:51820"
+    await wait_for(lambda: world.owner.peers[key]["endpoint"] == "198.18.0.6:51820",
+                   "the announced endpoint after the fallback delay")
     status = await call(world.agent.options.state_dir, "status")
     bob = next(p for p in status["peers"] if p["device"] == "desk")
     assert (bob["public_key"], bob["endpoint"], bob["overlay_ip"]) == (
@@ -185,7 +188,7 @@ async def test_new_key_replaces_old_peer_and_replay_is_ignored(world: World) -> 
     # Replaying the older message (as a late or duplicated delivery) changes nothing.
     page = await bob.read(ANNOUNCE)
     old = next(m for m in page.messages if m.body and first in m.body)
-    await world.agent._handle_message(replace(old), live=True)
+    await world.agent._on_chat(replace(old))
     assert list(world.owner.peers) == [second]
 
 

@@ -1,0 +1,82 @@
+"""What the agent knows and has configured about one peer, and how `status` shows it."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Any
+
+from kbwg.agent.peertable import PeerSpec
+
+# How the WireGuard endpoint of a peer was chosen.
+NEGOTIATED = "negotiated"
+ANNOUNCED = "announced"
+
+
+@dataclass
+class PeerState:
+    spec: PeerSpec
+    configured_key: str | None = None
+    configured_ip: str | None = None
+    endpoint: str | None = None
+    endpoint_source: str | None = None
+    # When the current endpoint was set; the first handshake after it is `connected_at`.
+    path_since: float | None = None
+    connected_at: float | None = None
+    last_handshake: float = 0.0
+    rx_bytes: int = 0
+    tx_bytes: int = 0
+    fallback: asyncio.TimerHandle | None = None
+    route: str | None = None
+
+    @property
+    def name(self) -> str:
+        return str(self.spec.device)
+
+    def reset_counters(self) -> None:
+        self.last_handshake, self.rx_bytes, self.tx_bytes = 0.0, 0, 0
+        self.connected_at = None
+
+    def observe(self, last_handshake: float, rx: int, tx: int) -> bool:
+        """Take the device owner's counters; True on the first handshake of a path."""
+        self.last_handshake, self.rx_bytes, self.tx_bytes = last_handshake, rx, tx
+        if (self.connected_at is None and last_handshake and self.path_since is not None
+                and last_handshake >= self.path_since - 1.0):
+            self.connected_at = last_handshake
+            return True
+        return False
+
+    def to_json(self, negotiation: dict[str, Any]) -> dict[str, Any]:
+        spec, ann = self.spec, self.spec.announcement
+        path = negotiation.get("path") or "none"
+        reason = negotiation.get("reason")
+        if self.endpoint_source == ANNOUNCED:
+            path = "direct" if self.last_handshake else "none"
+            reason = (f"announced endpoint {self.endpoint}: "
+                      f"{negotiation.get('negotiation', 'no')} negotiation")
+        return {
+            "username": spec.device.username,
+            "device": spec.device.device,
+            "overlay_ip": str(spec.overlay_ip),
+            "dynamic": spec.dynamic,
+            "claim": None if spec.claim is None else {
+                "ip": str(spec.claim.ip), "msg_id": spec.claim.msg_id,
+                "sent_at": spec.claim.sent_at},
+            "public_key": ann.public_key if ann else None,
+            "endpoint": self.endpoint,
+            "endpoint_source": self.endpoint_source,
+            "announced_endpoint": ann.endpoint if ann else None,
+            "announced_at": ann.sent_at if ann else None,
+            "path": path,
+            "local_candidate": negotiation.get("local_candidate"),
+            "remote_candidate": negotiation.get("remote_candidate"),
+            "interface": negotiation.get("interface"),
+            "rtt_ms": negotiation.get("rtt_ms"),
+            "reason": reason or "waiting for the peer's announcement",
+            "negotiation": negotiation.get("negotiation", "none"),
+            "host_route": self.route,
+            "connected_at": self.connected_at,
+            "last_handshake": self.last_handshake or None,
+            "rx_bytes": self.rx_bytes,
+            "tx_bytes": self.tx_bytes,
+        }

@@ -1,0 +1,194 @@
+"""Candidate pairs of one peer: forming and ordering them, and each pair's check state.
+
+Checks leave from bases (RFC 8445 section 6.1.2.4): a server-reflexive candidate is
+sent from its base, a host candidate, so srflx local candidates add no pairs of their
+own and are pruned. What the peer sees of us on a pair is learned from the
+XOR-MAPPED-ADDRESS of the answer (`CandidatePair.local_seen`): a host candidate when no
+NAT is between, our srflx candidate through an endpoint-independent NAT, or a new
+peer-reflexive one (a symmetric NAT). Relay candidates are bases of their own: their
+checks leave through the TURN allocation.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import statistics
+from collections import deque
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+from kbwg.negotiation.candidates import Candidate, candidate_priority
+from kbwg.negotiation.choice import PairState, PairView, PathClass, path_class
+from kbwg.negotiation.wire import CandidateInfo
+
+Address = tuple[str, int]
+TxKind = Literal["check", "nominate", "live"]
+
+# RFC 8445 section 6.1.2.5 suggests 100; a peer sends at most 64 candidates.
+MAX_PAIRS = 100
+# RTT is the median of the last few unambiguous samples: one late answer does not move it.
+RTT_WINDOW = 5
+_BASE_TYPES = ("host", "relay")
+
+
+def parse_address(text: str | None) -> Address | None:
+    """"ip:port" (as in `Candidate.base`) to a tuple; None when it is not one."""
+    if not text:
+        return None
+    host, colon, port = text.rpartition(":")
+    host = host.strip("[]")
+    if not colon or not port.isdigit():
+        return None
+    return (host, int(port))
+
+
+def ipv4(address: str) -> bool:
+    try:
+        return isinstance(ipaddress.ip_address(address), ipaddress.IPv4Address)
+    except ValueError:
+        return False
+
+
+def candidate_label(type_: str, address: str, port: int) -> str:
+    return f"{type_} {address}:{port}"
+
+
+def check_bases(local: Iterable[Candidate]) -> list[Candidate]:
+    """The local candidates checks leave from: IPv4 host and relay, deduplicated."""
+    bases: list[Candidate] = []
+    seen: set[Address] = set()
+    for cand in local:
+        addr = (cand.address, cand.port)
+        if cand.type in _BASE_TYPES and ipv4(cand.address) and addr not in seen:
+            seen.add(addr)
+            bases.append(cand)
+    return bases
+
+
+def pair_priority(local_priority: int, remote_priority: int, controlling: bool) -> int:
+    """RFC 8445 section 6.1.2.3; G is the controlling side's candidate priority."""
+    g, d = (local_priority, remote_priority) if controlling else (
+        remote_priority, local_priority)
+    return (1 << 32) * min(g, d) + 2 * max(g, d) + (1 if g > d else 0)
+
+
+def prflx_priority(base: Candidate) -> int:
+    """PRIORITY of our checks: what a prflx candidate learned from them would get."""
+    return candidate_priority("prflx", (base.priority >> 8) & 0xFFFF)
+
+
+@dataclass(eq=False)
+class CandidatePair:
+    """One local base and one remote candidate, with its check state and RTT."""
+
+    local: Candidate  # the base checks leave from (host or relay)
+    remote: CandidateInfo
+    priority: int
+    state: PairState = "waiting"
+    # Our candidate as the peer sees it, from the last answer's XOR-MAPPED-ADDRESS.
+    local_seen: Candidate | None = None
+    # Answers to single-shot liveness checks missed in a row.
+    misses: int = 0
+    # Re-probe backoff while failed (seconds); `probe_at` in loop time, None if unplanned.
+    probe_delay: float = 0.0
+    probe_at: float | None = None
+    succeeded_at: float | None = None
+    # Whether a check of this pair has concluded once: re-probes do not count as checking.
+    tried: bool = False
+    checks: int = 0
+    answers: int = 0
+    in_flight: dict[TxKind, bytes] = field(default_factory=dict)
+    _rtt_samples: deque[float] = field(default_factory=lambda: deque(maxlen=RTT_WINDOW))
+    # Set when the only RTT known came from a retransmitted transaction: an upper bound.
+    _rtt_bound: float | None = None
+
+    @property
+    def remote_address(self) -> Address:
+        return (self.remote.ip, self.remote.port)
+
+    @property
+    def local_address(self) -> Address:
+        return (self.local.address, self.local.port)
+
+    @property
+    def key(self) -> str:
+        return (f"{self.local.address}:{self.local.port}>"
+                f"{self.remote.ip}:{self.remote.port}")
+
+    @property
+    def shown_local(self) -> Candidate:
+        return self.local_seen if self.local_seen is not None else self.local
+
+    @property
+    def path(self) -> PathClass:
+        return path_class(self.shown_local.type, self.remote.type)
+
+    @property
+    def rtt_ms(self) -> float | None:
+        if self._rtt_samples:
+            return float(statistics.median(self._rtt_samples))
+        return self._rtt_bound
+
+    def add_rtt(self, sample_ms: float, exact: bool) -> None:
+        """An RTT sample; `exact` is False when the transaction was retransmitted.
+
+        Karn: an answer after retransmits may answer any copy. Timed from the first
+        copy it is an upper bound (exact when the first copy was answered, the usual
+        case on a path slower than the RTO), used only until an exact sample arrives.
+        """
+        if exact:
+            self._rtt_samples.append(sample_ms)
+        elif not self._rtt_samples:
+            self._rtt_bound = sample_ms
+
+    def local_label(self) -> str:
+        local = self.shown_local
+        return candidate_label(local.type, local.address, local.port)
+
+    def remote_label(self) -> str:
+        return candidate_label(self.remote.type, self.remote.ip, self.remote.port)
+
+    def describe(self) -> str:
+        return f"{self.local_label()} -> {self.remote_label()}"
+
+    def view(self) -> PairView:
+        local = self.shown_local
+        return PairView(
+            key=self.key, local_type=local.type, local_address=f"{local.address}:{local.port}",
+            remote_type=self.remote.type, remote_address=f"{self.remote.ip}:{self.remote.port}",
+            state=self.state, rtt_ms=self.rtt_ms, priority=self.priority,
+        )
+
+    def to_json(self) -> dict[str, object]:
+        rtt = self.rtt_ms
+        return {
+            "local": self.local_label(), "remote": self.remote_label(), "state": self.state,
+            "path": self.path, "rtt_ms": None if rtt is None else round(rtt, 3),
+            "interface": self.local.interface,
+        }
+
+
+def unique_remotes(candidates: Iterable[CandidateInfo]) -> list[CandidateInfo]:
+    """IPv4 remotes, one per address, the highest priority kept.
+
+    A peer without NAT lists one address as both host and srflx: pairs with both would
+    be redundant (RFC 8445 section 6.1.2.4).
+    """
+    best: dict[Address, CandidateInfo] = {}
+    for cand in candidates:
+        addr = (cand.ip, cand.port)
+        if ipv4(cand.ip) and (addr not in best or best[addr].priority < cand.priority):
+            best[addr] = cand
+    return list(best.values())
+
+
+def form_pairs(bases: Sequence[Candidate], remotes: Iterable[CandidateInfo],
+               controlling: bool) -> list[CandidatePair]:
+    """Every base with every distinct IPv4 remote, best first, at most MAX_PAIRS."""
+    pairs = [
+        CandidatePair(base, remote, pair_priority(base.priority, remote.priority, controlling))
+        for base in bases for remote in unique_remotes(remotes)
+    ]
+    pairs.sort(key=lambda p: p.priority, reverse=True)
+    return pairs[:MAX_PAIRS]

@@ -1,0 +1,148 @@
+"""The best endpoint per peer, chosen by negotiation over the dev channel.
+
+Each scenario builds its own world with a STUN server (coturn) on the internet segment
+and the team's kbwg.json pointing at it, starts two agents and checks the path both
+report and that WireGuard really uses it.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from kbwg_world import NatMode, Node, Segment, World, wait_until
+from kbwg_world.stunserver import StunServer
+from kbwg_world.team import AgentProcess, Team
+
+pytestmark = pytest.mark.netns
+
+ALICE = ("alice", "laptop", "100.64.0.1")
+BOB = ("bob", "desk", "100.64.0.2")
+
+
+def team_with_stun(world: World, inet: Segment) -> Team:
+    stun = StunServer.start(world.server("stun", inet, ips=["203.0.113.2"]))
+    team = Team(world)
+    team.write_peers([ALICE, BOB])
+    team.write_file("kbwg.json", json.dumps({"stun": [stun.address]}))
+    return team
+
+
+def start_pair(team: Team, a: Node, b: Node) -> tuple[AgentProcess, AgentProcess]:
+    alice = team.start_agent(a, ALICE[0], ALICE[1])
+    bob = team.start_agent(b, BOB[0], BOB[1])
+    team.wait_running(alice)
+    team.wait_running(bob)
+    return alice, bob
+
+
+def negotiated(agent: AgentProcess, device: str) -> dict[str, Any] | None:
+    status = agent.try_status()
+    if status is None:
+        return None
+    peer = next(p for p in status["peers"] if p["device"] == device)
+    return peer if peer["endpoint_source"] == "negotiated" and peer["path"] != "none" else None
+
+
+def wait_path(agent: AgentProcess, device: str, timeout: float = 20.0) -> dict[str, Any]:
+    try:
+        return wait_until(lambda: negotiated(agent, device), timeout=timeout,
+                          what=f"{agent.name} to negotiate a path to {device}")  # fmt: skip
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n--- log of {agent.name}:\n{agent.log(8000)}") from None
+
+
+def ping_ok(src: Node, dest: str) -> bool:
+    return src.ping(dest, count=1, timeout=1.0).ok
+
+
+def test_same_lan_behind_a_common_nat_uses_the_host_pair(world: World) -> None:
+    inet = world.internet()
+    team = team_with_stun(world, inet)
+    home = world.router("home", wan=inet, nat=NatMode.MASQUERADE)
+    a, b = world.host("a", lans=[home.lan]), world.host("b", lans=[home.lan])
+    alice, bob = start_pair(team, a, b)
+
+    peer = wait_path(alice, "desk")
+    assert peer["path"] == "direct-lan", peer
+    assert peer["endpoint"] == f"{b.ip}:51820", "the LAN address, not the NAT's"
+    assert peer["remote_candidate"] == f"host {b.ip}:51820"
+    assert "same LAN" in peer["reason"]
+    assert wait_path(bob, "laptop")["endpoint"] == f"{a.ip}:51820"
+    wait_until(lambda: ping_ok(a, BOB[2]), what="ping over the overlay")
+    # Both offered srflx candidates too (the NAT's public address): not chosen.
+    assert any(c["type"] == "srflx" for c in alice.status()["candidates"])
+
+
+def test_port_preserving_nats_get_a_direct_punched_path(world: World) -> None:
+    inet = world.internet()
+    team = team_with_stun(world, inet)
+    r1 = world.router("r1", wan=inet, nat=NatMode.MASQUERADE)
+    r2 = world.router("r2", wan=inet, nat=NatMode.MASQUERADE)
+    a, b = world.host("a", lans=[r1.lan]), world.host("b", lans=[r2.lan])
+    alice, bob = start_pair(team, a, b)
+
+    peer = wait_path(alice, "desk")
+    assert peer["path"] == "direct", peer
+    assert peer["endpoint"] == f"{r2.wan_ip}:51820", "through bob's NAT, port preserved"
+    assert wait_path(bob, "laptop")["endpoint"] == f"{r1.wan_ip}:51820"
+    wait_until(lambda: ping_ok(a, BOB[2]), what="ping from alice to bob")
+    wait_until(lambda: ping_ok(b, ALICE[2]), what="ping from bob to alice")
+
+
+def test_multi_homed_host_uses_the_faster_uplink(world: World) -> None:
+    inet = world.internet()
+    team = team_with_stun(world, inet)
+    slow = world.router("slow", wan=inet, nat=NatMode.MASQUERADE)
+    fast = world.router("fast", wan=inet, nat=NatMode.MASQUERADE)
+    # eth0 carries the default route but is 80 ms slower; eth1 has a backup default
+    # route (higher metric), as NetworkManager gives a second uplink.
+    m = world.host("m", lans=[slow.lan, fast.lan], delay_ms={"eth0": 80, "eth1": 5})
+    m.run(["ip", "route", "add", "default", "via", str(fast.lan.gateway), "dev", "eth1",
+           "metric", "200"])  # fmt: skip
+    p = world.host("p", lans=[inet])
+    alice, bob = start_pair(team, m, p)
+
+    peer = wait_until(
+        lambda: (x := negotiated(alice, "desk")) and x["interface"] == "eth1" and x,
+        timeout=30, what="alice to settle on eth1")  # fmt: skip
+    assert peer["endpoint"] == f"{p.ip}:51820"
+    assert peer["rtt_ms"] < 40, peer
+    assert peer["host_route"] == f"host route {p.ip}/32 via {fast.lan.gateway} dev eth1"
+    assert wait_path(bob, "laptop")["endpoint"] == f"{fast.wan_ip}:51820"
+
+    wait_until(lambda: ping_ok(m, BOB[2]), what="ping over the overlay")
+    before = {i: m.link_stats(i).tx_packets for i in ("eth0", "eth1")}
+    result = m.ping(BOB[2], count=50, interval=0.01, timeout=2.0)
+    assert result.received >= 45
+    sent = {i: m.link_stats(i).tx_packets - before[i] for i in ("eth0", "eth1")}
+    assert sent["eth1"] >= 50 > sent["eth0"], f"WireGuard did not follow the choice: {sent}"
+    assert max(result.rtts_ms) < 60, "the 80 ms uplink carried some of it"
+
+
+def test_lan_address_change_reconnects(world: World) -> None:
+    inet = world.internet()
+    team = team_with_stun(world, inet)
+    home = world.router("home", wan=inet, nat=NatMode.MASQUERADE)
+    a, b = world.host("a", lans=[home.lan]), world.host("b", lans=[home.lan])
+    alice, _ = start_pair(team, a, b)
+    wait_path(alice, "desk")
+    wait_until(lambda: ping_ok(a, BOB[2]), what="first ping")
+
+    old = b.ip
+    new = str(home.lan.allocate())
+    prefix = home.lan.subnet.prefixlen
+    # Like a new DHCP lease: the new address first, then the old one goes (kept usable
+    # in between by promoting the secondary).
+    b.run(["sysctl", "-q", "-w", "net.ipv4.conf.eth0.promote_secondaries=1"])
+    b.run(["ip", "addr", "add", f"{new}/{prefix}", "dev", "eth0"])
+    b.run(["ip", "addr", "del", f"{old}/{prefix}", "dev", "eth0"])
+    b.run(["ip", "route", "replace", "default", "via", str(home.lan.gateway)])
+
+    peer = wait_until(
+        lambda: (x := negotiated(alice, "desk")) and x["endpoint"] == f"{new}:51820" and x,
+        timeout=10, what="alice to move to bob's new address")  # fmt: skip
+    assert peer["path"] == "direct-lan"
+    wait_until(lambda: ping_ok(a, BOB[2]), timeout=10, what="ping after the change")

@@ -1,0 +1,641 @@
+"""PeerChecker against an in-memory network: LANs, NATs, delay, cuts; real asyncio timers."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+from aioice import stun
+
+from kbwg.negotiation.candidates import Candidate, candidate_priority
+from kbwg.negotiation.checks import CheckTimers, PeerChecker
+from kbwg.negotiation.mux import CheckMux
+from kbwg.negotiation.pairs import CandidatePair
+from kbwg.negotiation.wire import CandidateInfo
+
+Address = tuple[str, int]
+PORT = 51820
+PWD_A = "alicepasswordalicepassword"
+PWD_B = "bobpasswordbobpasswordbob"
+
+FAST = CheckTimers(
+    pacing=0.002, rto=0.03, max_rto=0.12, max_transmissions=4, settle=0.05,
+    consent_interval=0.1, consent_timeout=0.08, consent_failures=3,
+    keepalive_interval=0.1, reprobe_min=0.1, reprobe_max=0.4, jitter=0.1,
+)
+# For paths up to ~100 ms RTT: liveness checks must outwait them.
+SLOW_PATHS = CheckTimers(
+    pacing=0.002, rto=0.2, max_rto=0.4, max_transmissions=4, settle=0.05,
+    consent_interval=0.1, consent_timeout=0.25, consent_failures=3,
+    keepalive_interval=0.1, reprobe_min=0.1, reprobe_max=0.4, jitter=0.1,
+)
+
+
+class Nat:
+    """Endpoint-independent mapping (port-preserving) with address+port-dependent
+    filtering, like masquerade; or symmetric: a new port per destination."""
+
+    def __init__(self, public_ip: str, symmetric: bool = False) -> None:
+        self.public_ip = public_ip
+        self.symmetric = symmetric
+        self._out: dict[tuple[Address, Address | None], int] = {}
+        self._in: dict[int, Address] = {}
+        self._allowed: set[tuple[int, Address]] = set()
+        self._next = 40001
+
+    def outbound(self, internal: Address, dest: Address) -> Address:
+        key = (internal, dest if self.symmetric else None)
+        port = self._out.get(key)
+        if port is None:
+            if not self.symmetric and internal[1] not in self._in:
+                port = internal[1]
+            else:
+                port, self._next = self._next, self._next + 1
+            self._out[key] = port
+            self._in[port] = internal
+        self._allowed.add((port, dest))
+        return (self.public_ip, port)
+
+    def inbound(self, src: Address, port: int) -> Address | None:
+        return self._in.get(port) if (port, src) in self._allowed else None
+
+
+@dataclass(eq=False)
+class Iface:
+    address: Address
+    node: Node
+    lan: str | None  # None: directly on the internet
+    nat: Nat | None
+    delay: float  # one way, added to every packet sent or received here
+
+
+@dataclass(eq=False)
+class Node:
+    net: SimNet
+    name: str
+    candidates: list[Candidate] = field(default_factory=list)
+    mux: CheckMux = field(default_factory=CheckMux)
+    checker: PeerChecker | None = None
+    selections: list[tuple[CandidatePair | None, str]] = field(default_factory=list)
+
+    def host(self, ip: str, lan: str | None = None, nat: Nat | None = None,
+             delay: float = 0.0, rank: int = 0) -> Iface:
+        cand = Candidate("host", ip, PORT, f"eth{rank}",
+                         candidate_priority("host", 65535 - rank), f"interface eth{rank}")
+        self.candidates.append(cand)
+        iface = Iface((ip, PORT), self, lan, nat, delay)
+        self.net.ifaces[iface.address] = iface
+        return iface
+
+    def srflx(self, public: Address, base: Iface) -> None:
+        self.candidates.append(Candidate(
+            "srflx", public[0], public[1], None, candidate_priority("srflx"), "stun",
+            f"{base.address[0]}:{base.address[1]}"))
+
+    def send(self, data: bytes, dest: Address, local: Candidate) -> None:
+        self.net.send(data, (local.address, local.port), dest)
+
+    def receive(self, data: bytes, src: Address, local: Address) -> None:
+        cand = next(c for c in self.candidates
+                    if c.type == "host" and (c.address, c.port) == local)
+        self.mux.datagram_received(data, src, cand)
+
+    def on_selected(self, pair: CandidatePair | None, reason: str) -> None:
+        self.selections.append((pair, reason))
+
+    @property
+    def c(self) -> PeerChecker:
+        assert self.checker is not None
+        return self.checker
+
+
+class SimNet:
+    def __init__(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.ifaces: dict[Address, Iface] = {}
+        self.nats: dict[str, Nat] = {}
+        self.cut: set[frozenset[str]] = set()
+        self.dropped = 0
+
+    def node(self, name: str) -> Node:
+        return Node(self, name)
+
+    def nat(self, public_ip: str, symmetric: bool = False) -> Nat:
+        nat = self.nats[public_ip] = Nat(public_ip, symmetric)
+        return nat
+
+    def send(self, data: bytes, src_addr: Address, dest: Address) -> None:
+        src = self.ifaces[src_addr]
+        dst = self.ifaces.get(dest)
+        if dst is not None and dst.lan is not None and dst.lan == src.lan:
+            self._deliver(data, src, dst, src.address)
+            return
+        if src.lan is not None and src.nat is None:
+            self.dropped += 1  # an isolated LAN
+            return
+        seen = src.nat.outbound(src.address, dest) if src.nat else src.address
+        if dst is not None and dst.lan is None:
+            self._deliver(data, src, dst, seen)
+            return
+        nat = self.nats.get(dest[0])
+        internal = nat.inbound(seen, dest[1]) if nat is not None else None
+        if internal is None:
+            self.dropped += 1  # a private address elsewhere, or filtered by the NAT
+            return
+        self._deliver(data, src, self.ifaces[internal], seen)
+
+    def _deliver(self, data: bytes, src: Iface, dst: Iface, seen: Address) -> None:
+        if frozenset((src.address[0], dst.address[0])) in self.cut:
+            self.dropped += 1
+            return
+        self.loop.call_later(src.delay + dst.delay, dst.node.receive, data, seen, dst.address)
+
+
+def infos(candidates: list[Candidate]) -> list[CandidateInfo]:
+    return [CandidateInfo(c.type, c.address, c.port, c.priority, f"f{i}")
+            for i, c in enumerate(candidates)]
+
+
+async def connect(a: Node, b: Node, timers: CheckTimers = FAST, *,
+                  b_controlling: bool = False) -> None:
+    """A offers (controlling), B answers: B knows A first, as over chat."""
+    a.checker = PeerChecker(a.candidates, "aliceufrag", PWD_A, controlling=True,
+                            tie_breaker=2**63 + 7, send=a.send, on_selected=a.on_selected,
+                            timers=timers, name="alice")
+    b.checker = PeerChecker(b.candidates, "bobufrag", PWD_B, controlling=b_controlling,
+                            tie_breaker=12345, send=b.send, on_selected=b.on_selected,
+                            timers=timers, name="bob")
+    a.mux.register("aliceufrag", a.checker)
+    b.mux.register("bobufrag", b.checker)
+    b.checker.set_remote("aliceufrag", PWD_A, infos(a.candidates))
+    await asyncio.sleep(0.01)  # B's checks reach A before A has the answer
+    a.checker.set_remote("bobufrag", PWD_B, infos(b.candidates))
+
+
+async def until(predicate: Callable[[], bool], timeout: float = 3.0) -> float:
+    """Wait for `predicate`; the seconds it took."""
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    while not predicate():
+        if loop.time() - start > timeout:
+            raise AssertionError(f"condition not met within {timeout}s")
+        await asyncio.sleep(0.005)
+    return loop.time() - start
+
+
+def mirrored(a: Node, b: Node) -> bool:
+    """Both sides use the same path: each one's remote is where the other is seen."""
+    pa, pb = a.c.selected, b.c.selected
+    if pa is None or pb is None:
+        return False
+    seen_a, seen_b = pa.shown_local, pb.shown_local
+    return (pa.remote_address == (seen_b.address, seen_b.port)
+            and pb.remote_address == (seen_a.address, seen_a.port))
+
+
+def close(*nodes: Node) -> None:
+    for node in nodes:
+        if node.checker is not None:
+            node.checker.close()
+
+
+async def test_same_lan_host_pair_is_chosen_with_rtt() -> None:
+    net = SimNet()
+    nat = net.nat("203.0.113.1")
+    a, b = net.node("a"), net.node("b")
+    ia = a.host("198.18.1.10", lan="lan1", nat=nat, delay=0.002)
+    ib = b.host("198.18.1.20", lan="lan1", nat=nat, delay=0.002)
+    a.srflx(("203.0.113.1", PORT), ia)
+    b.srflx(("203.0.113.1", 40001), ib)
+    await connect(a, b)
+    try:
+        await until(lambda: a.c.state == "connected" and b.c.state == "connected")
+        await until(lambda: mirrored(a, b))
+        snap = a.c.snapshot()
+        assert snap["path"] == "direct-lan"
+        assert snap["local_candidate"] == "host 198.18.1.10:51820"
+        assert snap["remote_candidate"] == "host 198.18.1.20:51820"
+        assert snap["reason"].startswith("same LAN: host candidates answer each other (")
+        assert snap["connected_at"] is not None
+        assert 7.0 <= snap["rtt_ms"] < 40.0  # 4 ms each way
+        bsnap = b.c.snapshot()
+        assert bsnap["path"] == "direct-lan"
+        assert bsnap["remote_candidate"] == "host 198.18.1.10:51820"
+        assert b.selections[0][1].startswith("nominated by the peer: same LAN")
+        # One choice each, no flapping afterwards.
+        await asyncio.sleep(0.3)
+        assert len(a.selections) == 1 and len(b.selections) == 1
+        assert a.c.counters.ignored == 0 and b.c.counters.ignored == 0
+    finally:
+        close(a, b)
+
+
+async def test_behind_nat_each_srflx_pair_works() -> None:
+    net = SimNet()
+    nat_a, nat_b = net.nat("203.0.113.1"), net.nat("198.51.100.1")
+    a, b = net.node("a"), net.node("b")
+    ia = a.host("10.1.0.2", lan="home-a", nat=nat_a, delay=0.003)
+    ib = b.host("10.2.0.2", lan="home-b", nat=nat_b, delay=0.003)
+    a.srflx(("203.0.113.1", PORT), ia)
+    b.srflx(("198.51.100.1", PORT), ib)
+    await connect(a, b)
+    try:
+        await until(lambda: a.c.state == "connected" and b.c.state == "connected")
+        await until(lambda: mirrored(a, b))
+        snap = a.c.snapshot()
+        assert snap["path"] == "direct"
+        assert snap["local_candidate"] == "srflx 203.0.113.1:51820"
+        assert snap["remote_candidate"] == "srflx 198.51.100.1:51820"
+        assert "server-reflexive" in snap["reason"] and "no LAN path" in snap["reason"]
+        assert b.c.snapshot()["remote_candidate"] == "srflx 203.0.113.1:51820"
+        # The host pairs cannot work across two homes.
+        host_pair = next(p for p in a.c.pairs if p.remote.type == "host")
+        await until(lambda: host_pair.state == "failed")
+        alternatives = a.c.snapshot()["alternatives"]
+        assert {"local": "host 10.1.0.2:51820", "remote": "host 10.2.0.2:51820",
+                "state": "failed", "path": "direct-lan", "rtt_ms": None,
+                "interface": "eth0"} in alternatives
+    finally:
+        close(a, b)
+
+
+async def test_symmetric_nat_peer_reflexive_candidate_learned() -> None:
+    net = SimNet()
+    nat_a = net.nat("203.0.113.1", symmetric=True)
+    a, b = net.node("a"), net.node("b")
+    ia = a.host("10.1.0.2", lan="home-a", nat=nat_a, delay=0.002)
+    a.srflx(("203.0.113.1", 40000), ia)  # toward the STUN server: useless toward B
+    b.host("192.0.2.10", delay=0.002)  # public, no NAT
+    await connect(a, b)
+    try:
+        await until(lambda: a.c.state == "connected" and b.c.state == "connected")
+        assert b.c.counters.prflx_learned >= 1
+        bsnap = b.c.snapshot()
+        assert bsnap["remote_candidate"].startswith("prflx 203.0.113.1:4")
+        assert bsnap["remote_candidate"] != "prflx 203.0.113.1:40000"
+        assert bsnap["path"] == "direct"
+        asnap = a.c.snapshot()
+        # A learns its own peer-reflexive address from B's answers.
+        assert asnap["local_candidate"] == bsnap["remote_candidate"]
+        assert asnap["remote_candidate"] == "host 192.0.2.10:51820"
+        assert asnap["path"] == "direct"
+        assert "peer-reflexive" in asnap["reason"]
+    finally:
+        close(a, b)
+
+
+async def test_multihomed_faster_interface_wins() -> None:
+    net = SimNet()
+    a, b = net.node("a"), net.node("b")
+    # The slow interface has the higher priority, so it is checked first.
+    a.host("198.18.3.10", lan="lan1", delay=0.040, rank=0)
+    a.host("198.18.1.10", lan="lan1", delay=0.005, rank=1)
+    b.host("198.18.1.20", lan="lan1")
+    await connect(a, b, SLOW_PATHS)
+    try:
+        await until(lambda: a.c.state == "connected" and mirrored(a, b))
+        selected = a.c.selected
+        assert selected is not None
+        assert selected.local.address == "198.18.1.10" and selected.local.interface == "eth1"
+        slow = next(p for p in a.c.pairs if p.local.address == "198.18.3.10")
+        await until(lambda: slow.state == "succeeded")
+        await asyncio.sleep(0.3)  # a few keepalives: exact RTT samples on both
+        fast_rtt, slow_rtt = selected.rtt_ms, slow.rtt_ms
+        assert fast_rtt is not None and slow_rtt is not None
+        assert 9.0 <= fast_rtt < 40.0 and 75.0 <= slow_rtt < 140.0
+        assert a.c.selected is selected
+        assert [p.local.address for p in a.c.valid_pairs] == ["198.18.1.10", "198.18.3.10"]
+        alternatives = a.c.snapshot()["alternatives"]
+        assert [alt["local"] for alt in alternatives] == ["host 198.18.3.10:51820"]
+    finally:
+        close(a, b)
+
+
+async def test_hysteresis_ignores_jitter_and_follows_a_big_change() -> None:
+    net = SimNet()
+    a, b = net.node("a"), net.node("b")
+    if1 = a.host("198.18.1.10", lan="lan1", delay=0.010, rank=0)
+    a.host("198.18.3.10", lan="lan1", delay=0.012, rank=1)
+    b.host("198.18.1.20", lan="lan1")
+    await connect(a, b, SLOW_PATHS)
+    try:
+        await until(lambda: a.c.state == "connected" and mirrored(a, b))
+        assert a.c.selected is not None and a.c.selected.local.address == "198.18.1.10"
+        await asyncio.sleep(0.3)
+        # 26 ms against 24 ms: faster, but inside the margin.
+        if1.delay = 0.013
+        await asyncio.sleep(0.8)
+        assert a.c.selected.local.address == "198.18.1.10"
+        assert len(a.selections) == 1
+        # 90 ms against 24 ms: switch, and the peer follows the renomination.
+        if1.delay = 0.045
+        await until(lambda: a.c.selected is not None
+                    and a.c.selected.local.address == "198.18.3.10", timeout=3.0)
+        assert len(a.selections) == 2
+        reason = a.selections[-1][1]
+        assert reason.startswith("switched from host 198.18.1.10:51820 -> host "
+                                 "198.18.1.20:51820 to host 198.18.3.10:51820")
+        assert reason.endswith(" ms")
+        await until(lambda: b.c.selected is not None
+                    and b.c.selected.remote.ip == "198.18.3.10")
+    finally:
+        close(a, b)
+
+
+async def test_controlled_side_follows_renomination_after_reprobe() -> None:
+    net = SimNet()
+    a, b = net.node("a"), net.node("b")
+    a.host("198.18.1.10", lan="lan1", delay=0.001, rank=0)
+    a.host("198.18.3.10", lan="lan1", delay=0.030, rank=1)
+    b.host("198.18.1.20", lan="lan1")
+    net.cut.add(frozenset(("198.18.1.10", "198.18.1.20")))
+    await connect(a, b, SLOW_PATHS)
+    try:
+        await until(lambda: b.c.selected is not None
+                    and b.c.selected.remote.ip == "198.18.3.10")
+        net.cut.clear()  # the fast interface comes back: found by re-probing
+        await until(lambda: b.c.selected is not None
+                    and b.c.selected.remote.ip == "198.18.1.10", timeout=3.0)
+        assert a.c.selected is not None and a.c.selected.local.address == "198.18.1.10"
+        assert "switched from" in a.c.reason
+        assert len(b.selections) == 2
+        assert all(reason.startswith("nominated by the peer") for _, reason in b.selections)
+    finally:
+        close(a, b)
+
+
+async def test_consent_failure_falls_back_then_fails_then_recovers() -> None:
+    net = SimNet()
+    a, b = net.node("a"), net.node("b")
+    a.host("198.18.1.10", lan="lan1", delay=0.001, rank=0)
+    a.host("198.18.3.10", lan="lan1", delay=0.003, rank=1)
+    b.host("198.18.1.20", lan="lan1")
+    await connect(a, b)
+    try:
+        await until(lambda: a.c.state == "connected" and mirrored(a, b))
+        await until(lambda: len(a.c.valid_pairs) == 2)
+        assert a.c.selected is not None and a.c.selected.local.address == "198.18.1.10"
+
+        net.cut.add(frozenset(("198.18.1.10", "198.18.1.20")))
+        took = await until(lambda: a.c.selected is not None
+                           and a.c.selected.local.address == "198.18.3.10")
+        # Three consent intervals (0.1 s, jittered) and a timeout, not more.
+        assert took < 0.75
+        assert "stopped answering; switched to" in a.c.reason
+        # The controlled side moves too, on its own consent or by the nomination.
+        await until(lambda: b.c.selected is not None
+                    and b.c.selected.remote.ip == "198.18.3.10", timeout=1.0)
+
+        net.cut.add(frozenset(("198.18.3.10", "198.18.1.20")))
+        await until(lambda: a.c.state == "failed" and b.c.state == "failed", timeout=2.0)
+        assert a.selections[-1][0] is None
+        assert "stopped answering" in a.selections[-1][1]
+        assert a.c.snapshot()["path"] == "none" and a.c.snapshot()["connected_at"] is None
+
+        net.cut.clear()  # re-probing finds the paths again (backoff capped at 0.4 s)
+        await until(lambda: a.c.state == "connected" and b.c.state == "connected",
+                    timeout=2.0)
+        await until(lambda: a.c.selected is not None
+                    and a.c.selected.local.address == "198.18.1.10", timeout=2.0)
+        await until(lambda: mirrored(a, b))
+    finally:
+        close(a, b)
+
+
+async def test_all_pairs_failing_reports_failed_once() -> None:
+    net = SimNet()
+    a, b = net.node("a"), net.node("b")
+    a.host("10.1.0.2", lan="home-a")
+    b.host("10.2.0.2", lan="home-b")
+    await connect(a, b)
+    try:
+        await until(lambda: a.c.state == "failed", timeout=2.0)
+        assert a.selections == [(None, "no pair answered (tried 1)")]
+        await asyncio.sleep(0.5)  # re-probes go on, the report does not repeat
+        assert len(a.selections) == 1 and a.c.counters.checks > 1
+    finally:
+        close(a, b)
+
+
+async def test_role_conflict_is_resolved() -> None:
+    net = SimNet()
+    a, b = net.node("a"), net.node("b")
+    a.host("198.18.1.10", lan="lan1", delay=0.001)
+    b.host("198.18.1.20", lan="lan1", delay=0.001)
+    await connect(a, b, b_controlling=True)  # crossed offers: both think they control
+    try:
+        await until(lambda: a.c.state == "connected" and b.c.state == "connected")
+        assert a.c.controlling and not b.c.controlling  # A has the larger tie-breaker
+        assert a.c.counters.role_conflicts + b.c.counters.role_conflicts >= 1
+        await until(lambda: mirrored(a, b))
+    finally:
+        close(a, b)
+
+
+async def test_checks_are_paced_and_retransmitted() -> None:
+    net = SimNet()
+    a, b = net.node("a"), net.node("b")
+    for i in range(3):
+        a.host(f"10.1.{i}.2", lan=f"a{i}", rank=i)
+        b.host(f"10.2.{i}.2", lan=f"b{i}", rank=i)
+    sent: list[tuple[float, bytes]] = []
+    loop = asyncio.get_running_loop()
+    send_a = a.send
+
+    def spy(data: bytes, dest: Address, local: Candidate) -> None:
+        message = stun.parse_message(data)
+        if message.message_class == stun.Class.REQUEST:
+            sent.append((loop.time(), message.transaction_id))
+        send_a(data, dest, local)
+
+    a.send = spy  # type: ignore[method-assign]
+    await connect(a, b)
+    try:
+        await until(lambda: a.c.state == "failed", timeout=2.0)
+        first: dict[bytes, float] = {}
+        for when, txid in sent:
+            first.setdefault(txid, when)
+        starts = sorted(first.values())[:9]
+        assert len(starts) == 9  # 3 x 3 pairs
+        gaps = [later - earlier for earlier, later in itertools.pairwise(starts)]
+        assert min(gaps) >= FAST.pacing * 0.9
+        # Each transaction went out max_transmissions times before failing.
+        copies = [sum(1 for _, t in sent if t == txid) for txid in list(first)[:9]]
+        assert copies == [FAST.max_transmissions] * 9
+    finally:
+        close(a, b)
+
+
+def _request(username: str, key: bytes, **attrs: object) -> stun.Message:
+    message = stun.Message(stun.Method.BINDING, stun.Class.REQUEST)
+    message.attributes["USERNAME"] = username
+    message.attributes.update(attrs)
+    message.add_message_integrity(key)
+    return message
+
+
+async def test_bad_input_is_ignored_and_counted() -> None:
+    sent: list[tuple[bytes, Address, Candidate]] = []
+    local = Candidate("host", "198.18.1.10", PORT, "eth0", candidate_priority("host"), "if")
+    checker = PeerChecker([local], "aliceufrag", PWD_A, controlling=False, tie_breaker=1,
+                          send=lambda d, a, c: sent.append((d, a, c)), timers=FAST)
+    mux = CheckMux()
+    mux.register("aliceufrag", checker)
+    peer = ("198.18.1.20", PORT)
+    try:
+        checker.set_remote("bobufrag", PWD_B, infos([Candidate(
+            "host", "198.18.1.20", PORT, None, candidate_priority("host"), "if")]))
+        await until(lambda: bool(sent))
+        request = stun.parse_message(sent[0][0])
+        counters = checker.counters
+
+        assert not checker.datagram_received(b"garbage", peer, local)
+        assert not checker.datagram_received(sent[0][0][:30], peer, local)  # truncated
+        assert counters.malformed == 2
+        wrong_key = _request("aliceufrag:bobufrag", b"not the password at all")
+        assert not checker.datagram_received(bytes(wrong_key), peer, local)
+        assert counters.bad_integrity == 1
+        wrong_user = _request("aliceufrag:mallory", PWD_A.encode())
+        assert not checker.datagram_received(bytes(wrong_user), peer, local)
+        assert counters.bad_username == 1
+        assert not mux.datagram_received(bytes(_request("nobody:bob", b"k" * 22)), peer)
+        assert mux.counters.unknown_ufrag == 1
+
+        stray = stun.Message(stun.Method.BINDING, stun.Class.RESPONSE)
+        stray.attributes["XOR-MAPPED-ADDRESS"] = ("198.18.1.10", PORT)
+        stray.add_message_integrity(PWD_B.encode())
+        assert not checker.datagram_received(bytes(stray), peer, local)
+        assert counters.unknown_transaction == 1
+
+        # A forged answer to a real transaction: ignored, and the check goes on.
+        forged = stun.Message(stun.Method.BINDING, stun.Class.RESPONSE,
+                              transaction_id=request.transaction_id)
+        forged.attributes["XOR-MAPPED-ADDRESS"] = ("198.18.1.10", PORT)
+        forged.add_message_integrity(b"guessed password guessed")
+        assert not checker.datagram_received(bytes(forged), peer, local)
+        assert counters.bad_integrity == 2
+        assert checker.has_transaction(request.transaction_id)
+        assert checker.pairs[0].state == "in-progress"
+        assert not any(p.state == "succeeded" for p in checker.pairs)
+        # ... and nothing of it was answered.
+        assert all(stun.parse_message(d).message_class == stun.Class.REQUEST
+                   for d, _, _ in sent)
+
+        # Fuzz: mutations of a valid request never raise.
+        valid = bytes(_request("aliceufrag:bobufrag", PWD_A.encode(), PRIORITY=1))
+        rng = random.Random(3)
+        for _ in range(500):
+            mutated = bytearray(valid)
+            for _ in range(rng.randint(1, 4)):
+                mutated[rng.randrange(len(mutated))] = rng.randrange(256)
+            assert isinstance(checker.datagram_received(bytes(mutated), peer, local), bool)
+            assert isinstance(mux.datagram_received(bytes(mutated), peer), bool)
+        assert counters.errors == 0 and mux.counters.errors == 0
+
+        # A valid request is answered: XOR-MAPPED-ADDRESS, signed with our password.
+        before = len(sent)
+        assert checker.datagram_received(valid, ("192.0.2.77", 4000), local)
+        answer = next(stun.parse_message(d) for d, _, _ in sent[before:]
+                      if stun.parse_message(d).message_class == stun.Class.RESPONSE)
+        assert answer.attributes["XOR-MAPPED-ADDRESS"] == ("192.0.2.77", 4000)
+        assert answer.check_message_integrity(PWD_A.encode())
+        assert counters.prflx_learned == 1  # an address the peer did not list
+    finally:
+        checker.close()
+
+
+async def test_requests_before_the_answer_are_answered_and_replayed() -> None:
+    sent: list[tuple[bytes, Address]] = []
+    local = Candidate("host", "198.18.1.10", PORT, "eth0", candidate_priority("host"), "if")
+    checker = PeerChecker([local], "aliceufrag", PWD_A, controlling=True, tie_breaker=9,
+                          send=lambda d, a, c: sent.append((d, a)), timers=FAST)
+    try:
+        early = _request("aliceufrag:bobufrag", PWD_A.encode(), PRIORITY=5,
+                         **{"ICE-CONTROLLED": 1})
+        assert checker.datagram_received(bytes(early), ("198.18.1.20", PORT), local)
+        assert len(sent) == 1  # answered at once
+        assert checker.pairs == []
+        checker.set_remote("bobufrag", PWD_B, [])
+        # The early check left a (peer-reflexive) pair, checked right away.
+        assert [p.remote_label() for p in checker.pairs] == ["prflx 198.18.1.20:51820"]
+        await until(lambda: len(sent) >= 2)
+        assert stun.parse_message(sent[1][0]).message_class == stun.Class.REQUEST
+    finally:
+        checker.close()
+
+
+async def test_close_stops_everything() -> None:
+    net = SimNet()
+    a, b = net.node("a"), net.node("b")
+    a.host("198.18.1.10", lan="lan1")
+    b.host("198.18.1.20", lan="lan1")
+    await connect(a, b)
+    await until(lambda: a.c.state == "connected")
+    close(a, b)
+    checks = a.c.counters.checks
+    await asyncio.sleep(0.3)
+    assert a.c.counters.checks == checks
+    assert a.c.state == "closed"
+
+
+def _settle_world(net: SimNet) -> tuple[Node, Node]:
+    """A LAN path that answers slowly (60 ms RTT) and a fast path through A's NAT."""
+    nat_a = net.nat("203.0.113.1")
+    a, b = net.node("a"), net.node("b")
+    a.host("198.18.1.10", lan="lan1", delay=0.030, rank=0)
+    a.host("10.1.0.2", lan="home-a", nat=nat_a, delay=0.001, rank=1)
+    b.host("198.18.1.20", lan="lan1", rank=0)
+    b.host("192.0.2.10", rank=1)  # also directly on the internet
+    return a, b
+
+
+async def test_settle_waits_for_a_slower_better_class_pair() -> None:
+    net = SimNet()
+    a, b = _settle_world(net)
+    timers = replace(SLOW_PATHS, settle=0.15)
+    await connect(a, b, timers)
+    try:
+        await until(lambda: a.c.state == "connected")
+        await asyncio.sleep(0.3)
+        # The fast NAT path answered first, but the LAN pair was still being checked:
+        # nominating at once would have meant a second switch right after.
+        assert len(a.selections) == 1
+        assert a.c.snapshot()["path"] == "direct-lan"
+    finally:
+        close(a, b)
+
+
+async def test_settle_window_is_bounded() -> None:
+    net = SimNet()
+    a, b = _settle_world(net)
+    net.cut.add(frozenset(("198.18.1.10", "198.18.1.20")))
+    timers = replace(SLOW_PATHS, settle=0.1)
+    await connect(a, b, timers)
+    try:
+        # A LAN check gives up only after ~1.4 s; the choice does not wait for it.
+        took = await until(lambda: a.c.state == "connected")
+        assert took < 0.6
+        assert a.c.snapshot()["path"] == "direct"
+        lan = next(p for p in a.c.pairs if p.local.address == "198.18.1.10"
+                   and p.remote.ip == "198.18.1.20")
+        assert lan.state == "in-progress"
+    finally:
+        close(a, b)
+
+
+def test_rtt_from_a_retransmitted_check_is_only_a_stand_in() -> None:
+    local = Candidate("host", "198.18.1.10", PORT, "eth0", candidate_priority("host"), "if")
+    remote = CandidateInfo("host", "198.18.1.20", PORT, candidate_priority("host"), "f0")
+    pair = CandidatePair(local, remote, 1)
+    pair.add_rtt(130.0, exact=False)  # first copy lost: timed from it, an upper bound
+    assert pair.rtt_ms == 130.0
+    pair.add_rtt(30.0, exact=True)
+    assert pair.rtt_ms == 30.0  # replaced at once, not averaged in
+    pair.add_rtt(500.0, exact=False)
+    assert pair.rtt_ms == 30.0  # ambiguous samples never displace exact ones
+    for sample in (31.0, 29.0, 400.0):
+        pair.add_rtt(sample, exact=True)
+    assert pair.rtt_ms == 30.5  # median: one late answer does not move it

@@ -1,0 +1,118 @@
+from kbwg.negotiation.choice import (
+    PairState,
+    PairView,
+    better_class_pending,
+    choose,
+    explain,
+    faster_enough,
+    path_class,
+)
+
+
+def view(key: str, local: str, remote: str, rtt: float | None = 10.0,
+         state: PairState = "succeeded", priority: int = 0) -> PairView:
+    return PairView(key=key, local_type=local, local_address=f"10.0.0.{len(key)}:51820",
+                    remote_type=remote, remote_address=f"10.0.1.{len(key)}:51820",
+                    state=state, rtt_ms=rtt, priority=priority)
+
+
+def test_path_class() -> None:
+    assert path_class("host", "host") == "direct-lan"
+    assert path_class("host", "srflx") == "direct"
+    assert path_class("srflx", "srflx") == "direct"
+    assert path_class("prflx", "host") == "direct"
+    assert path_class("host", "prflx") == "direct"
+    assert path_class("relay", "host") == "relay"
+    assert path_class("srflx", "relay") == "relay"
+
+
+def test_class_beats_rtt() -> None:
+    lan = view("lan", "host", "host", rtt=50.0)
+    nat = view("nat", "srflx", "srflx", rtt=5.0)
+    relay = view("relay", "relay", "host", rtt=1.0)
+    best, reason = choose(None, [relay, nat, lan])
+    assert best == lan
+    assert reason == "same LAN: host candidates answer each other (50.0 ms)"
+    best, reason = choose(None, [relay, nat])
+    assert best == nat
+    assert reason == ("direct through NAT via server-reflexive address (5.0 ms); "
+                      "no LAN path")
+    failed = [view(f"d{i}", "host", "srflx", state="failed") for i in range(4)]
+    best, reason = choose(None, [relay, *failed])
+    assert best == relay
+    assert reason == "relayed (1.0 ms): no direct pair answered (tried 4)"
+
+
+def test_lower_rtt_wins_within_a_class_without_current() -> None:
+    slow = view("slow", "host", "host", rtt=160.0, priority=10)
+    fast = view("fast", "host", "host", rtt=10.0, priority=1)
+    assert choose(None, [slow, fast])[0] == fast
+    # Unknown RTT loses to a known one; priority breaks ties.
+    unknown = view("unknown", "host", "host", rtt=None, priority=99)
+    assert choose(None, [unknown, fast])[0] == fast
+    tied = [view("a", "host", "host", 5.0, priority=1), view("bb", "host", "host", 5.0, priority=2)]
+    assert choose(None, tied)[0] == tied[1]
+
+
+def test_hysteresis_keeps_current_against_jitter() -> None:
+    current = view("cur", "host", "host", rtt=20.0)
+    slightly = view("new", "host", "host", rtt=17.0)  # 15% better: within the margin
+    best, reason = choose(current, [current, slightly])
+    assert best == current
+    assert "same LAN" in reason
+    # 50% better but under 2 ms faster: still kept (tiny absolute jitter on a LAN).
+    lan_cur = view("cur", "host", "host", rtt=0.6)
+    lan_new = view("new", "host", "host", rtt=0.3)
+    assert choose(lan_cur, [lan_cur, lan_new])[0] == lan_cur
+    assert not faster_enough(0.3, 0.6)
+    assert not faster_enough(None, 10.0) and not faster_enough(5.0, None)
+
+
+def test_big_improvement_switches_with_reason() -> None:
+    current = view("cur", "host", "host", rtt=81.0)
+    better = view("new", "host", "host", rtt=5.2)
+    best, reason = choose(current, [current, better])
+    assert best == better
+    assert reason.startswith(f"switched from {current.label()} to {better.label()}")
+    assert reason.endswith("5.2 ms vs 81.0 ms")
+
+
+def test_better_class_switches_regardless_of_rtt() -> None:
+    relay = view("relay", "relay", "srflx", rtt=20.0)
+    direct = view("direct", "srflx", "srflx", rtt=30.0)
+    best, reason = choose(relay, [relay, direct])
+    assert best == direct
+    assert reason.startswith("switched from relay")
+    # ... but a worse class never replaces a working current.
+    assert choose(direct, [relay, direct])[0] == direct
+
+
+def test_dead_current_is_replaced_at_once() -> None:
+    dead = view("cur", "host", "host", rtt=1.0, state="failed")
+    other = view("other", "host", "srflx", rtt=50.0)
+    best, reason = choose(dead, [dead, other])
+    assert best == other
+    assert reason.startswith(f"{dead.label()} stopped answering; switched to")
+    best, reason = choose(dead, [dead])
+    assert best is None
+    assert reason == f"{dead.label()} stopped answering; no pair answered (tried 1)"
+
+
+def test_nothing_usable_reasons() -> None:
+    assert choose(None, []) == (None, "no candidate pairs to check")
+    pending = [view("a", "host", "host", state="in-progress"),
+               view("bb", "host", "srflx", state="failed")]
+    assert choose(None, pending) == (None, "no pair answered yet (1 of 2 still checking)")
+
+
+def test_better_class_pending() -> None:
+    nat = view("nat", "host", "srflx")
+    assert better_class_pending(nat, [nat, view("lan", "host", "host", state="in-progress")])
+    assert not better_class_pending(nat, [nat, view("lan", "host", "host", state="failed")])
+    assert not better_class_pending(nat, [nat, view("n2", "host", "srflx", state="waiting")])
+
+
+def test_explain_names_the_reflexive_side() -> None:
+    assert "peer-reflexive" in explain(view("p", "prflx", "host", 3.0), [])
+    assert "server-reflexive" in explain(view("s", "host", "srflx", 3.0), [])
+    assert explain(view("r", "relay", "host", None), []).startswith("relayed (RTT unknown)")
