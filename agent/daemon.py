@@ -73,6 +73,8 @@ from kbwg.negotiation.session import CheckerSpec, Negotiator
 from kbwg.negotiation.shared_port import SharedPortTransport
 from kbwg.negotiation.stun_client import Address, StunClient, StunCounters
 from kbwg.negotiation.wire import CandidateInfo
+from kbwg.relay.client import RelayAllocation
+from kbwg.relay.paths import RelayPaths
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +143,7 @@ class Agent:
         self._gathering: asyncio.Task[None] | None = None
         self._negotiator: Negotiator | None = None
         self._routes: HostRoutes | None = None
+        self._relays: RelayPaths | None = None
         self._announcements = AnnounceBook()
         self._claims = ClaimBook()
         self._lock = asyncio.Lock()
@@ -256,6 +259,8 @@ class Agent:
                  "" if mine else " (self-assigned)", self.options.interface,
                  self.state.backend, port)
         self._routes = HostRoutes.new(self._owner)
+        self._relays = RelayPaths(me.username, port, self._on_relay_stun,
+                                  self._on_relay_lost)
         self._port = await SharedPortTransport.open(self._owner)
         self._port.local_receiver = self._on_port_datagram
         self._mux.fallback = self._client_for(None).datagram_received
@@ -285,6 +290,8 @@ class Agent:
                     peer.fallback.cancel()
         if self._port is not None:
             await self._port.close()
+        if self._relays is not None:
+            await self._relays.close()
         if self._owner is None and self._owner_task is not None:
             # Start-up failed while the owner was starting: it must still be stopped.
             if not self._owner_task.done():
@@ -355,7 +362,9 @@ class Agent:
     def _pick_dynamic(self, me: DeviceId, previous: IPv4Address | None = None) -> IPv4Address:
         assert self.config.dynamic_range is not None
         seed = os.environ.get(ENV_DYNAMIC_SEED)
-        rng = random.Random(f"{seed}/{me}") if seed else random.Random()
+        # Test-only: seeded by the value alone, so devices sharing a seed draw the same
+        # sequence and their first picks collide (tests force conflicts this way).
+        rng = random.Random(seed) if seed else random.Random()
         taken = self._claims.taken(time.time(), besides=me) | {e.ip for e in self._entries}
         if previous is None:
             previous = load_previous(self.options.state_dir)
@@ -567,6 +576,8 @@ class Agent:
             self._negotiator.forget(peer.spec.device)
         if self._routes is not None:
             await self._routes.clear(peer.name)
+        if self._relays is not None:
+            self._relays.drop(peer.name)
         if peer.configured_key:
             await self._owner.request("remove_peer", public_key=peer.configured_key)
 
@@ -583,12 +594,16 @@ class Agent:
         return client
 
     async def _gather(self) -> None:
-        assert self.state is not None
+        """Host and srflx candidates from the WireGuard port, relayed ones from the
+        relays, at once."""
+        assert self.state is not None and self._relays is not None
         servers = await resolve_servers(self.config.stun, timeout=2.0)
-        self.local = await gather_local(
-            self.state.listen_port, servers, self._client_for,
-            self.config.interface_exclude, [self.config.overlay],
+        self.local, _ = await asyncio.gather(
+            gather_local(self.state.listen_port, servers, self._client_for,
+                         self.config.interface_exclude, [self.config.overlay]),
+            self._relays.ensure(self.config.relays),
         )
+        self.local.candidates += self._relays.candidates()
         self._mux.set_local_candidates(self.local.candidates)
         log.info("local candidates: %s", ", ".join(
             f"{c.type} {c.address}:{c.port}" for c in self.local.candidates) or "none")
@@ -604,6 +619,14 @@ class Agent:
     def _on_port_datagram(self, data: bytes, src: Address, local_ip: str) -> None:
         self._mux.datagram_received(data, src, self._mux.local_candidate(local_ip))
 
+    def _on_relay_stun(self, data: bytes, src: Address, local: Candidate) -> None:
+        self._mux.datagram_received(data, src, local)
+
+    def _on_relay_lost(self, allocation: RelayAllocation) -> None:
+        # Consent checks move each peer off it within seconds; a fresh allocation
+        # (this relay or another) and a renegotiation bring a relayed path back.
+        self._spawn(self._on_network_change())
+
     def _make_checker(self, spec: CheckerSpec) -> _RegisteredChecker:
         device = spec.peer
         checker = PeerChecker(
@@ -617,7 +640,10 @@ class Agent:
         return _RegisteredChecker(checker, self._mux)
 
     def _send_check(self, data: bytes, dest: Address, local: Candidate) -> None:
-        assert self._port is not None
+        assert self._port is not None and self._relays is not None
+        if local.type == "relay":
+            self._relays.send(data, dest, local)
+            return
         try:
             self._port.send(data, dest, source=local.address)
         except OSError as exc:
@@ -635,9 +661,18 @@ class Agent:
         if pair is None:
             log.warning("%s: %s", peer.name, reason)
             return
+        assert self._relays is not None
         remote_ip, remote_port = pair.remote_address
-        peer.route = await self._routes.follow(peer.name, remote_ip, pair.local.interface)
-        await self._set_endpoint(peer, f"{remote_ip}:{remote_port}", NEGOTIATED)
+        proxy = await self._relays.route(peer.name, pair.local, pair.remote_address)
+        if proxy is not None:
+            # Relayed by our allocation: WireGuard talks to our loopback proxy.
+            await self._routes.clear(peer.name)
+            peer.route = None
+            await self._set_endpoint(peer, proxy, NEGOTIATED)
+        else:
+            peer.route = await self._routes.follow(peer.name, remote_ip,
+                                                   pair.local.interface)
+            await self._set_endpoint(peer, f"{remote_ip}:{remote_port}", NEGOTIATED)
         log.info("%s: %s", peer.name, reason)
 
     # -- background loops -------------------------------------------------------------------
@@ -734,6 +769,7 @@ class Agent:
             "endpoint": s.announced_endpoint,
             "started_at": s.started_at,
             "candidates": self.local.to_json(),
+            "relays": self._relays.to_json() if self._relays is not None else [],
             "claims": [c.to_json() for c in self._claims.live_claims(time.time())],
             "peers": [self._peer_json(p) for p in self._sorted_peers()],
         }

@@ -67,9 +67,14 @@ def list_namespaces(prefix: str = "") -> list[str]:
 
 
 def namespace_pids(ns: str) -> list[int]:
-    """Pids of all processes living in namespace `ns` (tracked by us or not)."""
+    """Pids of all processes living in namespace `ns` (tracked by us or not).
+
+    Never this process or its parents: a thread of ours may be inside `ns` for a moment
+    (pyroute2's NetNS enters it), and `ip netns pids` would then list us.
+    """
     proc = run(["ip", "netns", "pids", ns], check=False)
-    return [int(tok) for tok in proc.stdout.split() if tok.isdigit()]
+    ours = {os.getpid(), os.getppid()}
+    return [int(tok) for tok in proc.stdout.split() if tok.isdigit() and int(tok) not in ours]
 
 
 def _signal(pid: int, sig: int, group: bool) -> None:

@@ -110,19 +110,36 @@ class Team:
         }
 
     def start_agent(
-        self, host: Node, username: str, device: str, *extra: str
+        self,
+        host: Node,
+        username: str,
+        device: str,
+        *extra: str,
+        env: dict[str, str] | None = None,
+        state_dir: Path | None = None,
     ) -> AgentProcess:
+        """Start `kbwg-agent join` in `host` as username/device.
+
+        `env` adds to the stand-in's environment (e.g. KBWG_DYNAMIC_SEED). `state_dir`
+        reuses an earlier agent's state dir (a restart that keeps dynamic-address.json);
+        by default every start gets a fresh one. Each start logs to its own file.
+        """
         self.home.mkdir(parents=True, exist_ok=True)
         index = len(self.agents)
-        state_dir = self.world.dir / "agents" / f"{username}-{device}-{index}"
-        state_dir.mkdir(parents=True)
-        log_path = state_dir / "agent.log"
+        if state_dir is None:
+            state_dir = self.world.dir / "agents" / f"{username}-{device}-{index}"
+            state_dir.mkdir(parents=True)
+            log_path = state_dir / "agent.log"
+        else:
+            state_dir.mkdir(parents=True, exist_ok=True)
+            log_path = state_dir / f"agent-{index}.log"
         argv = [*AGENT, "-vv", "join", self.name, "--keybase", str(STANDIN),
                 "--state-dir", str(state_dir), *extra]  # fmt: skip
         with open(log_path, "wb") as log:
             proc = host.popen(
-                argv, env=self.keybase_env(username, device), stdout=log, stderr=log
-            )
+                argv, env={**self.keybase_env(username, device), **(env or {})},
+                stdout=log, stderr=log,
+            )  # fmt: skip
         agent = AgentProcess(host, username, device, state_dir, log_path, proc)
         self.agents.append(agent)
         return agent

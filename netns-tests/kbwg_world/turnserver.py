@@ -1,0 +1,85 @@
+"""TURN relays in a world: the project's own (`kbwg-agent relay`) and coturn, both with
+TURN REST credentials from one shared secret, started in a node (so the world stops
+them) and awaited by polling a STUN Binding, never by a guessed sleep."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kbwg_world.stunserver import PROBE_SCRIPT
+from kbwg_world.wait import wait_until
+from kbwg_world.world import Node
+
+AGENT = Path(sys.executable).with_name("kbwg-agent")
+
+
+@dataclass
+class TurnServer:
+    kind: str  # "kbwg" or "coturn"
+    node: Node
+    proc: subprocess.Popen[Any]
+    ip: str
+    port: int
+    secret: str
+    log_path: Path
+
+    @property
+    def url(self) -> str:
+        return f"turn:{self.ip}:{self.port}"
+
+    def config(self) -> dict[str, str]:
+        """The entry for kbwg.json's `relays`."""
+        return {"url": self.url, "secret": self.secret}
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def kill(self) -> None:
+        """Stop it dead (SIGKILL): a relay that dies, not one that says goodbye."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(timeout=10)
+
+    def wait_ready(self, timeout: float = 10.0) -> None:
+        def ready() -> bool:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"{self.kind} relay exited: {self.log()[-2000:]}")
+            probe = self.node.run([sys.executable, str(PROBE_SCRIPT), "--timeout", "0.3",
+                                   f"{self.ip}:{self.port}"], check=False)  # fmt: skip
+            return probe.returncode == 0
+
+        wait_until(ready, timeout=timeout, what=f"the {self.kind} relay to answer")
+
+
+def start_relay(node: Node, ip: str, port: int = 3478, secret: str = "team-secret",
+                kind: str = "kbwg") -> TurnServer:
+    base = node.world.dir / f"{kind}-relay-{node.name}-{port}"
+    log_path = base.with_suffix(".log")
+    if kind == "kbwg":
+        secret_file = base.with_suffix(".secret")
+        secret_file.write_text(secret + "\n")
+        argv = [str(AGENT), "relay", "--listen", f"{ip}:{port}",
+                "--secret-file", str(secret_file), "--stats-interval", "5"]  # fmt: skip
+    elif kind == "coturn":
+        argv = [
+            "turnserver", "-n", "--listening-ip", ip, "--relay-ip", ip,
+            "--listening-port", str(port), "--use-auth-secret",
+            f"--static-auth-secret={secret}", "--realm", "kbwg", "--no-cli", "--no-tls",
+            "--no-dtls", "--no-rfc5780", "--log-file", "stdout", "--simple-log",
+            "--pidfile", str(base.with_suffix(".pid")), "--userdb", str(base.with_suffix(".db")),
+        ]  # fmt: skip
+    else:
+        raise ValueError(f"unknown relay kind {kind!r}")
+    with open(log_path, "wb") as log:
+        proc = node.popen(argv, stdout=log, stderr=subprocess.STDOUT)
+    server = TurnServer(kind, node, proc, ip, port, secret, log_path)
+    server.wait_ready()
+    return server
