@@ -27,6 +27,7 @@ from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
 
+from aioice import stun
 from nacl.public import PrivateKey
 
 from kbwg.agent.announce import (
@@ -82,6 +83,7 @@ LISTENER_READY_TIMEOUT_S = 5.0
 # A peer that has not got a negotiated path by then gets its announced endpoint.
 ANNOUNCED_FALLBACK_S = 3.0
 GATHER_WAIT_S = 2.0
+ANNOUNCE_GATHER_WAIT_S = 1.0
 ENV_DYNAMIC_SEED = "KBWG_DYNAMIC_SEED"
 
 
@@ -273,6 +275,12 @@ class Agent:
             self.options.state_dir, {"status": self._status, "diag": self._diag})
         await self._control.start()
         self._state_ready.set()
+        if self.options.endpoint is None:
+            # With STUN, the NAT's public mapping of the WireGuard port is what a peer
+            # elsewhere can reach (and can punch towards before our offer arrives).
+            await self._gathered(ANNOUNCE_GATHER_WAIT_S)
+            self.state.announced_endpoint = (self._public_endpoint()
+                                             or self.state.announced_endpoint)
         await self._announce()
         await self._sync()
 
@@ -390,24 +398,28 @@ class Agent:
 
     async def _check_my_claim(self) -> None:
         """A self-assigned address that lost a conflict moves; the winner does nothing."""
-        s = self.state
-        if s is None or s.my_claim is None:
-            return
-        rival = self._claims.lost(s.my_claim, time.time())
-        if rival is None:
-            return
-        old = s.overlay_ip
-        new = self._pick_dynamic(s.me, previous=None if rival.ip == old else old)
-        log.warning("%s also claimed %s, first (message %d < %d): moving to %s",
-                    rival.sender, old, rival.msg_id, s.my_claim.msg_id, new)
-        assert self._owner is not None
-        await self._owner.request("set_address",
-                                  address=f"{new}/{self.config.overlay.prefixlen}")
-        s.overlay_ip = new
-        msg_id = await self.keybase.send(self.announce_channel,
-                                         format_claim(new, s.public_key))
-        s.my_claim = Claim(s.me, new, s.public_key, msg_id, time.time())
-        save_previous(self.options.state_dir, new)
+        # Under the peer lock: the chat listener and the refresh loop both call this, and
+        # without it both would see the lost claim (mine changes only after the send) and
+        # move twice. _sync takes the same lock but is never called from here.
+        async with self._lock:
+            s = self.state
+            if s is None or s.my_claim is None:
+                return
+            rival = self._claims.lost(s.my_claim, time.time())
+            if rival is None:
+                return
+            old = s.overlay_ip
+            new = self._pick_dynamic(s.me, previous=None if rival.ip == old else old)
+            log.warning("%s also claimed %s, first (message %d < %d): moving to %s",
+                        rival.sender, old, rival.msg_id, s.my_claim.msg_id, new)
+            assert self._owner is not None
+            await self._owner.request("set_address",
+                                      address=f"{new}/{self.config.overlay.prefixlen}")
+            s.overlay_ip = new
+            msg_id = await self.keybase.send(self.announce_channel,
+                                             format_claim(new, s.public_key))
+            s.my_claim = Claim(s.me, new, s.public_key, msg_id, time.time())
+            save_previous(self.options.state_dir, new)
 
     # -- chat -----------------------------------------------------------------------------
 
@@ -529,6 +541,7 @@ class Agent:
         if self._negotiator is not None:
             joined_later = ann.msg_id > self._my_announce_id
             self._negotiator.peer_key(peer.spec.device, key, joined_later)
+            self._punch(ann.endpoint)
         if peer.fallback is not None:
             peer.fallback.cancel()
         delay = self.options.announced_fallback_s if self._negotiator is not None else 0.0
@@ -608,11 +621,34 @@ class Agent:
         log.info("local candidates: %s", ", ".join(
             f"{c.type} {c.address}:{c.port}" for c in self.local.candidates) or "none")
 
-    async def _offer_candidates(self) -> list[CandidateInfo]:
-        """Our candidates for an offer or answer, once gathering is done (bounded)."""
+    async def _gathered(self, timeout: float) -> None:
         if self._gathering is not None and not self._gathering.done():
             with contextlib.suppress(TimeoutError, asyncio.CancelledError):
-                await asyncio.wait_for(asyncio.shield(self._gathering), GATHER_WAIT_S)
+                await asyncio.wait_for(asyncio.shield(self._gathering), timeout)
+
+    def _public_endpoint(self) -> str | None:
+        """The server-reflexive address of the default uplink, if STUN found one."""
+        hosts = [c for c in self.local.candidates if c.type == "host"]
+        for cand in self.local.candidates:
+            if cand.type == "srflx" and hosts and cand.interface == hosts[0].interface:
+                return f"{cand.address}:{cand.port}"
+        return None
+
+    def _punch(self, endpoint: str) -> None:
+        """Open our NAT towards a peer's announced (public) endpoint at once, so its
+        checks get in before our own checks can start (they wait for its answer)."""
+        if self._port is None or self.options.endpoint is not None:
+            return
+        ip, _, port = endpoint.rpartition(":")
+        if any(c.address == ip for c in self.local.candidates):
+            return
+        indication = stun.Message(stun.Method.BINDING, stun.Class.INDICATION)
+        with contextlib.suppress(OSError):
+            self._port.send(bytes(indication), (ip, int(port)))
+
+    async def _offer_candidates(self) -> list[CandidateInfo]:
+        """Our candidates for an offer or answer, once gathering is done (bounded)."""
+        await self._gathered(GATHER_WAIT_S)
         return [CandidateInfo(c.type, c.address, c.port, c.priority, f"{c.type}{i}")
                 for i, c in enumerate(self.local.candidates)]
 

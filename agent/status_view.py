@@ -35,21 +35,32 @@ def render_status(status: dict[str, Any], now: float | None = None) -> str:
         f"public key {status['public_key']}",
         "",
     ]
-    header = ("PEER", "OVERLAY IP", "ENDPOINT", "HANDSHAKE", "RX", "TX")
+    header = ("PEER", "OVERLAY IP", "PATH", "ENDPOINT", "RTT", "HANDSHAKE", "RX", "TX")
     rows = [header]
+    reasons = []
     for peer in status["peers"]:
+        name = f"{peer['username']}/{peer['device']}"
+        if peer.get("dynamic"):
+            name += " (dynamic)"
+        rtt = peer.get("rtt_ms")
         rows.append((
-            f"{peer['username']}/{peer['device']}",
+            name,
             peer["overlay_ip"],
-            peer["endpoint"] or "(not announced)",
+            peer.get("path") or "none",
+            peer["endpoint"] or ("(negotiating)" if peer["public_key"] else "(not announced)"),
+            f"{rtt:.1f} ms" if rtt is not None else "-",
             _ago(peer["last_handshake"], now),
             _bytes(peer["rx_bytes"]),
             _bytes(peer["tx_bytes"]),
         ))
+        if peer.get("reason"):
+            reasons.append(f"  {name}: {peer['reason']}")
     if len(rows) == 1:
         lines.append("no peers listed in peers.json besides this device")
         return "\n".join(lines)
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(header))]
     for row in rows:
         lines.append("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+    if reasons:
+        lines += ["", "why:", *reasons]
     return "\n".join(lines)

@@ -30,6 +30,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import shutil
 import statistics
 import sys
 import time
@@ -159,12 +160,27 @@ def peer_path(agent: AgentProcess, device: str) -> str:
     return f"{peer['path']} {peer['endpoint']} ({peer['endpoint_source']})"
 
 
+def settled_path(agent: AgentProcess, device: str, timeout: float = 5.0) -> str:
+    """The negotiated path, waiting a little: at the first reply the offerer may still
+    be on a roamed endpoint (WireGuard followed the answerer's handshake) with its own
+    checks not yet nominated, so its status says "none" although traffic flows."""
+    deadline = time.monotonic() + timeout
+    while True:
+        path = peer_path(agent, device)
+        if path.endswith("(negotiated)") and not path.startswith("none"):
+            return path
+        if time.monotonic() >= deadline:
+            return f"{path} [not negotiated {timeout:.0f}s after the first reply]"
+        time.sleep(0.1)
+
+
 def has_relay_candidate(agent: AgentProcess) -> bool:
     status = agent.try_status()
     return status is not None and any(c.get("type") == "relay" for c in status["candidates"])
 
 
-def one_run(scenario: Scenario, delay_ms: int, budget: float) -> RunResult:
+def one_run(scenario: Scenario, delay_ms: int, budget: float,
+            keep_logs: Path | None = None) -> RunResult:
     result = RunResult()
     with World() as world:
         inet = world.internet()
@@ -196,10 +212,15 @@ def one_run(scenario: Scenario, delay_ms: int, budget: float) -> RunResult:
                                 f"as: {peer_path(alice, BOB[1])}") from exc
             result.from_running = t_reply - t_running
             result.from_start = t_reply - t_start
-            result.path = peer_path(alice, BOB[1])
-            result.peer_path = peer_path(bob, ALICE[1])
+            result.path = settled_path(alice, BOB[1])
+            result.peer_path = settled_path(bob, ALICE[1])
         finally:
             team.stop_all()
+            if keep_logs is not None:
+                keep_logs.mkdir(parents=True, exist_ok=True)
+                for agent in team.agents:
+                    with contextlib.suppress(OSError):
+                        shutil.copy(agent.log_path, keep_logs / f"{agent.username}.log")
     return result
 
 
@@ -235,7 +256,10 @@ def print_table(summaries: list[Summary], runs: int, delay_ms: int) -> None:
         ok = s.ok
         running = [r.from_running for r in ok if r.from_running is not None]
         start = [r.from_start for r in ok if r.from_start is not None]
-        paths = sorted({r.path.split(" (")[0] for r in ok}) or ["-"]
+        kinds = sorted({r.path.split(" ")[0] for r in ok}) or ["-"]
+        endpoints = {r.path.split(" ")[1] for r in ok if len(r.path.split(" ")) > 1}
+        where = endpoints.pop() if len(endpoints) == 1 else "endpoints vary"
+        paths = [f"{'/'.join(kinds)} {where}"]
         print(f"{s.scenario:<10} {len(ok):>2}/{len(s.results):<2}  "
               f"{_s(statistics.median(running) if running else None):>12}  "
               f"{_s(statistics.median(start) if start else None):>10}  "
@@ -258,6 +282,8 @@ def main() -> int:
                         help="Keybase stand-in delivery delay (default 300)")
     parser.add_argument("--budget", type=float, default=30.0,
                         help="seconds a run may take from agent start to first ping")
+    parser.add_argument("--logs", type=Path, metavar="DIR",
+                        help="keep each run's agent logs in DIR/<scenario>-<run>/")
     args = parser.parse_args()
     names = args.scenario or list(SCENARIOS)
 
@@ -267,7 +293,8 @@ def main() -> int:
         summaries.append(summary)
         for run in range(1, args.runs + 1):
             try:
-                result = one_run(SCENARIOS[name], args.delay_ms, args.budget)
+                logs = args.logs / f"{name}-{run}" if args.logs else None
+                result = one_run(SCENARIOS[name], args.delay_ms, args.budget, logs)
             except ScenarioUnsupported as exc:
                 summary.skipped = str(exc)
                 print(f"{name:<10} run {run}: skipped: {exc}", flush=True)

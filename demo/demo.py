@@ -1,96 +1,138 @@
-"""`./run demo`: three devices of a Keybase team on one LAN join a WireGuard mesh.
+"""`./run demo`: four devices of a Keybase team, behind different NATs, form a mesh.
 
-Builds a netns world (an internet segment, a home router with a masquerade NAT and a
-stateful firewall, three hosts on its LAN), runs `kbwg-agent join demo-team` on each host
-with the Keybase stand-in (300 ms chat delivery delay), prints every agent's peer table,
-pings every pair over the overlay and tears everything down.
+A netns world: an internet segment with a STUN server (coturn) and the team's own relay
+(`kbwg-agent relay`); a home router (port-preserving masquerade NAT, stateful firewall)
+with alice and bob on its LAN; carol behind another port-preserving NAT; dave behind a
+symmetric (fully-random) NAT. Each runs `kbwg-agent join demo-team` with the Keybase
+stand-in (300 ms chat delivery delay). The demo prints the per-peer path table each
+agent chose (LAN, punched through NATs, or relayed), pings every pair over the overlay,
+and tears everything down.
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "netns-tests"))
 
 from kbwg_world import NatMode, World, wait_until
+from kbwg_world.stunserver import StunServer
 from kbwg_world.team import AGENT, AgentProcess, Team, first_ping
+from kbwg_world.turnserver import start_relay
 
-DEVICES = [("alice", "laptop", "100.64.0.1"), ("bob", "desk", "100.64.0.2"),
-           ("carol", "nas", "100.64.0.3")]  # fmt: skip
+DEVICES = [
+    ("alice", "laptop", "100.64.0.1", "home"),
+    ("bob", "desk", "100.64.0.2", "home"),
+    ("carol", "nas", "100.64.0.3", "office"),
+    ("dave", "phone", "100.64.0.4", "cafe"),
+]
 
 
 def step(text: str) -> None:
     print(f"\n== {text}", flush=True)
 
 
-def all_handshaken(agent: AgentProcess) -> bool:
+def table(rows: list[tuple[str, ...]]) -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  " + "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+
+
+def settled(agent: AgentProcess) -> dict[str, Any] | None:
     status = agent.try_status()
-    return bool(status) and all(p["last_handshake"] for p in status["peers"])
+    if status and all(p["path"] != "none" and p["last_handshake"] for p in status["peers"]):
+        return status
+    return None
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--delay-ms", type=int, default=300, help="chat delivery delay")
     args = parser.parse_args()
 
     with World() as world:
         step("building the world")
         inet = world.internet()
-        router = world.router("home", wan=inet, nat=NatMode.MASQUERADE)
-        hosts = [world.host(name, lans=[router.lan]) for name in ("alice", "bob", "carol")]
-        print(f"internet {inet.subnet}; router 'home' WAN {router.ip}, NAT masquerade, "
-              f"LAN {router.lan.subnet}")  # fmt: skip
-        for host in hosts:
-            print(f"  host {host.name:6} {host.ip}")
+        stun = StunServer.start(world.server("stun", inet, ips=["203.0.113.2"]))
+        relay = start_relay(world.server("relay", inet, ips=["203.0.113.5"]), "203.0.113.5")
+        routers = {
+            "home": world.router("home", wan=inet, nat=NatMode.MASQUERADE),
+            "office": world.router("office", wan=inet, nat=NatMode.MASQUERADE),
+            "cafe": world.router("cafe", wan=inet, nat=NatMode.FULLY_RANDOM),
+        }
+        hosts = {user: world.host(user, lans=[routers[site].lan])
+                 for user, _, _, site in DEVICES}
+        print(f"internet {inet.subnet}: STUN {stun.address}, relay {relay.url}")
+        for name, router in routers.items():
+            kind = "symmetric NAT" if router.nat is NatMode.FULLY_RANDOM else \
+                "port-preserving NAT"
+            members = ", ".join(f"{u} {hosts[u].ip}" for u, _, _, s in DEVICES if s == name)
+            print(f"  {name:7} WAN {router.wan_ip:13} {kind:20} LAN {router.lan.subnet}: "
+                  f"{members}")
 
         team = Team(world, delay_ms=args.delay_ms)
-        team.write_peers(DEVICES)
-        step(f"peers.json in /keybase/team/{team.name}/ (chat delay {args.delay_ms} ms)")
-        print(team.kbfs_path("peers.json").read_text())
+        team.write_peers([(u, d, ip) for u, d, ip, _ in DEVICES])
+        team.write_file("kbwg.json", json.dumps(
+            {"stun": [stun.address], "relays": [relay.config()]}, indent=2))
+        step(f"team files in /keybase/team/{team.name}/ (chat delay {args.delay_ms} ms)")
+        print("peers.json:", team.kbfs_path("peers.json").read_text())
+        print("kbwg.json (the relay secret stays inside the team):",
+              team.kbfs_path("kbwg.json").read_text())
 
-        step("starting `kbwg-agent join demo-team` on each host")
-        t0 = time.monotonic()
-        agents = [team.start_agent(h, u, d) for h, (u, d, _) in zip(hosts, DEVICES, strict=True)]
+        step("starting `kbwg-agent join demo-team` on every host")
+        agents = [team.start_agent(hosts[u], u, d) for u, d, _, _ in DEVICES]
         for agent in agents:
             team.wait_running(agent)
+        t0 = time.monotonic()
         for a, b in itertools.permutations(agents, 2):
-            ip = DEVICES[agents.index(b)][2]
+            ip = next(ip for u, _, ip, _ in DEVICES if u == b.username)
             first_ping(a.host, ip)
-            print(f"  {a.name:13} -> {b.name:10} first reply "
-                  f"{time.monotonic() - t0:.2f} s after start")  # fmt: skip
-        for agent in agents:
-            wait_until(lambda agent=agent: all_handshaken(agent), timeout=20,
-                       what=f"{agent.name} to see handshakes")  # fmt: skip
+        print(f"every pair answered a ping within {time.monotonic() - t0:.2f} s of all "
+              "agents running")
 
-        step("kbwg-agent status, on each host")
+        step("the path each agent chose for each peer")
+        rows = [("AGENT", "PEER", "PATH", "ENDPOINT", "RTT", "REASON")]
         for agent in agents:
-            print(f"-- {agent.host.name}")
-            print(agent.host.run([*AGENT, "status", "--state-dir", str(agent.state_dir)]).stdout)
+            status = wait_until(lambda agent=agent: settled(agent), timeout=30,
+                                what=f"{agent.name} to settle")  # fmt: skip
+            for peer in status["peers"]:
+                rtt = f"{peer['rtt_ms']:.1f} ms" if peer["rtt_ms"] is not None else "-"
+                rows.append((agent.name, f"{peer['username']}/{peer['device']}", peer["path"],
+                             peer["endpoint"] or "-", rtt, peer["reason"]))
+        table(rows)
+
+        step("kbwg-agent status on dave's phone (behind the symmetric NAT)")
+        print(agents[3].host.run([*AGENT, "status", "--state-dir",
+                                  str(agents[3].state_dir)]).stdout)  # fmt: skip
 
         step("ping over the overlay")
-        for a, (b_user, b_dev, ip) in itertools.product(agents, DEVICES):
-            if a.username == b_user:
+        failed = False
+        rows = [("FROM", "TO", "REPLIES", "RTT")]
+        for a, (user, device, ip, _) in itertools.product(agents, DEVICES):
+            if a.username == user:
                 continue
             result = a.host.ping(ip, count=3, interval=0.2)
             rtt = f"{min(result.rtts_ms):.2f} ms" if result.rtts_ms else "-"
-            print(f"{a.name:13} -> {b_user}/{b_dev:7} {ip:11} {result.received}/{result.sent} "
-                  f"replies, rtt {rtt}")  # fmt: skip
-            if not result.ok:
-                print(f"FAILED\n{a.log()}")
-                return 1
+            rows.append((a.name, f"{user}/{device} {ip}", f"{result.received}/{result.sent}",
+                         rtt))
+            failed |= not result.ok
+        table(rows)
 
         step("stopping the agents (INT): each removes its interface")
         for agent in agents:
             code = agent.stop()
             links = agent.host.run(["ip", "-o", "link", "show"]).stdout
             state = "STILL THERE" if "kbwg0" in links else "removed"
-            print(f"{agent.name:13} exit {code}, kbwg0 {state}")
+            print(f"  {agent.name:13} exit {code}, kbwg0 {state}")
     print("\nworld torn down; nothing left behind")
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
