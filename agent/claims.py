@@ -365,7 +365,9 @@ def pick_free_address(
 
     `taken` holds the listed addresses and every other device's live claim. `rng` is
     injected so tests are deterministic: the daemon seeds it from the test-only
-    environment variable KBWG_DYNAMIC_SEED, and otherwise uses a system-seeded one.
+    environment variable KBWG_DYNAMIC_SEED (by the value alone, not per device, so
+    devices sharing a seed draw the same first address: tests force conflicts that way),
+    and otherwise uses a system-seeded one.
     Raises ClaimError when the range has no free address.
     """
     if previous is not None and _host_in(previous, dynamic_range) and previous not in taken:

@@ -472,7 +472,7 @@ class Agent:
                          and verdict.rejection.is_misbehaviour else logging.DEBUG)
                 log.log(level, "ignoring claim %d from %s: %s", msg.id, sender, verdict.reason)
                 return False
-            return sender != me
+            return True  # our own echo too: a rival may have been seen before it
         if sender == me:
             return False
         try:

@@ -309,10 +309,22 @@ class OwnerServer:
         assert self.state.ifname is not None
         if address == self.state.address:
             return {}
-        await self._net.add_address(self.state.ifname, address)
-        old, self.state.address = self.state.address, address
+        old = self.state.address
         if old is not None:
+            # Old one first: deleting a primary address also deletes the secondary ones
+            # of its subnet (promote_secondaries is off by default), so a new address
+            # added before it would go too, leaving the device without any address.
             await self._net.remove_address(self.state.ifname, old)
+            self.state.address = None
+        try:
+            await self._net.add_address(self.state.ifname, address)
+        except BaseException:
+            if old is not None:
+                with contextlib.suppress(Exception):
+                    await self._net.add_address(self.state.ifname, old)
+                    self.state.address = old
+            raise
+        self.state.address = address
         logger.info("address of %s is now %s (was %s)", self.state.ifname, address, old)
         return {}
 
