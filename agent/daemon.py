@@ -153,7 +153,7 @@ class Agent:
         self._peers_raw: bytes | None = None
         self._entries: list[PeerEntry] = []
         self._private: PrivateKey | None = None
-        self._my_announce_id = 0
+        self._my_announce_id: int | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self.state: AgentState | None = None
         self.config = TeamConfig()
@@ -539,7 +539,10 @@ class Agent:
         log.info("peer %s (%s%s), key %s…", peer.name, peer.spec.overlay_ip,
                  ", dynamic" if peer.spec.dynamic else "", key[:8])
         if self._negotiator is not None:
-            joined_later = ann.msg_id > self._my_announce_id
+            # Unknown while our own announcement is still being sent: offer at once (a
+            # glare that may cause is settled by key order).
+            joined_later = (self._my_announce_id is not None
+                            and ann.msg_id > self._my_announce_id)
             self._negotiator.peer_key(peer.spec.device, key, joined_later)
             self._punch(ann.endpoint)
         if peer.fallback is not None:

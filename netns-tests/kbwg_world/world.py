@@ -230,7 +230,7 @@ class Node:
         """A pyroute2 `NetNS` bound to this node, closed on exit."""
         from pyroute2 import NetNS  # imported lazily: only some callers want it
 
-        handle = NetNS(self.ns)
+        handle = NetNS(self.ns, flags=0)  # never create: a missing namespace is an error
         try:
             yield handle
         finally:
