@@ -58,7 +58,7 @@ from kbwg.agent.netwatch import NetworkWatcher
 from kbwg.agent.owner_client import DeviceOwner
 from kbwg.agent.peers import DeviceId, PeerEntry, PeersError, parse_peers
 from kbwg.agent.peerstate import ANNOUNCED, NEGOTIATED, PeerState
-from kbwg.agent.peertable import PeerSpec, desired_peers
+from kbwg.agent.peertable import desired_peers
 from kbwg.agent.teamconfig import (
     TeamConfig,
     TeamConfigError,
@@ -888,6 +888,3 @@ class _RegisteredChecker:
     def close(self) -> None:
         self.mux.unregister(self.checker.ufrag)
         self.checker.close()
-
-
-__all__ = ["Agent", "JoinError", "JoinOptions", "PeerSpec"]
