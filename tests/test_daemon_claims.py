@@ -117,7 +117,7 @@ async def running(team: Team, user: str, device: str) -> AsyncIterator[Running]:
                   owner_factory=factory)
     stop = asyncio.Event()
     task = asyncio.create_task(agent.run(stop))
-    await wait_for(lambda: (agent.state is not None and agent._my_announce_id > 0)
+    await wait_for(lambda: (agent.state is not None and agent._my_announce_id is not None)
                    or task.done(), "the agent to announce itself")
     if task.done():
         task.result()

@@ -36,7 +36,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from pathlib import Path
@@ -224,17 +224,6 @@ class Node:
         return self.world.spawn(
             self.argv(argv), env=full_env, stdin=stdin, stdout=stdout, stderr=stderr, text=text
         )
-
-    @contextlib.contextmanager
-    def pyroute(self) -> Iterator[Any]:
-        """A pyroute2 `NetNS` bound to this node, closed on exit."""
-        from pyroute2 import NetNS  # imported lazily: only some callers want it
-
-        handle = NetNS(self.ns, flags=0)  # never create: a missing namespace is an error
-        try:
-            yield handle
-        finally:
-            handle.close()
 
     def sh(self, command: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         """Run a shell command line in this node (plumbing; no private run dir needed)."""
