@@ -144,8 +144,14 @@ def _setup_logging(verbosity: int, quiet: bool = False) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    # pyroute2 logs every netlink message at debug: far too much even for -vv.
-    logging.getLogger("pyroute2").setLevel(max(level, logging.INFO))
+    # pyroute2 logs every netlink message at debug (and sets its loggers' levels
+    # itself): far too much even for -vv, so its records below WARNING are dropped.
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_quiet_pyroute2)
+
+
+def _quiet_pyroute2(record: logging.LogRecord) -> bool:
+    return not (record.name.startswith("pyroute2") and record.levelno < logging.WARNING)
 
 
 def _fail(message: str, code: int = 1) -> int:

@@ -23,6 +23,9 @@ from kbwg.agent.wg_backend import BackendError, PeerConfig, PeerStats, format_en
 
 logger = logging.getLogger(__name__)
 
+CONNECT_RETRIES = 100
+CONNECT_RETRY_S = 0.02
+
 # wireguard-go's compiled-in socket directory; realpath gives the mount point to cover
 # (on Debian /var/run is a symlink to /run).
 UAPI_DIR = "/var/run/wireguard"
@@ -161,8 +164,18 @@ class UserspaceBackend:
             except (TimeoutError, OSError, asyncio.IncompleteReadError) as exc:
                 raise BackendError(f"wireguard-go UAPI request failed: {exc!r}") from exc
 
+    async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        # wireguard-go binds its socket (the file appears) a moment before it listens:
+        # under load a first request can land in between and be refused.
+        for _ in range(CONNECT_RETRIES):
+            try:
+                return await asyncio.open_unix_connection(self.socket_path)
+            except ConnectionRefusedError:
+                await asyncio.sleep(CONNECT_RETRY_S)
+        return await asyncio.open_unix_connection(self.socket_path)
+
     async def _exchange(self, request: str) -> list[tuple[str, str]]:
-        reader, writer = await asyncio.open_unix_connection(self.socket_path)
+        reader, writer = await self._connect()
         try:
             writer.write(request.encode())
             await writer.drain()
