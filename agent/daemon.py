@@ -37,6 +37,7 @@ from kbwg.agent.announce import (
     format_announce,
     parse_announce,
 )
+from kbwg.agent.background import Background
 from kbwg.agent.claims import (
     Claim,
     ClaimBook,
@@ -53,7 +54,6 @@ from kbwg.agent.control import ControlServer
 from kbwg.agent.diag import DiagOptions, diagnose
 from kbwg.agent.hostroutes import HostRoutes
 from kbwg.agent.keybase import Channel, ChatMessage, KeybaseClient, KeybaseError
-from kbwg.agent.localaddr import pick_announce_address
 from kbwg.agent.netwatch import NetworkWatcher
 from kbwg.agent.owner_client import DeviceOwner
 from kbwg.agent.peers import DeviceId, PeerEntry, PeersError, parse_peers
@@ -65,7 +65,7 @@ from kbwg.agent.teamconfig import (
     load_team_config,
     team_config_path,
 )
-from kbwg.negotiation.candidates import Candidate
+from kbwg.negotiation.candidates import Candidate, gather_host_candidates, interface_addresses
 from kbwg.negotiation.checks import PeerChecker
 from kbwg.negotiation.gathering import LocalCandidates, gather_local, resolve_servers
 from kbwg.negotiation.mux import CheckMux
@@ -154,7 +154,8 @@ class Agent:
         self._entries: list[PeerEntry] = []
         self._private: PrivateKey | None = None
         self._my_announce_id: int | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = Background(log, "background step")
+        self._spawn = self._tasks.spawn
         self.state: AgentState | None = None
         self.config = TeamConfig()
         self.local = LocalCandidates()
@@ -287,9 +288,9 @@ class Agent:
     async def _shutdown(self) -> None:
         if getattr(self, "_control", None) is not None:
             await self._control.close()
-        for task in [self._gathering, *self._tasks]:
-            if task is not None:
-                task.cancel()
+        self._tasks.cancel()
+        if self._gathering is not None:
+            self._gathering.cancel()
         if self._negotiator is not None:
             await self._negotiator.close()
         if self.state is not None:
@@ -357,7 +358,11 @@ class Agent:
             if sep and port.isdigit():
                 return host, int(port)
             return given, 0
-        ip = await pick_announce_address(exclude_ifnames=[self.options.interface])
+        # The first host candidate: the default route's interface, by the same rule
+        # that chooses candidates (the WireGuard device and tunnels excluded).
+        hosts = gather_host_candidates(0, self.config.interface_exclude, [self.config.overlay],
+                                       addresses=await interface_addresses())
+        ip = hosts[0].address if hosts else None
         if ip is None:
             raise JoinError(
                 "found no IPv4 address to announce; bring up a network interface "
@@ -851,18 +856,6 @@ class Agent:
                              "state": "selected", "rtt_ms": negotiation.get("rtt_ms")})
         return {**peer.to_json(negotiation), "candidates": candidates, "pairs": pairs}
 
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        async def run() -> None:
-            try:
-                await coro
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("background step failed")
-
-        task = asyncio.ensure_future(run())
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
 
 
 @dataclass

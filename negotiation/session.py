@@ -29,6 +29,7 @@ from typing import Any, Protocol
 
 from nacl.public import PrivateKey, PublicKey
 
+from kbwg.agent.background import Background
 from kbwg.agent.keybase import ChatMessage
 from kbwg.agent.peers import DeviceId
 from kbwg.negotiation.replay import ReplayGuard
@@ -135,7 +136,8 @@ class Negotiator:
         self.guard = ReplayGuard()
         self.sessions: dict[DeviceId, PeerSession] = {}
         self._pending: dict[DeviceId, list[tuple[float, ChatMessage]]] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = Background(log, "negotiation step")
+        self._spawn = self._tasks.spawn
 
     # -- peers ------------------------------------------------------------------
 
@@ -222,8 +224,7 @@ class Negotiator:
             await asyncio.wait_for(asyncio.gather(*byes, return_exceptions=True), 2.0)
         for peer in list(self.sessions):
             self.forget(peer)
-        for task in list(self._tasks):
-            task.cancel()
+        self._tasks.cancel()
 
     # -- incoming -----------------------------------------------------------------
 
@@ -305,15 +306,3 @@ class Negotiator:
                                   session_id, body)
         await self._post(seal(message, self._private, session.public_key))
 
-    def _spawn(self, coro: Awaitable[None]) -> None:
-        async def run() -> None:
-            try:
-                await coro
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("negotiation step failed")
-
-        task = asyncio.ensure_future(run())
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
