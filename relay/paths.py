@@ -39,6 +39,8 @@ class RelayPaths:
     on_lost: Callable[[RelayAllocation], None]
     allocations: dict[str, RelayAllocation] = field(default_factory=dict)  # by relay URL
     proxies: dict[str, LoopbackProxy] = field(default_factory=dict)  # by peer name
+    # The same proxies by (our relayed address, peer address): one lookup per datagram.
+    _by_route: dict[tuple[Address, Address], LoopbackProxy] = field(default_factory=dict)
 
     async def ensure(self, relays: list[RelayConfig], timeout: float = 3.0) -> None:
         """An allocation on every configured relay that has none alive."""
@@ -92,10 +94,10 @@ class RelayPaths:
             if local is not None:
                 self.on_stun(data, peer, local)
             return
-        for proxy in self.proxies.values():
-            if proxy.allocation is allocation and proxy.peer == peer:
-                proxy.from_relay(data)
-                return
+        proxy = self._by_route.get((allocation.relayed, peer))
+        if proxy is not None:
+            proxy.from_relay(data)
+            return
         # A NAT may show the peer's WireGuard traffic from another port than its checks.
         for proxy in self.proxies.values():
             if proxy.allocation is allocation and proxy.peer[0] == peer[0]:
@@ -107,16 +109,13 @@ class RelayPaths:
         (a loopback proxy), or None for a direct pair (and any old proxy closes)."""
         allocation = self.allocation_for(local) if local is not None else None
         current = self.proxies.get(peer)
-        if allocation is None:
-            if current is not None:
-                current.close()
-                del self.proxies[peer]
-            return None
         if current is not None and current.allocation is allocation and current.peer == remote:
             return current.endpoint
-        if current is not None:
-            current.close()
+        self.drop(peer)
+        if allocation is None:
+            return None
         proxy = self.proxies[peer] = await LoopbackProxy.open(allocation, remote, self.wg_port)
+        self._by_route[(allocation.relayed, remote)] = proxy
         log.info("%s relayed through %s: WireGuard endpoint %s", peer, allocation.url,
                  proxy.endpoint)
         return proxy.endpoint
@@ -124,6 +123,7 @@ class RelayPaths:
     def drop(self, peer: str) -> None:
         proxy = self.proxies.pop(peer, None)
         if proxy is not None:
+            self._by_route.pop((proxy.allocation.relayed, proxy.peer), None)
             proxy.close()
 
     def to_json(self) -> list[dict[str, Any]]:
@@ -136,5 +136,6 @@ class RelayPaths:
         for proxy in self.proxies.values():
             proxy.close()
         self.proxies.clear()
+        self._by_route.clear()
         await asyncio.gather(*(a.close() for a in self.allocations.values()),
                              return_exceptions=True)
