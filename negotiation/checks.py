@@ -310,7 +310,7 @@ class PeerChecker:
         self._remote_ufrag = ufrag
         self._remote_pwd = pwd.encode()
         self._remotes = unique_remotes(candidates)
-        for pair in form_pairs(self._bases, self._remotes, self._controlling):
+        for pair in form_pairs(self._bases, candidates, self._controlling):
             pair.probe_delay = self.timers.reprobe_min
             self._by_addr[(pair.local_address, pair.remote_address)] = pair
             self._pairs.append(pair)

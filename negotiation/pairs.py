@@ -183,12 +183,30 @@ def unique_remotes(candidates: Iterable[CandidateInfo]) -> list[CandidateInfo]:
     return list(best.values())
 
 
-def form_pairs(bases: Sequence[Candidate], remotes: Iterable[CandidateInfo],
+def relay_reaches(remote: CandidateInfo, candidates: Iterable[CandidateInfo]) -> bool:
+    """Whether a check from a relay allocation to `remote` is worth sending.
+
+    A relay sits on the public side, so a peer's host address that its STUN server saw
+    differently is behind a NAT and private: unreachable from the relay. Sending there
+    is worse than useless: coturn closes an allocation's relay socket on the first send
+    error (ENETUNREACH where it has no route), and with it the whole relayed path. Kept
+    when the peer knows no srflx candidate of its own: then nothing says it is NATed,
+    and only our sending installs the permission its checks to our relay need.
+    """
+    if remote.type != "host":
+        return True
+    public = {c.ip for c in candidates if c.type == "srflx"}
+    return not public or remote.ip in public
+
+
+def form_pairs(bases: Sequence[Candidate], candidates: Sequence[CandidateInfo],
                controlling: bool) -> list[CandidatePair]:
-    """Every base with every distinct IPv4 remote, best first, at most MAX_PAIRS."""
+    """Every base with every distinct IPv4 remote it can reach, best first, at most
+    MAX_PAIRS."""
     pairs = [
         CandidatePair(base, remote, pair_priority(base.priority, remote.priority, controlling))
-        for base in bases for remote in unique_remotes(remotes)
+        for base in bases for remote in unique_remotes(candidates)
+        if base.type != "relay" or relay_reaches(remote, candidates)
     ]
     pairs.sort(key=lambda p: p.priority, reverse=True)
     return pairs[:MAX_PAIRS]

@@ -72,13 +72,7 @@ def iperf_mbits(client: Node, server: Node, dest: str, seconds: float = 2.0) -> 
     return float(json.loads(out.stdout)["end"]["sum_received"]["bits_per_second"]) / 1e6
 
 
-@pytest.mark.parametrize("kind", [
-    "kbwg",
-    pytest.param("coturn", marks=pytest.mark.xfail(
-        reason="known gap: through coturn 4.6.1 the checks of two agents behind symmetric "
-        "NATs get no answer (aioice alone relays through the same coturn); not yet "
-        "explained", strict=False)),
-])
+@pytest.mark.parametrize("kind", ["kbwg", "coturn"])
 def test_symmetric_nats_connect_through_the_relay(world: World, kind: str) -> None:
     inet, team, (relay,) = world_with_servers(world, [(kind, "203.0.113.5")])
     a, b = symmetric_pair(world, inet)

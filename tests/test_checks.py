@@ -13,7 +13,7 @@ from aioice import stun
 from kbwg.negotiation.candidates import Candidate, candidate_priority
 from kbwg.negotiation.checks import CheckTimers, PeerChecker
 from kbwg.negotiation.mux import CheckMux
-from kbwg.negotiation.pairs import CandidatePair
+from kbwg.negotiation.pairs import CandidatePair, form_pairs
 from kbwg.negotiation.wire import CandidateInfo
 
 Address = tuple[str, int]
@@ -642,3 +642,26 @@ def test_rtt_from_a_retransmitted_check_is_only_a_stand_in() -> None:
     for sample in (31.0, 29.0, 400.0):
         pair.add_rtt(sample, exact=True)
     assert pair.rtt_ms == 30.5  # median: one late answer does not move it
+
+
+def test_relay_base_skips_remote_host_candidates_behind_a_nat() -> None:
+    host = Candidate("host", "198.18.1.10", PORT, "eth0", candidate_priority("host"), "if")
+    relay = Candidate("relay", "203.0.113.5", 50000, None, candidate_priority("relay"), "turn")
+    natted = [
+        CandidateInfo("host", "198.18.2.10", PORT, candidate_priority("host"), "h"),
+        CandidateInfo("srflx", "203.0.113.11", 40001, candidate_priority("srflx"), "s"),
+        CandidateInfo("relay", "203.0.113.5", 50001, candidate_priority("relay"), "r"),
+    ]
+    pairs = {(p.local.type, p.remote.type) for p in form_pairs([host, relay], natted, True)}
+    # A relay cannot reach a private address; coturn drops the allocation on trying.
+    assert pairs == {("host", "host"), ("host", "srflx"), ("host", "relay"),
+                     ("relay", "srflx"), ("relay", "relay")}
+
+    public = [CandidateInfo("host", "203.0.113.20", PORT, candidate_priority("host"), "h"),
+              CandidateInfo("srflx", "203.0.113.20", PORT, candidate_priority("srflx"), "s")]
+    pairs = {(p.local.type, p.remote.type) for p in form_pairs([relay], public, True)}
+    assert pairs == {("relay", "host")}  # no NAT: the host address is public
+
+    unknown = [CandidateInfo("host", "198.18.2.10", PORT, candidate_priority("host"), "h")]
+    pairs = {(p.local.type, p.remote.type) for p in form_pairs([relay], unknown, True)}
+    assert pairs == {("relay", "host")}  # no srflx known: nothing says it is private
