@@ -79,6 +79,8 @@ from kbwg.relay.paths import RelayPaths
 
 log = logging.getLogger(__name__)
 
+SHUTDOWN_GRACE_S = 3.0
+
 LISTENER_READY_TIMEOUT_S = 5.0
 # A peer that has not got a negotiated path by then gets its announced endpoint.
 ANNOUNCED_FALLBACK_S = 3.0
@@ -143,6 +145,9 @@ class Agent:
         self._stun_counters = StunCounters()
         self._stun_clients: dict[str | None, StunClient] = {}
         self._gathering: asyncio.Task[None] | None = None
+        # Network events, a lost relay and the refresh loop may all ask for a new
+        # gathering at once: one at a time, or a relay would get two allocations.
+        self._regather = asyncio.Lock()
         self._negotiator: Negotiator | None = None
         self._routes: HostRoutes | None = None
         self._relays: RelayPaths | None = None
@@ -193,7 +198,11 @@ class Agent:
         finally:
             for task in [stopper, *tasks]:
                 task.cancel()
-            await asyncio.gather(stopper, *tasks, return_exceptions=True)
+            # Bounded: a library that swallows a cancellation must not hang the exit.
+            _, stuck = await asyncio.wait([stopper, *tasks], timeout=SHUTDOWN_GRACE_S)
+            for task in stuck:
+                log.warning("the %s task did not stop within %.0fs; exiting without it",
+                            task.get_name(), SHUTDOWN_GRACE_S)
             await self._shutdown()
 
     @staticmethod
@@ -736,6 +745,9 @@ class Agent:
                 last_announce = time.monotonic()
             await self._check_my_claim()
             await self._sync()
+            if self._relays is not None and self._relays.missing(self.config.relays):
+                # A relay that was down (or forgot our allocation) may be back.
+                await self._on_network_change()
 
     async def _stats_loop(self) -> None:
         while True:
@@ -766,10 +778,11 @@ class Agent:
 
     async def _on_network_change(self) -> None:
         assert self.state is not None
-        before = {(c.type, c.address, c.port) for c in self.local.candidates}
-        self._gathering = asyncio.create_task(self._gather(), name="gather")
-        await self._gathering
-        after = {(c.type, c.address, c.port) for c in self.local.candidates}
+        async with self._regather:
+            before = {(c.type, c.address, c.port) for c in self.local.candidates}
+            self._gathering = asyncio.create_task(self._gather(), name="gather")
+            await self._gathering
+            after = {(c.type, c.address, c.port) for c in self.local.candidates}
         if after == before:
             return
         log.info("network changed: candidates now %s; renegotiating",

@@ -119,6 +119,29 @@ def test_dead_relay_is_replaced_by_the_second_one(world: World) -> None:
     assert relay_in_use() is not used
 
 
+@pytest.mark.parametrize("kind", ["kbwg", "coturn"])
+def test_relayed_path_comes_back_after_the_relay_restarts(world: World, kind: str) -> None:
+    inet, team, (relay,) = world_with_servers(world, [(kind, "203.0.113.5")])
+    a, b = symmetric_pair(world, inet)
+    alice = team.start_agent(a, *ALICE[:2])
+    bob = team.start_agent(b, *BOB[:2])
+    team.wait_running(alice)
+    team.wait_running(bob)
+    before = wait_relayed(alice, "desk")
+    wait_until(lambda: ping_ok(a, BOB[2]), timeout=15, what="first ping")
+
+    # A restarted relay has forgotten every allocation: the agents must notice (their
+    # Refresh gets 437), allocate again and renegotiate, with no network change to say so.
+    relay.kill()
+    start_relay(relay.node, relay.ip, kind=kind)
+    wait_until(lambda: ping_ok(a, BOB[2]), timeout=45, what="ping after the relay restarted")
+    after = wait_relayed(alice, "desk")
+    assert (after["local_candidate"], after["remote_candidate"]) != (
+        before["local_candidate"], before["remote_candidate"]), after
+    status = alice.status()
+    assert [r["alive"] for r in status["relays"] if r["url"] == relay.url] == [True], status
+
+
 def test_symmetric_and_port_preserving_use_what_works(world: World) -> None:
     inet, team, _ = world_with_servers(world, [("kbwg", "203.0.113.5")])
     sym = world.router("sym", wan=inet, nat=NatMode.FULLY_RANDOM)

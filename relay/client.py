@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from aioice import stun
 from aioice.turn import TurnClientUdpProtocol
 
 from kbwg.relay.credentials import rest_password, rest_username
@@ -31,6 +32,11 @@ SOCKET_BUFFER = 4 * 1024 * 1024
 CREDENTIAL_TTL_S = 24 * 3600
 LIFETIME_S = 600
 CHANNEL_REFRESH_S = 300
+# How often the allocation is confirmed with a Refresh, and how long the answer may take.
+# aioice only refreshes at 5/6 of the lifetime: a relay that restarted, or dropped the
+# allocation (coturn does on a failed send), would go unnoticed for minutes.
+WATCH_INTERVAL_S = 15.0
+WATCH_TIMEOUT_S = 10.0
 
 
 @dataclass
@@ -69,11 +75,14 @@ class RelayAllocation:
         self.closed = False
         self._protocol = protocol
         self._binding: dict[Address, asyncio.Task[None]] = {}
+        self._watch: asyncio.Task[None] | None = None
 
     @classmethod
     async def open(cls, url: str, server: Address, user: str, secret: str,
-                   timeout: float = 3.0) -> RelayAllocation:
-        """Allocate on `server` with TURN REST credentials for `user`."""
+                   timeout: float = 3.0, watch_interval: float = WATCH_INTERVAL_S,
+                   watch_timeout: float = WATCH_TIMEOUT_S) -> RelayAllocation:
+        """Allocate on `server` with TURN REST credentials for `user`; the allocation is
+        then confirmed every `watch_interval` seconds and reported lost when it is gone."""
         username = rest_username(user, CREDENTIAL_TTL_S)
         loop = asyncio.get_running_loop()
         _, protocol = await loop.create_datagram_endpoint(
@@ -95,8 +104,28 @@ class RelayAllocation:
         rtt_ms = (time.monotonic() - started) * 1000
         allocation = cls(url, server, protocol, relayed, protocol.mapped_address, rtt_ms)
         protocol.receiver = _Receiver(allocation)
+        allocation._watch = asyncio.create_task(
+            allocation._confirm_every(watch_interval, watch_timeout))
         log.info("relay %s: allocation %s:%d (%.1f ms)", url, *relayed, rtt_ms)
         return allocation
+
+    async def _confirm_every(self, interval: float, timeout: float) -> None:
+        """A Refresh now and then: 437 (no such allocation) or silence means it is gone."""
+        while not self.closed:
+            await asyncio.sleep(interval)
+            request = stun.Message(stun.Method.REFRESH, stun.Class.REQUEST)
+            request.attributes["LIFETIME"] = LIFETIME_S
+            try:
+                await asyncio.wait_for(self._protocol.request_with_retry(request),
+                                       timeout)
+            except (stun.TransactionError, ConnectionError, OSError, TimeoutError) as exc:
+                if isinstance(exc, stun.TransactionFailed):
+                    reason = f"refresh refused: {exc.response.error_code}"
+                else:
+                    reason = f"refresh unanswered: {type(exc).__name__}"
+                self.lost(ConnectionError(reason))
+                self._protocol.transport.close()  # stops aioice's own refresh task too
+                return
 
     def send(self, data: bytes, peer: Address) -> None:
         """To `peer` through the relay: ChannelData once bound, else bind first."""
@@ -136,6 +165,8 @@ class RelayAllocation:
 
     async def close(self) -> None:
         self.closed = True
+        if self._watch is not None:
+            self._watch.cancel()
         for task in list(self._binding.values()):
             task.cancel()
         with contextlib.suppress(Exception):

@@ -42,10 +42,14 @@ class RelayPaths:
     # The same proxies by (our relayed address, peer address): one lookup per datagram.
     _by_route: dict[tuple[Address, Address], LoopbackProxy] = field(default_factory=dict)
 
+    def missing(self, relays: list[RelayConfig]) -> list[RelayConfig]:
+        """The configured relays without a live allocation."""
+        return [r for r in relays
+                if r.url not in self.allocations or self.allocations[r.url].closed]
+
     async def ensure(self, relays: list[RelayConfig], timeout: float = 3.0) -> None:
         """An allocation on every configured relay that has none alive."""
-        missing = [r for r in relays
-                   if r.url not in self.allocations or self.allocations[r.url].closed]
+        missing = self.missing(relays)
         results = await asyncio.gather(*(self._allocate(r, timeout) for r in missing),
                                        return_exceptions=True)
         for relay, result in zip(missing, results, strict=True):

@@ -248,8 +248,11 @@ async def test_own_claim_loses_to_a_lower_id_delivered_late(
         await wait_for(lambda: uma.agent._claims.claim_of(walt, time.time()) is not None,
                        "walt's claim in the book")
         assert uma.addresses_set() == []
-        await wait_for(lambda: uma.addresses_set(), "uma to move once rita's claim arrives",
-                       timeout=15)
+        state = uma.agent.state
+        # Moved: the new address set, and claimed (the claim is sent after the set).
+        await wait_for(lambda: uma.addresses_set() and state.my_claim is not None
+                       and state.my_claim.ip == state.overlay_ip != ip,
+                       "uma to move once rita's claim arrives", timeout=15)  # fmt: skip
         moved = uma.agent.state.overlay_ip
         assert moved != ip and moved in RANGE
         assert uma.addresses_set() == [f"{moved}/10"]

@@ -1,0 +1,89 @@
+"""RelayAllocation (the agent's side of a relay) against our relay server on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+from aioice import stun
+from test_relay_protocol import SECRET, Endpoint, _config
+
+from kbwg.relay.client import RelayAllocation
+from kbwg.relay.server import RelayServer
+
+Address = tuple[str, int]
+
+
+@contextlib.asynccontextmanager
+async def allocation_on(server: RelayServer, **watch: float) -> AsyncIterator[
+        tuple[RelayAllocation, asyncio.Queue[tuple[bytes, Address]], asyncio.Event]]:
+    allocation = await RelayAllocation.open("turn:test", server.address, "alice", SECRET,
+                                            **watch)  # fmt: skip
+    received: asyncio.Queue[tuple[bytes, Address]] = asyncio.Queue()
+    lost = asyncio.Event()
+    allocation.receiver = lambda data, peer: received.put_nowait((data, peer))
+    allocation.on_lost = lambda _a: lost.set()
+    try:
+        yield allocation, received, lost
+    finally:
+        await allocation.close()
+
+
+async def test_data_goes_both_ways_over_a_channel() -> None:
+    async with RelayServer(_config()) as server, allocation_on(server) as (alloc, got, _):
+        peer = await Endpoint.open()
+        try:
+            alloc.send(b"first", peer.address)  # binds the channel, then sends
+            data, relayed = await peer.receive()
+            assert (data, relayed) == (b"first", alloc.relayed)
+            alloc.send(b"second", peer.address)  # bound: ChannelData from here
+            assert (await peer.receive())[0] == b"second"
+            peer.send(b"reply", alloc.relayed)
+            assert await asyncio.wait_for(got.get(), 2.0) == (b"reply", peer.address)
+            assert (alloc.counters.sent, alloc.counters.received) == (2, 1)
+        finally:
+            peer.close()
+
+
+async def test_allocation_forgotten_by_a_restarted_relay_is_reported_lost() -> None:
+    first = RelayServer(_config())
+    await first.start()
+    address = first.address
+    async with allocation_on(first, watch_interval=0.05) as (alloc, _, lost):
+        first.close()
+        # The same address, a new process: it knows no allocation, so Refresh gets 437.
+        async with RelayServer(_config(listen=address)):
+            await asyncio.wait_for(lost.wait(), 5.0)
+        assert alloc.closed
+
+
+async def test_allocation_on_a_silent_relay_is_reported_lost() -> None:
+    server = RelayServer(_config())
+    await server.start()
+    async with allocation_on(server, watch_interval=0.05, watch_timeout=0.3) as (
+            alloc, _, lost):
+        server.close()
+        await asyncio.wait_for(lost.wait(), 5.0)
+        assert alloc.closed
+
+
+async def test_live_allocation_is_confirmed_not_lost() -> None:
+    async with RelayServer(_config()) as server, allocation_on(
+            server, watch_interval=0.02, watch_timeout=1.0) as (alloc, _, lost):
+        protocol = alloc._protocol
+        request = protocol.request_with_retry
+        confirmed = asyncio.Event()
+        answers: list[object] = []
+
+        async def counted(message: stun.Message) -> tuple[stun.Message, Address]:
+            answer = await request(message)
+            answers.append(answer[0].message_class)
+            if len(answers) == 3:
+                confirmed.set()
+            return answer
+
+        protocol.request_with_retry = counted  # type: ignore[method-assign]
+        await asyncio.wait_for(confirmed.wait(), 5.0)
+        assert answers == [stun.Class.RESPONSE] * 3
+        assert not lost.is_set() and not alloc.closed
