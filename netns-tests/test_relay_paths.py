@@ -142,6 +142,32 @@ def test_relayed_path_comes_back_after_the_relay_restarts(world: World, kind: st
     assert [r["alive"] for r in status["relays"] if r["url"] == relay.url] == [True], status
 
 
+def test_relay_first_then_direct_once_it_works(world: World) -> None:
+    inet, team, _ = world_with_servers(world, [("kbwg", "203.0.113.5")])
+    r1 = world.router("r1", wan=inet, nat=NatMode.MASQUERADE)
+    r2 = world.router("r2", wan=inet, nat=NatMode.MASQUERADE)
+    a, b = world.host("a", lans=[r1.lan]), world.host("b", lans=[r2.lan])
+    # Port-preserving NATs would punch at once: cut the two sites off from each other
+    # (not from the servers), so the relay is all that works at first.
+    r1.run(["nft", "-f", "-"], input=(
+        "table ip cut {\n chain forward {\n type filter hook forward priority -10;\n"
+        f" ip daddr {r2.wan_ip} drop\n ip saddr {r2.wan_ip} drop\n }}\n}}\n"))
+    alice = team.start_agent(a, *ALICE[:2])
+    bob = team.start_agent(b, *BOB[:2])
+    team.wait_running(alice)
+    team.wait_running(bob)
+    wait_relayed(alice, "desk")
+    wait_until(lambda: ping_ok(a, BOB[2]), timeout=15, what="ping over the relay")
+
+    r1.run(["nft", "delete", "table", "ip", "cut"])
+    direct = wait_until(lambda: (p := peer_view(alice, "desk")) and p["path"] == "direct"
+                        and p, timeout=45, what="the move to the direct path")  # fmt: skip
+    assert direct["remote_candidate"].startswith(("srflx", "prflx")), direct
+    wait_until(lambda: (p := peer_view(bob, "laptop")) and p["path"] == "direct",
+               timeout=15, what="bob on the direct path too")  # fmt: skip
+    wait_until(lambda: ping_ok(a, BOB[2]), timeout=10, what="ping over the direct path")
+
+
 def test_symmetric_and_port_preserving_use_what_works(world: World) -> None:
     inet, team, _ = world_with_servers(world, [("kbwg", "203.0.113.5")])
     sym = world.router("sym", wan=inet, nat=NatMode.FULLY_RANDOM)
