@@ -22,20 +22,17 @@ import os
 import random
 import time
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
 
-from aioice import stun
 from nacl.public import PrivateKey
 
 from kbwg.agent.announce import (
     ANNOUNCE_TTL_S,
     AnnounceBook,
-    AnnounceError,
     format_announce,
-    parse_announce,
 )
 from kbwg.agent.background import Background
 from kbwg.agent.claims import (
@@ -44,38 +41,31 @@ from kbwg.agent.claims import (
     ClaimError,
     check_range_against_peers,
     format_claim,
-    is_claim,
     load_previous,
-    parse_claim,
     pick_free_address,
     save_previous,
 )
+from kbwg.agent.connectivity import Connectivity, RegisteredChecker
 from kbwg.agent.control import ControlServer
-from kbwg.agent.diag import DiagOptions, diagnose
-from kbwg.agent.hostroutes import HostRoutes
+from kbwg.agent.intake import take_announce_message
 from kbwg.agent.keybase import Channel, ChatMessage, KeybaseClient, KeybaseError
 from kbwg.agent.netwatch import NetworkWatcher
 from kbwg.agent.owner_client import DeviceOwner
 from kbwg.agent.peers import DeviceId, PeerEntry, PeersError, parse_peers
 from kbwg.agent.peerstate import ANNOUNCED, NEGOTIATED, PeerState
 from kbwg.agent.peertable import desired_peers
+from kbwg.agent.reports import AgentState, diag_report, status_report
 from kbwg.agent.teamconfig import (
     TeamConfig,
     TeamConfigError,
     load_team_config,
     team_config_path,
 )
-from kbwg.negotiation.candidates import Candidate, gather_host_candidates, interface_addresses
-from kbwg.negotiation.checks import PeerChecker
-from kbwg.negotiation.gathering import LocalCandidates, gather_local, resolve_servers
-from kbwg.negotiation.mux import CheckMux
+from kbwg.negotiation.candidates import gather_host_candidates, interface_addresses
 from kbwg.negotiation.pairs import CandidatePair
 from kbwg.negotiation.session import CheckerSpec, Negotiator
-from kbwg.negotiation.shared_port import SharedPortTransport
-from kbwg.negotiation.stun_client import Address, StunClient, StunCounters
 from kbwg.negotiation.wire import CandidateInfo
 from kbwg.relay.client import RelayAllocation
-from kbwg.relay.paths import RelayPaths
 
 log = logging.getLogger(__name__)
 
@@ -110,21 +100,6 @@ class JoinOptions:
     announced_fallback_s: float = ANNOUNCED_FALLBACK_S
 
 
-@dataclass
-class AgentState:
-    me: DeviceId
-    listed: bool
-    overlay_ip: IPv4Address
-    public_key: str
-    listen_port: int
-    interface: str
-    backend: str
-    announced_endpoint: str
-    my_claim: Claim | None = None
-    started_at: float = field(default_factory=time.time)
-    peers: dict[DeviceId, PeerState] = field(default_factory=dict)
-
-
 OwnerFactory = Callable[[list[str] | None], Coroutine[Any, Any, DeviceOwner]]
 
 
@@ -140,17 +115,8 @@ class Agent:
         self._owner_factory = owner_factory
         self._owner: DeviceOwner | None = None
         self._owner_task: asyncio.Task[DeviceOwner] | None = None
-        self._port: SharedPortTransport | None = None
-        self._mux = CheckMux()
-        self._stun_counters = StunCounters()
-        self._stun_clients: dict[str | None, StunClient] = {}
-        self._gathering: asyncio.Task[None] | None = None
-        # Network events, a lost relay and the refresh loop may all ask for a new
-        # gathering at once: one at a time, or a relay would get two allocations.
-        self._regather = asyncio.Lock()
+        self.paths: Connectivity | None = None
         self._negotiator: Negotiator | None = None
-        self._routes: HostRoutes | None = None
-        self._relays: RelayPaths | None = None
         self._announcements = AnnounceBook()
         self._claims = ClaimBook()
         self._lock = asyncio.Lock()
@@ -163,7 +129,6 @@ class Agent:
         self._spawn = self._tasks.spawn
         self.state: AgentState | None = None
         self.config = TeamConfig()
-        self.local = LocalCandidates()
         self.announce_channel = Channel(options.team, self.config.announce_channel, "chat")
         self.negotiation_channel = Channel(options.team, self.config.negotiation_channel, "dev")
 
@@ -270,13 +235,9 @@ class Agent:
         log.info("%s is %s%s on %s (%s backend, port %d)", me, overlay_ip,
                  "" if mine else " (self-assigned)", self.options.interface,
                  self.state.backend, port)
-        self._routes = HostRoutes.new(self._owner)
-        self._relays = RelayPaths(me.username, port, self._on_relay_stun,
-                                  self._on_relay_lost)
-        self._port = await SharedPortTransport.open(self._owner)
-        self._port.local_receiver = self._on_port_datagram
-        self._mux.fallback = self._client_for(None).datagram_received
-        self._gathering = asyncio.create_task(self._gather(), name="gather")
+        self.paths = await Connectivity.open(self._owner, port, me.username, self.config,
+                                             self._on_relay_lost)
+        self.paths.start_gathering()
         if self.options.negotiate:
             self._negotiator = Negotiator(
                 me, self._private, self._post_negotiation, self._make_checker,
@@ -288,8 +249,8 @@ class Agent:
         if self.options.endpoint is None:
             # With STUN, the NAT's public mapping of the WireGuard port is what a peer
             # elsewhere can reach (and can punch towards before our offer arrives).
-            await self._gathered(ANNOUNCE_GATHER_WAIT_S)
-            self.state.announced_endpoint = (self._public_endpoint()
+            await self.paths.gathered(ANNOUNCE_GATHER_WAIT_S)
+            self.state.announced_endpoint = (self.paths.public_endpoint()
                                              or self.state.announced_endpoint)
         await self._announce()
         await self._sync()
@@ -298,18 +259,14 @@ class Agent:
         if getattr(self, "_control", None) is not None:
             await self._control.close()
         self._tasks.cancel()
-        if self._gathering is not None:
-            self._gathering.cancel()
         if self._negotiator is not None:
             await self._negotiator.close()
         if self.state is not None:
             for peer in self.state.peers.values():
                 if peer.fallback is not None:
                     peer.fallback.cancel()
-        if self._port is not None:
-            await self._port.close()
-        if self._relays is not None:
-            await self._relays.close()
+        if self.paths is not None:
+            await self.paths.close()
         if self._owner is None and self._owner_task is not None:
             # Start-up failed while the owner was starting: it must still be stopped.
             if not self._owner_task.done():
@@ -468,43 +425,8 @@ class Agent:
             await self._negotiator.handle(msg)
 
     def _take_announce_channel(self, msg: ChatMessage, me: DeviceId | None) -> bool:
-        """Feed one #announce message to the books; True when something changed."""
-        if msg.body is None:
-            return False
-        sender = DeviceId(msg.sender_username, msg.sender_device)
-        now = time.time()
-        if is_claim(msg.body):
-            try:
-                claim = parse_claim(msg.body, sender, msg.id, msg.sent_at)
-            except ClaimError as exc:
-                log.warning("ignoring claim %d from %s: %s", msg.id, sender, exc)
-                return False
-            verdict = self._claims.offer(claim, listed=self._entries,
-                                         dynamic_range=self.config.dynamic_range, now=now)
-            if not verdict.accepted:
-                level = (logging.WARNING if verdict.rejection is not None
-                         and verdict.rejection.is_misbehaviour else logging.DEBUG)
-                log.log(level, "ignoring claim %d from %s: %s", msg.id, sender, verdict.reason)
-                return False
-            return True  # our own echo too: a rival may have been seen before it
-        if sender == me:
-            return False
-        try:
-            ann = parse_announce(msg.body, sender, msg.id, msg.sent_at)
-        except AnnounceError as exc:
-            log.warning("ignoring message %d from %s in #%s: %s",
-                        msg.id, sender, msg.channel.topic_name, exc)
-            return False
-        if ann.sent_at < now - ANNOUNCE_TTL_S:
-            return False
-        if not self._announcements.offer(ann):
-            log.debug("ignoring older or repeated announcement %d from %s", msg.id, sender)
-            return False
-        listed = any(e.device_id == sender for e in self._entries)
-        if not listed and self._claims.claim_of(sender, now) is None:
-            log.info("ignoring announcement from %s: not listed in peers.json and no "
-                     "live claim", sender)
-        return True
+        return take_announce_message(msg, me, self._announcements, self._claims,
+                                     self._entries, self.config.dynamic_range, time.time())
 
     async def _read_history(self, me: DeviceId) -> None:
         since = time.time() - ANNOUNCE_TTL_S
@@ -604,128 +526,46 @@ class Agent:
             peer.fallback.cancel()
         if self._negotiator is not None:
             self._negotiator.forget(peer.spec.device)
-        if self._routes is not None:
-            await self._routes.clear(peer.name)
-        if self._relays is not None:
-            self._relays.drop(peer.name)
+        if self.paths is not None:
+            await self.paths.forget(peer.name)
         if peer.configured_key:
             await self._owner.request("remove_peer", public_key=peer.configured_key)
 
     # -- candidates and checks ----------------------------------------------------------
 
-    def _client_for(self, source: str | None) -> StunClient:
-        """A STUN client on the WireGuard port, sending from `source` (None: as routed)."""
-        assert self._port is not None
-        client = self._stun_clients.get(source)
-        if client is None:
-            transport = self._port if source is None else self._port.from_source(source)
-            client = self._stun_clients[source] = StunClient(transport, self._stun_counters)
-            transport.receiver = client.datagram_received
-        return client
-
-    async def _gather(self) -> None:
-        """Host and srflx candidates from the WireGuard port, relayed ones from the
-        relays, at once."""
-        assert self.state is not None and self._relays is not None
-        servers = await resolve_servers(self.config.stun, timeout=2.0)
-        self.local, _ = await asyncio.gather(
-            gather_local(self.state.listen_port, servers, self._client_for,
-                         self.config.interface_exclude, [self.config.overlay]),
-            self._relays.ensure(self.config.relays),
-        )
-        self.local.candidates += self._relays.candidates()
-        self._mux.set_local_candidates(self.local.candidates)
-        log.info("local candidates: %s", ", ".join(
-            f"{c.type} {c.address}:{c.port}" for c in self.local.candidates) or "none")
-
-    async def _gathered(self, timeout: float) -> None:
-        if self._gathering is not None and not self._gathering.done():
-            with contextlib.suppress(TimeoutError, asyncio.CancelledError):
-                await asyncio.wait_for(asyncio.shield(self._gathering), timeout)
-
-    def _public_endpoint(self) -> str | None:
-        """The server-reflexive address of the default uplink, if STUN found one."""
-        hosts = [c for c in self.local.candidates if c.type == "host"]
-        for cand in self.local.candidates:
-            if cand.type == "srflx" and hosts and cand.interface == hosts[0].interface:
-                return f"{cand.address}:{cand.port}"
-        return None
-
     def _punch(self, endpoint: str) -> None:
-        """Open our NAT towards a peer's announced (public) endpoint at once, so its
-        checks get in before our own checks can start (they wait for its answer)."""
-        if self._port is None or self.options.endpoint is not None:
-            return
-        ip, _, port = endpoint.rpartition(":")
-        if any(c.address == ip for c in self.local.candidates):
-            return
-        indication = stun.Message(stun.Method.BINDING, stun.Class.INDICATION)
-        with contextlib.suppress(OSError):
-            self._port.send(bytes(indication), (ip, int(port)))
+        if self.paths is not None and self.options.endpoint is None:
+            self.paths.punch(endpoint)
 
     async def _offer_candidates(self) -> list[CandidateInfo]:
-        """Our candidates for an offer or answer, once gathering is done (bounded)."""
-        await self._gathered(GATHER_WAIT_S)
-        return [CandidateInfo(c.type, c.address, c.port, c.priority, f"{c.type}{i}")
-                for i, c in enumerate(self.local.candidates)]
-
-    def _on_port_datagram(self, data: bytes, src: Address, local_ip: str) -> None:
-        self._mux.datagram_received(data, src, self._mux.local_candidate(local_ip))
-
-    def _on_relay_stun(self, data: bytes, src: Address, local: Candidate) -> None:
-        self._mux.datagram_received(data, src, local)
+        assert self.paths is not None
+        return await self.paths.offer_candidates(GATHER_WAIT_S)
 
     def _on_relay_lost(self, allocation: RelayAllocation) -> None:
         # Consent checks move each peer off it within seconds; a fresh allocation
         # (this relay or another) and a renegotiation bring a relayed path back.
         self._spawn(self._on_network_change())
 
-    def _make_checker(self, spec: CheckerSpec) -> _RegisteredChecker:
+    def _make_checker(self, spec: CheckerSpec) -> RegisteredChecker:
+        assert self.paths is not None
         device = spec.peer
-        checker = PeerChecker(
-            self.local.candidates, spec.ufrag, spec.pwd, controlling=spec.controlling,
-            tie_breaker=spec.tie_breaker, send=self._send_check,
-            on_selected=lambda pair, reason: self._spawn(self._on_selected(device, pair,
-                                                                             reason)),
-            name=str(device),
-        )
-        self._mux.register(spec.ufrag, checker)
-        return _RegisteredChecker(checker, self._mux)
-
-    def _send_check(self, data: bytes, dest: Address, local: Candidate) -> None:
-        assert self._port is not None and self._relays is not None
-        if local.type == "relay":
-            self._relays.send(data, dest, local)
-            return
-        try:
-            self._port.send(data, dest, source=local.address)
-        except OSError as exc:
-            log.debug("check to %s:%d not sent: %s", *dest, exc)
+        return self.paths.make_checker(spec, lambda pair, reason: self._spawn(
+            self._on_selected(device, pair, reason)))
 
     async def _post_negotiation(self, text: str) -> None:
         await self.keybase.send(self.negotiation_channel, text)
 
     async def _on_selected(self, device: DeviceId, pair: CandidatePair | None,
                            reason: str) -> None:
-        assert self.state is not None and self._routes is not None
+        assert self.state is not None and self.paths is not None
         peer = self.state.peers.get(device)
         if peer is None or peer.configured_key is None:
             return
         if pair is None:
             log.warning("%s: %s", peer.name, reason)
             return
-        assert self._relays is not None
-        remote_ip, remote_port = pair.remote_address
-        proxy = await self._relays.route(peer.name, pair.local, pair.remote_address)
-        if proxy is not None:
-            # Relayed by our allocation: WireGuard talks to our loopback proxy.
-            await self._routes.clear(peer.name)
-            peer.route = None
-            await self._set_endpoint(peer, proxy, NEGOTIATED)
-        else:
-            peer.route = await self._routes.follow(peer.name, remote_ip,
-                                                   pair.local.interface)
-            await self._set_endpoint(peer, f"{remote_ip}:{remote_port}", NEGOTIATED)
+        route, peer.route = await self.paths.route(peer.name, pair)
+        await self._set_endpoint(peer, route.endpoint, NEGOTIATED)
         log.info("%s: %s", peer.name, reason)
 
     # -- background loops -------------------------------------------------------------------
@@ -745,7 +585,7 @@ class Agent:
                 last_announce = time.monotonic()
             await self._check_my_claim()
             await self._sync()
-            if self._relays is not None and self._relays.missing(self.config.relays):
+            if self.paths is not None and self.paths.relays_missing():
                 # A relay that was down (or forgot our allocation) may be back.
                 await self._on_network_change()
 
@@ -777,16 +617,11 @@ class Agent:
         await watcher.run()
 
     async def _on_network_change(self) -> None:
-        assert self.state is not None
-        async with self._regather:
-            before = {(c.type, c.address, c.port) for c in self.local.candidates}
-            self._gathering = asyncio.create_task(self._gather(), name="gather")
-            await self._gathering
-            after = {(c.type, c.address, c.port) for c in self.local.candidates}
-        if after == before:
+        assert self.state is not None and self.paths is not None
+        if not await self.paths.regather():
             return
-        log.info("network changed: candidates now %s; renegotiating",
-                 ", ".join(sorted(f"{t} {a}:{p}" for t, a, p in after)) or "none")
+        log.info("network changed: candidates now %s; renegotiating", ", ".join(sorted(
+            f"{c.type} {c.address}:{c.port}" for c in self.paths.local.candidates)) or "none")
         if self.options.endpoint is None:
             ip, _ = await self._announce_target()
             endpoint = f"{ip}:{self.state.listen_port}"
@@ -798,99 +633,13 @@ class Agent:
 
     # -- control --------------------------------------------------------------------------
 
-    def _sorted_peers(self) -> list[PeerState]:
-        assert self.state is not None
-        return sorted(self.state.peers.values(),
-                      key=lambda p: (p.spec.overlay_ip, p.spec.device.username))
-
-    def _peer_json(self, peer: PeerState) -> dict[str, Any]:
-        negotiation = (self._negotiator.snapshot(peer.spec.device)
-                       if self._negotiator is not None else {})
-        return peer.to_json(negotiation)
-
     async def _status(self, _request: dict[str, Any]) -> dict[str, Any]:
-        assert self.state is not None
+        assert self.state is not None and self.paths is not None
         await self._poll_stats()
-        s = self.state
-        return {
-            "team": self.options.team,
-            "username": s.me.username,
-            "device": s.me.device,
-            "overlay_ip": str(s.overlay_ip),
-            "dynamic": not s.listed,
-            "policy": str(self.config.policy),
-            "public_key": s.public_key,
-            "interface": s.interface,
-            "backend": s.backend,
-            "listen_port": s.listen_port,
-            "endpoint": s.announced_endpoint,
-            "started_at": s.started_at,
-            "candidates": self.local.to_json(),
-            "relays": self._relays.to_json() if self._relays is not None else [],
-            "claims": [c.to_json() for c in self._claims.live_claims(time.time())],
-            "peers": [self._peer_json(p) for p in self._sorted_peers()],
-        }
+        return status_report(self.options.team, self.state, self.config, self.paths,
+                             self._claims, self._negotiator)
 
     async def _diag(self, request: dict[str, Any]) -> dict[str, Any]:
-        assert self.state is not None
-        timeout = request.get("diag_timeout", 5.0)
-        options = DiagOptions(
-            stun=list(self.config.stun), relays=list(self.config.relays),
-            port=self.state.listen_port,
-            timeout=float(timeout) if isinstance(timeout, int | float) and timeout > 0 else 5.0,
-            interface_exclude=list(self.config.interface_exclude),
-            overlay=self.config.overlay, classic=bool(request.get("classic", True)),
-            config_source=f"team {self.options.team} kbwg.json",
-        )
-        report = await diagnose(options, self._client_for(None), self.state.listen_port,
-                                self._stun_counters, client_for=self._client_for, mode="agent")
-        data = report.to_json()
-        data["peers"] = [self._peer_diag(p) for p in self._sorted_peers()]
-        data["claims"] = [c.to_json() for c in self._claims.live_claims(time.time())]
-        return data
-
-    def _peer_diag(self, peer: PeerState) -> dict[str, Any]:
-        negotiation = (self._negotiator.snapshot(peer.spec.device)
-                       if self._negotiator is not None else {})
-        ann = peer.spec.announcement
-        session = (self._negotiator.sessions.get(peer.spec.device)
-                   if self._negotiator is not None else None)
-        remote = getattr(session.checker, "remote_candidates", []) if session else []
-        candidates = [{"type": c.type, "ip": c.ip, "port": c.port} for c in remote]
-        if ann is not None:
-            candidates.append({"type": "announced", "ip": ann.endpoint_ip,
-                               "port": ann.endpoint_port})
-        pairs = [{"local": a.get("local"), "remote": a.get("remote"), "state": a.get("state"),
-                  "rtt_ms": a.get("rtt_ms")}
-                 for a in negotiation.get("alternatives", [])]
-        if negotiation.get("local_candidate"):
-            pairs.insert(0, {"local": negotiation["local_candidate"],
-                             "remote": negotiation["remote_candidate"],
-                             "state": "selected", "rtt_ms": negotiation.get("rtt_ms")})
-        return {**peer.to_json(negotiation), "candidates": candidates, "pairs": pairs}
-
-
-
-@dataclass
-class _RegisteredChecker:
-    """A checker as the negotiator sees it: closing it also unregisters it from the mux."""
-
-    checker: PeerChecker
-    mux: CheckMux
-
-    @property
-    def remote_candidates(self) -> list[CandidateInfo]:
-        seen: dict[tuple[str, int], CandidateInfo] = {}
-        for pair in self.checker.pairs:
-            seen.setdefault((pair.remote.ip, pair.remote.port), pair.remote)
-        return list(seen.values())
-
-    def set_remote(self, ufrag: str, pwd: str, candidates: list[CandidateInfo]) -> None:
-        self.checker.set_remote(ufrag, pwd, candidates)
-
-    def snapshot(self) -> dict[str, Any]:
-        return self.checker.snapshot()
-
-    def close(self) -> None:
-        self.mux.unregister(self.checker.ufrag)
-        self.checker.close()
+        assert self.state is not None and self.paths is not None
+        return await diag_report(request, self.options.team, self.state, self.config,
+                                 self.paths, self._claims, self._negotiator)

@@ -1,9 +1,12 @@
 """The agent's side of a relay: one TURN allocation, made with aioice's TURN client.
 
 aioice does the protocol (Allocate with TURN REST credentials, refreshes, permissions
-and channel binds). Once a channel to a peer is bound, data goes out as ChannelData
-straight from here: aioice would start one task per datagram, which a WireGuard stream
-cannot afford. The allocation lives on a UDP socket of its own (not the WireGuard port),
+and channel binds). Data takes a fast path beside it, because aioice would start one
+task per datagram sent and wake the event loop once per datagram received, which a
+WireGuard stream cannot afford: once a channel to a peer is bound, data goes out as
+ChannelData straight from the socket, and received datagrams are drained in batches,
+ChannelData handled here and everything else (STUN answers, Data indications) handed
+to aioice. The allocation lives on a UDP socket of its own (not the WireGuard port),
 with socket buffers sized for bulk traffic.
 """
 
@@ -12,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import socket
 import struct
 import time
@@ -32,6 +36,9 @@ SOCKET_BUFFER = 4 * 1024 * 1024
 CREDENTIAL_TTL_S = 24 * 3600
 LIFETIME_S = 600
 CHANNEL_REFRESH_S = 300
+# Datagrams taken per readiness callback (bounded, so other work gets its turn).
+BATCH = 64
+MAX_DATAGRAM = 65535
 # How often the allocation is confirmed with a Refresh, and how long the answer may take.
 # aioice only refreshes at 5/6 of the lifetime: a relay that restarted, or dropped the
 # allocation (coturn does on a failed send), would go unnoticed for minutes.
@@ -76,6 +83,8 @@ class RelayAllocation:
         self._protocol = protocol
         self._binding: dict[Address, asyncio.Task[None]] = {}
         self._watch: asyncio.Task[None] | None = None
+        self._sock: socket.socket | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     @classmethod
     async def open(cls, url: str, server: Address, user: str, secret: str,
@@ -104,10 +113,48 @@ class RelayAllocation:
         rtt_ms = (time.monotonic() - started) * 1000
         allocation = cls(url, server, protocol, relayed, protocol.mapped_address, rtt_ms)
         protocol.receiver = _Receiver(allocation)
+        allocation._take_over_reading(loop)
         allocation._watch = asyncio.create_task(
             allocation._confirm_every(watch_interval, watch_timeout))
         log.info("relay %s: allocation %s:%d (%.1f ms)", url, *relayed, rtt_ms)
         return allocation
+
+    def _take_over_reading(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Read the allocation's socket ourselves (see the module docstring), through a
+        duplicate of its descriptor while the transport's own reading is paused. The
+        socket stays the transport's: it closes it; we only close our duplicate."""
+        transport = self._protocol.transport
+        pause = getattr(transport, "pause_reading", None)
+        if pause is None:
+            return  # not a selector transport: aioice keeps reading, only slower
+        fd = transport.get_extra_info("socket").fileno()
+        self._sock = socket.socket(fileno=os.dup(fd))
+        self._loop = loop
+        pause()
+        loop.add_reader(self._sock.fileno(), self._readable)
+
+    def _readable(self) -> None:
+        sock = self._sock
+        if sock is None:
+            return
+        recv, protocol = sock.recvfrom, self._protocol
+        channels = protocol.channel_to_peer
+        for _ in range(BATCH):
+            try:
+                data, addr = recv(MAX_DATAGRAM)
+            except BlockingIOError:
+                return
+            except OSError as exc:  # ICMP errors of earlier sends surface here
+                log.debug("relay %s: %s", self.url, exc)
+                return
+            if len(data) >= 4 and 0x40 <= data[0] < 0x80:  # ChannelData (RFC 8656 12.4)
+                channel, length = struct.unpack_from("!HH", data)
+                peer = channels.get(channel)
+                if peer is not None and len(data) >= 4 + length:
+                    self.counters.received += 1
+                    self.receiver(data[4:4 + length], peer)
+            else:
+                protocol.datagram_received(data, addr)
 
     async def _confirm_every(self, interval: float, timeout: float) -> None:
         """A Refresh now and then: 437 (no such allocation) or silence means it is gone."""
@@ -132,10 +179,10 @@ class RelayAllocation:
         if self.closed:
             return
         channel = self._protocol.peer_to_channel.get(peer)
-        if channel is not None:
+        if channel is not None and self._sock is not None:
             try:
-                self._protocol._send(struct.pack("!HH", channel, len(data)) + data)
-            except OSError:
+                self._sock.send(struct.pack("!HH", channel, len(data)) + data)
+            except OSError:  # a full buffer drops, as the network would
                 self.counters.send_errors += 1
                 return
             self.counters.sent += 1
@@ -154,10 +201,18 @@ class RelayAllocation:
             self.counters.send_errors += 1
             log.info("relay %s: cannot reach %s:%d: %s", self.url, *peer, exc)
 
+    def _close_socket(self) -> None:
+        if self._sock is not None:
+            if self._loop is not None and not self._loop.is_closed():
+                self._loop.remove_reader(self._sock.fileno())
+            self._sock.close()  # our duplicate only; the transport closes the original
+            self._sock = None
+
     def lost(self, exc: Exception | None) -> None:
         if self.closed:
             return
         self.closed = True
+        self._close_socket()
         log.warning("relay %s: allocation %s:%d lost%s", self.url, *self.relayed,
                     f" ({exc})" if exc else "")
         if self.on_lost is not None:
@@ -172,3 +227,4 @@ class RelayAllocation:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self._protocol.delete(), 2.0)
         self._protocol.transport.close()
+        self._close_socket()

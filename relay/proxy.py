@@ -19,60 +19,78 @@ from kbwg.relay.client import Address, RelayAllocation
 log = logging.getLogger(__name__)
 
 SOCKET_BUFFER = 4 * 1024 * 1024
-
-
-class _Loopback(asyncio.DatagramProtocol):
-    def __init__(self, proxy: LoopbackProxy) -> None:
-        self._proxy = proxy
-
-    def datagram_received(self, data: bytes, addr: Address) -> None:
-        if addr[1] == self._proxy.wg_port:
-            self._proxy.from_wireguard(data)
-
-    def error_received(self, exc: Exception) -> None:
-        log.debug("loopback proxy: %s", exc)
+# Datagrams taken per readiness callback: one event-loop round trip per burst, not per
+# datagram (the same pattern as the relay server's hot path), bounded for fairness.
+BATCH = 64
+MAX_DATAGRAM = 65535
 
 
 class LoopbackProxy:
-    def __init__(self, allocation: RelayAllocation, peer: Address, wg_port: int) -> None:
+    def __init__(self, allocation: RelayAllocation, peer: Address, wg_port: int,
+                 sock: socket.socket) -> None:
         self.allocation = allocation
         self.peer = peer
         self.wg_port = wg_port
         self.to_peer = 0
         self.to_wireguard = 0
-        self._transport: asyncio.DatagramTransport | None = None
+        self.dropped = 0
+        self._sock: socket.socket | None = sock
+        self._wg_address = ("127.0.0.1", wg_port)
 
     @classmethod
     async def open(cls, allocation: RelayAllocation, peer: Address,
                    wg_port: int) -> LoopbackProxy:
-        proxy = cls(allocation, peer, wg_port)
-        loop = asyncio.get_running_loop()
-        transport, _ = await loop.create_datagram_endpoint(
-            lambda: _Loopback(proxy), local_addr=("127.0.0.1", 0))
-        sock = transport.get_extra_info("socket")
-        for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER)
-        proxy._transport = transport
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            sock.setblocking(False)
+            for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER)
+            sock.bind(("127.0.0.1", 0))
+        except BaseException:
+            sock.close()
+            raise
+        proxy = cls(allocation, peer, wg_port, sock)
+        asyncio.get_running_loop().add_reader(sock.fileno(), proxy._readable)
         return proxy
 
     @property
     def endpoint(self) -> str:
         """What WireGuard is given as the peer's endpoint."""
-        assert self._transport is not None
-        host, port = self._transport.get_extra_info("sockname")[:2]
+        assert self._sock is not None
+        host, port = self._sock.getsockname()[:2]
         return f"{host}:{port}"
 
-    def from_wireguard(self, data: bytes) -> None:
-        self.to_peer += 1
-        self.allocation.send(data, self.peer)
+    def _readable(self) -> None:
+        sock = self._sock
+        if sock is None:
+            return
+        recv, send, peer, wg_port = sock.recvfrom, self.allocation.send, self.peer, self.wg_port
+        for _ in range(BATCH):
+            try:
+                data, addr = recv(MAX_DATAGRAM)
+            except BlockingIOError:
+                return
+            except OSError as exc:  # e.g. ECONNREFUSED from an earlier send
+                log.debug("loopback proxy for %s:%d: %s", *peer, exc)
+                return
+            if addr[1] == wg_port:
+                self.to_peer += 1
+                send(data, peer)
 
     def from_relay(self, data: bytes) -> None:
-        if self._transport is not None:
-            self.to_wireguard += 1
-            self._transport.sendto(data, ("127.0.0.1", self.wg_port))
+        if self._sock is None:
+            return
+        try:
+            self._sock.sendto(data, self._wg_address)
+        except OSError:  # full buffer: dropped, as the network would
+            self.dropped += 1
+            return
+        self.to_wireguard += 1
 
     def close(self) -> None:
-        if self._transport is not None:
-            self._transport.close()
-            self._transport = None
+        if self._sock is not None:
+            with contextlib.suppress(Exception):
+                asyncio.get_running_loop().remove_reader(self._sock.fileno())
+            self._sock.close()
+            self._sock = None

@@ -161,7 +161,7 @@ async def test_bad_claim_is_ignored_with_a_warning(
     team: Team, caplog: pytest.LogCaptureFixture, sender: tuple[str, str], body_ip: str,
     log_says: str,
 ) -> None:
-    caplog.set_level(logging.INFO, logger="kbwg.agent.daemon")
+    caplog.set_level(logging.INFO, logger="kbwg.agent")
     async with running(team, "alice", "server") as alice:
         bad = await team.claim_and_announce(*sender, body_ip)
         # A good claim afterwards is the barrier: once it is configured, the bad one
@@ -229,7 +229,7 @@ async def test_listed_device_follows_the_lower_message_id_delivered_late(team: T
 async def test_own_claim_loses_to_a_lower_id_delivered_late(
     team: Team, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.INFO, logger="kbwg.agent.daemon")
+    caplog.set_level(logging.INFO, logger="kbwg.agent")
     monkeypatch.setenv(ENV_DYNAMIC_SEED, "7")
     ip = first_pick("7")
     # Sent before the agent starts (lower id) but visible only well after its claim:

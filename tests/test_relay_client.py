@@ -46,6 +46,21 @@ async def test_data_goes_both_ways_over_a_channel() -> None:
             peer.close()
 
 
+async def test_data_from_an_unbound_port_of_a_permitted_peer_arrives() -> None:
+    # A NAT may show the peer from another port than the one we bound a channel to: the
+    # relay sends that as a Data indication, which goes through aioice, not the fast path.
+    async with RelayServer(_config()) as server, allocation_on(server) as (alloc, got, _):
+        bound, other = await Endpoint.open(), await Endpoint.open()
+        try:
+            alloc.send(b"bind", bound.address)
+            await bound.receive()
+            other.send(b"from elsewhere", alloc.relayed)
+            assert await asyncio.wait_for(got.get(), 2.0) == (b"from elsewhere", other.address)
+        finally:
+            bound.close()
+            other.close()
+
+
 async def test_allocation_forgotten_by_a_restarted_relay_is_reported_lost() -> None:
     first = RelayServer(_config())
     await first.start()

@@ -1,0 +1,233 @@
+"""This device's side of every peer's path: the WireGuard port's candidates, the checks
+sent from them, and how a chosen pair becomes a WireGuard endpoint.
+
+The agent (daemon.py) decides *which* peers exist and when to renegotiate; this object
+knows *how* to reach them:
+
+- gathering: host and server-reflexive candidates from the WireGuard port (through the
+  device owner's shared port), relayed ones from the team's relays, one gathering at a
+  time;
+- checks: STUN from a host candidate leaves the WireGuard port from that address; from a
+  relay candidate it goes through the allocation; what comes back is dispatched to the
+  peer's checker by the mux;
+- routes: a chosen pair that starts at our relay candidate becomes a loopback proxy;
+  a direct one may need a host route that pins the interface it leaves from.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from aioice import stun
+
+from kbwg.agent.hostroutes import HostRoutes
+from kbwg.agent.owner_client import DeviceOwner
+from kbwg.agent.teamconfig import TeamConfig
+from kbwg.negotiation.candidates import Candidate
+from kbwg.negotiation.checks import PeerChecker
+from kbwg.negotiation.gathering import LocalCandidates, gather_local, resolve_servers
+from kbwg.negotiation.mux import CheckMux
+from kbwg.negotiation.pairs import CandidatePair
+from kbwg.negotiation.session import CheckerSpec
+from kbwg.negotiation.shared_port import SharedPortTransport
+from kbwg.negotiation.stun_client import Address, StunClient, StunCounters
+from kbwg.negotiation.wire import CandidateInfo
+from kbwg.relay.client import RelayAllocation
+from kbwg.relay.paths import RelayPaths
+
+log = logging.getLogger(__name__)
+
+SelectedFn = Callable[[CandidatePair | None, str], None]
+
+
+@dataclass(frozen=True)
+class Route:
+    """What a chosen pair means for WireGuard: its endpoint for the peer, and whether it
+    goes through our relay (then the endpoint is a loopback proxy)."""
+
+    endpoint: str
+    relayed: bool
+
+
+class Connectivity:
+    def __init__(self, owner: DeviceOwner, port: SharedPortTransport, wg_port: int,
+                 relay_user: str, config: TeamConfig,
+                 on_relay_lost: Callable[[RelayAllocation], None]) -> None:
+        self.config = config
+        self.wg_port = wg_port
+        self.local = LocalCandidates()
+        self.stun_counters = StunCounters()
+        self._port = port
+        self._mux = CheckMux()
+        self._stun_clients: dict[str | None, StunClient] = {}
+        self._routes = HostRoutes.new(owner)
+        self.relays = RelayPaths(relay_user, wg_port, self._on_relay_stun, on_relay_lost)
+        self._gathering: asyncio.Task[None] | None = None
+        # Network events, a lost relay and the refresh loop may all ask for a new
+        # gathering at once: one at a time, or a relay would get two allocations.
+        self._regather = asyncio.Lock()
+        port.local_receiver = self._on_port_datagram
+        self._mux.fallback = self.client_for(None).datagram_received
+
+    @classmethod
+    async def open(cls, owner: DeviceOwner, wg_port: int, relay_user: str,
+                   config: TeamConfig,
+                   on_relay_lost: Callable[[RelayAllocation], None]) -> Connectivity:
+        port = await SharedPortTransport.open(owner)
+        return cls(owner, port, wg_port, relay_user, config, on_relay_lost)
+
+    async def close(self) -> None:
+        if self._gathering is not None:
+            self._gathering.cancel()
+        await self._port.close()
+        await self.relays.close()
+
+    # -- candidates ---------------------------------------------------------------------
+
+    def client_for(self, source: str | None) -> StunClient:
+        """A STUN client on the WireGuard port, sending from `source` (None: as routed)."""
+        client = self._stun_clients.get(source)
+        if client is None:
+            transport = self._port if source is None else self._port.from_source(source)
+            client = self._stun_clients[source] = StunClient(transport, self.stun_counters)
+            transport.receiver = client.datagram_received
+        return client
+
+    def start_gathering(self) -> None:
+        self._gathering = asyncio.create_task(self._gather(), name="gather")
+
+    async def regather(self) -> bool:
+        """Gather again (after a network change or a lost relay); True when the
+        candidates changed."""
+        async with self._regather:
+            before = self._candidate_set()
+            self.start_gathering()
+            assert self._gathering is not None
+            await self._gathering
+            return self._candidate_set() != before
+
+    def _candidate_set(self) -> set[tuple[str, str, int]]:
+        return {(c.type, c.address, c.port) for c in self.local.candidates}
+
+    async def _gather(self) -> None:
+        """Host and srflx candidates from the WireGuard port, relayed ones from the
+        relays, at once."""
+        servers = await resolve_servers(self.config.stun, timeout=2.0)
+        self.local, _ = await asyncio.gather(
+            gather_local(self.wg_port, servers, self.client_for,
+                         self.config.interface_exclude, [self.config.overlay]),
+            self.relays.ensure(self.config.relays),
+        )
+        self.local.candidates += self.relays.candidates()
+        self._mux.set_local_candidates(self.local.candidates)
+        log.info("local candidates: %s", ", ".join(
+            f"{c.type} {c.address}:{c.port}" for c in self.local.candidates) or "none")
+
+    async def gathered(self, timeout: float) -> None:
+        """Until the current gathering is done, at most `timeout` seconds."""
+        if self._gathering is not None and not self._gathering.done():
+            with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(asyncio.shield(self._gathering), timeout)
+
+    def relays_missing(self) -> bool:
+        return bool(self.relays.missing(self.config.relays))
+
+    def public_endpoint(self) -> str | None:
+        """The server-reflexive address of the default uplink, if STUN found one."""
+        hosts = [c for c in self.local.candidates if c.type == "host"]
+        for cand in self.local.candidates:
+            if cand.type == "srflx" and hosts and cand.interface == hosts[0].interface:
+                return f"{cand.address}:{cand.port}"
+        return None
+
+    async def offer_candidates(self, wait: float) -> list[CandidateInfo]:
+        """Our candidates for an offer or answer, once gathering is done (at most
+        `wait` seconds)."""
+        await self.gathered(wait)
+        return [CandidateInfo(c.type, c.address, c.port, c.priority, f"{c.type}{i}")
+                for i, c in enumerate(self.local.candidates)]
+
+    # -- checks -------------------------------------------------------------------------
+
+    def punch(self, endpoint: str) -> None:
+        """Open our NAT towards a peer's announced (public) endpoint at once, so its
+        checks get in before our own checks can start (they wait for its answer)."""
+        ip, _, port = endpoint.rpartition(":")
+        if any(c.address == ip for c in self.local.candidates):
+            return
+        indication = stun.Message(stun.Method.BINDING, stun.Class.INDICATION)
+        with contextlib.suppress(OSError):
+            self._port.send(bytes(indication), (ip, int(port)))
+
+    def make_checker(self, spec: CheckerSpec, on_selected: SelectedFn) -> RegisteredChecker:
+        checker = PeerChecker(
+            self.local.candidates, spec.ufrag, spec.pwd, controlling=spec.controlling,
+            tie_breaker=spec.tie_breaker, send=self._send_check, on_selected=on_selected,
+            name=str(spec.peer),
+        )
+        self._mux.register(spec.ufrag, checker)
+        return RegisteredChecker(checker, self._mux)
+
+    def _send_check(self, data: bytes, dest: Address, local: Candidate) -> None:
+        if local.type == "relay":
+            self.relays.send(data, dest, local)
+            return
+        try:
+            self._port.send(data, dest, source=local.address)
+        except OSError as exc:
+            log.debug("check to %s:%d not sent: %s", *dest, exc)
+
+    def _on_port_datagram(self, data: bytes, src: Address, local_ip: str) -> None:
+        self._mux.datagram_received(data, src, self._mux.local_candidate(local_ip))
+
+    def _on_relay_stun(self, data: bytes, src: Address, local: Candidate) -> None:
+        self._mux.datagram_received(data, src, local)
+
+    # -- routes -------------------------------------------------------------------------
+
+    async def route(self, peer: str, pair: CandidatePair) -> tuple[Route, str | None]:
+        """The WireGuard endpoint for `peer` over `pair`, and the host route (if any)
+        that pins a direct pair to its interface."""
+        proxy = await self.relays.route(peer, pair.local, pair.remote_address)
+        if proxy is not None:
+            # Relayed by our allocation: WireGuard talks to our loopback proxy.
+            await self._routes.clear(peer)
+            return Route(proxy, relayed=True), None
+        remote_ip, remote_port = pair.remote_address
+        host_route = await self._routes.follow(peer, remote_ip, pair.local.interface)
+        return Route(f"{remote_ip}:{remote_port}", relayed=False), host_route
+
+    async def forget(self, peer: str) -> None:
+        """A peer went away: its host route and relayed path (if any) go."""
+        await self._routes.clear(peer)
+        self.relays.drop(peer)
+
+
+@dataclass
+class RegisteredChecker:
+    """A checker as the negotiator sees it: closing it also unregisters it from the mux."""
+
+    checker: PeerChecker
+    mux: CheckMux
+
+    @property
+    def remote_candidates(self) -> list[CandidateInfo]:
+        seen: dict[tuple[str, int], CandidateInfo] = {}
+        for pair in self.checker.pairs:
+            seen.setdefault((pair.remote.ip, pair.remote.port), pair.remote)
+        return list(seen.values())
+
+    def set_remote(self, ufrag: str, pwd: str, candidates: list[CandidateInfo]) -> None:
+        self.checker.set_remote(ufrag, pwd, candidates)
+
+    def snapshot(self) -> dict[str, Any]:
+        return self.checker.snapshot()
+
+    def close(self) -> None:
+        self.mux.unregister(self.checker.ufrag)
+        self.checker.close()

@@ -1,0 +1,57 @@
+"""#announce messages into the books: ANNOUNCE lines (endpoint and key) and CLAIM lines
+(self-assigned addresses), each judged as it comes; bad ones are logged and dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from ipaddress import IPv4Network
+
+from kbwg.agent.announce import ANNOUNCE_TTL_S, AnnounceBook, AnnounceError, parse_announce
+from kbwg.agent.claims import ClaimBook, ClaimError, is_claim, parse_claim
+from kbwg.agent.keybase import ChatMessage
+from kbwg.agent.peers import DeviceId, PeerEntry
+
+log = logging.getLogger(__name__)
+
+
+def take_announce_message(msg: ChatMessage, me: DeviceId | None,
+                          announcements: AnnounceBook, claims: ClaimBook,
+                          listed: Sequence[PeerEntry], dynamic_range: IPv4Network | None,
+                          now: float) -> bool:
+    """Feed one #announce message to the books; True when something changed."""
+    if msg.body is None:
+        return False
+    sender = DeviceId(msg.sender_username, msg.sender_device)
+    if is_claim(msg.body):
+        try:
+            claim = parse_claim(msg.body, sender, msg.id, msg.sent_at)
+        except ClaimError as exc:
+            log.warning("ignoring claim %d from %s: %s", msg.id, sender, exc)
+            return False
+        verdict = claims.offer(claim, listed=listed, dynamic_range=dynamic_range, now=now)
+        if not verdict.accepted:
+            level = (logging.WARNING if verdict.rejection is not None
+                     and verdict.rejection.is_misbehaviour else logging.DEBUG)
+            log.log(level, "ignoring claim %d from %s: %s", msg.id, sender, verdict.reason)
+            return False
+        return True  # our own echo too: a rival may have been seen before it
+    if sender == me:
+        return False
+    try:
+        ann = parse_announce(msg.body, sender, msg.id, msg.sent_at)
+    except AnnounceError as exc:
+        log.warning("ignoring message %d from %s in #%s: %s",
+                    msg.id, sender, msg.channel.topic_name, exc)
+        return False
+    if ann.sent_at < now - ANNOUNCE_TTL_S:
+        return False
+    if not announcements.offer(ann):
+        log.debug("ignoring older or repeated announcement %d from %s", msg.id, sender)
+        return False
+    if (not any(e.device_id == sender for e in listed)
+            and claims.claim_of(sender, now) is None):
+        log.info("ignoring announcement from %s: not listed in peers.json and no live claim",
+                 sender)
+    return True

@@ -1,0 +1,109 @@
+"""What `status` and `diag` answer about a running agent (the control socket's replies).
+
+`status --json` and `diag --json` keys are documented in the README and only ever
+added to. The agent's state is read, never changed, here.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address
+from typing import Any
+
+from kbwg.agent.claims import Claim, ClaimBook
+from kbwg.agent.connectivity import Connectivity
+from kbwg.agent.diag import DiagOptions, diagnose
+from kbwg.agent.peers import DeviceId
+from kbwg.agent.peerstate import PeerState
+from kbwg.agent.teamconfig import TeamConfig
+from kbwg.negotiation.session import Negotiator
+
+DIAG_TIMEOUT_S = 5.0
+
+
+@dataclass
+class AgentState:
+    """This device in the mesh, once `join` has started: the subject of `status`."""
+
+    me: DeviceId
+    listed: bool
+    overlay_ip: IPv4Address
+    public_key: str
+    listen_port: int
+    interface: str
+    backend: str
+    announced_endpoint: str
+    my_claim: Claim | None = None
+    started_at: float = field(default_factory=time.time)
+    peers: dict[DeviceId, PeerState] = field(default_factory=dict)
+
+
+def _sorted_peers(state: AgentState) -> list[PeerState]:
+    return sorted(state.peers.values(), key=lambda p: (p.spec.overlay_ip, p.spec.device.username))
+
+
+def _negotiation(negotiator: Negotiator | None, peer: PeerState) -> dict[str, Any]:
+    return negotiator.snapshot(peer.spec.device) if negotiator is not None else {}
+
+
+def status_report(team: str, state: AgentState, config: TeamConfig, paths: Connectivity,
+                  claims: ClaimBook, negotiator: Negotiator | None) -> dict[str, Any]:
+    return {
+        "team": team,
+        "username": state.me.username,
+        "device": state.me.device,
+        "overlay_ip": str(state.overlay_ip),
+        "dynamic": not state.listed,
+        "policy": str(config.policy),
+        "public_key": state.public_key,
+        "interface": state.interface,
+        "backend": state.backend,
+        "listen_port": state.listen_port,
+        "endpoint": state.announced_endpoint,
+        "started_at": state.started_at,
+        "candidates": paths.local.to_json(),
+        "relays": paths.relays.to_json(),
+        "claims": [c.to_json() for c in claims.live_claims(time.time())],
+        "peers": [p.to_json(_negotiation(negotiator, p)) for p in _sorted_peers(state)],
+    }
+
+
+async def diag_report(request: dict[str, Any], team: str, state: AgentState,
+                      config: TeamConfig, paths: Connectivity, claims: ClaimBook,
+                      negotiator: Negotiator | None) -> dict[str, Any]:
+    """`diag` run from the live WireGuard port, plus what is known of each peer."""
+    timeout = request.get("diag_timeout", DIAG_TIMEOUT_S)
+    if not isinstance(timeout, int | float) or timeout <= 0:
+        timeout = DIAG_TIMEOUT_S
+    options = DiagOptions(
+        stun=list(config.stun), relays=list(config.relays), port=state.listen_port,
+        timeout=float(timeout), interface_exclude=list(config.interface_exclude),
+        overlay=config.overlay, classic=bool(request.get("classic", True)),
+        config_source=f"team {team} kbwg.json",
+    )
+    report = await diagnose(options, paths.client_for(None), state.listen_port,
+                            paths.stun_counters, client_for=paths.client_for, mode="agent")
+    data = report.to_json()
+    data["peers"] = [_peer_diag(p, negotiator) for p in _sorted_peers(state)]
+    data["claims"] = [c.to_json() for c in claims.live_claims(time.time())]
+    return data
+
+
+def _peer_diag(peer: PeerState, negotiator: Negotiator | None) -> dict[str, Any]:
+    negotiation = _negotiation(negotiator, peer)
+    ann = peer.spec.announcement
+    session = negotiator.sessions.get(peer.spec.device) if negotiator is not None else None
+    remote = getattr(session.checker, "remote_candidates", []) if session else []
+    candidates = [{"type": c.type, "ip": c.ip, "port": c.port} for c in remote]
+    if ann is not None:
+        candidates.append({"type": "announced", "ip": ann.endpoint_ip,
+                           "port": ann.endpoint_port})
+    pairs = [{"local": a.get("local"), "remote": a.get("remote"), "state": a.get("state"),
+              "rtt_ms": a.get("rtt_ms")}
+             for a in negotiation.get("alternatives", [])]
+    if negotiation.get("local_candidate"):
+        pairs.insert(0, {"local": negotiation["local_candidate"],
+                         "remote": negotiation["remote_candidate"],
+                         "state": "selected", "rtt_ms": negotiation.get("rtt_ms")})
+    return {**peer.to_json(negotiation), "candidates": candidates, "pairs": pairs}
