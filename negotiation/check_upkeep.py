@@ -1,0 +1,116 @@
+"""The periodic work of one peer checker: consent, keepalives and re-probes.
+
+- Consent (RFC 7675): a single-shot liveness check of the selected pair every
+  `consent_interval`, urgent, so that a dead path is noticed in time.
+- Keepalives: a liveness check of every other valid pair every `keepalive_interval`,
+  in the background, so that the alternatives and their RTTs stay known.
+- Re-probes: a failed pair is checked again after `reprobe_min`, the wait doubling on
+  every failure up to `reprobe_max`; one timer serves the pair due first.
+
+Consent and keepalive intervals are jittered by +-`jitter` (RFC 7675 section 5.1), so
+that peers started together do not send in step. What a missed answer means is the
+checker's business: this only queues the checks (`CheckTransactions.enqueue`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Callable
+
+from kbwg.negotiation.check_transactions import CheckTransactions
+from kbwg.negotiation.check_types import CheckTimers
+from kbwg.negotiation.pair_table import PairTable
+from kbwg.negotiation.pairs import CandidatePair
+
+SelectedFn = Callable[[], CandidatePair | None]
+
+
+class CheckUpkeep:
+    """Queues consent checks, keepalives and re-probes as they fall due.
+
+    `selected()` is the checker's current pair (consent goes to it, keepalives to the
+    others). Consent starts with `start_consent`, keepalives with `start_keepalives`;
+    each keeps rescheduling itself until `close`.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, timers: CheckTimers,
+                 table: PairTable, transactions: CheckTransactions,
+                 selected: SelectedFn) -> None:
+        self._loop = loop
+        self._timers = timers
+        self._table = table
+        self._tx = transactions
+        self._selected = selected
+        self._closed = False
+        self._consent: asyncio.TimerHandle | None = None
+        self._keepalive: asyncio.TimerHandle | None = None
+        self._probe: asyncio.TimerHandle | None = None
+        self._probe_due: float | None = None
+
+    def close(self) -> None:
+        self._closed = True
+        for handle in (self._consent, self._keepalive, self._probe):
+            if handle is not None:
+                handle.cancel()
+        self._consent = self._keepalive = self._probe = None
+
+    def start_consent(self) -> None:
+        """Consent checks of the selected pair, until none is selected."""
+        if self._consent is None and not self._closed:
+            self._consent = self._loop.call_later(
+                self._jittered(self._timers.consent_interval), self._consent_tick)
+
+    def start_keepalives(self) -> None:
+        if self._keepalive is None and not self._closed:
+            self._keepalive = self._loop.call_later(
+                self._jittered(self._timers.keepalive_interval), self._keepalive_tick)
+
+    def reprobe_later(self, pair: CandidatePair) -> None:
+        """`pair` just failed: check it again after its backoff, and double that."""
+        pair.probe_at = self._loop.time() + pair.probe_delay
+        pair.probe_delay = min(pair.probe_delay * 2, self._timers.reprobe_max)
+        self._schedule_probe()
+
+    def _jittered(self, interval: float) -> float:
+        jitter = self._timers.jitter
+        return interval * (1 + random.uniform(-jitter, jitter))
+
+    def _consent_tick(self) -> None:
+        self._consent = None
+        pair = self._selected()
+        if pair is None or self._closed:
+            return
+        if "live" not in pair.in_flight:
+            self._tx.enqueue(pair, "live", urgent=True)
+        self.start_consent()
+
+    def _keepalive_tick(self) -> None:
+        self._keepalive = None
+        selected = self._selected()
+        for pair in self._table.pairs:
+            if pair.state == "succeeded" and pair is not selected and not pair.in_flight:
+                self._tx.enqueue(pair, "live", urgent=False)
+        self.start_keepalives()
+
+    def _schedule_probe(self) -> None:
+        due = [p.probe_at for p in self._table.pairs if p.state == "failed" and p.probe_at]
+        if not due or self._closed:
+            return
+        when = min(due)
+        if self._probe is not None and self._probe_due is not None and self._probe_due <= when:
+            return
+        if self._probe is not None:
+            self._probe.cancel()
+        self._probe_due = when
+        self._probe = self._loop.call_at(when, self._probe_tick)
+
+    def _probe_tick(self) -> None:
+        self._probe = None
+        self._probe_due = None
+        now = self._loop.time()
+        for pair in self._table.pairs:
+            if pair.state == "failed" and pair.probe_at is not None and pair.probe_at <= now:
+                pair.probe_at = None
+                self._tx.enqueue(pair, "check", urgent=False)
+        self._schedule_probe()

@@ -1,0 +1,139 @@
+"""The candidate pairs of one peer checker, and which pair a datagram belongs to.
+
+`PairTable` holds the pairs in priority order (forming them is pairs.py's job) and
+grows them as checks arrive: a request from an address the peer never listed is a
+peer-reflexive candidate (RFC 8445 section 7.3.1.3), at most `MAX_PRFLX` of them, and
+a new pair with it, at most `pairs.MAX_PAIRS` in all. It also tells what the peer sees
+of us on a pair, from the XOR-MAPPED-ADDRESS of an answer (section 7.2.5.3.1).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+from kbwg.negotiation.candidates import Candidate, candidate_priority
+from kbwg.negotiation.check_types import CheckCounters, CheckTimers
+from kbwg.negotiation.pairs import (
+    MAX_PAIRS,
+    Address,
+    CandidatePair,
+    check_bases,
+    form_pairs,
+    ipv4,
+    pair_priority,
+    parse_address,
+    prflx_priority,
+    unique_remotes,
+)
+from kbwg.negotiation.wire import CandidateInfo
+
+log = logging.getLogger(__name__)
+
+# Peer-reflexive remotes learned from requests: bounded, each costs a pair per base.
+MAX_PRFLX = 16
+
+
+class PairTable:
+    """Pairs of our bases with the peer's candidates, highest priority first."""
+
+    def __init__(self, local_candidates: Sequence[Candidate], timers: CheckTimers,
+                 counters: CheckCounters, name: str) -> None:
+        self._locals = list(local_candidates)
+        self._bases = check_bases(self._locals)
+        self._timers = timers
+        self._counters = counters
+        self._name = name
+        self._remotes: list[CandidateInfo] = []
+        self._prflx = 0
+        self._by_addr: dict[tuple[Address, Address], CandidatePair] = {}
+        self.pairs: list[CandidatePair] = []
+
+    def form(self, candidates: Sequence[CandidateInfo], controlling: bool) -> None:
+        """Pairs with the candidates the peer sent (once, from its offer or answer)."""
+        self._remotes = unique_remotes(candidates)
+        for pair in form_pairs(self._bases, candidates, controlling):
+            pair.probe_delay = self._timers.reprobe_min
+            self._by_addr[(pair.local_address, pair.remote_address)] = pair
+            self.pairs.append(pair)
+
+    def reprioritize(self, controlling: bool) -> None:
+        """After a role switch: pair priority depends on which side controls."""
+        for pair in self.pairs:
+            pair.priority = pair_priority(pair.local.priority, pair.remote.priority,
+                                          controlling)
+        self.pairs.sort(key=lambda p: p.priority, reverse=True)
+
+    def next_waiting(self) -> CandidatePair | None:
+        """The best pair still to be checked, with no check of it in flight."""
+        for pair in self.pairs:
+            if pair.state == "waiting" and "check" not in pair.in_flight:
+                return pair
+        return None
+
+    def base_for(self, local: Candidate | None, src: Address,
+                 selected: CandidatePair | None) -> Candidate | None:
+        """The base a datagram arrived at: its local candidate's, else a guess by `src`."""
+        if local is not None:
+            addr: Address | None = (local.address, local.port)
+            if local.type in ("srflx", "prflx"):
+                addr = parse_address(local.base)
+            for base in self._bases:
+                if (base.address, base.port) == addr:
+                    return base
+        for pair in ([selected] if selected else []) + self.pairs:
+            if pair.remote_address == src:
+                return pair.local
+        return self._bases[0] if self._bases else None
+
+    def remote_for(self, src: Address, priority: object) -> CandidateInfo | None:
+        """The peer's candidate at `src`, learned as peer-reflexive if new; None when
+        no more may be learned. `priority` is the request's PRIORITY, unchecked."""
+        for remote in self._remotes:
+            if (remote.ip, remote.port) == src:
+                return remote
+        if self._prflx >= MAX_PRFLX:
+            return None
+        if not isinstance(priority, int) or not 0 <= priority < 2**32:
+            priority = candidate_priority("prflx")
+        self._prflx += 1
+        remote = CandidateInfo("prflx", src[0], src[1], priority, f"prflx{self._prflx}")
+        self._remotes.append(remote)
+        self._counters.prflx_learned += 1
+        log.debug("%s: peer-reflexive candidate %s:%d", self._name, src[0], src[1])
+        return remote
+
+    def pair_for(self, base: Candidate, remote: CandidateInfo,
+                 controlling: bool) -> CandidatePair | None:
+        """The pair of `base` and `remote`, added if new; None when the table is full."""
+        key = ((base.address, base.port), (remote.ip, remote.port))
+        pair = self._by_addr.get(key)
+        if pair is None:
+            if len(self.pairs) >= MAX_PAIRS:
+                return None
+            pair = CandidatePair(base, remote, pair_priority(
+                base.priority, remote.priority, controlling))
+            pair.probe_delay = self._timers.reprobe_min
+            self._by_addr[key] = pair
+            self.pairs.append(pair)
+            self.pairs.sort(key=lambda p: p.priority, reverse=True)
+        return pair
+
+    def local_seen(self, pair: CandidatePair, mapped: object) -> Candidate:
+        """Our candidate as the peer sees it on this pair (RFC 8445 section 7.2.5.3.1)."""
+        if not (isinstance(mapped, tuple) and len(mapped) == 2 and isinstance(mapped[0], str)
+                and isinstance(mapped[1], int) and ipv4(mapped[0])):
+            return pair.local
+        if pair.local.type == "relay":
+            return pair.local
+        for cand in self._locals:
+            if (cand.address, cand.port) == mapped:
+                return cand
+        known = pair.local_seen
+        if known is not None and (known.address, known.port) == mapped:
+            return known
+        return Candidate(
+            type="prflx", address=mapped[0], port=mapped[1], interface=pair.local.interface,
+            priority=prflx_priority(pair.local), source="peer-reflexive (seen by the peer)",
+            base=f"{pair.local.address}:{pair.local.port}",
+        )
