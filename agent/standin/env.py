@@ -1,0 +1,95 @@
+"""Who this process is and where the shared state lives, from ``KBWG_STANDIN_*``."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from kbwg.agent.standin.errors import ServiceError, die
+
+DEFAULT_POLL_MS = 20
+
+
+@dataclass(frozen=True)
+class Identity:
+    username: str
+    device: str
+
+    @property
+    def uid(self) -> str:
+        return user_uid(self.username)
+
+    @property
+    def device_id(self) -> str:
+        return hashlib.sha256(f"device|{self.username}|{self.device}".encode()).hexdigest()[:32]
+
+
+def user_uid(username: str) -> str:
+    # Real user ids are 32 hex digits ending in 19; keep that look so nothing is surprised.
+    return hashlib.sha256(f"uid|{username}".encode()).hexdigest()[:30] + "19"
+
+
+@dataclass(frozen=True)
+class Env:
+    home: Path
+    identity: Identity | None
+    delay_ms: int
+    poll_ms: int
+
+    @classmethod
+    def from_environ(cls) -> Env:
+        home = os.environ.get("KBWG_STANDIN_HOME", "")
+        if not home:
+            die(
+                "KBWG_STANDIN_HOME is not set: the keybase stand-in needs a shared state "
+                "folder (the real keybase would say the service is not running)"
+            )
+        user = os.environ.get("KBWG_STANDIN_USER", "").strip().lower()
+        device = os.environ.get("KBWG_STANDIN_DEVICE", "").strip()
+        identity = Identity(user, device) if user and device else None
+        return cls(
+            home=Path(home),
+            identity=identity,
+            delay_ms=_int_env("KBWG_STANDIN_DELAY_MS", 0),
+            poll_ms=max(1, _int_env("KBWG_STANDIN_POLL_MS", DEFAULT_POLL_MS)),
+        )
+
+    def require_identity(self) -> Identity:
+        if self.identity is None:
+            raise ServiceError(
+                "Login required: you are not logged into Keybase "
+                "(set KBWG_STANDIN_USER and KBWG_STANDIN_DEVICE for the stand-in)"
+            )
+        return self.identity
+
+    def team_members(self) -> dict[str, set[str]] | None:
+        """teams.json if present; None means everyone is in every team."""
+        path = self.home / "teams.json"
+        try:
+            raw = json.loads(path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            die(f"cannot read {path}: {exc}")
+        if not isinstance(raw, dict):
+            die(f"{path}: expected an object mapping team names to lists of usernames")
+        return {str(k).lower(): {str(u).lower() for u in v} for k, v in raw.items()}
+
+    def is_team_member(self, team: str, username: str) -> bool:
+        teams = self.team_members()
+        if teams is None:
+            return True
+        return username in teams.get(team.lower(), set())
+
+
+def _int_env(name: str, default: int) -> int:
+    raw = os.environ.get(name, "")
+    if not raw:
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        die(f"{name} must be an integer, got {raw!r}")
