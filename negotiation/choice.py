@@ -62,6 +62,8 @@ class PairView:
     remote_address: str
     state: PairState = "succeeded"
     rtt_ms: float | None = None
+    # True while the RTT is only an upper bound (timed across retransmissions).
+    rtt_bound: bool = False
     priority: int = 0
 
     @property
@@ -81,8 +83,10 @@ class PairView:
                 f"{self.remote_type} {self.remote_address}")
 
 
-def format_rtt(rtt_ms: float | None) -> str:
-    return "RTT unknown" if rtt_ms is None else f"{rtt_ms:.1f} ms"
+def format_rtt(rtt_ms: float | None, bound: bool = False) -> str:
+    if rtt_ms is None:
+        return "RTT unknown"
+    return f"at most {rtt_ms:.1f} ms" if bound else f"{rtt_ms:.1f} ms"
 
 
 def _rank(view: PairView) -> tuple[int, float, int]:
@@ -92,7 +96,7 @@ def _rank(view: PairView) -> tuple[int, float, int]:
 
 def explain(view: PairView, pairs: Sequence[PairView]) -> str:
     """Why `view` is a fitting path, as one sentence (its class and RTT)."""
-    rtt = format_rtt(view.rtt_ms)
+    rtt = format_rtt(view.rtt_ms, view.rtt_bound)
     path = view.path
     if path == "direct-lan":
         return f"same LAN: host candidates answer each other ({rtt})"

@@ -157,7 +157,8 @@ class CandidatePair:
         return PairView(
             key=self.key, local_type=local.type, local_address=f"{local.address}:{local.port}",
             remote_type=self.remote.type, remote_address=f"{self.remote.ip}:{self.remote.port}",
-            state=self.state, rtt_ms=self.rtt_ms, priority=self.priority,
+            state=self.state, rtt_ms=self.rtt_ms, rtt_bound=not self._rtt_samples,
+            priority=self.priority,
         )
 
     def to_json(self) -> dict[str, object]:

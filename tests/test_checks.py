@@ -665,3 +665,13 @@ def test_relay_base_skips_remote_host_candidates_behind_a_nat() -> None:
     unknown = [CandidateInfo("host", "198.18.2.10", PORT, candidate_priority("host"), "h")]
     pairs = {(p.local.type, p.remote.type) for p in form_pairs([relay], unknown, True)}
     assert pairs == {("relay", "host")}  # no srflx known: nothing says it is private
+
+
+def test_pair_view_marks_an_rtt_without_exact_samples_as_a_bound() -> None:
+    local = Candidate("host", "198.18.1.10", PORT, "eth0", candidate_priority("host"), "if")
+    remote = CandidateInfo("host", "198.18.1.20", PORT, candidate_priority("host"), "f0")
+    pair = CandidatePair(local, remote, 1)
+    pair.add_rtt(130.0, exact=False)
+    assert pair.view().rtt_bound
+    pair.add_rtt(30.0, exact=True)
+    assert not pair.view().rtt_bound

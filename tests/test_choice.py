@@ -116,3 +116,11 @@ def test_explain_names_the_reflexive_side() -> None:
     assert "peer-reflexive" in explain(view("p", "prflx", "host", 3.0), [])
     assert "server-reflexive" in explain(view("s", "host", "srflx", 3.0), [])
     assert explain(view("r", "relay", "host", None), []).startswith("relayed (RTT unknown)")
+
+
+def test_explain_says_when_the_rtt_is_only_an_upper_bound() -> None:
+    # Timed across retransmissions (the first copies were lost): not a measured RTT.
+    bound = PairView(key="r", local_type="relay", local_address="203.0.113.5:40000",
+                     remote_type="srflx", remote_address="203.0.113.11:51820",
+                     rtt_ms=307.3, rtt_bound=True)
+    assert explain(bound, []).startswith("relayed (at most 307.3 ms)")
