@@ -8,6 +8,15 @@ ChannelData straight from the socket, and received datagrams are drained in batc
 ChannelData handled here and everything else (STUN answers, Data indications) handed
 to aioice. The allocation lives on a UDP socket of its own (not the WireGuard port),
 with socket buffers sized for bulk traffic.
+
+Upkeep is ours too, every `AllocationTimers.watch_interval`:
+- a Refresh confirms the allocation: aioice only refreshes at 5/6 of its lifetime, so a
+  relay that restarted, or dropped the allocation (coturn does on a failed send), would
+  go unnoticed for minutes;
+- channel bindings in use are bound again before the peer's permission (300 s, which a
+  ChannelBind refreshes) runs out: ChannelData refreshes neither, and aioice refreshes
+  only inside its own send path, which the fast path bypasses. A binding left unused
+  is forgotten once the server has surely dropped it, so the next send binds afresh.
 """
 
 from __future__ import annotations
@@ -35,15 +44,24 @@ Receiver = Callable[[bytes, Address], None]
 SOCKET_BUFFER = 4 * 1024 * 1024
 CREDENTIAL_TTL_S = 24 * 3600
 LIFETIME_S = 600
-CHANNEL_REFRESH_S = 300
 # Datagrams taken per readiness callback (bounded, so other work gets its turn).
 BATCH = 64
 MAX_DATAGRAM = 65535
-# How often the allocation is confirmed with a Refresh, and how long the answer may take.
-# aioice only refreshes at 5/6 of the lifetime: a relay that restarted, or dropped the
-# allocation (coturn does on a failed send), would go unnoticed for minutes.
-WATCH_INTERVAL_S = 15.0
-WATCH_TIMEOUT_S = 10.0
+
+
+@dataclass(frozen=True)
+class AllocationTimers:
+    """Seconds; tests shrink them."""
+
+    watch_interval: float = 15.0  # how often the upkeep runs
+    watch_timeout: float = 10.0  # a Refresh unanswered by then: the allocation is gone
+    # A binding in use is bound again this long after the last bind: before the peer's
+    # permission (RFC 8656: 300 s) expires, with a watch interval to spare.
+    channel_refresh: float = 240.0
+    # An unused binding is forgotten this long after the last bind: the server dropped it
+    # at 600 s (RFC 8656); a minute more, so that it surely has before we bind the peer
+    # again under a new number (a peer bound to two numbers is refused with 400).
+    channel_lifetime: float = 660.0
 
 
 @dataclass
@@ -82,21 +100,25 @@ class RelayAllocation:
         self.closed = False
         self._protocol = protocol
         self._binding: dict[Address, asyncio.Task[None]] = {}
-        self._watch: asyncio.Task[None] | None = None
+        self._upkeep: asyncio.Task[None] | None = None
         self._sock: socket.socket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        # Per bound channel: when it was last bound (loop time), and which were used since.
+        self._bound_at: dict[int, float] = {}
+        self._used: set[int] = set()
 
     @classmethod
     async def open(cls, url: str, server: Address, user: str, secret: str,
-                   timeout: float = 3.0, watch_interval: float = WATCH_INTERVAL_S,
-                   watch_timeout: float = WATCH_TIMEOUT_S) -> RelayAllocation:
+                   timeout: float = 3.0,
+                   timers: AllocationTimers = AllocationTimers()) -> RelayAllocation:
         """Allocate on `server` with TURN REST credentials for `user`; the allocation is
-        then confirmed every `watch_interval` seconds and reported lost when it is gone."""
+        then kept up (see the module docstring) and reported lost when it is gone."""
         username = rest_username(user, CREDENTIAL_TTL_S)
         loop = asyncio.get_running_loop()
         _, protocol = await loop.create_datagram_endpoint(
+            # aioice's own channel refresh never runs (see the module docstring).
             lambda: TurnClientUdpProtocol(server, username, rest_password(secret, username),
-                                          LIFETIME_S, CHANNEL_REFRESH_S),
+                                          LIFETIME_S, int(timers.channel_refresh)),
             remote_addr=server,
         )
         sock = protocol.transport.get_extra_info("socket")
@@ -114,8 +136,7 @@ class RelayAllocation:
         allocation = cls(url, server, protocol, relayed, protocol.mapped_address, rtt_ms)
         protocol.receiver = _Receiver(allocation)
         allocation._take_over_reading(loop)
-        allocation._watch = asyncio.create_task(
-            allocation._confirm_every(watch_interval, watch_timeout))
+        allocation._upkeep = asyncio.create_task(allocation._keep_up(timers))
         log.info("relay %s: allocation %s:%d (%.1f ms)", url, *relayed, rtt_ms)
         return allocation
 
@@ -156,23 +177,56 @@ class RelayAllocation:
             else:
                 protocol.datagram_received(data, addr)
 
-    async def _confirm_every(self, interval: float, timeout: float) -> None:
-        """A Refresh now and then: 437 (no such allocation) or silence means it is gone."""
+    async def _keep_up(self, timers: AllocationTimers) -> None:
         while not self.closed:
-            await asyncio.sleep(interval)
-            request = stun.Message(stun.Method.REFRESH, stun.Class.REQUEST)
-            request.attributes["LIFETIME"] = LIFETIME_S
-            try:
-                await asyncio.wait_for(self._protocol.request_with_retry(request),
-                                       timeout)
-            except (stun.TransactionError, ConnectionError, OSError, TimeoutError) as exc:
-                if isinstance(exc, stun.TransactionFailed):
-                    reason = f"refresh refused: {exc.response.error_code}"
-                else:
-                    reason = f"refresh unanswered: {type(exc).__name__}"
-                self.lost(ConnectionError(reason))
-                self._protocol.transport.close()  # stops aioice's own refresh task too
+            await asyncio.sleep(timers.watch_interval)
+            if not await self._confirm(timers.watch_timeout):
                 return
+            await self._keep_channels(timers)
+
+    async def _confirm(self, timeout: float) -> bool:
+        """A Refresh: 437 (no such allocation) or silence means it is gone."""
+        request = stun.Message(stun.Method.REFRESH, stun.Class.REQUEST)
+        request.attributes["LIFETIME"] = LIFETIME_S
+        try:
+            await asyncio.wait_for(self._protocol.request_with_retry(request), timeout)
+        except (stun.TransactionError, ConnectionError, OSError, TimeoutError) as exc:
+            if isinstance(exc, stun.TransactionFailed):
+                reason = f"refresh refused: {exc.response.error_code}"
+            else:
+                reason = f"refresh unanswered: {type(exc).__name__}"
+            self.lost(ConnectionError(reason))
+            self._protocol.transport.close()  # stops aioice's own refresh task too
+            return False
+        return True
+
+    async def _keep_channels(self, timers: AllocationTimers) -> None:
+        loop = asyncio.get_running_loop()
+        protocol = self._protocol
+        for channel, bound_at in list(self._bound_at.items()):
+            peer = protocol.channel_to_peer.get(channel)
+            age = loop.time() - bound_at
+            if peer is None or (channel not in self._used and age >= timers.channel_lifetime):
+                self._forget(channel)
+            elif channel in self._used and age >= timers.channel_refresh:
+                try:
+                    await protocol.channel_bind(channel, peer)
+                except (stun.TransactionError, ConnectionError, OSError) as exc:
+                    # Not fatal yet: the next round tries again, the permission lasts.
+                    log.info("relay %s: channel to %s:%d not refreshed: %s", self.url,
+                             *peer, exc)
+                    continue
+                self._bound_at[channel] = loop.time()
+                self._used.discard(channel)
+
+    def _forget(self, channel: int) -> None:
+        protocol = self._protocol
+        peer = protocol.channel_to_peer.pop(channel, None)
+        if peer is not None:
+            protocol.peer_to_channel.pop(peer, None)
+        protocol.channel_refresh_at.pop(channel, None)
+        self._bound_at.pop(channel, None)
+        self._used.discard(channel)
 
     def send(self, data: bytes, peer: Address) -> None:
         """To `peer` through the relay: ChannelData once bound, else bind first."""
@@ -180,6 +234,7 @@ class RelayAllocation:
             return
         channel = self._protocol.peer_to_channel.get(peer)
         if channel is not None and self._sock is not None:
+            self._used.add(channel)
             try:
                 self._sock.send(struct.pack("!HH", channel, len(data)) + data)
             except OSError:  # a full buffer drops, as the network would
@@ -197,6 +252,9 @@ class RelayAllocation:
         try:
             await self._protocol.send_data(data, peer)
             self.counters.sent += 1
+            channel = self._protocol.peer_to_channel.get(peer)
+            if channel is not None and channel not in self._bound_at:
+                self._bound_at[channel] = asyncio.get_running_loop().time()
         except Exception as exc:
             self.counters.send_errors += 1
             log.info("relay %s: cannot reach %s:%d: %s", self.url, *peer, exc)
@@ -220,8 +278,8 @@ class RelayAllocation:
 
     async def close(self) -> None:
         self.closed = True
-        if self._watch is not None:
-            self._watch.cancel()
+        if self._upkeep is not None:
+            self._upkeep.cancel()
         for task in list(self._binding.values()):
             task.cancel()
         with contextlib.suppress(Exception):

@@ -9,17 +9,18 @@ from collections.abc import AsyncIterator
 from aioice import stun
 from test_relay_protocol import SECRET, Endpoint, _config
 
-from kbwg.relay.client import RelayAllocation
+from kbwg.relay.client import AllocationTimers, RelayAllocation
+from kbwg.relay.config import Lifetimes
 from kbwg.relay.server import RelayServer
 
 Address = tuple[str, int]
 
 
 @contextlib.asynccontextmanager
-async def allocation_on(server: RelayServer, **watch: float) -> AsyncIterator[
+async def allocation_on(server: RelayServer, **timers: float) -> AsyncIterator[
         tuple[RelayAllocation, asyncio.Queue[tuple[bytes, Address]], asyncio.Event]]:
     allocation = await RelayAllocation.open("turn:test", server.address, "alice", SECRET,
-                                            **watch)  # fmt: skip
+                                            timers=AllocationTimers(**timers))  # fmt: skip
     received: asyncio.Queue[tuple[bytes, Address]] = asyncio.Queue()
     lost = asyncio.Event()
     allocation.receiver = lambda data, peer: received.put_nowait((data, peer))
@@ -102,3 +103,55 @@ async def test_live_allocation_is_confirmed_not_lost() -> None:
         await asyncio.wait_for(confirmed.wait(), 5.0)
         assert answers == [stun.Class.RESPONSE] * 3
         assert not lost.is_set() and not alloc.closed
+
+
+# A relay with RFC 8656's lifetimes shrunk: permissions 0.5 s, channels 1 s.
+SHORT = Lifetimes(permission=0.5, channel=1.0, channel_cooldown=0.2)
+FAST_UPKEEP = {"watch_interval": 0.05, "watch_timeout": 1.0, "channel_refresh": 0.25,
+               "channel_lifetime": 1.3}
+
+
+async def test_channel_in_use_is_bound_again_before_its_permission_expires() -> None:
+    config = _config(lifetimes=SHORT, sweep_interval=0.02)
+    async with RelayServer(config) as server, allocation_on(server, **FAST_UPKEEP) as (
+            alloc, got, _):
+        peer = await Endpoint.open()
+        try:
+            loop = asyncio.get_running_loop()
+            end = loop.time() + 4 * SHORT.permission
+            rounds = 0
+            while loop.time() < end:  # traffic both ways for several permission lifetimes
+                alloc.send(b"ping", peer.address)
+                assert (await peer.receive())[0] == b"ping"
+                peer.send(b"pong", alloc.relayed)
+                assert await asyncio.wait_for(got.get(), 1.0) == (b"pong", peer.address)
+                rounds += 1
+                await asyncio.sleep(0.05)  # lets time pass: the lifetimes are the subject
+            assert rounds > 10
+            assert server.counters.permissions_expired == 0
+            assert server.counters.channels_expired == 0
+        finally:
+            peer.close()
+
+
+async def test_unused_channel_is_forgotten_then_bound_anew() -> None:
+    config = _config(lifetimes=SHORT, sweep_interval=0.02)
+    async with RelayServer(config) as server, allocation_on(server, **FAST_UPKEEP) as (
+            alloc, got, _):
+        peer = await Endpoint.open()
+        try:
+            alloc.send(b"first", peer.address)
+            assert (await peer.receive())[0] == b"first"
+            first_channel = alloc._protocol.peer_to_channel[peer.address]
+            deadline = asyncio.get_running_loop().time() + 5.0
+            while peer.address in alloc._protocol.peer_to_channel:  # idle until forgotten
+                assert asyncio.get_running_loop().time() < deadline, "never forgotten"
+                await asyncio.sleep(0.05)
+            assert server.counters.channels_expired == 1
+            alloc.send(b"again", peer.address)
+            assert (await peer.receive())[0] == b"again"
+            assert alloc._protocol.peer_to_channel[peer.address] != first_channel
+            peer.send(b"reply", alloc.relayed)
+            assert await asyncio.wait_for(got.get(), 1.0) == (b"reply", peer.address)
+        finally:
+            peer.close()
