@@ -52,9 +52,9 @@ from kbwg.agent.keybase import Channel, ChatMessage, KeybaseClient, KeybaseError
 from kbwg.agent.netwatch import NetworkWatcher
 from kbwg.agent.owner_client import DeviceOwner
 from kbwg.agent.peers import DeviceId, PeerEntry, PeersError, parse_peers
-from kbwg.agent.peerstate import ANNOUNCED, NEGOTIATED, PeerState
+from kbwg.agent.peerstate import ANNOUNCED, NEGOTIATED, AgentState, PeerState
 from kbwg.agent.peertable import desired_peers
-from kbwg.agent.reports import AgentState, diag_report, status_report
+from kbwg.agent.reports import diag_report, status_report
 from kbwg.agent.teamconfig import (
     TeamConfig,
     TeamConfigError,

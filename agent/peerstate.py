@@ -1,11 +1,16 @@
-"""What the agent knows and has configured about one peer, and how `status` shows it."""
+"""What the agent knows and has configured: about this device once `join` has started
+(`AgentState`), and about each peer (`PeerState`, and how `status` shows it)."""
 
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address
 from typing import Any
 
+from kbwg.agent.claims import Claim
+from kbwg.agent.peers import DeviceId
 from kbwg.agent.peertable import PeerSpec
 
 # How the WireGuard endpoint of a peer was chosen.
@@ -80,3 +85,20 @@ class PeerState:
             "rx_bytes": self.rx_bytes,
             "tx_bytes": self.tx_bytes,
         }
+
+
+@dataclass
+class AgentState:
+    """This device in the mesh, once `join` has started: the subject of `status`."""
+
+    me: DeviceId
+    listed: bool
+    overlay_ip: IPv4Address
+    public_key: str
+    listen_port: int
+    interface: str
+    backend: str
+    announced_endpoint: str
+    my_claim: Claim | None = None
+    started_at: float = field(default_factory=time.time)
+    peers: dict[DeviceId, PeerState] = field(default_factory=dict)

@@ -7,36 +7,16 @@ added to. The agent's state is read, never changed, here.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
-from ipaddress import IPv4Address
 from typing import Any
 
-from kbwg.agent.claims import Claim, ClaimBook
+from kbwg.agent.claims import ClaimBook
 from kbwg.agent.connectivity import Connectivity
 from kbwg.agent.diag import DiagOptions, diagnose
-from kbwg.agent.peers import DeviceId
-from kbwg.agent.peerstate import PeerState
+from kbwg.agent.peerstate import AgentState, PeerState
 from kbwg.agent.teamconfig import TeamConfig
 from kbwg.negotiation.session import Negotiator
 
 DIAG_TIMEOUT_S = 5.0
-
-
-@dataclass
-class AgentState:
-    """This device in the mesh, once `join` has started: the subject of `status`."""
-
-    me: DeviceId
-    listed: bool
-    overlay_ip: IPv4Address
-    public_key: str
-    listen_port: int
-    interface: str
-    backend: str
-    announced_endpoint: str
-    my_claim: Claim | None = None
-    started_at: float = field(default_factory=time.time)
-    peers: dict[DeviceId, PeerState] = field(default_factory=dict)
 
 
 def _sorted_peers(state: AgentState) -> list[PeerState]:
