@@ -68,7 +68,6 @@ from kbwg.negotiation.check_transactions import CheckTransactions, Transaction
 from kbwg.negotiation.check_types import CheckCounters, CheckTimers, SendFn
 from kbwg.negotiation.check_upkeep import CheckUpkeep
 from kbwg.negotiation.choice import (
-    CLASS_RANK,
     DEFAULT_HYSTERESIS_MS,
     DEFAULT_HYSTERESIS_RATIO,
     better_class_pending,
@@ -183,9 +182,9 @@ class PeerChecker:
 
     @property
     def valid_pairs(self) -> list[CandidatePair]:
-        """Succeeded pairs, best first by class then RTT."""
+        """Succeeded pairs, best first by tier (choice.py) then RTT."""
         valid = [p for p in self._table.pairs if p.state == "succeeded"]
-        return sorted(valid, key=lambda p: (CLASS_RANK[p.path],
+        return sorted(valid, key=lambda p: (p.view().tier,
                                             p.rtt_ms if p.rtt_ms is not None else 1e12))
 
     def has_transaction(self, transaction_id: bytes) -> bool:

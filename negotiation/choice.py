@@ -11,12 +11,17 @@ RTT), so the rules can be tested without a network:
      NAT but still peer to peer. A peer-reflexive address is one nobody listed: a NAT
      made it up (typically a symmetric NAT), so it never counts as LAN even when it
      looks private.
-2. Within a class, lower RTT wins. A selected pair is replaced by another of the same
-   class only when the newcomer is faster by both margins: `new < ratio * current` and
+   Within `relay`, a pair with one relayed end beats one relayed at both ends: that
+   crosses the relay twice (or two relays), and each end whose own allocation carries
+   the path passes WireGuard through the agent's loopback proxy, so it is the slower
+   path even when an idle check measures it a millisecond faster. Class and relayed
+   ends together make a pair's tier.
+2. Within a tier, lower RTT wins. A selected pair is replaced by another of the same
+   tier only when the newcomer is faster by both margins: `new < ratio * current` and
    `current - new >= hysteresis_ms`. Jitter then cannot make the choice flap, while a
    real improvement (a congested uplink clearing, a faster interface coming up) wins.
    An unknown RTT never wins on RTT.
-3. A pair of a better class replaces the selected one at once, and a selected pair that
+3. A pair of a better tier replaces the selected one at once, and a selected pair that
    stopped answering is replaced by the best usable pair at once.
 
 Reasons are sentences for `status` and `diag`, e.g. "same LAN: host candidates answer
@@ -71,6 +76,12 @@ class PairView:
         return path_class(self.local_type, self.remote_type)
 
     @property
+    def tier(self) -> tuple[int, int]:
+        """Class rank, then how many ends are relayed (see the module docstring)."""
+        relayed = (self.local_type == "relay") + (self.remote_type == "relay")
+        return (CLASS_RANK[self.path], relayed)
+
+    @property
     def usable(self) -> bool:
         return self.state == "succeeded"
 
@@ -89,9 +100,9 @@ def format_rtt(rtt_ms: float | None, bound: bool = False) -> str:
     return f"at most {rtt_ms:.1f} ms" if bound else f"{rtt_ms:.1f} ms"
 
 
-def _rank(view: PairView) -> tuple[int, float, int]:
+def _rank(view: PairView) -> tuple[tuple[int, int], float, int]:
     rtt = math.inf if view.rtt_ms is None else view.rtt_ms
-    return (CLASS_RANK[view.path], rtt, -view.priority)
+    return (view.tier, rtt, -view.priority)
 
 
 def explain(view: PairView, pairs: Sequence[PairView]) -> str:
@@ -159,11 +170,11 @@ def choose(current: PairView | None, pairs: Sequence[PairView], *,
                       f"{explain(best, pairs)}")
     if best.key == current.key:
         return current, explain(current, pairs)
-    if CLASS_RANK[best.path] < CLASS_RANK[current.path]:
+    if best.tier < current.tier:
         return best, (f"switched from {current.label()} to {best.label()}: "
                       f"{explain(best, pairs)}")
-    # Same class (best is never of a worse class than a usable current): RTT decides.
-    if CLASS_RANK[best.path] == CLASS_RANK[current.path] and faster_enough(
+    # Same tier (best is never of a worse tier than a usable current): RTT decides.
+    if best.tier == current.tier and faster_enough(
             best.rtt_ms, current.rtt_ms, ratio=hysteresis_ratio, margin_ms=hysteresis_ms):
         return best, (f"switched from {current.label()} to {best.label()}: "
                       f"{format_rtt(best.rtt_ms)} vs {format_rtt(current.rtt_ms)}")

@@ -124,3 +124,15 @@ def test_explain_says_when_the_rtt_is_only_an_upper_bound() -> None:
                      remote_type="srflx", remote_address="203.0.113.11:51820",
                      rtt_ms=307.3, rtt_bound=True)
     assert explain(bound, []).startswith("relayed (at most 307.3 ms)")
+
+
+def test_one_relayed_end_beats_two_even_when_slower() -> None:
+    # Relayed at both ends: twice through the relay and a loopback proxy at each agent.
+    one_end = view("one", "relay", "prflx", rtt=3.2)
+    both_ends = view("both", "relay", "relay", rtt=1.1)
+    best, _ = choose(None, [both_ends, one_end])
+    assert best == one_end
+    best, reason = choose(one_end, [both_ends, one_end])
+    assert best == one_end, reason  # no switch for a millisecond on an idle check
+    best, reason = choose(both_ends, [both_ends, one_end])
+    assert best == one_end and reason.startswith("switched from"), reason
