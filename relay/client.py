@@ -69,6 +69,9 @@ class RelayCounters:
     sent: int = 0
     received: int = 0
     send_errors: int = 0
+    # Datagrams from the relay's address that aioice could not take (it lets some
+    # malformed attributes raise more than ValueError).
+    malformed: int = 0
 
 
 class _Receiver(asyncio.DatagramProtocol):
@@ -175,7 +178,11 @@ class RelayAllocation:
                     self.counters.received += 1
                     self.receiver(data[4:4 + length], peer)
             else:
-                protocol.datagram_received(data, addr)
+                try:
+                    protocol.datagram_received(data, addr)
+                except Exception as exc:
+                    self.counters.malformed += 1
+                    log.debug("relay %s: malformed datagram ignored: %s", self.url, exc)
 
     async def _keep_up(self, timers: AllocationTimers) -> None:
         while not self.closed:

@@ -279,7 +279,7 @@ class ControlPlane:
             dont_fragment=wire.find(raw, wire.DONT_FRAGMENT) is not None)
         attributes: dict[str, object] = {
             "XOR-RELAYED-ADDRESS": allocation.relayed,
-            "LIFETIME": int(allocation.expires - now),
+            "LIFETIME": round(allocation.expires - now),  # int() would floor 1199.999...
             "XOR-MAPPED-ADDRESS": request.client,
         }
         if self.config.software:

@@ -133,7 +133,8 @@ class RelayPaths:
     def to_json(self) -> list[dict[str, Any]]:
         return [{"url": a.url, "relayed": f"{a.relayed[0]}:{a.relayed[1]}",
                  "rtt_ms": round(a.rtt_ms, 3), "alive": not a.closed,
-                 "sent": a.counters.sent, "received": a.counters.received}
+                 "sent": a.counters.sent, "received": a.counters.received,
+                 "send_errors": a.counters.send_errors, "malformed": a.counters.malformed}
                 for a in self.allocations.values()]
 
     async def close(self) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import struct
 from collections.abc import AsyncIterator
 
 from aioice import stun
@@ -155,3 +156,29 @@ async def test_unused_channel_is_forgotten_then_bound_anew() -> None:
             assert await asyncio.wait_for(got.get(), 1.0) == (b"reply", peer.address)
         finally:
             peer.close()
+
+
+async def test_malformed_stun_from_the_relay_is_counted_not_fatal() -> None:
+    # aioice's parser lets this one (CHANGE-REQUEST two bytes long) raise struct.error.
+    attribute = struct.pack("!HH", 0x0003, 2) + bytes(4)
+    data_indication = (struct.pack("!HHI", 0x0017, len(attribute), 0x2112A442)
+                       + bytes(12) + attribute)
+    server = RelayServer(_config())
+    await server.start()
+    async with allocation_on(server, watch_interval=60.0) as (alloc, got, lost):
+        server.close()
+        # A bad relay: a socket on the relay's address, sending what it likes.
+        loop = asyncio.get_running_loop()
+        bad_relay, _ = await loop.create_datagram_endpoint(
+            asyncio.DatagramProtocol, local_addr=alloc.server)
+        try:
+            local = alloc._protocol.transport.get_extra_info("sockname")
+            bad_relay.sendto(b"\x40\x00\x00\x10short", local)  # ChannelData, cut short
+            bad_relay.sendto(data_indication, local)
+            deadline = loop.time() + 2.0
+            while alloc.counters.malformed == 0:
+                assert loop.time() < deadline, "the malformed datagram was not counted"
+                await asyncio.sleep(0.01)
+            assert not alloc.closed and not lost.is_set() and got.empty()
+        finally:
+            bad_relay.close()
