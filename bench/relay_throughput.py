@@ -25,6 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "netns-tests"))
 
 from kbwg_world import NatMode, Node, Router, World, wait_until
+from kbwg_world.iperf import iperf_mbits
 from kbwg_world.stunserver import StunServer
 from kbwg_world.team import Team
 from kbwg_world.turnserver import TurnServer, start_relay
@@ -46,16 +47,6 @@ ip addr add {address}/24 dev wgbench
 ip link set wgbench up
 wait
 """
-
-
-def iperf_mbits(client: Node, server: Node, dest: str, seconds: float) -> float:
-    proc = server.popen(["iperf3", "-s", "-1", "-B", dest], stdout=subprocess.DEVNULL)
-    try:
-        wait_until(lambda: ":5201" in server.run(["ss", "-ltn"]).stdout, what="iperf3 server")
-        out = client.run(["iperf3", "-c", dest, "-t", str(seconds), "-J"], timeout=seconds + 30)
-    finally:
-        proc.wait(timeout=30)
-    return float(json.loads(out.stdout)["end"]["sum_received"]["bits_per_second"]) / 1e6
 
 
 def bare_wireguard(world: World, hosts: tuple[Node, Node], routers: tuple[Router, Router],
@@ -96,10 +87,8 @@ def through_agents(team: Team, hosts: tuple[Node, Node], devices: tuple[Device, 
                    seconds: float) -> tuple[float | None, str]:
     """Start the two devices' agents, iperf3 from the first to the second, stop them."""
     (a, b), (first, second) = hosts, devices
-    agents = [team.start_agent(a, *first[:2]), team.start_agent(b, *second[:2])]
+    agents = team.start_running((a, *first[:2]), (b, *second[:2]))
     try:
-        for agent in agents:
-            team.wait_running(agent)
         try:
             wait_until(lambda: a.ping(second[2], count=1, timeout=1.0).ok, timeout=20,
                        what="a path")  # fmt: skip

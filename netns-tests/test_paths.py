@@ -31,10 +31,7 @@ def team_with_stun(world: World, inet: Segment) -> Team:
 
 
 def start_pair(team: Team, a: Node, b: Node) -> tuple[AgentProcess, AgentProcess]:
-    alice = team.start_agent(a, ALICE[0], ALICE[1])
-    bob = team.start_agent(b, BOB[0], BOB[1])
-    team.wait_running(alice)
-    team.wait_running(bob)
+    alice, bob = team.start_running((a, *ALICE[:2]), (b, *BOB[:2]))
     return alice, bob
 
 

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from kbwg_world import NatMode, Node, Segment, World, wait_until
+from kbwg_world.iperf import iperf_mbits
 from kbwg_world.stunserver import StunServer
 from kbwg_world.team import AgentProcess, Team
 from kbwg_world.turnserver import TurnServer, start_relay
@@ -61,25 +62,11 @@ def symmetric_pair(world: World, inet: Segment) -> tuple[Node, Node]:
     return world.host("a", lans=[r1.lan]), world.host("b", lans=[r2.lan])
 
 
-def iperf_mbits(client: Node, server: Node, dest: str, seconds: float = 2.0) -> float:
-    srv = server.popen(["iperf3", "-s", "-1", "-B", dest])
-    try:
-        wait_until(lambda: ":5201" in server.run(["ss", "-ltn"], check=False).stdout,
-                   what="iperf3 server")  # fmt: skip
-        out = client.run(["iperf3", "-c", dest, "-t", str(seconds), "-J"], timeout=60)
-    finally:
-        srv.wait(timeout=30)
-    return float(json.loads(out.stdout)["end"]["sum_received"]["bits_per_second"]) / 1e6
-
-
 @pytest.mark.parametrize("kind", ["kbwg", "coturn"])
 def test_symmetric_nats_connect_through_the_relay(world: World, kind: str) -> None:
     inet, team, (relay,) = world_with_servers(world, [(kind, "203.0.113.5")])
     a, b = symmetric_pair(world, inet)
-    alice = team.start_agent(a, *ALICE[:2])
-    bob = team.start_agent(b, *BOB[:2])
-    team.wait_running(alice)
-    team.wait_running(bob)
+    alice, bob = team.start_running((a, *ALICE[:2]), (b, *BOB[:2]))
 
     peer = wait_relayed(alice, "desk")
     assert "relay" in peer["local_candidate"] or "relay" in peer["remote_candidate"], peer
@@ -97,10 +84,7 @@ def test_dead_relay_is_replaced_by_the_second_one(world: World) -> None:
     inet, team, relays = world_with_servers(
         world, [("kbwg", "203.0.113.5"), ("kbwg", "203.0.113.6")])
     a, b = symmetric_pair(world, inet)
-    alice = team.start_agent(a, *ALICE[:2])
-    bob = team.start_agent(b, *BOB[:2])
-    team.wait_running(alice)
-    team.wait_running(bob)
+    alice, _ = team.start_running((a, *ALICE[:2]), (b, *BOB[:2]))
     wait_relayed(alice, "desk")
     wait_until(lambda: ping_ok(a, BOB[2]), timeout=15, what="first ping")
 
@@ -123,10 +107,7 @@ def test_dead_relay_is_replaced_by_the_second_one(world: World) -> None:
 def test_relayed_path_comes_back_after_the_relay_restarts(world: World, kind: str) -> None:
     inet, team, (relay,) = world_with_servers(world, [(kind, "203.0.113.5")])
     a, b = symmetric_pair(world, inet)
-    alice = team.start_agent(a, *ALICE[:2])
-    bob = team.start_agent(b, *BOB[:2])
-    team.wait_running(alice)
-    team.wait_running(bob)
+    alice, _ = team.start_running((a, *ALICE[:2]), (b, *BOB[:2]))
     before = wait_relayed(alice, "desk")
     wait_until(lambda: ping_ok(a, BOB[2]), timeout=15, what="first ping")
 
@@ -152,10 +133,7 @@ def test_relay_first_then_direct_once_it_works(world: World) -> None:
     r1.run(["nft", "-f", "-"], input=(
         "table ip cut {\n chain forward {\n type filter hook forward priority -10;\n"
         f" ip daddr {r2.wan_ip} drop\n ip saddr {r2.wan_ip} drop\n }}\n}}\n"))
-    alice = team.start_agent(a, *ALICE[:2])
-    bob = team.start_agent(b, *BOB[:2])
-    team.wait_running(alice)
-    team.wait_running(bob)
+    alice, bob = team.start_running((a, *ALICE[:2]), (b, *BOB[:2]))
     wait_relayed(alice, "desk")
     wait_until(lambda: ping_ok(a, BOB[2]), timeout=15, what="ping over the relay")
 
@@ -173,10 +151,7 @@ def test_symmetric_and_port_preserving_use_what_works(world: World) -> None:
     sym = world.router("sym", wan=inet, nat=NatMode.FULLY_RANDOM)
     cone = world.router("cone", wan=inet, nat=NatMode.MASQUERADE)
     a, b = world.host("a", lans=[sym.lan]), world.host("b", lans=[cone.lan])
-    alice = team.start_agent(a, *ALICE[:2])
-    bob = team.start_agent(b, *BOB[:2])
-    team.wait_running(alice)
-    team.wait_running(bob)
+    alice, _ = team.start_running((a, *ALICE[:2]), (b, *BOB[:2]))
     wait_until(lambda: ping_ok(a, BOB[2]), timeout=20, what="ping alice -> bob")
     peer = wait_until(lambda: (p := peer_view(alice, "desk")) and p["path"] != "none" and p,
                       what="a chosen path")  # fmt: skip

@@ -144,6 +144,14 @@ class Team:
         self.agents.append(agent)
         return agent
 
+    def start_running(self, *devices: tuple[Node, str, str]) -> list[AgentProcess]:
+        """Start an agent per (host, username, device), all at once, then wait until
+        each answers `status`."""
+        agents = [self.start_agent(host, username, device) for host, username, device in devices]
+        for agent in agents:
+            self.wait_running(agent)
+        return agents
+
     def wait_running(self, agent: AgentProcess, timeout: float = 30.0) -> dict[str, Any]:
         def ready() -> dict[str, Any] | None:
             if agent.proc.poll() is not None:
