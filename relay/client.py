@@ -3,11 +3,11 @@
 aioice does the protocol (Allocate with TURN REST credentials, refreshes, permissions
 and channel binds). Data takes a fast path beside it, because aioice would start one
 task per datagram sent and wake the event loop once per datagram received, which a
-WireGuard stream cannot afford: once a channel to a peer is bound, data goes out as
-ChannelData straight from the socket, and received datagrams are drained in batches,
-ChannelData handled here and everything else (STUN answers, Data indications) handed
-to aioice. The allocation lives on a UDP socket of its own (not the WireGuard port),
-with socket buffers sized for bulk traffic.
+WireGuard stream cannot afford: aioice runs on our own transport (udp_transport.py),
+which reads in batches; once a channel to a peer is bound, data goes out as ChannelData
+straight from the socket, and received ChannelData is handled here, everything else
+(STUN answers, Data indications) by aioice. The allocation lives on a UDP socket of
+its own (not the WireGuard port), with socket buffers sized for bulk traffic.
 
 Upkeep is ours too, every `AllocationTimers.watch_interval`:
 - a Refresh confirms the allocation: aioice only refreshes at 5/6 of its lifetime, so a
@@ -24,8 +24,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-import socket
 import struct
 import time
 from collections.abc import Callable
@@ -35,6 +33,7 @@ from aioice import stun
 from aioice.turn import TurnClientUdpProtocol
 
 from kbwg.relay.credentials import rest_password, rest_username
+from kbwg.relay.udp_transport import ConnectedUdpTransport
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +43,6 @@ Receiver = Callable[[bytes, Address], None]
 SOCKET_BUFFER = 4 * 1024 * 1024
 CREDENTIAL_TTL_S = 24 * 3600
 LIFETIME_S = 600
-# Datagrams taken per readiness callback (bounded, so other work gets its turn).
-BATCH = 64
-MAX_DATAGRAM = 65535
 
 
 @dataclass(frozen=True)
@@ -69,9 +65,6 @@ class RelayCounters:
     sent: int = 0
     received: int = 0
     send_errors: int = 0
-    # Datagrams from the relay's address that aioice could not take (it lets some
-    # malformed attributes raise more than ValueError).
-    malformed: int = 0
 
 
 class _Receiver(asyncio.DatagramProtocol):
@@ -91,7 +84,8 @@ class _Receiver(asyncio.DatagramProtocol):
 
 class RelayAllocation:
     def __init__(self, url: str, server: Address, protocol: TurnClientUdpProtocol,
-                 relayed: Address, mapped: Address | None, rtt_ms: float) -> None:
+                 transport: ConnectedUdpTransport, relayed: Address, mapped: Address | None,
+                 rtt_ms: float) -> None:
         self.url = url
         self.server = server
         self.relayed = relayed
@@ -102,10 +96,9 @@ class RelayAllocation:
         self.on_lost: Callable[[RelayAllocation], None] | None = None
         self.closed = False
         self._protocol = protocol
+        self._transport = transport
         self._binding: dict[Address, asyncio.Task[None]] = {}
         self._upkeep: asyncio.Task[None] | None = None
-        self._sock: socket.socket | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
         # Per bound channel: when it was last bound (loop time), and which were used since.
         self._bound_at: dict[int, float] = {}
         self._used: set[int] = set()
@@ -117,72 +110,40 @@ class RelayAllocation:
         """Allocate on `server` with TURN REST credentials for `user`; the allocation is
         then kept up (see the module docstring) and reported lost when it is gone."""
         username = rest_username(user, CREDENTIAL_TTL_S)
-        loop = asyncio.get_running_loop()
-        _, protocol = await loop.create_datagram_endpoint(
-            # aioice's own channel refresh never runs (see the module docstring).
-            lambda: TurnClientUdpProtocol(server, username, rest_password(secret, username),
-                                          LIFETIME_S, int(timers.channel_refresh)),
-            remote_addr=server,
-        )
-        sock = protocol.transport.get_extra_info("socket")
-        if sock is not None:
-            for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
-                with contextlib.suppress(OSError):
-                    sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER)
+        # aioice's own channel refresh never runs (see the module docstring).
+        protocol = TurnClientUdpProtocol(server, username, rest_password(secret, username),
+                                         LIFETIME_S, int(timers.channel_refresh))
+        transport = ConnectedUdpTransport.open(server, protocol, SOCKET_BUFFER)
         started = time.monotonic()
         try:
             relayed = await asyncio.wait_for(protocol.connect(), timeout)
         except BaseException:
-            protocol.transport.close()
+            transport.close()
             raise
         rtt_ms = (time.monotonic() - started) * 1000
-        allocation = cls(url, server, protocol, relayed, protocol.mapped_address, rtt_ms)
+        allocation = cls(url, server, protocol, transport, relayed, protocol.mapped_address,
+                         rtt_ms)
         protocol.receiver = _Receiver(allocation)
-        allocation._take_over_reading(loop)
+        transport.handler = allocation._received
         allocation._upkeep = asyncio.create_task(allocation._keep_up(timers))
         log.info("relay %s: allocation %s:%d (%.1f ms)", url, *relayed, rtt_ms)
         return allocation
 
-    def _take_over_reading(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Read the allocation's socket ourselves (see the module docstring), through a
-        duplicate of its descriptor while the transport's own reading is paused. The
-        socket stays the transport's: it closes it; we only close our duplicate."""
-        transport = self._protocol.transport
-        pause = getattr(transport, "pause_reading", None)
-        if pause is None:
-            return  # not a selector transport: aioice keeps reading, only slower
-        fd = transport.get_extra_info("socket").fileno()
-        self._sock = socket.socket(fileno=os.dup(fd))
-        self._loop = loop
-        pause()
-        loop.add_reader(self._sock.fileno(), self._readable)
+    @property
+    def unhandled(self) -> int:
+        """Datagrams from the relay that could not be handled: malformed ones (aioice's
+        parser lets some raise more than ValueError), or a bug."""
+        return self._transport.unhandled
 
-    def _readable(self) -> None:
-        sock = self._sock
-        if sock is None:
-            return
-        recv, protocol = sock.recvfrom, self._protocol
-        channels = protocol.channel_to_peer
-        for _ in range(BATCH):
-            try:
-                data, addr = recv(MAX_DATAGRAM)
-            except BlockingIOError:
-                return
-            except OSError as exc:  # ICMP errors of earlier sends surface here
-                log.debug("relay %s: %s", self.url, exc)
-                return
-            if len(data) >= 4 and 0x40 <= data[0] < 0x80:  # ChannelData (RFC 8656 12.4)
-                channel, length = struct.unpack_from("!HH", data)
-                peer = channels.get(channel)
-                if peer is not None and len(data) >= 4 + length:
-                    self.counters.received += 1
-                    self.receiver(data[4:4 + length], peer)
-            else:
-                try:
-                    protocol.datagram_received(data, addr)
-                except Exception as exc:
-                    self.counters.malformed += 1
-                    log.debug("relay %s: malformed datagram ignored: %s", self.url, exc)
+    def _received(self, data: bytes, addr: Address) -> None:
+        if len(data) >= 4 and 0x40 <= data[0] < 0x80:  # ChannelData (RFC 8656 12.4)
+            channel, length = struct.unpack_from("!HH", data)
+            peer = self._protocol.channel_to_peer.get(channel)
+            if peer is not None and len(data) >= 4 + length:
+                self.counters.received += 1
+                self.receiver(data[4:4 + length], peer)
+        else:
+            self._protocol.datagram_received(data, addr)
 
     async def _keep_up(self, timers: AllocationTimers) -> None:
         while not self.closed:
@@ -203,7 +164,7 @@ class RelayAllocation:
             else:
                 reason = f"refresh unanswered: {type(exc).__name__}"
             self.lost(ConnectionError(reason))
-            self._protocol.transport.close()  # stops aioice's own refresh task too
+            self._transport.close()  # stops aioice's own refresh task too
             return False
         return True
 
@@ -240,14 +201,12 @@ class RelayAllocation:
         if self.closed:
             return
         channel = self._protocol.peer_to_channel.get(peer)
-        if channel is not None and self._sock is not None:
+        if channel is not None:
             self._used.add(channel)
-            try:
-                self._sock.send(struct.pack("!HH", channel, len(data)) + data)
-            except OSError:  # a full buffer drops, as the network would
+            if self._transport.send(struct.pack("!HH", channel, len(data)) + data):
+                self.counters.sent += 1
+            else:  # a full buffer drops, as the network would
                 self.counters.send_errors += 1
-                return
-            self.counters.sent += 1
             return
         if peer in self._binding:
             return  # the first datagrams to a new peer are lost while its channel binds
@@ -266,18 +225,10 @@ class RelayAllocation:
             self.counters.send_errors += 1
             log.info("relay %s: cannot reach %s:%d: %s", self.url, *peer, exc)
 
-    def _close_socket(self) -> None:
-        if self._sock is not None:
-            if self._loop is not None and not self._loop.is_closed():
-                self._loop.remove_reader(self._sock.fileno())
-            self._sock.close()  # our duplicate only; the transport closes the original
-            self._sock = None
-
     def lost(self, exc: Exception | None) -> None:
         if self.closed:
             return
         self.closed = True
-        self._close_socket()
         log.warning("relay %s: allocation %s:%d lost%s", self.url, *self.relayed,
                     f" ({exc})" if exc else "")
         if self.on_lost is not None:
@@ -291,5 +242,4 @@ class RelayAllocation:
             task.cancel()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self._protocol.delete(), 2.0)
-        self._protocol.transport.close()
-        self._close_socket()
+        self._transport.close()

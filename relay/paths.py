@@ -134,7 +134,7 @@ class RelayPaths:
         return [{"url": a.url, "relayed": f"{a.relayed[0]}:{a.relayed[1]}",
                  "rtt_ms": round(a.rtt_ms, 3), "alive": not a.closed,
                  "sent": a.counters.sent, "received": a.counters.received,
-                 "send_errors": a.counters.send_errors, "malformed": a.counters.malformed}
+                 "send_errors": a.counters.send_errors, "unhandled": a.unhandled}
                 for a in self.allocations.values()]
 
     async def close(self) -> None:
