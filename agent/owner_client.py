@@ -3,7 +3,7 @@
     async with await DeviceOwner.start() as owner:
         info = await owner.request("create", ifname="kbwg0", ...)
 
-The owner is started as `python -m kbwg.agent.owner`, through `sudo -n` when the agent
+The owner is started as `python -m kbwg.owner`, through `sudo -n` when the agent
 is not root. Its stderr (its log) is read line by line and re-logged here at the level
 the owner logged it.
 """
@@ -22,12 +22,12 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
-from kbwg.agent.frames import FrameError, read_frame, write_frame
-from kbwg.agent.owner_protocol import OP_HELLO, OP_SHUTDOWN
+from kbwg.owner.frames import FrameError, read_frame, write_frame
+from kbwg.owner.protocol import OP_HELLO, OP_SHUTDOWN
 
 logger = logging.getLogger(__name__)
 
-OWNER_MODULE = "kbwg.agent.owner"
+OWNER_MODULE = "kbwg.owner"
 _STDERR_TAIL_LINES = 30
 _LEVELS = {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kbwg.agent.owner_client import DeviceOwner
-from kbwg.agent.owner_protocol import (
+from kbwg.owner.protocol import (
     EVENT_STUN,
     OP_STUN_OPEN,
     OP_STUN_SEND,

@@ -19,8 +19,8 @@ from typing import Any
 import pytest
 from nacl.public import PrivateKey
 
-from kbwg.agent.frames import encode_frame, read_frame
 from kbwg.agent.owner_client import DeviceOwner
+from kbwg.owner.frames import encode_frame, read_frame
 
 pytestmark = [
     pytest.mark.netns,
@@ -109,7 +109,7 @@ async def wait_for(
 
 
 def _owner_command(ns: str) -> list[str]:
-    return ["ip", "netns", "exec", ns, sys.executable, "-m", "kbwg.agent.owner",
+    return ["ip", "netns", "exec", ns, sys.executable, "-m", "kbwg.owner",
             "--log-level", "DEBUG"]  # fmt: skip
 
 

@@ -26,9 +26,9 @@ from aioice import stun
 from nacl.public import PrivateKey
 
 from kbwg.agent.owner_client import DeviceOwner
-from kbwg.agent.rawstun import STUN_COOKIE
 from kbwg.negotiation.shared_port import SharedPortTransport
 from kbwg.negotiation.stun_client import StunClient
+from kbwg.owner.rawstun import STUN_COOKIE
 from kbwg_world import Host, NatMode, Node, Segment, World, wait_until
 
 pytestmark = [
@@ -59,7 +59,7 @@ for item in sys.argv[1:]:
 # checksum: on a veth nobody else does (the receiver trusts it), so a wrong one would pass.
 CAPTURE = """
 import json, socket, struct, sys
-from kbwg.agent.rawstun import udp_checksum
+from kbwg.owner.rawstun import udp_checksum
 port = int(sys.argv[1])
 s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_UDP)
 print("ready", flush=True)
@@ -91,7 +91,7 @@ class Devices:
     owners: list[DeviceOwner] = field(default_factory=list)
 
     async def start(self, node: Host, overlay: str) -> Device:
-        argv = node.argv([sys.executable, "-m", "kbwg.agent.owner", "--log-level", "DEBUG"])
+        argv = node.argv([sys.executable, "-m", "kbwg.owner", "--log-level", "DEBUG"])
         owner = await DeviceOwner.start(argv)
         self.owners.append(owner)
         key = PrivateKey.generate()

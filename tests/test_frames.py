@@ -9,7 +9,7 @@ from typing import Any
 import msgpack
 import pytest
 
-from kbwg.agent.frames import (
+from kbwg.owner.frames import (
     MAX_FRAME,
     FrameBodyError,
     FrameDecoder,

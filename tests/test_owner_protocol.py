@@ -20,15 +20,15 @@ import pytest
 from nacl.public import PrivateKey
 
 from kbwg.agent import owner_client
-from kbwg.agent.frames import MAX_FRAME, encode_frame, read_frame
-from kbwg.agent.owner import FAKE_BACKEND_ENV
 from kbwg.agent.owner_client import DeviceOwner, OwnerError, OwnerGone, OwnerStartError
-from kbwg.agent.owner_protocol import ProtocolError, SetPeerArgs, parse_endpoint
-from kbwg.agent.wg_backend import PeerConfig
-from kbwg.agent.wg_kernel import info_to_stats, peer_to_pyroute2, remove_peer_to_pyroute2
-from kbwg.agent.wg_userspace import parse_uapi_get, uapi_peer_lines
+from kbwg.owner.frames import MAX_FRAME, encode_frame, read_frame
+from kbwg.owner.protocol import ProtocolError, SetPeerArgs, parse_endpoint
+from kbwg.owner.server import FAKE_BACKEND_ENV
+from kbwg.owner.wg_backend import PeerConfig
+from kbwg.owner.wg_kernel import info_to_stats, peer_to_pyroute2, remove_peer_to_pyroute2
+from kbwg.owner.wg_userspace import parse_uapi_get, uapi_peer_lines
 
-OWNER = [sys.executable, "-m", "kbwg.agent.owner", "--log-level", "DEBUG"]
+OWNER = [sys.executable, "-m", "kbwg.owner", "--log-level", "DEBUG"]
 
 
 def _env() -> dict[str, str]:
@@ -369,7 +369,7 @@ async def test_client_delivers_events() -> None:
     # A stand-in owner: answers hello, emits one event, then answers shutdown.
     script = (
         "import sys, asyncio\n"
-        "from kbwg.agent.frames import encode_frame, FrameDecoder\n"
+        "from kbwg.owner.frames import encode_frame, FrameDecoder\n"
         "out = sys.stdout.buffer\n"
         "dec = FrameDecoder()\n"
         "while True:\n"
@@ -398,7 +398,7 @@ async def test_client_sudo_password_failure_explains_the_fix(tmp_path: Path) -> 
         await DeviceOwner.start([str(fake_sudo), "-n", *OWNER])
     message = str(info.value)
     assert "a password is required" in message
-    assert "NOPASSWD:" in message and f"{sys.executable} -m kbwg.agent.owner" in message
+    assert "NOPASSWD:" in message and f"{sys.executable} -m kbwg.owner" in message
     assert "run the agent as root" in message
 
 
@@ -409,9 +409,9 @@ async def test_client_missing_program() -> None:
 
 def test_owner_command_uses_sudo_only_when_not_root(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(owner_client.os, "geteuid", lambda: 0)
-    assert owner_client.owner_command("/py") == ["/py", "-m", "kbwg.agent.owner"]
+    assert owner_client.owner_command("/py") == ["/py", "-m", "kbwg.owner"]
     monkeypatch.setattr(owner_client.os, "geteuid", lambda: 1000)
-    assert owner_client.owner_command("/py") == ["sudo", "-n", "/py", "-m", "kbwg.agent.owner"]
+    assert owner_client.owner_command("/py") == ["sudo", "-n", "/py", "-m", "kbwg.owner"]
 
 
 # Pure translation functions of the backends.

@@ -14,12 +14,13 @@ from typing import Any, ClassVar, cast
 import pytest
 from aioice import stun
 
-from kbwg.agent import owner as owner_module
-from kbwg.agent.frames import read_frame, write_frame
-from kbwg.agent.owner import NullNetConfig, OwnerServer
 from kbwg.agent.owner_client import DeviceOwner
-from kbwg.agent.owner_protocol import ProtocolError, StunSendArgs, stun_event
-from kbwg.agent.rawstun import (
+from kbwg.negotiation.shared_port import SharedPortTransport
+from kbwg.negotiation.stun_client import StunClient
+from kbwg.owner import server as owner_module
+from kbwg.owner.frames import read_frame, write_frame
+from kbwg.owner.protocol import ProtocolError, StunSendArgs, stun_event
+from kbwg.owner.rawstun import (
     ACCEPT_ALL,
     BPF_JEQ_K,
     BPF_JSET_K,
@@ -46,9 +47,8 @@ from kbwg.agent.rawstun import (
     udp_checksum,
     unpack_filter,
 )
-from kbwg.agent.wg_backend import MemoryBackend
-from kbwg.negotiation.shared_port import SharedPortTransport
-from kbwg.negotiation.stun_client import StunClient
+from kbwg.owner.server import NullNetConfig, OwnerServer
+from kbwg.owner.wg_backend import MemoryBackend
 
 PORT = 51820
 SRC = ("192.0.2.7", 3478)

@@ -1,7 +1,7 @@
-"""The privileged device owner: `python -m kbwg.agent.owner [--log-level LEVEL]`.
+"""The privileged device owner: `python -m kbwg.owner [--log-level LEVEL]`.
 
 Started by the agent (through `sudo -n` unless already root), it speaks frames
-(kbwg.agent.frames, vocabulary in kbwg.agent.owner_protocol) on stdin/stdout and logs
+(kbwg.owner.frames, vocabulary in kbwg.owner.protocol) on stdin/stdout and logs
 to stderr only. It owns the WireGuard device, the overlay address, any host routes it
 was asked for and the raw socket that shares the WireGuard port with STUN (whose packets
 it passes to the agent as `stun` events), and removes all of them on `shutdown`, INT,
@@ -29,8 +29,8 @@ from typing import Any, Protocol
 
 from nacl.public import PrivateKey
 
-from kbwg.agent.frames import FrameBodyError, FrameError, encode_frame, read_frame, write_frame
-from kbwg.agent.owner_protocol import (
+from kbwg.owner.frames import FrameBodyError, FrameError, encode_frame, read_frame, write_frame
+from kbwg.owner.protocol import (
     ERR_NO_DEVICE,
     ERR_NO_STUN,
     OP_ADD_ROUTE,
@@ -61,14 +61,14 @@ from kbwg.agent.owner_protocol import (
     parse_request,
     stun_event,
 )
-from kbwg.agent.rawstun import (
+from kbwg.owner.rawstun import (
     PacketCallback,
     RawStunError,
     RawStunSocket,
     TokenBucket,
     UdpDatagram,
 )
-from kbwg.agent.wg_backend import (
+from kbwg.owner.wg_backend import (
     BackendError,
     MemoryBackend,
     PeerConfig,
@@ -77,7 +77,7 @@ from kbwg.agent.wg_backend import (
 )
 
 # Under `python -m` __name__ is "__main__"; keep the module's real name in the log.
-logger = logging.getLogger("kbwg.agent.owner" if __name__ == "__main__" else __name__)
+logger = logging.getLogger(__name__)
 
 FAKE_BACKEND_ENV = "KBWG_OWNER_FAKE_BACKEND"
 
@@ -90,7 +90,7 @@ Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 
 
 class StunSocket(Protocol):
-    """What the owner needs of kbwg.agent.rawstun.RawStunSocket (tests substitute it)."""
+    """What the owner needs of kbwg.owner.rawstun.RawStunSocket (tests substitute it)."""
 
     port: int
 
@@ -590,7 +590,7 @@ async def run() -> int:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m kbwg.agent.owner",
+        prog="python -m kbwg.owner",
         description="kbwg privileged device owner (frames on stdin/stdout, logs on stderr)",
     )
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")

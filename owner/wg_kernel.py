@@ -11,7 +11,7 @@ import logging
 from collections.abc import Iterable
 from typing import Any
 
-from kbwg.agent.wg_backend import BackendError, PeerConfig, PeerStats, format_endpoint
+from kbwg.owner.wg_backend import BackendError, PeerConfig, PeerStats, format_endpoint
 
 logger = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ import signal
 import socket
 import time
 
-from kbwg.agent.wg_backend import BackendError, PeerConfig, PeerStats, format_endpoint
+from kbwg.owner.wg_backend import BackendError, PeerConfig, PeerStats, format_endpoint
 
 logger = logging.getLogger(__name__)
 

@@ -124,7 +124,7 @@ def select_backend(name: str) -> WireGuardBackend:
         raise BackendError(f"unknown WireGuard backend {name!r}")
     if name in ("auto", "kernel"):
         if kernel_wireguard_available():
-            from kbwg.agent.wg_kernel import KernelBackend
+            from kbwg.owner.wg_kernel import KernelBackend
 
             return KernelBackend()
         if name == "kernel":
@@ -136,7 +136,7 @@ def select_backend(name: str) -> WireGuardBackend:
             f"{prefix}wireguard-go was not found in PATH: install the `wireguard-go` "
             "package (Debian/Ubuntu: apt-get install wireguard-go)"
         )
-    from kbwg.agent.wg_userspace import UserspaceBackend
+    from kbwg.owner.wg_userspace import UserspaceBackend
 
     return UserspaceBackend(binary)
 

@@ -21,7 +21,7 @@ Ops (args → result):
   self-assigned address that lost a conflict moves).
 - ``shutdown`` () → {}; the owner then removes everything and exits 0.
 - ``stun_open`` () → ``port``. After ``create``: opens the raw socket that shares the
-  WireGuard listen port with STUN (kbwg.agent.rawstun); again is a no-op.
+  WireGuard listen port with STUN (kbwg.owner.rawstun); again is a no-op.
 - ``stun_send`` (``dest`` "ip:port", ``data`` bytes: one STUN message of at most 1500
   bytes, optional ``source`` local ip) → ``source`` "ip:port" it left from. Refused when
   over the owner's rate limit. IPv4 only.
@@ -39,7 +39,7 @@ import ipaddress
 from dataclasses import dataclass
 from typing import Any
 
-from kbwg.agent.rawstun import MAX_STUN_PAYLOAD, is_usable_unicast, looks_like_stun
+from kbwg.owner.rawstun import MAX_STUN_PAYLOAD, is_usable_unicast, looks_like_stun
 
 PROTOCOL_VERSION = 1
 
