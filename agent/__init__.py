@@ -1,2 +1,2 @@
-"""kbwg.agent: the `kbwg-agent` CLI, the join daemon, the Keybase CLI client and its
-stand-in, peers.json, the privileged device owner and its WireGuard backends."""
+"""kbwg.agent: the `kbwg-agent` CLI, the join daemon, the Keybase CLI client,
+peers.json and the agent's side of the device owner."""

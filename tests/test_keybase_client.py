@@ -48,7 +48,7 @@ def write_script(path: Path, body: str) -> str:
 def binary(tmp_path: Path) -> str:
     # A binary called `keybase`, as the agent would be configured with.
     return write_script(
-        tmp_path / "keybase", "import sys\nfrom kbwg.agent.standin import main\nsys.exit(main())\n"
+        tmp_path / "keybase", "import sys\nfrom kbwg_standin import main\nsys.exit(main())\n"
     )
 
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-STANDIN = [sys.executable, "-m", "kbwg.agent.standin"]
+STANDIN = [sys.executable, "-m", "kbwg_standin"]
 TEAM = "myteam"
 HEX = re.compile(r"^[0-9a-f]+$")
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
-from kbwg.agent.standin.errors import RequestError, ServiceError
+from kbwg_standin.errors import RequestError, ServiceError
 
 # chat1.TopicType, read-only: membership is all the stand-in needs of it.
 TOPIC_TYPES = MappingProxyType(

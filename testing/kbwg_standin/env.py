@@ -8,7 +8,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from kbwg.agent.standin.errors import ServiceError, die
+from kbwg_standin.errors import ServiceError, die
 
 DEFAULT_POLL_MS = 20
 

@@ -19,11 +19,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from kbwg.agent.standin.channels import channel_from_json, encode_token
-from kbwg.agent.standin.env import Env, Identity
-from kbwg.agent.standin.errors import EXIT_OK, RequestError, die, next_arg
-from kbwg.agent.standin.service import ChatService
-from kbwg.agent.standin.store import now_ms, open_db
+from kbwg_standin.channels import channel_from_json, encode_token
+from kbwg_standin.env import Env, Identity
+from kbwg_standin.errors import EXIT_OK, RequestError, die, next_arg
+from kbwg_standin.service import ChatService
+from kbwg_standin.store import now_ms, open_db
 
 
 @dataclass

@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from kbwg.agent.standin.channels import (
+from kbwg_standin.channels import (
     ChannelSpec,
     canonical_name,
     channel_json,
@@ -17,9 +17,9 @@ from kbwg.agent.standin.channels import (
     spec_of,
     validate_topic_name,
 )
-from kbwg.agent.standin.env import Env, Identity
-from kbwg.agent.standin.errors import RequestError, ServiceError
-from kbwg.agent.standin.store import now_ms, write_txn
+from kbwg_standin.env import Env, Identity
+from kbwg_standin.errors import RequestError, ServiceError
+from kbwg_standin.store import now_ms, write_txn
 
 CHAT_MAX_BODY = 10_000
 OTHER_MAX_BODY = 1_000_000

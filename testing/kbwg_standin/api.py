@@ -10,11 +10,11 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
-from kbwg.agent.standin.channels import channel_from_json, decode_token, go_type, parse_topic_type
-from kbwg.agent.standin.env import Env
-from kbwg.agent.standin.errors import EXIT_OK, RequestError, ServiceError, die, next_arg
-from kbwg.agent.standin.service import ChatService
-from kbwg.agent.standin.store import open_db
+from kbwg_standin.channels import channel_from_json, decode_token, go_type, parse_topic_type
+from kbwg_standin.env import Env
+from kbwg_standin.errors import EXIT_OK, RequestError, ServiceError, die, next_arg
+from kbwg_standin.service import ChatService
+from kbwg_standin.store import open_db
 
 DEFAULT_READ_NUM = 100
 # Methods the real v1 handler knows; the stand-in serves a subset and answers the rest with

@@ -8,12 +8,12 @@ import os
 import sys
 from collections.abc import Sequence
 
-from kbwg.agent.standin.api import cmd_chat_api
-from kbwg.agent.standin.env import Env
-from kbwg.agent.standin.errors import EXIT_NOTOK, RequestError, ServiceError, UsageError, die
-from kbwg.agent.standin.identity import cmd_status, cmd_version, cmd_whoami
-from kbwg.agent.standin.kbfs import cmd_fs
-from kbwg.agent.standin.listen import cmd_api_listen
+from kbwg_standin.api import cmd_chat_api
+from kbwg_standin.env import Env
+from kbwg_standin.errors import EXIT_NOTOK, RequestError, ServiceError, UsageError, die
+from kbwg_standin.identity import cmd_status, cmd_version, cmd_whoami
+from kbwg_standin.kbfs import cmd_fs
+from kbwg_standin.listen import cmd_api_listen
 
 GLOBAL_FLAGS_WITH_VALUE = frozenset(
     {"--home", "--pid-file", "--log-file", "--socket-file", "--config-file", "--run-mode"}

@@ -26,6 +26,6 @@ ids and pagination tokens), ``service`` (the chat service), ``api`` (`chat api`)
 
 from __future__ import annotations
 
-from kbwg.agent.standin.cli import main, run
+from kbwg_standin.cli import main, run
 
 __all__ = ["main", "run"]

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
-from kbwg.agent.standin.env import Env
-from kbwg.agent.standin.errors import EXIT_OK, die
+from kbwg_standin.env import Env
+from kbwg_standin.errors import EXIT_OK, die
 
 
 @dataclass(frozen=True)

@@ -8,9 +8,9 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from kbwg.agent.standin.env import Env
-from kbwg.agent.standin.errors import EXIT_OK, die
-from kbwg.agent.standin.store import now_ms
+from kbwg_standin.env import Env
+from kbwg_standin.errors import EXIT_OK, die
+from kbwg_standin.store import now_ms
 
 STANDIN_VERSION = "6.2.4-kbwg-standin"
 
