@@ -34,7 +34,6 @@ from kbwg.agent.announce import (
     AnnounceBook,
     format_announce,
 )
-from kbwg.agent.background import Background
 from kbwg.agent.claims import (
     Claim,
     ClaimBook,
@@ -61,6 +60,7 @@ from kbwg.agent.teamconfig import (
     load_team_config,
     team_config_path,
 )
+from kbwg.core.background import Background
 from kbwg.negotiation.candidates import gather_host_candidates, interface_addresses
 from kbwg.negotiation.pairs import CandidatePair
 from kbwg.negotiation.session import CheckerSpec, Negotiator

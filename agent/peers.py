@@ -11,20 +11,13 @@ import json
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 
+from kbwg.core.identity import DeviceId
+
 DEFAULT_OVERLAY = IPv4Network("100.64.0.0/10")
 
 
 class PeersError(ValueError):
     """peers.json cannot be used; the message names the offending entry."""
-
-
-@dataclass(frozen=True)
-class DeviceId:
-    username: str
-    device: str
-
-    def __str__(self) -> str:
-        return f"{self.username}/{self.device}"
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from urllib.parse import parse_qs
 from kbwg.agent.claims import Policy
 from kbwg.agent.keybase import KeybaseFileNotFound
 from kbwg.agent.peers import DEFAULT_OVERLAY
+from kbwg.core.addresses import HostPort
 from kbwg.negotiation.candidates import DEFAULT_INTERFACE_EXCLUDE
 
 log = logging.getLogger(__name__)
@@ -40,18 +41,6 @@ _KNOWN_RELAY_KEYS = frozenset({"url", "secret", "username"})
 
 class TeamConfigError(ValueError):
     """kbwg.json cannot be used; the message names the offending key."""
-
-
-@dataclass(frozen=True)
-class HostPort:
-    host: str
-    port: int
-
-    def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
-
-    def as_tuple(self) -> tuple[str, int]:
-        return (self.host, self.port)
 
 
 @dataclass(frozen=True)

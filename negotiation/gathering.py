@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
-from kbwg.agent.teamconfig import HostPort
+from kbwg.core.addresses import HostPort
 from kbwg.negotiation.candidates import (
     Candidate,
     StunServerResult,

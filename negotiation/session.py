@@ -29,10 +29,10 @@ from typing import Any, Protocol
 
 from nacl.public import PrivateKey, PublicKey
 
-from kbwg.agent.background import Background
-from kbwg.agent.keybase import ChatMessage
-from kbwg.agent.peers import DeviceId
+from kbwg.core.background import Background
+from kbwg.core.identity import DeviceId
 from kbwg.negotiation.replay import ReplayGuard
+from kbwg.negotiation.signalling import SignalMessage
 from kbwg.negotiation.wire import (
     Answer,
     CandidateInfo,
@@ -135,7 +135,7 @@ class Negotiator:
         self.sender_session = new_sender_session()
         self.guard = ReplayGuard()
         self.sessions: dict[DeviceId, PeerSession] = {}
-        self._pending: dict[DeviceId, list[tuple[float, ChatMessage]]] = {}
+        self._pending: dict[DeviceId, list[tuple[float, SignalMessage]]] = {}
         self._tasks = Background(log, "negotiation step")
         self._spawn = self._tasks.spawn
 
@@ -228,7 +228,7 @@ class Negotiator:
 
     # -- incoming -----------------------------------------------------------------
 
-    async def handle(self, chat: ChatMessage) -> None:
+    async def handle(self, chat: SignalMessage) -> None:
         """A dev-channel post from a device listed in peers.json."""
         sender = DeviceId(chat.sender_username, chat.sender_device)
         session = self.sessions.get(sender)
@@ -248,7 +248,7 @@ class Negotiator:
         except WireError as exc:
             log_ignored(chat, exc)
 
-    def _hold(self, sender: DeviceId, chat: ChatMessage) -> None:
+    def _hold(self, sender: DeviceId, chat: SignalMessage) -> None:
         now = time.monotonic()
         held = [(t, m) for t, m in self._pending.get(sender, []) if now - t < PENDING_TTL_S]
         self._pending[sender] = [*held, (now, chat)][-PENDING_MAX:]

@@ -44,8 +44,8 @@ import msgpack
 from nacl.exceptions import CryptoError
 from nacl.public import Box, PrivateKey, PublicKey
 
-from kbwg.agent.keybase import ChatMessage
-from kbwg.agent.peers import DeviceId
+from kbwg.core.identity import DeviceId
+from kbwg.negotiation.signalling import SignalMessage
 
 if TYPE_CHECKING:
     from kbwg.negotiation.replay import ReplayGuard
@@ -262,7 +262,7 @@ def open_body(text: str, *, sender: str, sender_public: PublicKey, my_private: P
     return message
 
 
-def receive(chat: ChatMessage, *, known_keys: Mapping[DeviceId, PublicKey],
+def receive(chat: SignalMessage, *, known_keys: Mapping[DeviceId, PublicKey],
             my_private: PrivateKey, me: DeviceId, guard: ReplayGuard,
             types: Collection[str] = DEFAULT_TYPES) -> WireMessage | None:
     """The usable message in a dev-channel post, or None after a log line saying why.
@@ -286,7 +286,7 @@ def receive(chat: ChatMessage, *, known_keys: Mapping[DeviceId, PublicKey],
     return message
 
 
-def log_ignored(chat: ChatMessage, exc: WireError) -> None:
+def log_ignored(chat: SignalMessage, exc: WireError) -> None:
     """One log line for a dev-channel post that is not used, at a level that fits."""
     sender = f"{chat.sender_username}/{chat.sender_device}"
     if isinstance(exc, NotForUs):
