@@ -30,7 +30,7 @@ from multiprocessing.connection import Connection
 from aioice import stun
 from aioice.turn import UDP_TRANSPORT, make_integrity_key
 
-from kbwg.relay.credentials import rest_password, rest_username
+from kbwg.core.turnrest import rest_password, rest_username
 
 Address = tuple[str, int]
 SECRET = "bench-secret"

@@ -29,11 +29,11 @@ from typing import Protocol
 
 from aioice import stun
 
+from kbwg.core.addresses import Address
 from kbwg.negotiation.candidates import Candidate
 
 log = logging.getLogger(__name__)
 
-Address = tuple[str, int]
 Fallback = Callable[[bytes, Address], object]
 
 _CLASS_MASK = 0x0110

@@ -18,11 +18,11 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
+from kbwg.core.addresses import Address
 from kbwg.negotiation.candidates import Candidate, candidate_priority
 from kbwg.negotiation.choice import PairState, PairView, PathClass, path_class
 from kbwg.negotiation.wire import CandidateInfo
 
-Address = tuple[str, int]
 TxKind = Literal["check", "nominate", "live"]
 
 # RFC 8445 section 6.1.2.5 suggests 100; a peer sends at most 64 candidates.

@@ -23,9 +23,10 @@ from typing import Protocol, cast
 
 from aioice import stun
 
+from kbwg.core.addresses import Address
+
 log = logging.getLogger(__name__)
 
-Address = tuple[str, int]
 
 # A STUN answer never needs more than one Ethernet MTU; bigger datagrams are not ours.
 MAX_DATAGRAM = 1500

@@ -15,13 +15,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+from kbwg.core.addresses import Address
 from kbwg.relay.config import Lifetimes
 from kbwg.relay.limits import Counters, PeerPolicy, Quotas, RateLimiter, rate_limiter
 from kbwg.relay.wire import CHANNEL_MAX, CHANNEL_MIN
 
 log = logging.getLogger(__name__)
 
-Address = tuple[str, int]
 
 
 class Refusal(Exception):

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from kbwg.core.addresses import Address
 from kbwg.relay.limits import Network, Quotas
-
-Address = tuple[str, int]
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from aioice import stun
 
+from kbwg.core.addresses import Address
 from kbwg.relay import wire
 from kbwg.relay.allocation import Allocation, AllocationTable, Refusal
 from kbwg.relay.config import RelayConfig
@@ -25,7 +26,6 @@ from kbwg.relay.limits import Counters
 
 log = logging.getLogger(__name__)
 
-Address = tuple[str, int]
 # send(data, to, from_local): from_local picks the socket (RFC 5780 CHANGE-REQUEST).
 Sender = Callable[[bytes, Address, Address], None]
 

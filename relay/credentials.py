@@ -11,7 +11,6 @@ the relay keeps no table an attacker could fill and a nonce is useless from else
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import hmac
 import logging
@@ -21,34 +20,12 @@ from dataclasses import dataclass, field
 
 from aioice.turn import make_integrity_key
 
+from kbwg.core.addresses import Address
+from kbwg.core.turnrest import rest_password, split_username
+
 log = logging.getLogger(__name__)
 
-Address = tuple[str, int]
-
-# coturn's default separator between the expiry and the user name.
-USERNAME_SEPARATOR = ":"
 _NONCE_MAC_BYTES = 10
-
-
-def rest_password(secret: str, username: str) -> str:
-    digest = hmac.new(secret.encode(), username.encode(), hashlib.sha1).digest()
-    return base64.b64encode(digest).decode()
-
-
-def rest_username(user: str, ttl: float, now: float | None = None) -> str:
-    expiry = int((time.time() if now is None else now) + ttl)
-    return f"{expiry}{USERNAME_SEPARATOR}{user}"
-
-
-def split_username(username: str) -> tuple[int, str] | None:
-    """(expiry, user) of a REST username; a bare timestamp is its own user, as in coturn.
-
-    None when the expiry is not a number.
-    """
-    stamp, sep, user = username.partition(USERNAME_SEPARATOR)
-    if not stamp.isdigit() or len(stamp) > 12:
-        return None
-    return int(stamp), user if sep else username
 
 
 @dataclass

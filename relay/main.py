@@ -15,13 +15,13 @@ import signal
 import sys
 from dataclasses import replace
 
+from kbwg.core.addresses import Address
 from kbwg.relay.config import Lifetimes, RelayConfig
 from kbwg.relay.limits import Quotas, parse_networks
 from kbwg.relay.server import RelayServer
 
 log = logging.getLogger(__name__)
 
-Address = tuple[str, int]
 DEFAULT_PORT = 3478
 
 

@@ -16,6 +16,7 @@ import socket
 import struct
 import time
 
+from kbwg.core.addresses import Address
 from kbwg.relay.allocation import Allocation, AllocationTable
 from kbwg.relay.config import RelayConfig
 from kbwg.relay.control import ControlPlane
@@ -24,7 +25,6 @@ from kbwg.relay.sockets import local_address, open_even_pair, open_relayed, open
 
 log = logging.getLogger(__name__)
 
-Address = tuple[str, int]
 
 _MAX_DATAGRAM = 65536
 _CHANNEL_HEADER = struct.Struct("!HH")

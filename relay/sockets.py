@@ -6,9 +6,10 @@ import contextlib
 import logging
 import socket
 
+from kbwg.core.addresses import Address
+
 log = logging.getLogger(__name__)
 
-Address = tuple[str, int]
 
 # Not exported by Python's socket module on every version.
 _IP_MTU_DISCOVER = getattr(socket, "IP_MTU_DISCOVER", 10)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from aioice import stun
 
-Address = tuple[str, int]
+from kbwg.core.addresses import Address
 
 # ChannelData: the first two bits are 01 (RFC 8656 12.4). RFC 8656 reserves
 # 0x5000-0x7FFF, but RFC 5766 allowed up to 0x7FFE and coturn's clients still pick

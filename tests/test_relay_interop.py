@@ -19,7 +19,7 @@ import pytest
 from aioice import stun
 from aioice.turn import create_turn_endpoint
 
-from kbwg.relay.credentials import rest_password, rest_username
+from kbwg.core.turnrest import rest_password, rest_username
 
 SECRET = "interop-secret"
 Address = tuple[str, int]

@@ -16,7 +16,7 @@ from aioice.turn import UDP_TRANSPORT, make_integrity_key
 from kbwg.negotiation.stun_client import open_udp_client
 from kbwg.relay import wire
 from kbwg.relay.config import Lifetimes, RelayConfig
-from kbwg.relay.credentials import rest_password, rest_username
+from kbwg.core.turnrest import rest_password, rest_username
 from kbwg.relay.limits import Counters, Quotas, parse_networks
 from kbwg.relay.server import RelayServer
 

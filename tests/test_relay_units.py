@@ -6,14 +6,9 @@ import base64
 import hashlib
 import hmac
 
+from kbwg.core.turnrest import rest_password, rest_username, split_username
 from kbwg.relay.config import Lifetimes
-from kbwg.relay.credentials import (
-    NonceIssuer,
-    RestAuthenticator,
-    rest_password,
-    rest_username,
-    split_username,
-)
+from kbwg.relay.credentials import NonceIssuer, RestAuthenticator
 from kbwg.relay.limits import PeerPolicy, RateLimiter, parse_networks
 
 

@@ -32,12 +32,12 @@ from dataclasses import dataclass
 from aioice import stun
 from aioice.turn import TurnClientUdpProtocol
 
-from kbwg.relay.credentials import rest_password, rest_username
-from kbwg.relay.udp_transport import ConnectedUdpTransport
+from kbwg.core.addresses import Address
+from kbwg.core.turnrest import rest_password, rest_username
+from kbwg.turn.transport import ConnectedUdpTransport
 
 log = logging.getLogger(__name__)
 
-Address = tuple[str, int]
 Receiver = Callable[[bytes, Address], None]
 
 SOCKET_BUFFER = 4 * 1024 * 1024

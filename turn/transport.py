@@ -18,9 +18,10 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
+from kbwg.core.addresses import Address
+
 log = logging.getLogger(__name__)
 
-Address = tuple[str, int]
 Handler = Callable[[bytes, Address], None]
 
 # Datagrams taken per readiness callback (bounded, so other work gets its turn).
