@@ -28,7 +28,7 @@ class Lifetimes:
 
 
 @dataclass(frozen=True)
-class RelayConfig:
+class ServerConfig:
     listen: Address
     secret: str
     realm: str = "kbwg"

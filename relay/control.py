@@ -20,7 +20,7 @@ from aioice import stun
 from kbwg.core.addresses import Address
 from kbwg.relay import wire
 from kbwg.relay.allocation import Allocation, AllocationTable, Refusal
-from kbwg.relay.config import RelayConfig
+from kbwg.relay.config import ServerConfig
 from kbwg.relay.credentials import NonceIssuer, RestAuthenticator, split_username
 from kbwg.relay.limits import Counters
 
@@ -48,7 +48,7 @@ class Request:
 
 
 class ControlPlane:
-    def __init__(self, config: RelayConfig, table: AllocationTable, counters: Counters,
+    def __init__(self, config: ServerConfig, table: AllocationTable, counters: Counters,
                  send: Sender, main: Address, alternates: dict[Address, Address]) -> None:
         self.config = config
         self.table = table
@@ -64,7 +64,7 @@ class ControlPlane:
         """Never raises: a bug or a hostile datagram must not stop the relay."""
         try:
             self._handle(data, client, local)
-        except wire.WireError as exc:
+        except wire.MalformedDatagram as exc:
             setattr(self.counters, exc.reason, getattr(self.counters, exc.reason) + 1)
         except Exception:
             self.counters.handler_errors += 1

@@ -16,7 +16,7 @@ import sys
 from dataclasses import replace
 
 from kbwg.core.addresses import Address
-from kbwg.relay.config import Lifetimes, RelayConfig
+from kbwg.relay.config import Lifetimes, ServerConfig
 from kbwg.relay.limits import Quotas, parse_networks
 from kbwg.relay.server import RelayServer
 
@@ -96,7 +96,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "logs them at once)")
 
 
-def build_config(args: argparse.Namespace) -> RelayConfig:
+def build_config(args: argparse.Namespace) -> ServerConfig:
     """Raises ValueError or OSError with a message fit for the user."""
     with open(args.secret_file, encoding="utf-8") as handle:
         secret = handle.read().strip()
@@ -116,7 +116,7 @@ def build_config(args: argparse.Namespace) -> RelayConfig:
     lifetimes = replace(lifetimes, allocation_max=args.max_lifetime,
                         allocation_default=min(lifetimes.allocation_default,
                                                args.max_lifetime))
-    config = RelayConfig(
+    config = ServerConfig(
         listen=parse_address(args.listen),
         secret=secret,
         realm=args.realm,
@@ -137,7 +137,7 @@ def _log_counters(server: RelayServer, why: str) -> None:
              json.dumps(server.counters.nonzero(), sort_keys=True))
 
 
-async def serve(config: RelayConfig, stats_interval: float) -> None:
+async def serve(config: ServerConfig, stats_interval: float) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):

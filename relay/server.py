@@ -18,7 +18,7 @@ import time
 
 from kbwg.core.addresses import Address
 from kbwg.relay.allocation import Allocation, AllocationTable
-from kbwg.relay.config import RelayConfig
+from kbwg.relay.config import ServerConfig
 from kbwg.relay.control import ControlPlane
 from kbwg.relay.limits import DEFAULT_DENIED_PEERS, Counters, PeerPolicy, parse_networks
 from kbwg.relay.sockets import local_address, open_even_pair, open_relayed, open_udp
@@ -31,7 +31,7 @@ _CHANNEL_HEADER = struct.Struct("!HH")
 
 
 class RelayServer:
-    def __init__(self, config: RelayConfig, counters: Counters | None = None) -> None:
+    def __init__(self, config: ServerConfig, counters: Counters | None = None) -> None:
         self.config = config
         self.counters = counters if counters is not None else Counters()
         self._relay_ip = config.relayed_ip

@@ -58,7 +58,7 @@ REASONS = {
 }
 
 
-class WireError(ValueError):
+class MalformedDatagram(ValueError):
     """A datagram that is not a well-formed STUN message; `reason` names the counter."""
 
     def __init__(self, reason: str, detail: str) -> None:
@@ -73,36 +73,36 @@ class RawAttribute:
 
 
 def check_header(data: bytes) -> None:
-    """Raise WireError unless `data` is exactly one STUN message with a sane header."""
+    """Raise MalformedDatagram unless `data` is exactly one STUN message with a sane header."""
     if len(data) < stun.HEADER_LENGTH:
-        raise WireError("truncated", "shorter than a STUN header")
+        raise MalformedDatagram("truncated", "shorter than a STUN header")
     msg_type, length, cookie = struct.unpack_from("!HHI", data)
     if msg_type & 0xC000 or cookie != stun.COOKIE:
-        raise WireError("not_stun", "no STUN magic cookie")
+        raise MalformedDatagram("not_stun", "no STUN magic cookie")
     if len(data) < stun.HEADER_LENGTH + length:
-        raise WireError("truncated", "shorter than its header says")
+        raise MalformedDatagram("truncated", "shorter than its header says")
     if len(data) > stun.HEADER_LENGTH + length or length % 4:
-        raise WireError("malformed", "length does not match the datagram")
+        raise MalformedDatagram("malformed", "length does not match the datagram")
 
 
 def scan_attributes(data: bytes) -> list[RawAttribute]:
-    """Every attribute in order, FINGERPRINT verified; raises WireError."""
+    """Every attribute in order, FINGERPRINT verified; raises MalformedDatagram."""
     attributes: list[RawAttribute] = []
     pos = stun.HEADER_LENGTH
     end = len(data)
     while pos < end:
         if pos + 4 > end:
-            raise WireError("malformed", "truncated attribute header")
+            raise MalformedDatagram("malformed", "truncated attribute header")
         attr_type, attr_len = struct.unpack_from("!HH", data, pos)
         value_end = pos + 4 + attr_len
         if value_end > end:
-            raise WireError("malformed", f"attribute 0x{attr_type:04x} runs past the end")
+            raise MalformedDatagram("malformed", f"attribute 0x{attr_type:04x} runs past the end")
         if attr_type == FINGERPRINT:
             if attr_len != 4 or value_end != end:
-                raise WireError("bad_fingerprint", "FINGERPRINT is not last")
+                raise MalformedDatagram("bad_fingerprint", "FINGERPRINT is not last")
             (value,) = struct.unpack_from("!I", data, pos + 4)
             if value != stun.message_fingerprint(data[:pos]):
-                raise WireError("bad_fingerprint", "FINGERPRINT does not match")
+                raise MalformedDatagram("bad_fingerprint", "FINGERPRINT does not match")
         attributes.append(RawAttribute(attr_type, data[pos + 4:value_end]))
         pos = value_end + stun.padding_length(attr_len)
     return attributes

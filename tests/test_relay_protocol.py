@@ -13,10 +13,10 @@ from dataclasses import replace
 from aioice import stun
 from aioice.turn import UDP_TRANSPORT, make_integrity_key
 
+from kbwg.core.turnrest import rest_password, rest_username
 from kbwg.negotiation.stun_client import open_udp_client
 from kbwg.relay import wire
-from kbwg.relay.config import Lifetimes, RelayConfig
-from kbwg.core.turnrest import rest_password, rest_username
+from kbwg.relay.config import Lifetimes, ServerConfig
 from kbwg.relay.limits import Counters, Quotas, parse_networks
 from kbwg.relay.server import RelayServer
 
@@ -25,14 +25,14 @@ SECRET = "team-relay-secret"
 REALM = "kbwg"
 
 
-def _config(**overrides: object) -> RelayConfig:
-    base = RelayConfig(listen=("127.0.0.1", 0), secret=SECRET, realm=REALM,
+def _config(**overrides: object) -> ServerConfig:
+    base = ServerConfig(listen=("127.0.0.1", 0), secret=SECRET, realm=REALM,
                        allow_peers=parse_networks(["127.0.0.0/8"]))
     return replace(base, **overrides)  # type: ignore[arg-type]
 
 
 @contextlib.asynccontextmanager
-async def running(config: RelayConfig | None = None) -> AsyncIterator[RelayServer]:
+async def running(config: ServerConfig | None = None) -> AsyncIterator[RelayServer]:
     server = RelayServer(config or _config())
     await server.start()
     try:
