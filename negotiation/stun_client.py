@@ -16,7 +16,6 @@ import contextlib
 import logging
 import socket
 import struct
-import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass, field
 from typing import Protocol, cast
@@ -183,7 +182,8 @@ class StunClient:
         if message.message_method != stun.Method.BINDING:
             counters.wrong_method += 1
             return False
-        received_at = time.monotonic()
+        # Loop time, the clock of the retransmit timers (virtual in tests).
+        received_at = pending.future.get_loop().time()
         if pending.expect_request:
             # A hairpin probe: our own request, looped back by the NAT.
             if message.message_class != stun.Class.REQUEST:
@@ -229,7 +229,7 @@ class StunClient:
                     self.counters.retransmits += 1
                 else:
                     self.counters.requests += 1
-                pending.sent_at.append(time.monotonic())
+                pending.sent_at.append(loop.time())
                 try:
                     self.transport.send(data, server)
                 except OSError as exc:

@@ -1,14 +1,19 @@
-"""PeerChecker against an in-memory network: LANs, NATs, delay, cuts; real asyncio timers."""
+"""PeerChecker against an in-memory network: LANs, NATs, delay, cuts.
+
+The checker's real asyncio timers run on a virtual clock (virtual_clock.py): delays,
+RTTs and timeouts come out exact, whatever the load on the machine.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import itertools
 import random
-from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
+import pytest
 from aioice import stun
+from virtual_clock import VIRTUAL_CLOCK, now, until
 
 from kbwg.negotiation.candidates import Candidate, candidate_priority
 from kbwg.negotiation.checks import CheckTimers, PeerChecker
@@ -20,6 +25,8 @@ Address = tuple[str, int]
 PORT = 51820
 PWD_A = "alicepasswordalicepassword"
 PWD_B = "bobpasswordbobpasswordbob"
+
+pytestmark = VIRTUAL_CLOCK
 
 FAST = CheckTimers(
     pacing=0.002, rto=0.03, max_rto=0.12, max_transmissions=4, settle=0.05,
@@ -80,6 +87,7 @@ class Node:
     mux: CheckMux = field(default_factory=CheckMux)
     checker: PeerChecker | None = None
     selections: list[tuple[CandidatePair | None, str]] = field(default_factory=list)
+    selected_at: list[float] = field(default_factory=list)  # loop time of each selection
 
     def host(self, ip: str, lan: str | None = None, nat: Nat | None = None,
              delay: float = 0.0, rank: int = 0) -> Iface:
@@ -105,6 +113,7 @@ class Node:
 
     def on_selected(self, pair: CandidatePair | None, reason: str) -> None:
         self.selections.append((pair, reason))
+        self.selected_at.append(now())
 
     @property
     def c(self) -> PeerChecker:
@@ -175,17 +184,6 @@ async def connect(a: Node, b: Node, timers: CheckTimers = FAST, *,
     a.checker.set_remote("bobufrag", PWD_B, infos(b.candidates))
 
 
-async def until(predicate: Callable[[], bool], timeout: float = 3.0) -> float:
-    """Wait for `predicate`; the seconds it took."""
-    loop = asyncio.get_running_loop()
-    start = loop.time()
-    while not predicate():
-        if loop.time() - start > timeout:
-            raise AssertionError(f"condition not met within {timeout}s")
-        await asyncio.sleep(0.005)
-    return loop.time() - start
-
-
 def mirrored(a: Node, b: Node) -> bool:
     """Both sides use the same path: each one's remote is where the other is seen."""
     pa, pb = a.c.selected, b.c.selected
@@ -220,7 +218,7 @@ async def test_same_lan_host_pair_is_chosen_with_rtt() -> None:
         assert snap["remote_candidate"] == "host 198.18.1.20:51820"
         assert snap["reason"].startswith("same LAN: host candidates answer each other (")
         assert snap["connected_at"] is not None
-        assert 7.0 <= snap["rtt_ms"] < 40.0  # 4 ms each way
+        assert snap["rtt_ms"] == pytest.approx(8.0)  # 4 ms each way
         bsnap = b.c.snapshot()
         assert bsnap["path"] == "direct-lan"
         assert bsnap["remote_candidate"] == "host 198.18.1.10:51820"
@@ -305,7 +303,7 @@ async def test_multihomed_faster_interface_wins() -> None:
         await asyncio.sleep(0.3)  # a few keepalives: exact RTT samples on both
         fast_rtt, slow_rtt = selected.rtt_ms, slow.rtt_ms
         assert fast_rtt is not None and slow_rtt is not None
-        assert 9.0 <= fast_rtt < 40.0 and 75.0 <= slow_rtt < 140.0
+        assert fast_rtt == pytest.approx(10.0) and slow_rtt == pytest.approx(80.0)
         assert a.c.selected is selected
         assert [p.local.address for p in a.c.valid_pairs] == ["198.18.1.10", "198.18.3.10"]
         alternatives = a.c.snapshot()["alternatives"]
@@ -361,10 +359,8 @@ async def test_controlled_side_follows_renomination_after_reprobe() -> None:
                     and b.c.selected.remote.ip == "198.18.1.10", timeout=3.0)
         assert a.c.selected is not None and a.c.selected.local.address == "198.18.1.10"
         assert "switched from" in a.c.reason
-        # Under CPU load the re-probe timing can add a switch back and forth; what must
-        # hold is that the controlled side only ever follows nominations, ending on the
-        # fast pair.
-        assert len(b.selections) >= 2
+        # The controlled side only ever follows nominations: slow pair, then fast pair.
+        assert [p.remote.ip for p, _ in b.selections if p] == ["198.18.3.10", "198.18.1.10"]
         assert all(reason.startswith("nominated by the peer") for _, reason in b.selections)
     finally:
         close(a, b)
@@ -376,17 +372,40 @@ async def test_consent_failure_falls_back_then_fails_then_recovers() -> None:
     a.host("198.18.1.10", lan="lan1", delay=0.001, rank=0)
     a.host("198.18.3.10", lan="lan1", delay=0.003, rank=1)
     b.host("198.18.1.20", lan="lan1")
-    await connect(a, b)
+    timers = replace(FAST, jitter=0.0)  # consent exactly every consent_interval
+    # The checks A sends on the path once it is cut: (loop time, transaction id).
+    lost: list[tuple[float, bytes]] = []
+    send_a = a.send
+
+    def spy(data: bytes, dest: Address, local: Candidate) -> None:
+        cut = frozenset(("198.18.1.10", "198.18.1.20"))
+        message = stun.parse_message(data)
+        if (message.message_class == stun.Class.REQUEST and local.address == "198.18.1.10"
+                and (cut in net.cut or armed)):
+            net.cut.add(cut)  # the first check after arming is the first one lost
+            lost.append((now(), message.transaction_id))
+        send_a(data, dest, local)
+
+    armed = False
+    a.send = spy  # type: ignore[method-assign]
+    await connect(a, b, timers)
     try:
         await until(lambda: a.c.state == "connected" and mirrored(a, b))
         await until(lambda: len(a.c.valid_pairs) == 2)
         assert a.c.selected is not None and a.c.selected.local.address == "198.18.1.10"
 
-        net.cut.add(frozenset(("198.18.1.10", "198.18.1.20")))
-        took = await until(lambda: a.c.selected is not None
-                           and a.c.selected.local.address == "198.18.3.10")
-        # Three consent intervals (0.1 s, jittered) and a timeout, not more.
-        assert took < 0.75
+        armed = True  # cut the path just as A's next consent check leaves
+        await until(lambda: a.c.selected is not None
+                    and a.c.selected.local.address == "198.18.3.10")
+        armed = False
+        # Exactly consent_failures checks went unanswered, consent_interval apart, and
+        # A switched consent_timeout after the last one: 0.1 + 0.1 + 0.08 s after the cut.
+        misses = [when for when, _ in lost][:timers.consent_failures]
+        assert len(misses) == timers.consent_failures
+        gaps = [later - earlier for earlier, later in itertools.pairwise(misses)]
+        assert gaps == pytest.approx([timers.consent_interval] * 2, abs=timers.pacing)
+        assert a.selected_at[-1] == pytest.approx(misses[-1] + timers.consent_timeout)
+        assert a.selected_at[-1] - misses[0] == pytest.approx(0.28, abs=timers.pacing)
         assert "stopped answering; switched to" in a.c.reason
         # The controlled side moves too, on its own consent or by the nomination.
         await until(lambda: b.c.selected is not None
@@ -619,12 +638,14 @@ async def test_settle_window_is_bounded() -> None:
     await connect(a, b, timers)
     try:
         # A LAN check gives up only after ~1.4 s; the choice does not wait for it.
-        took = await until(lambda: a.c.state == "connected")
-        assert took < 0.6
+        await until(lambda: a.c.state == "connected")
         assert a.c.snapshot()["path"] == "direct"
         lan = next(p for p in a.c.pairs if p.local.address == "198.18.1.10"
                    and p.remote.ip == "198.18.1.20")
         assert lan.state == "in-progress"
+        # Chosen exactly `settle` after the first pair worked, not when the LAN check ends.
+        first_success = min(p.succeeded_at for p in a.c.pairs if p.succeeded_at is not None)
+        assert a.selected_at == [pytest.approx(first_success + timers.settle)]
     finally:
         close(a, b)
 

@@ -1,10 +1,20 @@
+"""NAT behaviour probes against the STUN test server's simulated NAT.
+
+The RFC 5780 probes run over an in-memory network (memory_udp.py) on a virtual clock:
+their verdicts come from timeouts, which are exact there. pystun3 (a thread with
+blocking sockets) keeps real loopback sockets and the real clock.
+"""
+
 import asyncio
 import contextlib
+import itertools
 from collections.abc import AsyncIterator
 
 import pytest
 from aioice import stun
+from memory_udp import MemoryNet, memory_client, serve_in_memory
 from stun_test_server import Address, StunTestServer
+from virtual_clock import REAL_CLOCK, VIRTUAL_CLOCK, now
 
 from kbwg.negotiation.natprobe import (
     ADDRESS_AND_PORT_DEPENDENT,
@@ -19,7 +29,11 @@ from kbwg.negotiation.natprobe import (
     probe_filtering,
     probe_nat,
 )
-from kbwg.negotiation.stun_client import StunClient, StunCounters, open_udp_client
+from kbwg.negotiation.stun_client import StunClient, StunCounters
+
+pytestmark = VIRTUAL_CLOCK
+CLIENT_IP = "192.0.2.10"
+TIMEOUT = 3.0  # probe_nat's default budget
 
 
 def test_mapping_verdict() -> None:
@@ -38,24 +52,35 @@ def test_filtering_verdict() -> None:
     assert filtering_verdict(False, None) == UNKNOWN
 
 
-async def _probe(server: StunTestServer, *, fresh: bool = True, classic: bool = False,
+async def _probe(server: StunTestServer, *, fresh: bool = True,
                  servers: int = 1) -> NatBehaviour:
+    """probe_nat from a client on the in-memory network, after its first Bindings."""
+    net = MemoryNet(delay=0.005)
+    serve_in_memory(server, net)
     counters = StunCounters()
+    ports = itertools.count(40000)
 
     @contextlib.asynccontextmanager
     async def fresh_client() -> AsyncIterator[StunClient]:
-        async with open_udp_client("127.0.0.1", counters=counters) as (other, _):
+        other, endpoint = memory_client(net, (CLIENT_IP, next(ports)), counters)
+        try:
             yield other
+        finally:
+            endpoint.close()
 
-    async with open_udp_client("127.0.0.1", counters=counters) as (client, udp):
-        answers = [await client.binding(server.address, timeout=1, rto=0.2)]
-        if servers == 2:
-            answers.append(await client.binding(("127.0.0.2", server.port), timeout=1))
-        return await probe_nat(
-            client, answers, servers_tried=servers, local_addresses={"127.0.0.1"},
-            local_port=udp.local_address[1], fresh_client=fresh_client if fresh else None,
-            timeout=1.2, classic=classic,
-        )
+    client, endpoint = memory_client(net, (CLIENT_IP, next(ports)), counters)
+    answers = [await client.binding(server.address, timeout=1, rto=0.2)]
+    if servers == 2:
+        answers.append(await client.binding(("127.0.0.2", server.port), timeout=1))
+    start = now()
+    report = await probe_nat(
+        client, answers, servers_tried=servers, local_addresses={CLIENT_IP},
+        local_port=endpoint.local_address[1], fresh_client=fresh_client if fresh else None,
+        timeout=TIMEOUT, classic=False,
+    )
+    # Timeouts are the verdicts, so the probe must keep to its budget (plus one RTT).
+    assert now() - start <= TIMEOUT + 2 * net.delay
+    return report
 
 
 @pytest.mark.parametrize("filtering", [
@@ -63,9 +88,8 @@ async def _probe(server: StunTestServer, *, fresh: bool = True, classic: bool = 
 ])
 @pytest.mark.parametrize("mapping", [ENDPOINT_INDEPENDENT, ENDPOINT_DEPENDENT])
 async def test_rfc5780_verdicts_against_a_simulated_nat(mapping: str, filtering: str) -> None:
-    async with StunTestServer(mapped_ip="127.0.0.9", mapping=mapping,
-                              filtering=filtering) as server:
-        nat = await _probe(server)
+    nat = await _probe(StunTestServer(mapped_ip="127.0.0.9", mapping=mapping,
+                                      filtering=filtering))
     assert nat.udp is True
     assert nat.behind_nat is True
     assert nat.mapping == mapping
@@ -78,17 +102,15 @@ async def test_rfc5780_verdicts_against_a_simulated_nat(mapping: str, filtering:
 async def test_filtering_on_the_mapping_socket_runs_first() -> None:
     # Without a fresh socket the filtering test must still not be fooled by the
     # mapping test's request to the other IP.
-    async with StunTestServer(mapped_ip="127.0.0.9",
-                              filtering=ADDRESS_DEPENDENT) as server:
-        nat = await _probe(server, fresh=False)
+    nat = await _probe(StunTestServer(mapped_ip="127.0.0.9", filtering=ADDRESS_DEPENDENT),
+                       fresh=False)
     assert nat.filtering == ADDRESS_DEPENDENT
     assert nat.mapping == ENDPOINT_INDEPENDENT
 
 
 async def test_two_plain_servers_give_mapping_but_not_filtering() -> None:
-    async with StunTestServer(rfc5780=False, mapping=ENDPOINT_DEPENDENT,
-                              mapped_ip="127.0.0.9") as server:
-        nat = await _probe(server, servers=2)
+    nat = await _probe(StunTestServer(rfc5780=False, mapping=ENDPOINT_DEPENDENT,
+                                      mapped_ip="127.0.0.9"), servers=2)
     assert nat.mapping == ENDPOINT_DEPENDENT
     assert nat.mapping_method == "two servers"
     assert nat.filtering == UNKNOWN
@@ -96,21 +118,20 @@ async def test_two_plain_servers_give_mapping_but_not_filtering() -> None:
 
 
 async def test_single_plain_server_leaves_mapping_unknown() -> None:
-    async with StunTestServer(alt_ip=None) as server:
-        nat = await _probe(server)
+    nat = await _probe(StunTestServer(alt_ip=None))
     assert nat.mapping == UNKNOWN
     assert nat.filtering == UNKNOWN
     assert nat.behind_nat is False
-    # No NAT on loopback: our request to our own address comes straight back.
+    # No NAT: our request to our own address comes straight back.
     assert nat.hairpin is True
 
 
 async def test_blocked_and_unconfigured() -> None:
-    async with open_udp_client("127.0.0.1") as (client, _):
-        blocked = await probe_nat(client, [], servers_tried=2, local_addresses=set(),
-                                  local_port=1)
-        none = await probe_nat(client, [], servers_tried=0, local_addresses=set(),
-                               local_port=1)
+    client, _ = memory_client(MemoryNet(), (CLIENT_IP, 40000))
+    blocked = await probe_nat(client, [], servers_tried=2, local_addresses=set(),
+                              local_port=1)
+    none = await probe_nat(client, [], servers_tried=0, local_addresses=set(),
+                           local_port=1)
     assert blocked.udp is False and blocked.mapping == UNKNOWN
     assert none.udp is None and none.notes == ["no STUN server configured"]
 
@@ -124,13 +145,15 @@ async def test_server_ignoring_change_request_gives_unknown_filtering() -> None:
         message.attributes["OTHER-ADDRESS"] = ("127.0.0.2", 3479)
         return [bytes(message)]
 
-    async with StunTestServer(override=same_address) as server, \
-            open_udp_client("127.0.0.1") as (client, _):
-        verdict, note = await probe_filtering(client, server.address, timeout=0.6)
+    net = MemoryNet()
+    server = serve_in_memory(StunTestServer(override=same_address), net)
+    client, _ = memory_client(net, (CLIENT_IP, 40000))
+    verdict, note = await probe_filtering(client, server.address, timeout=0.6)
     assert verdict == UNKNOWN
     assert note is not None and "CHANGE-REQUEST" in note
 
 
+@REAL_CLOCK
 @pytest.mark.parametrize(("filtering", "expected"), [
     (ENDPOINT_INDEPENDENT, "full-cone"),
     (ADDRESS_DEPENDENT, "restricted-cone"),
@@ -142,6 +165,7 @@ async def test_classic_type_from_pystun3(filtering: str, expected: str) -> None:
     assert kind == expected
 
 
+@REAL_CLOCK
 async def test_classic_type_symmetric_and_open() -> None:
     async with StunTestServer(mapped_ip="127.0.0.9", mapping=ENDPOINT_DEPENDENT,
                               filtering=ADDRESS_AND_PORT_DEPENDENT) as server:

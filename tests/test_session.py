@@ -4,7 +4,8 @@ Each side's `post` turns the sealed text into a `ChatMessage` with the sender's 
 metadata and an increasing message id, and delivers it to the other side's `handle`
 (in a task, as the listener would). Checkers are fakes that record what the session
 tells them. Waiting is done by polling with a deadline or by letting every pending
-delivery and negotiation task finish, never by a fixed sleep.
+delivery and negotiation task finish, never by a fixed sleep. The session's timers (offer
+grace, answer timeout) run on a virtual clock (virtual_clock.py), so they are exact.
 """
 
 from __future__ import annotations
@@ -13,16 +14,22 @@ import asyncio
 import base64
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
 from nacl.public import PrivateKey
+from virtual_clock import VIRTUAL_CLOCK, now, until
 
 from kbwg.agent.keybase import Channel, ChatMessage
 from kbwg.agent.peers import DeviceId
-from kbwg.negotiation.session import MAX_OFFERS, CheckerSpec, Negotiator
+from kbwg.negotiation.session import (
+    ANSWER_TIMEOUT_S,
+    MAX_OFFERS,
+    OFFER_GRACE_S,
+    CheckerSpec,
+    Negotiator,
+)
 from kbwg.negotiation.wire import (
     CandidateInfo,
     Offer,
@@ -37,6 +44,8 @@ CHANNEL = Channel("t1", "kbwg", "dev")
 ALICE = DeviceId("alice", "laptop")
 BOB = DeviceId("bob", "desk")
 LONG = 60.0  # a grace/timeout that never fires within a test
+
+pytestmark = VIRTUAL_CLOCK
 
 
 # ------------------------------------------------------------------ fakes
@@ -65,6 +74,7 @@ class Bus:
     def __init__(self) -> None:
         self.next_id = 1
         self.log: list[ChatMessage] = []
+        self.posted_at: list[float] = []  # loop time of each message in `log`
         self.tasks: set[asyncio.Task[None]] = set()
         self.paused = False
         self.held: list[tuple[Side, ChatMessage]] = []
@@ -77,6 +87,7 @@ class Bus:
         )  # fmt: skip
         self.next_id += 1
         self.log.append(msg)
+        self.posted_at.append(now())
         return msg
 
     def deliver(self, to: Side, msg: ChatMessage) -> None:
@@ -181,17 +192,6 @@ async def settle(bus: Bus, *sides: Side, timeout: float = 5.0) -> None:
         if left <= 0:
             raise AssertionError(f"{len(pending)} tasks still pending after {timeout}s")
         await asyncio.wait(pending, timeout=left)
-
-
-async def wait_for(predicate: Callable[[], Any], what: str, timeout: float = 5.0) -> Any:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if asyncio.get_running_loop().time() >= deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.005)
 
 
 async def negotiate(bus: Bus, alice: Side, bob: Side) -> None:
@@ -366,7 +366,7 @@ async def test_offer_before_the_announcement_is_held_then_answered() -> None:
     assert a_session.session_id == bob.negotiator.sessions[ALICE].session_id
     checker, = alice.checkers
     assert checker.spec.controlling and checker.remote[0][2] == bob.candidates
-    await wait_for(lambda: bob.checkers[0].remote, "bob's checker to get the answer")
+    await until(lambda: bob.checkers[0].remote, what="bob's checker to get the answer")
 
 
 async def test_offer_for_a_superseded_session_is_ignored() -> None:
@@ -396,12 +396,21 @@ async def test_offer_for_a_superseded_session_is_ignored() -> None:
 
 
 async def test_unanswered_offers_are_retried_then_given_up() -> None:
-    bus, alice, bob = pair(offer_grace_s=LONG, answer_timeout_s=0.02)
+    bus, alice, bob = pair(offer_grace_s=LONG)  # the real answer timeout
     bob.connected = False  # alice runs no negotiating agent: nothing reaches her
+    start = now()
     bob.meet(they_joined_later=False)
 
     session = bob.negotiator.sessions[ALICE]
-    await wait_for(lambda: session.state == "unanswered", "bob to give up", timeout=5.0)
+    # Each retry waits one answer timeout longer: offers at 0, T and 3T, given up at 6T.
+    give_up = start + sum(range(MAX_OFFERS + 1)) * ANSWER_TIMEOUT_S
+    await asyncio.sleep(give_up - 0.001 - now())
+    assert session.state == "offering"
+    await asyncio.sleep(0.002)
+    assert session.state == "unanswered"
+    waits = [ANSWER_TIMEOUT_S * n for n in range(MAX_OFFERS)]
+    expected = [sum(waits[:i + 1]) for i in range(MAX_OFFERS)]
+    assert [t - start for t in bus.posted_at] == pytest.approx(expected)
     offers = bob.sent(alice)
     assert MAX_OFFERS >= 2 and len(offers) >= 2, "the offer was never retried"
     assert [m.type for m in offers] == ["offer"] * MAX_OFFERS
@@ -412,14 +421,25 @@ async def test_unanswered_offers_are_retried_then_given_up() -> None:
     assert len(bob.chat_messages()) == MAX_OFFERS, "kept offering after giving up"
 
 
+async def test_without_an_offer_within_the_grace_the_earlier_peer_offers() -> None:
+    bus, alice, bob = pair(answer_timeout_s=LONG)  # the real offer grace
+    start = now()
+    alice.meet(they_joined_later=True)  # bob should offer; his agent never does
+    await asyncio.sleep(OFFER_GRACE_S - 0.001)
+    assert bus.log == []
+    await asyncio.sleep(0.002)
+    await settle(bus, alice, bob)
+    assert alice.sent_types(bob) == ["offer"]
+    assert bus.posted_at == [pytest.approx(start + OFFER_GRACE_S)]
+    assert alice.negotiator.sessions[BOB].state == "offering"
+
+
 async def test_an_answer_stops_the_retries() -> None:
-    bus, alice, bob = pair(offer_grace_s=LONG, answer_timeout_s=0.02)
+    bus, alice, bob = pair(offer_grace_s=LONG)  # the real answer timeout
     await negotiate(bus, alice, bob)
     before = len(bus.log)
-    # Well past every retry bob would have made without an answer (0.02 * (1+2+3) s).
-    deadline = asyncio.get_running_loop().time() + 0.3
-    while asyncio.get_running_loop().time() < deadline:
-        await asyncio.sleep(0.02)
+    # Well past every retry bob would have made without an answer (T * (1+2+3) s).
+    await asyncio.sleep(ANSWER_TIMEOUT_S * 10)
     await settle(bus, alice, bob)
     assert len(bus.log) == before
     assert bob.negotiator.sessions[ALICE].state == "checking"
