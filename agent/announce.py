@@ -29,7 +29,7 @@ class Announcement:
     sender: DeviceId
     endpoint_ip: str
     endpoint_port: int
-    public_key: str  # base64, as WireGuard prints it
+    public_key: str  # canonical base64 (see canonical_key), as WireGuard prints it
     msg_id: int
     sent_at: float
 
@@ -43,6 +43,7 @@ def format_announce(ip: str, port: int, public_key_b64: str) -> str:
 
 
 def decode_public_key(text: str) -> bytes:
+    """The 32 bytes of a base64 WireGuard key; AnnounceError when it is not one."""
     try:
         key = base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError) as exc:
@@ -50,6 +51,16 @@ def decode_public_key(text: str) -> bytes:
     if len(key) != 32:
         raise AnnounceError(f"public key decodes to {len(key)} bytes, not 32")
     return key
+
+
+def canonical_key(text: str) -> str:
+    """The one spelling of a key: base64 of its decoded bytes.
+
+    Base64 of 32 bytes leaves two spare bits in its last character, so four texts decode
+    to the same key; keys are compared in this form only, or two spellings of one key
+    would pass as two keys.
+    """
+    return base64.b64encode(decode_public_key(text)).decode()
 
 
 def parse_announce(body: str, sender: DeviceId, msg_id: int, sent_at: float) -> Announcement:
@@ -64,8 +75,7 @@ def parse_announce(body: str, sender: DeviceId, msg_id: int, sent_at: float) -> 
     port = int(port_text)
     if not 1 <= port <= 65535:
         raise AnnounceError(f"endpoint port {port} is out of range")
-    decode_public_key(key_text)
-    return Announcement(sender, str(ip), port, key_text, msg_id, sent_at)
+    return Announcement(sender, str(ip), port, canonical_key(key_text), msg_id, sent_at)
 
 
 @dataclass

@@ -35,7 +35,7 @@ from enum import Enum, StrEnum
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 
-from kbwg.agent.announce import ANNOUNCE_TTL_S, AnnounceError, decode_public_key
+from kbwg.agent.announce import ANNOUNCE_TTL_S, AnnounceError, canonical_key
 from kbwg.agent.peers import DeviceId, PeerEntry
 
 log = logging.getLogger(__name__)
@@ -77,7 +77,7 @@ class Rejection(Enum):
 class Claim:
     sender: DeviceId
     ip: IPv4Address
-    public_key: str  # base64, as WireGuard prints it
+    public_key: str  # canonical base64, as WireGuard prints it
     msg_id: int
     sent_at: float
 
@@ -153,10 +153,10 @@ def parse_claim(body: str, sender: DeviceId, msg_id: int, sent_at: float) -> Cla
     except ValueError as exc:
         raise ClaimError(f"claimed address {ip_text!r} is not a bare IPv4 address") from exc
     try:
-        decode_public_key(key_text)
+        key = canonical_key(key_text)
     except AnnounceError as exc:
         raise ClaimError(str(exc)) from exc
-    return Claim(sender, ip, key_text, msg_id, sent_at)
+    return Claim(sender, ip, key, msg_id, sent_at)
 
 
 def _host_in(ip: IPv4Address, network: IPv4Network) -> bool:

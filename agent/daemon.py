@@ -32,6 +32,7 @@ from nacl.public import PrivateKey
 from kbwg.agent.announce import (
     ANNOUNCE_TTL_S,
     AnnounceBook,
+    Announcement,
     format_announce,
 )
 from kbwg.agent.claims import (
@@ -48,7 +49,9 @@ from kbwg.agent.connectivity import Connectivity, RegisteredChecker
 from kbwg.agent.control import ControlServer
 from kbwg.agent.intake import take_announce_message
 from kbwg.agent.keybase import Channel, ChatMessage, KeybaseClient, KeybaseError
+from kbwg.agent.keyowners import KeyBook
 from kbwg.agent.netwatch import NetworkWatcher
+from kbwg.agent.overlaycheck import OverlayError, RoutesReader, check_team_overlay, host_routes
 from kbwg.agent.owner_client import DeviceOwner
 from kbwg.agent.peers import DeviceId, PeerEntry, PeersError, parse_peers
 from kbwg.agent.peerstate import ANNOUNCED, NEGOTIATED, AgentState, PeerState
@@ -65,6 +68,7 @@ from kbwg.negotiation.candidates import gather_host_candidates, interface_addres
 from kbwg.negotiation.pairs import CandidatePair
 from kbwg.negotiation.session import CheckerSpec, Negotiator
 from kbwg.negotiation.wire import CandidateInfo
+from kbwg.owner.policy import DEFAULT_POLICY_PATH
 from kbwg.relay.client import RelayAllocation
 
 log = logging.getLogger(__name__)
@@ -98,6 +102,8 @@ class JoinOptions:
     stats_s: float = 5.0
     negotiate: bool = True
     announced_fallback_s: float = ANNOUNCED_FALLBACK_S
+    # The machine's own rule for the overlay (root's file, read-only for the agent).
+    policy_path: Path = DEFAULT_POLICY_PATH
 
 
 OwnerFactory = Callable[[list[str] | None], Coroutine[Any, Any, DeviceOwner]]
@@ -109,16 +115,21 @@ class Agent:
         options: JoinOptions,
         keybase: KeybaseClient,
         owner_factory: OwnerFactory = DeviceOwner.start,
+        routes: RoutesReader = host_routes,
     ) -> None:
         self.options = options
         self.keybase = keybase
         self._owner_factory = owner_factory
+        self._routes = routes
         self._owner: DeviceOwner | None = None
         self._owner_task: asyncio.Task[DeviceOwner] | None = None
         self.paths: Connectivity | None = None
         self._negotiator: Negotiator | None = None
         self._announcements = AnnounceBook()
         self._claims = ClaimBook()
+        self._keys = KeyBook()
+        # Held by every change of WireGuard peers, so the reconciliation in
+        # _poll_stats never sees a change half made.
         self._lock = asyncio.Lock()
         self._state_ready = asyncio.Event()
         self._peers_raw: bytes | None = None
@@ -186,6 +197,8 @@ class Agent:
             self.keybase.whoami(), self._load_config()
         )
         me = DeviceId(identity.username, identity.device)
+        # Before anything is created: the owner has started, but `create` waits for this.
+        await self._check_overlay()
         self.announce_channel = Channel(self.options.team, self.config.announce_channel, "chat")
         self.negotiation_channel = Channel(
             self.options.team, self.config.negotiation_channel, "dev")
@@ -210,7 +223,7 @@ class Agent:
             log.warning("chat listener not confirmed after %.0fs; reading history anyway",
                         LISTENER_READY_TIMEOUT_S)
         # History first (into the books only): a dynamic address needs the live claims.
-        await self._read_history(me)
+        await self._read_history(me, first=True)
         overlay_ip = mine.ip if mine is not None else self._pick_dynamic(me)
 
         self._private = PrivateKey.generate()
@@ -289,6 +302,14 @@ class Agent:
                 f"cannot use {team_config_path(self.options.team)}: {exc}; fix the file "
                 "or remove it (without it: no STUN or relay servers)"
             ) from exc
+
+    async def _check_overlay(self) -> None:
+        try:
+            await check_team_overlay(self.config.overlay, team_config_path(self.options.team),
+                                     self.options.interface, self.options.policy_path,
+                                     self._routes)
+        except OverlayError as exc:
+            raise JoinError(str(exc)) from exc
 
     async def _load_peers(self, strict: bool) -> list[PeerEntry]:
         """Read peers.json. At start-up a problem stops `join`; later the last good
@@ -426,10 +447,13 @@ class Agent:
 
     def _take_announce_channel(self, msg: ChatMessage, me: DeviceId | None) -> bool:
         return take_announce_message(msg, me, self._announcements, self._claims,
-                                     self._entries, self.config.dynamic_range, time.time())
+                                     self._entries, self.config.dynamic_range, time.time(),
+                                     self._keys)
 
-    async def _read_history(self, me: DeviceId) -> None:
-        since = time.time() - ANNOUNCE_TTL_S
+    async def _read_history(self, me: DeviceId, first: bool = False) -> None:
+        # The first read goes back two lifetimes: a device re-announces its key within
+        # every lifetime, so the key's first use is seen before any live copy of it.
+        since = time.time() - ANNOUNCE_TTL_S * (2 if first else 1)
         try:
             async for msg in self.keybase.read_history(self.announce_channel, since=since):
                 self._take_announce_channel(msg, me)
@@ -444,8 +468,14 @@ class Agent:
         assert self.state is not None
         async with self._lock:
             s = self.state
-            wanted = desired_peers(s.me, self._entries, self._announcements, self._claims,
-                                   self.config.policy, time.time())
+            now = time.time()
+            self._keys.prune(now)
+            desired = desired_peers(s.me, self._entries, self._announcements, self._claims,
+                                    self.config.policy, now, self._keys, s.public_key)
+            for refusal in desired.refusals:
+                if self._keys.should_log(refusal.msg_id):
+                    log.warning("%s", refusal.describe())
+            wanted = desired.peers
             for device in [d for d in s.peers if d not in wanted]:
                 await self._drop(s.peers.pop(device), "no longer a peer")
             for device, spec in wanted.items():
@@ -453,6 +483,13 @@ class Agent:
                 if peer is None:
                     peer = s.peers[device] = PeerState(spec)
                 peer.spec = spec
+            # WireGuard knows one peer per key: a key leaves its old configuration before
+            # any device is configured with it (it may move to another device).
+            for peer in list(s.peers.values()):
+                ann = peer.spec.announcement
+                if peer.configured_key and (ann is None or ann.public_key != peer.configured_key):
+                    await self._release(peer, "has a new key" if ann else "has no usable key")
+            for peer in list(s.peers.values()):
                 await self._configure(peer)
 
     async def _configure(self, peer: PeerState) -> None:
@@ -461,17 +498,21 @@ class Agent:
         if ann is None:
             return
         key, ip = ann.public_key, f"{peer.spec.overlay_ip}/32"
-        if peer.configured_key == key and peer.configured_ip == ip:
+        if peer.configured_key == key:
+            if peer.configured_ip != ip:
+                await self._owner.request(
+                    "set_peer", public_key=key, endpoint=peer.endpoint, allowed_ips=[ip],
+                    keepalive=self.options.keepalive_s if peer.endpoint else 0)
+                peer.configured_ip = ip
+                log.info("peer %s now at %s", peer.name, peer.spec.overlay_ip)
+            if peer.announcement_id != ann.msg_id:
+                await self._newer_announcement(peer, ann)
             return
-        if peer.configured_key and peer.configured_key != key:
-            await self._owner.request("remove_peer", public_key=peer.configured_key)
-            log.info("%s has a new key; old peer entry removed", peer.name)
-            peer.endpoint = peer.endpoint_source = None
-            peer.reset_counters()
         # No endpoint yet: WireGuard's first handshake goes where negotiation says.
-        await self._owner.request("set_peer", public_key=key, endpoint=peer.endpoint,
+        await self._owner.request("set_peer", public_key=key, endpoint=None,
                                   allowed_ips=[ip], keepalive=0)
         peer.configured_key, peer.configured_ip = key, ip
+        peer.announcement_id, peer.announcement_endpoint = ann.msg_id, ann.endpoint
         log.info("peer %s (%s%s), key %s…", peer.name, peer.spec.overlay_ip,
                  ", dynamic" if peer.spec.dynamic else "", key[:8])
         if self._negotiator is not None:
@@ -488,17 +529,41 @@ class Agent:
         peer.fallback = asyncio.get_running_loop().call_later(
             delay, lambda: self._spawn(self._announced_fallback(device, key)))
 
+    async def _newer_announcement(self, peer: PeerState, ann: Announcement) -> None:
+        """A newer announcement with the key already configured. The announcement proves
+        who sent it, not that the endpoint in it reaches the key's holder: a working
+        endpoint moves only by a sealed negotiation or an authenticated handshake."""
+        moved = ann.endpoint != peer.announcement_endpoint
+        peer.announcement_id, peer.announcement_endpoint = ann.msg_id, ann.endpoint
+        if not moved:
+            return
+        self._punch(ann.endpoint)
+        if peer.working(time.time()):
+            log.info("%s announced %s; keeping its working endpoint %s, renegotiating",
+                     peer.name, ann.endpoint, peer.endpoint)
+            session = (self._negotiator.sessions.get(peer.spec.device)
+                       if self._negotiator is not None else None)
+            if self._negotiator is not None and session is not None \
+                    and session.state != "unanswered":
+                self._spawn(self._negotiator.offer(session, kind="restart"))
+        elif peer.endpoint_source == ANNOUNCED:
+            # Nothing works yet: the newest announcement is the best guess.
+            await self._set_endpoint(peer, ann.endpoint, ANNOUNCED)
+        # Without an endpoint, the pending fallback takes the newest announcement.
+
     async def _announced_fallback(self, device: DeviceId, key: str) -> None:
         assert self.state is not None
-        peer = self.state.peers.get(device)
-        ann = peer.spec.announcement if peer is not None else None
-        if peer is None or ann is None or peer.configured_key != key or peer.endpoint:
-            return
-        log.info("%s: no negotiated path yet; using its announced endpoint %s",
-                 peer.name, ann.endpoint)
-        await self._set_endpoint(peer, ann.endpoint, ANNOUNCED)
+        async with self._lock:
+            peer = self.state.peers.get(device)
+            ann = peer.spec.announcement if peer is not None else None
+            if peer is None or ann is None or peer.configured_key != key or peer.endpoint:
+                return
+            log.info("%s: no negotiated path yet; using its announced endpoint %s",
+                     peer.name, ann.endpoint)
+            await self._set_endpoint(peer, ann.endpoint, ANNOUNCED)
 
     async def _set_endpoint(self, peer: PeerState, endpoint: str, source: str) -> None:
+        """Under the peer lock."""
         assert self._owner is not None and peer.configured_key is not None
         if peer.endpoint == endpoint:
             peer.endpoint_source = source
@@ -519,8 +584,32 @@ class Agent:
         return any(p["public_key"] == public_key and p.get("last_handshake")
                    for p in stats.get("peers", []))
 
+    async def _remove_key(self, peer: PeerState) -> None:
+        """Remove the key configured for this peer, and only for it."""
+        assert self._owner is not None and self.state is not None
+        key = peer.configured_key
+        if key is None:
+            return
+        peer.configured_key = peer.configured_ip = None
+        if any(p.configured_key == key for p in self.state.peers.values() if p is not peer):
+            # Cannot happen while keys are judged one per device; never undo another's.
+            log.warning("key %s… of %s is also configured for another peer; keeping it",
+                        key[:8], peer.name)
+            return
+        await self._owner.request("remove_peer", public_key=key)
+
+    async def _release(self, peer: PeerState, why: str) -> None:
+        log.info("%s %s; old peer entry removed", peer.name, why)
+        if peer.fallback is not None:
+            peer.fallback.cancel()
+        if self._negotiator is not None and peer.spec.announcement is None:
+            self._negotiator.forget(peer.spec.device)
+        await self._remove_key(peer)
+        peer.endpoint = peer.endpoint_source = None
+        peer.announcement_id = peer.announcement_endpoint = None
+        peer.reset_counters()
+
     async def _drop(self, peer: PeerState, why: str) -> None:
-        assert self._owner is not None
         log.info("%s: %s; removing it", peer.name, why)
         if peer.fallback is not None:
             peer.fallback.cancel()
@@ -528,8 +617,7 @@ class Agent:
             self._negotiator.forget(peer.spec.device)
         if self.paths is not None:
             await self.paths.forget(peer.name)
-        if peer.configured_key:
-            await self._owner.request("remove_peer", public_key=peer.configured_key)
+        await self._remove_key(peer)
 
     # -- candidates and checks ----------------------------------------------------------
 
@@ -565,7 +653,10 @@ class Agent:
             log.warning("%s: %s", peer.name, reason)
             return
         route, peer.route = await self.paths.route(peer.name, pair)
-        await self._set_endpoint(peer, route.endpoint, NEGOTIATED)
+        async with self._lock:
+            if peer.configured_key is None or self.state.peers.get(device) is not peer:
+                return  # dropped or re-keyed while the route was made
+            await self._set_endpoint(peer, route.endpoint, NEGOTIATED)
         log.info("%s: %s", peer.name, reason)
 
     # -- background loops -------------------------------------------------------------------
@@ -596,20 +687,42 @@ class Agent:
 
     async def _poll_stats(self) -> None:
         assert self.state is not None and self._owner is not None
-        stats = await self._owner.request("stats")
-        by_key = {p["public_key"]: p for p in stats.get("peers", [])}
-        for peer in self.state.peers.values():
-            current = by_key.get(peer.configured_key or "")
-            if current is None:
+        async with self._lock:
+            stats = await self._owner.request("stats")
+            by_key = {p["public_key"]: p for p in stats.get("peers", [])}
+            for peer in self.state.peers.values():
+                current = by_key.get(peer.configured_key or "")
+                if current is None:
+                    continue
+                if peer.observe(float(current.get("last_handshake") or 0.0),
+                                int(current.get("rx_bytes") or 0),
+                                int(current.get("tx_bytes") or 0)):
+                    log.info("handshake with %s (%s) over %s", peer.name,
+                             peer.spec.overlay_ip, peer.endpoint)
+                if peer.endpoint_source == ANNOUNCED and current.get("endpoint"):
+                    # WireGuard roams to where the peer's authenticated packets come from.
+                    peer.endpoint = current["endpoint"]
+            await self._reconcile(by_key)
+
+    async def _reconcile(self, actual: dict[str, Any]) -> None:
+        """Make the device's peers the ones this agent configured: whatever removed or
+        added one by mistake (a bug, a hand-run `wg set`), nothing stays that way."""
+        assert self.state is not None and self._owner is not None
+        configured = {p.configured_key: p for p in self.state.peers.values()
+                      if p.configured_key is not None}
+        for key in [k for k in actual if k not in configured]:
+            log.warning("the device has a peer with key %s… that this agent did not "
+                        "configure; removing it", key[:8])
+            await self._owner.request("remove_peer", public_key=key)
+        for key, peer in configured.items():
+            if key in actual:
                 continue
-            if peer.observe(float(current.get("last_handshake") or 0.0),
-                            int(current.get("rx_bytes") or 0),
-                            int(current.get("tx_bytes") or 0)):
-                log.info("handshake with %s (%s) over %s", peer.name, peer.spec.overlay_ip,
-                         peer.endpoint)
-            if peer.endpoint_source == ANNOUNCED and current.get("endpoint"):
-                # WireGuard roams to where the peer's packets come from.
-                peer.endpoint = current["endpoint"]
+            log.warning("%s's peer entry (key %s…) is missing from the device; adding it "
+                        "again", peer.name, key[:8])
+            await self._owner.request(
+                "set_peer", public_key=key, endpoint=peer.endpoint,
+                allowed_ips=[peer.configured_ip],
+                keepalive=self.options.keepalive_s if peer.endpoint else 0)
 
     async def _watch_network(self) -> None:
         watcher = NetworkWatcher(self._on_network_change,

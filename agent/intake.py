@@ -1,5 +1,6 @@
 """#announce messages into the books: ANNOUNCE lines (endpoint and key) and CLAIM lines
 (self-assigned addresses), each judged as it comes; bad ones are logged and dropped.
+Every well-formed line, however old, also tells the key book who used which key first.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from ipaddress import IPv4Network
 from kbwg.agent.announce import ANNOUNCE_TTL_S, AnnounceBook, AnnounceError, parse_announce
 from kbwg.agent.claims import ClaimBook, ClaimError, is_claim, parse_claim
 from kbwg.agent.keybase import ChatMessage
+from kbwg.agent.keyowners import KeyBook
 from kbwg.agent.peers import DeviceId, PeerEntry
 
 log = logging.getLogger(__name__)
@@ -19,7 +21,7 @@ log = logging.getLogger(__name__)
 def take_announce_message(msg: ChatMessage, me: DeviceId | None,
                           announcements: AnnounceBook, claims: ClaimBook,
                           listed: Sequence[PeerEntry], dynamic_range: IPv4Network | None,
-                          now: float) -> bool:
+                          now: float, keys: KeyBook | None = None) -> bool:
     """Feed one #announce message to the books; True when something changed."""
     if msg.body is None:
         return False
@@ -30,6 +32,8 @@ def take_announce_message(msg: ChatMessage, me: DeviceId | None,
         except ClaimError as exc:
             log.warning("ignoring claim %d from %s: %s", msg.id, sender, exc)
             return False
+        if keys is not None:
+            keys.record(sender, claim.public_key, msg.id, msg.sent_at)
         verdict = claims.offer(claim, listed=listed, dynamic_range=dynamic_range, now=now)
         if not verdict.accepted:
             level = (logging.WARNING if verdict.rejection is not None
@@ -45,6 +49,8 @@ def take_announce_message(msg: ChatMessage, me: DeviceId | None,
         log.warning("ignoring message %d from %s in #%s: %s",
                     msg.id, sender, msg.channel.topic_name, exc)
         return False
+    if keys is not None:
+        keys.record(sender, ann.public_key, msg.id, msg.sent_at)
     if ann.sent_at < now - ANNOUNCE_TTL_S:
         return False
     if not announcements.offer(ann):

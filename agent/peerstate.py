@@ -16,6 +16,9 @@ from kbwg.agent.peertable import PeerSpec
 # How the WireGuard endpoint of a peer was chosen.
 NEGOTIATED = "negotiated"
 ANNOUNCED = "announced"
+# A handshake this recent means the endpoint works: WireGuard rejects a session older
+# than 180 s (REJECT_AFTER_TIME), and keepalives renew it well within that.
+WORKING_HANDSHAKE_S = 180.0
 
 
 @dataclass
@@ -23,6 +26,9 @@ class PeerState:
     spec: PeerSpec
     configured_key: str | None = None
     configured_ip: str | None = None
+    # The announcement the current configuration follows (message id, endpoint).
+    announcement_id: int | None = None
+    announcement_endpoint: str | None = None
     endpoint: str | None = None
     endpoint_source: str | None = None
     # When the current endpoint was set; the first handshake after it is `connected_at`.
@@ -41,6 +47,14 @@ class PeerState:
     def reset_counters(self) -> None:
         self.last_handshake, self.rx_bytes, self.tx_bytes = 0.0, 0, 0
         self.connected_at = None
+
+    def working(self, now: float) -> bool:
+        """Whether the current endpoint is known to work: chosen by a sealed negotiation,
+        or confirmed by a recent authenticated WireGuard handshake."""
+        if self.endpoint is None:
+            return False
+        return (self.endpoint_source == NEGOTIATED
+                or (self.last_handshake > 0 and now - self.last_handshake < WORKING_HANDSHAKE_S))
 
     def observe(self, last_handshake: float, rx: int, tx: int) -> bool:
         """Take the device owner's counters; True on the first handshake of a path."""
@@ -77,7 +91,7 @@ class PeerState:
             "remote_candidate": negotiation.get("remote_candidate"),
             "interface": negotiation.get("interface"),
             "rtt_ms": negotiation.get("rtt_ms"),
-            "reason": reason or "waiting for the peer's announcement",
+            "reason": reason or spec.refused or "waiting for the peer's announcement",
             "negotiation": negotiation.get("negotiation", "none"),
             "host_route": self.route,
             "connected_at": self.connected_at,

@@ -24,6 +24,7 @@ from kbwg.agent.keybase import KeybaseFileNotFound
 from kbwg.agent.peers import DEFAULT_OVERLAY
 from kbwg.core.addresses import HostPort
 from kbwg.negotiation.candidates import DEFAULT_INTERFACE_EXCLUDE
+from kbwg.owner.policy import WIDEST_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,9 @@ _KNOWN_KEYS = frozenset({
     "interface_exclude", "dynamic_range", "policy",
 })
 _KNOWN_RELAY_KEYS = frozenset({"url", "secret", "username"})
+# Addresses that are never a peer's: the overlay must not touch them.
+_NEVER_OVERLAY = tuple(IPv4Network(n) for n in (
+    "0.0.0.0/8", "127.0.0.0/8", "169.254.0.0/16", "224.0.0.0/4", "240.0.0.0/4"))
 
 
 class TeamConfigError(ValueError):
@@ -186,6 +190,24 @@ def _network(doc: dict[str, object], key: str, example: str) -> IPv4Network:
     return network
 
 
+def _overlay(doc: dict[str, object]) -> IPv4Network:
+    """The checks that need no host: each agent also checks the overlay against its
+    local policy and its routes (overlaycheck) before creating anything."""
+    network = _network(doc, "overlay", "100.64.0.0/10")
+    if network.prefixlen < WIDEST_PREFIX:
+        raise TeamConfigError(
+            f"kbwg.json 'overlay' {network} is wider than /{WIDEST_PREFIX}: it would route "
+            f"that much of the address space into the tunnel; use a range like 100.64.0.0/16"
+        )
+    for special in _NEVER_OVERLAY:
+        if network.overlaps(special):
+            raise TeamConfigError(
+                f"kbwg.json 'overlay' {network} overlaps {special}, which no overlay may "
+                "use (this host, loopback, link-local, multicast or reserved addresses)"
+            )
+    return network
+
+
 def _dynamic_range(doc: dict[str, object], overlay: IPv4Network) -> IPv4Network | None:
     if "dynamic_range" not in doc:
         return None
@@ -232,7 +254,7 @@ def parse_team_config(data: bytes | str) -> TeamConfig:
             raise TeamConfigError("kbwg.json 'relays' must be a list of {url, secret} objects")
         relays = [_parse_relay(i, raw) for i, raw in enumerate(doc["relays"], start=1)]
 
-    overlay = _network(doc, "overlay", "100.64.0.0/10") if "overlay" in doc else DEFAULT_OVERLAY
+    overlay = _overlay(doc) if "overlay" in doc else DEFAULT_OVERLAY
 
     announce = _channel(doc, "announce_channel", "announce")
     negotiation = _channel(doc, "negotiation_channel", "kbwg")

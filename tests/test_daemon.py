@@ -11,10 +11,13 @@ import asyncio
 import base64
 import json
 import logging
+import os
 import re
 import sys
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
+from ipaddress import IPv4Network, ip_network
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +27,7 @@ from nacl.public import PrivateKey
 from kbwg.agent.control import call
 from kbwg.agent.daemon import Agent, JoinError, JoinOptions
 from kbwg.agent.keybase import Channel, KeybaseClient
+from kbwg.agent.peers import DeviceId
 
 STANDIN = str(Path(sys.executable).parent / "kbwg-keybase-standin")
 TEAM = "t1"
@@ -45,6 +49,8 @@ class FakeOwner:
     peers: dict[str, dict[str, Any]] = field(default_factory=dict)
     closed: bool = False
     events: asyncio.Queue[dict[str, Any]] = field(default_factory=asyncio.Queue)
+    # Keys whose handshake the device reports, with its time.
+    handshakes: dict[str, float] = field(default_factory=dict)
 
     async def request(self, op: str, **args: Any) -> dict[str, Any]:
         self.calls.append((op, args))
@@ -59,7 +65,8 @@ class FakeOwner:
             self.peers.pop(args["public_key"], None)
         elif op == "stats":
             peers = [
-                {"public_key": k, "endpoint": v["endpoint"], "last_handshake": 0,
+                {"public_key": k, "endpoint": v["endpoint"],
+                 "last_handshake": self.handshakes.get(k, 0),
                  "rx_bytes": 0, "tx_bytes": 0}
                 for k, v in self.peers.items()
             ]  # fmt: skip
@@ -68,6 +75,12 @@ class FakeOwner:
 
     async def close(self) -> None:
         self.closed = True
+
+
+async def no_routes(_own_ifname: str) -> list[Any]:
+    """The host's routes for the overlay check: none, so tests do not depend on the
+    machine they run on (the netns tests read real ones)."""
+    return []
 
 
 async def wait_for(predicate: Callable[[], object], what: str, timeout: float = 10.0) -> None:
@@ -119,7 +132,7 @@ async def world(tmp_path: Path) -> AsyncIterator[World]:
                           refresh_s=0.2, announced_fallback_s=0.1)  # fmt: skip
     options.state_dir.mkdir()
     agent = Agent(options, KeybaseClient(STANDIN, env=env_for(home, "alice", "laptop")),
-                  owner_factory=factory)  # fmt: skip
+                  owner_factory=factory, routes=no_routes)  # fmt: skip
     w = World(home, owner, agent, {})
     w.write("peers.json", json.dumps(PEERS))
     stop = asyncio.Event()
@@ -247,3 +260,232 @@ async def test_missing_peers_json_says_where_it_looked(tmp_path: Path) -> None:
     with pytest.raises(JoinError, match=re.escape("cannot use /keybase/team/t1/peers.json")):
         await agent.run(asyncio.Event())
     assert not (tmp_path / "control.sock").exists()
+
+
+# -- team input checked before anything is applied: the overlay -----------------------
+
+
+@dataclass
+class Joining:
+    agent: Agent
+    owner: FakeOwner
+    task: asyncio.Task[None]
+    stop: asyncio.Event
+
+    async def started(self) -> None:
+        await wait_for(lambda: self.agent.state is not None or self.task.done(),
+                       "the agent to start")
+        if self.task.done():
+            self.task.result()
+
+    async def finish(self) -> None:
+        self.stop.set()
+        await asyncio.wait_for(self.task, 10)
+
+
+async def join_with(tmp_path: Path, kbwg: dict[str, Any], routes: list[str] | None = None,
+                    policy: str | None = None) -> Joining:
+    """An agent (alice/laptop) started with this kbwg.json, host routes and local policy
+    file."""
+    home = tmp_path / "kb"
+    team_dir = home / "kbfs" / "team" / TEAM
+    team_dir.mkdir(parents=True)
+    overlay = IPv4Network(str(kbwg.get("overlay", "100.64.0.0/10")))
+    peers = [dict(p, ip=str(overlay.network_address + 1 + i)) for i, p in enumerate(PEERS)]
+    (team_dir / "peers.json").write_text(json.dumps(peers))
+    (team_dir / "kbwg.json").write_text(json.dumps(kbwg))
+    policy_path = tmp_path / "owner.json"
+    if policy is not None:
+        policy_path.write_text(policy)
+        policy_path.chmod(0o644)
+    owner = FakeOwner()
+
+    async def factory(_command: list[str] | None) -> Any:
+        return owner
+
+    async def host_routes(own_ifname: str) -> list[Any]:
+        assert own_ifname == "kbwg0"
+        return [ip_network(r) for r in routes or []]
+
+    state_dir = tmp_path / "state"
+    state_dir.mkdir()
+    options = JoinOptions(team=TEAM, state_dir=state_dir, endpoint="198.18.0.5",
+                          policy_path=policy_path)
+    agent = Agent(options, KeybaseClient(STANDIN, env=env_for(home, "alice", "laptop")),
+                  owner_factory=factory, routes=host_routes)
+    stop = asyncio.Event()
+    return Joining(agent, owner, asyncio.create_task(agent.run(stop)), stop)
+
+
+@pytest.mark.parametrize(("kbwg", "routes", "message"), [
+    ({"overlay": "0.0.0.0/1"}, [], "kbwg.json 'overlay' 0.0.0.0/1 is wider than /10"),
+    ({"overlay": "0.0.0.0/0"}, [], "kbwg.json 'overlay' 0.0.0.0/0 is wider than /10"),
+    ({"overlay": "10.0.0.0/8"}, [], "kbwg.json 'overlay' 10.0.0.0/8 is wider than /10"),
+    ({"overlay": "127.0.0.0/16"}, [], "kbwg.json 'overlay' 127.0.0.0/16 overlaps 127.0.0.0/8"),
+    ({"overlay": "198.18.0.0/16"}, [],
+     "kbwg.json 'overlay' 198.18.0.0/16: 198.18.0.0/16 is not inside the locally allowed "
+     "overlay 100.64.0.0/10; ask a team admin"),
+    # The LAN's own range, when a site happens to use shared address space.
+    ({"overlay": "100.64.0.0/16"}, ["198.18.0.0/24", "100.64.7.0/24"],
+     "kbwg.json 'overlay' 100.64.0.0/16: 100.64.0.0/16 overlaps the host's existing route "
+     "to 100.64.7.0/24; ask a team admin"),
+    ({"overlay": "100.64.0.0/16"}, ["100.0.0.0/8"], "overlaps the host's existing route"),
+])
+async def test_join_refuses_an_overlay_before_creating_anything(
+        tmp_path: Path, kbwg: dict[str, Any], routes: list[str], message: str) -> None:
+    joining = await join_with(tmp_path, kbwg, routes)
+    with pytest.raises(JoinError, match=re.escape(message)):
+        await asyncio.wait_for(joining.task, 20)
+    assert not any(op == "create" for op, _ in joining.owner.calls), joining.owner.calls
+    assert joining.owner.closed, "the device owner must be stopped"
+    assert joining.agent.state is None
+
+
+async def test_routes_that_do_not_overlap_are_fine(tmp_path: Path) -> None:
+    joining = await join_with(
+        tmp_path, {"overlay": "100.64.0.0/16"}, ["198.18.0.0/24", "100.65.0.0/16"])
+    await joining.started()
+    await joining.finish()
+    create = next(args for op, args in joining.owner.calls if op == "create")
+    assert create["address"] == "100.64.0.1/16"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the local policy file must be root's")
+async def test_a_local_policy_file_allows_another_overlay(tmp_path: Path) -> None:
+    joining = await join_with(tmp_path, {"overlay": "198.18.64.0/20"},
+                              policy='{"overlay": "198.18.0.0/16"}')
+    await joining.started()
+    await joining.finish()
+    create = next(args for op, args in joining.owner.calls if op == "create")
+    assert create["address"] == "198.18.64.1/20"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the local policy file must be root's")
+async def test_a_policy_file_narrower_than_the_team_refuses(tmp_path: Path) -> None:
+    joining = await join_with(tmp_path, {"overlay": "100.64.0.0/16"},
+                              policy='{"overlay": "100.100.0.0/16"}')
+    with pytest.raises(JoinError, match=re.escape(
+            "kbwg.json 'overlay' 100.64.0.0/16: 100.64.0.0/16 is not inside the locally "
+            "allowed overlay 100.100.0.0/16")):
+        await asyncio.wait_for(joining.task, 20)
+    assert not any(op == "create" for op, _ in joining.owner.calls)
+
+
+async def test_a_broken_policy_file_stops_join(tmp_path: Path) -> None:
+    joining = await join_with(tmp_path, {}, policy="{not json")
+    with pytest.raises(JoinError, match=re.escape("owner.json")):
+        await asyncio.wait_for(joining.task, 20)
+    assert not any(op == "create" for op, _ in joining.owner.calls)
+    assert joining.owner.closed
+
+
+# -- one key per device -----------------------------------------------------------------
+
+
+def other_spelling(key: str) -> str:
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+    spelled = key[:42] + alphabet[alphabet.index(key[42]) ^ 1] + key[43:]
+    assert spelled != key and base64.b64decode(spelled) == base64.b64decode(key)
+    return spelled
+
+
+def removed(owner: FakeOwner, key: str, since: int) -> bool:
+    return ("remove_peer", {"public_key": key}) in owner.calls[since:]
+
+
+@pytest.mark.parametrize("spelling", ["same", "other"])
+async def test_a_member_announcing_anothers_key_changes_nothing(
+        world: World, caplog: pytest.LogCaptureFixture, spelling: str) -> None:
+    caplog.set_level(logging.INFO)
+    bob_key = new_key()
+    await world.client("bob", "desk").send(ANNOUNCE, f"ANNOUNCE 198.18.0.6:51820 {bob_key}")
+    await wait_for(lambda: world.owner.peers.get(bob_key, {}).get("endpoint")
+                   == "198.18.0.6:51820", "bob's announced endpoint")
+    copy = bob_key if spelling == "same" else other_spelling(bob_key)
+    carol = world.client("carol", "nas")
+    before = len(world.owner.calls)
+    await carol.send(ANNOUNCE, f"ANNOUNCE 203.0.113.66:51820 {copy}")
+    await wait_for(lambda: "one key per device" in caplog.text, "the refusal to be logged")
+    # Several syncs later (refresh every 0.2 s), still bob's and logged once only.
+    await asyncio.sleep(0.6)
+    assert world.owner.peers[bob_key]["allowed_ips"] == ["100.64.0.2/32"]
+    assert world.owner.peers[bob_key]["endpoint"] == "198.18.0.6:51820"
+    assert list(world.owner.peers) == [bob_key]
+    assert caplog.text.count("one key per device") == 1
+    status = await call(world.agent.options.state_dir, "status")
+    view = {p["device"]: p for p in status["peers"]}
+    assert view["desk"]["public_key"] == bob_key
+    assert view["nas"]["public_key"] is None and "bob/desk's" in view["nas"]["reason"]
+
+    # The impostor's fresh key is its own peer; bob's key is never removed.
+    fresh = new_key()
+    await carol.send(ANNOUNCE, f"ANNOUNCE 203.0.113.66:51820 {fresh}")
+    await wait_for(lambda: fresh in world.owner.peers, "carol's own key")
+    await asyncio.sleep(0.6)
+    assert not removed(world.owner, bob_key, since=before)
+    assert not any(op == "set_peer" and args["public_key"] == bob_key
+                   for op, args in world.owner.calls[before:])
+    assert world.owner.peers[bob_key]["allowed_ips"] == ["100.64.0.2/32"]
+    assert world.owner.peers[bob_key]["endpoint"] == "198.18.0.6:51820"
+    assert world.owner.peers[fresh]["allowed_ips"] == ["100.64.0.3/32"]
+
+
+async def test_nobody_is_configured_with_this_devices_own_key(world: World) -> None:
+    assert world.agent.state is not None
+    mine = world.agent.state.public_key
+    await world.client("carol", "nas").send(ANNOUNCE, f"ANNOUNCE 203.0.113.66:51820 {mine}")
+    marker = new_key()
+    await world.client("bob", "desk").send(ANNOUNCE, f"ANNOUNCE 198.18.0.6:51820 {marker}")
+    await wait_for(lambda: marker in world.owner.peers, "bob, sent after carol")
+    assert mine not in world.owner.peers
+
+
+# -- the agent's view against the device's actual peers ------------------------------
+
+
+async def test_reconcile_re_adds_a_removed_peer_and_removes_an_unknown_key(
+        world: World) -> None:
+    bob_key = new_key()
+    await world.client("bob", "desk").send(ANNOUNCE, f"ANNOUNCE 198.18.0.6:51820 {bob_key}")
+    await wait_for(lambda: world.owner.peers.get(bob_key, {}).get("endpoint")
+                   == "198.18.0.6:51820", "bob's announced endpoint")
+    stranger = new_key()
+    del world.owner.peers[bob_key]  # removed by mistake, behind the agent's back
+    world.owner.peers[stranger] = {"public_key": stranger, "endpoint": "203.0.113.9:1",
+                                   "allowed_ips": ["100.64.0.9/32"], "keepalive": 0}
+    await world.agent._poll_stats()
+    assert set(world.owner.peers) == {bob_key}
+    assert world.owner.peers[bob_key]["endpoint"] == "198.18.0.6:51820"
+    assert world.owner.peers[bob_key]["allowed_ips"] == ["100.64.0.2/32"]
+    assert world.owner.peers[bob_key]["keepalive"] == world.agent.options.keepalive_s
+
+
+# -- endpoints move only on proof that the key's holder is there ----------------------
+
+
+async def test_an_announcement_does_not_move_a_working_endpoint(world: World) -> None:
+    bob = world.client("bob", "desk")
+    key = new_key()
+    await bob.send(ANNOUNCE, f"ANNOUNCE 198.18.0.6:51820 {key}")
+    await wait_for(lambda: world.owner.peers.get(key, {}).get("endpoint")
+                   == "198.18.0.6:51820", "bob's announced endpoint")
+    # Nothing works yet: a newer announcement is followed (prototype peers roam so).
+    await bob.send(ANNOUNCE, f"ANNOUNCE 198.18.0.7:51820 {key}")
+    await wait_for(lambda: world.owner.peers[key]["endpoint"] == "198.18.0.7:51820",
+                   "the newer announced endpoint while no handshake happened")
+    # An authenticated handshake over it: now it works and announcements cannot move it.
+    world.owner.handshakes[key] = time.time()
+    await world.agent._poll_stats()
+    await bob.send(ANNOUNCE, f"ANNOUNCE 203.0.113.66:51820 {key}")
+    marker = new_key()
+    await world.client("carol", "nas").send(ANNOUNCE, f"ANNOUNCE 198.18.0.8:51820 {marker}")
+    await wait_for(lambda: marker in world.owner.peers, "carol, announced after bob")
+    await wait_for(lambda: world.agent.state is not None and world.agent.state.peers[
+        DeviceId("bob", "desk")].announcement_id is not None and world.agent.state.peers[
+        DeviceId("bob", "desk")].announcement_endpoint == "203.0.113.66:51820",
+        "the agent to take bob's newest announcement")
+    assert world.owner.peers[key]["endpoint"] == "198.18.0.7:51820"
+    status = await call(world.agent.options.state_dir, "status")
+    view = next(p for p in status["peers"] if p["device"] == "desk")
+    assert (view["endpoint"], view["announced_endpoint"]) == (
+        "198.18.0.7:51820", "203.0.113.66:51820")

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_daemon import STANDIN, FakeOwner, env_for, new_key, wait_for
+from test_daemon import STANDIN, FakeOwner, env_for, new_key, no_routes, wait_for
 
 from kbwg.agent.claims import pick_free_address
 from kbwg.agent.control import call
@@ -114,7 +114,7 @@ async def running(team: Team, user: str, device: str) -> AsyncIterator[Running]:
     options = JoinOptions(team=TEAM, state_dir=state_dir, endpoint="198.18.0.5",
                           refresh_s=0.3, announced_fallback_s=0.1, negotiate=False)
     agent = Agent(options, KeybaseClient(STANDIN, env=env_for(team.home, user, device)),
-                  owner_factory=factory)
+                  owner_factory=factory, routes=no_routes)
     stop = asyncio.Event()
     task = asyncio.create_task(agent.run(stop))
     await wait_for(lambda: (agent.state is not None and agent._my_announce_id is not None)
