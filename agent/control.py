@@ -10,13 +10,16 @@ import contextlib
 import json
 import logging
 import os
+import socket
+import stat
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from kbwg.agent.statedir import FILE_MODE, SOCKET_NAME
+
 log = logging.getLogger(__name__)
 
-SOCKET_NAME = "control.sock"
 MAX_REQUEST = 64 * 1024
 
 Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
@@ -37,17 +40,42 @@ class ControlServer:
         self._server: asyncio.AbstractServer | None = None
 
     async def start(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            self._path.unlink()
-        self._server = await asyncio.start_unix_server(self._serve, path=str(self._path))
-        os.chmod(self._path, 0o600)
+        self._remove_stale()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        bound = False
+        try:
+            # Bound but not yet listening, the socket refuses every connection: it is
+            # made private before listen(), so it is never reachable with a wider mode.
+            sock.bind(str(self._path))
+            bound = True
+            os.chmod(self._path, FILE_MODE)
+            self._server = await asyncio.start_unix_server(self._serve, sock=sock)
+        except BaseException:
+            sock.close()
+            if bound:
+                with contextlib.suppress(OSError):
+                    self._path.unlink()
+            raise
+
+    def _remove_stale(self) -> None:
+        """Remove a crashed agent's socket; refuse anything else found at its path."""
+        try:
+            st = os.lstat(self._path)
+        except FileNotFoundError:
+            return
+        if not stat.S_ISSOCK(st.st_mode):
+            raise ControlError(
+                f"{self._path} exists and is not a socket, so no agent made it: look at it "
+                "and remove it if it is not needed, or use another --state-dir")
+        self._path.unlink()
 
     async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            with contextlib.suppress(Exception):
-                await self._server.wait_closed()
-            self._server = None
+        if self._server is None:
+            return  # never started: whatever is at the path is not ours to remove
+        self._server.close()
+        with contextlib.suppress(Exception):
+            await self._server.wait_closed()
+        self._server = None
         with contextlib.suppress(FileNotFoundError):
             self._path.unlink()
 

@@ -1,5 +1,8 @@
 import asyncio
 import json
+import os
+import socket
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -38,3 +41,71 @@ async def test_call_round_trip_and_errors(tmp_path: Path) -> None:
 async def test_no_agent_says_how_to_start_one(tmp_path: Path) -> None:
     with pytest.raises(ControlError, match="no agent is running with state dir"):
         await call(tmp_path, "status")
+
+
+async def test_socket_is_private_before_it_accepts_connections(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def status(_request: dict[str, Any]) -> dict[str, Any]:
+        return {"ok": True}
+
+    path = socket_path(tmp_path)
+    chmod = os.chmod
+    seen: list[type[BaseException] | None] = []
+
+    def chmod_checking_reachability(target: Any, mode: int) -> None:
+        # At the moment the mode is set, the socket must not take connections yet.
+        with socket.socket(socket.AF_UNIX) as probe:
+            try:
+                probe.connect(str(path))
+                seen.append(None)
+            except OSError as exc:
+                seen.append(type(exc))
+        chmod(target, mode)
+
+    monkeypatch.setattr(os, "chmod", chmod_checking_reachability)
+    old_umask = os.umask(0)  # bind() alone would make the socket 0777
+    server = ControlServer(tmp_path, {"status": status})
+    try:
+        await server.start()
+    finally:
+        os.umask(old_umask)
+    try:
+        assert seen == [ConnectionRefusedError]
+        assert stat.S_IMODE(os.lstat(path).st_mode) == 0o600
+        assert await call(tmp_path, "status") == {"ok": True}
+    finally:
+        await server.close()
+
+
+@pytest.mark.parametrize("kind", ["file", "symlink"])
+async def test_planted_path_is_not_removed(tmp_path: Path, kind: str) -> None:
+    path = socket_path(tmp_path)
+    victim = tmp_path / "victim"
+    victim.write_text("keep me\n")
+    if kind == "file":
+        path.write_text("keep me\n")
+    else:
+        path.symlink_to(victim)
+    server = ControlServer(tmp_path, {})
+    with pytest.raises(ControlError, match="is not a socket"):
+        await server.start()
+    await server.close()  # what the agent's shutdown does after a failed start
+    assert path.is_symlink() is (kind == "symlink")
+    assert path.read_text() == "keep me\n" and victim.read_text() == "keep me\n"
+
+
+async def test_stale_socket_is_replaced(tmp_path: Path) -> None:
+    async def status(_request: dict[str, Any]) -> dict[str, Any]:
+        return {"ok": True}
+
+    path = socket_path(tmp_path)
+    with socket.socket(socket.AF_UNIX) as crashed:
+        crashed.bind(str(path))  # left behind, as by a killed agent
+    server = ControlServer(tmp_path, {"status": status})
+    await server.start()
+    try:
+        assert await call(tmp_path, "status") == {"ok": True}
+    finally:
+        await server.close()
+    assert not path.exists()
