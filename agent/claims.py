@@ -24,11 +24,15 @@ once every message is delivered, whatever the order of delivery):
 from __future__ import annotations
 
 import bisect
+import contextlib
+import errno
 import ipaddress
 import json
 import logging
 import os
 import random
+import stat
+import tempfile
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from enum import Enum, StrEnum
@@ -42,6 +46,7 @@ log = logging.getLogger(__name__)
 
 CLAIM_WORD = "CLAIM"
 PREVIOUS_ADDRESS_FILE = "dynamic-address.json"
+_PREVIOUS_MAX_BYTES = 4096  # the file holds one small JSON object
 # Random draws before falling back to listing the free addresses: a nearly full range
 # would otherwise make the draw loop long, a nearly empty one makes the listing wasteful.
 _RANDOM_DRAWS = 64
@@ -397,20 +402,46 @@ def load_previous(state_dir: Path) -> IPv4Address | None:
     """The address this device last claimed, to reclaim it after a restart."""
     path = state_dir / PREVIOUS_ADDRESS_FILE
     try:
-        ip = json.loads(path.read_text())["ip"]
+        # O_NOFOLLOW and a regular file only: what the agent wrote, never a link or a
+        # FIFO someone put there (reading one could block or read another file).
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        reason = "a symbolic link" if exc.errno == errno.ELOOP else str(exc)
+        log.warning("ignoring %s (%s): a fresh address will be picked", path, reason)
+        return None
+    try:
+        with os.fdopen(fd, "rb") as handle:
+            if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+                raise ValueError("not a regular file")
+            data = handle.read(_PREVIOUS_MAX_BYTES + 1)
+        if len(data) > _PREVIOUS_MAX_BYTES:
+            raise ValueError("too large")
+        ip = json.loads(data)["ip"]
         if not isinstance(ip, str):
             raise TypeError(f"'ip' is {ip!r}, not a string")
         return IPv4Address(ip)
-    except FileNotFoundError:
-        return None
     except (OSError, ValueError, KeyError, TypeError) as exc:
         log.warning("ignoring %s (%s): a fresh address will be picked", path, exc)
         return None
 
 
 def save_previous(state_dir: Path, ip: IPv4Address) -> None:
+    """Remember the claimed address; a failure only costs the reclaim after a restart."""
     path = state_dir / PREVIOUS_ADDRESS_FILE
-    tmp = path.with_suffix(".tmp")
-    # Write then rename, so a crash never leaves a half-written file behind.
-    tmp.write_text(json.dumps({"ip": str(ip)}) + "\n")
-    os.replace(tmp, path)
+    # A fresh private temp file (never a fixed name someone could have planted), written
+    # then renamed over the old file, so a crash never leaves a half-written one behind.
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{PREVIOUS_ADDRESS_FILE}.", dir=state_dir)
+    except OSError as exc:
+        log.warning("cannot save %s: %s; the address may change after a restart", path, exc)
+        return
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(json.dumps({"ip": str(ip)}) + "\n")
+        os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        log.warning("cannot save %s: %s; the address may change after a restart", path, exc)
