@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import signal
 import sys
 from typing import Any
@@ -118,9 +119,14 @@ def _add_diag(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                       f"${ENV_KEYBASE}, else `keybase` on PATH)")
     diag.add_argument("--relay", action="append", default=[], metavar="URL",
                       help="a relay to test, turn:HOST:PORT (repeatable)")
-    diag.add_argument("--relay-secret", default="",
-                      help="the relays' TURN REST shared secret (kept for the allocation "
-                      "test; reachability needs none)")
+    secret = diag.add_mutually_exclusive_group()
+    secret.add_argument("--relay-secret-file", metavar="FILE",
+                        help="file holding the relays' TURN REST shared secret (default: "
+                        "$KBWG_RELAY_SECRET; kept for the allocation test, reachability "
+                        "needs none)")
+    secret.add_argument("--relay-secret", metavar="SECRET",
+                        help="the secret itself: visible to every local user in the "
+                        "process list, prefer --relay-secret-file or $KBWG_RELAY_SECRET")
     diag.add_argument("--state-dir", help="ask the agent running with this state dir "
                       "instead: the live WireGuard port's candidates, NAT behaviour seen "
                       "from it, and per peer the candidates and pairs known")
@@ -209,7 +215,7 @@ async def _status(args: argparse.Namespace) -> int:
 
 
 async def _diag(args: argparse.Namespace) -> int:
-    from kbwg.agent.diag import DiagOptions, run_diag
+    from kbwg.agent.diag import DiagOptions, relay_secret, run_diag
     from kbwg.agent.teamconfig import (
         RelayConfig,
         TeamConfigError,
@@ -222,11 +228,14 @@ async def _diag(args: argparse.Namespace) -> int:
     if not 0 <= args.port <= 65535 or args.timeout <= 0:
         return _fail("--port must be 0-65535 and --timeout positive")
     try:
+        secret, warning = relay_secret(args.relay_secret, args.relay_secret_file, os.environ)
+        if warning is not None:
+            print(f"kbwg-agent: warning: {warning}", file=sys.stderr)
         options.stun = [parse_host_port(text) for text in args.stun]
         for url in args.relay:
             address, transport = parse_relay_url(url)
             options.relays.append(RelayConfig(url, address.host, address.port,
-                                              args.relay_secret, transport))
+                                              secret, transport))
     except ValueError as exc:
         return _fail(str(exc))
     if args.team:

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Network
 from typing import Any
@@ -50,6 +50,42 @@ log = logging.getLogger(__name__)
 JSON_VERSION = 1
 EXIT_OK = 0
 EXIT_UDP_BLOCKED = 2
+ENV_RELAY_SECRET = "KBWG_RELAY_SECRET"
+_SECRET_FILE_MAX = 64 * 1024
+SECRET_ON_COMMAND_LINE = (
+    "--relay-secret puts the secret in the process list, where every local user can "
+    f"read it; use --relay-secret-file FILE or ${ENV_RELAY_SECRET} instead")
+
+
+def read_secret_file(path: str) -> str:
+    """The secret held in `path`, surrounding whitespace removed."""
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read(_SECRET_FILE_MAX + 1)
+    except OSError as exc:
+        raise ValueError(f"cannot read --relay-secret-file {path}: {exc.strerror or exc}; "
+                         "give a readable file holding the relays' secret") from exc
+    if len(data) > _SECRET_FILE_MAX:
+        raise ValueError(f"--relay-secret-file {path} is over {_SECRET_FILE_MAX} bytes: "
+                         "it should hold only the relays' secret")
+    try:
+        secret = data.decode().strip()
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"--relay-secret-file {path} is not UTF-8 text") from exc
+    if not secret:
+        raise ValueError(f"--relay-secret-file {path} holds no secret")
+    return secret
+
+
+def relay_secret(flag: str | None, file: str | None,
+                 environ: Mapping[str, str]) -> tuple[str, str | None]:
+    """The relays' secret from --relay-secret-file, $KBWG_RELAY_SECRET or (discouraged)
+    --relay-secret, and a warning to print when it came from the command line."""
+    if file is not None:
+        return read_secret_file(file), None
+    if flag is not None:
+        return flag, SECRET_ON_COMMAND_LINE
+    return environ.get(ENV_RELAY_SECRET, "").strip(), None
 
 
 @dataclass

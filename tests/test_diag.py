@@ -15,7 +15,14 @@ from typing import Any
 import pytest
 from stun_test_server import StunTestServer
 
-from kbwg.agent.diag import DiagReport, RelayReport, conclude, render_report
+from kbwg.agent.diag import (
+    ENV_RELAY_SECRET,
+    DiagReport,
+    RelayReport,
+    conclude,
+    relay_secret,
+    render_report,
+)
 from kbwg.negotiation.natprobe import NatBehaviour
 
 STANDIN = Path(sys.executable).with_name("kbwg-keybase-standin")
@@ -218,3 +225,54 @@ async def test_against_a_real_coturn(coturn: int) -> None:
     assert report["filtering"] == "endpoint-independent"
     assert report["classic"] == "open-internet"
     assert report["behind_nat"] is False
+
+
+# -- the relays' secret ----------------------------------------------------------
+
+
+def test_relay_secret_sources(tmp_path: Path) -> None:
+    secret_file = tmp_path / "secret"
+    secret_file.write_text("  from-file\n")
+    env = {ENV_RELAY_SECRET: "from-env"}
+    assert relay_secret(None, str(secret_file), env) == ("from-file", None)
+    assert relay_secret(None, None, env) == ("from-env", None)
+    assert relay_secret(None, None, {}) == ("", None)
+    secret, warning = relay_secret("from-flag", None, env)
+    assert secret == "from-flag"
+    assert warning is not None and "process list" in warning
+    assert "--relay-secret-file" in warning and ENV_RELAY_SECRET in warning
+
+
+@pytest.mark.parametrize(("content", "error"), [
+    (None, "cannot read --relay-secret-file"),
+    (b" \n", "holds no secret"),
+    (b"\xff\xfe", "not UTF-8"),
+    (b"x" * 70000, "only the relays' secret"),
+])
+def test_unusable_relay_secret_file(tmp_path: Path, content: bytes | None, error: str) -> None:
+    path = tmp_path / "secret"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(ValueError, match=error):
+        relay_secret(None, str(path), {})
+
+
+async def test_secret_on_the_command_line_is_warned_about(tmp_path: Path) -> None:
+    code, out, err = await _diag("--json", "--timeout", "1", "--relay-secret", "s3cret")
+    assert code == 0, err
+    assert "warning: --relay-secret puts the secret in the process list" in err
+    assert "s3cret" not in out + err
+    secret_file = tmp_path / "secret"
+    secret_file.write_text("s3cret\n")
+    code, _, err = await _diag("--json", "--timeout", "1", "--relay-secret-file",
+                               str(secret_file))
+    assert code == 0 and "warning" not in err, err
+    code, _, err = await _diag("--json", "--timeout", "1", env={ENV_RELAY_SECRET: "s3cret"})
+    assert code == 0 and "warning" not in err, err
+
+
+async def test_unreadable_secret_file_exits_1(tmp_path: Path) -> None:
+    code, _, err = await _diag("--relay-secret-file", str(tmp_path / "missing"))
+    assert code == 1 and "cannot read --relay-secret-file" in err
+    code, _, err = await _diag("--relay-secret", "a", "--relay-secret-file", "b")
+    assert code == 2 and "not allowed with" in err
