@@ -17,8 +17,8 @@ from typing import Any
 from kbwg.agent.teamconfig import RelayConfig
 from kbwg.negotiation.candidates import Candidate, candidate_priority
 from kbwg.negotiation.stun_client import resolve
-from kbwg.relay.client import Address, RelayAllocation
-from kbwg.relay.proxy import LoopbackProxy
+from kbwg.relay.proxy import LoopbackProxy, ProxyCounters
+from kbwg.turn.client import Address, RelayAllocation
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,9 @@ class RelayPaths:
     on_lost: Callable[[RelayAllocation], None]
     allocations: dict[str, RelayAllocation] = field(default_factory=dict)  # by relay URL
     proxies: dict[str, LoopbackProxy] = field(default_factory=dict)  # by peer name
+    # By relay URL, shared by the proxies of its allocations: outlives each proxy, so
+    # status shows what every relayed peer passed, dropped or refused since start.
+    proxy_counters: dict[str, ProxyCounters] = field(default_factory=dict)
     # The same proxies by (our relayed address, peer address): one lookup per datagram.
     _by_route: dict[tuple[Address, Address], LoopbackProxy] = field(default_factory=dict)
 
@@ -118,7 +121,9 @@ class RelayPaths:
         self.drop(peer)
         if allocation is None:
             return None
-        proxy = self.proxies[peer] = await LoopbackProxy.open(allocation, remote, self.wg_port)
+        counters = self.proxy_counters.setdefault(allocation.url, ProxyCounters())
+        proxy = self.proxies[peer] = await LoopbackProxy.open(allocation, remote, self.wg_port,
+                                                              counters)
         self._by_route[(allocation.relayed, remote)] = proxy
         log.info("%s relayed through %s: WireGuard endpoint %s", peer, allocation.url,
                  proxy.endpoint)
@@ -134,8 +139,14 @@ class RelayPaths:
         return [{"url": a.url, "relayed": f"{a.relayed[0]}:{a.relayed[1]}",
                  "rtt_ms": round(a.rtt_ms, 3), "alive": not a.closed,
                  "sent": a.counters.sent, "received": a.counters.received,
-                 "send_errors": a.counters.send_errors, "unhandled": a.unhandled}
+                 "send_errors": a.counters.send_errors, "unhandled": a.unhandled,
+                 **self._proxy_json(a.url)}
                 for a in self.allocations.values()]
+
+    def _proxy_json(self, url: str) -> dict[str, int]:
+        c = self.proxy_counters.get(url, ProxyCounters())
+        return {"proxy_to_peer": c.to_peer, "proxy_to_wireguard": c.to_wireguard,
+                "proxy_dropped": c.dropped, "proxy_foreign": c.foreign}
 
     async def close(self) -> None:
         for proxy in self.proxies.values():

@@ -13,8 +13,9 @@ import asyncio
 import contextlib
 import logging
 import socket
+from dataclasses import dataclass
 
-from kbwg.relay.client import Address, RelayAllocation
+from kbwg.turn.client import Address, RelayAllocation
 
 log = logging.getLogger(__name__)
 
@@ -23,34 +24,49 @@ SOCKET_BUFFER = 4 * 1024 * 1024
 # datagram (the same pattern as the relay server's hot path), bounded for fairness.
 BATCH = 64
 MAX_DATAGRAM = 65535
+# Where WireGuard's socket is reached and where our side of the proxy lives.
+LOOPBACK = "127.0.0.1"
+
+
+@dataclass
+class ProxyCounters:
+    """Datagrams through the loopback proxies of one allocation (status `relays[]`)."""
+
+    to_peer: int = 0  # from WireGuard, sent through the allocation
+    to_wireguard: int = 0  # from the peer through the relay, handed to WireGuard
+    dropped: int = 0  # for WireGuard, lost to a full loopback buffer
+    foreign: int = 0  # from anything but WireGuard's socket: dropped
 
 
 class LoopbackProxy:
     def __init__(self, allocation: RelayAllocation, peer: Address, wg_port: int,
-                 sock: socket.socket) -> None:
+                 sock: socket.socket, counters: ProxyCounters | None = None) -> None:
         self.allocation = allocation
         self.peer = peer
         self.wg_port = wg_port
-        self.to_peer = 0
-        self.to_wireguard = 0
-        self.dropped = 0
+        self.counters = counters if counters is not None else ProxyCounters()
         self._sock: socket.socket | None = sock
-        self._wg_address = ("127.0.0.1", wg_port)
+        self._wg_address = (LOOPBACK, wg_port)
 
     @classmethod
-    async def open(cls, allocation: RelayAllocation, peer: Address,
-                   wg_port: int) -> LoopbackProxy:
+    async def open(cls, allocation: RelayAllocation, peer: Address, wg_port: int,
+                   counters: ProxyCounters | None = None) -> LoopbackProxy:
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         try:
             sock.setblocking(False)
             for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
                 with contextlib.suppress(OSError):
                     sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER)
-            sock.bind(("127.0.0.1", 0))
+            # Whatever reaches this port goes out as our relay allocation to the peer, so
+            # only WireGuard's own socket may use it: connected to WireGuard's address, the
+            # socket gets nothing from any other local process (the kernel drops it). No
+            # bind() first: connect() binds it to 127.0.0.1 itself, so no datagram from
+            # elsewhere can be queued before the filter is in place.
+            sock.connect((LOOPBACK, wg_port))
         except BaseException:
             sock.close()
             raise
-        proxy = cls(allocation, peer, wg_port, sock)
+        proxy = cls(allocation, peer, wg_port, sock, counters)
         asyncio.get_running_loop().add_reader(sock.fileno(), proxy._readable)
         return proxy
 
@@ -65,28 +81,33 @@ class LoopbackProxy:
         sock = self._sock
         if sock is None:
             return
-        recv, send, peer, wg_port = sock.recvfrom, self.allocation.send, self.peer, self.wg_port
+        recv, send, peer = sock.recvfrom, self.allocation.send, self.peer
+        counters, wg_address = self.counters, self._wg_address
         for _ in range(BATCH):
             try:
                 data, addr = recv(MAX_DATAGRAM)
             except BlockingIOError:
                 return
-            except OSError as exc:  # e.g. ECONNREFUSED from an earlier send
+            except OSError as exc:  # e.g. ECONNREFUSED: WireGuard's port was closed
                 log.debug("loopback proxy for %s:%d: %s", *peer, exc)
                 return
-            if addr[1] == wg_port:
-                self.to_peer += 1
-                send(data, peer)
+            # The kernel already filters a connected socket; this check also holds for a
+            # socket that is not (and costs one tuple comparison).
+            if addr != wg_address:
+                counters.foreign += 1
+                continue
+            counters.to_peer += 1
+            send(data, peer)
 
     def from_relay(self, data: bytes) -> None:
         if self._sock is None:
             return
         try:
-            self._sock.sendto(data, self._wg_address)
-        except OSError:  # full buffer: dropped, as the network would
-            self.dropped += 1
+            self._sock.send(data)
+        except OSError:  # full buffer or WireGuard gone: dropped, as the network would
+            self.counters.dropped += 1
             return
-        self.to_wireguard += 1
+        self.counters.to_wireguard += 1
 
     def close(self) -> None:
         if self._sock is not None:
