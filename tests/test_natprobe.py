@@ -34,6 +34,9 @@ from kbwg.negotiation.stun_client import StunClient, StunCounters
 pytestmark = VIRTUAL_CLOCK
 CLIENT_IP = "192.0.2.10"
 TIMEOUT = 3.0  # probe_nat's default budget
+# pystun3's wait per attempt (4 attempts per test): real time, so not too tight for a
+# loaded machine; each expected silence costs 4 of them.
+PYSTUN_TIMEOUT = 0.25
 
 
 def test_mapping_verdict() -> None:
@@ -161,7 +164,8 @@ async def test_server_ignoring_change_request_gives_unknown_filtering() -> None:
 ])
 async def test_classic_type_from_pystun3(filtering: str, expected: str) -> None:
     async with StunTestServer(mapped_ip="127.0.0.9", filtering=filtering) as server:
-        kind = await asyncio.to_thread(classic_nat_type, server.address, "127.0.0.1", 0.1)
+        kind = await asyncio.to_thread(classic_nat_type, server.address, "127.0.0.1",
+                                       PYSTUN_TIMEOUT)
     assert kind == expected
 
 
@@ -170,10 +174,10 @@ async def test_classic_type_symmetric_and_open() -> None:
     async with StunTestServer(mapped_ip="127.0.0.9", mapping=ENDPOINT_DEPENDENT,
                               filtering=ADDRESS_AND_PORT_DEPENDENT) as server:
         assert await asyncio.to_thread(
-            classic_nat_type, server.address, "127.0.0.1", 0.1) == "symmetric"
+            classic_nat_type, server.address, "127.0.0.1", PYSTUN_TIMEOUT) == "symmetric"
     async with StunTestServer() as server:
         assert await asyncio.to_thread(
-            classic_nat_type, server.address, "127.0.0.1", 0.1) == "open-internet"
+            classic_nat_type, server.address, "127.0.0.1", PYSTUN_TIMEOUT) == "open-internet"
 
 
 def test_classic_type_never_runs_without_a_server() -> None:
