@@ -10,6 +10,12 @@ gathered from the WireGuard port itself before our offers go out. A peer's WireG
 endpoint is set only once a pair is chosen (or, for a peer that does not negotiate,
 its announced endpoint after a grace period), together with the persistent
 keepalive: that makes WireGuard start its handshake at once, towards the right place.
+
+Team input is checked before it is applied: kbwg.json's overlay must pass the device
+owner's own rule on this host before the device is created (overlaycheck); each key
+belongs to one device (keyowners); a newer announcement never moves an endpoint that
+works (only a sealed negotiation or WireGuard's authenticated roaming does); and each
+stats poll reconciles the device's peers with what this agent configured.
 """
 
 from __future__ import annotations
