@@ -190,17 +190,22 @@ class Connectivity:
 
     # -- routes -------------------------------------------------------------------------
 
-    async def route(self, peer: str, pair: CandidatePair) -> tuple[Route, str | None]:
-        """The WireGuard endpoint for `peer` over `pair`, and the host route (if any)
-        that pins a direct pair to its interface."""
+    async def route(self, peer: str, pair: CandidatePair) -> Route:
+        """The WireGuard endpoint for `peer` over `pair`."""
         proxy = await self.relays.route(peer, pair.local, pair.remote_address)
         if proxy is not None:
             # Relayed by our allocation: WireGuard talks to our loopback proxy.
             await self._routes.clear(peer)
-            return Route(proxy, relayed=True), None
+            return Route(proxy, relayed=True)
         remote_ip, remote_port = pair.remote_address
-        host_route = await self._routes.follow(peer, remote_ip, pair.local.interface)
-        return Route(f"{remote_ip}:{remote_port}", relayed=False), host_route
+        return Route(f"{remote_ip}:{remote_port}", relayed=False)
+
+    async def pin(self, peer: str, pair: CandidatePair, route: Route) -> str | None:
+        """The host route (if any) that pins a direct pair to its interface. Only once
+        `route` is the peer's WireGuard endpoint: the owner routes to nothing else."""
+        if route.relayed:
+            return None
+        return await self._routes.follow(peer, pair.remote_address[0], pair.local.interface)
 
     async def forget(self, peer: str) -> None:
         """A peer went away: its host route and relayed path (if any) go."""

@@ -658,11 +658,22 @@ class Agent:
         if pair is None:
             log.warning("%s: %s", peer.name, reason)
             return
-        route, peer.route = await self.paths.route(peer.name, pair)
+        route = await self.paths.route(peer.name, pair)
         async with self._lock:
             if peer.configured_key is None or self.state.peers.get(device) is not peer:
                 return  # dropped or re-keyed while the route was made
             await self._set_endpoint(peer, route.endpoint, NEGOTIATED)
+        previous, peer.route = peer.route, await self.paths.pin(peer.name, pair, route)
+        if peer.route is not None and peer.route != previous:
+            async with self._lock:
+                if (self._owner is not None and peer.configured_key is not None
+                        and peer.endpoint == route.endpoint):
+                    # WireGuard keeps sending from the source address (and interface)
+                    # it last used; the endpoint set again makes it choose both anew,
+                    # through the new host route.
+                    await self._owner.request(
+                        "set_peer", public_key=peer.configured_key, endpoint=route.endpoint,
+                        allowed_ips=[peer.configured_ip], keepalive=self.options.keepalive_s)
         log.info("%s: %s", peer.name, reason)
 
     # -- background loops -------------------------------------------------------------------

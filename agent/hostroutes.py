@@ -1,54 +1,24 @@
 """Host routes that make WireGuard follow a multi-homed choice.
 
 WireGuard's packets follow the routing table. When the pair chosen for a peer leaves
-from an uplink the table would not pick for that peer's address, the device owner adds
-a host route for the address through that uplink (its gateway is that uplink's own
-route towards the address, for example a higher-metric default route); when the
+from an uplink the table would not pick for that peer's address, the agent asks the
+device owner for a host route to the address through that uplink. The agent names only
+the uplink; the owner finds its gateway itself (that uplink's own route towards the
+address, for example a higher-metric default route) and adds the route only towards
+the endpoint of a current peer, so the peer's endpoint must be set first. When the
 choice moves back, or the peer goes, the route goes too.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 from dataclasses import dataclass
-
-from pyroute2 import AsyncIPRoute
+from ipaddress import IPv4Network
 
 from kbwg.agent.owner_client import DeviceOwner, OwnerError
+from kbwg.owner.netconfig import egress_for
 
 log = logging.getLogger(__name__)
-
-MAIN_TABLE = 254
-
-
-@dataclass(frozen=True)
-class Egress:
-    ifname: str
-    gateway: str | None
-
-
-async def egress_for(dst: str, via_ifname: str | None = None) -> Egress | None:
-    """How the main table reaches `dst`, optionally only through `via_ifname`."""
-    address = ipaddress.IPv4Address(dst)
-    async with AsyncIPRoute() as ipr:
-        names = {link["index"]: link.get("ifname") async for link in await ipr.get_links()}
-        routes = [r async for r in await ipr.get_routes(family=2, table=MAIN_TABLE)]
-    best: tuple[int, int] | None = None
-    found: Egress | None = None
-    for route in routes:
-        ifname = names.get(route.get("oif"))
-        if ifname is None or (via_ifname is not None and ifname != via_ifname):
-            continue
-        dst_net = route.get("dst") or "0.0.0.0"
-        network = ipaddress.IPv4Network(f"{dst_net}/{route['dst_len']}", strict=False)
-        if address not in network:
-            continue
-        # Longest prefix first, then the lowest metric, as the kernel chooses.
-        rank = (-route["dst_len"], route.get("priority") or 0)
-        if best is None or rank < best:
-            best, found = rank, Egress(ifname, route.get("gateway"))
-    return found
 
 
 @dataclass
@@ -63,32 +33,47 @@ class HostRoutes:
         return cls(owner, {})
 
     async def follow(self, peer: str, remote_ip: str, local_ifname: str | None) -> str | None:
-        """Make traffic to `remote_ip` leave through `local_ifname`; returns a sentence
-        when a route was needed, None when the table already agrees."""
-        wanted: Egress | None = None
-        if local_ifname is not None:
-            default = await egress_for(remote_ip)
-            if default is not None and default.ifname != local_ifname:
-                wanted = await egress_for(remote_ip, via_ifname=local_ifname)
-                if wanted is None:
-                    log.warning("no route to %s through %s; leaving the table's choice (%s)",
-                                remote_ip, local_ifname, default.ifname)
-        await self.clear(peer)
-        if wanted is None:
-            return None
+        """Make traffic to `remote_ip` (already the peer's WireGuard endpoint) leave
+        through `local_ifname`; returns a sentence when a route was needed, None when
+        the table already agrees."""
         destination = f"{remote_ip}/32"
-        if destination in self.routes.values():
+        uplink = await self._uplink_needed(destination, remote_ip, local_ifname)
+        if self.routes.get(peer) != destination or uplink is None:
+            await self.clear(peer)
+        if uplink is None:
+            return None
+        if any(d == destination for p, d in self.routes.items() if p != peer):
             return f"host route {destination} already set for another peer"
         try:
-            await self.owner.request("add_route", destination=destination,
-                                     via=wanted.gateway, ifname=wanted.ifname)
+            # Our own route to it, if any, is replaced by the owner.
+            result = await self.owner.request("add_route", destination=destination,
+                                              ifname=uplink)
         except OwnerError as exc:
             log.warning("cannot add host route %s: %s", destination, exc)
+            await self.clear(peer)
             return None
         self.routes[peer] = destination
-        via = f" via {wanted.gateway}" if wanted.gateway else ""
-        log.info("host route %s%s dev %s for %s", destination, via, wanted.ifname, peer)
-        return f"host route {destination}{via} dev {wanted.ifname}"
+        gateway = result.get("via")
+        via = f" via {gateway}" if gateway else ""
+        dev = result.get("ifname", uplink)
+        log.info("host route %s%s dev %s for %s", destination, via, dev, peer)
+        return f"host route {destination}{via} dev {dev}"
+
+    async def _uplink_needed(self, destination: str, remote_ip: str,
+                             local_ifname: str | None) -> str | None:
+        """`local_ifname` when the table (apart from our own route to the address)
+        would send traffic to `remote_ip` elsewhere and that uplink can reach it."""
+        if local_ifname is None:
+            return None
+        ours = [IPv4Network(destination)] if destination in self.routes.values() else []
+        default = await egress_for(remote_ip, ignore=ours)
+        if default is None or default.ifname == local_ifname:
+            return None
+        if await egress_for(remote_ip, via_ifname=local_ifname) is None:
+            log.warning("no route to %s through %s; leaving the table's choice (%s)",
+                        remote_ip, local_ifname, default.ifname)
+            return None
+        return local_ifname
 
     async def clear(self, peer: str) -> None:
         destination = self.routes.pop(peer, None)

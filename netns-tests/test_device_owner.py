@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from nacl.public import PrivateKey
 
-from kbwg.agent.owner_client import DeviceOwner
+from kbwg.agent.owner_client import DeviceOwner, OwnerError
 from kbwg.owner.frames import encode_frame, read_frame
 
 pytestmark = [
@@ -63,7 +63,8 @@ def netns() -> Iterator[Callable[[], str]]:
 
 
 def _ifname() -> str:
-    return "kbt" + secrets.token_hex(4)
+    # The owner creates kbwg<N> only; random digits keep concurrent runs apart.
+    return f"kbwg{10000 + secrets.randbelow(90000)}"
 
 
 def _wg_pids(ifname: str) -> list[int]:
@@ -109,7 +110,7 @@ async def wait_for(
 
 
 def _owner_command(ns: str) -> list[str]:
-    return ["ip", "netns", "exec", ns, sys.executable, "-m", "kbwg.owner",
+    return ["ip", "netns", "exec", ns, sys.executable, "-I", "-m", "kbwg.owner",
             "--log-level", "DEBUG"]  # fmt: skip
 
 
@@ -172,13 +173,18 @@ async def test_create_configure_and_close(netns: Callable[[], str]) -> None:
         await owner.request("remove_peer", public_key=peer)
         assert (await owner.request("stats"))["peers"] == []
 
-        # This kernel has no dummy links; a veth pair inside the namespace will do.
+        # This kernel has no dummy links; a veth pair inside the namespace will do. Its
+        # default route is the uplink whose gateway the owner must find by itself.
         _ip("-n", ns, "link", "add", "kbwgv0", "type", "veth", "peer", "name", "kbwgv1")
         _ip("-n", ns, "link", "set", "kbwgv0", "up")
         _ip("-n", ns, "addr", "add", "198.18.5.1/24", "dev", "kbwgv0")
+        _ip("-n", ns, "route", "add", "default", "via", "198.18.5.254", "dev", "kbwgv0")
         await owner.request(
-            "add_route", destination="203.0.113.9/32", via="198.18.5.254", ifname="kbwgv0"
-        )
+            "set_peer", public_key=peer, endpoint="203.0.113.9:51820",
+            allowed_ips=["100.64.0.2/32"], keepalive=25,
+        )  # fmt: skip
+        added = await owner.request("add_route", destination="203.0.113.9/32", ifname="kbwgv0")
+        assert added == {"via": "198.18.5.254", "ifname": "kbwgv0"}
         routes = _ip("-n", ns, "route", "show", "203.0.113.9").stdout
         assert "via 198.18.5.254 dev kbwgv0" in routes
     finally:
@@ -187,6 +193,52 @@ async def test_create_configure_and_close(netns: Callable[[], str]) -> None:
     assert _link(ns, ifname) is None
     assert _ip("-n", ns, "route", "show", "203.0.113.9").stdout.strip() == ""
     await wait_for(lambda: not _wg_pids(ifname), "wireguard-go to exit")
+
+
+async def test_refusals_judged_against_the_real_host(netns: Callable[[], str]) -> None:
+    ns = netns()
+    ifname = _ifname()
+    _ip("-n", ns, "link", "add", "kbwgv0", "type", "veth", "peer", "name", "kbwgv1")
+    _ip("-n", ns, "link", "set", "kbwgv0", "up")
+    _ip("-n", ns, "addr", "add", "198.18.5.1/24", "dev", "kbwgv0")
+    # The host already routes part of the shared address space elsewhere.
+    _ip("-n", ns, "route", "add", "100.64.7.0/24", "via", "198.18.5.254", "dev", "kbwgv0")
+    # ...and another VPN's address: only its local-table route shows it.
+    _ip("-n", ns, "addr", "add", "100.66.1.1/32", "dev", "kbwgv0")
+    async with await DeviceOwner.start(_owner_command(ns)) as owner:
+        with pytest.raises(OwnerError, match=r"^refused: .*overlaps the host's existing "
+                                             r"route to 100\.64\.7\.0/24"):
+            await owner.request("create", **_create_args(ifname, "100.64.0.1/10")[0])
+        assert _link(ns, ifname) is None
+        with pytest.raises(OwnerError, match=r"^refused: .*route to 100\.66\.1\.1/32"):
+            await owner.request("create", **_create_args(ifname, "100.66.0.1/16")[0])
+        with pytest.raises(OwnerError, match=r"^refused: .*kbwg<N>"):
+            await owner.request("create", **_create_args("kbt0", "100.65.0.1/16")[0])
+        await owner.request("create", **_create_args(ifname, "100.65.0.1/16")[0])
+        _, peer = _keypair()
+        await owner.request("set_peer", public_key=peer, endpoint="198.18.5.7:51820",
+                            allowed_ips=["100.65.0.2/32"], keepalive=25)
+        refused = {
+            "route_via": {"destination": "198.18.5.7/32", "via": "198.18.5.254",
+                          "ifname": "kbwgv0"},
+            "route_interface": {"destination": "198.18.5.7/32", "ifname": "lo"},
+            "route_not_peer": {"destination": "198.18.5.8/32", "ifname": "kbwgv0"},
+        }  # fmt: skip
+        for args in refused.values():
+            with pytest.raises(OwnerError, match=r"^refused: "):
+                await owner.request("add_route", **args)
+        with pytest.raises(OwnerError, match=r"^refused: .*WireGuard interface"):
+            await owner.request("add_route", destination="198.18.5.7/32", ifname=ifname)
+        # On-link: no gateway.
+        added = await owner.request("add_route", destination="198.18.5.7/32", ifname="kbwgv0")
+        assert added == {"via": None, "ifname": "kbwgv0"}
+        assert "198.18.5.7 dev kbwgv0" in _ip("-n", ns, "route", "show", "198.18.5.7").stdout
+        stats = await owner.request("stats")
+        assert stats["refusals"] == {"overlay": 2, "interface_name": 1, "route_via": 1,
+                                     "route_interface": 2, "route_not_peer": 1}  # fmt: skip
+    assert owner.returncode == 0
+    assert _link(ns, ifname) is None
+    assert _ip("-n", ns, "route", "show", "198.18.5.7").stdout.strip() == ""
 
 
 async def test_fixed_listen_port(netns: Callable[[], str]) -> None:

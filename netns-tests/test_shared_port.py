@@ -42,7 +42,8 @@ T = TypeVar("T")
 
 STUN_IP = "203.0.113.3"
 STUN_PORT = 3478
-IFNAME = "kbsp" + secrets.token_hex(3)
+# The owner creates kbwg<N> only; random digits keep concurrent runs apart.
+IFNAME = f"kbwg{10000 + secrets.randbelow(90000)}"
 
 # Sends the datagrams given as hex arguments, in order, from one UDP socket; prints its port.
 SENDER = """
@@ -91,7 +92,7 @@ class Devices:
     owners: list[DeviceOwner] = field(default_factory=list)
 
     async def start(self, node: Host, overlay: str) -> Device:
-        argv = node.argv([sys.executable, "-m", "kbwg.owner", "--log-level", "DEBUG"])
+        argv = node.argv([sys.executable, "-I", "-m", "kbwg.owner", "--log-level", "DEBUG"])
         owner = await DeviceOwner.start(argv)
         self.owners.append(owner)
         key = PrivateKey.generate()

@@ -7,24 +7,34 @@ Reply: ``{"id": int, "ok": True, ...result}`` or ``{"id": int | None, "ok": Fals
 Ops (args → result):
 
 - ``hello`` () → ``version``, ``pid``. Handshake; allowed before ``create``.
-- ``create`` (``ifname``, ``private_key`` b64, ``listen_port`` 0 = pick, ``address``
-  "ip/prefix", ``backend`` "auto"|"kernel"|"userspace", optional ``mtu``) →
-  ``backend``, ``listen_port``, ``public_key`` b64, ``ifname``.
-- ``set_peer`` (``public_key`` b64, ``endpoint`` "ip:port"|None, ``allowed_ips`` list,
-  ``keepalive`` seconds) → {}.
+- ``create`` (``ifname`` kbwg<N>, ``private_key`` b64, ``listen_port`` 0 = pick or
+  1024 and above, ``address`` "ip/prefix" inside the locally allowed overlay,
+  ``backend`` "auto"|"kernel"|"userspace", optional ``mtu``) → ``backend``,
+  ``listen_port``, ``public_key`` b64, ``ifname``.
+- ``set_peer`` (``public_key`` b64, ``endpoint`` "ip:port"|None, not inside the overlay,
+  ``allowed_ips`` list of /32s inside the device's overlay network, ``keepalive`` seconds
+  0..3600) → {}.
 - ``remove_peer`` (``public_key``) → {}.
 - ``stats`` () → ``listen_port``, ``peers`` [{public_key, endpoint, last_handshake,
-  rx_bytes, tx_bytes}]. Allowed before ``create`` (empty).
-- ``add_route`` (``destination`` "ip/32", ``via`` gateway|None, ``ifname``) → {}.
-- ``remove_route`` (``destination``) → {}.
+  rx_bytes, tx_bytes, allowed_ips, keepalive}], ``refusals`` {reason key: count}.
+  Allowed before ``create`` (empty).
+- ``add_route`` (``destination`` "ip/32", the endpoint address of a current peer, outside
+  the overlay; ``ifname`` the uplink it must leave through) → ``via`` (the gateway the
+  owner found on that uplink in the main table, or None), ``ifname``. The agent never
+  names a gateway: a request carrying ``via`` is refused. Never through loopback or the
+  WireGuard interface.
+- ``remove_route`` (``destination``) → {}: only a route this owner added.
 - ``set_address`` (``address`` "ip/prefix") → {}: replaces the overlay address (a
-  self-assigned address that lost a conflict moves).
+  self-assigned address that lost a conflict moves) within the same overlay network.
 - ``shutdown`` () → {}; the owner then removes everything and exits 0.
 - ``stun_open`` () → ``port``. After ``create``: opens the raw socket that shares the
   WireGuard listen port with STUN (kbwg.owner.rawstun); again is a no-op.
 - ``stun_send`` (``dest`` "ip:port", ``data`` bytes: one STUN message of at most 1500
   bytes, optional ``source`` local ip) → ``source`` "ip:port" it left from. Refused when
   over the owner's rate limit. IPv4 only.
+
+Requests that are well formed but outside what the owner allows (kbwg.owner.guard) get
+an error reply whose message starts with ``refused:``; each is counted by reason key.
 
 Events: ``stun`` (``src`` "ip:port", ``dst`` "ip:port" = the local address and the
 WireGuard port, ``data`` bytes), one per datagram to the WireGuard port carrying the STUN
@@ -246,24 +256,13 @@ def _parse_host_destination(args: dict[str, Any]) -> ipaddress.IPv4Network | ipa
 @dataclass(frozen=True)
 class AddRouteArgs:
     destination: ipaddress.IPv4Network | ipaddress.IPv6Network
-    via: str | None
     ifname: str
 
     @classmethod
     def parse(cls, args: dict[str, Any]) -> AddRouteArgs:
-        destination = _parse_host_destination(args)
-        via = args.get("via")
-        if via is not None:
-            if not isinstance(via, str):
-                raise ProtocolError("'via' must be an address string or None")
-            try:
-                gateway = ipaddress.ip_address(via)
-            except ValueError as exc:
-                raise ProtocolError(f"'via' is not an address: {via!r}") from exc
-            if gateway.version != destination.version:
-                raise ProtocolError("'via' and 'destination' are of different families")
-            via = str(gateway)
-        return cls(destination=destination, via=via, ifname=_get_ifname(args))
+        # A `via` is refused by the owner's guard, not parsed: the gateway is the owner's
+        # to find.
+        return cls(destination=_parse_host_destination(args), ifname=_get_ifname(args))
 
 
 @dataclass(frozen=True)

@@ -1,35 +1,36 @@
-"""The privileged device owner: `python -m kbwg.owner [--log-level LEVEL]`.
+"""The privileged device owner's request server (started by kbwg.owner.main).
 
-Started by the agent (through `sudo -n` unless already root), it speaks frames
-(kbwg.owner.frames, vocabulary in kbwg.owner.protocol) on stdin/stdout and logs
-to stderr only. It owns the WireGuard device, the overlay address, any host routes it
-was asked for and the raw socket that shares the WireGuard port with STUN (whose packets
-it passes to the agent as `stun` events), and removes all of them on `shutdown`, INT,
-TERM, HUP, end of stdin (the agent exited), a broken stdout, or a stream it cannot
-resynchronise.
+It speaks frames (kbwg.owner.frames, vocabulary in kbwg.owner.protocol) on stdin/stdout
+and logs to stderr only. It owns the WireGuard device, the overlay address, any host
+routes it was asked for and the raw socket that shares the WireGuard port with STUN
+(whose packets it passes to the agent as `stun` events), and removes all of them on
+`shutdown`, INT, TERM, HUP, end of stdin (the agent exited), a broken stdout, or a
+stream it cannot resynchronise. Every request is judged by kbwg.owner.guard first.
 
-Test-only: with KBWG_OWNER_FAKE_BACKEND=1 in the environment it uses an in-memory
-WireGuard backend and makes no netlink calls at all, so the protocol can be exercised
-without root. Never set it in production: nothing would be configured.
+Its collaborators (netlink, WireGuard backend, raw STUN socket, policy) are constructor
+arguments: there is no switch to anything else in the privileged program.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
-import ipaddress
 import logging
 import os
 import signal
 import sys
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv4Network
 from typing import Any, Protocol
 
 from nacl.public import PrivateKey
 
 from kbwg.owner.frames import FrameBodyError, FrameError, encode_frame, read_frame, write_frame
+from kbwg.owner.guard import R_ROUTE_NOT_OURS, Guard, Refusal
+from kbwg.owner.netconfig import HostRoute, IPInterface, NetConfig
+from kbwg.owner.policy import OwnerPolicy
 from kbwg.owner.protocol import (
     ERR_NO_DEVICE,
     ERR_NO_STUN,
@@ -64,27 +65,15 @@ from kbwg.owner.protocol import (
 from kbwg.owner.rawstun import (
     PacketCallback,
     RawStunError,
-    RawStunSocket,
     TokenBucket,
     UdpDatagram,
 )
-from kbwg.owner.wg_backend import (
-    BackendError,
-    MemoryBackend,
-    PeerConfig,
-    WireGuardBackend,
-    select_backend,
-)
+from kbwg.owner.wg_backend import BackendError, PeerConfig, WireGuardBackend
 
-# Under `python -m` __name__ is "__main__"; keep the module's real name in the log.
 logger = logging.getLogger(__name__)
-
-FAKE_BACKEND_ENV = "KBWG_OWNER_FAKE_BACKEND"
 
 EXIT_OK = 0
 EXIT_STREAM_BROKEN = 1
-
-IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
 
 Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 
@@ -111,131 +100,14 @@ STUN_EVENT_RATE, STUN_EVENT_BURST = 500.0, 200
 EVENT_BUFFER_LIMIT = 1 << 20
 
 
-@dataclass(frozen=True)
-class HostRoute:
-    destination: str
-    via: str | None
-    ifname: str
-
-
-class NetConfig(Protocol):
-    """The address and route side of the device, apart from WireGuard itself."""
-
-    async def set_mtu(self, ifname: str, mtu: int) -> None: ...
-
-    async def add_address(self, ifname: str, address: IPInterface) -> None: ...
-
-    async def set_up(self, ifname: str) -> None: ...
-
-    async def remove_address(self, ifname: str, address: IPInterface) -> None: ...
-
-    async def add_route(self, route: HostRoute, replace: bool) -> None: ...
-
-    async def remove_route(self, route: HostRoute) -> None: ...
-
-
-class NetlinkNetConfig:
-    """NetConfig through pyroute2's rtnetlink, one short-lived socket per call."""
-
-    async def _index(self, ipr: Any, ifname: str) -> int:
-        indexes = await ipr.link_lookup(ifname=ifname)
-        if not indexes:
-            raise BackendError(f"no interface named {ifname}")
-        return int(indexes[0])
-
-    async def set_mtu(self, ifname: str, mtu: int) -> None:
-        from pyroute2 import AsyncIPRoute
-
-        async with AsyncIPRoute() as ipr:
-            await ipr.link("set", index=await self._index(ipr, ifname), mtu=mtu)
-
-    async def add_address(self, ifname: str, address: IPInterface) -> None:
-        from pyroute2 import AsyncIPRoute
-
-        async with AsyncIPRoute() as ipr:
-            await ipr.addr(
-                "add",
-                index=await self._index(ipr, ifname),
-                address=str(address.ip),
-                prefixlen=address.network.prefixlen,
-            )
-
-    async def set_up(self, ifname: str) -> None:
-        from pyroute2 import AsyncIPRoute
-
-        async with AsyncIPRoute() as ipr:
-            await ipr.link("set", index=await self._index(ipr, ifname), state="up")
-
-    async def remove_address(self, ifname: str, address: IPInterface) -> None:
-        from pyroute2 import AsyncIPRoute
-
-        async with AsyncIPRoute() as ipr:
-            indexes = await ipr.link_lookup(ifname=ifname)
-            if not indexes:
-                # The address went with its link.
-                return
-            await ipr.addr(
-                "del", index=indexes[0], address=str(address.ip),
-                prefixlen=address.network.prefixlen,
-            )  # fmt: skip
-
-    def _route_args(self, index: int, route: HostRoute) -> dict[str, Any]:
-        network = ipaddress.ip_network(route.destination)
-        args: dict[str, Any] = {
-            "dst": str(network.network_address),
-            "dst_len": network.prefixlen,
-            "oif": index,
-            "family": 10 if network.version == 6 else 2,
-        }
-        if route.via is not None:
-            args["gateway"] = route.via
-        return args
-
-    async def add_route(self, route: HostRoute, replace: bool) -> None:
-        from pyroute2 import AsyncIPRoute
-
-        async with AsyncIPRoute() as ipr:
-            index = await self._index(ipr, route.ifname)
-            await ipr.route("replace" if replace else "add", **self._route_args(index, route))
-
-    async def remove_route(self, route: HostRoute) -> None:
-        from pyroute2 import AsyncIPRoute
-
-        async with AsyncIPRoute() as ipr:
-            indexes = await ipr.link_lookup(ifname=route.ifname)
-            if not indexes:
-                return
-            await ipr.route("del", **self._route_args(indexes[0], route))
-
-
-class NullNetConfig:
-    """Test-only NetConfig (KBWG_OWNER_FAKE_BACKEND): logs and touches nothing."""
-
-    async def set_mtu(self, ifname: str, mtu: int) -> None:
-        logger.debug("fake: mtu %s %d", ifname, mtu)
-
-    async def add_address(self, ifname: str, address: IPInterface) -> None:
-        logger.debug("fake: address %s %s", ifname, address)
-
-    async def set_up(self, ifname: str) -> None:
-        logger.debug("fake: up %s", ifname)
-
-    async def remove_address(self, ifname: str, address: IPInterface) -> None:
-        logger.debug("fake: remove address %s %s", ifname, address)
-
-    async def add_route(self, route: HostRoute, replace: bool) -> None:
-        logger.debug("fake: route %s", route)
-
-    async def remove_route(self, route: HostRoute) -> None:
-        logger.debug("fake: remove route %s", route)
-
-
 @dataclass
 class DeviceState:
     backend: WireGuardBackend | None = None
     ifname: str | None = None
     # Set only once the address is really on the link, so cleanup removes only ours.
     address: IPInterface | None = None
+    # The overlay network of the device, fixed at create: set_address stays inside it.
+    overlay: IPv4Network | None = None
     routes: dict[str, HostRoute] = field(default_factory=dict)
     stun: StunSocket | None = None
 
@@ -246,12 +118,15 @@ class OwnerServer:
     def __init__(
         self,
         net: NetConfig,
-        backend_factory: Callable[[str], WireGuardBackend] = select_backend,
-        raw_stun_factory: RawStunFactory = RawStunSocket.open,
+        backend_factory: Callable[[str], WireGuardBackend],
+        policy: OwnerPolicy,
+        raw_stun_factory: RawStunFactory,
     ) -> None:
         self._net = net
         self._backend_factory = backend_factory
         self._raw_stun_factory = raw_stun_factory
+        self.guard = Guard(policy, net)
+        self.refusals: Counter[str] = Counter()
         self.state = DeviceState()
         self.shutdown_requested = False
         self._events: asyncio.StreamWriter | None = None
@@ -291,6 +166,10 @@ class OwnerServer:
         logger.debug("request %d: %s", request.id, request.op)
         try:
             result = await handler(request.args)
+        except Refusal as exc:
+            self.refusals[exc.key] += 1
+            logger.warning("refused %s (%s): %s", request.op, exc.key, exc.reason)
+            return error_reply(request.id, str(exc))
         except (ProtocolError, BackendError, RawStunError) as exc:
             logger.warning("%s failed: %s", request.op, exc)
             return error_reply(request.id, str(exc))
@@ -304,9 +183,15 @@ class OwnerServer:
             raise ProtocolError(ERR_NO_DEVICE)
         return self.state.backend
 
+    def _overlay(self) -> IPv4Network:
+        if self.state.overlay is None:
+            raise ProtocolError(ERR_NO_DEVICE)
+        return self.state.overlay
+
     async def _set_address(self, args: dict[str, Any]) -> dict[str, Any]:
         address = parse_interface(args)
         assert self.state.ifname is not None
+        await self.guard.set_address(address, self._overlay(), self.state.ifname)
         if address == self.state.address:
             return {}
         old = self.state.address
@@ -335,9 +220,12 @@ class OwnerServer:
         if self.state.backend is not None:
             raise ProtocolError(f"device {self.state.ifname} already exists")
         spec = CreateArgs.parse(args)
+        await self.guard.create(spec)
+        assert isinstance(spec.address.network, IPv4Network)
         backend = self._backend_factory(spec.backend)
         port = await backend.create(spec.ifname, spec.private_key, spec.listen_port)
         self.state.backend, self.state.ifname = backend, spec.ifname
+        self.state.overlay = spec.address.network
         try:
             await self._net.set_mtu(spec.ifname, spec.mtu)
             await self._net.add_address(spec.ifname, spec.address)
@@ -361,6 +249,9 @@ class OwnerServer:
 
     async def _set_peer(self, args: dict[str, Any]) -> dict[str, Any]:
         spec = SetPeerArgs.parse(args)
+        address = self.state.address
+        own = address.ip if address is not None and isinstance(address.ip, IPv4Address) else None
+        self.guard.set_peer(spec, self._overlay(), own)
         await self._backend().set_peer(
             PeerConfig(
                 public_key=spec.public_key,
@@ -377,11 +268,13 @@ class OwnerServer:
         return {}
 
     async def _stats(self, args: dict[str, Any]) -> dict[str, Any]:
+        refusals = dict(self.refusals)
         if self.state.backend is None:
-            return {"listen_port": 0, "peers": []}
+            return {"listen_port": 0, "peers": [], "refusals": refusals}
         backend = self.state.backend
         peers = await backend.peers()
         return {
+            "refusals": refusals,
             "listen_port": await backend.listen_port(),
             "peers": [
                 {
@@ -399,8 +292,13 @@ class OwnerServer:
 
     async def _add_route(self, args: dict[str, Any]) -> dict[str, Any]:
         spec = AddRouteArgs.parse(args)
+        assert self.state.ifname is not None
+        egress = await self.guard.add_route(
+            spec, "via" in args, self.state.ifname, self._overlay(),
+            await self._backend().peers(),
+        )
         key = str(spec.destination)
-        route = HostRoute(destination=key, via=spec.via, ifname=spec.ifname)
+        route = HostRoute(destination=key, via=egress.gateway, ifname=egress.ifname)
         previous = self.state.routes.get(key)
         if previous is not None and previous.ifname != route.ifname:
             # A replace would leave the old one tracked under the wrong interface.
@@ -411,14 +309,14 @@ class OwnerServer:
         await self._net.add_route(route, replace=previous is not None)
         self.state.routes[key] = route
         logger.info("host route %s via %s dev %s", key, route.via, route.ifname)
-        return {}
+        return {"via": route.via, "ifname": route.ifname}
 
     async def _remove_route(self, args: dict[str, Any]) -> dict[str, Any]:
         spec = RemoveRouteArgs.parse(args)
         key = str(spec.destination)
         route = self.state.routes.get(key)
         if route is None:
-            raise ProtocolError(f"no route to {key} was added by this owner")
+            raise Refusal(R_ROUTE_NOT_OURS, f"no route to {key} was added by this owner")
         await self._net.remove_route(route)
         del self.state.routes[key]
         return {}
@@ -498,6 +396,7 @@ class OwnerServer:
             except Exception:
                 logger.exception("removing device %s failed", state.ifname)
         state.ifname = None
+        state.overlay = None
 
     async def serve(
         self,
@@ -563,19 +462,13 @@ async def _stdio_streams() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     return reader, writer
 
 
-def make_server() -> OwnerServer:
-    if os.environ.get(FAKE_BACKEND_ENV) == "1":
-        logger.warning("%s=1: fake backend, nothing is configured (tests only)", FAKE_BACKEND_ENV)
-        return OwnerServer(NullNetConfig(), lambda _name: MemoryBackend())
-    return OwnerServer(NetlinkNetConfig())
-
-
-async def run() -> int:
+async def serve_stdio(server: OwnerServer) -> int:
+    """Serve the agent on stdin/stdout until it goes or a signal comes, then clean up;
+    returns the exit status."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         loop.add_signal_handler(signum, stop.set)
-    server = make_server()
     code = EXIT_STREAM_BROKEN
     try:
         reader, writer = await _stdio_streams()
@@ -586,27 +479,3 @@ async def run() -> int:
         await server.cleanup()
     logger.info("device owner exiting with status %d", code)
     return code
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m kbwg.owner",
-        description="kbwg privileged device owner (frames on stdin/stdout, logs on stderr)",
-    )
-    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        stream=sys.stderr,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
-    # pyroute2 dumps every netlink message at DEBUG, which drowns the owner's own log.
-    logging.getLogger("pyroute2").setLevel(logging.WARNING)
-    code = asyncio.run(run())
-    with contextlib.suppress(Exception):
-        sys.stderr.flush()
-    sys.exit(code)
-
-
-if __name__ == "__main__":
-    main()

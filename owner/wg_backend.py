@@ -9,11 +9,12 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import shutil
 import socket
 import struct
 from dataclasses import dataclass, field
 from typing import Protocol
+
+from kbwg.owner.tools import SYSTEM_DIRS, find_tool
 
 logger = logging.getLogger(__name__)
 
@@ -115,7 +116,7 @@ def kernel_wireguard_available() -> bool:
 
 
 def wireguard_go_path() -> str | None:
-    return shutil.which(WIREGUARD_GO)
+    return find_tool(WIREGUARD_GO)
 
 
 def select_backend(name: str) -> WireGuardBackend:
@@ -133,66 +134,10 @@ def select_backend(name: str) -> WireGuardBackend:
     if binary is None:
         prefix = "no kernel WireGuard and " if name == "auto" else ""
         raise BackendError(
-            f"{prefix}wireguard-go was not found in PATH: install the `wireguard-go` "
-            "package (Debian/Ubuntu: apt-get install wireguard-go)"
+            f"{prefix}wireguard-go was not found in {', '.join(SYSTEM_DIRS)} (root-owned "
+            "only): install the `wireguard-go` package (Debian/Ubuntu: apt-get install "
+            "wireguard-go)"
         )
     from kbwg.owner.wg_userspace import UserspaceBackend
 
     return UserspaceBackend(binary)
-
-
-class MemoryBackend:
-    """In-memory stand-in, for tests only (the owner uses it under
-    KBWG_OWNER_FAKE_BACKEND=1): no device, no process, no privileges."""
-
-    name = "fake"
-
-    def __init__(self) -> None:
-        self.ifname: str | None = None
-        self.private_key: bytes | None = None
-        self._port = 0
-        self._peers: dict[bytes, PeerConfig] = {}
-
-    async def create(self, ifname: str, private_key: bytes, listen_port: int) -> int:
-        if self.ifname is not None:
-            raise BackendError(f"device {self.ifname} already exists")
-        self.ifname = ifname
-        self.private_key = private_key
-        # An unused-looking port stands in for the one WireGuard would pick.
-        self._port = listen_port or 51820
-        return self._port
-
-    async def set_peer(self, peer: PeerConfig) -> None:
-        self._require()
-        self._peers[peer.public_key] = peer
-
-    async def remove_peer(self, public_key: bytes) -> None:
-        self._require()
-        self._peers.pop(public_key, None)
-
-    async def peers(self) -> list[PeerStats]:
-        self._require()
-        return [
-            PeerStats(
-                public_key=p.public_key,
-                endpoint=None if p.endpoint is None else format_endpoint(*p.endpoint),
-                last_handshake=0.0,
-                rx_bytes=0,
-                tx_bytes=0,
-                allowed_ips=list(p.allowed_ips),
-                keepalive=p.keepalive,
-            )
-            for p in self._peers.values()
-        ]
-
-    async def listen_port(self) -> int:
-        self._require()
-        return self._port
-
-    async def close(self) -> None:
-        self.ifname = None
-        self._peers.clear()
-
-    def _require(self) -> None:
-        if self.ifname is None:
-            raise BackendError("no device")

@@ -14,11 +14,11 @@ import collections
 import contextlib
 import logging
 import os
-import shutil
 import signal
 import socket
 import time
 
+from kbwg.owner.tools import SYSTEM_DIRS, clean_env, find_tool
 from kbwg.owner.wg_backend import BackendError, PeerConfig, PeerStats, format_endpoint
 
 logger = logging.getLogger(__name__)
@@ -30,9 +30,10 @@ CONNECT_RETRY_S = 0.02
 # (on Debian /var/run is a symlink to /run).
 UAPI_DIR = "/var/run/wireguard"
 
-# Runs as `sh -c SCRIPT sh DIR BINARY IFNAME` after `unshare --mount`; exec keeps one pid
-# from unshare to wireguard-go, so signalling the child signals wireguard-go itself.
-_LAUNCH_SCRIPT = 'mount -t tmpfs -o mode=0700 kbwg "$1" && exec "$2" -f "$3"'
+# Runs as `sh -c SCRIPT sh MOUNT DIR BINARY IFNAME` after `unshare --mount`, every program
+# by absolute path; exec keeps one pid from unshare to wireguard-go, so signalling the
+# child signals wireguard-go itself.
+_LAUNCH_SCRIPT = '"$1" -t tmpfs -o mode=0700 kbwg "$2" && exec "$3" -f "$4"'
 
 _OUTPUT_TAIL_LINES = 40
 
@@ -42,7 +43,7 @@ class UserspaceBackend:
 
     def __init__(
         self,
-        binary: str = "wireguard-go",
+        binary: str,
         *,
         start_timeout: float = 10.0,
         stop_timeout: float = 5.0,
@@ -75,22 +76,31 @@ class UserspaceBackend:
             raise BackendError("this backend already owns a device")
         if _link_exists(ifname):
             raise BackendError(f"interface {ifname} already exists")
-        unshare = shutil.which("unshare")
-        if unshare is None:
-            raise BackendError("`unshare` (util-linux) is needed to isolate wireguard-go's socket")
+        if not os.path.isabs(self._binary):
+            raise BackendError(f"wireguard-go path {self._binary!r} is not absolute")
+        tools = {name: find_tool(name) for name in ("unshare", "sh", "mount")}
+        missing = sorted(name for name, path in tools.items() if path is None)
+        if missing:
+            raise BackendError(
+                f"{', '.join(missing)} not found in {', '.join(SYSTEM_DIRS)} (root-owned "
+                "only); they isolate wireguard-go's socket: install util-linux and mount"
+            )
         # The mount point must exist in the shared filesystem before the private mount.
         os.makedirs(self._socket_dir, mode=0o755, exist_ok=True)
         argv = [
-            unshare, "--mount", "--propagation", "private",
-            "sh", "-c", _LAUNCH_SCRIPT, "sh", self._socket_dir, self._binary, ifname,
+            str(tools["unshare"]), "--mount", "--propagation", "private",
+            str(tools["sh"]), "-c", _LAUNCH_SCRIPT, "sh",
+            str(tools["mount"]), self._socket_dir, self._binary, ifname,
         ]  # fmt: skip
-        setpriv = shutil.which("setpriv")
+        setpriv = find_tool("setpriv")
         if setpriv is not None:
             # If the owner is killed outright, wireguard-go still goes away with it.
             argv = [setpriv, "--pdeathsig", "TERM", *argv]
-        env = dict(os.environ, WG_PROCESS_FOREGROUND="1")
+        # Nothing inherited: wireguard-go reads LOG_LEVEL and WG_* from its environment.
+        extra = {"WG_PROCESS_FOREGROUND": "1"}
         if logger.isEnabledFor(logging.DEBUG):
-            env["LOG_LEVEL"] = "verbose"
+            extra["LOG_LEVEL"] = "verbose"
+        env = clean_env(**extra)
         self._ifname = ifname
         logger.info("starting wireguard-go for %s", ifname)
         self._process = await asyncio.create_subprocess_exec(

@@ -13,12 +13,14 @@ from typing import Any, ClassVar, cast
 
 import pytest
 from aioice import stun
+from owner_fakes import FakeNetConfig, MemoryBackend
 
 from kbwg.agent.owner_client import DeviceOwner
 from kbwg.negotiation.shared_port import SharedPortTransport
 from kbwg.negotiation.stun_client import StunClient
 from kbwg.owner import server as owner_module
 from kbwg.owner.frames import read_frame, write_frame
+from kbwg.owner.policy import OwnerPolicy
 from kbwg.owner.protocol import ProtocolError, StunSendArgs, stun_event
 from kbwg.owner.rawstun import (
     ACCEPT_ALL,
@@ -47,8 +49,7 @@ from kbwg.owner.rawstun import (
     udp_checksum,
     unpack_filter,
 )
-from kbwg.owner.server import NullNetConfig, OwnerServer
-from kbwg.owner.wg_backend import MemoryBackend
+from kbwg.owner.server import OwnerServer
 
 PORT = 51820
 SRC = ("192.0.2.7", 3478)
@@ -364,7 +365,8 @@ class Client:
 @contextlib.asynccontextmanager
 async def serve_owner() -> AsyncIterator[tuple[OwnerServer, Client]]:
     FakeStunSocket.instances.clear()
-    server = OwnerServer(NullNetConfig(), lambda _name: MemoryBackend(), FakeStunSocket)
+    server = OwnerServer(FakeNetConfig(), lambda _name: MemoryBackend(), OwnerPolicy(),
+                         FakeStunSocket)
     ours, theirs = socket.socketpair()
     s_reader, s_writer = await asyncio.open_unix_connection(sock=ours)
     c_reader, c_writer = await asyncio.open_unix_connection(sock=theirs)
@@ -391,7 +393,7 @@ async def test_owner_stun_ops(served: tuple[OwnerServer, Client]) -> None:
     request = stun_request()
     assert not (await client.call("stun_open"))["ok"]  # no device yet
     created = await client.call(
-        "create", ifname="kbt0", private_key="A" * 43 + "=", listen_port=0,
+        "create", ifname="kbwg0", private_key="A" * 43 + "=", listen_port=0,
         address="100.64.0.1/10", backend="auto",
     )  # fmt: skip
     assert created["ok"], created
@@ -431,7 +433,7 @@ async def test_owner_stun_send_rate_limit(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setattr(owner_module, "STUN_SEND_RATE", 0.0)  # no refill: exact counts
     async with serve_owner() as (_server, client):
         await client.call(
-            "create", ifname="kbt0", private_key="A" * 43 + "=", listen_port=0,
+            "create", ifname="kbwg0", private_key="A" * 43 + "=", listen_port=0,
             address="100.64.0.1/10", backend="auto",
         )  # fmt: skip
         await client.call("stun_open")

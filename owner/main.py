@@ -1,0 +1,88 @@
+"""Entry point of the privileged device owner: `python -I -m kbwg.owner` or the installed
+`kbwg-owner` script (`from kbwg.owner.main import main; main()`).
+
+It runs as root on behalf of an unprivileged agent, so before anything else it sheds
+what the caller could have chosen: the working directory, the umask, the environment
+and any import path outside the installation. Then it reads the local policy and
+serves frames on stdin/stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import sys
+from pathlib import Path
+
+from kbwg.owner.netconfig import NetlinkNetConfig
+from kbwg.owner.policy import DEFAULT_POLICY_PATH, OwnerPolicy, PolicyError, load_policy
+from kbwg.owner.rawstun import RawStunSocket
+from kbwg.owner.server import OwnerServer, serve_stdio
+from kbwg.owner.tools import FIXED_PATH
+from kbwg.owner.wg_backend import select_backend
+
+logger = logging.getLogger(__name__)
+
+EXIT_BAD_POLICY = 2
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+def harden() -> None:
+    """Leave nothing of the caller's choosing in effect: cwd, umask, environment (which
+    children inherit) and import path entries that are relative or the caller's cwd
+    (modules such as pyroute2's parts are imported lazily, later)."""
+    try:
+        cwd = os.getcwd()
+    except OSError:
+        cwd = None
+    os.chdir("/")
+    os.umask(0o077)
+    os.environ.clear()
+    os.environ["PATH"] = FIXED_PATH
+    sys.path[:] = [
+        entry for entry in sys.path
+        if entry and os.path.isabs(entry) and (cwd is None or entry != cwd)
+    ]  # fmt: skip
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        stream=sys.stderr,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    # pyroute2 dumps every netlink message at DEBUG, which drowns the owner's own log.
+    logging.getLogger("pyroute2").setLevel(logging.WARNING)
+
+
+def build_server(policy: OwnerPolicy) -> OwnerServer:
+    return OwnerServer(NetlinkNetConfig(), select_backend, policy, RawStunSocket.open)
+
+
+def main(argv: list[str] | None = None) -> None:
+    harden()
+    parser = argparse.ArgumentParser(
+        prog="kbwg-owner",
+        description="kbwg privileged device owner (frames on stdin/stdout, logs on stderr)",
+    )
+    parser.add_argument("--log-level", default="INFO", type=str.upper, choices=LOG_LEVELS)
+    parser.add_argument("--policy", type=Path, default=DEFAULT_POLICY_PATH,
+                        help=f"root-owned policy file (default: {DEFAULT_POLICY_PATH})")
+    args = parser.parse_args(argv)
+    configure_logging(args.log_level)
+    if not sys.flags.isolated:
+        logger.debug("not started with `python -I`: PYTHON* variables and the user site "
+                     "directory were honoured at startup")
+    try:
+        policy = load_policy(args.policy)
+    except PolicyError as exc:
+        print(f"kbwg-owner: {exc}", file=sys.stderr)
+        sys.exit(EXIT_BAD_POLICY)
+    logger.info("policy: overlay within %s", policy.overlay)
+    code = asyncio.run(serve_stdio(build_server(policy)))
+    with contextlib.suppress(Exception):
+        sys.stderr.flush()
+    sys.exit(code)
