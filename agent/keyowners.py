@@ -81,6 +81,11 @@ class KeyBook:
                 del devices[device]
             if not devices:
                 del self._uses[key]
+        # A line older than every recorded use is no device's current line any more
+        # (give or take a listed device that stopped announcing): forget it was logged.
+        floor = min((u.first_msg_id for devices in self._uses.values()
+                     for u in devices.values()), default=None)
+        self._logged = {m for m in self._logged if floor is not None and m >= floor}
 
     def owner(self, key: str, users: Mapping[DeviceId, int], listed: Collection[DeviceId]
               ) -> tuple[DeviceId, str]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import json
 import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -107,6 +108,18 @@ def test_an_overlay_overlapping_a_host_route_stops_join(world: World) -> None:
     host = world.host("h", lans=[home.lan])
     # A site network in shared address space, reached through the LAN's router.
     host.run(["ip", "route", "add", "100.64.5.0/24", "via", str(home.lan.gateway)])
+    # What the check reads: every route but default ones and our own interface's (a
+    # stand-in kbwg0 here, as one left behind by an earlier run would be).
+    host.run(["ip", "link", "add", "kbwg0", "type", "veth", "peer", "name", "kbwgpeer"])
+    host.run(["ip", "address", "add", "100.64.0.1/16", "dev", "kbwg0"])
+    host.run(["ip", "link", "set", "kbwg0", "up"])
+    host.run(["ip", "link", "set", "kbwgpeer", "up"])
+    probe = ("import asyncio; from kbwg.agent.overlaycheck import host_routes; "
+             "print(' '.join(sorted(str(n) for n in asyncio.run(host_routes('kbwg0')))))")
+    seen = host.run([sys.executable, "-c", probe]).stdout.split()
+    assert "100.64.5.0/24" in seen and str(home.lan.subnet) in seen, seen
+    assert not any(n.endswith("/0") or n.startswith("100.64.0.") for n in seen), seen
+    host.run(["ip", "link", "del", "kbwg0"])
     team = Team(world)
     team.write_peers([ALICE, BOB])
     team.write_file("kbwg.json", json.dumps({"overlay": "100.64.0.0/16"}))

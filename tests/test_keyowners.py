@@ -169,3 +169,7 @@ def test_each_refused_message_is_logged_once() -> None:
     assert keys.should_log(20)
     assert not keys.should_log(20)
     assert keys.should_log(21)
+    # Once no recorded use is that old, the memory of having logged it goes too.
+    keys.record(MALLORY, new_key(), 30, time.time())
+    keys.prune(time.time())
+    assert keys.should_log(20)
