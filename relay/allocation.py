@@ -17,11 +17,11 @@ from typing import NamedTuple
 
 from kbwg.core.addresses import Address
 from kbwg.relay.config import Lifetimes
+from kbwg.relay.hostaddrs import HostAddresses
 from kbwg.relay.limits import Counters, PeerPolicy, Quotas, RateLimiter, rate_limiter
 from kbwg.relay.wire import CHANNEL_MAX, CHANNEL_MIN
 
 log = logging.getLogger(__name__)
-
 
 
 class Refusal(Exception):
@@ -90,10 +90,13 @@ class AllocationTable:
                  counters: Counters, open_socket: Callable[[bool, bool], socket.socket],
                  open_pair: Callable[[], tuple[socket.socket, socket.socket]],
                  on_created: Callable[[Allocation], None],
-                 on_removed: Callable[[Allocation], None]) -> None:
+                 on_removed: Callable[[Allocation], None],
+                 host: HostAddresses | None = None) -> None:
         self.quotas = quotas
         self.lifetimes = lifetimes
         self.policy = policy
+        # None: no host addresses beyond the policy's own (tests without procfs).
+        self.host = host
         self.counters = counters
         self._open_socket = open_socket
         self._open_pair = open_pair
@@ -103,6 +106,7 @@ class AllocationTable:
         self.allocations: dict[Address, Allocation] = {}
         self.routes: dict[tuple[Address, int], ChannelRoute] = {}
         self._per_user: dict[str, int] = {}
+        self._per_address: dict[str, int] = {}
 
     def get(self, client: Address) -> Allocation | None:
         return self.allocations.get(client)
@@ -114,6 +118,8 @@ class AllocationTable:
         """The new allocation, and the token of the port reserved with it if asked."""
         if self._per_user.get(user, 0) >= self.quotas.allocations_per_user:
             raise Refusal(486, "quota_user", f"user {user} has too many allocations")
+        if self._per_address.get(client[0], 0) >= self.quotas.allocations_per_address:
+            raise Refusal(486, "quota_address", f"{client[0]} has too many allocations")
         # Reservations hold ports too, so they count against the total.
         if len(self.allocations) + len(self.reservations) >= self.quotas.allocations:
             raise Refusal(508, "quota_total", "the relay is full")
@@ -142,6 +148,7 @@ class AllocationTable:
         )
         self.allocations[client] = allocation
         self._per_user[user] = self._per_user.get(user, 0) + 1
+        self._per_address[client[0]] = self._per_address.get(client[0], 0) + 1
         self.counters.allocations_created += 1
         self._on_created(allocation)
         log.info("allocation %s:%d for %s (%s) relayed at %s:%d", *client, user, username,
@@ -157,17 +164,18 @@ class AllocationTable:
         allocation.expires = now + granted
         return granted
 
-    def _check_peer(self, peer: Address) -> None:
+    def _check_peer(self, peer: Address, now: float) -> None:
         if ":" in peer[0]:
             raise Refusal(443, "address_family", "IPv6 peer on an IPv4 allocation")
-        reason = self.policy.refusal(peer[0])
+        host = self.host.current(now) if self.host is not None else ()
+        reason = self.policy.refusal(peer[0], host)
         if reason is not None:
             raise Refusal(403, "peer_forbidden", f"peer {peer[0]}: {reason}")
 
     def permit(self, allocation: Allocation, peers: list[Address], now: float) -> None:
         """Install or refresh permissions, all or none (RFC 8656 9.2)."""
         for peer in peers:
-            self._check_peer(peer)
+            self._check_peer(peer, now)
         new = {peer[0] for peer in peers} - allocation.permissions.keys()
         if len(allocation.permissions) + len(new) > self.quotas.permissions_per_allocation:
             raise Refusal(508, "quota_permissions", "too many permissions")
@@ -179,7 +187,7 @@ class AllocationTable:
     def bind(self, allocation: Allocation, channel: int, peer: Address, now: float) -> None:
         if not CHANNEL_MIN <= channel <= CHANNEL_MAX:
             raise Refusal(400, "bad_channel_number", f"channel 0x{channel:04x} out of range")
-        self._check_peer(peer)
+        self._check_peer(peer, now)
         bound = allocation.channels.get(channel)
         if bound is not None and bound.peer != peer:
             raise Refusal(400, "channel_conflict", f"channel 0x{channel:04x} is bound")
@@ -209,11 +217,8 @@ class AllocationTable:
             self.routes.pop(key, None)
         allocation.route_keys = []
         allocation.peer_channels = {}
-        left = self._per_user.get(allocation.user, 1) - 1
-        if left:
-            self._per_user[allocation.user] = left
-        else:
-            self._per_user.pop(allocation.user, None)
+        _decrement(self._per_user, allocation.user)
+        _decrement(self._per_address, allocation.client[0])
         if why == "expired":
             self.counters.allocations_expired += 1
         else:
@@ -282,3 +287,11 @@ class AllocationTable:
             "permissions": sum(len(a.permissions) for a in allocations),
             "channels": sum(len(a.channels) for a in allocations),
         }
+
+
+def _decrement(counts: dict[str, int], key: str) -> None:
+    left = counts.get(key, 1) - 1
+    if left:
+        counts[key] = left
+    else:
+        counts.pop(key, None)

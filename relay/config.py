@@ -19,6 +19,10 @@ class Lifetimes:
     channel: float = 600
     channel_cooldown: float = 300
     nonce: float = 600
+    # The longest a TURN REST username may stay valid: its expiry must not lie further
+    # ahead (plus limits.CREDENTIAL_CLOCK_SKEW), or anyone who once held the secret
+    # could mint credentials that never expire. kbwg agents mint 24-hour ones.
+    credential_max: float = 24 * 3600
 
     def granted(self, requested: int | None) -> float:
         """RFC 8656 7.2: the request capped by the maximum, but never below the default."""

@@ -5,6 +5,11 @@ the raw attribute walk (kbwg.relay.wire), then aioice's parser, then authenticat
 (long-term credentials with TURN REST usernames), then the method. Header-level garbage
 is dropped silently as RFC 8489 6.3 asks; a well-framed request that is wrong gets an
 error response.
+
+Answers to requests without valid credentials (Binding, challenges, errors before
+authentication) cost an attacker one spoofed datagram each, so they are rate-limited
+per source IP and in total, and carry nothing beyond what the client needs: no
+SOFTWARE, and FINGERPRINT only when the request had one.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from kbwg.relay import wire
 from kbwg.relay.allocation import Allocation, AllocationTable, Refusal
 from kbwg.relay.config import ServerConfig
 from kbwg.relay.credentials import NonceIssuer, RestAuthenticator, split_username
-from kbwg.relay.limits import Counters
+from kbwg.relay.limits import Counters, UnauthenticatedLimiter
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +51,11 @@ class Request:
     client: Address
     local: Address
 
+    @property
+    def fingerprint(self) -> bool:
+        """Whether the client uses FINGERPRINT, and so wants it in answers."""
+        return any(attribute.type == wire.FINGERPRINT for attribute in self.raw)
+
 
 class ControlPlane:
     def __init__(self, config: ServerConfig, table: AllocationTable, counters: Counters,
@@ -57,8 +67,11 @@ class ControlPlane:
         self._main = main
         # local socket address -> its OTHER-ADDRESS; empty without --alt-address.
         self._alternates = alternates
-        self._auth = RestAuthenticator(config.secret, config.realm)
+        self._auth = RestAuthenticator(config.secret, config.realm,
+                                       config.lifetimes.credential_max)
         self._nonces = NonceIssuer(config.lifetimes.nonce)
+        self._unauthenticated = UnauthenticatedLimiter(
+            config.quotas.unauthenticated_per_source, config.quotas.unauthenticated_total)
 
     def datagram_received(self, data: bytes, client: Address, local: Address) -> None:
         """Never raises: a bug or a hostile datagram must not stop the relay."""
@@ -76,7 +89,7 @@ class ControlPlane:
         try:
             message = stun.parse_message(data)
         except (ValueError, struct.error, UnicodeDecodeError, IndexError):
-            self._undecodable(data, client, local)
+            self._undecodable(data, raw, client, local)
             return
         request = Request(message, raw, client, local)
         if message.message_class == stun.Class.INDICATION:
@@ -118,7 +131,8 @@ class ControlPlane:
         except (ValueError, struct.error) as exc:
             self._refuse(request, Refusal(400, "bad_request", str(exc)), credentials.key)
 
-    def _undecodable(self, data: bytes, client: Address, local: Address) -> None:
+    def _undecodable(self, data: bytes, raw: list[wire.RawAttribute], client: Address,
+                     local: Address) -> None:
         """A well-framed message whose attributes do not decode: 400 to requests."""
         self.counters.malformed += 1
         msg_type, _, _, transaction_id = struct.unpack_from("!HHI12s", data)
@@ -127,32 +141,56 @@ class ControlPlane:
         except ValueError:
             self.counters.unknown_method += 1
             return
-        if msg_type & 0x0110 == stun.Class.REQUEST:
+        if msg_type & 0x0110 == stun.Class.REQUEST and self._may_answer(client):
             message = stun.Message(method, stun.Class.REQUEST, transaction_id)
-            self._send(wire.encode(wire.error(message, 400)), client, local)
+            fingerprint = any(attribute.type == wire.FINGERPRINT for attribute in raw)
+            self._send(wire.encode(wire.error(message, 400), fingerprint=fingerprint),
+                       client, local)
+
+    def _may_answer(self, client: Address) -> bool:
+        """Whether an unauthenticated answer to `client` fits the rate limits."""
+        limited = self._unauthenticated.allow(client[0], time.monotonic())
+        if limited is None:
+            return True
+        self._count(limited)
+        return False
+
+    def _count(self, counter: str) -> None:
+        setattr(self.counters, counter, getattr(self.counters, counter) + 1)
 
     def _reply(self, request: Request, data: bytes, local: Address | None = None) -> None:
         self._send(data, request.client, local or request.local)
 
-    def _refuse(self, request: Request, refusal: Refusal, key: bytes | None,
-                attributes: dict[str, object] | None = None) -> None:
-        counter = refusal.counter
-        setattr(self.counters, counter, getattr(self.counters, counter) + 1)
+    def _refuse(self, request: Request, refusal: Refusal, key: bytes | None) -> None:
+        """Count and answer; without `key` (unauthenticated) within the rate limits."""
+        self._count(refusal.counter)
         log.debug("%s from %s:%d refused %d (%s)", request.message.message_method.name,
                   *request.client, refusal.code, refusal)
-        self._reply(request, wire.encode(
-            wire.error(request.message, refusal.code, attributes), key))
+        if key is None and not self._may_answer(request.client):
+            return
+        self._error(request, refusal.code, key)
+
+    def _error(self, request: Request, code: int, key: bytes | None,
+               attributes: dict[str, object] | None = None) -> None:
+        self._reply(request, wire.encode(wire.error(request.message, code, attributes), key,
+                                         fingerprint=request.fingerprint))
 
     def _unknown_attributes(self, request: Request, types: list[int]) -> None:
         self.counters.unknown_attribute += 1
-        self._reply(request, wire.unknown_attributes_error(request.message, types))
+        if self._may_answer(request.client):
+            self._reply(request, wire.unknown_attributes_error(
+                request.message, types, fingerprint=request.fingerprint))
 
     # --- authentication (RFC 8489 9.2.4) ---
 
     def _challenge(self, request: Request, code: int, counter: str) -> None:
-        nonce = self._nonces.issue(request.client)
-        self._refuse(request, Refusal(code, counter), None,
-                     {"REALM": self.config.realm, "NONCE": nonce})
+        """An error with REALM and a fresh NONCE; the nonce is made only when sent."""
+        self._count(counter)
+        log.debug("%s from %s:%d challenged %d (%s)", request.message.message_method.name,
+                  *request.client, code, counter)
+        if self._may_answer(request.client):
+            self._error(request, code, None, {"REALM": self.config.realm,
+                                              "NONCE": self._nonces.issue(request.client)})
 
     def _authenticate(self, request: Request) -> Credentials | None:
         attributes = request.message.attributes
@@ -173,6 +211,9 @@ class ControlPlane:
         if self._auth.expired(username):
             self._challenge(request, 401, "expired_username")
             return None
+        if self._auth.too_far(username):
+            self._challenge(request, 401, "expiry_too_far")
+            return None
         key = self._auth.integrity_key(username)
         if not request.message.check_message_integrity(key):
             self._challenge(request, 401, "bad_credentials")
@@ -182,6 +223,8 @@ class ControlPlane:
     # --- STUN Binding and RFC 5780 ---
 
     def _binding(self, request: Request) -> None:
+        if not self._may_answer(request.client):
+            return
         local = request.local
         source = local
         attributes: dict[str, object] = {"XOR-MAPPED-ADDRESS": request.client}
@@ -194,11 +237,9 @@ class ControlPlane:
                 self.counters.change_request_responses += 1
             attributes["OTHER-ADDRESS"] = other
             attributes["RESPONSE-ORIGIN"] = source
-        if self.config.software:
-            attributes["SOFTWARE"] = self.config.software
         self.counters.binding_responses += 1
-        self._reply(request, wire.encode(wire.response(request.message, attributes)),
-                    source)
+        self._reply(request, wire.encode(wire.response(request.message, attributes),
+                                         fingerprint=request.fingerprint), source)
 
     # --- TURN ---
 

@@ -17,31 +17,66 @@ log = logging.getLogger(__name__)
 
 Network = IPv4Network | IPv6Network
 
-# Never relayed to unless --allow-peer says so: the relay host itself and addresses
-# whose traffic would reach the relay's own machine or link instead of a peer.
+# Never relayed to unless --allow-peer says so. A relay is an open door into the
+# networks its host can reach, so everything IANA's special-purpose registries mark as
+# not globally reachable is refused (RFC 6890 and its updates): private and shared
+# address space, loopback, link-local, benchmarking and documentation ranges, multicast
+# and reserved space. The relay host's own interface addresses are refused too, read
+# from the kernel (kbwg.relay.hostaddrs). A test world or a relay deliberately serving
+# a LAN opens what it needs with --allow-peer.
 DEFAULT_DENIED_PEERS: tuple[str, ...] = (
     "0.0.0.0/8",  # "this network"
+    "10.0.0.0/8",  # private (RFC 1918)
+    "100.64.0.0/10",  # shared address space, carrier-grade NAT (RFC 6598)
     "127.0.0.0/8",  # loopback
     "169.254.0.0/16",  # link-local
+    "172.16.0.0/12",  # private (RFC 1918)
+    "192.0.0.0/24",  # IETF protocol assignments
+    "192.0.2.0/24",  # documentation, TEST-NET-1
+    "192.88.99.0/24",  # the deprecated 6to4 relay anycast
+    "192.168.0.0/16",  # private (RFC 1918)
+    "198.18.0.0/15",  # benchmarking (RFC 2544)
+    "198.51.100.0/24",  # documentation, TEST-NET-2
+    "203.0.113.0/24",  # documentation, TEST-NET-3
     "224.0.0.0/4",  # multicast
     "240.0.0.0/4",  # reserved, with the limited broadcast address
     "::/128",
     "::1/128",
-    "fe80::/10",
-    "ff00::/8",
+    "64:ff9b:1::/48",  # local-use NAT64
+    "100::/64",  # discard-only
+    "2001:2::/48",  # benchmarking
+    "2001:db8::/32",  # documentation
+    "3fff::/20",  # documentation
+    "5f00::/16",  # segment routing SIDs
+    "fc00::/7",  # unique local
+    "fe80::/10",  # link-local
+    "fec0::/10",  # the deprecated site-local
+    "ff00::/8",  # multicast
 )
+
+# How far in the future a TURN REST username's expiry may lie beyond the longest
+# credential lifetime: the clocks of the relay and of the agent minting it differ.
+CREDENTIAL_CLOCK_SKEW = 300.0
 
 
 @dataclass(frozen=True)
 class Quotas:
     allocations: int = 1000
     allocations_per_user: int = 10
+    # Per client IP address, whatever the user names: REST credentials are minted by
+    # anyone holding the team secret, so a user name alone bounds nothing.
+    allocations_per_address: int = 10
     permissions_per_allocation: int = 64
     channels_per_allocation: int = 64
     # Both directions together, per allocation; 0 disables the limit.
     packets_per_second: int = 100_000
     bytes_per_second: int = 125_000_000
     burst_seconds: float = 0.2
+    # Answers to requests without valid credentials (Binding, 401 challenges, errors),
+    # per second: per source IP and in total; 0 disables the limit. They cost nothing to
+    # provoke with a spoofed source, so they must not become a reflector.
+    unauthenticated_per_source: int = 10
+    unauthenticated_total: int = 200
 
 
 @dataclass(slots=True)
@@ -108,7 +143,7 @@ class PeerPolicy:
     """Which peer addresses an allocation may relay to.
 
     `allow` wins over everything else, so tests (or a relay deliberately serving its
-    own host) can open loopback without turning the other protections off.
+    own host or LAN) can open a range without turning the other protections off.
     """
 
     allow: tuple[Network, ...] = ()
@@ -116,8 +151,9 @@ class PeerPolicy:
         default_factory=lambda: parse_networks(DEFAULT_DENIED_PEERS))
     own: frozenset[str] = frozenset()
 
-    def refusal(self, ip: str) -> str | None:
-        """Why relaying to `ip` is refused, or None when allowed."""
+    def refusal(self, ip: str, host: tuple[Network, ...] = ()) -> str | None:
+        """Why relaying to `ip` is refused, or None when allowed; `host` holds the
+        networks the relay host answers for itself (its interface addresses)."""
         try:
             address: IPv4Address | IPv6Address = ipaddress.ip_address(ip)
         except ValueError:
@@ -128,10 +164,65 @@ class PeerPolicy:
             return None
         if str(address) in self.own:
             return "the relay's own address"
+        for network in host:
+            if address in network:
+                return f"an address of the relay host ({network})"
         for network in self.deny:
             if address in network:
                 return f"denied network {network}"
         return None
+
+
+# Per-source buckets of sources quiet this long are full again: forgetting them loses
+# nothing. The table is also capped, and pruned when it reaches the cap.
+_SOURCE_BURST_SECONDS = 2.0
+_TOTAL_BURST_SECONDS = 1.0
+_MAX_TRACKED_SOURCES = 4096
+
+
+@dataclass
+class UnauthenticatedLimiter:
+    """Token buckets for answers to unauthenticated requests: one per source IP (the
+    victim of a reflection attack is one address, whatever ports are spoofed) and one
+    for all sources together (spoofed sources are countless).
+
+    A source's bucket is created only when the total bucket lets its first answer
+    through, so the table grows no faster than the total rate allows.
+    """
+
+    per_source: int
+    total: int
+    sources: dict[str, RateLimiter] = field(default_factory=dict)
+    overall: RateLimiter | None = None
+
+    def __post_init__(self) -> None:
+        if self.total > 0:
+            self.overall = RateLimiter(float(self.total), float(2**62), _TOTAL_BURST_SECONDS)
+
+    def allow(self, source: str, now: float) -> str | None:
+        """None to answer, else the counter naming why not."""
+        bucket = None
+        if self.per_source > 0:
+            bucket = self.sources.get(source)
+            if bucket is not None and not bucket.allow(now, 0):
+                return "unauthenticated_limited_source"
+        if self.overall is not None and not self.overall.allow(now, 0):
+            return "unauthenticated_limited_total"
+        if self.per_source > 0 and bucket is None:
+            if len(self.sources) >= _MAX_TRACKED_SOURCES:
+                self.prune(now)
+                if len(self.sources) >= _MAX_TRACKED_SOURCES:
+                    return "unauthenticated_limited_total"
+            bucket = RateLimiter(float(self.per_source), float(2**62),
+                                 _SOURCE_BURST_SECONDS)
+            bucket.last = now
+            bucket.allow(now, 0)
+            self.sources[source] = bucket
+        return None
+
+    def prune(self, now: float) -> None:
+        self.sources = {source: bucket for source, bucket in self.sources.items()
+                        if now - bucket.last < _SOURCE_BURST_SECONDS}
 
 
 @dataclass
@@ -171,6 +262,7 @@ class Counters:
     bad_credentials: int = 0  # 401
     expired_username: int = 0  # 401
     wrong_realm: int = 0  # 401
+    expiry_too_far: int = 0  # 401: a username valid for longer than the relay accepts
     stale_nonce: int = 0  # 438
     bad_request: int = 0  # 400
     bad_channel_number: int = 0  # 400
@@ -181,6 +273,7 @@ class Counters:
     unsupported_transport: int = 0  # 442
     address_family: int = 0  # 440/443
     quota_user: int = 0  # 486
+    quota_address: int = 0  # 486: too many allocations from one client IP
     quota_total: int = 0  # 508
     quota_permissions: int = 0  # 508
     quota_channels: int = 0  # 508
@@ -191,6 +284,10 @@ class Counters:
     no_permission_in: int = 0
     no_channel: int = 0
     rate_limited: int = 0
+    # Answers to unauthenticated requests not sent: their source, or all sources
+    # together, asked too often (the request is still counted under its own name).
+    unauthenticated_limited_source: int = 0
+    unauthenticated_limited_total: int = 0
     send_errors: int = 0
     receive_errors: int = 0
 

@@ -60,10 +60,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="second IP and port for RFC 5780 NAT behaviour discovery "
                         "(OTHER-ADDRESS, CHANGE-REQUEST); both must differ from --listen")
     parser.add_argument("--allow-peer", action="append", default=[], metavar="CIDR",
-                        help="relay to these peers even when denied by default "
-                        "(loopback, link-local, multicast, the relay's own addresses)")
+                        help="relay to these peers even when denied by default: private "
+                        "(RFC 1918), shared (100.64/10), benchmarking, documentation, "
+                        "loopback, link-local, multicast and reserved ranges, and the "
+                        "relay host's own addresses; for a test world or a relay serving "
+                        "a LAN (repeatable)")
     parser.add_argument("--deny-peer", action="append", default=[], metavar="CIDR",
-                        help="never relay to these peers (e.g. the relay's private LANs)")
+                        help="never relay to these peers either (repeatable)")
     parser.add_argument("--max-allocations", type=int, default=quotas.allocations,
                         metavar="N", help=f"allocations in total (default "
                         f"{quotas.allocations})")
@@ -71,6 +74,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         default=quotas.allocations_per_user,
                         help=f"allocations per REST user (default "
                         f"{quotas.allocations_per_user})")
+    parser.add_argument("--max-allocations-per-ip", type=int, metavar="N",
+                        default=quotas.allocations_per_address,
+                        help=f"allocations per client IP address, whatever the user "
+                        f"names (default {quotas.allocations_per_address}; raise it for "
+                        f"more devices behind one NAT)")
     parser.add_argument("--max-permissions", type=int, metavar="N",
                         default=quotas.permissions_per_allocation,
                         help=f"permissions per allocation (default "
@@ -91,6 +99,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         default=int(lifetimes.allocation_max),
                         help=f"longest allocation lifetime granted (default "
                         f"{int(lifetimes.allocation_max)})")
+    parser.add_argument("--max-credential-lifetime", type=int, metavar="SECONDS",
+                        default=int(lifetimes.credential_max),
+                        help=f"refuse TURN REST usernames whose expiry lies further ahead "
+                        f"(default {int(lifetimes.credential_max)}, 24 h: what kbwg "
+                        f"agents mint; 5 minutes of clock skew are allowed on top)")
+    parser.add_argument("--unauth-rate", type=int, metavar="N",
+                        default=quotas.unauthenticated_total,
+                        help=f"answers per second to requests without credentials "
+                        f"(Binding, 401 challenges), all sources together, 0 for no "
+                        f"limit (default {quotas.unauthenticated_total})")
+    parser.add_argument("--unauth-rate-per-source", type=int, metavar="N",
+                        default=quotas.unauthenticated_per_source,
+                        help=f"the same per source IP address, 0 for no limit (default "
+                        f"{quotas.unauthenticated_per_source})")
     parser.add_argument("--stats-interval", type=float, default=300, metavar="SECONDS",
                         help="log counters this often, 0 never (default 300; SIGUSR1 "
                         "logs them at once)")
@@ -102,20 +124,27 @@ def build_config(args: argparse.Namespace) -> ServerConfig:
         secret = handle.read().strip()
     if not secret:
         raise ValueError(f"{args.secret_file} holds no secret")
-    numbers = (args.max_allocations, args.max_allocations_per_user, args.max_permissions,
-               args.max_channels, args.max_pps, args.max_bytes_per_second)
-    if min(numbers) < 0 or args.max_lifetime < 1:
-        raise ValueError("limits must not be negative, and --max-lifetime at least 1")
+    numbers = (args.max_allocations, args.max_allocations_per_user,
+               args.max_allocations_per_ip, args.max_permissions, args.max_channels,
+               args.max_pps, args.max_bytes_per_second, args.unauth_rate,
+               args.unauth_rate_per_source)
+    if min(numbers) < 0 or args.max_lifetime < 1 or args.max_credential_lifetime < 1:
+        raise ValueError("limits must not be negative, and --max-lifetime and "
+                         "--max-credential-lifetime at least 1")
     quotas = Quotas(
         allocations=args.max_allocations, allocations_per_user=args.max_allocations_per_user,
+        allocations_per_address=args.max_allocations_per_ip,
         permissions_per_allocation=args.max_permissions,
         channels_per_allocation=args.max_channels, packets_per_second=args.max_pps,
         bytes_per_second=args.max_bytes_per_second,
+        unauthenticated_per_source=args.unauth_rate_per_source,
+        unauthenticated_total=args.unauth_rate,
     )
     lifetimes = Lifetimes()
     lifetimes = replace(lifetimes, allocation_max=args.max_lifetime,
                         allocation_default=min(lifetimes.allocation_default,
-                                               args.max_lifetime))
+                                               args.max_lifetime),
+                        credential_max=args.max_credential_lifetime)
     config = ServerConfig(
         listen=parse_address(args.listen),
         secret=secret,

@@ -20,6 +20,7 @@ from kbwg.core.addresses import Address
 from kbwg.relay.allocation import Allocation, AllocationTable
 from kbwg.relay.config import ServerConfig
 from kbwg.relay.control import ControlPlane
+from kbwg.relay.hostaddrs import HostAddresses
 from kbwg.relay.limits import DEFAULT_DENIED_PEERS, Counters, PeerPolicy, parse_networks
 from kbwg.relay.sockets import local_address, open_even_pair, open_relayed, open_udp
 
@@ -59,6 +60,7 @@ class RelayServer:
             counters=self.counters, open_socket=self._open_relayed,
             open_pair=lambda: open_even_pair(self._relay_ip, config.relayed_socket_buffer),
             on_created=self._allocation_created, on_removed=self._allocation_removed,
+            host=HostAddresses(),
         )
         self.control: ControlPlane | None = None
 

@@ -33,6 +33,7 @@ XOR_PEER_ADDRESS = 0x0012
 CHANGE_REQUEST = 0x0003
 FINGERPRINT = 0x8028
 MESSAGE_INTEGRITY = 0x0008
+MESSAGE_INTEGRITY_SHA256 = 0x001C
 ADDRESS_FAMILY_IPV4 = 0x01
 ADDRESS_FAMILY_IPV6 = 0x02
 CHANGE_IP = 0x4
@@ -86,10 +87,16 @@ def check_header(data: bytes) -> None:
 
 
 def scan_attributes(data: bytes) -> list[RawAttribute]:
-    """Every attribute in order, FINGERPRINT verified; raises MalformedDatagram."""
+    """The attributes in order, FINGERPRINT verified; raises MalformedDatagram.
+
+    Attributes after MESSAGE-INTEGRITY are walked (the framing must hold) but left
+    out, except FINGERPRINT: they are not covered by the integrity check, so anyone on
+    the path could have appended them (RFC 8489 14.5). aioice's parser does the same.
+    """
     attributes: list[RawAttribute] = []
     pos = stun.HEADER_LENGTH
     end = len(data)
+    signed = False
     while pos < end:
         if pos + 4 > end:
             raise MalformedDatagram("malformed", "truncated attribute header")
@@ -103,7 +110,10 @@ def scan_attributes(data: bytes) -> list[RawAttribute]:
             (value,) = struct.unpack_from("!I", data, pos + 4)
             if value != stun.message_fingerprint(data[:pos]):
                 raise MalformedDatagram("bad_fingerprint", "FINGERPRINT does not match")
-        attributes.append(RawAttribute(attr_type, data[pos + 4:value_end]))
+        if not signed or attr_type == FINGERPRINT:
+            attributes.append(RawAttribute(attr_type, data[pos + 4:value_end]))
+        if attr_type in (MESSAGE_INTEGRITY, MESSAGE_INTEGRITY_SHA256):
+            signed = True
         pos = value_end + stun.padding_length(attr_len)
     return attributes
 
@@ -139,11 +149,12 @@ def error(request: stun.Message, code: int,
                               **(attributes or {})}, stun.Class.ERROR)
 
 
-def encode(message: stun.Message, key: bytes | None = None) -> bytes:
-    """Sign with `key` when given, and always end with FINGERPRINT."""
+def encode(message: stun.Message, key: bytes | None = None, *,
+           fingerprint: bool = True) -> bytes:
+    """Sign with `key` when given, and end with FINGERPRINT (always when signed)."""
     if key is not None:
         message.add_message_integrity(key)
-    else:
+    elif fingerprint:
         message.add_fingerprint()
     return bytes(message)
 
@@ -153,7 +164,8 @@ def raw_attribute(attr_type: int, value: bytes) -> bytes:
             + bytes(stun.padding_length(len(value))))
 
 
-def encode_with(message: stun.Message, extra: bytes, key: bytes | None = None) -> bytes:
+def encode_with(message: stun.Message, extra: bytes, key: bytes | None = None, *,
+                fingerprint: bool = True) -> bytes:
     """`encode` plus attributes aioice cannot encode, given already encoded in `extra`."""
     data = bytes(message) + extra
     if key is not None:
@@ -161,14 +173,18 @@ def encode_with(message: stun.Message, extra: bytes, key: bytes | None = None) -
         data = stun.set_body_length(data, len(data) - stun.HEADER_LENGTH)
         data += raw_attribute(MESSAGE_INTEGRITY, integrity)
     data = stun.set_body_length(data, len(data) - stun.HEADER_LENGTH)
+    if key is None and not fingerprint:
+        return data
     data += struct.pack("!HHI", FINGERPRINT, 4, stun.message_fingerprint(data))
     return stun.set_body_length(data, len(data) - stun.HEADER_LENGTH)
 
 
-def unknown_attributes_error(request: stun.Message, types: list[int]) -> bytes:
+def unknown_attributes_error(request: stun.Message, types: list[int], *,
+                             fingerprint: bool = True) -> bytes:
     """420 with UNKNOWN-ATTRIBUTES (RFC 8489 14.13)."""
     value = b"".join(struct.pack("!H", t) for t in types)
-    return encode_with(error(request, 420), raw_attribute(UNKNOWN_ATTRIBUTES, value))
+    return encode_with(error(request, 420), raw_attribute(UNKNOWN_ATTRIBUTES, value),
+                       fingerprint=fingerprint)
 
 
 def channel_header(channel: int, length: int) -> bytes:

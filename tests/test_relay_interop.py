@@ -186,6 +186,10 @@ def test_relay_command_refuses_bad_settings(secret_file: Path, tmp_path: Path) -
         (["--listen", "localhost:3478", "--secret-file", str(secret_file)], "IPv4"),
         (["--listen", "127.0.0.1:1", "--secret-file", str(secret_file),
           "--allow-peer", "nonsense"], "nonsense"),
+        (["--listen", "127.0.0.1:1", "--secret-file", str(secret_file),
+          "--max-credential-lifetime", "0"], "--max-credential-lifetime"),
+        (["--listen", "127.0.0.1:1", "--secret-file", str(secret_file),
+          "--unauth-rate", "-1"], "negative"),
     ]
     for args, message in cases:
         result = subprocess.run([sys.executable, "-m", "kbwg.agent.cli", "relay", *args],

@@ -17,6 +17,7 @@ from kbwg.core.turnrest import rest_password, rest_username
 from kbwg.negotiation.stun_client import open_udp_client
 from kbwg.relay import wire
 from kbwg.relay.config import Lifetimes, ServerConfig
+from kbwg.relay.control import ControlPlane
 from kbwg.relay.limits import Counters, Quotas, parse_networks
 from kbwg.relay.server import RelayServer
 
@@ -444,8 +445,9 @@ async def test_sends_without_permission_are_dropped_and_counted() -> None:
     assert server.counters.no_permission_in == 1
 
 
-async def test_loopback_peers_are_refused_by_default() -> None:
-    async with running(_config(allow_peers=())) as server:
+async def test_loopback_and_private_peers_are_refused_by_default() -> None:
+    # Finding 1: 10.0.0.2, 172.17.0.1, 192.168.1.1 and 100.64.0.1 were relayable.
+    async with running(_config(allow_peers=parse_networks(["192.0.2.0/24"]))) as server:
         client = await client_for(server)
         loopback = await client.turn(stun.Method.CREATE_PERMISSION,
                                      **{"XOR-PEER-ADDRESS": ("127.0.0.1", 9)})
@@ -453,15 +455,131 @@ async def test_loopback_peers_are_refused_by_default() -> None:
             "CHANNEL-NUMBER": 0x4000, "XOR-PEER-ADDRESS": ("224.0.0.1", 9)})
         link_local = await client.turn(stun.Method.CREATE_PERMISSION,
                                        **{"XOR-PEER-ADDRESS": ("169.254.1.1", 9)})
+        private = [await client.turn(stun.Method.CREATE_PERMISSION,
+                                     **{"XOR-PEER-ADDRESS": (ip, 9)})
+                   for ip in ("10.0.0.2", "172.17.0.1", "192.168.1.1", "100.64.0.1",
+                              "198.18.0.1", "203.0.113.1")]
+        bound = await client.turn(stun.Method.CHANNEL_BIND, **{
+            "CHANNEL-NUMBER": 0x4001, "XOR-PEER-ADDRESS": ("192.168.1.1", 9)})
+        # --allow-peer opens a range that is denied by default.
         fine = await client.turn(stun.Method.CREATE_PERMISSION,
                                  **{"XOR-PEER-ADDRESS": ("192.0.2.1", 9)})
         client.close()
-    assert [_code(m) for m in (loopback, multicast, link_local)] == [403, 403, 403]
+    refused = [loopback, multicast, link_local, *private, bound]
+    assert [_code(m) for m in refused] == [403] * len(refused)
     assert fine.message_class == stun.Class.RESPONSE
-    assert server.counters.peer_forbidden == 3
+    assert server.counters.peer_forbidden == len(refused) == 10
+
+
+async def test_attributes_after_message_integrity_are_ignored() -> None:
+    # Finding 2: a second XOR-PEER-ADDRESS appended after MESSAGE-INTEGRITY was honoured.
+    async with running() as server:
+        client = await client_for(server)
+        message = stun.Message(stun.Method.CREATE_PERMISSION, stun.Class.REQUEST,
+                               attributes={"XOR-PEER-ADDRESS": ("127.0.0.5", 9),
+                                           "USERNAME": client.username, "REALM": REALM,
+                                           "NONCE": client.nonce})
+        message.add_message_integrity(client.key)
+        signed = bytes(message)[:-8]  # without FINGERPRINT
+        appended = struct.pack("!HH", wire.XOR_PEER_ADDRESS, 8) + stun.pack_xor_address(
+            ("127.0.0.6", 9), message.transaction_id)
+        data = bytearray(signed + appended)
+        data[2:4] = struct.pack("!H", len(data) - 20)
+        data += struct.pack("!HHI", wire.FINGERPRINT, 4, stun.message_fingerprint(
+            bytes(stun.set_body_length(bytes(data), len(data) - 20 + 8))))
+        data[2:4] = struct.pack("!H", len(data) - 20)
+        client.send(bytes(data), client.server)
+        reply, _ = await client.receive()
+        allocation = server.table.get(client.address)
+        assert allocation is not None
+        permitted = set(allocation.permissions)
+        client.close()
+    assert stun.parse_message(reply).message_class == stun.Class.RESPONSE
+    assert permitted == {"127.0.0.5"}
+    assert server.counters.handler_errors == 0
 
 
 # --- quotas and rates ---
+
+async def test_far_expiry_is_refused() -> None:
+    # Finding 4: a username expiring at 999999999999 was accepted.
+    async with running() as server:
+        client = await client_for(server, allocate=False)
+        await client.login("999999999999:alice")
+        answer = await client.allocate()
+        client.close()
+    assert _code(answer) == 401 and "NONCE" in answer.attributes
+    assert server.counters.expiry_too_far == 1
+    assert server.counters.allocations_created == 0
+
+
+async def test_allocations_per_client_address_whatever_the_user_names() -> None:
+    # Finding 4: 25 user names gave 25 allocations past the per-user limit of 10.
+    config = _config(quotas=Quotas(allocations_per_address=10,
+                                   unauthenticated_per_source=0))
+    async with running(config) as server:
+        clients = [await client_for(server, user=f"user{i}", allocate=False)
+                   for i in range(25)]
+        answers = []
+        for i, client in enumerate(clients):
+            await client.login(rest_username(f"user{i}", 600))
+            answers.append(await client.allocate())
+        for client in clients:
+            client.close()
+    assert [a.message_class for a in answers[:10]] == [stun.Class.RESPONSE] * 10
+    assert [_code(a) for a in answers[10:]] == [486] * 15
+    assert server.counters.quota_address == 15
+    assert server.counters.allocations_created == 10
+
+
+def _bare_allocate() -> bytes:
+    return bytes(stun.Message(stun.Method.ALLOCATE, stun.Class.REQUEST))
+
+
+async def test_unauthenticated_answers_are_small_and_limited_per_source() -> None:
+    # Finding 3: a 20-byte Allocate earned a 92-byte 401, every time.
+    async with running() as server:
+        client = await client_for(server, allocate=False)
+        for _ in range(100):
+            client.send(_bare_allocate(), client.server)
+        answered = 0
+        while not await client.silent(0.3):
+            answered += 1
+        client.close()
+    assert server.counters.unauthenticated == 100
+    # A 2-second burst, plus what refills while the 100 datagrams are handled.
+    assert 20 <= answered <= 25
+    assert server.counters.unauthenticated_limited_source == 100 - answered
+    sizes = set()
+    async with running() as server:
+        client = await client_for(server, allocate=False)
+        client.send(_bare_allocate(), client.server)
+        reply, _ = await client.receive()
+        sizes.add(len(reply))
+        binding = stun.Message(stun.Method.BINDING, stun.Class.REQUEST)
+        client.send(bytes(binding), client.server)
+        reply, _ = await client.receive()
+        sizes.add(len(reply))
+        client.close()
+    # 401: ERROR-CODE, REALM and a 16-character NONCE; Binding: XOR-MAPPED-ADDRESS.
+    # No SOFTWARE, and no FINGERPRINT as the requests had none.
+    assert sizes == {68, 32}
+
+
+def test_spoofed_sources_are_limited_in_total() -> None:
+    # Finding 3: 1000 of 1000 spoofed sources were answered.
+    server = RelayServer(_config())
+    sent: list[tuple[bytes, Address]] = []
+    control = ControlPlane(server.config, server.table, server.counters,
+                           lambda data, to, local: sent.append((data, to)),
+                           ("127.0.0.1", 3478), {})
+    for i in range(1000):
+        control.datagram_received(_bare_allocate(), (f"198.18.{i // 200}.{i % 200}", 4000),
+                                  ("127.0.0.1", 3478))
+    # One second's burst, and what trickles in while the loop runs.
+    assert Quotas().unauthenticated_total <= len(sent) < 300
+    assert server.counters.unauthenticated_limited_total == 1000 - len(sent)
+    assert max(len(data) for data, _ in sent) <= 68
 
 async def test_allocation_quotas() -> None:
     config = _config(quotas=Quotas(allocations=3, allocations_per_user=2))
