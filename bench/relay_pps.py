@@ -9,23 +9,31 @@ the last. CPU use of the relay comes from /proc/<pid>/stat over the same window.
 
 Run as root (coturn wants to raise its limits; the relays use 4 MB socket buffers):
     sudo .venv/bin/python bench/relay_pps.py [--duration 5] [--clients 4]
+
+`--baseline REV` also runs the relay as it was at git revision REV (its kbwg.relay and
+kbwg.core, exported to a temporary directory), to measure what a change costs;
+`--rounds N` repeats the whole comparison and reports medians, for a busy machine.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import multiprocessing as mp
 import os
 import selectors
 import shutil
 import socket
+import statistics
 import struct
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
+from pathlib import Path
 
 from aioice import stun
 from aioice.turn import UDP_TRANSPORT, make_integrity_key
@@ -37,6 +45,17 @@ SECRET = "bench-secret"
 REALM = "kbwg"
 PAYLOAD = 1200
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+REPO = Path(__file__).resolve().parent.parent
+# Runs `kbwg.relay.main` from the directory in argv[1], not the installed package.
+BASELINE_MAIN = """
+import argparse, sys
+sys.path.insert(0, sys.argv.pop(1))
+import kbwg.relay.main as relay_main
+assert relay_main.__file__.startswith(sys.path[0]), relay_main.__file__
+parser = argparse.ArgumentParser()
+relay_main.add_arguments(parser)
+sys.exit(relay_main.run(parser.parse_args()))
+"""
 
 
 def _transact(sock: socket.socket, request: stun.Message, key: bytes | None,
@@ -216,45 +235,85 @@ def run_load(name: str, command: list[str], server: Address, clients: int,
             proc.wait()
 
 
+def export_baseline(rev: str, dest: Path) -> None:
+    """kbwg.relay and kbwg.core as they were at `rev`, importable from `dest`."""
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", rev, "relay", "core"],
+                             check=True, capture_output=True).stdout
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(dest / "kbwg", filter="data")
+
+
+def _per_cpu(result: Result) -> float:
+    return result.pps / result.cpu if result.cpu else 0.0
+
+
+def _median(results: list[Result]) -> Result:
+    """Medians of each figure over rounds (pps and CPU separately)."""
+    first = results[0]
+    return Result(first.name, statistics.median(r.pps for r in results),
+                  int(statistics.median(r.sent for r in results)),
+                  int(statistics.median(r.received for r in results)),
+                  statistics.median(r.cpu for r in results))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--duration", type=float, default=5.0)
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--port", type=int, default=34878)
+    parser.add_argument("--baseline", metavar="REV",
+                        help="also run the relay of this git revision")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="repeat the comparison, report medians (default 1)")
     args = parser.parse_args()
     if os.cpu_count() is None or len(os.sched_getaffinity(0)) < 2:
         print("needs 2 CPUs", file=sys.stderr)
         return 1
-    with tempfile.NamedTemporaryFile("w", suffix=".secret") as secret_file:
-        secret_file.write(SECRET)
-        secret_file.flush()
-        ours = [sys.executable, "-m", "kbwg.agent.cli", "relay",
-                "--listen", f"127.0.0.1:{args.port}", "--secret-file", secret_file.name,
-                "--realm", REALM, "--allow-peer", "127.0.0.0/8", "--stats-interval", "0"]
+    with tempfile.TemporaryDirectory() as tmp:
+        secret_path = Path(tmp) / "relay.secret"
+        secret_path.write_text(SECRET)
+        relay_args = ["--listen", f"127.0.0.1:{args.port}", "--secret-file", str(secret_path),
+                      "--realm", REALM, "--allow-peer", "127.0.0.0/8", "--stats-interval", "0"]
+        contenders: list[tuple[str, list[str], Address]] = [
+            ("kbwg relay", [sys.executable, "-m", "kbwg.agent.cli", "relay", *relay_args],
+             ("127.0.0.1", args.port))]
+        if args.baseline:
+            export_baseline(args.baseline, Path(tmp) / "baseline")
+            contenders.append((f"kbwg@{args.baseline[:10]}", [
+                sys.executable, "-c", BASELINE_MAIN, str(Path(tmp) / "baseline"),
+                *relay_args], ("127.0.0.1", args.port)))
         coturn = [shutil.which("turnserver") or "turnserver", "-n", "--no-cli", "--no-tls",
                   "--no-dtls", "--listening-ip", "127.0.0.1", "--listening-port",
                   str(args.port + 2), "--relay-ip", "127.0.0.1", "--use-auth-secret",
                   f"--static-auth-secret={SECRET}", "--realm", REALM,
                   "--allow-loopback-peers", "--no-stun-backward-compatibility",
                   "--log-file", "stdout", "--simple-log", "--no-software-attribute"]
-        results = [
-            run_load("kbwg relay", ours, ("127.0.0.1", args.port), args.clients,
-                     args.duration),
-            run_load("coturn", coturn, ("127.0.0.1", args.port + 2), args.clients,
-                     args.duration),
-        ]
+        contenders.append(("coturn", coturn, ("127.0.0.1", args.port + 2)))
+        rounds: list[list[Result]] = [[] for _ in contenders]
+        for _ in range(max(1, args.rounds)):
+            for (name, command, server), runs in zip(contenders, rounds, strict=True):
+                runs.append(run_load(name, command, server, args.clients, args.duration))
+    results = [_median(runs) for runs in rounds]
     print(f"{args.clients} channels, {PAYLOAD}-byte payloads, {args.duration:g} s each, "
-          "relay pinned to CPU 0, load generator to CPU 1")
+          f"relay pinned to CPU 0, load generator to CPU 1"
+          f"{f', medians of {args.rounds} rounds' if args.rounds > 1 else ''}")
     for r in results:
-        per_core = r.pps / r.cpu if r.cpu else 0.0
-        print(f"{r.name:>11}: {r.pps:9.0f} pkt/s relayed  ({r.received} of {r.sent} sent, "
-              f"relay CPU {100 * r.cpu:3.0f}%, {per_core:9.0f} pkt/s per CPU-second)")
-    ours_r, coturn_r = results
-    if coturn_r.pps:
-        print(f"ratio kbwg/coturn: {ours_r.pps / coturn_r.pps:.2f}x pkt/s", end="")
-        if ours_r.cpu and coturn_r.cpu:
-            print(f", {(ours_r.pps / ours_r.cpu) / (coturn_r.pps / coturn_r.cpu):.2f}x "
-                  "per CPU-second")
+        print(f"{r.name:>16}: {r.pps:9.0f} pkt/s relayed  ({r.received} of {r.sent} sent, "
+              f"relay CPU {100 * r.cpu:3.0f}%, {_per_cpu(r):9.0f} pkt/s per CPU-second)")
+    coturn_r = results[-1]
+    for r in results[:-1]:
+        if not coturn_r.pps:
+            break
+        print(f"ratio {r.name}/coturn: {r.pps / coturn_r.pps:.2f}x pkt/s", end="")
+        if r.cpu and coturn_r.cpu:
+            print(f", {_per_cpu(r) / _per_cpu(coturn_r):.2f}x per CPU-second")
+        else:
+            print()
+    if args.baseline and results[1].pps:
+        ours_r, base_r = results[0], results[1]
+        print(f"ratio now/{base_r.name}: {ours_r.pps / base_r.pps:.2f}x pkt/s", end="")
+        if ours_r.cpu and base_r.cpu:
+            print(f", {_per_cpu(ours_r) / _per_cpu(base_r):.2f}x per CPU-second")
         else:
             print()
     return 0
