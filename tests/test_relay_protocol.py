@@ -9,6 +9,7 @@ import struct
 import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
+from ipaddress import ip_address
 
 from aioice import stun
 from aioice.turn import UDP_TRANSPORT, make_integrity_key
@@ -469,6 +470,9 @@ async def test_loopback_and_private_peers_are_refused_by_default() -> None:
     assert [_code(m) for m in refused] == [403] * len(refused)
     assert fine.message_class == stun.Class.RESPONSE
     assert server.counters.peer_forbidden == len(refused) == 10
+    # The host's own addresses were read (from this namespace) for the checks.
+    assert server.table.host is not None and server.table.host.reads >= 1
+    assert any(ip_address("127.0.0.1") in net for net in server.table.host.networks)
 
 
 async def test_attributes_after_message_integrity_are_ignored() -> None:
