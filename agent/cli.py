@@ -49,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
         "in the team's #announce channel and follow new announcements. Run it as the "
         "Keybase user: the WireGuard device is owned by a small privileged helper (the "
         "device owner) that join starts directly when run as root, or otherwise with "
-        "`sudo -n` (which must be allowed without a password for that one command). "
+        "`sudo -n` (which must be allowed without a password for that one command; see "
+        "install-helper). "
         "INT or TERM removes the interface and everything the agent added.",
     )
     join.add_argument("team", help="Keybase team name")
@@ -68,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
                       "auto (kernel when available; default)")
     join.add_argument("--keepalive", type=int, default=25, metavar="SECONDS",
                       help="persistent keepalive for every peer, 0 to disable (default: 25)")
+    join.add_argument("--owner", metavar="PATH",
+                      help="device owner helper (default: $KBWG_OWNER, else "
+                      "/usr/local/libexec/kbwg-owner, see install-helper); run through "
+                      "`sudo -n` with no arguments when not root")
 
     status = sub.add_parser(
         "status",
@@ -79,7 +84,23 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="machine-readable output")
     _add_diag(sub)
     _add_relay(sub)
+    _add_install_helper(sub)
     return parser
+
+
+def _add_install_helper(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from kbwg.agent.install_helper import add_arguments
+
+    helper = sub.add_parser(
+        "install-helper",
+        help="install the device owner as a root-owned program for sudo (run as root)",
+        description="Install the device owner into a root-owned virtual environment "
+        "(non-editable, with only its own dependencies) and a helper script that runs it "
+        "with `python -I`, check that only root can change either, and print the sudoers "
+        "rule that lets a user start it without a password and without arguments. Safe to "
+        "run again, e.g. after an upgrade.",
+    )
+    add_arguments(helper)
 
 
 def _add_relay(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -168,8 +189,12 @@ def _fail(message: str, code: int = 1) -> int:
 async def _join(args: argparse.Namespace) -> int:
     from kbwg.agent.daemon import Agent, JoinError, JoinOptions
     from kbwg.agent.keybase import KeybaseClient, KeybaseError, resolve_keybase_binary
-    from kbwg.agent.owner_client import OwnerError, OwnerGone, OwnerStartError
+    from kbwg.agent.owner_client import OwnerError, OwnerGone, OwnerStartError, owner_command
 
+    try:
+        owner = owner_command(args.owner)
+    except OwnerStartError as exc:
+        return _fail(str(exc))
     state_dir = resolve_state_dir(args.state_dir)
     try:
         lock = lock_state_dir(state_dir)
@@ -187,6 +212,7 @@ async def _join(args: argparse.Namespace) -> int:
         endpoint=args.endpoint,
         backend=args.backend,
         keepalive_s=args.keepalive,
+        owner_command=owner,
     )
     agent = Agent(options, KeybaseClient(resolve_keybase_binary(args.keybase)))
     try:
@@ -297,6 +323,10 @@ def main(argv: list[str] | None = None) -> int:
 
         _setup_logging(args.verbose)
         return run(args)
+    if args.command == "install-helper":
+        from kbwg.agent.install_helper import run as install_helper
+
+        return install_helper(args)
     _setup_logging(args.verbose, quiet=True)
     if args.command == "status":
         return asyncio.run(_status(args))

@@ -3,9 +3,11 @@
     async with await DeviceOwner.start() as owner:
         info = await owner.request("create", ifname="kbwg0", ...)
 
-The owner is started as `python -m kbwg.owner`, through `sudo -n` when the agent
-is not root. Its stderr (its log) is read line by line and re-logged here at the level
-the owner logged it.
+The owner is the helper program `kbwg-agent install-helper` installs (by default
+/usr/local/libexec/kbwg-owner; `join --owner` or $KBWG_OWNER name another), started
+through `sudo -n` with no arguments when the agent is not root. Root without the helper
+runs its own Python's `-I -m kbwg.owner` instead. The owner's stderr (its log) is read
+line by line and re-logged here at the level the owner logged it.
 """
 
 from __future__ import annotations
@@ -13,12 +15,12 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import getpass
 import logging
 import os
+import pwd
 import shutil
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from types import TracebackType
 from typing import Any
 
@@ -28,6 +30,9 @@ from kbwg.owner.protocol import OP_HELLO, OP_SHUTDOWN
 logger = logging.getLogger(__name__)
 
 OWNER_MODULE = "kbwg.owner"
+DEFAULT_HELPER = "/usr/local/libexec/kbwg-owner"
+ENV_OWNER = "KBWG_OWNER"
+INSTALL_COMMAND = "sudo kbwg-agent install-helper"
 _STDERR_TAIL_LINES = 30
 _LEVELS = {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}
 
@@ -53,27 +58,68 @@ class OwnerStartError(Exception):
     """The owner could not be started; the message says how to fix it."""
 
 
-def owner_command(python: str | None = None) -> list[str]:
-    """The command that starts the owner, with `sudo -n` when not root."""
-    command = [python or sys.executable, "-m", OWNER_MODULE]
+def helper_path(flag: str | None = None, environ: Mapping[str, str] | None = None) -> str:
+    """The device owner helper: `--owner`, else $KBWG_OWNER, else the default path."""
+    environ = os.environ if environ is None else environ
+    return flag or environ.get(ENV_OWNER) or DEFAULT_HELPER
+
+
+def owner_command(flag: str | None = None, environ: Mapping[str, str] | None = None) -> list[str]:
+    """The command that starts the device owner; raises OwnerStartError if there is none.
+
+    Not root: `sudo -n HELPER` and nothing else, since the sudoers rule allows no
+    arguments. Root: the helper when installed, else this Python's kbwg.owner, which root
+    already trusts by running this program.
+    """
+    environ = os.environ if environ is None else environ
+    helper = helper_path(flag, environ)
     if os.geteuid() != 0:
-        return ["sudo", "-n", *command]
+        if not os.path.exists(helper):
+            raise OwnerStartError(
+                f"the device owner helper {helper} is not installed: " + sudo_fix_hint(helper)
+            )
+        logger.info("device owner: sudo -n %s", helper)
+        return ["sudo", "-n", helper]
+    if os.path.exists(helper) or flag or environ.get(ENV_OWNER):
+        # A path the user named is used as given: if it is missing, starting it says so.
+        logger.info("device owner: %s", helper)
+        return [helper]
+    command = [sys.executable, "-I", "-m", OWNER_MODULE]
+    logger.info("device owner: %s is not installed, running %s", helper, " ".join(command))
     return command
 
 
-def sudo_fix_hint(python: str | None = None) -> str:
-    python = python or sys.executable
+def _install_command(helper: str) -> str:
+    if helper == DEFAULT_HELPER:
+        return INSTALL_COMMAND
+    return f"{INSTALL_COMMAND} --helper {helper}"
+
+
+def sudoers_line(user: str, helper: str = DEFAULT_HELPER) -> str:
+    """The sudoers rule that lets `user` start the helper, and with no arguments ("")."""
+    return f'{user} ALL=(root) NOPASSWD: {helper} ""'
+
+
+def sudo_fix_hint(helper: str | None = None) -> str:
+    helper = helper or helper_path()
     try:
-        user = getpass.getuser()
-    except Exception:
+        user = pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:
         user = "<user>"
     return (
-        "the device owner needs root. Either run the agent as root, or let this user run "
-        f"the owner through sudo without a password, e.g. with `visudo -f /etc/sudoers.d/kbwg`:\n"
-        f"    {user} ALL=(root) NOPASSWD: {python} -m {OWNER_MODULE}\n"
-        "(that grants root to whoever can modify this Python environment, so install it "
-        "somewhere only root can write)"
+        "the device owner needs root. Either run the agent as root, or install the "
+        "device owner helper and let this user run it through sudo without a password:\n"
+        f"    {_install_command(helper)}\n"
+        "and add this line with `sudo visudo -f /etc/sudoers.d/kbwg-owner`:\n"
+        f"    {sudoers_line(user, helper)}"
     )
+
+
+def _sudo_helper(command: list[str]) -> str | None:
+    """The helper of a `sudo -n HELPER` command, else None."""
+    if len(command) == 3 and _uses_sudo(command) and command[1] == "-n":
+        return command[2]
+    return None
 
 
 def _uses_sudo(command: list[str]) -> bool:
@@ -115,7 +161,7 @@ class DeviceOwner:
         """Start the owner and wait for its `hello`; raises OwnerStartError."""
         command = list(command) if command is not None else owner_command()
         if _uses_sudo(command) and shutil.which(command[0]) is None:
-            raise OwnerStartError("sudo is not installed: " + sudo_fix_hint())
+            raise OwnerStartError("sudo is not installed: " + sudo_fix_hint(_sudo_helper(command)))
         try:
             process = await asyncio.create_subprocess_exec(
                 *command,
@@ -145,7 +191,7 @@ class DeviceOwner:
         if tail:
             message += f":\n{tail}"
         if _uses_sudo(self._command):
-            message += "\n" + sudo_fix_hint()
+            message += "\n" + sudo_fix_hint(_sudo_helper(self._command))
         return message
 
     @property

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -117,12 +118,15 @@ class Team:
         *extra: str,
         env: dict[str, str] | None = None,
         state_dir: Path | None = None,
+        wrap: Sequence[str] = (),
     ) -> AgentProcess:
         """Start `kbwg-agent join` in `host` as username/device.
 
         `env` adds to the stand-in's environment (e.g. KBWG_DYNAMIC_SEED). `state_dir`
         reuses an earlier agent's state dir (a restart that keeps dynamic-address.json);
-        by default every start gets a fresh one. Each start logs to its own file.
+        by default every start gets a fresh one. Each start logs to its own file. `wrap`
+        is a command run in the host that execs kbwg-agent's argv given as its arguments
+        (e.g. setpriv, to run the agent as another user).
         """
         self.home.mkdir(parents=True, exist_ok=True)
         index = len(self.agents)
@@ -133,7 +137,7 @@ class Team:
         else:
             state_dir.mkdir(parents=True, exist_ok=True)
             log_path = state_dir / f"agent-{index}.log"
-        argv = [*AGENT, "-vv", "join", self.name, "--keybase", str(STANDIN),
+        argv = [*wrap, *AGENT, "-vv", "join", self.name, "--keybase", str(STANDIN),
                 "--state-dir", str(state_dir), *extra]  # fmt: skip
         with open(log_path, "wb") as log:
             proc = host.popen(
