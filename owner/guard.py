@@ -97,11 +97,12 @@ class Guard:
             raise Refusal(R_ADDRESS, f"{address} is the network or broadcast address of "
                                      f"{network}")
 
-    def set_peer(self, spec: SetPeerArgs, overlay: IPv4Network,
-                 own: IPv4Address | None) -> None:
+    def set_peer(self, spec: SetPeerArgs, overlay: IPv4Network) -> None:
         for cidr in spec.allowed_ips:
-            _refuse_if(R_ALLOWED_IP,
-                       check_allowed_ip(ipaddress.ip_network(cidr), overlay, own))
+            # Our own address is not refused: while two devices settle an address
+            # conflict the other one holds it for a moment, and the host's local route
+            # keeps that address's traffic here anyway.
+            _refuse_if(R_ALLOWED_IP, check_allowed_ip(ipaddress.ip_network(cidr), overlay))
         if spec.endpoint is not None:
             _refuse_if(R_ENDPOINT, _endpoint_problem(ipaddress.ip_address(spec.endpoint[0]),
                                                      overlay))

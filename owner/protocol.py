@@ -13,7 +13,8 @@ Ops (args → result):
   ``listen_port``, ``public_key`` b64, ``ifname``.
 - ``set_peer`` (``public_key`` b64, ``endpoint`` "ip:port"|None, not inside the overlay,
   ``allowed_ips`` list of /32s inside the device's overlay network, ``keepalive`` seconds
-  0..3600) → {}.
+  0..3600) → {}. A peer may hold this device's own address (an address conflict
+  settling).
 - ``remove_peer`` (``public_key``) → {}.
 - ``stats`` () → ``listen_port``, ``peers`` [{public_key, endpoint, last_handshake,
   rx_bytes, tx_bytes, allowed_ips, keepalive}], ``refusals`` {reason key: count}.

@@ -22,7 +22,7 @@ import sys
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Network
 from typing import Any, Protocol
 
 from nacl.public import PrivateKey
@@ -249,9 +249,7 @@ class OwnerServer:
 
     async def _set_peer(self, args: dict[str, Any]) -> dict[str, Any]:
         spec = SetPeerArgs.parse(args)
-        address = self.state.address
-        own = address.ip if address is not None and isinstance(address.ip, IPv4Address) else None
-        self.guard.set_peer(spec, self._overlay(), own)
+        self.guard.set_peer(spec, self._overlay())
         await self._backend().set_peer(
             PeerConfig(
                 public_key=spec.public_key,

@@ -181,7 +181,6 @@ async def test_set_address_refuses_overlap_with_a_route_that_appeared() -> None:
         ({"allowed_ips": ["100.64.0.2/32", "198.51.100.1/32"]}, "allowed_ip",
          "outside the overlay"),
         ({"allowed_ips": ["2001:db8::1/128"]}, "allowed_ip", "not a single IPv4"),
-        ({"allowed_ips": ["100.64.0.1/32"]}, "allowed_ip", "own overlay address"),
         ({"allowed_ips": ["100.127.255.255/32"]}, "allowed_ip", "broadcast"),
         ({"endpoint": "100.64.0.9:51820"}, "endpoint", "inside the overlay"),
         ({"endpoint": "0.0.0.0:51820"}, "endpoint", "unspecified or multicast"),
@@ -198,6 +197,14 @@ async def test_set_peer_refusals(change: dict[str, Any], key: str, needle: str) 
     assert_refused(await owner.call("set_peer", **args), needle)
     assert (await owner.call("stats"))["peers"] == []
     assert await owner.refusals() == {key: 1}
+
+
+async def test_set_peer_accepts_our_own_address_while_a_conflict_settles() -> None:
+    owner = Owner()
+    assert (await owner.create())["ok"]
+    reply = await owner.call("set_peer", public_key=_pub(), endpoint=None,
+                             allowed_ips=["100.64.0.1/32"], keepalive=0)
+    assert reply["ok"], reply
 
 
 async def test_set_peer_accepts_a_relay_proxy_and_no_allowed_ips() -> None:
