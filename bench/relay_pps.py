@@ -13,6 +13,8 @@ Run as root (coturn wants to raise its limits; the relays use 4 MB socket buffer
 `--baseline REV` also runs the relay as it was at git revision REV (its kbwg.relay and
 kbwg.core, exported to a temporary directory), to measure what a change costs;
 `--rounds N` repeats the whole comparison and reports medians, for a busy machine.
+There, packets per CPU-second is the figure to compare: packets per second depend on
+how much of CPU 0 the relay gets beside everything else running.
 """
 
 from __future__ import annotations
@@ -290,9 +292,14 @@ def main() -> int:
                   "--log-file", "stdout", "--simple-log", "--no-software-attribute"]
         contenders.append(("coturn", coturn, ("127.0.0.1", args.port + 2)))
         rounds: list[list[Result]] = [[] for _ in contenders]
-        for _ in range(max(1, args.rounds)):
-            for (name, command, server), runs in zip(contenders, rounds, strict=True):
-                runs.append(run_load(name, command, server, args.clients, args.duration))
+        # Each round starts with another contender, so none is always first after a
+        # quiet spell (or always last, after the machine got busy).
+        for round_index in range(max(1, args.rounds)):
+            for offset in range(len(contenders)):
+                i = (round_index + offset) % len(contenders)
+                name, command, server = contenders[i]
+                rounds[i].append(run_load(name, command, server, args.clients,
+                                          args.duration))
     results = [_median(runs) for runs in rounds]
     print(f"{args.clients} channels, {PAYLOAD}-byte payloads, {args.duration:g} s each, "
           f"relay pinned to CPU 0, load generator to CPU 1"
