@@ -34,6 +34,10 @@ Address = tuple[str, int]
 SECRET = "fuzz-secret"
 REALM = "kbwg"
 MAIN: Address = ("127.0.0.1", 3478)
+# RFC 5780: the other three sockets, each with the OTHER-ADDRESS differing in both parts.
+ALTERNATES: dict[Address, Address] = {
+    MAIN: ("127.0.0.2", 3479), ("127.0.0.2", 3479): MAIN,
+    ("127.0.0.1", 3479): ("127.0.0.2", 3478), ("127.0.0.2", 3478): ("127.0.0.1", 3479)}
 CLIENT: Address = ("127.0.0.1", 40000)
 # An answer to an unauthenticated request: ERROR-CODE, REALM, NONCE and FINGERPRINT fit
 # in this; a 420 lists the unknown attributes, which the request paid for.
@@ -75,7 +79,7 @@ class Harness:
         self.control = ControlPlane(self.server.config, self.server.table,
                                     self.server.counters,
                                     lambda data, to, local: self.sent.append((data, to)),
-                                    MAIN, {})
+                                    MAIN, ALTERNATES)
         self.feed(bytes(stun.Message(stun.Method.ALLOCATE, stun.Class.REQUEST)))
         self.nonce = stun.parse_message(self.sent.pop()[0]).attributes["NONCE"]
 
@@ -84,10 +88,11 @@ class Harness:
         return make_integrity_key(self.username, REALM,
                                   rest_password(SECRET, self.username))
 
-    def feed(self, data: bytes, client: Address = CLIENT) -> list[bytes]:
+    def feed(self, data: bytes, client: Address = CLIENT, local: Address = MAIN
+             ) -> list[bytes]:
         assert self.control is not None
         before = len(self.sent)
-        self.control.datagram_received(data, client, MAIN)
+        self.control.datagram_received(data, client, local)
         return [answer for answer, _ in self.sent[before:]]
 
     def sign(self, message: stun.Message) -> bytes:
@@ -174,14 +179,15 @@ def mutated(draw: st.DrawFn, data: bytes) -> bytes:
 
 @pytest.mark.timeout(120)
 @FUZZ
-@given(datagrams=st.lists(st.one_of(st.binary(max_size=200), stun_frames,
-                                    stun_frames.flatmap(mutated)), min_size=1, max_size=8))
-def test_control_plane_survives_any_datagram(datagrams: list[bytes]) -> None:
+@given(datagrams=st.lists(st.tuples(
+    st.one_of(st.binary(max_size=200), stun_frames, stun_frames.flatmap(mutated)),
+    st.sampled_from(sorted(ALTERNATES))), min_size=1, max_size=8))
+def test_control_plane_survives_any_datagram(datagrams: list[tuple[bytes, Address]]) -> None:
     harness = Harness()
     try:
         start = accounted(harness.server.counters)
-        for datagram in datagrams:
-            _check_answers(datagram, harness.feed(datagram))
+        for datagram, local in datagrams:
+            _check_answers(datagram, harness.feed(datagram, local=local))
         counters = harness.server.counters
         assert counters.handler_errors == 0
         assert accounted(counters) - start == len(datagrams)
