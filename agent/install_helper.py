@@ -348,15 +348,15 @@ def install(options: InstallOptions) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--prefix", type=Path, default=DEFAULT_PREFIX,
+    parser.add_argument("--prefix", type=Path, default=DEFAULT_PREFIX, metavar="DIR",
                         help=f"virtual environment to install into (default: {DEFAULT_PREFIX})")
-    parser.add_argument("--helper", type=Path, default=Path(DEFAULT_HELPER),
+    parser.add_argument("--helper", type=Path, default=Path(DEFAULT_HELPER), metavar="PATH",
                         help=f"path of the helper program (default: {DEFAULT_HELPER}); "
                         "an agent finds another path with `join --owner` or $KBWG_OWNER")
-    parser.add_argument("--python", type=Path,
+    parser.add_argument("--python", type=Path, metavar="PATH",
                         help=f"Python to make the environment with (default: {SYSTEM_PYTHON} "
                         "when present, else the one running this)")
-    parser.add_argument("--source", type=Path,
+    parser.add_argument("--source", type=Path, metavar="DIR",
                         help="kbwg-agent source checkout to install (default: the one this "
                         "kbwg-agent runs from)")
     parser.add_argument("--user", help="user the printed sudoers rule is for (default: "

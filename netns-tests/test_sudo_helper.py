@@ -156,11 +156,7 @@ def sudo_setup() -> Iterator[SudoSetup]:
         mounts = ["sh", "-c", _MOUNT_SCRIPT + _expose_python(base) + 'exec "$@"', str(base)]
 
         # The README's install command, at its default paths (/usr/local is ours here).
-        install = subprocess.run(
-            [*PRIVATE, *mounts, *AGENT, "install-helper", "--user", user],
-            capture_output=True, text=True, timeout=600, check=False,
-        )  # fmt: skip
-        assert install.returncode == 0, install.stdout + install.stderr
+        install = _install(mounts, user)
         _write(base / "sudoers.d" / "kbwg-owner", readme_line(user) + "\n", 0o440)
         check = subprocess.run(["visudo", "-cf", str(base / "sudoers.d" / "kbwg-owner")],
                                capture_output=True, text=True, check=False)  # fmt: skip
@@ -168,6 +164,15 @@ def sudo_setup() -> Iterator[SudoSetup]:
         yield SudoSetup(base, user, uid, mounts, install.stdout)
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+def _install(mounts: list[str], user: str) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(
+        [*PRIVATE, *mounts, *AGENT, "install-helper", "--user", user],
+        capture_output=True, text=True, timeout=600, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc
 
 
 def _group_exists(name: str) -> bool:
@@ -197,6 +202,14 @@ def test_install_prints_the_readme_line_and_writes_a_root_only_helper(
     assert not list(site[0].glob("__editable__*"))
     assert {"msgpack", "pynacl", "pyroute2", "kbwg_agent"} <= installed
     assert not installed & {"aioice", "pystun3"}
+
+    # Again, as after an upgrade: the environment is reused and the helper rewritten.
+    before = helper.stat().st_ino
+    again = _install(sudo_setup.mounts, sudo_setup.user)
+    assert "reusing the Python" in again.stdout
+    assert f"    {readme_line(sudo_setup.user)}\n" in again.stdout
+    assert helper.stat().st_ino != before  # replaced by rename, never rewritten in place
+    assert (site[0] / "kbwg" / "owner" / "main.py").is_file()
 
 
 def test_install_refuses_a_folder_others_can_write(sudo_setup: SudoSetup) -> None:
