@@ -37,8 +37,8 @@ from kbwg.negotiation.session import CheckerSpec
 from kbwg.negotiation.shared_port import SharedPortTransport
 from kbwg.negotiation.stun_client import Address, StunClient, StunCounters
 from kbwg.negotiation.wire import CandidateInfo
-from kbwg.relay.client import RelayAllocation
 from kbwg.relay.paths import RelayPaths
+from kbwg.turn.client import RelayAllocation
 
 log = logging.getLogger(__name__)
 

@@ -75,7 +75,7 @@ from kbwg.negotiation.pairs import CandidatePair
 from kbwg.negotiation.session import CheckerSpec, Negotiator
 from kbwg.negotiation.wire import CandidateInfo
 from kbwg.owner.policy import DEFAULT_POLICY_PATH
-from kbwg.relay.client import RelayAllocation
+from kbwg.turn.client import RelayAllocation
 
 log = logging.getLogger(__name__)
 

@@ -10,9 +10,9 @@ from collections.abc import AsyncIterator
 from aioice import stun
 from test_relay_protocol import SECRET, Endpoint, _config
 
-from kbwg.turn.client import AllocationTimers, RelayAllocation
 from kbwg.relay.config import Lifetimes
 from kbwg.relay.server import RelayServer
+from kbwg.turn.client import AllocationTimers, RelayAllocation
 
 Address = tuple[str, int]
 
