@@ -15,6 +15,7 @@ import logging
 import socket
 import struct
 import time
+from dataclasses import replace
 
 from kbwg.core.addresses import Address
 from kbwg.relay.allocation import Allocation, AllocationTable
@@ -98,6 +99,18 @@ class RelayServer:
         self._sweeper = asyncio.create_task(self._sweep())
         log.info("relay listening on %s (relayed address %s)",
                  ", ".join(f"{h}:{p}" for h, p in self._sockets), self._relay_ip)
+        self._log_peer_policy()
+
+    def _log_peer_policy(self) -> None:
+        policy = self.table.policy
+        log.info("peers allowed beyond the default policy (--allow-peer): %s",
+                 ", ".join(str(n) for n in policy.allow) or "none")
+        # A relay on a private network refuses its neighbours unless told otherwise:
+        # say so at start, not in the first 403.
+        reason = replace(policy, own=frozenset()).refusal(self._relay_ip)
+        if reason is not None:
+            log.warning("the relayed address %s is in %s: peers on its network are refused "
+                        "unless --allow-peer opens them", self._relay_ip, reason)
 
     def _open_alternates(self, main: Address, alt: Address) -> dict[Address, Address]:
         """RFC 5780: listen on both IPs x both ports; each socket's OTHER-ADDRESS is the

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import socket
 import struct
 import time
@@ -11,6 +12,7 @@ from collections.abc import AsyncIterator
 from dataclasses import replace
 from ipaddress import ip_address
 
+import pytest
 from aioice import stun
 from aioice.turn import UDP_TRANSPORT, make_integrity_key
 
@@ -473,6 +475,19 @@ async def test_loopback_and_private_peers_are_refused_by_default() -> None:
     # The host's own addresses were read (from this namespace) for the checks.
     assert server.table.host is not None and server.table.host.reads >= 1
     assert any(ip_address("127.0.0.1") in net for net in server.table.host.networks)
+
+
+async def test_a_relay_on_a_denied_network_says_so_at_start(
+        caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="kbwg.relay.server"):
+        async with running(_config(allow_peers=())):
+            pass
+        assert "peers on its network are refused unless --allow-peer" in caplog.text
+        caplog.clear()
+        async with running():  # --allow-peer 127.0.0.0/8
+            pass
+    assert "--allow-peer): 127.0.0.0/8" in caplog.text
+    assert "peers on its network are refused" not in caplog.text
 
 
 async def test_attributes_after_message_integrity_are_ignored() -> None:
