@@ -27,6 +27,8 @@ from aioice import stun
 
 from kbwg.agent.hostroutes import HostRoutes
 from kbwg.agent.owner_client import DeviceOwner
+from kbwg.agent.owner_stun import OwnerStunTransport
+from kbwg.agent.relay_paths import RelayPaths
 from kbwg.agent.teamconfig import TeamConfig
 from kbwg.negotiation.candidates import Candidate
 from kbwg.negotiation.checks import PeerChecker
@@ -34,10 +36,8 @@ from kbwg.negotiation.gathering import LocalCandidates, gather_local, resolve_se
 from kbwg.negotiation.mux import CheckMux
 from kbwg.negotiation.pairs import CandidatePair
 from kbwg.negotiation.session import CheckerSpec
-from kbwg.negotiation.shared_port import SharedPortTransport
 from kbwg.negotiation.stun_client import Address, StunClient, StunCounters
 from kbwg.negotiation.wire import CandidateInfo
-from kbwg.relay.paths import RelayPaths
 from kbwg.turn.client import RelayAllocation
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ class Route:
 
 
 class Connectivity:
-    def __init__(self, owner: DeviceOwner, port: SharedPortTransport, wg_port: int,
+    def __init__(self, owner: DeviceOwner, port: OwnerStunTransport, wg_port: int,
                  relay_user: str, config: TeamConfig,
                  on_relay_lost: Callable[[RelayAllocation], None]) -> None:
         self.config = config
@@ -78,7 +78,7 @@ class Connectivity:
     async def open(cls, owner: DeviceOwner, wg_port: int, relay_user: str,
                    config: TeamConfig,
                    on_relay_lost: Callable[[RelayAllocation], None]) -> Connectivity:
-        port = await SharedPortTransport.open(owner)
+        port = await OwnerStunTransport.open(owner)
         return cls(owner, port, wg_port, relay_user, config, on_relay_lost)
 
     async def close(self) -> None:

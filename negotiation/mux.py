@@ -15,7 +15,7 @@ through `datagram_received(data, src, local)`:
 
 `local` is the local candidate the datagram arrived at. The shared port only knows the
 local address, so `receiver_for(ip)` gives a `(data, src)` receiver for one address
-(`SharedPortTransport.from_source(ip).receiver`), which looks the candidate up in
+(the transport's `from_source(ip).receiver` in the agent), which looks the candidate up in
 `set_local_candidates`. A TURN client passes its relay candidate directly.
 """
 

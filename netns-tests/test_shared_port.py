@@ -26,7 +26,7 @@ from aioice import stun
 from nacl.public import PrivateKey
 
 from kbwg.agent.owner_client import DeviceOwner
-from kbwg.negotiation.shared_port import SharedPortTransport
+from kbwg.agent.owner_stun import OwnerStunTransport
 from kbwg.negotiation.stun_client import StunClient
 from kbwg.owner.rawstun import STUN_COOKIE
 from kbwg_world import Host, NatMode, Node, Segment, World, wait_until
@@ -201,7 +201,7 @@ async def mesh(world: World, devices: Devices) -> Mesh:
 
 async def test_srflx_equals_the_wireguard_mapping_while_traffic_flows(mesh: Mesh) -> None:
     world, host_a, dev_a, dev_b = mesh.world, mesh.a.node, mesh.a, mesh.b
-    transport = await SharedPortTransport.open(dev_a.owner)
+    transport = await OwnerStunTransport.open(dev_a.owner)
     assert transport.port == dev_a.port
     client = StunClient(transport)
     transport.receiver = client.datagram_received
@@ -255,10 +255,10 @@ async def test_a_check_between_two_shared_ports_through_the_nat(mesh: Mesh) -> N
     """A STUN check from A's WireGuard port to B's, answered by B through its own owner:
     it crosses A's port-restricted NAT on WireGuard's mapping, both ways."""
     dev_a, dev_b, host_b = mesh.a, mesh.b, mesh.b.node
-    transport_a = await SharedPortTransport.open(dev_a.owner)
+    transport_a = await OwnerStunTransport.open(dev_a.owner)
     client = StunClient(transport_a)
     transport_a.receiver = client.datagram_received
-    transport_b = await SharedPortTransport.open(dev_b.owner)
+    transport_b = await OwnerStunTransport.open(dev_b.owner)
     seen: list[tuple[str, int]] = []
 
     def respond(data: bytes, src: tuple[str, int]) -> None:
@@ -281,7 +281,7 @@ async def test_only_stun_to_the_wireguard_port_reaches_the_agent(mesh: Mesh) -> 
     world, dev_a, dev_b = mesh.world, mesh.a, mesh.b
     host_a, host_b = dev_a.node, dev_b.node
     received: list[tuple[bytes, tuple[str, int]]] = []
-    transport = await SharedPortTransport.open(dev_b.owner)
+    transport = await OwnerStunTransport.open(dev_b.owner)
     transport.receiver = lambda data, src: received.append((data, src))
     # Opening again is harmless and keeps the same port.
     assert (await dev_b.owner.request("stun_open"))["port"] == dev_b.port

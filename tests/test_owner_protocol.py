@@ -26,11 +26,6 @@ from kbwg.owner.wg_backend import PeerConfig
 from kbwg.owner.wg_kernel import info_to_stats, peer_to_pyroute2, remove_peer_to_pyroute2
 from kbwg.owner.wg_userspace import parse_uapi_get, uapi_peer_lines
 
-OWNER = [sys.executable, "-m", "kbwg.owner", "--log-level", "DEBUG"]
-# The owner no longer reads it (no test hook in the privileged program); only the client
-# tests below, which are moving to their own file, still set it.
-FAKE_BACKEND_ENV = "KBWG_OWNER_FAKE_BACKEND"
-
 
 def _b64key() -> str:
     return base64.b64encode(bytes(PrivateKey.generate())).decode()
@@ -328,23 +323,22 @@ async def test_broken_output_pipe_makes_owner_clean_up_and_exit() -> None:
 # The client, against the same fake-backed owner.
 
 
-async def test_client_round_trip_and_errors(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(FAKE_BACKEND_ENV, "1")
-    async with await DeviceOwner.start(OWNER) as owner:
+async def test_client_round_trip_and_errors() -> None:
+    async with await DeviceOwner.start(FAKE_OWNER) as owner:
         with pytest.raises(OwnerError, match="no device yet"):
             await owner.request("set_peer", public_key=_b64pub())
         with pytest.raises(OwnerError, match="unknown op 'nope'"):
             await owner.request("nope")
         key = PrivateKey.generate()
         created = await owner.request(
-            "create", ifname="kbt0", private_key=base64.b64encode(bytes(key)).decode(),
+            "create", ifname="kbwg0", private_key=base64.b64encode(bytes(key)).decode(),
             listen_port=4000, address="100.64.0.1/10", backend="auto",
         )  # fmt: skip
         assert created == {
             "backend": "fake",
             "listen_port": 4000,
             "public_key": base64.b64encode(bytes(key.public_key)).decode(),
-            "ifname": "kbt0",
+            "ifname": "kbwg0",
         }
         # Concurrent requests each get their own reply.
         results = await asyncio.gather(*(owner.request("stats") for _ in range(20)))
@@ -352,9 +346,8 @@ async def test_client_round_trip_and_errors(monkeypatch: pytest.MonkeyPatch) -> 
     assert owner.returncode == 0
 
 
-async def test_client_reports_owner_gone(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(FAKE_BACKEND_ENV, "1")
-    owner = await DeviceOwner.start(OWNER)
+async def test_client_reports_owner_gone() -> None:
+    owner = await DeviceOwner.start(FAKE_OWNER)
     try:
         os.kill(owner.pid, signal.SIGKILL)
         with pytest.raises(OwnerGone) as info:

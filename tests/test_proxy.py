@@ -11,9 +11,9 @@ from typing import Any, cast
 
 import pytest
 
+from kbwg.agent.relay_paths import RelayPaths
+from kbwg.agent.relay_proxy import LoopbackProxy, ProxyCounters
 from kbwg.negotiation.candidates import Candidate
-from kbwg.relay.paths import RelayPaths
-from kbwg.relay.proxy import LoopbackProxy, ProxyCounters
 
 Address = tuple[str, int]
 PEER: Address = ("198.51.100.7", 51820)

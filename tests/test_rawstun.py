@@ -1,6 +1,6 @@
 """The shared WireGuard port without root: the BPF program (decoded and run by a small
 classic BPF interpreter), checksums, IPv4/UDP parsing, the owner's stun ops over a fake
-raw socket, and SharedPortTransport over a fake owner."""
+raw socket, and OwnerStunTransport over a fake owner."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from aioice import stun
 from owner_fakes import FakeNetConfig, MemoryBackend
 
 from kbwg.agent.owner_client import DeviceOwner
-from kbwg.negotiation.shared_port import SharedPortTransport
+from kbwg.agent.owner_stun import OwnerStunTransport
 from kbwg.negotiation.stun_client import StunClient
 from kbwg.owner import server as owner_module
 from kbwg.owner.frames import read_frame, write_frame
@@ -445,7 +445,7 @@ async def test_owner_stun_send_rate_limit(monkeypatch: pytest.MonkeyPatch) -> No
     assert all("rate limit" in r["error"] for r in replies if not r["ok"])
 
 
-# -- SharedPortTransport over a fake owner ------------------------------------------------
+# -- OwnerStunTransport over a fake owner ------------------------------------------------
 
 
 class FakeOwner:
@@ -464,7 +464,7 @@ class FakeOwner:
 async def test_shared_port_transport() -> None:
     owner = FakeOwner()
     other: list[dict[str, Any]] = []
-    transport = await SharedPortTransport.open(cast(DeviceOwner, owner))
+    transport = await OwnerStunTransport.open(cast(DeviceOwner, owner))
     transport.on_other_event = other.append
     assert transport.port == 51820 and owner.requests == [("stun_open", {})]
 

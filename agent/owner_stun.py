@@ -4,7 +4,7 @@ The agent never holds the raw socket: it asks the owner to send (`stun_send`) an
 what arrives as `stun` events. So a `StunClient` on this transport sees the NAT mapping
 WireGuard's own packets get.
 
-    transport = await SharedPortTransport.open(owner)
+    transport = await OwnerStunTransport.open(owner)
     client = StunClient(transport)
     transport.receiver = client.datagram_received
     result = await client.binding(server)
@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kbwg.agent.owner_client import DeviceOwner
+from kbwg.core.addresses import Address
 from kbwg.owner.protocol import (
     EVENT_STUN,
     OP_STUN_OPEN,
@@ -41,7 +42,6 @@ from kbwg.owner.protocol import (
 
 logger = logging.getLogger(__name__)
 
-Address = tuple[str, int]
 Receiver = Callable[[bytes, Address], object]
 LocalReceiver = Callable[[bytes, Address, str], object]
 EventCallback = Callable[[dict[str, Any]], object]
@@ -54,14 +54,14 @@ MAX_ORIGINS = 4096
 
 
 @dataclass
-class SharedPortCounters:
+class OwnerStunCounters:
     sent: int = 0
     send_failed: int = 0
     received: int = 0
     bad_events: int = 0
 
 
-class SharedPortTransport:
+class OwnerStunTransport:
     """A `DatagramTransport` (negotiation.stun_client) whose socket is the WireGuard port."""
 
     def __init__(self, owner: DeviceOwner, port: int) -> None:
@@ -71,7 +71,7 @@ class SharedPortTransport:
         # Takes, when set, what `receiver` would: with the local address it arrived at.
         self.local_receiver: LocalReceiver | None = None
         self.on_other_event: EventCallback | None = None
-        self.counters = SharedPortCounters()
+        self.counters = OwnerStunCounters()
         self._bound: dict[str, SourceBound] = {}
         self._origins: OrderedDict[bytes, SourceBound | None] = OrderedDict()
         self._sends: set[asyncio.Task[None]] = set()
@@ -81,7 +81,7 @@ class SharedPortTransport:
     @classmethod
     async def open(
         cls, owner: DeviceOwner, receiver: Receiver | None = None
-    ) -> SharedPortTransport:
+    ) -> OwnerStunTransport:
         """Have the owner open its raw socket (after `create`) and start taking events."""
         reply = await owner.request(OP_STUN_OPEN)
         transport = cls(owner, int(reply["port"]))
@@ -178,7 +178,7 @@ class SharedPortTransport:
 class SourceBound:
     """The shared port seen from one local address: a `DatagramTransport` too."""
 
-    def __init__(self, shared: SharedPortTransport, source: str) -> None:
+    def __init__(self, shared: OwnerStunTransport, source: str) -> None:
         self.shared = shared
         self.source = source
         self.receiver: Receiver | None = None

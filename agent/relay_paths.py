@@ -14,10 +14,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from kbwg.agent.relay_proxy import LoopbackProxy, ProxyCounters
 from kbwg.agent.teamconfig import RelayConfig
 from kbwg.negotiation.candidates import Candidate, candidate_priority
 from kbwg.negotiation.stun_client import resolve
-from kbwg.relay.proxy import LoopbackProxy, ProxyCounters
 from kbwg.turn.client import Address, RelayAllocation
 
 log = logging.getLogger(__name__)
