@@ -72,6 +72,9 @@ def parse_announce(body: str, sender: DeviceId, msg_id: int, sent_at: float) -> 
         ip = ipaddress.IPv4Address(ip_text)
     except ValueError as exc:
         raise AnnounceError(f"endpoint address {ip_text!r} is not IPv4") from exc
+    if ip.is_unspecified or ip.is_loopback or ip.is_multicast or ip.is_reserved:
+        # WireGuard would send to this host itself (a local service) or nowhere useful.
+        raise AnnounceError(f"endpoint address {ip} is not a unicast address of another host")
     port = int(port_text)
     if not 1 <= port <= 65535:
         raise AnnounceError(f"endpoint port {port} is out of range")

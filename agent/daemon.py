@@ -58,7 +58,7 @@ from kbwg.agent.keybase import Channel, ChatMessage, KeybaseClient, KeybaseError
 from kbwg.agent.keyowners import KeyBook
 from kbwg.agent.netwatch import NetworkWatcher
 from kbwg.agent.overlaycheck import OverlayError, RoutesReader, check_team_overlay, host_routes
-from kbwg.agent.owner_client import DeviceOwner
+from kbwg.agent.owner_client import DeviceOwner, OwnerError
 from kbwg.agent.peers import DeviceId, PeerEntry, PeersError, parse_peers
 from kbwg.agent.peerstate import ANNOUNCED, NEGOTIATED, AgentState, PeerState
 from kbwg.agent.peertable import desired_peers
@@ -494,9 +494,19 @@ class Agent:
             for peer in list(s.peers.values()):
                 ann = peer.spec.announcement
                 if peer.configured_key and (ann is None or ann.public_key != peer.configured_key):
-                    await self._release(peer, "has a new key" if ann else "has no usable key")
+                    await self._guarded(peer, self._release(
+                        peer, "has a new key" if ann else "has no usable key"))
             for peer in list(s.peers.values()):
-                await self._configure(peer)
+                await self._guarded(peer, self._configure(peer))
+
+    async def _guarded(self, peer: PeerState, step: Coroutine[Any, Any, None]) -> None:
+        """One peer's step; a refusal by the device owner (team input its policy does not
+        allow) leaves that peer as it is instead of stopping the agent."""
+        try:
+            await step
+        except OwnerError as exc:
+            log.warning("%s: the device owner refused to configure it (%s); retrying at the "
+                        "next refresh", peer.name, exc)
 
     async def _configure(self, peer: PeerState) -> None:
         assert self._owner is not None and self.state is not None

@@ -27,6 +27,7 @@ from nacl.public import PrivateKey
 from kbwg.agent.control import call
 from kbwg.agent.daemon import Agent, JoinError, JoinOptions
 from kbwg.agent.keybase import Channel, KeybaseClient
+from kbwg.agent.owner_client import OwnerError
 from kbwg.agent.peers import DeviceId
 
 STANDIN = str(Path(sys.executable).parent / "kbwg-keybase-standin")
@@ -489,3 +490,42 @@ async def test_an_announcement_does_not_move_a_working_endpoint(world: World) ->
     view = next(p for p in status["peers"] if p["device"] == "desk")
     assert (view["endpoint"], view["announced_endpoint"]) == (
         "198.18.0.7:51820", "203.0.113.66:51820")
+
+
+async def test_an_owner_refusal_skips_that_peer_and_keeps_the_agent(
+    world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A peer the owner's policy refuses (here: every set_peer for bob's key) is logged
+    and retried at the next refresh; the agent and its other peers carry on."""
+    refused, fine = new_key(), new_key()
+    original = world.owner.request
+
+    async def refusing(op: str, **args: Any) -> dict[str, Any]:
+        if op == "set_peer" and args.get("public_key") == refused:
+            raise OwnerError("refused: allowed IP is outside the overlay")
+        return await original(op, **args)
+
+    world.owner.request = refusing  # type: ignore[method-assign]
+    await world.client("bob", "desk").send(ANNOUNCE, f"ANNOUNCE 198.18.0.6:51820 {refused}")
+    await world.client("carol", "nas").send(ANNOUNCE, f"ANNOUNCE 198.18.0.7:51820 {fine}")
+    await wait_for(lambda: fine in world.owner.peers, "carol, whose entry is allowed")
+    await wait_for(lambda: caplog.text.count("device owner refused to configure it") >= 2,
+                   "the refusal retried at a refresh")
+    assert "bob/desk: the device owner refused" in caplog.text
+    assert refused not in world.owner.peers
+    status = await call(world.agent.options.state_dir, "status")
+    assert {p["device"] for p in status["peers"]} == {"desk", "nas"}
+
+
+async def test_announced_endpoints_of_this_host_are_refused(
+    world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    """WireGuard must never be pointed at a local service (or nowhere) by a member."""
+    bob = world.client("bob", "desk")
+    for ip in ("127.0.0.1", "0.0.0.0", "224.0.0.1", "255.255.255.255", "240.0.0.1"):
+        await bob.send(ANNOUNCE, f"ANNOUNCE {ip}:51820 {new_key()}")
+    good = new_key()
+    await bob.send(ANNOUNCE, f"ANNOUNCE 198.18.0.6:51820 {good}")
+    await wait_for(lambda: good in world.owner.peers, "bob's usable announcement")
+    assert list(world.owner.peers) == [good]
+    assert caplog.text.count("is not a unicast address of another host") == 5
