@@ -46,7 +46,7 @@ from kbwg.agent.control import call
 from kbwg_world import NatMode, Node, Segment, World
 from kbwg_world.stunserver import PROBE_SCRIPT, StunServer
 from kbwg_world.team import AGENT, AgentProcess, Team, first_ping
-from kbwg_world.world import INTERNET_SPACE, LAN_SPACE
+from kbwg_world.world import LAN_SPACE
 
 ALICE = ("alice", "laptop", "100.64.0.1")
 BOB = ("bob", "desk", "100.64.0.2")
@@ -100,9 +100,9 @@ def start_relay(world: World, inet: Segment, timeout: float = 10.0) -> dict[str,
     secret.write_text(RELAY_SECRET + "\n")
     listen = f"{RELAY_IP}:{RELAY_PORT}"
     log = open(world.dir / "relay.log", "wb")  # noqa: SIM115  (kept open by the process)
-    # The world's addresses are documentation and benchmarking space, which the relay
-    # refuses as peers unless allowed.
-    allow = [arg for net in (*INTERNET_SPACE, LAN_SPACE) for arg in ("--allow-peer", str(net))]
+    # The world's LANs are benchmarking space, which the relay refuses as peers unless
+    # allowed.
+    allow = ["--allow-peer", str(LAN_SPACE)]
     proc = node.popen([*AGENT, "relay", "--listen", listen, "--secret-file", str(secret),
                        *allow], stdout=log, stderr=log)  # fmt: skip
     log.close()

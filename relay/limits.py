@@ -20,10 +20,14 @@ Network = IPv4Network | IPv6Network
 # Never relayed to unless --allow-peer says so. A relay is an open door into the
 # networks its host can reach, so everything IANA's special-purpose registries mark as
 # not globally reachable is refused (RFC 6890 and its updates): private and shared
-# address space, loopback, link-local, benchmarking and documentation ranges, multicast
-# and reserved space. The relay host's own interface addresses are refused too, read
-# from the kernel (kbwg.relay.hostaddrs). A test world or a relay deliberately serving
-# a LAN opens what it needs with --allow-peer.
+# address space, loopback, link-local, benchmarking ranges, multicast and reserved
+# space. The documentation ranges (TEST-NET-1/2/3, 2001:db8::/32, 3fff::/20) are the
+# exception: no real network is numbered from them, so refusing them protects nobody,
+# while test worlds use them as their public internet (the relay and the peers it
+# serves), where refusing them would break every relayed path. The relay host's own
+# interface addresses are refused too, read from the kernel (kbwg.relay.hostaddrs). A
+# test world's LANs or a relay deliberately serving a LAN open what they need with
+# --allow-peer.
 DEFAULT_DENIED_PEERS: tuple[str, ...] = (
     "0.0.0.0/8",  # "this network"
     "10.0.0.0/8",  # private (RFC 1918)
@@ -32,12 +36,9 @@ DEFAULT_DENIED_PEERS: tuple[str, ...] = (
     "169.254.0.0/16",  # link-local
     "172.16.0.0/12",  # private (RFC 1918)
     "192.0.0.0/24",  # IETF protocol assignments
-    "192.0.2.0/24",  # documentation, TEST-NET-1
     "192.88.99.0/24",  # the deprecated 6to4 relay anycast
     "192.168.0.0/16",  # private (RFC 1918)
     "198.18.0.0/15",  # benchmarking (RFC 2544)
-    "198.51.100.0/24",  # documentation, TEST-NET-2
-    "203.0.113.0/24",  # documentation, TEST-NET-3
     "224.0.0.0/4",  # multicast
     "240.0.0.0/4",  # reserved, with the limited broadcast address
     "::/128",
@@ -45,8 +46,6 @@ DEFAULT_DENIED_PEERS: tuple[str, ...] = (
     "64:ff9b:1::/48",  # local-use NAT64
     "100::/64",  # discard-only
     "2001:2::/48",  # benchmarking
-    "2001:db8::/32",  # documentation
-    "3fff::/20",  # documentation
     "5f00::/16",  # segment routing SIDs
     "fc00::/7",  # unique local
     "fe80::/10",  # link-local

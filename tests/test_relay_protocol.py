@@ -450,7 +450,7 @@ async def test_sends_without_permission_are_dropped_and_counted() -> None:
 
 async def test_loopback_and_private_peers_are_refused_by_default() -> None:
     # Finding 1: 10.0.0.2, 172.17.0.1, 192.168.1.1 and 100.64.0.1 were relayable.
-    async with running(_config(allow_peers=parse_networks(["192.0.2.0/24"]))) as server:
+    async with running(_config(allow_peers=parse_networks(["198.19.0.0/24"]))) as server:
         client = await client_for(server)
         loopback = await client.turn(stun.Method.CREATE_PERMISSION,
                                      **{"XOR-PEER-ADDRESS": ("127.0.0.1", 9)})
@@ -461,17 +461,17 @@ async def test_loopback_and_private_peers_are_refused_by_default() -> None:
         private = [await client.turn(stun.Method.CREATE_PERMISSION,
                                      **{"XOR-PEER-ADDRESS": (ip, 9)})
                    for ip in ("10.0.0.2", "172.17.0.1", "192.168.1.1", "100.64.0.1",
-                              "198.18.0.1", "203.0.113.1")]
+                              "198.18.0.1")]
         bound = await client.turn(stun.Method.CHANNEL_BIND, **{
             "CHANNEL-NUMBER": 0x4001, "XOR-PEER-ADDRESS": ("192.168.1.1", 9)})
         # --allow-peer opens a range that is denied by default.
         fine = await client.turn(stun.Method.CREATE_PERMISSION,
-                                 **{"XOR-PEER-ADDRESS": ("192.0.2.1", 9)})
+                                 **{"XOR-PEER-ADDRESS": ("198.19.0.1", 9)})
         client.close()
     refused = [loopback, multicast, link_local, *private, bound]
     assert [_code(m) for m in refused] == [403] * len(refused)
     assert fine.message_class == stun.Class.RESPONSE
-    assert server.counters.peer_forbidden == len(refused) == 10
+    assert server.counters.peer_forbidden == len(refused) == 9
     # The host's own addresses were read (from this namespace) for the checks.
     assert server.table.host is not None and server.table.host.reads >= 1
     assert any(ip_address("127.0.0.1") in net for net in server.table.host.networks)

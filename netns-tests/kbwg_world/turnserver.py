@@ -13,7 +13,7 @@ from typing import Any
 
 from kbwg_world.stunserver import PROBE_SCRIPT
 from kbwg_world.wait import wait_until
-from kbwg_world.world import INTERNET_SPACE, LAN_SPACE, Node
+from kbwg_world.world import LAN_SPACE, Node
 
 AGENT = Path(sys.executable).with_name("kbwg-agent")
 
@@ -68,10 +68,9 @@ def start_relay(node: Node, ip: str, port: int = 3478, secret: str = "team-secre
         secret_file.write_text(secret + "\n")
         argv = [str(AGENT), "relay", "--listen", f"{ip}:{port}",
                 "--secret-file", str(secret_file), "--stats-interval", "5"]  # fmt: skip
-        # The world's "internet" and LANs are documentation and benchmarking space,
-        # which the relay refuses as peers unless told otherwise.
-        for network in (*INTERNET_SPACE, LAN_SPACE):
-            argv += ["--allow-peer", str(network)]
+        # The world's LANs are benchmarking space, which the relay refuses as peers
+        # unless told otherwise; its internet (documentation space) is relayable as is.
+        argv += ["--allow-peer", str(LAN_SPACE)]
     elif kind == "coturn":
         argv = [
             "turnserver", "-n", "--listening-ip", ip, "--relay-ip", ip,
