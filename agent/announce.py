@@ -11,7 +11,7 @@ import ipaddress
 import re
 from dataclasses import dataclass
 
-from kbwg.agent.peers import DeviceId
+from kbwg.core.identity import DeviceId
 
 ANNOUNCE_CHANNEL = "announce"
 # How long an announcement stays valid; agents re-announce well within it.

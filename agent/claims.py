@@ -40,7 +40,8 @@ from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 
 from kbwg.agent.announce import ANNOUNCE_TTL_S, AnnounceError, canonical_key
-from kbwg.agent.peers import DeviceId, PeerEntry
+from kbwg.agent.peers_file import PeerEntry
+from kbwg.core.identity import DeviceId
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ from typing import Any
 from aioice import stun
 
 from kbwg.agent.hostroutes import HostRoutes
-from kbwg.agent.owner_client import DeviceOwner
+from kbwg.agent.owner_calls import OwnerCalls
 from kbwg.agent.owner_stun import OwnerStunTransport
 from kbwg.agent.relay_paths import RelayPaths
 from kbwg.agent.teamconfig import TeamConfig
@@ -55,7 +55,7 @@ class Route:
 
 
 class Connectivity:
-    def __init__(self, owner: DeviceOwner, port: OwnerStunTransport, wg_port: int,
+    def __init__(self, owner: OwnerCalls, port: OwnerStunTransport, wg_port: int,
                  relay_user: str, config: TeamConfig,
                  on_relay_lost: Callable[[RelayAllocation], None]) -> None:
         self.config = config
@@ -75,10 +75,11 @@ class Connectivity:
         self._mux.fallback = self.client_for(None).datagram_received
 
     @classmethod
-    async def open(cls, owner: DeviceOwner, wg_port: int, relay_user: str,
+    async def open(cls, owner: OwnerCalls, wg_port: int, relay_user: str,
                    config: TeamConfig,
                    on_relay_lost: Callable[[RelayAllocation], None]) -> Connectivity:
-        port = await OwnerStunTransport.open(owner)
+        # STUN on the shared port speaks the owner's transport directly (owner_stun).
+        port = await OwnerStunTransport.open(owner.transport)
         return cls(owner, port, wg_port, relay_user, config, on_relay_lost)
 
     async def close(self) -> None:

@@ -29,7 +29,7 @@ import random
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv4Interface
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,7 @@ from kbwg.agent.announce import (
     Announcement,
     format_announce,
 )
+from kbwg.agent.announce_feed import take_announce_message
 from kbwg.agent.claims import (
     Claim,
     ClaimBook,
@@ -53,16 +54,16 @@ from kbwg.agent.claims import (
 )
 from kbwg.agent.connectivity import Connectivity, RegisteredChecker
 from kbwg.agent.control import ControlServer
-from kbwg.agent.intake import take_announce_message
 from kbwg.agent.keybase import Channel, ChatMessage, KeybaseClient, KeybaseError
 from kbwg.agent.keyowners import KeyBook
 from kbwg.agent.netwatch import NetworkWatcher
 from kbwg.agent.overlaycheck import OverlayError, RoutesReader, check_team_overlay, host_routes
+from kbwg.agent.owner_calls import OwnerCalls, PeerCounters
 from kbwg.agent.owner_client import DeviceOwner, OwnerError
-from kbwg.agent.peers import DeviceId, PeerEntry, PeersError, parse_peers
-from kbwg.agent.peerstate import ANNOUNCED, NEGOTIATED, AgentState, PeerState
-from kbwg.agent.peertable import desired_peers
+from kbwg.agent.peer_selection import desired_peers
+from kbwg.agent.peers_file import PeerEntry, PeersError, parse_peers
 from kbwg.agent.reports import diag_report, status_report
+from kbwg.agent.runtime_state import ANNOUNCED, NEGOTIATED, AgentState, PeerState
 from kbwg.agent.teamconfig import (
     TeamConfig,
     TeamConfigError,
@@ -70,6 +71,7 @@ from kbwg.agent.teamconfig import (
     team_config_path,
 )
 from kbwg.core.background import Background
+from kbwg.core.identity import DeviceId
 from kbwg.negotiation.candidates import gather_host_candidates, interface_addresses
 from kbwg.negotiation.pairs import CandidatePair
 from kbwg.negotiation.session import CheckerSpec, Negotiator
@@ -127,7 +129,7 @@ class Agent:
         self.keybase = keybase
         self._owner_factory = owner_factory
         self._routes = routes
-        self._owner: DeviceOwner | None = None
+        self._owner: OwnerCalls | None = None
         self._owner_task: asyncio.Task[DeviceOwner] | None = None
         self.paths: Connectivity | None = None
         self._negotiator: Negotiator | None = None
@@ -235,20 +237,15 @@ class Agent:
         self._private = PrivateKey.generate()
         public_key = base64.b64encode(bytes(self._private.public_key)).decode()
         announce_ip, announce_port = await self._announce_target()
-        self._owner = await self._owner_task
-        created = await self._owner.request(
-            "create",
-            ifname=self.options.interface,
-            private_key=base64.b64encode(bytes(self._private)).decode(),
-            listen_port=self.options.listen_port,
-            address=f"{overlay_ip}/{self.config.overlay.prefixlen}",
-            backend=self.options.backend,
-        )
-        port = int(created["listen_port"])
+        self._owner = OwnerCalls(await self._owner_task)
+        created = await self._owner.create(
+            self.options.interface, bytes(self._private), self.options.listen_port,
+            IPv4Interface(f"{overlay_ip}/{self.config.overlay.prefixlen}"), self.options.backend)
+        port = created.listen_port
         self.state = AgentState(
             me=me, listed=mine is not None, overlay_ip=overlay_ip, public_key=public_key,
             listen_port=port, interface=self.options.interface,
-            backend=str(created.get("backend", self.options.backend)),
+            backend=created.backend,
             announced_endpoint=f"{announce_ip}:{announce_port or port}",
         )
         log.info("%s is %s%s on %s (%s backend, port %d)", me, overlay_ip,
@@ -291,7 +288,7 @@ class Agent:
             if not self._owner_task.done():
                 self._owner_task.cancel()
             with contextlib.suppress(BaseException):
-                self._owner = await self._owner_task
+                self._owner = OwnerCalls(await self._owner_task)
         if self._owner is not None:
             with contextlib.suppress(Exception):
                 await self._owner.close()
@@ -411,8 +408,7 @@ class Agent:
             log.warning("%s also claimed %s, first (message %d < %d): moving to %s",
                         rival.sender, old, rival.msg_id, s.my_claim.msg_id, new)
             assert self._owner is not None
-            await self._owner.request("set_address",
-                                      address=f"{new}/{self.config.overlay.prefixlen}")
+            await self._owner.set_address(IPv4Interface(f"{new}/{self.config.overlay.prefixlen}"))
             s.overlay_ip = new
             msg_id = await self.keybase.send(self.announce_channel,
                                              format_claim(new, s.public_key))
@@ -516,17 +512,15 @@ class Agent:
         key, ip = ann.public_key, f"{peer.spec.overlay_ip}/32"
         if peer.configured_key == key:
             if peer.configured_ip != ip:
-                await self._owner.request(
-                    "set_peer", public_key=key, endpoint=peer.endpoint, allowed_ips=[ip],
-                    keepalive=self.options.keepalive_s if peer.endpoint else 0)
+                await self._owner.set_peer(
+                    key, peer.endpoint, [ip], self.options.keepalive_s if peer.endpoint else 0)
                 peer.configured_ip = ip
                 log.info("peer %s now at %s", peer.name, peer.spec.overlay_ip)
             if peer.announcement_id != ann.msg_id:
                 await self._newer_announcement(peer, ann)
             return
         # No endpoint yet: WireGuard's first handshake goes where negotiation says.
-        await self._owner.request("set_peer", public_key=key, endpoint=None,
-                                  allowed_ips=[ip], keepalive=0)
+        await self._owner.set_peer(key, None, [ip], 0)
         peer.configured_key, peer.configured_ip = key, ip
         peer.announcement_id, peer.announcement_endpoint = ann.msg_id, ann.endpoint
         log.info("peer %s (%s%s), key %s…", peer.name, peer.spec.overlay_ip,
@@ -587,18 +581,16 @@ class Agent:
         if not await self._has_session(peer.configured_key):
             # WireGuard counts a handshake it could not send (no endpoint yet) against
             # its 5 s rate limit; a fresh peer entry starts its handshake at once.
-            await self._owner.request("remove_peer", public_key=peer.configured_key)
-        await self._owner.request("set_peer", public_key=peer.configured_key,
-                                  endpoint=endpoint, allowed_ips=[peer.configured_ip],
-                                  keepalive=self.options.keepalive_s)
+            await self._owner.remove_peer(peer.configured_key)
+        await self._owner.set_peer(peer.configured_key, endpoint, [peer.configured_ip or ""],
+                                   self.options.keepalive_s)
         peer.endpoint, peer.endpoint_source = endpoint, source
         peer.path_since, peer.connected_at = time.time(), None
 
     async def _has_session(self, public_key: str) -> bool:
         assert self._owner is not None
-        stats = await self._owner.request("stats")
-        return any(p["public_key"] == public_key and p.get("last_handshake")
-                   for p in stats.get("peers", []))
+        stats = await self._owner.stats()
+        return any(p.public_key == public_key and p.last_handshake for p in stats.peers)
 
     async def _remove_key(self, peer: PeerState) -> None:
         """Remove the key configured for this peer, and only for it."""
@@ -612,7 +604,7 @@ class Agent:
             log.warning("key %s… of %s is also configured for another peer; keeping it",
                         key[:8], peer.name)
             return
-        await self._owner.request("remove_peer", public_key=key)
+        await self._owner.remove_peer(key)
 
     async def _release(self, peer: PeerState, why: str) -> None:
         log.info("%s %s; old peer entry removed", peer.name, why)
@@ -681,9 +673,9 @@ class Agent:
                     # WireGuard keeps sending from the source address (and interface)
                     # it last used; the endpoint set again makes it choose both anew,
                     # through the new host route.
-                    await self._owner.request(
-                        "set_peer", public_key=peer.configured_key, endpoint=route.endpoint,
-                        allowed_ips=[peer.configured_ip], keepalive=self.options.keepalive_s)
+                    await self._owner.set_peer(
+                        peer.configured_key, route.endpoint, [peer.configured_ip or ""],
+                        self.options.keepalive_s)
         log.info("%s: %s", peer.name, reason)
 
     # -- background loops -------------------------------------------------------------------
@@ -715,23 +707,20 @@ class Agent:
     async def _poll_stats(self) -> None:
         assert self.state is not None and self._owner is not None
         async with self._lock:
-            stats = await self._owner.request("stats")
-            by_key = {p["public_key"]: p for p in stats.get("peers", [])}
+            by_key = (await self._owner.stats()).by_key()
             for peer in self.state.peers.values():
                 current = by_key.get(peer.configured_key or "")
                 if current is None:
                     continue
-                if peer.observe(float(current.get("last_handshake") or 0.0),
-                                int(current.get("rx_bytes") or 0),
-                                int(current.get("tx_bytes") or 0)):
+                if peer.observe(current.last_handshake, current.rx_bytes, current.tx_bytes):
                     log.info("handshake with %s (%s) over %s", peer.name,
                              peer.spec.overlay_ip, peer.endpoint)
-                if peer.endpoint_source == ANNOUNCED and current.get("endpoint"):
+                if peer.endpoint_source == ANNOUNCED and current.endpoint:
                     # WireGuard roams to where the peer's authenticated packets come from.
-                    peer.endpoint = current["endpoint"]
+                    peer.endpoint = current.endpoint
             await self._reconcile(by_key)
 
-    async def _reconcile(self, actual: dict[str, Any]) -> None:
+    async def _reconcile(self, actual: dict[str, PeerCounters]) -> None:
         """Make the device's peers the ones this agent configured: whatever removed or
         added one by mistake (a bug, a hand-run `wg set`), nothing stays that way."""
         assert self.state is not None and self._owner is not None
@@ -740,16 +729,15 @@ class Agent:
         for key in [k for k in actual if k not in configured]:
             log.warning("the device has a peer with key %s… that this agent did not "
                         "configure; removing it", key[:8])
-            await self._owner.request("remove_peer", public_key=key)
+            await self._owner.remove_peer(key)
         for key, peer in configured.items():
             if key in actual:
                 continue
             log.warning("%s's peer entry (key %s…) is missing from the device; adding it "
                         "again", peer.name, key[:8])
-            await self._owner.request(
-                "set_peer", public_key=key, endpoint=peer.endpoint,
-                allowed_ips=[peer.configured_ip],
-                keepalive=self.options.keepalive_s if peer.endpoint else 0)
+            await self._owner.set_peer(
+                key, peer.endpoint, [peer.configured_ip or ""],
+                self.options.keepalive_s if peer.endpoint else 0)
 
     async def _watch_network(self) -> None:
         watcher = NetworkWatcher(self._on_network_change,

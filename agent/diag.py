@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Network
 from typing import Any
 
-from kbwg.agent.peers import DEFAULT_OVERLAY
+from kbwg.agent.peers_file import DEFAULT_OVERLAY
 from kbwg.agent.teamconfig import HostPort, RelayConfig
 from kbwg.negotiation.candidates import (
     DEFAULT_INTERFACE_EXCLUDE,
@@ -403,6 +403,11 @@ def render_report(data: dict[str, Any]) -> str:
     ignored = data["stun_counters"].get("ignored", 0)
     if ignored:
         lines.append(f"note: {ignored} bad or stray STUN datagrams ignored")
+    shared = (data.get("shared_port") or {}).get("owner") or {}
+    if shared.get("dropped"):
+        over = sum(v for k, v in shared.items() if k.startswith("over_"))
+        lines.append(f"note: the device owner dropped {shared['dropped']} STUN datagrams at "
+                     f"the WireGuard port ({over} over a budget: a flood?)")
     lines += ["", f"Conclusion: {data['conclusion']}"]
     return "\n".join(lines)
 

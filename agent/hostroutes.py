@@ -15,7 +15,8 @@ import logging
 from dataclasses import dataclass
 from ipaddress import IPv4Network
 
-from kbwg.agent.owner_client import DeviceOwner, OwnerError
+from kbwg.agent.owner_calls import OwnerCalls
+from kbwg.agent.owner_client import OwnerError
 from kbwg.owner.netconfig import egress_for
 
 log = logging.getLogger(__name__)
@@ -25,11 +26,11 @@ log = logging.getLogger(__name__)
 class HostRoutes:
     """The host routes this agent asked the device owner for, one per peer at most."""
 
-    owner: DeviceOwner
+    owner: OwnerCalls
     routes: dict[str, str]  # peer key -> destination "ip/32"
 
     @classmethod
-    def new(cls, owner: DeviceOwner) -> HostRoutes:
+    def new(cls, owner: OwnerCalls) -> HostRoutes:
         return cls(owner, {})
 
     async def follow(self, peer: str, remote_ip: str, local_ifname: str | None) -> str | None:
@@ -46,16 +47,14 @@ class HostRoutes:
             return f"host route {destination} already set for another peer"
         try:
             # Our own route to it, if any, is replaced by the owner.
-            result = await self.owner.request("add_route", destination=destination,
-                                              ifname=uplink)
+            added = await self.owner.add_route(IPv4Network(destination), uplink)
         except OwnerError as exc:
             log.warning("cannot add host route %s: %s", destination, exc)
             await self.clear(peer)
             return None
         self.routes[peer] = destination
-        gateway = result.get("via")
-        via = f" via {gateway}" if gateway else ""
-        dev = result.get("ifname", uplink)
+        via = f" via {added.via}" if added.via else ""
+        dev = added.ifname
         log.info("host route %s%s dev %s for %s", destination, via, dev, peer)
         return f"host route {destination}{via} dev {dev}"
 
@@ -79,6 +78,6 @@ class HostRoutes:
         destination = self.routes.pop(peer, None)
         if destination is not None:
             try:
-                await self.owner.request("remove_route", destination=destination)
+                await self.owner.remove_route(IPv4Network(destination))
             except Exception as exc:
                 log.warning("removing host route %s failed: %s", destination, exc)

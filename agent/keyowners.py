@@ -25,7 +25,7 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
 from kbwg.agent.announce import ANNOUNCE_TTL_S
-from kbwg.agent.peers import DeviceId
+from kbwg.core.identity import DeviceId
 
 
 @dataclass

@@ -12,7 +12,8 @@ from typing import Any
 from kbwg.agent.claims import ClaimBook
 from kbwg.agent.connectivity import Connectivity
 from kbwg.agent.diag import DiagOptions, diagnose
-from kbwg.agent.peerstate import AgentState, PeerState
+from kbwg.agent.owner_stun import OwnerStunTransport
+from kbwg.agent.runtime_state import AgentState, PeerState
 from kbwg.agent.teamconfig import TeamConfig
 from kbwg.negotiation.session import Negotiator
 
@@ -51,8 +52,10 @@ def status_report(team: str, state: AgentState, config: TeamConfig, paths: Conne
 
 async def diag_report(request: dict[str, Any], team: str, state: AgentState,
                       config: TeamConfig, paths: Connectivity, claims: ClaimBook,
-                      negotiator: Negotiator | None) -> dict[str, Any]:
-    """`diag` run from the live WireGuard port, plus what is known of each peer."""
+                      negotiator: Negotiator | None,
+                      shared_port: OwnerStunTransport | None = None) -> dict[str, Any]:
+    """`diag` run from the live WireGuard port, plus what is known of each peer and
+    what the owner's shared-port filter passed and dropped (`shared_port`)."""
     timeout = request.get("diag_timeout", DIAG_TIMEOUT_S)
     if not isinstance(timeout, int | float) or timeout <= 0:
         timeout = DIAG_TIMEOUT_S
@@ -67,6 +70,7 @@ async def diag_report(request: dict[str, Any], team: str, state: AgentState,
     data = report.to_json()
     data["peers"] = [_peer_diag(p, negotiator) for p in _sorted_peers(state)]
     data["claims"] = [c.to_json() for c in claims.live_claims(time.time())]
+    data["shared_port"] = await shared_port.filter_report() if shared_port is not None else {}
     return data
 
 

@@ -21,7 +21,7 @@ from urllib.parse import parse_qs
 
 from kbwg.agent.claims import Policy
 from kbwg.agent.keybase import KeybaseFileNotFound
-from kbwg.agent.peers import DEFAULT_OVERLAY
+from kbwg.agent.peers_file import DEFAULT_OVERLAY
 from kbwg.core.addresses import HostPort
 from kbwg.negotiation.candidates import DEFAULT_INTERFACE_EXCLUDE
 from kbwg.owner.policy import WIDEST_PREFIX

@@ -8,7 +8,7 @@ from kbwg.agent.announce import (
     format_announce,
     parse_announce,
 )
-from kbwg.agent.peers import DeviceId
+from kbwg.core.identity import DeviceId
 
 KEY = base64.b64encode(bytes(range(32))).decode()
 ALICE = DeviceId("alice", "laptop")

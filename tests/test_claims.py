@@ -23,7 +23,8 @@ from kbwg.agent.claims import (
     pick_free_address,
     save_previous,
 )
-from kbwg.agent.peers import DeviceId, PeerEntry
+from kbwg.agent.peers_file import PeerEntry
+from kbwg.core.identity import DeviceId
 
 KEY = base64.b64encode(bytes(range(32))).decode()
 KEY2 = base64.b64encode(bytes(range(1, 33))).decode()

@@ -28,7 +28,7 @@ from kbwg.agent.control import call
 from kbwg.agent.daemon import Agent, JoinError, JoinOptions
 from kbwg.agent.keybase import Channel, KeybaseClient
 from kbwg.agent.owner_client import OwnerError
-from kbwg.agent.peers import DeviceId
+from kbwg.core.identity import DeviceId
 
 STANDIN = str(Path(sys.executable).parent / "kbwg-keybase-standin")
 TEAM = "t1"

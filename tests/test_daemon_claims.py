@@ -30,7 +30,7 @@ from kbwg.agent.claims import pick_free_address
 from kbwg.agent.control import call
 from kbwg.agent.daemon import ENV_DYNAMIC_SEED, Agent, JoinOptions
 from kbwg.agent.keybase import Channel, ChatMessage, KeybaseClient
-from kbwg.agent.peers import DeviceId
+from kbwg.core.identity import DeviceId
 
 TEAM = "t2"
 ANNOUNCE = Channel(TEAM, "announce", "chat")

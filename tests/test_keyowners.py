@@ -14,12 +14,13 @@ import pytest
 from nacl.public import PrivateKey
 
 from kbwg.agent.announce import AnnounceBook, AnnounceError, canonical_key, parse_announce
+from kbwg.agent.announce_feed import take_announce_message
 from kbwg.agent.claims import ClaimBook, Policy, parse_claim
-from kbwg.agent.intake import take_announce_message
 from kbwg.agent.keybase import Channel, ChatMessage
 from kbwg.agent.keyowners import KeyBook
-from kbwg.agent.peers import DeviceId, PeerEntry
-from kbwg.agent.peertable import DesiredPeers, desired_peers
+from kbwg.agent.peer_selection import DesiredPeers, desired_peers
+from kbwg.agent.peers_file import PeerEntry
+from kbwg.core.identity import DeviceId
 
 ANNOUNCE = Channel("t", "announce", "chat")
 ME = DeviceId("me", "box")

@@ -3,7 +3,8 @@ import re
 
 import pytest
 
-from kbwg.agent.peers import DeviceId, PeersError, parse_peers
+from kbwg.agent.peers_file import PeersError, parse_peers
+from kbwg.core.identity import DeviceId
 
 
 def doc(*entries: dict[str, str]) -> str:

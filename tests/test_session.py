@@ -22,7 +22,7 @@ from nacl.public import PrivateKey
 from virtual_clock import VIRTUAL_CLOCK, now, until
 
 from kbwg.agent.keybase import Channel, ChatMessage
-from kbwg.agent.peers import DeviceId
+from kbwg.core.identity import DeviceId
 from kbwg.negotiation.session import (
     ANSWER_TIMEOUT_S,
     MAX_OFFERS,

@@ -8,7 +8,7 @@ import pytest
 from nacl.public import Box, PrivateKey, PublicKey
 
 from kbwg.agent.keybase import Channel, ChatMessage
-from kbwg.agent.peers import DeviceId
+from kbwg.core.identity import DeviceId
 from kbwg.negotiation import wire
 from kbwg.negotiation.replay import Replayed, ReplayGuard, Stale
 from kbwg.negotiation.wire import (

@@ -16,7 +16,8 @@ from ipaddress import IPv4Address
 from kbwg.agent.announce import ANNOUNCE_TTL_S, AnnounceBook, Announcement
 from kbwg.agent.claims import Claim, ClaimBook, Policy, may_peer
 from kbwg.agent.keyowners import KeyBook, KeyRefusal
-from kbwg.agent.peers import DeviceId, PeerEntry
+from kbwg.agent.peers_file import PeerEntry
+from kbwg.core.identity import DeviceId
 
 
 @dataclass(frozen=True)

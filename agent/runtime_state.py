@@ -10,8 +10,8 @@ from ipaddress import IPv4Address
 from typing import Any
 
 from kbwg.agent.claims import Claim
-from kbwg.agent.peers import DeviceId
-from kbwg.agent.peertable import PeerSpec
+from kbwg.agent.peer_selection import PeerSpec
+from kbwg.core.identity import DeviceId
 
 # How the WireGuard endpoint of a peer was chosen.
 NEGOTIATED = "negotiated"

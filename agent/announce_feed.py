@@ -13,7 +13,8 @@ from kbwg.agent.announce import ANNOUNCE_TTL_S, AnnounceBook, AnnounceError, par
 from kbwg.agent.claims import ClaimBook, ClaimError, is_claim, parse_claim
 from kbwg.agent.keybase import ChatMessage
 from kbwg.agent.keyowners import KeyBook
-from kbwg.agent.peers import DeviceId, PeerEntry
+from kbwg.agent.peers_file import PeerEntry
+from kbwg.core.identity import DeviceId
 
 log = logging.getLogger(__name__)
 
