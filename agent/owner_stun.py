@@ -17,6 +17,12 @@ Answers (STUN success or error responses) go to the receiver of the transport th
 the request, matched by transaction id; everything else (requests, indications, answers
 to unknown transactions) goes to `transport.receiver`. `open` takes over the owner's
 `events` queue: any event other than `stun` goes to `on_other_event`.
+
+The owner budgets what reaches us (kbwg.owner.stunfilter): answers to our own requests
+and checks for a ufrag we declared each have reserved budgets, so a STUN flood from
+strangers cannot starve them. Declare the ufrags of the current checks with
+`add_ufrag`/`remove_ufrag` (or `set_ufrags` for the whole set); the owner learns them in
+the background, the latest set winning. Without them, checks share the strangers' budgets.
 """
 
 from __future__ import annotations
@@ -25,16 +31,18 @@ import asyncio
 import contextlib
 import logging
 from collections import OrderedDict
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from kbwg.agent.owner_client import DeviceOwner
 from kbwg.core.addresses import Address
 from kbwg.owner.protocol import (
     EVENT_STUN,
+    OP_STATS,
     OP_STUN_OPEN,
     OP_STUN_SEND,
+    OP_STUN_UFRAGS,
     ProtocolError,
     format_endpoint,
     parse_endpoint,
@@ -59,6 +67,8 @@ class OwnerStunCounters:
     send_failed: int = 0
     received: int = 0
     bad_events: int = 0
+    ufrag_updates: int = 0
+    ufrag_update_failed: int = 0
 
 
 class OwnerStunTransport:
@@ -77,6 +87,8 @@ class OwnerStunTransport:
         self._sends: set[asyncio.Task[None]] = set()
         self._pump: asyncio.Task[None] | None = None
         self._closed = False
+        self._ufrags: frozenset[str] = frozenset()
+        self._ufrag_push: asyncio.Task[None] | None = None
 
     @classmethod
     async def open(
@@ -125,6 +137,65 @@ class OwnerStunTransport:
         else:
             self.counters.sent += 1
 
+    # -- the ufrags the owner's filter reserves budgets for ---------------------------------
+
+    @property
+    def ufrags(self) -> frozenset[str]:
+        return self._ufrags
+
+    def set_ufrags(self, ufrags: Iterable[str]) -> None:
+        """The local ufrags of all current checks (replacing the previous set); the owner
+        learns them in the background."""
+        new = frozenset(ufrags)
+        if new == self._ufrags or self._closed:
+            return
+        self._ufrags = new
+        if self._ufrag_push is None or self._ufrag_push.done():
+            self._ufrag_push = asyncio.create_task(self._push_ufrags(), name="stun-ufrags")
+
+    def add_ufrag(self, ufrag: str) -> None:
+        self.set_ufrags(self._ufrags | {ufrag})
+
+    def remove_ufrag(self, ufrag: str) -> None:
+        self.set_ufrags(self._ufrags - {ufrag})
+
+    async def ufrags_declared(self) -> None:
+        """Wait until the owner has the latest set (or the push failed, logged)."""
+        if self._ufrag_push is not None:
+            await asyncio.shield(self._ufrag_push)
+
+    async def _push_ufrags(self) -> None:
+        # One request at a time, always with the newest set: requests are answered in
+        # order, so the last one the owner gets is the current set.
+        while True:
+            pushing = self._ufrags
+            try:
+                await self.owner.request(OP_STUN_UFRAGS, ufrags=sorted(pushing))
+            except Exception as exc:
+                # Checks then share the strangers' budgets: slower under a flood, not lost.
+                self.counters.ufrag_update_failed += 1
+                logger.warning("could not declare %d ICE ufrags to the device owner: %s",
+                               len(pushing), exc)
+                return
+            self.counters.ufrag_updates += 1
+            if self._ufrags == pushing:
+                return
+
+    async def filter_report(self) -> dict[str, Any]:
+        """What the owner's shared-port filter passed and dropped (its `stun_filter`
+        counters), with this transport's own counters; {} when the owner cannot say."""
+        try:
+            stats = await self.owner.request(OP_STATS)
+        except Exception as exc:
+            logger.debug("device owner stats failed: %s", exc)
+            return {}
+        owner_side = stats.get("stun_filter")
+        return {
+            "owner": dict(owner_side) if isinstance(owner_side, dict) else {},
+            "agent": asdict(self.counters),
+            "ufrags": len(self._ufrags),
+        }
+
     def handle_event(self, event: dict[str, Any]) -> bool:
         """Deliver a `stun` event to `receiver`; False for any other event."""
         if event.get("event") != EVENT_STUN:
@@ -166,6 +237,11 @@ class OwnerStunTransport:
     async def close(self) -> None:
         """Stop taking events and wait for sends in flight (the owner's socket stays)."""
         self._closed = True
+        if self._ufrag_push is not None:
+            self._ufrag_push.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._ufrag_push
+            self._ufrag_push = None
         if self._pump is not None:
             self._pump.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -17,8 +17,10 @@ Ops (args → result):
   settling).
 - ``remove_peer`` (``public_key``) → {}.
 - ``stats`` () → ``listen_port``, ``peers`` [{public_key, endpoint, last_handshake,
-  rx_bytes, tx_bytes, allowed_ips, keepalive}], ``refusals`` {reason key: count}.
-  Allowed before ``create`` (empty).
+  rx_bytes, tx_bytes, allowed_ips, keepalive}], ``refusals`` {reason key: count},
+  ``stun_filter`` {counter: count} (what the shared port passed and dropped, by
+  budget and reason; ``events_dropped``: passed but the agent was not reading).
+  Allowed before ``create`` (empty, without ``stun_filter``).
 - ``add_route`` (``destination`` "ip/32", the endpoint address of a current peer, outside
   the overlay; ``ifname`` the uplink it must leave through) → ``via`` (the gateway the
   owner found on that uplink in the main table, or None), ``ifname``. The agent never
@@ -32,14 +34,23 @@ Ops (args → result):
   WireGuard listen port with STUN (kbwg.owner.rawstun); again is a no-op.
 - ``stun_send`` (``dest`` "ip:port", ``data`` bytes: one STUN message of at most 1500
   bytes, optional ``source`` local ip) → ``source`` "ip:port" it left from. Refused when
-  over the owner's rate limit. IPv4 only.
+  over the owner's rate limit. IPv4 only. The transaction id of a request is remembered
+  for a while: its answers pass the shared port's filter in a reserved budget.
+- ``stun_ufrags`` (``ufrags`` list of at most 1024 strings of 1-256 printable ASCII
+  characters without ':') → ``ufrags`` (how many). After ``create``. The agent's
+  current local ICE ufrags, replacing the previous list: Binding requests whose USERNAME
+  starts with one of them and ':' pass the filter in that ufrag's reserved budget.
 
 Requests that are well formed but outside what the owner allows (kbwg.owner.guard) get
 an error reply whose message starts with ``refused:``; each is counted by reason key.
 
 Events: ``stun`` (``src`` "ip:port", ``dst`` "ip:port" = the local address and the
 WireGuard port, ``data`` bytes), one per datagram to the WireGuard port carrying the STUN
-cookie, after ``stun_open``. Events beyond the owner's rate limit are dropped.
+cookie that passes the owner's filter (kbwg.owner.stunfilter: well formed, a right
+FINGERPRINT where checks need one, then within the budget of its kind: answers to our
+own requests, checks for a declared ufrag, and everything else per source and overall),
+after ``stun_open``. The rest is dropped and counted: ``stats`` answers the counts as
+``stun_filter``.
 """
 
 from __future__ import annotations
@@ -65,6 +76,7 @@ OP_SHUTDOWN = "shutdown"
 OP_STUN_OPEN = "stun_open"
 OP_STUN_SEND = "stun_send"
 OP_SET_ADDRESS = "set_address"
+OP_STUN_UFRAGS = "stun_ufrags"
 
 EVENT_STUN = "stun"
 
@@ -78,6 +90,11 @@ IFNAME_MAX = 15
 
 ERR_NO_DEVICE = "no device yet"
 ERR_NO_STUN = "no STUN socket yet (stun_open first)"
+
+# ICE ufrags: 4 to 256 ice-chars (RFC 8445 section 5.3); any printable ASCII but ':'
+# goes here, as the owner only compares them. One per negotiation session.
+MAX_UFRAGS = 1024
+MAX_UFRAG_LEN = 256
 
 
 class ProtocolError(Exception):
@@ -308,3 +325,24 @@ class StunSendArgs:
         if source is not None:
             source = str(ipaddress.IPv4Address(source))
         return cls(dest=dest, data=bytes(data), source=source)
+
+
+@dataclass(frozen=True)
+class StunUfragsArgs:
+    ufrags: tuple[str, ...]
+
+    @classmethod
+    def parse(cls, args: dict[str, Any]) -> StunUfragsArgs:
+        raw = _get(args, "ufrags", list, "a list of strings")
+        if len(raw) > MAX_UFRAGS:
+            raise ProtocolError(f"'ufrags' has {len(raw)} items, more than {MAX_UFRAGS}")
+        for item in raw:
+            if not isinstance(item, str):
+                raise ProtocolError(f"'ufrags' has a non-string item {item!r}")
+            if not 0 < len(item) <= MAX_UFRAG_LEN:
+                raise ProtocolError(
+                    f"'ufrags' item {item[:40]!r} must be 1 to {MAX_UFRAG_LEN} characters")
+            if not item.isascii() or not item.isprintable() or ":" in item or " " in item:
+                raise ProtocolError(
+                    f"'ufrags' item {item[:40]!r} must be printable ASCII without ':' or space")
+        return cls(ufrags=tuple(dict.fromkeys(raw)))

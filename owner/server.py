@@ -45,6 +45,7 @@ from kbwg.owner.protocol import (
     OP_STATS,
     OP_STUN_OPEN,
     OP_STUN_SEND,
+    OP_STUN_UFRAGS,
     OPS_WITHOUT_DEVICE,
     PROTOCOL_VERSION,
     AddRouteArgs,
@@ -54,6 +55,7 @@ from kbwg.owner.protocol import (
     RemoveRouteArgs,
     SetPeerArgs,
     StunSendArgs,
+    StunUfragsArgs,
     encode_key,
     error_reply,
     format_endpoint,
@@ -68,6 +70,7 @@ from kbwg.owner.rawstun import (
     TokenBucket,
     UdpDatagram,
 )
+from kbwg.owner.stunfilter import SharedPortFilter
 from kbwg.owner.wg_backend import BackendError, PeerConfig, WireGuardBackend
 
 logger = logging.getLogger(__name__)
@@ -92,10 +95,9 @@ class StunSocket(Protocol):
 
 RawStunFactory = Callable[[int, PacketCallback], StunSocket]
 
-# STUN through the owner: ICE paces checks at tens per second, so these only bite a
-# runaway agent (sends) or a flood of STUN-shaped packets (events).
+# STUN through the owner: ICE paces checks at tens per second, so this only bites a
+# runaway agent. What arrives is sorted and budgeted by kbwg.owner.stunfilter.
 STUN_SEND_RATE, STUN_SEND_BURST = 200.0, 100
-STUN_EVENT_RATE, STUN_EVENT_BURST = 500.0, 200
 # An agent that stops reading must not make the owner buffer events without bound.
 EVENT_BUFFER_LIMIT = 1 << 20
 
@@ -121,6 +123,7 @@ class OwnerServer:
         backend_factory: Callable[[str], WireGuardBackend],
         policy: OwnerPolicy,
         raw_stun_factory: RawStunFactory,
+        stun_filter: SharedPortFilter | None = None,
     ) -> None:
         self._net = net
         self._backend_factory = backend_factory
@@ -131,7 +134,7 @@ class OwnerServer:
         self.shutdown_requested = False
         self._events: asyncio.StreamWriter | None = None
         self._send_bucket = TokenBucket(STUN_SEND_RATE, STUN_SEND_BURST)
-        self._event_bucket = TokenBucket(STUN_EVENT_RATE, STUN_EVENT_BURST)
+        self.stun_filter = stun_filter if stun_filter is not None else SharedPortFilter()
         self.events_dropped = 0
         # Later ops plug in here.
         self.handlers: dict[str, Handler] = {
@@ -144,6 +147,7 @@ class OwnerServer:
             OP_REMOVE_ROUTE: self._remove_route,
             OP_STUN_OPEN: self._stun_open,
             OP_STUN_SEND: self._stun_send,
+            OP_STUN_UFRAGS: self._stun_ufrags,
             OP_SET_ADDRESS: self._set_address,
             OP_SHUTDOWN: self._shutdown,
         }
@@ -265,6 +269,9 @@ class OwnerServer:
         await self._backend().remove_peer(spec.public_key)
         return {}
 
+    def stun_filter_stats(self) -> dict[str, int]:
+        return {**self.stun_filter.to_json(), "events_dropped": self.events_dropped}
+
     async def _stats(self, args: dict[str, Any]) -> dict[str, Any]:
         refusals = dict(self.refusals)
         if self.state.backend is None:
@@ -273,6 +280,7 @@ class OwnerServer:
         peers = await backend.peers()
         return {
             "refusals": refusals,
+            "stun_filter": self.stun_filter_stats(),
             "listen_port": await backend.listen_port(),
             "peers": [
                 {
@@ -337,10 +345,18 @@ class OwnerServer:
         if not self._send_bucket.take():
             raise ProtocolError("stun_send refused: over the rate limit")
         source = self.state.stun.send(spec.data, spec.dest, spec.source)
+        self.stun_filter.note_sent(spec.data)
         return {"source": format_endpoint(source)}
 
+    async def _stun_ufrags(self, args: dict[str, Any]) -> dict[str, Any]:
+        spec = StunUfragsArgs.parse(args)
+        self.stun_filter.set_ufrags(spec.ufrags)
+        return {"ufrags": len(spec.ufrags)}
+
     def _on_stun_packet(self, datagram: UdpDatagram) -> None:
-        self.emit(stun_event(datagram.src, datagram.dst, datagram.payload), self._event_bucket)
+        # Before anything else: the filter's checks are the cheap ones.
+        if self.stun_filter.admit(datagram.payload, datagram.src[0]):
+            self.emit(stun_event(datagram.src, datagram.dst, datagram.payload))
 
     def emit(self, event: dict[str, Any], bucket: TokenBucket | None = None) -> None:
         """Send an unsolicited frame to the agent, or drop it (and count) when the agent

@@ -418,12 +418,19 @@ async def test_owner_stun_ops(served: tuple[OwnerServer, Client]) -> None:
     too_big = await client.call("stun_send", dest="203.0.113.5:3478", data=bytes(1501))
     assert not too_big["ok"] and "1500" in too_big["error"]
 
-    # Received packets become unsolicited events.
-    raw.on_packet(UdpDatagram(("203.0.113.5", 3478), ("198.18.1.2", 51820), b"answer"))
+    # Received packets that pass the owner's filter (here: the answer to the request it
+    # sent) become unsolicited events; a stray answer does not.
+    tid = stun.parse_message(request).transaction_id
+    answer = bytes(stun.Message(stun.Method.BINDING, stun.Class.RESPONSE, tid))
+    stray = bytes(stun.Message(stun.Method.BINDING, stun.Class.RESPONSE))
+    raw.on_packet(UdpDatagram(("203.0.113.5", 3478), ("198.18.1.2", 51820), stray))
+    raw.on_packet(UdpDatagram(("203.0.113.5", 3478), ("198.18.1.2", 51820), answer))
     event = await client.frame()
-    assert event == stun_event(("203.0.113.5", 3478), ("198.18.1.2", 51820), b"answer")
+    assert event == stun_event(("203.0.113.5", 3478), ("198.18.1.2", 51820), answer)
     assert event == {"event": "stun", "src": "203.0.113.5:3478", "dst": "198.18.1.2:51820",
-                     "data": b"answer"}  # fmt: skip
+                     "data": answer}  # fmt: skip
+    stats = (await client.call("stats"))["stun_filter"]
+    assert stats["passed_own"] == 1 and stats["unknown_transaction"] == 1
 
     await server.cleanup()
     assert raw.closed
