@@ -65,8 +65,9 @@ MAX_CANDIDATES = 64
 CANDIDATE_TYPES = frozenset({"host", "srflx", "relay", "prflx"})
 
 _HINT_RE = re.compile(rf"^[0-9a-f]{{{2 * HINT_LEN}}}$")
-# RFC 8445 ice-chars: these end up in STUN USERNAME/MESSAGE-INTEGRITY.
-_ICE_CHARS_RE = re.compile(r"^[A-Za-z0-9+/]*$")
+# RFC 8445 ice-chars: these end up in STUN USERNAME/MESSAGE-INTEGRITY. \Z, not $, which
+# would also match before a final newline.
+_ICE_CHARS_RE = re.compile(r"^[A-Za-z0-9+/]*\Z")
 _BOX_OVERHEAD = Box.NONCE_SIZE + 16
 _MAX_DEVICE_LEN = 128
 
@@ -311,7 +312,9 @@ class CandidateInfo:
     foundation: str
 
     def __post_init__(self) -> None:
-        _check(self.type in CANDIDATE_TYPES, "candidate.type", f"{self.type!r} unknown")
+        # isinstance first: an unhashable value (a list, a map) cannot be looked up.
+        _check(isinstance(self.type, str) and self.type in CANDIDATE_TYPES, "candidate.type",
+               f"{self.type!r} unknown")
         _check_str(self.ip, "candidate.ip", 7, 15)
         try:
             ipaddress.IPv4Address(self.ip)
