@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from aioice import stun
 
-from kbwg.negotiation.check_types import CheckCounters
-from kbwg.negotiation.pairs import Address
+from kbwg.negotiation.candidate_pairs import Address
+from kbwg.negotiation.check_config import CheckCounters
 
 # Checks are small; anything bigger is not one and is not worth parsing.
 MAX_DATAGRAM = 1500

@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 
 from aioice import stun
 
-from kbwg.negotiation.check_types import CheckCounters, CheckTimers, SendFn
-from kbwg.negotiation.pairs import CandidatePair, TxKind
+from kbwg.negotiation.candidate_pairs import CandidatePair, TxKind
+from kbwg.negotiation.check_config import CheckCounters, CheckTimers, SendFn
 
 # Transaction ids answered lately: a late answer to a retransmit is ours, not garbage.
 RECENT_TRANSACTIONS = 128

@@ -11,7 +11,7 @@ One `PeerChecker` per peer per negotiation session. It never owns a socket:
 
 - `send(data, dest, local)` (`SendFn`) sends from local candidate `local`: for host
   candidates from its address on the WireGuard port; for a relay candidate through its
-  TURN allocation. Checks only ever leave from host and relay candidates (pairs.py).
+  TURN allocation. Checks only ever leave from host and relay candidates (candidate_pairs.py).
 - `datagram_received(data, src, local)` takes every STUN datagram routed to this peer;
   `local` is the local candidate it arrived at (None when unknown). Never raises.
 - `on_selected(pair, reason)`: the pair to use, or None with the reason when no pair
@@ -20,8 +20,8 @@ One `PeerChecker` per peer per negotiation session. It never owns a socket:
 
 This module answers checks, settles role conflicts and acts on outcomes: selection,
 nomination, consent, keepalives and re-probes. The rest is in its own modules:
-check_types.py (timers, counters), check_messages.py (building and vetting the STUN
-messages), check_transactions.py (pacing, retransmits, timeouts), check_upkeep.py
+check_config.py (timers, counters), check_messages.py (building and vetting the STUN
+messages), check_transactions.py (pacing, retransmits, timeouts), check_liveness.py
 (consent, keepalives, re-probes) and pair_table.py (the pairs, and the peer-reflexive
 candidates learned from checks).
 
@@ -42,7 +42,7 @@ How this differs from full ICE (one component, one stream, both ends are this ag
   pair; either side then moves to the best remaining valid pair at once (the
   controlled side too, so that a lost nomination cannot hold it on a dead path).
 - Failed pairs are re-probed with backoff from `reprobe_min` doubling to `reprobe_max`
-  (the timers of both are in check_upkeep.py).
+  (the timers of both are in check_liveness.py).
 - RTT: single-shot transactions give exact samples; see `CandidatePair.add_rtt` for
   retransmitted ones.
 - Unauthenticated or malformed requests are dropped and counted, not answered with
@@ -63,10 +63,11 @@ from typing import Any, Literal
 from aioice import stun
 
 from kbwg.negotiation import check_messages as messages
+from kbwg.negotiation.candidate_pairs import Address, CandidatePair, ipv4, prflx_priority
 from kbwg.negotiation.candidates import Candidate
+from kbwg.negotiation.check_config import CheckCounters, CheckTimers, SendFn
+from kbwg.negotiation.check_liveness import CheckLiveness
 from kbwg.negotiation.check_transactions import CheckTransactions, Transaction
-from kbwg.negotiation.check_types import CheckCounters, CheckTimers, SendFn
-from kbwg.negotiation.check_upkeep import CheckUpkeep
 from kbwg.negotiation.choice import (
     DEFAULT_HYSTERESIS_MS,
     DEFAULT_HYSTERESIS_RATIO,
@@ -75,7 +76,6 @@ from kbwg.negotiation.choice import (
     explain,
 )
 from kbwg.negotiation.pair_table import PairTable
-from kbwg.negotiation.pairs import Address, CandidatePair, ipv4, prflx_priority
 from kbwg.negotiation.wire import CandidateInfo
 
 __all__ = ["CheckCounters", "CheckTimers", "CheckerState", "PeerChecker",
@@ -147,7 +147,7 @@ class PeerChecker:
         self._selected_at: float | None = None
 
         self._settle: asyncio.TimerHandle | None = None
-        self._upkeep = CheckUpkeep(self._loop, self.timers, self._table, self._tx,
+        self._upkeep = CheckLiveness(self._loop, self.timers, self._table, self._tx,
                                    lambda: self._selected)
 
     # -- public view ------------------------------------------------------------------

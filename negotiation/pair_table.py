@@ -1,9 +1,9 @@
 """The candidate pairs of one peer checker, and which pair a datagram belongs to.
 
-`PairTable` holds the pairs in priority order (forming them is pairs.py's job) and
+`PairTable` holds the pairs in priority order (forming them is candidate_pairs.py's job) and
 grows them as checks arrive: a request from an address the peer never listed is a
 peer-reflexive candidate (RFC 8445 section 7.3.1.3), at most `MAX_PRFLX` of them, and
-a new pair with it, at most `pairs.MAX_PAIRS` in all. It also tells what the peer sees
+a new pair with it, at most `candidate_pairs.MAX_PAIRS` in all. It also tells what the peer sees
 of us on a pair, from the XOR-MAPPED-ADDRESS of an answer (section 7.2.5.3.1).
 """
 
@@ -12,9 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
-from kbwg.negotiation.candidates import Candidate, candidate_priority
-from kbwg.negotiation.check_types import CheckCounters, CheckTimers
-from kbwg.negotiation.pairs import (
+from kbwg.negotiation.candidate_pairs import (
     MAX_PAIRS,
     Address,
     CandidatePair,
@@ -26,6 +24,8 @@ from kbwg.negotiation.pairs import (
     prflx_priority,
     unique_remotes,
 )
+from kbwg.negotiation.candidates import Candidate, candidate_priority
+from kbwg.negotiation.check_config import CheckCounters, CheckTimers
 from kbwg.negotiation.wire import CandidateInfo
 
 log = logging.getLogger(__name__)

@@ -293,7 +293,7 @@ class StunClient:
         return True
 
 
-class UdpTransport(asyncio.DatagramProtocol):
+class DatagramReceiver(asyncio.DatagramProtocol):
     """A plain UDP socket feeding a receive callback, for standalone use (diag, tests)."""
 
     def __init__(self, on_datagram: Callable[[bytes, Address], object]) -> None:
@@ -329,12 +329,12 @@ class UdpTransport(asyncio.DatagramProtocol):
 
 
 async def bind_udp(host: str = "0.0.0.0", port: int = 0,
-                   counters: StunCounters | None = None) -> tuple[StunClient, UdpTransport]:
+                   counters: StunCounters | None = None) -> tuple[StunClient, DatagramReceiver]:
     """A StunClient on its own UDP socket. Close the transport when done."""
     loop = asyncio.get_running_loop()
     holder: list[StunClient] = []
     _, protocol = await loop.create_datagram_endpoint(
-        lambda: UdpTransport(lambda data, addr: holder[0].datagram_received(data, addr)),
+        lambda: DatagramReceiver(lambda data, addr: holder[0].datagram_received(data, addr)),
         local_addr=(host, port), family=socket.AF_INET,
     )
     client = StunClient(protocol, counters)
@@ -345,7 +345,7 @@ async def bind_udp(host: str = "0.0.0.0", port: int = 0,
 @contextlib.asynccontextmanager
 async def open_udp_client(host: str = "0.0.0.0", port: int = 0,
                           counters: StunCounters | None = None,
-                          ) -> AsyncIterator[tuple[StunClient, UdpTransport]]:
+                          ) -> AsyncIterator[tuple[StunClient, DatagramReceiver]]:
     """`bind_udp` that closes its socket on exit."""
     client, transport = await bind_udp(host, port, counters)
     try:

@@ -15,10 +15,10 @@ import pytest
 from aioice import stun
 from virtual_clock import VIRTUAL_CLOCK, now, until
 
+from kbwg.negotiation.candidate_pairs import CandidatePair, form_pairs
 from kbwg.negotiation.candidates import Candidate, candidate_priority
 from kbwg.negotiation.checks import CheckTimers, PeerChecker
 from kbwg.negotiation.mux import CheckMux
-from kbwg.negotiation.pairs import CandidatePair, form_pairs
 from kbwg.negotiation.wire import CandidateInfo
 
 Address = tuple[str, int]

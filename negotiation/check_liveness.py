@@ -18,15 +18,15 @@ import asyncio
 import random
 from collections.abc import Callable
 
+from kbwg.negotiation.candidate_pairs import CandidatePair
+from kbwg.negotiation.check_config import CheckTimers
 from kbwg.negotiation.check_transactions import CheckTransactions
-from kbwg.negotiation.check_types import CheckTimers
 from kbwg.negotiation.pair_table import PairTable
-from kbwg.negotiation.pairs import CandidatePair
 
 SelectedFn = Callable[[], CandidatePair | None]
 
 
-class CheckUpkeep:
+class CheckLiveness:
     """Queues consent checks, keepalives and re-probes as they fall due.
 
     `selected()` is the checker's current pair (consent goes to it, keepalives to the

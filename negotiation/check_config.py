@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
+from kbwg.negotiation.candidate_pairs import Address
 from kbwg.negotiation.candidates import Candidate
-from kbwg.negotiation.pairs import Address
 
 # Sends one datagram from a local candidate (`checks.PeerChecker` documents the contract).
 SendFn = Callable[[bytes, Address, Candidate], None]
