@@ -30,11 +30,11 @@ from kbwg.agent.owner_calls import OwnerCalls
 from kbwg.agent.owner_stun import OwnerStunTransport
 from kbwg.agent.relay_paths import RelayPaths
 from kbwg.agent.teamconfig import TeamConfig
+from kbwg.negotiation.candidate_pairs import CandidatePair
 from kbwg.negotiation.candidates import Candidate
 from kbwg.negotiation.checks import PeerChecker
 from kbwg.negotiation.gathering import LocalCandidates, gather_local, resolve_servers
 from kbwg.negotiation.mux import CheckMux
-from kbwg.negotiation.pairs import CandidatePair
 from kbwg.negotiation.session import CheckerSpec
 from kbwg.negotiation.stun_client import Address, StunClient, StunCounters
 from kbwg.negotiation.wire import CandidateInfo
@@ -81,6 +81,11 @@ class Connectivity:
         # STUN on the shared port speaks the owner's transport directly (owner_stun).
         port = await OwnerStunTransport.open(owner.transport)
         return cls(owner, port, wg_port, relay_user, config, on_relay_lost)
+
+    @property
+    def shared_port(self) -> OwnerStunTransport:
+        """The WireGuard port's STUN transport (through the device owner)."""
+        return self._port
 
     async def close(self) -> None:
         if self._gathering is not None:

@@ -7,10 +7,13 @@ added to. The agent's state is read, never changed, here.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from kbwg.agent.claims import ClaimBook
 from kbwg.agent.connectivity import Connectivity
+from kbwg.agent.control import Handler
+from kbwg.agent.device_stats import StatsPoll
 from kbwg.agent.diag import DiagOptions, diagnose
 from kbwg.agent.owner_stun import OwnerStunTransport
 from kbwg.agent.runtime_state import AgentState, PeerState
@@ -91,3 +94,28 @@ def _peer_diag(peer: PeerState, negotiator: Negotiator | None) -> dict[str, Any]
                          "remote": negotiation["remote_candidate"],
                          "state": "selected", "rtt_ms": negotiation.get("rtt_ms")})
     return {**peer.to_json(negotiation), "candidates": candidates, "pairs": pairs}
+
+
+@dataclass
+class ControlReplies:
+    """The control socket's `status` and `diag`, for one joined device."""
+
+    team: str
+    state: AgentState
+    config: TeamConfig
+    paths: Connectivity
+    claims: ClaimBook
+    negotiator: Negotiator | None
+    stats: StatsPoll
+
+    def handlers(self) -> dict[str, Handler]:
+        return {"status": self.status, "diag": self.diag}
+
+    async def status(self, _request: dict[str, Any]) -> dict[str, Any]:
+        await self.stats.poll()
+        return status_report(self.team, self.state, self.config, self.paths, self.claims,
+                             self.negotiator)
+
+    async def diag(self, request: dict[str, Any]) -> dict[str, Any]:
+        return await diag_report(request, self.team, self.state, self.config, self.paths,
+                                 self.claims, self.negotiator, self.paths.shared_port)

@@ -25,7 +25,7 @@ import pytest
 from nacl.public import PrivateKey
 
 from kbwg.agent.control import call
-from kbwg.agent.daemon import Agent, JoinError, JoinOptions
+from kbwg.agent.daemon import Agent, JoinedDevice, JoinError, JoinOptions
 from kbwg.agent.keybase import Channel, KeybaseClient
 from kbwg.agent.owner_client import OwnerError
 from kbwg.core.identity import DeviceId
@@ -101,6 +101,12 @@ class World:
     owner: FakeOwner
     agent: Agent
     clients: dict[str, KeybaseClient]
+    joined: list[JoinedDevice]
+
+    @property
+    def device(self) -> JoinedDevice:
+        assert self.joined, "the agent has not joined"
+        return self.joined[0]
 
     def client(self, user: str, device: str) -> KeybaseClient:
         key = f"{user}/{device}"
@@ -132,9 +138,10 @@ async def world(tmp_path: Path) -> AsyncIterator[World]:
     options = JoinOptions(team=TEAM, state_dir=tmp_path / "state", endpoint="198.18.0.5",
                           refresh_s=0.2, announced_fallback_s=0.1)  # fmt: skip
     options.state_dir.mkdir()
+    joined: list[JoinedDevice] = []
     agent = Agent(options, KeybaseClient(STANDIN, env=env_for(home, "alice", "laptop")),
-                  owner_factory=factory, routes=no_routes)  # fmt: skip
-    w = World(home, owner, agent, {})
+                  owner_factory=factory, routes=no_routes, on_joined=joined.append)  # fmt: skip
+    w = World(home, owner, agent, {}, joined)
     w.write("peers.json", json.dumps(PEERS))
     stop = asyncio.Event()
     task = asyncio.create_task(agent.run(stop))
@@ -166,7 +173,7 @@ async def test_announced_peer_is_configured_and_shown(world: World) -> None:
     # Our own announcement went out in the prototype's format.
     page = await world.client("bob", "desk").read(ANNOUNCE)
     ours = [m.body for m in page.messages if m.sender_username == "alice"]
-    assert ours == [f"ANNOUNCE 198.18.0.5:51820 {world.agent.state.public_key}"]  # type: ignore[union-attr]
+    assert ours == [f"ANNOUNCE 198.18.0.5:51820 {world.device.state.public_key}"]
 
 
 async def test_bad_announcements_are_ignored_and_logged(
@@ -202,7 +209,7 @@ async def test_new_key_replaces_old_peer_and_replay_is_ignored(world: World) -> 
     # Replaying the older message (as a late or duplicated delivery) changes nothing.
     page = await bob.read(ANNOUNCE)
     old = next(m for m in page.messages if m.body and first in m.body)
-    await world.agent._on_chat(replace(old))
+    await world.device.chat.on_message(replace(old))
     assert list(world.owner.peers) == [second]
 
 
@@ -272,9 +279,10 @@ class Joining:
     owner: FakeOwner
     task: asyncio.Task[None]
     stop: asyncio.Event
+    joined: list[JoinedDevice]
 
     async def started(self) -> None:
-        await wait_for(lambda: self.agent.state is not None or self.task.done(),
+        await wait_for(lambda: self.joined or self.task.done(),
                        "the agent to start")
         if self.task.done():
             self.task.result()
@@ -312,10 +320,11 @@ async def join_with(tmp_path: Path, kbwg: dict[str, Any], routes: list[str] | No
     state_dir.mkdir()
     options = JoinOptions(team=TEAM, state_dir=state_dir, endpoint="198.18.0.5",
                           policy_path=policy_path)
+    joined: list[JoinedDevice] = []
     agent = Agent(options, KeybaseClient(STANDIN, env=env_for(home, "alice", "laptop")),
-                  owner_factory=factory, routes=host_routes)
+                  owner_factory=factory, routes=host_routes, on_joined=joined.append)
     stop = asyncio.Event()
-    return Joining(agent, owner, asyncio.create_task(agent.run(stop)), stop)
+    return Joining(agent, owner, asyncio.create_task(agent.run(stop)), stop, joined)
 
 
 @pytest.mark.parametrize(("kbwg", "routes", "message"), [
@@ -339,7 +348,7 @@ async def test_join_refuses_an_overlay_before_creating_anything(
         await asyncio.wait_for(joining.task, 20)
     assert not any(op == "create" for op, _ in joining.owner.calls), joining.owner.calls
     assert joining.owner.closed, "the device owner must be stopped"
-    assert joining.agent.state is None
+    assert not joining.joined
 
 
 async def test_routes_that_do_not_overlap_are_fine(tmp_path: Path) -> None:
@@ -432,8 +441,7 @@ async def test_a_member_announcing_anothers_key_changes_nothing(
 
 
 async def test_nobody_is_configured_with_this_devices_own_key(world: World) -> None:
-    assert world.agent.state is not None
-    mine = world.agent.state.public_key
+    mine = world.device.state.public_key
     await world.client("carol", "nas").send(ANNOUNCE, f"ANNOUNCE 203.0.113.66:51820 {mine}")
     marker = new_key()
     await world.client("bob", "desk").send(ANNOUNCE, f"ANNOUNCE 198.18.0.6:51820 {marker}")
@@ -454,7 +462,7 @@ async def test_reconcile_re_adds_a_removed_peer_and_removes_an_unknown_key(
     del world.owner.peers[bob_key]  # removed by mistake, behind the agent's back
     world.owner.peers[stranger] = {"public_key": stranger, "endpoint": "203.0.113.9:1",
                                    "allowed_ips": ["100.64.0.9/32"], "keepalive": 0}
-    await world.agent._poll_stats()
+    await world.device.stats.poll()
     assert set(world.owner.peers) == {bob_key}
     assert world.owner.peers[bob_key]["endpoint"] == "198.18.0.6:51820"
     assert world.owner.peers[bob_key]["allowed_ips"] == ["100.64.0.2/32"]
@@ -476,14 +484,15 @@ async def test_an_announcement_does_not_move_a_working_endpoint(world: World) ->
                    "the newer announced endpoint while no handshake happened")
     # An authenticated handshake over it: now it works and announcements cannot move it.
     world.owner.handshakes[key] = time.time()
-    await world.agent._poll_stats()
+    await world.device.stats.poll()
     await bob.send(ANNOUNCE, f"ANNOUNCE 203.0.113.66:51820 {key}")
     marker = new_key()
     await world.client("carol", "nas").send(ANNOUNCE, f"ANNOUNCE 198.18.0.8:51820 {marker}")
     await wait_for(lambda: marker in world.owner.peers, "carol, announced after bob")
-    await wait_for(lambda: world.agent.state is not None and world.agent.state.peers[
-        DeviceId("bob", "desk")].announcement_id is not None and world.agent.state.peers[
-        DeviceId("bob", "desk")].announcement_endpoint == "203.0.113.66:51820",
+    bob_id = DeviceId("bob", "desk")
+    await wait_for(lambda: world.device.state.peers[bob_id].announcement_id is not None
+                   and world.device.state.peers[bob_id].announcement_endpoint
+                   == "203.0.113.66:51820",
         "the agent to take bob's newest announcement")
     assert world.owner.peers[key]["endpoint"] == "198.18.0.7:51820"
     status = await call(world.agent.options.state_dir, "status")

@@ -28,8 +28,9 @@ from test_daemon import STANDIN, FakeOwner, env_for, new_key, no_routes, wait_fo
 
 from kbwg.agent.claims import pick_free_address
 from kbwg.agent.control import call
-from kbwg.agent.daemon import ENV_DYNAMIC_SEED, Agent, JoinOptions
+from kbwg.agent.daemon import Agent, JoinedDevice, JoinOptions
 from kbwg.agent.keybase import Channel, ChatMessage, KeybaseClient
+from kbwg.agent.presence import ENV_DYNAMIC_SEED
 from kbwg.core.identity import DeviceId
 
 TEAM = "t2"
@@ -77,6 +78,7 @@ class Team:
 @dataclass
 class Running:
     agent: Agent
+    device: JoinedDevice
     owner: FakeOwner
     state_dir: Path
 
@@ -113,16 +115,17 @@ async def running(team: Team, user: str, device: str) -> AsyncIterator[Running]:
 
     options = JoinOptions(team=TEAM, state_dir=state_dir, endpoint="198.18.0.5",
                           refresh_s=0.3, announced_fallback_s=0.1, negotiate=False)
+    joined: list[JoinedDevice] = []
     agent = Agent(options, KeybaseClient(STANDIN, env=env_for(team.home, user, device)),
-                  owner_factory=factory, routes=no_routes)
+                  owner_factory=factory, routes=no_routes, on_joined=joined.append)
     stop = asyncio.Event()
     task = asyncio.create_task(agent.run(stop))
-    await wait_for(lambda: (agent.state is not None and agent._my_announce_id is not None)
+    await wait_for(lambda: (joined and joined[0].presence.announce_id is not None)
                    or task.done(), "the agent to announce itself")
     if task.done():
         task.result()
     try:
-        yield Running(agent, owner, state_dir)
+        yield Running(agent, joined[0], owner, state_dir)
     finally:
         stop.set()
         await asyncio.wait_for(task, 10)
@@ -236,8 +239,8 @@ async def test_own_claim_loses_to_a_lower_id_delivered_late(
     # the delay must outlast the agent's start-up, even on a loaded machine.
     rival = await team.claim_and_announce("rita", "phone", str(ip), delay_ms=5000)
     async with running(team, "uma", "tablet") as uma:
-        assert uma.agent.state is not None
-        first_claim = uma.agent.state.my_claim
+        assert uma.device.state is not None
+        first_claim = uma.device.state.my_claim
         assert first_claim is not None, "an unlisted agent claims"
         assert first_claim.ip == ip, "the seed's first pick (rita's claim came too soon?)"
         assert first_claim.msg_id > 1
@@ -245,26 +248,26 @@ async def test_own_claim_loses_to_a_lower_id_delivered_late(
         # A later rival (higher id, seen at once) does not move us: we are the winner.
         await team.claim_and_announce("walt", "phone", str(ip))
         walt = DeviceId("walt", "phone")
-        await wait_for(lambda: uma.agent._claims.claim_of(walt, time.time()) is not None,
+        await wait_for(lambda: uma.device.team.claims.claim_of(walt, time.time()) is not None,
                        "walt's claim in the book")
         assert uma.addresses_set() == []
-        state = uma.agent.state
+        state = uma.device.state
         # Moved: the new address set, and claimed (the claim is sent after the set).
         await wait_for(lambda: uma.addresses_set() and state.my_claim is not None
                        and state.my_claim.ip == state.overlay_ip != ip,
                        "uma to move once rita's claim arrives", timeout=15)  # fmt: skip
-        moved = uma.agent.state.overlay_ip
+        moved = uma.device.state.overlay_ip
         assert moved != ip and moved in RANGE
         assert uma.addresses_set() == [f"{moved}/10"]
-        assert uma.agent.state.my_claim is not None
-        assert uma.agent.state.my_claim.ip == moved
-        assert uma.agent.state.my_claim.msg_id > first_claim.msg_id
+        assert uma.device.state.my_claim is not None
+        assert uma.device.state.my_claim.ip == moved
+        assert uma.device.state.my_claim.msg_id > first_claim.msg_id
         assert f"rita/phone also claimed {ip}, first" in caplog.text
         assert f"moving to {moved}" in caplog.text
         # The new claim went out, and the address is remembered for a restart.
         page = await team.client("zed", "tablet").read(ANNOUNCE)
         mine = [m.body for m in page.messages if m.sender_username == "uma"]
-        assert f"CLAIM {moved} {uma.agent.state.public_key}" in mine
+        assert f"CLAIM {moved} {uma.device.state.public_key}" in mine
         saved = json.loads((uma.state_dir / "dynamic-address.json").read_text())
         assert saved == {"ip": str(moved)}
         status = await uma.status()
@@ -281,13 +284,13 @@ async def test_restart_reclaims_the_previous_address(
 ) -> None:
     monkeypatch.setenv(ENV_DYNAMIC_SEED, "7")
     async with running(team, "uma", "tablet") as uma:
-        assert uma.agent.state is not None
-        first = uma.agent.state.overlay_ip
+        assert uma.device.state is not None
+        first = uma.device.state.overlay_ip
     # Someone else now holds the seed's first pick; ours is still ours.
     monkeypatch.setenv(ENV_DYNAMIC_SEED, "8")
     async with running(team, "uma", "tablet") as again:
-        assert again.agent.state is not None
-        assert again.agent.state.overlay_ip == first
+        assert again.device.state is not None
+        assert again.device.state.overlay_ip == first
         status = await again.status()
         mine = [c for c in status["claims"] if c["username"] == "uma"]
         assert mine and mine[0]["owner"] is True and mine[0]["ip"] == str(first)
@@ -297,9 +300,9 @@ async def test_restart_reclaims_the_previous_address(
 async def test_policy_decides_whether_unlisted_devices_peer(team: Team, policy: str) -> None:
     team.write("kbwg.json", {"dynamic_range": str(RANGE), "policy": policy})
     async with running(team, "uma", "tablet") as uma:
-        assert uma.agent.state is not None
+        assert uma.device.state is not None
         free = next(str(h) for h in RANGE.hosts()
-                    if h != uma.agent.state.overlay_ip and str(h) != "100.64.128.6")
+                    if h != uma.device.state.overlay_ip and str(h) != "100.64.128.6")
         zed = await team.claim_and_announce("zed", "tablet", free)
         server = team.client("alice", "server")
         server_key = new_key()
@@ -320,7 +323,7 @@ async def test_concurrent_checks_move_only_once(
     """The chat listener and the refresh loop may both find the claim lost at once."""
     monkeypatch.setenv(ENV_DYNAMIC_SEED, "7")
     async with running(team, "uma", "tablet") as uma:
-        state = uma.agent.state
+        state = uma.device.state
         assert state is not None and state.my_claim is not None
         mine = state.my_claim
         # A rival's claim with a lower id, as a late delivery would bring it.
@@ -328,8 +331,9 @@ async def test_concurrent_checks_move_only_once(
             id=mine.msg_id - 1, conversation_id="c", channel=ANNOUNCE,
             sender_username="rita", sender_device="phone", sent_at=time.time(),
             body=f"CLAIM {mine.ip} {new_key()}", content_type="text")
-        assert uma.agent._take_announce_channel(rival, state.me)
-        await asyncio.gather(uma.agent._check_my_claim(), uma.agent._check_my_claim())
+        assert uma.device.team.take_announce(rival, state.me)
+        await asyncio.gather(uma.device.presence.check_my_claim(),
+                             uma.device.presence.check_my_claim())
         assert len(uma.addresses_set()) == 1, uma.addresses_set()
         assert state.my_claim is not None and state.my_claim.ip == state.overlay_ip
         assert uma.addresses_set() == [f"{state.overlay_ip}/10"]

@@ -1,0 +1,96 @@
+"""This device once it has joined: its WireGuard device (through the owner), its state,
+its paths, and the parts that keep them in step with the team, wired together.
+
+Nothing here is optional or filled in later: `JoinedDevice.assemble` makes every part
+from what joining produced (daemon.Agent does the joining and owns the clean-up). The
+negotiator is the one part that may be absent, when negotiation is turned off.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+from nacl.public import PrivateKey
+
+from kbwg.agent.chat_dispatch import ChatDispatch
+from kbwg.agent.connectivity import Connectivity, RegisteredChecker
+from kbwg.agent.device_stats import StatsPoll
+from kbwg.agent.join_options import JoinOptions
+from kbwg.agent.keybase import KeybaseClient
+from kbwg.agent.owner_calls import OwnerCalls
+from kbwg.agent.peer_sync import PeerSync, Spawn
+from kbwg.agent.presence import Presence
+from kbwg.agent.reports import ControlReplies
+from kbwg.agent.runtime_state import AgentState
+from kbwg.agent.team_view import TeamView
+from kbwg.agent.upkeep import Upkeep
+from kbwg.negotiation.session import CheckerSpec, Negotiator
+from kbwg.negotiation.wire import CandidateInfo
+
+# How long an offer or answer waits for our candidates to be gathered.
+GATHER_WAIT_S = 2.0
+# How long the first announcement waits for STUN's public endpoint.
+ANNOUNCE_GATHER_WAIT_S = 1.0
+
+
+@dataclass
+class JoinedDevice:
+    options: JoinOptions
+    team: TeamView
+    state: AgentState
+    owner: OwnerCalls
+    paths: Connectivity
+    negotiator: Negotiator | None
+    presence: Presence
+    peers: PeerSync
+    stats: StatsPoll
+    chat: ChatDispatch
+    upkeep: Upkeep
+    replies: ControlReplies
+
+    @classmethod
+    def assemble(cls, options: JoinOptions, keybase: KeybaseClient, team: TeamView,
+                 state: AgentState, owner: OwnerCalls, paths: Connectivity,
+                 private_key: PrivateKey, spawn: Spawn) -> JoinedDevice:
+        # Held by every change of WireGuard peers (and of our address), so the stats
+        # poll's reconciliation never sees a change half made.
+        lock = asyncio.Lock()
+        presence = Presence(keybase, team, state, owner, options.state_dir, lock)
+
+        async def post(text: str) -> None:
+            await keybase.send(team.negotiation_channel, text)
+
+        def make_checker(spec: CheckerSpec) -> RegisteredChecker:
+            # `peers` is made below; the negotiator asks for checkers only once peers
+            # have keys, which PeerSync gives them.
+            return paths.make_checker(spec, lambda pair, reason: spawn(
+                peers.path_chosen(spec.peer, pair, reason)))
+
+        async def offer_candidates() -> list[CandidateInfo]:
+            return await paths.offer_candidates(GATHER_WAIT_S)
+
+        negotiator = (Negotiator(state.me, private_key, post, make_checker, offer_candidates,
+                                 state.listen_port)
+                      if options.negotiate else None)
+        peers = PeerSync(owner, state, team, paths, negotiator, presence, options, lock, spawn)
+        stats = StatsPoll(owner, state, options.keepalive_s, lock)
+        return cls(
+            options=options, team=team, state=state, owner=owner, paths=paths,
+            negotiator=negotiator, presence=presence, peers=peers, stats=stats,
+            chat=ChatDispatch(team, state, presence, peers, negotiator),
+            upkeep=Upkeep(options, team, state, presence, peers, stats, paths, negotiator),
+            replies=ControlReplies(options.team, state, team.config, paths, team.claims,
+                                   negotiator, stats),
+        )
+
+    async def introduce(self) -> None:
+        """Tell the team where we are, then configure the peers known so far."""
+        if self.options.endpoint is None:
+            # With STUN, the NAT's public mapping of the WireGuard port is what a peer
+            # elsewhere can reach (and can punch towards before our offer arrives).
+            await self.paths.gathered(ANNOUNCE_GATHER_WAIT_S)
+            self.state.announced_endpoint = (self.paths.public_endpoint()
+                                             or self.state.announced_endpoint)
+        await self.presence.announce()
+        await self.peers.sync()

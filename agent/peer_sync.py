@@ -1,0 +1,247 @@
+"""The device's WireGuard peers, kept in line with the team: who is a peer (peer
+selection over peers.json, announcements and claims), with which key and allowed IP,
+and at which endpoint.
+
+A peer's endpoint is set only once a pair is chosen (or, for a peer that does not
+negotiate, its announced endpoint after a grace period), together with the persistent
+keepalive: that makes WireGuard start its handshake at once, towards the right place.
+A newer announcement never moves an endpoint that works (only a sealed negotiation or
+WireGuard's authenticated roaming does). Every change of WireGuard peers holds the peer
+lock, so the stats poll's reconciliation (device_stats) never sees one half made.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from kbwg.agent.announce import Announcement
+from kbwg.agent.connectivity import Connectivity
+from kbwg.agent.join_options import JoinOptions
+from kbwg.agent.owner_calls import OwnerCalls
+from kbwg.agent.owner_client import OwnerError
+from kbwg.agent.peer_selection import desired_peers
+from kbwg.agent.presence import Presence
+from kbwg.agent.runtime_state import ANNOUNCED, NEGOTIATED, AgentState, PeerState
+from kbwg.agent.team_view import TeamView
+from kbwg.core.identity import DeviceId
+from kbwg.negotiation.candidate_pairs import CandidatePair
+from kbwg.negotiation.session import Negotiator
+
+log = logging.getLogger(__name__)
+
+Spawn = Callable[[Coroutine[Any, Any, None]], None]
+
+
+class PeerSync:
+    def __init__(self, owner: OwnerCalls, state: AgentState, team: TeamView,
+                 paths: Connectivity, negotiator: Negotiator | None, presence: Presence,
+                 options: JoinOptions, lock: asyncio.Lock, spawn: Spawn) -> None:
+        self._owner = owner
+        self._state = state
+        self._team = team
+        self._paths = paths
+        # None when negotiation is off (`negotiate=False`): announced endpoints only.
+        self._negotiator = negotiator
+        self._presence = presence
+        self._options = options
+        self._lock = lock
+        self._spawn = spawn
+
+    async def sync(self) -> None:
+        """Bring the WireGuard peers in line with peers.json, announcements and claims."""
+        async with self._lock:
+            s, team = self._state, self._team
+            now = time.time()
+            team.keys.prune(now)
+            desired = desired_peers(s.me, team.entries, team.announcements, team.claims,
+                                    team.config.policy, now, team.keys, s.public_key)
+            for refusal in desired.refusals:
+                if team.keys.should_log(refusal.msg_id):
+                    log.warning("%s", refusal.describe())
+            wanted = desired.peers
+            for device in [d for d in s.peers if d not in wanted]:
+                await self._drop(s.peers.pop(device), "no longer a peer")
+            for device, spec in wanted.items():
+                peer = s.peers.get(device)
+                if peer is None:
+                    peer = s.peers[device] = PeerState(spec)
+                peer.spec = spec
+            # WireGuard knows one peer per key: a key leaves its old configuration before
+            # any device is configured with it (it may move to another device).
+            for peer in list(s.peers.values()):
+                ann = peer.spec.announcement
+                if peer.configured_key and (ann is None or ann.public_key != peer.configured_key):
+                    await self._guarded(peer, self._release(
+                        peer, "has a new key" if ann else "has no usable key"))
+            for peer in list(s.peers.values()):
+                await self._guarded(peer, self._configure(peer))
+
+    async def _guarded(self, peer: PeerState, step: Coroutine[Any, Any, None]) -> None:
+        """One peer's step; a refusal by the device owner (team input its policy does not
+        allow) leaves that peer as it is instead of stopping the agent."""
+        try:
+            await step
+        except OwnerError as exc:
+            log.warning("%s: the device owner refused to configure it (%s); retrying at the "
+                        "next refresh", peer.name, exc)
+
+    async def _configure(self, peer: PeerState) -> None:
+        ann = peer.spec.announcement
+        if ann is None:
+            return
+        key, ip = ann.public_key, f"{peer.spec.overlay_ip}/32"
+        if peer.configured_key == key:
+            if peer.configured_ip != ip:
+                await self._owner.set_peer(key, peer.endpoint, [ip], self._keepalive(peer))
+                peer.configured_ip = ip
+                log.info("peer %s now at %s", peer.name, peer.spec.overlay_ip)
+            if peer.announcement_id != ann.msg_id:
+                await self._newer_announcement(peer, ann)
+            return
+        # No endpoint yet: WireGuard's first handshake goes where negotiation says.
+        await self._owner.set_peer(key, None, [ip], 0)
+        peer.configured_key, peer.configured_ip = key, ip
+        peer.announcement_id, peer.announcement_endpoint = ann.msg_id, ann.endpoint
+        log.info("peer %s (%s%s), key %s…", peer.name, peer.spec.overlay_ip,
+                 ", dynamic" if peer.spec.dynamic else "", key[:8])
+        if self._negotiator is not None:
+            # Unknown while our own announcement is still being sent: offer at once (a
+            # glare that may cause is settled by key order).
+            mine = self._presence.announce_id
+            joined_later = mine is not None and ann.msg_id > mine
+            self._negotiator.peer_key(peer.spec.device, key, joined_later)
+            self._punch(ann.endpoint)
+        if peer.fallback is not None:
+            peer.fallback.cancel()
+        delay = self._options.announced_fallback_s if self._negotiator is not None else 0.0
+        device = peer.spec.device
+        peer.fallback = asyncio.get_running_loop().call_later(
+            delay, lambda: self._spawn(self._announced_fallback(device, key)))
+
+    def _keepalive(self, peer: PeerState) -> int:
+        return self._options.keepalive_s if peer.endpoint else 0
+
+    async def _newer_announcement(self, peer: PeerState, ann: Announcement) -> None:
+        """A newer announcement with the key already configured. The announcement proves
+        who sent it, not that the endpoint in it reaches the key's holder: a working
+        endpoint moves only by a sealed negotiation or an authenticated handshake."""
+        moved = ann.endpoint != peer.announcement_endpoint
+        peer.announcement_id, peer.announcement_endpoint = ann.msg_id, ann.endpoint
+        if not moved:
+            return
+        self._punch(ann.endpoint)
+        if peer.working(time.time()):
+            log.info("%s announced %s; keeping its working endpoint %s, renegotiating",
+                     peer.name, ann.endpoint, peer.endpoint)
+            negotiator = self._negotiator
+            session = negotiator.sessions.get(peer.spec.device) if negotiator else None
+            if negotiator is not None and session is not None \
+                    and session.state != "unanswered":
+                self._spawn(negotiator.offer(session, kind="restart"))
+        elif peer.endpoint_source == ANNOUNCED:
+            # Nothing works yet: the newest announcement is the best guess.
+            await self._set_endpoint(peer, ann.endpoint, ANNOUNCED)
+        # Without an endpoint, the pending fallback takes the newest announcement.
+
+    async def _announced_fallback(self, device: DeviceId, key: str) -> None:
+        async with self._lock:
+            peer = self._state.peers.get(device)
+            ann = peer.spec.announcement if peer is not None else None
+            if peer is None or ann is None or peer.configured_key != key or peer.endpoint:
+                return
+            log.info("%s: no negotiated path yet; using its announced endpoint %s",
+                     peer.name, ann.endpoint)
+            await self._set_endpoint(peer, ann.endpoint, ANNOUNCED)
+
+    async def _set_endpoint(self, peer: PeerState, endpoint: str, source: str) -> None:
+        """Under the peer lock, for a configured peer."""
+        key, ip = peer.configured_key, peer.configured_ip
+        if key is None or ip is None:
+            return
+        if peer.endpoint == endpoint:
+            peer.endpoint_source = source
+            return
+        if not await self._has_session(key):
+            # WireGuard counts a handshake it could not send (no endpoint yet) against
+            # its 5 s rate limit; a fresh peer entry starts its handshake at once.
+            await self._owner.remove_peer(key)
+        await self._owner.set_peer(key, endpoint, [ip], self._options.keepalive_s)
+        peer.endpoint, peer.endpoint_source = endpoint, source
+        peer.path_since, peer.connected_at = time.time(), None
+
+    async def _has_session(self, public_key: str) -> bool:
+        stats = await self._owner.stats()
+        return any(p.public_key == public_key and p.last_handshake for p in stats.peers)
+
+    async def _remove_key(self, peer: PeerState) -> None:
+        """Remove the key configured for this peer, and only for it."""
+        key = peer.configured_key
+        if key is None:
+            return
+        peer.configured_key = peer.configured_ip = None
+        if any(p.configured_key == key for p in self._state.peers.values() if p is not peer):
+            # Cannot happen while keys are judged one per device; never undo another's.
+            log.warning("key %s… of %s is also configured for another peer; keeping it",
+                        key[:8], peer.name)
+            return
+        await self._owner.remove_peer(key)
+
+    async def _release(self, peer: PeerState, why: str) -> None:
+        log.info("%s %s; old peer entry removed", peer.name, why)
+        if peer.fallback is not None:
+            peer.fallback.cancel()
+        if self._negotiator is not None and peer.spec.announcement is None:
+            self._negotiator.forget(peer.spec.device)
+        await self._remove_key(peer)
+        peer.endpoint = peer.endpoint_source = None
+        peer.announcement_id = peer.announcement_endpoint = None
+        peer.reset_counters()
+
+    async def _drop(self, peer: PeerState, why: str) -> None:
+        log.info("%s: %s; removing it", peer.name, why)
+        if peer.fallback is not None:
+            peer.fallback.cancel()
+        if self._negotiator is not None:
+            self._negotiator.forget(peer.spec.device)
+        await self._paths.forget(peer.name)
+        await self._remove_key(peer)
+
+    def _punch(self, endpoint: str) -> None:
+        if self._options.endpoint is None:
+            self._paths.punch(endpoint)
+
+    async def path_chosen(self, device: DeviceId, pair: CandidatePair | None,
+                          reason: str) -> None:
+        """A peer's checks chose a pair (or gave up): it becomes the WireGuard endpoint."""
+        peer = self._state.peers.get(device)
+        if peer is None or peer.configured_key is None:
+            return
+        if pair is None:
+            log.warning("%s: %s", peer.name, reason)
+            return
+        route = await self._paths.route(peer.name, pair)
+        async with self._lock:
+            if peer.configured_key is None or self._state.peers.get(device) is not peer:
+                return  # dropped or re-keyed while the route was made
+            await self._set_endpoint(peer, route.endpoint, NEGOTIATED)
+        previous, peer.route = peer.route, await self._paths.pin(peer.name, pair, route)
+        if peer.route is not None and peer.route != previous:
+            async with self._lock:
+                key, ip = peer.configured_key, peer.configured_ip
+                if key is not None and ip is not None and peer.endpoint == route.endpoint:
+                    # WireGuard keeps sending from the source address (and interface)
+                    # it last used; the endpoint set again makes it choose both anew,
+                    # through the new host route.
+                    await self._owner.set_peer(key, route.endpoint, [ip],
+                                               self._options.keepalive_s)
+        log.info("%s: %s", peer.name, reason)
+
+    def close(self) -> None:
+        """Pending announced-endpoint fallbacks are cancelled."""
+        for peer in self._state.peers.values():
+            if peer.fallback is not None:
+                peer.fallback.cancel()

@@ -1,0 +1,142 @@
+"""What this device tells its team: its address (a CLAIM when self-assigned) and its
+WireGuard endpoint and key (ANNOUNCE), and moving a self-assigned address that lost a
+conflict.
+
+The address and the endpoint to announce are chosen here too, before the device
+exists (`pick_dynamic`, `announce_target`); `Presence` keeps them current afterwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import time
+from ipaddress import IPv4Address, IPv4Interface
+from pathlib import Path
+
+from kbwg.agent.announce import format_announce
+from kbwg.agent.claims import (
+    Claim,
+    ClaimError,
+    format_claim,
+    load_previous,
+    pick_free_address,
+    save_previous,
+)
+from kbwg.agent.join_options import JoinError
+from kbwg.agent.keybase import KeybaseClient
+from kbwg.agent.owner_calls import OwnerCalls
+from kbwg.agent.runtime_state import AgentState
+from kbwg.agent.team_view import TeamView
+from kbwg.agent.teamconfig import TeamConfig
+from kbwg.core.identity import DeviceId
+from kbwg.negotiation.candidates import gather_host_candidates, interface_addresses
+
+log = logging.getLogger(__name__)
+
+ENV_DYNAMIC_SEED = "KBWG_DYNAMIC_SEED"
+
+
+def pick_dynamic(team: TeamView, me: DeviceId, state_dir: Path,
+                 previous: IPv4Address | None = None) -> IPv4Address:
+    """A free address of the team's dynamic range (the one used before, when free)."""
+    assert team.config.dynamic_range is not None
+    seed = os.environ.get(ENV_DYNAMIC_SEED)
+    # Test-only: seeded by the value alone, so devices sharing a seed draw the same
+    # sequence and their first picks collide (tests force conflicts this way).
+    rng = random.Random(seed) if seed else random.Random()
+    taken = team.claims.taken(time.time(), besides=me) | {e.ip for e in team.entries}
+    if previous is None:
+        previous = load_previous(state_dir)
+    try:
+        return pick_free_address(team.config.dynamic_range, taken, rng, previous)
+    except ClaimError as exc:
+        raise JoinError(f"no free address in {team.config.dynamic_range}: {exc}; "
+                           "ask a team admin for a larger dynamic_range") from exc
+
+
+async def announce_target(given: str | None, config: TeamConfig) -> tuple[str, int]:
+    """(ip, port) to announce; port 0 means the WireGuard listen port."""
+    if given:
+        host, sep, port = given.rpartition(":")
+        if sep and port.isdigit():
+            return host, int(port)
+        return given, 0
+    # The first host candidate: the default route's interface, by the same rule
+    # that chooses candidates (the WireGuard device and tunnels excluded).
+    hosts = gather_host_candidates(0, config.interface_exclude, [config.overlay],
+                                   addresses=await interface_addresses())
+    ip = hosts[0].address if hosts else None
+    if ip is None:
+        raise JoinError(
+            "found no IPv4 address to announce; bring up a network interface "
+            "or pass --endpoint IP[:PORT]"
+        )
+    return ip, 0
+
+
+class Presence:
+    """This device's announcements and claims, sent to the team's #announce."""
+
+    def __init__(self, keybase: KeybaseClient, team: TeamView, state: AgentState,
+                 owner: OwnerCalls, state_dir: Path, lock: asyncio.Lock) -> None:
+        self._keybase = keybase
+        self._team = team
+        self._state = state
+        self._owner = owner
+        self._state_dir = state_dir
+        # The peer lock: an address move and a peer change never interleave.
+        self._lock = lock
+        # Our latest ANNOUNCE's message id; None until the first one is sent.
+        self.announce_id: int | None = None
+
+    async def announce(self) -> None:
+        s = self._state
+        channel = self._team.announce_channel
+        if not s.listed:
+            msg_id = await self._keybase.send(channel, format_claim(s.overlay_ip, s.public_key))
+            s.my_claim = Claim(s.me, s.overlay_ip, s.public_key, msg_id, time.time())
+            save_previous(self._state_dir, s.overlay_ip)
+            log.info("claimed %s (message %d)", s.overlay_ip, msg_id)
+        ip, _, port = s.announced_endpoint.rpartition(":")
+        self.announce_id = await self._keybase.send(
+            channel, format_announce(ip, int(port), s.public_key))
+        log.info("announced %s in #%s", s.announced_endpoint, channel.topic_name)
+
+    async def check_my_claim(self) -> None:
+        """A self-assigned address that lost a conflict moves; the winner does nothing."""
+        # Under the peer lock: the chat listener and the refresh loop both call this, and
+        # without it both would see the lost claim (mine changes only after the send) and
+        # move twice. PeerSync.sync takes the same lock but is never called from here.
+        async with self._lock:
+            s = self._state
+            if s.my_claim is None:
+                return
+            rival = self._team.claims.lost(s.my_claim, time.time())
+            if rival is None:
+                return
+            old = s.overlay_ip
+            new = pick_dynamic(self._team, s.me, self._state_dir,
+                               previous=None if rival.ip == old else old)
+            log.warning("%s also claimed %s, first (message %d < %d): moving to %s",
+                        rival.sender, old, rival.msg_id, s.my_claim.msg_id, new)
+            prefix = self._team.config.overlay.prefixlen
+            await self._owner.set_address(IPv4Interface(f"{new}/{prefix}"))
+            s.overlay_ip = new
+            msg_id = await self._keybase.send(self._team.announce_channel,
+                                              format_claim(new, s.public_key))
+            s.my_claim = Claim(s.me, new, s.public_key, msg_id, time.time())
+            save_previous(self._state_dir, new)
+
+    async def follow_network(self, given: str | None) -> None:
+        """After a network change: announce the new endpoint if it moved (unless the
+        endpoint was given)."""
+        if given is not None:
+            return
+        ip, _ = await announce_target(None, self._team.config)
+        endpoint = f"{ip}:{self._state.listen_port}"
+        if endpoint != self._state.announced_endpoint:
+            self._state.announced_endpoint = endpoint
+            await self.announce()

@@ -1,0 +1,95 @@
+"""What this agent knows of its team: kbwg.json, peers.json, and the books fed from
+#announce (announcements, claims, which device used which key first).
+
+The team's files are read here (peers.json again at every refresh: the last good
+version stays in force), its channels are joined here, and every #announce message,
+from the history or the listener, goes into the books through `take_announce`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+
+from kbwg.agent.announce import ANNOUNCE_TTL_S, AnnounceBook
+from kbwg.agent.announce_feed import take_announce_message
+from kbwg.agent.claims import ClaimBook
+from kbwg.agent.join_options import JoinError
+from kbwg.agent.keybase import Channel, ChatMessage, KeybaseClient, KeybaseError
+from kbwg.agent.keyowners import KeyBook
+from kbwg.agent.peers_file import PeerEntry, PeersError, parse_peers
+from kbwg.agent.teamconfig import TeamConfig
+from kbwg.core.identity import DeviceId
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TeamView:
+    keybase: KeybaseClient
+    team: str
+    config: TeamConfig
+    # peers.json as last read successfully.
+    entries: list[PeerEntry] = field(default_factory=list)
+    announcements: AnnounceBook = field(default_factory=AnnounceBook)
+    claims: ClaimBook = field(default_factory=ClaimBook)
+    keys: KeyBook = field(default_factory=KeyBook)
+
+    @property
+    def peers_path(self) -> str:
+        return f"/keybase/team/{self.team}/peers.json"
+
+    @property
+    def announce_channel(self) -> Channel:
+        return Channel(self.team, self.config.announce_channel, "chat")
+
+    @property
+    def negotiation_channel(self) -> Channel:
+        return Channel(self.team, self.config.negotiation_channel, "dev")
+
+    async def load_peers(self, strict: bool) -> None:
+        """Read peers.json. At start-up (`strict`) a problem raises JoinError; later
+        the last good version stays in force and the problem is logged."""
+        try:
+            raw = await self.keybase.fs_read(self.peers_path)
+            entries = parse_peers(raw, self.config.overlay)
+        except (PeersError, KeybaseError) as exc:
+            if strict:
+                raise JoinError(f"cannot use {self.peers_path}: {exc}") from exc
+            log.warning("keeping the previous peer list: %s", exc)
+            return
+        self.entries = entries
+
+    async def join_channels(self) -> None:
+        """Keybase notifies only members of a conversation: be one before listening."""
+        await asyncio.gather(*(self._join(channel)
+                               for channel in (self.announce_channel, self.negotiation_channel)))
+
+    async def _join(self, channel: Channel) -> None:
+        try:
+            await self.keybase.newconv(channel)
+        except KeybaseError as exc:
+            log.debug("newconv %s: %s; joining instead", channel, exc)
+            try:
+                await self.keybase.join(channel)
+            except KeybaseError as exc2:
+                log.warning("cannot join %s (%s); new messages may arrive only with the "
+                            "periodic history read", channel, exc2)
+
+    def take_announce(self, msg: ChatMessage, me: DeviceId) -> bool:
+        """One #announce message into the books; True when something changed."""
+        return take_announce_message(msg, me, self.announcements, self.claims, self.entries,
+                                     self.config.dynamic_range, time.time(), self.keys)
+
+    async def read_history(self, me: DeviceId, first: bool = False) -> None:
+        # The first read goes back two lifetimes: a device re-announces its key within
+        # every lifetime, so the key's first use is seen before any live copy of it.
+        since = time.time() - ANNOUNCE_TTL_S * (2 if first else 1)
+        try:
+            async for msg in self.keybase.read_history(self.announce_channel, since=since):
+                self.take_announce(msg, me)
+        except KeybaseError as exc:
+            # A team that never announced has no #announce yet; our send creates it.
+            log.info("no announcement history read: %s", exc)
