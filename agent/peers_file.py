@@ -48,9 +48,11 @@ def _field(raw: dict[str, object], name: str, where: str) -> str:
 
 def parse_peers(data: bytes | str, overlay: IPv4Network = DEFAULT_OVERLAY) -> list[PeerEntry]:
     """Parse and validate peers.json. Entries are numbered from 1 in error messages."""
+    # ValueError also covers an integer over Python's digit limit; RecursionError is
+    # deep nesting. Both are documents the decoder refuses, like any other bad JSON.
     try:
         doc = json.loads(data)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:
         raise PeersError(f"peers.json is not valid JSON: {exc}") from exc
     if not isinstance(doc, list):
         raise PeersError("peers.json must be a JSON list of {username, device, ip} objects")

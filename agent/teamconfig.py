@@ -32,7 +32,7 @@ TEAM_CONFIG_NAME = "kbwg.json"
 STUN_DEFAULT_PORT = 3478
 
 # Keybase channel (topic) names: letters, digits, dashes and underscores, at most 20.
-_CHANNEL_RE = re.compile(r"^[A-Za-z0-9_-]{1,20}$")
+_CHANNEL_RE = re.compile(r"^[A-Za-z0-9_-]{1,20}\Z")  # not $: it allows a final \n
 _KNOWN_KEYS = frozenset({
     "stun", "relays", "overlay", "announce_channel", "negotiation_channel",
     "interface_exclude", "dynamic_range", "policy",
@@ -102,7 +102,9 @@ def parse_host_port(text: str, default_port: int | None = STUN_DEFAULT_PORT) -> 
         if default_port is None:
             raise ValueError(f"'{text}' has no port (HOST:PORT)")
         return HostPort(host, default_port)
-    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+    # isdigit() alone also passes "²" and other digits int() refuses, and any length.
+    if not (port_text.isascii() and port_text.isdigit() and len(port_text) <= 5) \
+            or not 1 <= int(port_text) <= 65535:
         raise ValueError(f"'{text}': port must be a number from 1 to 65535")
     return HostPort(host, int(port_text))
 
@@ -231,9 +233,11 @@ def _policy(doc: dict[str, object]) -> Policy:
 
 def parse_team_config(data: bytes | str) -> TeamConfig:
     """Parse and validate kbwg.json; every error names the key it concerns."""
+    # ValueError also covers an integer over Python's digit limit; RecursionError is
+    # deep nesting. Both are documents the decoder refuses, like any other bad JSON.
     try:
         doc = json.loads(data)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:
         raise TeamConfigError(f"kbwg.json is not valid JSON: {exc}") from exc
     if not isinstance(doc, dict):
         raise TeamConfigError("kbwg.json must be a JSON object")
