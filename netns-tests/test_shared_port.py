@@ -286,7 +286,10 @@ async def test_only_stun_to_the_wireguard_port_reaches_the_agent(mesh: Mesh) -> 
     # Opening again is harmless and keeps the same port.
     assert (await dev_b.owner.request("stun_open"))["port"] == dev_b.port
 
-    marker = bytes(stun.Message(stun.Method.BINDING, stun.Class.REQUEST))
+    # A request from a stranger passes the owner's filter only with a FINGERPRINT.
+    marker_message = stun.Message(stun.Method.BINDING, stun.Class.REQUEST)
+    marker_message.add_fingerprint()
+    marker = bytes(marker_message)
     cookie = STUN_COOKIE.to_bytes(4, "big")
     probe = world.host("probe", [mesh.inet])
     port = dev_b.port
