@@ -104,17 +104,16 @@ class Connectivity:
             transport.receiver = client.datagram_received
         return client
 
-    def start_gathering(self) -> None:
-        self._gathering = asyncio.create_task(self._gather(), name="gather")
+    def start_gathering(self) -> asyncio.Task[None]:
+        self._gathering = task = asyncio.create_task(self._gather(), name="gather")
+        return task
 
     async def regather(self) -> bool:
         """Gather again (after a network change or a lost relay); True when the
         candidates changed."""
         async with self._regather:
             before = self._candidate_set()
-            self.start_gathering()
-            assert self._gathering is not None
-            await self._gathering
+            await self.start_gathering()
             return self._candidate_set() != before
 
     def _candidate_set(self) -> set[tuple[str, str, int]]:

@@ -1,7 +1,10 @@
 """The agent's side of the device owner: start it, send requests, receive events.
 
     async with await DeviceOwner.start() as owner:
-        info = await owner.request("create", ifname="kbwg0", ...)
+        created = await OwnerCalls(owner).create("kbwg0", private_key, 51820, address, "auto")
+
+`request(op, **args)` is the transport; the agent calls the owner through
+owner_calls.OwnerCalls, which names each op's arguments and checks its reply.
 
 The owner is the helper program `kbwg-agent install-helper` installs (by default
 /usr/local/libexec/kbwg-owner; `join --owner` or $KBWG_OWNER name another), started

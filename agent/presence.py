@@ -42,7 +42,10 @@ ENV_DYNAMIC_SEED = "KBWG_DYNAMIC_SEED"
 def pick_dynamic(team: TeamView, me: DeviceId, state_dir: Path,
                  previous: IPv4Address | None = None) -> IPv4Address:
     """A free address of the team's dynamic range (the one used before, when free)."""
-    assert team.config.dynamic_range is not None
+    dynamic_range = team.config.dynamic_range
+    if dynamic_range is None:
+        raise JoinError(f"{me} is not listed in {team.peers_path} and kbwg.json sets no "
+                        "dynamic_range; ask a team admin to list this device")
     seed = os.environ.get(ENV_DYNAMIC_SEED)
     # Test-only: seeded by the value alone, so devices sharing a seed draw the same
     # sequence and their first picks collide (tests force conflicts this way).
@@ -51,10 +54,10 @@ def pick_dynamic(team: TeamView, me: DeviceId, state_dir: Path,
     if previous is None:
         previous = load_previous(state_dir)
     try:
-        return pick_free_address(team.config.dynamic_range, taken, rng, previous)
+        return pick_free_address(dynamic_range, taken, rng, previous)
     except ClaimError as exc:
-        raise JoinError(f"no free address in {team.config.dynamic_range}: {exc}; "
-                           "ask a team admin for a larger dynamic_range") from exc
+        raise JoinError(f"no free address in {dynamic_range}: {exc}; "
+                        "ask a team admin for a larger dynamic_range") from exc
 
 
 async def announce_target(given: str | None, config: TeamConfig) -> tuple[str, int]:
