@@ -16,8 +16,10 @@ import pytest
 from aioice import stun
 from owner_fakes import FakeNetConfig, MemoryBackend
 
+from kbwg.agent.diag import DiagReport, render_report
 from kbwg.agent.owner_client import DeviceOwner
 from kbwg.agent.owner_stun import OwnerStunTransport
+from kbwg.negotiation.natprobe import NatBehaviour
 from kbwg.owner.policy import OwnerPolicy
 from kbwg.owner.protocol import MAX_UFRAGS, ProtocolError, StunUfragsArgs
 from kbwg.owner.rawstun import PacketCallback, UdpDatagram
@@ -392,3 +394,12 @@ async def test_transport_declares_ufrags_latest_wins() -> None:
     assert transport.counters.ufrag_update_failed == 1
     assert await transport.filter_report() == {}
     await transport.close()
+
+
+def test_diag_text_notes_what_the_owner_dropped() -> None:
+    data = DiagReport(local_port=5, config_source="command line", nat=NatBehaviour()).to_json()
+    assert "device owner dropped" not in render_report(data)
+    data["shared_port"] = {"owner": {"dropped": 1234, "over_source_budget": 1000,
+                                     "over_shared_budget": 200, "malformed": 34}}
+    assert ("note: the device owner dropped 1234 STUN datagrams at the WireGuard port "
+            "(1200 over a budget: a flood?)") in render_report(data)

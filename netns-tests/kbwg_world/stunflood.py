@@ -1,13 +1,16 @@
 """A STUN flood for tests and benchmarks, run inside a namespace as a plain script.
 
     python stunflood.py HOST PORT [--rate 5000] [--seconds 30] [--sockets 256]
+                        [--username U]
 
 Sends STUN-shaped datagrams to HOST:PORT at `rate` per second for `seconds`, from
 `sockets` UDP sockets on random ports in turn (so every few datagrams come from another
 source port). Each datagram has a random transaction id and is one of: a bare header of
 a random class (no FINGERPRINT), a Binding request with a random USERNAME and a right
 FINGERPRINT (what a check looks like), a Binding success response with a right
-FINGERPRINT (an answer to nobody). Prints JSON lines: `{"event": "ready"}` once the
+FINGERPRINT (an answer to nobody). With --username, every datagram is instead a Binding
+request with that USERNAME and a right FINGERPRINT: a peer's checks, for benchmarks that
+measure what still gets through. Prints JSON lines: `{"event": "ready"}` once the
 sockets are bound, then `{"event": "done", "sent": N, "errors": E, "seconds": T,
 "rate": R}`. Ends early, with the same line, on SIGTERM or SIGINT. Standard library only.
 """
@@ -45,14 +48,16 @@ def _message(msg_type: int, tid: bytes, attrs: bytes, fingerprint: bool) -> byte
     return data
 
 
-def datagram(rng: random.Random) -> bytes:
+def datagram(rng: random.Random, username: str | None = None) -> bytes:
     tid = rng.randbytes(12)
+    if username is not None:
+        return _message(0x0001, tid, _attr(0x0006, username.encode()), True)
     kind = rng.randrange(3)
     if kind == 0:
         return _message(rng.choice((0x0001, 0x0011, 0x0101, 0x0111)), tid, b"", False)
     if kind == 1:
-        username = f"{rng.getrandbits(32):08x}:{rng.getrandbits(32):08x}".encode()
-        attrs = _attr(0x0006, username) + _attr(0x0024, struct.pack("!I", rng.getrandbits(32)))
+        name = f"{rng.getrandbits(32):08x}:{rng.getrandbits(32):08x}".encode()
+        attrs = _attr(0x0006, name) + _attr(0x0024, struct.pack("!I", rng.getrandbits(32)))
         return _message(0x0001, tid, attrs, True)
     xor_port = rng.getrandbits(16)
     attrs = _attr(0x0020, struct.pack("!BBH", 0, 1, xor_port) + rng.randbytes(4))
@@ -72,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--sockets", type=int, default=256)
     parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--username", default=None)
     args = parser.parse_args(argv)
 
     stop = False
@@ -83,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     rng = random.Random(args.seed if args.seed is not None else os.urandom(8))
-    payloads = [datagram(rng) for _ in range(DISTINCT)]
+    payloads = [datagram(rng, args.username) for _ in range(DISTINCT)]
     socks = []
     for _ in range(args.sockets):
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
