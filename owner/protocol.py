@@ -170,7 +170,8 @@ def _get_ifname(args: dict[str, Any], field: str = "ifname") -> str:
 def parse_endpoint(value: str, field: str = "endpoint") -> tuple[str, int]:
     """'ip:port' or '[ipv6]:port' → (ip, port)."""
     host, sep, port_text = value.rpartition(":")
-    if not sep or not port_text.isdigit():
+    # isdigit() alone also passes "²" and other digits int() refuses, and any length.
+    if not sep or not (port_text.isascii() and port_text.isdigit() and len(port_text) <= 5):
         raise ProtocolError(f"'{field}' must be 'ip:port'")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
