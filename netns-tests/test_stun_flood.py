@@ -24,7 +24,7 @@ import pytest
 
 from kbwg_world import NatMode, Node, World, wait_until
 from kbwg_world.stunserver import StunServer
-from kbwg_world.team import AgentProcess, Team
+from kbwg_world.team import AGENT, AgentProcess, Team
 from kbwg_world.world import PingResult
 
 pytestmark = pytest.mark.netns
@@ -135,3 +135,17 @@ def test_a_stun_flood_leaves_an_established_path_alone(world: World) -> None:
     assert carol_path is not None, f"carol did not connect during the flood:\n{carol.log(6000)}"
     assert carol_path["path"] == "direct" and carol_path["endpoint"] == f"{b.ip}:51820", carol_path
     wait_until(lambda: c.ping(BOB[2]).ok, timeout=10, what="carol's ping to bob")
+
+    # bob's diag says what the owner dropped, and why. (No classic pystun3 test: against
+    # a STUN server with one address it spins resending until diag's deadline.)
+    out = subprocess.run(
+        [*AGENT, "diag", "--json", "--no-classic", "--timeout", "3",
+         "--state-dir", str(bob.state_dir)],
+        capture_output=True, text=True, timeout=40,
+    )  # fmt: skip
+    assert out.returncode == 0, f"{out.stderr[-1500:]}\n--- bob:\n{bob.log(12000)}"
+    dropped = json.loads(out.stdout)["shared_port"]["owner"]
+    print(f"bob's shared port: {dropped}")
+    # A third of the flood are valid-looking checks: over the flooder's own budget.
+    assert dropped["over_source_budget"] > done["sent"] // 4, dropped
+    assert dropped["passed_own"] > 0 and dropped["dropped"] > done["sent"] // 2, dropped
