@@ -20,11 +20,11 @@ log = logging.getLogger(__name__)
 
 class ChatDispatch:
     def __init__(self, team: TeamView, state: AgentState, presence: Presence,
-                 peers: PeerSync, negotiator: Negotiator | None) -> None:
+                 peer_sync: PeerSync, negotiator: Negotiator | None) -> None:
         self._team = team
         self._state = state
         self._presence = presence
-        self._peers = peers
+        self._peer_sync = peer_sync
         self._negotiator = negotiator
 
     async def on_message(self, msg: ChatMessage) -> None:
@@ -34,7 +34,7 @@ class ChatDispatch:
         if ch.topic_type == "chat" and ch.topic_name == self._team.announce_channel.topic_name:
             if self._team.take_announce(msg, self._state.me):
                 await self._presence.check_my_claim()
-                await self._peers.sync()
+                await self._peer_sync.sync()
         elif (ch.topic_type == "dev"
               and ch.topic_name == self._team.negotiation_channel.topic_name):
             await self._on_negotiation(msg)

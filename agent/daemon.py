@@ -178,7 +178,7 @@ class Agent:
         device = JoinedDevice.assemble(self.options, self.keybase, team, state, owner, paths,
                                        private_key, tasks.spawn)
         paths.start_gathering()
-        made.callback(device.peers.close)
+        made.callback(device.peer_sync.close)
         if device.negotiator is not None:
             made.push_async_callback(device.negotiator.close)
         made.callback(tasks.cancel)
@@ -225,7 +225,7 @@ class Agent:
         """peers.json (which must list us, or the team allow self-assigned addresses),
         the team's channels joined, and #announce's history in the books."""
         team = TeamView(self.keybase, self.options.team, config)
-        await team.load_peers(strict=True)
+        await team.read_peers_file(strict=True)
         if (not any(e.device_id == me for e in team.entries)
                 and config.dynamic_range is None):
             raise JoinError(

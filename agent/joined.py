@@ -43,7 +43,7 @@ class JoinedDevice:
     paths: Connectivity
     negotiator: Negotiator | None
     presence: Presence
-    peers: PeerSync
+    peer_sync: PeerSync
     stats: StatsPoll
     chat: ChatDispatch
     upkeep: Upkeep
@@ -62,10 +62,10 @@ class JoinedDevice:
             await keybase.send(team.negotiation_channel, text)
 
         def make_checker(spec: CheckerSpec) -> RegisteredChecker:
-            # `peers` is made below; the negotiator asks for checkers only once peers
-            # have keys, which PeerSync gives them.
+            # `peer_sync` is made below; the negotiator asks for checkers only once
+            # peers have keys, which PeerSync gives them.
             return paths.make_checker(spec, lambda pair, reason: spawn(
-                peers.path_chosen(spec.peer, pair, reason)))
+                peer_sync.path_chosen(spec.peer, pair, reason)))
 
         async def offer_candidates() -> list[CandidateInfo]:
             return await paths.offer_candidates(GATHER_WAIT_S)
@@ -73,13 +73,15 @@ class JoinedDevice:
         negotiator = (Negotiator(state.me, private_key, post, make_checker, offer_candidates,
                                  state.listen_port)
                       if options.negotiate else None)
-        peers = PeerSync(owner, state, team, paths, negotiator, presence, options, lock, spawn)
+        peer_sync = PeerSync(owner, state, team, paths, negotiator, presence, options, lock,
+                             spawn)
         stats = StatsPoll(owner, state, options.keepalive_s, lock)
         return cls(
             options=options, team=team, state=state, owner=owner, paths=paths,
-            negotiator=negotiator, presence=presence, peers=peers, stats=stats,
-            chat=ChatDispatch(team, state, presence, peers, negotiator),
-            upkeep=Upkeep(options, team, state, presence, peers, stats, paths, negotiator),
+            negotiator=negotiator, presence=presence, peer_sync=peer_sync, stats=stats,
+            chat=ChatDispatch(team, state, presence, peer_sync, negotiator),
+            upkeep=Upkeep(options, team, state, presence, peer_sync, stats, paths,
+                          negotiator),
             replies=ControlReplies(options.team, state, team.config, paths, team.claims,
                                    negotiator, stats),
         )
@@ -93,4 +95,4 @@ class JoinedDevice:
             self.state.announced_endpoint = (self.paths.public_endpoint()
                                              or self.state.announced_endpoint)
         await self.presence.announce()
-        await self.peers.sync()
+        await self.peer_sync.sync()

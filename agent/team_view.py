@@ -49,7 +49,7 @@ class TeamView:
     def negotiation_channel(self) -> Channel:
         return Channel(self.team, self.config.negotiation_channel, "dev")
 
-    async def load_peers(self, strict: bool) -> None:
+    async def read_peers_file(self, strict: bool) -> None:
         """Read peers.json. At start-up (`strict`) a problem raises JoinError; later
         the last good version stays in force and the problem is logged."""
         try:

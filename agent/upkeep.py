@@ -30,13 +30,13 @@ FIRST_REFRESH_S = 2.0
 
 class Upkeep:
     def __init__(self, options: JoinOptions, team: TeamView, state: AgentState,
-                 presence: Presence, peers: PeerSync, stats: StatsPoll, paths: Connectivity,
+                 presence: Presence, peer_sync: PeerSync, stats: StatsPoll, paths: Connectivity,
                  negotiator: Negotiator | None) -> None:
         self._options = options
         self._team = team
         self._state = state
         self._presence = presence
-        self._peers = peers
+        self._peer_sync = peer_sync
         self._stats = stats
         self._paths = paths
         self._negotiator = negotiator
@@ -52,13 +52,13 @@ class Upkeep:
         delays = [FIRST_REFRESH_S]
         while True:
             await asyncio.sleep(delays.pop() if delays else self._options.refresh_s)
-            await self._team.load_peers(strict=False)
+            await self._team.read_peers_file(strict=False)
             await self._team.read_history(self._state.me)
             if time.monotonic() - last_announce >= self._options.reannounce_s:
                 await self._presence.announce()
                 last_announce = time.monotonic()
             await self._presence.check_my_claim()
-            await self._peers.sync()
+            await self._peer_sync.sync()
             if self._paths.relays_missing():
                 # A relay that was down (or forgot our allocation) may be back.
                 await self.on_network_change()
