@@ -67,6 +67,11 @@ _IN_PKTINFO = struct.Struct("=I4s4s")
 # Bounded work per readiness callback, so a flood cannot starve the owner's frame loop.
 _READS_PER_WAKEUP = 64
 _RECV_SIZE = 65535
+# Room to queue a burst while the owner is busy (a flood, a slow netlink call): what the
+# kernel drops for want of room is dropped before our filter can tell a check from junk.
+# The owner is root, so SO_RCVBUFFORCE passes net.core.rmem_max.
+_RCVBUF = 1 << 20
+SO_RCVBUFFORCE = 33
 
 
 class RawStunError(Exception):
@@ -289,6 +294,10 @@ class RawStunSocket:
             raise RawStunError(f"cannot open a raw UDP socket: {exc}") from exc
         try:
             sock.setblocking(False)
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, _RCVBUF)
+            except OSError:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _RCVBUF)
             attach_filter(sock, program)
             # Whatever arrived between socket() and the filter went in unfiltered.
             drained = _drain(sock)
