@@ -5,10 +5,11 @@ owner (`python -m kbwg.owner`, WireGuard device created, raw socket open), a pee
 and an outside host X. Throughout, the bench (as P's agent) asks the STUN server for its
 mapping through the owner (`stun_send`) --queries times a second, and Q sends --checks
 Binding requests a second whose USERNAME names a ufrag the bench declared
-(`stun_ufrags`): what a real agent needs to keep its paths. Two phases of --seconds each:
-idle, then X flooding P's WireGuard port at --rate datagrams a second
+(`stun_ufrags`): what a real agent needs to keep its paths. Three phases of --seconds
+each: idle; X flooding P's WireGuard port at --rate datagrams a second
 (kbwg_world/stunflood.py: random transaction ids and source ports, a third of them
-valid-looking checks with random USERNAMEs).
+valid-looking checks with random USERNAMEs); the same flood from random addresses of
+--spoof (no per-source budget helps: only the reserved ones keep our traffic going).
 
 Per phase: the owner's CPU (utime+stime from /proc/<pid>/stat over the phase, in % of
 one core), the share of our STUN queries answered, the share of Q's checks that reached
@@ -93,14 +94,15 @@ def sender_result(proc: subprocess.Popen[str]) -> dict[str, Any]:
 
 async def run_phase(name: str, seconds: float, owner: DeviceOwner, pid: int,
                     client: StunClient, seen: list[int], p: Node, q: Node, x: Node, port: int,
-                    args: argparse.Namespace, flood: bool) -> Phase:
+                    args: argparse.Namespace, flood: bool, spoof: str | None = None) -> Phase:
     phase = Phase(name)
     before = (await owner.request("stats"))["stun_filter"]
     drops_before = raw_socket_drops(p)
     seen_before = seen[0]
     checks = start_sender(q, p.ip, port, args.checks, seconds, "--username", f"{UFRAG}:peer",
                           "--sockets", "1")
-    flooder = start_sender(x, p.ip, port, args.rate, seconds) if flood else None
+    extra = ("--spoof", spoof) if spoof else ()
+    flooder = start_sender(x, p.ip, port, args.rate, seconds, *extra) if flood else None
     cpu0, t0 = cpu_seconds(pid), time.monotonic()
 
     async def one_query() -> None:
@@ -163,6 +165,8 @@ async def bench(args: argparse.Namespace) -> list[Phase]:
                                 args, flood=False),
                 await run_phase("flood", args.seconds, owner, pid, client, seen, p, q, x, port,
                                 args, flood=True),
+                await run_phase("spoofed", args.seconds, owner, pid, client, seen, p, q, x,
+                                port, args, flood=True, spoof=args.spoof),
             ]
             await transport.close()
         finally:
@@ -171,14 +175,14 @@ async def bench(args: argparse.Namespace) -> list[Phase]:
 
 
 def report(phases: list[Phase], args: argparse.Namespace) -> None:
-    print(f"\n{'phase':<6} {'owner CPU':>9} {'queries answered':>17} {'checks through':>15}"
+    print(f"\n{'phase':<7} {'owner CPU':>9} {'queries answered':>17} {'checks through':>15}"
           f" {'kernel drops':>12}")
     for ph in phases:
-        print(f"{ph.name:<6} {ph.cpu:>8.1f}% {ph.answered:>8}/{ph.queries:<8}"
+        print(f"{ph.name:<7} {ph.cpu:>8.1f}% {ph.answered:>8}/{ph.queries:<8}"
               f" {ph.checks_seen:>7}/{ph.checks_sent:<7} {ph.kernel_drops:>12}")
     for ph in phases:
         if ph.flood:
-            print(f"\nflood: {ph.flood['sent']} datagrams in {ph.flood['seconds']} s "
+            print(f"\n{ph.name}: {ph.flood['sent']} datagrams in {ph.flood['seconds']} s "
                   f"= {ph.flood['rate']:.0f}/s (asked {args.rate:.0f}/s)")
         print(f"{ph.name} stun_filter: {json.dumps(ph.filter, sort_keys=True)}")
 
@@ -189,6 +193,8 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=20.0, help="length of each phase")
     parser.add_argument("--queries", type=float, default=10.0, help="our STUN queries/s")
     parser.add_argument("--checks", type=float, default=20.0, help="the peer's checks/s")
+    parser.add_argument("--spoof", default="198.19.128.0/17",
+                        help="source addresses of the spoofed flood")
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("needs root (network namespaces, a WireGuard device)", file=sys.stderr)

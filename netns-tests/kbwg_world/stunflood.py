@@ -1,7 +1,7 @@
 """A STUN flood for tests and benchmarks, run inside a namespace as a plain script.
 
     python stunflood.py HOST PORT [--rate 5000] [--seconds 30] [--sockets 256]
-                        [--username U]
+                        [--username U] [--spoof CIDR]
 
 Sends STUN-shaped datagrams to HOST:PORT at `rate` per second for `seconds`, from
 `sockets` UDP sockets on random ports in turn (so every few datagrams come from another
@@ -10,14 +10,18 @@ a random class (no FINGERPRINT), a Binding request with a random USERNAME and a 
 FINGERPRINT (what a check looks like), a Binding success response with a right
 FINGERPRINT (an answer to nobody). With --username, every datagram is instead a Binding
 request with that USERNAME and a right FINGERPRINT: a peer's checks, for benchmarks that
-measure what still gets through. Prints JSON lines: `{"event": "ready"}` once the
-sockets are bound, then `{"event": "done", "sent": N, "errors": E, "seconds": T,
-"rate": R}`. Ends early, with the same line, on SIGTERM or SIGINT. Standard library only.
+measure what still gets through. With --spoof (root), each datagram comes from a random
+address of CIDR instead (a raw socket writing its own IPv4 header, UDP checksum 0): a
+flood from many sources, which no per-source budget stops. Prints JSON lines:
+`{"event": "ready"}` once the sockets are bound, then `{"event": "done", "sent": N,
+"errors": E, "seconds": T, "rate": R}`. Ends early, with the same line, on SIGTERM or
+SIGINT. Standard library only.
 """
 
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import os
 import random
@@ -64,6 +68,14 @@ def datagram(rng: random.Random, username: str | None = None) -> bytes:
     return _message(0x0101, tid, attrs, True)
 
 
+def spoofed(payload: bytes, src: str, sport: int, dst: str, dport: int) -> bytes:
+    """An IPv4 packet from `src`; the kernel fills in the IP checksum and id."""
+    udp = struct.pack("!HHHH", sport, dport, 8 + len(payload), 0) + payload
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 0, 0x4000, 64, 17, 0,
+                     socket.inet_aton(src), socket.inet_aton(dst))
+    return ip + udp
+
+
 def emit(obj: dict[str, object]) -> None:
     sys.stdout.write(json.dumps(obj) + "\n")
     sys.stdout.flush()
@@ -78,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sockets", type=int, default=256)
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--username", default=None)
+    parser.add_argument("--spoof", type=ipaddress.IPv4Network, default=None)
     args = parser.parse_args(argv)
 
     stop = False
@@ -91,11 +104,19 @@ def main(argv: list[str] | None = None) -> int:
     rng = random.Random(args.seed if args.seed is not None else os.urandom(8))
     payloads = [datagram(rng, args.username) for _ in range(DISTINCT)]
     socks = []
-    for _ in range(args.sockets):
-        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        sock.bind(("0.0.0.0", 0))
-        socks.append(sock)
-    dest = (args.host, args.port)
+    if args.spoof is not None:
+        net: ipaddress.IPv4Network = args.spoof
+        payloads = [spoofed(p, str(net[rng.randrange(net.num_addresses)]),
+                            rng.randrange(1024, 65536), args.host, args.port)
+                    for p in payloads]
+        # IPPROTO_RAW implies IP_HDRINCL: the header is ours.
+        socks.append(socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW))
+    else:
+        for _ in range(args.sockets):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            sock.bind(("0.0.0.0", 0))
+            socks.append(sock)
+    dest = (args.host, args.port if args.spoof is None else 0)
     emit({"event": "ready"})
 
     sent = errors = 0
