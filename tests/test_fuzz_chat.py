@@ -12,8 +12,9 @@ import base64
 import ipaddress
 from ipaddress import IPv4Address, IPv4Network
 
+import fuzzing
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kbwg.agent.announce import (
@@ -29,8 +30,7 @@ from kbwg.agent.keyowners import KeyBook
 from kbwg.agent.peers_file import PeerEntry
 from kbwg.core.identity import DeviceId
 
-FUZZ = settings(max_examples=200, deadline=None, derandomize=True, database=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+FUZZ = settings(fuzzing.FUZZ, max_examples=200)
 
 ME = DeviceId("me", "box")
 ALICE = DeviceId("alice", "laptop")

@@ -20,10 +20,11 @@ import struct
 from collections.abc import Iterator
 from typing import Any, ClassVar
 
+import fuzzing
 import msgpack
 import pytest
 from aioice import stun
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from nacl.public import PrivateKey
 from owner_fakes import FakeNetConfig, MemoryBackend
@@ -52,8 +53,7 @@ from kbwg.owner.protocol import (
 from kbwg.owner.rawstun import PacketCallback
 from kbwg.owner.server import EXIT_OK, EXIT_STREAM_BROKEN, OwnerServer
 
-FUZZ = settings(max_examples=150, deadline=None, derandomize=True, database=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+FUZZ = fuzzing.FUZZ
 # Every read of a fed, closed stream completes at once; this only turns a hang into a
 # failure instead of a stuck suite.
 READ_TIMEOUT_S = 2.0
@@ -181,10 +181,22 @@ def _mostly(usual: st.SearchStrategy[Any], other: st.SearchStrategy[Any]
     return st.integers(0, 9).flatmap(lambda n: usual if n else other)
 
 
+containers = st.one_of(st.lists(scalars, max_size=3),
+                       st.dictionaries(st.text(max_size=4), scalars, max_size=3))
+
+
+def _confused_request(op: str) -> st.SearchStrategy[dict[str, Any]]:
+    if not VALID[op]:
+        return st.just({"op": op})
+    return fuzzing.type_confused(VALID[op], scalars, containers).map(
+        lambda args: {"op": op, **args})
+
+
 ops = st.sampled_from(sorted(VALID))
 requests = st.one_of(
     ops.flatmap(lambda op: st.tuples(st.just(op), near_args(op))).map(
         lambda t: {"op": t[0], **t[1]}),
+    ops.flatmap(_confused_request),
     st.dictionaries(st.text(max_size=8), values, max_size=4),
 ).flatmap(lambda request: st.fixed_dictionaries({
     "id": _mostly(st.integers(0, 2**31), st.one_of(
@@ -367,7 +379,7 @@ async def _session(frames: list[dict[str, Any]]) -> None:
 
 
 @pytest.mark.timeout(60)
-@settings(FUZZ, max_examples=100)
+@settings(FUZZ, max_examples=60)
 @given(frames=st.lists(requests, min_size=1, max_size=8),
        create_first=st.booleans())
 def test_the_owner_answers_every_request(frames: list[dict[str, Any]],
@@ -375,6 +387,19 @@ def test_the_owner_answers_every_request(frames: list[dict[str, Any]],
     if create_first:  # most ops need a device to get past the first check
         frames = [{"id": 0, "op": "create", **VALID["create"]},
                   {"id": 0, "op": "stun_open"}, *frames]
+    with _catch_all_records() as errors:
+        asyncio.run(_session(frames))
+    assert not errors, [r.getMessage() for r in errors]
+
+
+@pytest.mark.timeout(60)
+@FUZZ
+@given(request=ops.flatmap(_confused_request), rid=st.integers(0, 2**31))
+def test_the_owner_answers_a_request_with_one_field_wrong(request: dict[str, Any],
+                                                          rid: int) -> None:
+    # A device first: most ops are judged only once there is one.
+    frames = [{"id": 0, "op": "create", **VALID["create"]}, {"id": 0, "op": "stun_open"},
+              {"id": 0, "op": "set_peer", **VALID["set_peer"]}, {"id": rid, **request}]
     with _catch_all_records() as errors:
         asyncio.run(_session(frames))
     assert not errors, [r.getMessage() for r in errors]

@@ -12,15 +12,15 @@ import json
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
+import fuzzing
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from kbwg.agent.peers_file import DEFAULT_OVERLAY, PeersError, parse_peers
 from kbwg.agent.teamconfig import TeamConfigError, parse_team_config
 
-FUZZ = settings(max_examples=150, deadline=None, derandomize=True, database=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+FUZZ = fuzzing.FUZZ
 
 VALID_PEERS: list[dict[str, Any]] = [
     {"username": "alice", "device": "laptop", "ip": "100.64.0.2"},
@@ -61,6 +61,8 @@ near_strings = st.one_of(
                      "h/x", "h:" + "1" * 5000, "mesh", "servers", "MESH",
                      "announce\n", "a" * 21, "dev-1_x"]),
     st.text(max_size=30))
+json_containers = st.one_of(st.lists(json_scalars, max_size=3),
+                            st.dictionaries(st.text(max_size=4), json_scalars, max_size=3))
 near_values = st.one_of(near_strings, json_values,
                         st.lists(st.one_of(near_strings, json_values), max_size=4))
 
@@ -87,6 +89,14 @@ def near_peers(draw: st.DrawFn) -> list[Any]:
     if draw(st.booleans()):
         entries.append(draw(st.sampled_from(entries)))  # a duplicate
     return entries
+
+
+confused_peers = fuzzing.type_confused(VALID_PEERS[0], json_scalars, json_containers).map(
+    lambda entry: [entry, VALID_PEERS[1]])
+confused_config = st.one_of(
+    fuzzing.type_confused(VALID_CONFIG, json_scalars, json_containers),
+    fuzzing.type_confused(VALID_CONFIG["relays"][0], json_scalars, json_containers).map(
+        lambda relay: {**VALID_CONFIG, "relays": [relay]}))
 
 
 @st.composite
@@ -147,7 +157,8 @@ def _peers_or_error(data: str | bytes) -> None:
 
 @pytest.mark.timeout(60)
 @FUZZ
-@given(data=st.one_of(_texts(st.one_of(near_peers(), json_values)), hostile_texts))
+@given(data=st.one_of(_texts(st.one_of(near_peers(), confused_peers, json_values)),
+                     hostile_texts))
 def test_peers_json_parses_or_gives_a_peers_error(data: str | bytes) -> None:
     _peers_or_error(data)
 
@@ -173,9 +184,18 @@ def _config_or_error(data: str | bytes) -> None:
 
 @pytest.mark.timeout(60)
 @FUZZ
-@given(data=st.one_of(_texts(st.one_of(near_config(), json_values)), hostile_texts))
+@given(data=st.one_of(_texts(st.one_of(near_config(), confused_config, json_values)),
+                     hostile_texts))
 def test_kbwg_json_parses_or_gives_a_team_config_error(data: str | bytes) -> None:
     _config_or_error(data)
+
+
+@pytest.mark.timeout(60)
+@FUZZ
+@given(peers=confused_peers, config=confused_config)
+def test_team_files_with_one_field_wrong(peers: list[Any], config: dict[str, Any]) -> None:
+    _peers_or_error(json.dumps(peers))
+    _config_or_error(json.dumps(config))
 
 
 # --- what the fuzzing found, pinned ---

@@ -22,9 +22,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import fuzzing
 import msgpack
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from nacl.public import Box, PrivateKey
 
@@ -46,8 +47,7 @@ from kbwg.negotiation.wire import (
     seal,
 )
 
-FUZZ = settings(max_examples=120, deadline=None, derandomize=True, database=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+FUZZ = settings(fuzzing.FUZZ, max_examples=120)
 
 ALICE = DeviceId("alice", "laptop")
 BOB = DeviceId("bob", "phone")
@@ -134,23 +134,8 @@ containers = st.one_of(st.lists(scalars, max_size=3),
 wrong = st.one_of(scalars, containers)
 
 
-def _confuse(kind: str, value: Any) -> st.SearchStrategy[Any]:
-    if kind == "suffix" and isinstance(value, str):
-        # A regex's `$` also matches before a final newline.
-        return st.sampled_from(["\n", "\x00"]).map(lambda c: value + c)
-    return containers if kind == "container" else scalars
-
-
 def type_confused(valid: dict[str, Any]) -> st.SearchStrategy[dict[str, Any]]:
-    """`valid` with one field made a container or another scalar, or (a string) given
-    one more character: a list or map where a string is expected must not reach a set
-    lookup, and a string must be checked to its very end."""
-    def one_field(name: str, kind: str) -> st.SearchStrategy[dict[str, Any]]:
-        return _confuse(kind, valid[name]).map(lambda value: {**valid, name: value})
-
-    return st.tuples(st.sampled_from(sorted(valid)),
-                     st.sampled_from(["container", "scalar", "suffix"])).flatmap(
-        lambda drawn: one_field(*drawn))
+    return fuzzing.type_confused(valid, scalars, containers)
 
 
 def _ice(min_size: int, max_size: int) -> st.SearchStrategy[str]:
