@@ -29,6 +29,7 @@ def split_username(username: str) -> tuple[int, str] | None:
     None when the expiry is not a number.
     """
     stamp, sep, user = username.partition(USERNAME_SEPARATOR)
-    if not stamp.isdigit() or len(stamp) > 12:
+    # isascii too: isdigit() also passes "²" and other digits that int() refuses.
+    if not (stamp.isascii() and stamp.isdigit()) or len(stamp) > 12:
         return None
     return int(stamp), user if sep else username
