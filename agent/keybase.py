@@ -12,6 +12,7 @@ import collections
 import contextlib
 import json
 import logging
+import math
 import os
 import re
 import time
@@ -216,12 +217,18 @@ def parse_message(obj: Any) -> ChatMessage:
         raise ValueError("message sender has no device name")
     sent_ms = obj.get("sent_at_ms")
     sent_s = obj.get("sent_at")
-    if isinstance(sent_ms, (int, float)) and not isinstance(sent_ms, bool):
-        sent_at = sent_ms / 1000.0
-    elif isinstance(sent_s, (int, float)) and not isinstance(sent_s, bool):
-        sent_at = float(sent_s)
-    else:
-        raise ValueError("message has no sent_at/sent_at_ms")
+    try:
+        if isinstance(sent_ms, (int, float)) and not isinstance(sent_ms, bool):
+            sent_at = sent_ms / 1000.0
+        elif isinstance(sent_s, (int, float)) and not isinstance(sent_s, bool):
+            sent_at = float(sent_s)
+        else:
+            raise ValueError("message has no sent_at/sent_at_ms")
+    except OverflowError:  # a JSON integer too large for a float
+        raise ValueError("message time is out of range") from None
+    # NaN or infinity would make an announcement or a claim never expire.
+    if not math.isfinite(sent_at):
+        raise ValueError(f"message time {sent_at} is not a finite number")
     if not isinstance(content, dict) or not isinstance(content.get("type"), str):
         raise ValueError("message content is malformed")
     content_type: str = content["type"]
@@ -727,7 +734,7 @@ def _raise_fs(rc: int, err: bytes, what: str) -> None:
 def _decode_reply(reply: bytes, method: str) -> dict[str, Any]:
     try:
         obj = json.loads(reply)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # RecursionError: nesting too deep
         raise KeybaseError(f"undecodable reply to {method}: {reply[:200]!r}") from exc
     if not isinstance(obj, dict):
         raise KeybaseError(f"unexpected reply to {method}: {reply[:200]!r}")
@@ -752,7 +759,7 @@ def _decode_reply(reply: bytes, method: str) -> dict[str, Any]:
 def _parse_notification(line: bytes) -> ChatMessage | None:
     try:
         obj = json.loads(line)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nesting too deep
         logger.warning("api-listen: undecodable line skipped: %r", line[:200])
         return None
     if not isinstance(obj, dict):

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import base64
 import ipaddress
+import json
+import math
 from ipaddress import IPv4Address, IPv4Network
+from typing import Any
 
 import fuzzing
 import pytest
@@ -25,7 +28,7 @@ from kbwg.agent.announce import (
 )
 from kbwg.agent.announce_feed import take_announce_message
 from kbwg.agent.claims import ClaimBook, ClaimError, format_claim, is_claim, parse_claim
-from kbwg.agent.keybase import Channel, ChatMessage
+from kbwg.agent.keybase import Channel, ChatMessage, _parse_notification, parse_message
 from kbwg.agent.keyowners import KeyBook
 from kbwg.agent.peers_file import PeerEntry
 from kbwg.core.identity import DeviceId
@@ -201,3 +204,67 @@ def test_intake_ignores_junk_and_stays_usable(
                                  announcements, claims, LISTED, DYNAMIC, NOW, keys)
     owner = claims.owner_of(IPv4Address("100.64.250.1"), NOW)
     assert owner is not None and owner.sender == DeviceId("late", "comer")
+
+
+# --- the Keybase lines the messages come in (api-listen notifications) ---
+
+NOTIFICATION: dict[str, Any] = {
+    "type": "chat", "source": "remote",
+    "msg": {"id": 7, "conversation_id": "c0ffee",
+            "channel": {"name": "team", "members_type": "team", "topic_type": "chat",
+                        "topic_name": "announce"},
+            "sender": {"username": "alice", "device_name": "laptop"},
+            "sent_at": 1_800_000_000, "sent_at_ms": 1_800_000_000_000,
+            "content": {"type": "text", "text": {"body": VALID_ANNOUNCE}}},
+}
+json_scalars = st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70),
+                         st.integers(10**308, 10**320), st.floats(), st.text(max_size=20))
+json_containers = st.one_of(st.lists(json_scalars, max_size=3),
+                            st.dictionaries(st.text(max_size=4), json_scalars, max_size=3))
+
+
+def _with_msg(msg: dict[str, Any]) -> dict[str, Any]:
+    return {**NOTIFICATION, "msg": msg}
+
+
+def _confused_part(part: str) -> st.SearchStrategy[dict[str, Any]]:
+    """The notification with one field of msg[part] wrong."""
+    return fuzzing.type_confused(NOTIFICATION["msg"][part], json_scalars,
+                                 json_containers).map(
+        lambda value: _with_msg({**NOTIFICATION["msg"], part: value}))
+
+
+notifications = st.one_of(
+    fuzzing.type_confused(NOTIFICATION, json_scalars, json_containers),
+    fuzzing.type_confused(NOTIFICATION["msg"], json_scalars, json_containers).map(_with_msg),
+    *(_confused_part(part) for part in ("channel", "sender", "content")),
+)
+lines_from_keybase = st.one_of(
+    notifications.map(lambda n: json.dumps(n).encode()),  # NaN and Infinity too
+    st.binary(max_size=60),
+    st.integers(1, 5000).map(lambda n: b"[" * n + b"]" * n),
+    st.just(b'{"type": "chat", "msg": ' + b"[" * 3000 + b"]" * 3000 + b"}"),
+)
+
+
+@pytest.mark.timeout(60)
+@FUZZ
+@given(line=lines_from_keybase)
+def test_keybase_notification_lines_give_a_message_or_none(line: bytes) -> None:
+    msg = _parse_notification(line)  # the listener's whole per-line path
+    if msg is not None:
+        assert isinstance(msg.id, int) and math.isfinite(msg.sent_at)
+        assert msg.body is None or isinstance(msg.body, str)
+        assert isinstance(msg.sender_username, str) and isinstance(msg.sender_device, str)
+
+
+@pytest.mark.parametrize("times", [
+    {"sent_at_ms": 10**400}, {"sent_at": 10**400, "sent_at_ms": None},
+    {"sent_at_ms": float("nan")}, {"sent_at_ms": float("inf")}])
+def test_a_message_time_that_is_no_finite_number_is_skipped(times: dict[str, Any]) -> None:
+    # 10**400 raised OverflowError past the listener's ValueError handler; NaN and
+    # infinity made announcements and claims that never expire.
+    line = json.dumps(_with_msg({**NOTIFICATION["msg"], **times})).encode()
+    assert _parse_notification(line) is None
+    with pytest.raises(ValueError, match="message"):
+        parse_message(json.loads(line)["msg"])
