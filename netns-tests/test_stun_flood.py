@@ -8,6 +8,9 @@ Meanwhile alice's pings over the overlay keep being answered, neither side's pat
 other moves, and carol, started behind another NAT during the flood, connects to bob.
 Without the device owner's filter, the flood eats the one budget the checks shared and
 consent checks fail: the path flaps to the relay (issue 12, finding 5).
+
+The same flood from spoofed random sources defeats any per-source budget: then only the
+budget the owner reserves for checks naming a ufrag the agent declared keeps them going.
 """
 
 from __future__ import annotations
@@ -59,16 +62,23 @@ def path_of(peer: dict[str, Any]) -> tuple[str, str, str | None]:
     return (peer["path"], peer["endpoint"], peer["remote_candidate"])
 
 
-def start_flood(node: Node, host: str) -> subprocess.Popen[str]:
+def start_flood(node: Node, host: str, spoof: str | None) -> subprocess.Popen[str]:
+    extra = ["--spoof", spoof] if spoof else []
     proc = node.popen([sys.executable, str(FLOOD), host, "51820", "--rate", str(FLOOD_RATE),
-                       "--seconds", str(FLOOD_SECONDS)],
+                       "--seconds", str(FLOOD_SECONDS), *extra],
                       stdout=subprocess.PIPE, text=True)  # fmt: skip
     assert proc.stdout is not None
     assert json.loads(proc.stdout.readline())["event"] == "ready"
     return proc
 
 
-def test_a_stun_flood_leaves_an_established_path_alone(world: World) -> None:
+@pytest.mark.parametrize("spoof", [
+    None,
+    pytest.param("198.19.128.0/17", id="spoofed", marks=pytest.mark.xfail(
+        strict=True, reason="the agent does not declare its ufrags to the owner yet "
+        "(OwnerStunTransport.add_ufrag/remove_ufrag): checks share the strangers' budget")),
+])
+def test_a_stun_flood_leaves_an_established_path_alone(world: World, spoof: str | None) -> None:
     inet = world.internet()
     stun = StunServer.start(world.server("stun", inet, ips=["203.0.113.2"]))
     team = Team(world)
@@ -93,7 +103,7 @@ def test_a_stun_flood_leaves_an_established_path_alone(world: World) -> None:
     assert before_alice is not None and before_bob is not None
     rx_before = b.link_stats("eth0").rx_packets
 
-    flood = start_flood(outside, b.ip)
+    flood = start_flood(outside, b.ip, spoof)
     started = time.monotonic()
     pings: list[PingResult] = []
     # 140 pings 0.2 s apart: 28 s of the 30 s flood.
@@ -146,6 +156,7 @@ def test_a_stun_flood_leaves_an_established_path_alone(world: World) -> None:
     assert out.returncode == 0, f"{out.stderr[-1500:]}\n--- bob:\n{bob.log(12000)}"
     dropped = json.loads(out.stdout)["shared_port"]["owner"]
     print(f"bob's shared port: {dropped}")
-    # A third of the flood are valid-looking checks: over the flooder's own budget.
-    assert dropped["over_source_budget"] > done["sent"] // 4, dropped
+    # A third of the flood are valid-looking checks: over the strangers' budgets.
+    over = dropped["over_source_budget"] + dropped["over_shared_budget"]
+    assert over > done["sent"] // 4, dropped
     assert dropped["passed_own"] > 0 and dropped["dropped"] > done["sent"] // 2, dropped
