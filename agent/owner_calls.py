@@ -29,6 +29,7 @@ from kbwg.owner.protocol import (
     OP_STATS,
     OP_STUN_OPEN,
     OP_STUN_SEND,
+    OP_STUN_UFRAGS,
 )
 
 
@@ -188,6 +189,9 @@ class OwnerCalls:
             args["source"] = source
         reply = await self.transport.request(OP_STUN_SEND, **args)
         return _text(OP_STUN_SEND, reply, "source", reply.get("source"))
+
+    async def stun_ufrags(self, ufrags: list[str]) -> None:
+        await self.transport.request(OP_STUN_UFRAGS, ufrags=ufrags)
 
     async def shutdown(self) -> None:
         await self.transport.request(OP_SHUTDOWN)
