@@ -98,6 +98,12 @@ def parse_host_port(text: str, default_port: int | None = STUN_DEFAULT_PORT) -> 
         host, port_text = text, ""
     if not host or any(c.isspace() or c in "/?#@" for c in host):
         raise ValueError(f"'{text}' has no valid host")
+    try:
+        # As the resolver will: an empty or over-63-character label fails there with a
+        # UnicodeError that the gatherer does not expect.
+        host.encode("idna")
+    except UnicodeError:
+        raise ValueError(f"'{text}': '{host}' is not a valid host name") from None
     if not port_text:
         if default_port is None:
             raise ValueError(f"'{text}' has no port (HOST:PORT)")

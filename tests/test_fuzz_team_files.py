@@ -59,6 +59,7 @@ near_strings = st.one_of(
                      "turn:h:1?x=1", "turn:h:1?transport", "turn:", "turn:[::1",
                      "h:99999", "h:\u00b2", "h:\u0665", "[::1]:1", "[::1]x", "a:b:c",
                      "h/x", "h:" + "1" * 5000, "mesh", "servers", "MESH",
+                     "..:3478", "a..b", "a" * 64 + ".example:3478", "b\u00fccher.example",
                      "announce\n", "a" * 21, "dev-1_x"]),
     st.text(max_size=30))
 json_containers = st.one_of(st.lists(json_scalars, max_size=3),
@@ -178,6 +179,7 @@ def _config_or_error(data: str | bytes) -> None:
         assert channel.isascii() and 1 <= len(channel) <= 20 and channel.strip() == channel
     for server in [*config.stun, *(relay.address for relay in config.relays)]:
         assert 1 <= server.port <= 65535 and server.host
+        server.host.encode("idna")  # the resolver takes it: a UnicodeError escaped there
     for relay in config.relays:
         assert relay.secret and relay.transport == "udp"
 
@@ -215,6 +217,14 @@ def test_json_the_decoder_itself_refuses_is_a_clear_error(data: str) -> None:
 def test_a_channel_name_ending_in_a_newline_is_refused(channel: str) -> None:
     with pytest.raises(TeamConfigError, match="must be a channel name"):
         parse_team_config(json.dumps({"announce_channel": channel}))
+
+
+@pytest.mark.parametrize("host", ["..", "a..b", "a" * 64 + ".example"])
+def test_a_host_the_resolver_cannot_encode_is_refused(host: str) -> None:
+    # Accepted before, then getaddrinfo raised UnicodeError, which the STUN gatherer's
+    # OSError handler let through.
+    with pytest.raises(TeamConfigError, match="not a valid host name"):
+        parse_team_config(json.dumps({"stun": [f"{host}:3478"]}))
 
 
 @pytest.mark.parametrize("port", ["\u00b2", "\u0665", "1" * 5000, "0", "65536"])
