@@ -57,6 +57,7 @@ EventCallback = Callable[[dict[str, Any]], object]
 # Sends are fire-and-forget; past this many unanswered ones the owner is not keeping up
 # and a send fails at once (StunClient treats that like a lost datagram and retransmits).
 MAX_IN_FLIGHT = 256
+STUN_HEADER_LEN = 20
 # Transaction ids remembered for routing answers; far more than are ever outstanding.
 MAX_ORIGINS = 4096
 
@@ -204,6 +205,8 @@ class OwnerStunTransport:
         try:
             if not isinstance(data, bytes) or not isinstance(src, str) or not isinstance(dst, str):
                 raise ProtocolError("stun event without bytes 'data', 'src' and 'dst'")
+            if len(data) < STUN_HEADER_LEN:  # routing below reads the header
+                raise ProtocolError(f"stun event of {len(data)} bytes, shorter than a header")
             addr = parse_endpoint(src, "src")
             local_ip, _ = parse_endpoint(dst, "dst")
         except ProtocolError as exc:

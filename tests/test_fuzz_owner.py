@@ -29,6 +29,7 @@ from hypothesis import strategies as st
 from nacl.public import PrivateKey
 from owner_fakes import FakeNetConfig, MemoryBackend
 
+from kbwg.agent.owner_stun import OwnerStunTransport
 from kbwg.owner.frames import (
     FrameBodyError,
     FrameDecoder,
@@ -444,6 +445,36 @@ def test_the_owner_loop_survives_any_stream(data: bytes) -> None:
     assert all("input stream broken" in r.getMessage() for r in errors)
 
 
+# --- the other direction: the owner's events, as the agent takes them ---
+
+stun_events = st.fixed_dictionaries({"event": st.just("stun")}, optional={
+    "data": st.one_of(st.binary(max_size=30), st.just(BINDING),
+                      st.just(bytes(stun.Message(stun.Method.BINDING, stun.Class.RESPONSE,
+                                                 transaction_id=b"\x02" * 12))), values),
+    "src": st.one_of(st.just("198.18.0.2:3478"), endpoints, values),
+    "dst": st.one_of(st.just("198.18.1.2:51820"), endpoints, values),
+})
+
+
+@pytest.mark.timeout(60)
+@FUZZ
+@given(events=st.lists(st.one_of(stun_events, st.dictionaries(st.text(max_size=6), values,
+                                                               max_size=3)), max_size=6))
+def test_the_agent_takes_any_owner_event(events: list[dict[str, Any]]) -> None:
+    transport = OwnerStunTransport(None, 51820)  # type: ignore[arg-type]  # no owner needed
+    delivered: list[tuple[bytes, tuple[str, int]]] = []
+    transport.receiver = lambda data, addr: delivered.append((data, addr))
+    stun_count = 0
+    for event in events:
+        taken = transport.handle_event(event)
+        assert taken == (event.get("event") == "stun")
+        stun_count += taken
+    counters = transport.counters
+    # Each stun event is delivered or counted as bad, never lost to an exception.
+    assert counters.received + counters.bad_events == stun_count
+    assert len(delivered) == counters.received
+
+
 # --- what the fuzzing found, pinned ---
 
 @pytest.mark.parametrize("port", ["\u00b2", "1" * 5000])
@@ -452,3 +483,14 @@ def test_a_port_that_is_not_ascii_digits_is_a_protocol_error(port: str) -> None:
     # handlers; the owner then logged a traceback for a malformed request.
     with pytest.raises(ProtocolError, match="ip:port"):
         parse_endpoint(f"198.18.0.2:{port}")
+
+
+@pytest.mark.parametrize("data", [b"", b"\x01", b"\x01\x01" + b"\x00" * 10])
+def test_a_stun_event_shorter_than_a_header_is_counted_as_bad(data: bytes) -> None:
+    # b"" raised IndexError in the event pump, which then died: no STUN over the
+    # WireGuard port any more for the rest of the run.
+    transport = OwnerStunTransport(None, 51820)  # type: ignore[arg-type]
+    transport.receiver = lambda data, addr: None
+    assert transport.handle_event({"event": "stun", "data": data, "src": "198.18.0.2:3478",
+                                   "dst": "198.18.1.2:51820"})
+    assert (transport.counters.bad_events, transport.counters.received) == (1, 0)
