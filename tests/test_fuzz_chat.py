@@ -151,7 +151,7 @@ def test_announce_lines_parse_or_give_an_announce_error(body: str) -> None:
 
 
 @pytest.mark.timeout(60)
-@FUZZ
+@settings(FUZZ, max_examples=120)
 @given(body=lines)
 def test_claim_lines_parse_or_give_a_claim_error(body: str) -> None:
     claimed = is_claim(body)
@@ -175,7 +175,7 @@ def _post(msg_id: int, sender: DeviceId, body: str | None, sent_at: float = NOW
 
 
 @pytest.mark.timeout(60)
-@settings(FUZZ, max_examples=60)
+@settings(FUZZ, max_examples=40)
 @given(posts=st.lists(st.tuples(
     st.one_of(lines, st.just(VALID_ANNOUNCE), st.just(VALID_CLAIM), st.none()),
     st.sampled_from([ME, ALICE, MALLORY, NEWCOMER]),

@@ -278,7 +278,7 @@ def _decode_all(data: bytes, cuts: list[int]) -> list[object]:
 
 
 @pytest.mark.timeout(60)
-@FUZZ
+@settings(FUZZ, max_examples=100)
 @given(data=frame_streams(), cuts=st.lists(st.integers(0, 10_000), max_size=4))
 def test_frame_streams_give_maps_or_frame_errors_and_never_hang(data: bytes,
                                                                 cuts: list[int]) -> None:
@@ -457,7 +457,7 @@ stun_events = st.fixed_dictionaries({"event": st.just("stun")}, optional={
 
 
 @pytest.mark.timeout(60)
-@FUZZ
+@settings(FUZZ, max_examples=80)
 @given(events=st.lists(st.one_of(stun_events, st.dictionaries(st.text(max_size=6), values,
                                                                max_size=3)), max_size=6))
 def test_the_agent_takes_any_owner_event(events: list[dict[str, Any]]) -> None:

@@ -351,7 +351,7 @@ def _chat(msg_id: int, body: str | None, sender: DeviceId = ALICE) -> ChatMessag
 
 
 @pytest.mark.timeout(60)
-@settings(FUZZ, max_examples=80)
+@settings(FUZZ, max_examples=50)
 @given(posts=st.lists(st.tuples(
     st.one_of(near_valid_envelopes.map(
         lambda env: _box_text(msgpack.packb(env, use_bin_type=True))),
@@ -476,7 +476,7 @@ def replay_messages(draw: st.DrawFn) -> tuple[float, WireMessage]:
 
 
 @pytest.mark.timeout(60)
-@FUZZ
+@settings(FUZZ, max_examples=80)
 @given(steps=st.lists(st.one_of(replay_messages(), st.tuples(
     st.just(None), st.tuples(st.sampled_from([str(ALICE), "carol/pc"]),
                              st.sampled_from([b"x" * 16, b"y" * 16])))), max_size=40))
