@@ -166,6 +166,9 @@ class Connectivity:
         if any(c.address == ip for c in self.local.candidates):
             return
         indication = stun.Message(stun.Method.BINDING, stun.Class.INDICATION)
+        # Only leaving our NAT matters; with a FINGERPRINT the peer's owner counts it as
+        # well-formed rather than as a stranger's junk.
+        indication.add_fingerprint()
         with contextlib.suppress(OSError):
             self._port.send(bytes(indication), (ip, int(port)))
 
@@ -176,7 +179,10 @@ class Connectivity:
             name=str(spec.peer),
         )
         self._mux.register(spec.ufrag, checker)
-        return RegisteredChecker(checker, self._mux)
+        # The owner passes checks naming this ufrag in a budget strangers cannot use up;
+        # the declaration is a local round trip, long done when the peer reads our offer.
+        self._port.add_ufrag(spec.ufrag)
+        return RegisteredChecker(checker, self._mux, self._port)
 
     def _send_check(self, data: bytes, dest: Address, local: Candidate) -> None:
         if local.type == "relay":
@@ -224,6 +230,7 @@ class RegisteredChecker:
 
     checker: PeerChecker
     mux: CheckMux
+    port: OwnerStunTransport
 
     @property
     def remote_candidates(self) -> list[CandidateInfo]:
@@ -240,4 +247,5 @@ class RegisteredChecker:
 
     def close(self) -> None:
         self.mux.unregister(self.checker.ufrag)
+        self.port.remove_ufrag(self.checker.ufrag)
         self.checker.close()

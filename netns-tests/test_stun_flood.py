@@ -74,9 +74,7 @@ def start_flood(node: Node, host: str, spoof: str | None) -> subprocess.Popen[st
 
 @pytest.mark.parametrize("spoof", [
     None,
-    pytest.param("198.19.128.0/17", id="spoofed", marks=pytest.mark.xfail(
-        strict=True, reason="the agent does not declare its ufrags to the owner yet "
-        "(OwnerStunTransport.add_ufrag/remove_ufrag): checks share the strangers' budget")),
+    pytest.param("198.19.128.0/17", id="spoofed"),
 ])
 def test_a_stun_flood_leaves_an_established_path_alone(world: World, spoof: str | None) -> None:
     inet = world.internet()
