@@ -46,7 +46,8 @@ async def resolve_servers(
         name = str(server)
         try:
             return name, await asyncio.wait_for(resolve(server.host, server.port), timeout)
-        except (OSError, TimeoutError) as exc:
+        except (OSError, TimeoutError, ValueError) as exc:
+            # ValueError (UnicodeError among them): a name the resolver cannot encode.
             log.info("cannot resolve %s: %s", name, exc)
             return name, None
 
