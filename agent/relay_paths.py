@@ -16,19 +16,15 @@ from typing import Any
 
 from kbwg.agent.relay_proxy import LoopbackProxy, ProxyCounters
 from kbwg.agent.teamconfig import RelayConfig
+from kbwg.core.stun import is_stun
 from kbwg.negotiation.candidates import Candidate, candidate_priority
 from kbwg.negotiation.stun_client import resolve
 from kbwg.turn.client import Address, RelayAllocation
 
 log = logging.getLogger(__name__)
 
-STUN_COOKIE = b"\x21\x12\xa4\x42"
 
 StunHandler = Callable[[bytes, Address, Candidate], None]
-
-
-def is_stun(data: bytes) -> bool:
-    return len(data) >= 20 and data[0] < 0x40 and data[4:8] == STUN_COOKIE
 
 
 @dataclass

@@ -61,7 +61,8 @@ import ipaddress
 from dataclasses import dataclass
 from typing import Any
 
-from kbwg.owner.rawstun import MAX_STUN_PAYLOAD, is_usable_unicast, looks_like_stun
+from kbwg.core.stun import is_stun
+from kbwg.owner.rawstun import MAX_STUN_PAYLOAD, is_usable_unicast
 
 PROTOCOL_VERSION = 1
 
@@ -318,7 +319,7 @@ class StunSendArgs:
         if len(data) > MAX_STUN_PAYLOAD:
             raise ProtocolError(f"'data' is {len(data)} bytes, more than {MAX_STUN_PAYLOAD}")
         # The privileged owner sends STUN from the WireGuard port, nothing else.
-        if not looks_like_stun(data):
+        if not is_stun(data):
             raise ProtocolError("'data' is not a STUN message")
         source = args.get("source")
         if source is not None and (not isinstance(source, str) or not is_usable_unicast(source)):

@@ -26,17 +26,16 @@ import ipaddress
 import logging
 import socket
 import struct
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
+from kbwg.core.addresses import Address
+from kbwg.core.stun import MAX_STUN_MESSAGE, STUN_COOKIE
+
 logger = logging.getLogger(__name__)
 
-Address = tuple[str, int]
 
-STUN_COOKIE = 0x2112A442
-STUN_HEADER = 20
-MAX_STUN_PAYLOAD = 1500
+MAX_STUN_PAYLOAD = MAX_STUN_MESSAGE
 
 # Not exported by Python 3.11's socket module; values from linux/socket.h and linux/in.h.
 SO_ATTACH_FILTER = 26
@@ -198,13 +197,6 @@ def parse_ipv4_udp(packet: bytes) -> UdpDatagram:
     return UdpDatagram((src_ip, sport), (dst_ip, dport), packet[ihl + _UDP.size : ihl + udp_len])
 
 
-def looks_like_stun(payload: bytes) -> bool:
-    """A STUN header: top bits 0, the cookie, a length that matches the datagram."""
-    if len(payload) < STUN_HEADER or len(payload) > MAX_STUN_PAYLOAD:
-        return False
-    msg_type, length, cookie = struct.unpack_from("!HHI", payload)
-    return not msg_type & 0xC000 and cookie == STUN_COOKIE and STUN_HEADER + length == len(payload)
-
 
 def interface_index_of(ip: str) -> int:
     """The index of the interface whose primary address is `ip`, 0 if none.
@@ -231,27 +223,6 @@ def route_source(dst_ip: str) -> str:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
         probe.connect((dst_ip, 9))
         return str(probe.getsockname()[0])
-
-
-class TokenBucket:
-    """`rate` per second with bursts of `burst`; protects the owner from a runaway agent
-    and the agent from a flood of STUN-shaped packets."""
-
-    def __init__(
-        self, rate: float, burst: int, clock: Callable[[], float] = time.monotonic
-    ) -> None:
-        self.rate, self.burst, self._clock = rate, burst, clock
-        self._tokens = float(burst)
-        self._last = clock()
-
-    def take(self) -> bool:
-        now = self._clock()
-        self._tokens = min(self.burst, self._tokens + (now - self._last) * self.rate)
-        self._last = now
-        if self._tokens < 1:
-            return False
-        self._tokens -= 1
-        return True
 
 
 @dataclass

@@ -27,6 +27,7 @@ from typing import Any, Protocol
 
 from nacl.public import PrivateKey
 
+from kbwg.core.ratelimit import TokenBucket
 from kbwg.owner.frames import FrameBodyError, FrameError, encode_frame, read_frame, write_frame
 from kbwg.owner.guard import R_ROUTE_NOT_OURS, Guard, Refusal
 from kbwg.owner.netconfig import HostRoute, IPInterface, NetConfig
@@ -67,7 +68,6 @@ from kbwg.owner.protocol import (
 from kbwg.owner.rawstun import (
     PacketCallback,
     RawStunError,
-    TokenBucket,
     UdpDatagram,
 )
 from kbwg.owner.stunfilter import SharedPortFilter

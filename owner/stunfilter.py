@@ -36,7 +36,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 
 # Not kbwg.core.stun: the privileged program imports nothing of kbwg but itself.
-from kbwg.owner.rawstun import MAX_STUN_PAYLOAD, STUN_COOKIE, STUN_HEADER, TokenBucket
+from kbwg.core.ratelimit import TokenBucket
+from kbwg.core.stun import STUN_HEADER, is_stun
 
 logger = logging.getLogger(__name__)
 
@@ -217,19 +218,14 @@ class SharedPortFilter:
     def admit(self, payload: bytes, src_ip: str) -> bool:
         """Whether a datagram from `src_ip` goes up to the agent (counted either way)."""
         counters = self.counters
-        size = len(payload)
-        if size < STUN_HEADER or size > MAX_STUN_PAYLOAD:
-            counters.malformed += 1
-            return False
-        msg_type, length, cookie = _HEADER.unpack_from(payload)
-        if msg_type & 0xC000 or cookie != STUN_COOKIE or STUN_HEADER + length != size or length & 3:
+        if not is_stun(payload):
             counters.malformed += 1
             return False
         fingerprint = fingerprint_state(payload)
         if fingerprint is False:
             counters.bad_fingerprint += 1
             return False
-        klass = msg_type & CLASS_MASK
+        klass = _HEADER.unpack_from(payload)[0] & CLASS_MASK
         sent = self._sent.get(payload[8:STUN_HEADER])
         if sent is not None and sent.expires > self.clock():
             if sent.needs_fingerprint and fingerprint is None:
