@@ -18,17 +18,18 @@ def parse_endpoint(text: str) -> Address:
     """'ip:port' or '[ipv6]:port' -> (ip, port) with the address in canonical form;
     ValueError says what is wrong."""
     host, sep, port_text = text.rpartition(":")
-    if not sep or not port_text.isdigit():
-        raise ValueError(f"{text!r} is not 'ip:port'")
+    # isdigit() alone also passes "²" and other digits int() refuses, and any length.
+    if not sep or not (port_text.isascii() and port_text.isdigit() and len(port_text) <= 5):
+        raise ValueError(f"{text[:80]!r} is not 'ip:port'")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
     try:
         ip = ipaddress.ip_address(host)
     except ValueError as exc:
-        raise ValueError(f"{text!r} has an invalid address {host!r}") from exc
+        raise ValueError(f"{text[:80]!r} has an invalid address") from exc
     port = int(port_text)
     if not 0 < port < 65536:
-        raise ValueError(f"{text!r} has an invalid port {port}")
+        raise ValueError(f"{text[:80]!r} has an invalid port {port}")
     return str(ip), port
 
 

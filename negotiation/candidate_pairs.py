@@ -18,7 +18,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from kbwg.core.addresses import Address
+from kbwg.core.addresses import Address, parse_endpoint
 from kbwg.negotiation.candidates import Candidate, candidate_priority
 from kbwg.negotiation.choice import PairState, PairView, PathClass, path_class
 from kbwg.negotiation.wire import CandidateInfo
@@ -36,11 +36,10 @@ def parse_address(text: str | None) -> Address | None:
     """"ip:port" (as in `Candidate.base`) to a tuple; None when it is not one."""
     if not text:
         return None
-    host, colon, port = text.rpartition(":")
-    host = host.strip("[]")
-    if not colon or not port.isdigit():
+    try:
+        return parse_endpoint(text)
+    except ValueError:
         return None
-    return (host, int(port))
 
 
 def ipv4(address: str) -> bool:

@@ -61,6 +61,8 @@ import ipaddress
 from dataclasses import dataclass
 from typing import Any
 
+from kbwg.core.addresses import format_endpoint
+from kbwg.core.addresses import parse_endpoint as core_parse_endpoint
 from kbwg.core.stun import is_stun
 from kbwg.owner.rawstun import MAX_STUN_PAYLOAD, is_usable_unicast
 
@@ -170,20 +172,10 @@ def _get_ifname(args: dict[str, Any], field: str = "ifname") -> str:
 
 def parse_endpoint(value: str, field: str = "endpoint") -> tuple[str, int]:
     """'ip:port' or '[ipv6]:port' → (ip, port)."""
-    host, sep, port_text = value.rpartition(":")
-    # isdigit() alone also passes "²" and other digits int() refuses, and any length.
-    if not sep or not (port_text.isascii() and port_text.isdigit() and len(port_text) <= 5):
-        raise ProtocolError(f"'{field}' must be 'ip:port'")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
     try:
-        addr = ipaddress.ip_address(host)
+        return core_parse_endpoint(value)
     except ValueError as exc:
-        raise ProtocolError(f"'{field}' has an invalid address {host!r}") from exc
-    port = int(port_text)
-    if not 0 < port < 65536:
-        raise ProtocolError(f"'{field}' has an invalid port {port}")
-    return str(addr), port
+        raise ProtocolError(f"'{field}': {exc}") from exc
 
 
 def parse_interface(args: dict[str, Any]) -> ipaddress.IPv4Interface | ipaddress.IPv6Interface:
@@ -292,11 +284,6 @@ class RemoveRouteArgs:
     @classmethod
     def parse(cls, args: dict[str, Any]) -> RemoveRouteArgs:
         return cls(destination=_parse_host_destination(args))
-
-
-def format_endpoint(addr: tuple[str, int]) -> str:
-    host, port = addr
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def stun_event(src: tuple[str, int], dst: tuple[str, int], data: bytes) -> dict[str, Any]:

@@ -66,10 +66,6 @@ class WireGuardBackend(Protocol):
         ...
 
 
-def format_endpoint(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 # Generic netlink constants from linux/genetlink.h and linux/netlink.h.
 _NETLINK_GENERIC = 16
 _GENL_ID_CTRL = 0x10

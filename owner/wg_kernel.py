@@ -11,7 +11,8 @@ import logging
 from collections.abc import Iterable
 from typing import Any
 
-from kbwg.owner.wg_backend import BackendError, PeerConfig, PeerStats, format_endpoint
+from kbwg.core.addresses import format_endpoint
+from kbwg.owner.wg_backend import BackendError, PeerConfig, PeerStats
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ def _peer_stats(peer: Any) -> PeerStats:
     has_endpoint = endpoint and endpoint.get("port")
     return PeerStats(
         public_key=_key_bytes(peer.get_attr("WGPEER_A_PUBLIC_KEY")),
-        endpoint=format_endpoint(endpoint["addr"], endpoint["port"]) if has_endpoint else None,
+        endpoint=format_endpoint((endpoint["addr"], endpoint["port"])) if has_endpoint else None,
         last_handshake=sec + nsec / 1e9 if sec else 0.0,
         rx_bytes=int(peer.get_attr("WGPEER_A_RX_BYTES") or 0),
         tx_bytes=int(peer.get_attr("WGPEER_A_TX_BYTES") or 0),

@@ -18,8 +18,9 @@ import signal
 import socket
 import time
 
+from kbwg.core.addresses import format_endpoint
 from kbwg.owner.tools import SYSTEM_DIRS, clean_env, find_tool
-from kbwg.owner.wg_backend import BackendError, PeerConfig, PeerStats, format_endpoint
+from kbwg.owner.wg_backend import BackendError, PeerConfig, PeerStats
 
 logger = logging.getLogger(__name__)
 
@@ -282,7 +283,7 @@ def uapi_peer_lines(peer: PeerConfig) -> list[str]:
     """The `set=1` lines that create or update one peer, replacing its allowed IPs."""
     lines = [f"public_key={peer.public_key.hex()}"]
     if peer.endpoint is not None:
-        lines.append(f"endpoint={format_endpoint(*peer.endpoint)}")
+        lines.append(f"endpoint={format_endpoint(peer.endpoint)}")
     lines.append(f"persistent_keepalive_interval={peer.keepalive}")
     lines.append("replace_allowed_ips=true")
     lines.extend(f"allowed_ip={cidr}" for cidr in peer.allowed_ips)

@@ -9,8 +9,9 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 
+from kbwg.core.addresses import format_endpoint
 from kbwg.owner.netconfig import Egress, HostRoute, IPInterface
-from kbwg.owner.wg_backend import BackendError, PeerConfig, PeerStats, format_endpoint
+from kbwg.owner.wg_backend import BackendError, PeerConfig, PeerStats
 
 # The fake owner process (tests/fake_owner.py): the real server with these fakes.
 FAKE_OWNER = [sys.executable, str(Path(__file__).with_name("fake_owner.py")),
@@ -53,7 +54,7 @@ class MemoryBackend:
         return [
             PeerStats(
                 public_key=p.public_key,
-                endpoint=None if p.endpoint is None else format_endpoint(*p.endpoint),
+                endpoint=None if p.endpoint is None else format_endpoint(p.endpoint),
                 last_handshake=0.0,
                 rx_bytes=0,
                 tx_bytes=0,
