@@ -26,6 +26,7 @@ from typing import Any
 
 import stun as pystun
 
+from kbwg.core.routing import route_source
 from kbwg.negotiation.stun_client import (
     Address,
     BindingResult,
@@ -175,18 +176,11 @@ def classic_nat_type(server: Address, source_ip: str, socket_timeout: float) -> 
     return CLASSIC_NAMES.get(nat_type, UNKNOWN)
 
 
-def _route_source(server: Address) -> str:
-    """The local address the kernel would send from: connecting UDP sends nothing."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        sock.connect(server)
-        return str(sock.getsockname()[0])
-
-
 async def probe_classic(server: Address, *, timeout: float) -> str | None:
     # pystun3 tries each test 4 times and a full run has up to 4 tests.
     socket_timeout = max(0.05, timeout / 16)
     try:
-        source_ip = _route_source(server)
+        source_ip = route_source(server[0])
         return await asyncio.to_thread(classic_nat_type, server, source_ip, socket_timeout)
     except Exception as exc:  # pystun3 trips over odd answers (KeyError, TypeError...)
         log.info("pystun3 classification against %s failed: %r", format_address(server), exc)

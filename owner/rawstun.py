@@ -30,6 +30,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 from kbwg.core.addresses import Address
+from kbwg.core.routing import route_source
 from kbwg.core.stun import MAX_STUN_MESSAGE, STUN_COOKIE
 
 logger = logging.getLogger(__name__)
@@ -216,13 +217,6 @@ def interface_index_of(ip: str) -> int:
             if reply[20:24] == packed:
                 return index
     return 0
-
-
-def route_source(dst_ip: str) -> str:
-    """The local address the routing table picks for `dst_ip` (no packet is sent)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-        probe.connect((dst_ip, 9))
-        return str(probe.getsockname()[0])
 
 
 @dataclass
