@@ -12,7 +12,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ from nacl.public import PrivateKey
 
 from kbwg.agent.owner_client import DeviceOwner, OwnerError
 from kbwg.owner.frames import encode_frame, read_frame
+from kbwg_testing import wait_for
 
 pytestmark = [
     pytest.mark.netns,
@@ -89,24 +90,6 @@ def _link(ns: str, ifname: str) -> dict[str, Any] | None:
         return None
     links = json.loads(result.stdout)
     return links[0] if links else None
-
-
-async def wait_for(
-    predicate: Callable[[], bool] | Callable[[], Awaitable[bool]],
-    what: str,
-    timeout: float = 10.0,
-    interval: float = 0.05,
-) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if not isinstance(result, bool):
-            result = await result
-        if result:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(interval)
 
 
 def _owner_command(ns: str) -> list[str]:

@@ -17,9 +17,9 @@ import os
 import secrets
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 from aioice import stun
@@ -29,6 +29,7 @@ from kbwg.agent.owner_client import DeviceOwner
 from kbwg.agent.owner_stun import OwnerStunTransport
 from kbwg.negotiation.stun_client import StunClient
 from kbwg.owner.rawstun import STUN_COOKIE
+from kbwg_testing import wait_for
 from kbwg_world import Host, NatMode, Node, Segment, World, wait_until
 
 pytestmark = [
@@ -38,7 +39,6 @@ pytestmark = [
 
 logger = logging.getLogger(__name__)
 
-T = TypeVar("T")
 
 STUN_IP = "203.0.113.3"
 STUN_PORT = 3478
@@ -112,18 +112,6 @@ async def devices(world: World) -> AsyncIterator[Devices]:
         # Before the world goes: the owners remove their devices and raw sockets.
         codes = await asyncio.gather(*(o.close() for o in found.owners), return_exceptions=True)
         assert all(code == 0 for code in codes), codes
-
-
-async def wait_for(
-    cond: Callable[[], Coroutine[Any, Any, T]], what: str, timeout: float = 10.0
-) -> T:
-    """kbwg_world.wait_until for a coroutine condition, polled without blocking the loop."""
-    loop = asyncio.get_running_loop()
-
-    def probe() -> T:
-        return asyncio.run_coroutine_threadsafe(cond(), loop).result(timeout)
-
-    return await asyncio.to_thread(wait_until, probe, timeout, 0.05, what)
 
 
 def start_turnserver(world: World, node: Node) -> None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 
 import pytest
 from aioice import stun
-from virtual_clock import VIRTUAL_CLOCK, now, until
+from virtual_clock import VIRTUAL_CLOCK, advance_until, now
 
 from kbwg.negotiation.candidate_pairs import CandidatePair, form_pairs
 from kbwg.negotiation.candidates import Candidate, candidate_priority
@@ -210,8 +210,8 @@ async def test_same_lan_host_pair_is_chosen_with_rtt() -> None:
     b.srflx(("203.0.113.1", 40001), ib)
     await connect(a, b)
     try:
-        await until(lambda: a.c.state == "connected" and b.c.state == "connected")
-        await until(lambda: mirrored(a, b))
+        await advance_until(lambda: a.c.state == "connected" and b.c.state == "connected")
+        await advance_until(lambda: mirrored(a, b))
         snap = a.c.snapshot()
         assert snap["path"] == "direct-lan"
         assert snap["local_candidate"] == "host 198.18.1.10:51820"
@@ -241,8 +241,8 @@ async def test_behind_nat_each_srflx_pair_works() -> None:
     b.srflx(("198.51.100.1", PORT), ib)
     await connect(a, b)
     try:
-        await until(lambda: a.c.state == "connected" and b.c.state == "connected")
-        await until(lambda: mirrored(a, b))
+        await advance_until(lambda: a.c.state == "connected" and b.c.state == "connected")
+        await advance_until(lambda: mirrored(a, b))
         snap = a.c.snapshot()
         assert snap["path"] == "direct"
         assert snap["local_candidate"] == "srflx 203.0.113.1:51820"
@@ -251,7 +251,7 @@ async def test_behind_nat_each_srflx_pair_works() -> None:
         assert b.c.snapshot()["remote_candidate"] == "srflx 203.0.113.1:51820"
         # The host pairs cannot work across two homes.
         host_pair = next(p for p in a.c.pairs if p.remote.type == "host")
-        await until(lambda: host_pair.state == "failed")
+        await advance_until(lambda: host_pair.state == "failed")
         alternatives = a.c.snapshot()["alternatives"]
         assert {"local": "host 10.1.0.2:51820", "remote": "host 10.2.0.2:51820",
                 "state": "failed", "path": "direct-lan", "rtt_ms": None,
@@ -269,7 +269,7 @@ async def test_symmetric_nat_peer_reflexive_candidate_learned() -> None:
     b.host("192.0.2.10", delay=0.002)  # public, no NAT
     await connect(a, b)
     try:
-        await until(lambda: a.c.state == "connected" and b.c.state == "connected")
+        await advance_until(lambda: a.c.state == "connected" and b.c.state == "connected")
         assert b.c.counters.prflx_learned >= 1
         bsnap = b.c.snapshot()
         assert bsnap["remote_candidate"].startswith("prflx 203.0.113.1:4")
@@ -294,12 +294,12 @@ async def test_multihomed_faster_interface_wins() -> None:
     b.host("198.18.1.20", lan="lan1")
     await connect(a, b, SLOW_PATHS)
     try:
-        await until(lambda: a.c.state == "connected" and mirrored(a, b))
+        await advance_until(lambda: a.c.state == "connected" and mirrored(a, b))
         selected = a.c.selected
         assert selected is not None
         assert selected.local.address == "198.18.1.10" and selected.local.interface == "eth1"
         slow = next(p for p in a.c.pairs if p.local.address == "198.18.3.10")
-        await until(lambda: slow.state == "succeeded")
+        await advance_until(lambda: slow.state == "succeeded")
         await asyncio.sleep(0.3)  # a few keepalives: exact RTT samples on both
         fast_rtt, slow_rtt = selected.rtt_ms, slow.rtt_ms
         assert fast_rtt is not None and slow_rtt is not None
@@ -320,7 +320,7 @@ async def test_hysteresis_ignores_jitter_and_follows_a_big_change() -> None:
     b.host("198.18.1.20", lan="lan1")
     await connect(a, b, SLOW_PATHS)
     try:
-        await until(lambda: a.c.state == "connected" and mirrored(a, b))
+        await advance_until(lambda: a.c.state == "connected" and mirrored(a, b))
         assert a.c.selected is not None and a.c.selected.local.address == "198.18.1.10"
         await asyncio.sleep(0.3)
         # 26 ms against 24 ms: faster, but inside the margin.
@@ -330,14 +330,14 @@ async def test_hysteresis_ignores_jitter_and_follows_a_big_change() -> None:
         assert len(a.selections) == 1
         # 90 ms against 24 ms: switch, and the peer follows the renomination.
         if1.delay = 0.045
-        await until(lambda: a.c.selected is not None
+        await advance_until(lambda: a.c.selected is not None
                     and a.c.selected.local.address == "198.18.3.10", timeout=3.0)
         assert len(a.selections) == 2
         reason = a.selections[-1][1]
         assert reason.startswith("switched from host 198.18.1.10:51820 -> host "
                                  "198.18.1.20:51820 to host 198.18.3.10:51820")
         assert reason.endswith(" ms")
-        await until(lambda: b.c.selected is not None
+        await advance_until(lambda: b.c.selected is not None
                     and b.c.selected.remote.ip == "198.18.3.10")
     finally:
         close(a, b)
@@ -352,10 +352,10 @@ async def test_controlled_side_follows_renomination_after_reprobe() -> None:
     net.cut.add(frozenset(("198.18.1.10", "198.18.1.20")))
     await connect(a, b, SLOW_PATHS)
     try:
-        await until(lambda: b.c.selected is not None
+        await advance_until(lambda: b.c.selected is not None
                     and b.c.selected.remote.ip == "198.18.3.10")
         net.cut.clear()  # the fast interface comes back: found by re-probing
-        await until(lambda: b.c.selected is not None
+        await advance_until(lambda: b.c.selected is not None
                     and b.c.selected.remote.ip == "198.18.1.10", timeout=3.0)
         assert a.c.selected is not None and a.c.selected.local.address == "198.18.1.10"
         assert "switched from" in a.c.reason
@@ -390,12 +390,12 @@ async def test_consent_failure_falls_back_then_fails_then_recovers() -> None:
     a.send = spy  # type: ignore[method-assign]
     await connect(a, b, timers)
     try:
-        await until(lambda: a.c.state == "connected" and mirrored(a, b))
-        await until(lambda: len(a.c.valid_pairs) == 2)
+        await advance_until(lambda: a.c.state == "connected" and mirrored(a, b))
+        await advance_until(lambda: len(a.c.valid_pairs) == 2)
         assert a.c.selected is not None and a.c.selected.local.address == "198.18.1.10"
 
         armed = True  # cut the path just as A's next consent check leaves
-        await until(lambda: a.c.selected is not None
+        await advance_until(lambda: a.c.selected is not None
                     and a.c.selected.local.address == "198.18.3.10")
         armed = False
         # Exactly consent_failures checks went unanswered, consent_interval apart, and
@@ -408,21 +408,21 @@ async def test_consent_failure_falls_back_then_fails_then_recovers() -> None:
         assert a.selected_at[-1] - misses[0] == pytest.approx(0.28, abs=timers.pacing)
         assert "stopped answering; switched to" in a.c.reason
         # The controlled side moves too, on its own consent or by the nomination.
-        await until(lambda: b.c.selected is not None
+        await advance_until(lambda: b.c.selected is not None
                     and b.c.selected.remote.ip == "198.18.3.10", timeout=1.0)
 
         net.cut.add(frozenset(("198.18.3.10", "198.18.1.20")))
-        await until(lambda: a.c.state == "failed" and b.c.state == "failed", timeout=2.0)
+        await advance_until(lambda: a.c.state == "failed" and b.c.state == "failed", timeout=2.0)
         assert a.selections[-1][0] is None
         assert "stopped answering" in a.selections[-1][1]
         assert a.c.snapshot()["path"] == "none" and a.c.snapshot()["connected_at"] is None
 
         net.cut.clear()  # re-probing finds the paths again (backoff capped at 0.4 s)
-        await until(lambda: a.c.state == "connected" and b.c.state == "connected",
+        await advance_until(lambda: a.c.state == "connected" and b.c.state == "connected",
                     timeout=2.0)
-        await until(lambda: a.c.selected is not None
+        await advance_until(lambda: a.c.selected is not None
                     and a.c.selected.local.address == "198.18.1.10", timeout=2.0)
-        await until(lambda: mirrored(a, b))
+        await advance_until(lambda: mirrored(a, b))
     finally:
         close(a, b)
 
@@ -434,7 +434,7 @@ async def test_all_pairs_failing_reports_failed_once() -> None:
     b.host("10.2.0.2", lan="home-b")
     await connect(a, b)
     try:
-        await until(lambda: a.c.state == "failed", timeout=2.0)
+        await advance_until(lambda: a.c.state == "failed", timeout=2.0)
         assert a.selections == [(None, "no pair answered (tried 1)")]
         await asyncio.sleep(0.5)  # re-probes go on, the report does not repeat
         assert len(a.selections) == 1 and a.c.counters.checks > 1
@@ -449,10 +449,10 @@ async def test_role_conflict_is_resolved() -> None:
     b.host("198.18.1.20", lan="lan1", delay=0.001)
     await connect(a, b, b_controlling=True)  # crossed offers: both think they control
     try:
-        await until(lambda: a.c.state == "connected" and b.c.state == "connected")
+        await advance_until(lambda: a.c.state == "connected" and b.c.state == "connected")
         assert a.c.controlling and not b.c.controlling  # A has the larger tie-breaker
         assert a.c.counters.role_conflicts + b.c.counters.role_conflicts >= 1
-        await until(lambda: mirrored(a, b))
+        await advance_until(lambda: mirrored(a, b))
     finally:
         close(a, b)
 
@@ -476,7 +476,7 @@ async def test_checks_are_paced_and_retransmitted() -> None:
     a.send = spy  # type: ignore[method-assign]
     await connect(a, b)
     try:
-        await until(lambda: a.c.state == "failed", timeout=2.0)
+        await advance_until(lambda: a.c.state == "failed", timeout=2.0)
         first: dict[bytes, float] = {}
         for when, txid in sent:
             first.setdefault(txid, when)
@@ -510,7 +510,7 @@ async def test_bad_input_is_ignored_and_counted() -> None:
     try:
         checker.set_remote("bobufrag", PWD_B, infos([Candidate(
             "host", "198.18.1.20", PORT, None, candidate_priority("host"), "if")]))
-        await until(lambda: bool(sent))
+        await advance_until(lambda: bool(sent))
         request = stun.parse_message(sent[0][0])
         counters = checker.counters
 
@@ -583,7 +583,7 @@ async def test_requests_before_the_answer_are_answered_and_replayed() -> None:
         checker.set_remote("bobufrag", PWD_B, [])
         # The early check left a (peer-reflexive) pair, checked right away.
         assert [p.remote_label() for p in checker.pairs] == ["prflx 198.18.1.20:51820"]
-        await until(lambda: len(sent) >= 2)
+        await advance_until(lambda: len(sent) >= 2)
         assert stun.parse_message(sent[1][0]).message_class == stun.Class.REQUEST
     finally:
         checker.close()
@@ -595,7 +595,7 @@ async def test_close_stops_everything() -> None:
     a.host("198.18.1.10", lan="lan1")
     b.host("198.18.1.20", lan="lan1")
     await connect(a, b)
-    await until(lambda: a.c.state == "connected")
+    await advance_until(lambda: a.c.state == "connected")
     close(a, b)
     checks = a.c.counters.checks
     await asyncio.sleep(0.3)
@@ -620,7 +620,7 @@ async def test_settle_waits_for_a_slower_better_class_pair() -> None:
     timers = replace(SLOW_PATHS, settle=0.15)
     await connect(a, b, timers)
     try:
-        await until(lambda: a.c.state == "connected")
+        await advance_until(lambda: a.c.state == "connected")
         await asyncio.sleep(0.3)
         # The fast NAT path answered first, but the LAN pair was still being checked:
         # nominating at once would have meant a second switch right after.
@@ -638,7 +638,7 @@ async def test_settle_window_is_bounded() -> None:
     await connect(a, b, timers)
     try:
         # A LAN check gives up only after ~1.4 s; the choice does not wait for it.
-        await until(lambda: a.c.state == "connected")
+        await advance_until(lambda: a.c.state == "connected")
         assert a.c.snapshot()["path"] == "direct"
         lan = next(p for p in a.c.pairs if p.local.address == "198.18.1.10"
                    and p.remote.ip == "198.18.1.20")

@@ -29,6 +29,7 @@ from kbwg.agent.daemon import Agent, JoinedDevice, JoinError, JoinOptions
 from kbwg.agent.keybase import Channel, KeybaseClient
 from kbwg.agent.owner_client import OwnerError
 from kbwg.core.identity import DeviceId
+from kbwg_testing import wait_for
 
 STANDIN = str(Path(sys.executable).parent / "kbwg-keybase-standin")
 TEAM = "t1"
@@ -78,21 +79,24 @@ class FakeOwner:
         self.closed = True
 
 
+def count_syncs(device: JoinedDevice, monkeypatch: pytest.MonkeyPatch) -> Callable[[], int]:
+    """How many peer syncs the agent has finished from now on. "Nothing changes" is only
+    shown by syncs that ran: waiting for a few beats sleeping and hoping they did."""
+    done = [0]
+    original = device.peer_sync.sync
+
+    async def counted() -> None:
+        await original()
+        done[0] += 1
+
+    monkeypatch.setattr(device.peer_sync, "sync", counted)
+    return lambda: done[0]
+
+
 async def no_routes(_own_ifname: str) -> list[Any]:
     """The host's routes for the overlay check: none, so tests do not depend on the
     machine they run on (the netns tests read real ones)."""
     return []
-
-
-async def wait_for(predicate: Callable[[], object], what: str, timeout: float = 10.0) -> None:
-    async def poll() -> None:
-        while not predicate():
-            await asyncio.sleep(0.02)
-
-    try:
-        await asyncio.wait_for(poll(), timeout)
-    except TimeoutError:
-        raise AssertionError(f"timed out waiting for {what}") from None
 
 
 @dataclass
@@ -405,8 +409,10 @@ def removed(owner: FakeOwner, key: str, since: int) -> bool:
 
 @pytest.mark.parametrize("spelling", ["same", "other"])
 async def test_a_member_announcing_anothers_key_changes_nothing(
-        world: World, caplog: pytest.LogCaptureFixture, spelling: str) -> None:
+        world: World, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch,
+        spelling: str) -> None:
     caplog.set_level(logging.INFO)
+    synced = count_syncs(world.device, monkeypatch)
     bob_key = new_key()
     await world.client("bob", "desk").send(ANNOUNCE, f"ANNOUNCE 198.18.0.6:51820 {bob_key}")
     await wait_for(lambda: world.owner.peers.get(bob_key, {}).get("endpoint")
@@ -417,7 +423,8 @@ async def test_a_member_announcing_anothers_key_changes_nothing(
     await carol.send(ANNOUNCE, f"ANNOUNCE 203.0.113.66:51820 {copy}")
     await wait_for(lambda: "one key per device" in caplog.text, "the refusal to be logged")
     # Several syncs later (refresh every 0.2 s), still bob's and logged once only.
-    await asyncio.sleep(0.6)
+    mark = synced()
+    await wait_for(lambda: synced() >= mark + 3, "three more peer syncs")
     assert world.owner.peers[bob_key]["allowed_ips"] == ["100.64.0.2/32"]
     assert world.owner.peers[bob_key]["endpoint"] == "198.18.0.6:51820"
     assert list(world.owner.peers) == [bob_key]
@@ -431,7 +438,8 @@ async def test_a_member_announcing_anothers_key_changes_nothing(
     fresh = new_key()
     await carol.send(ANNOUNCE, f"ANNOUNCE 203.0.113.66:51820 {fresh}")
     await wait_for(lambda: fresh in world.owner.peers, "carol's own key")
-    await asyncio.sleep(0.6)
+    mark = synced()
+    await wait_for(lambda: synced() >= mark + 3, "three more peer syncs")
     assert not removed(world.owner, bob_key, since=before)
     assert not any(op == "set_peer" and args["public_key"] == bob_key
                    for op, args in world.owner.calls[before:])

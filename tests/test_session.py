@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 from nacl.public import PrivateKey
-from virtual_clock import VIRTUAL_CLOCK, now, until
+from virtual_clock import VIRTUAL_CLOCK, advance_until, now
 
 from kbwg.agent.keybase import Channel, ChatMessage
 from kbwg.core.identity import DeviceId
@@ -366,7 +366,7 @@ async def test_offer_before_the_announcement_is_held_then_answered() -> None:
     assert a_session.session_id == bob.negotiator.sessions[ALICE].session_id
     checker, = alice.checkers
     assert checker.spec.controlling and checker.remote[0][2] == bob.candidates
-    await until(lambda: bob.checkers[0].remote, what="bob's checker to get the answer")
+    await advance_until(lambda: bob.checkers[0].remote, what="bob's checker to get the answer")
 
 
 async def test_offer_for_a_superseded_session_is_ignored() -> None:

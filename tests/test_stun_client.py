@@ -12,7 +12,7 @@ import pytest
 from aioice import stun
 from memory_udp import MemoryNet, memory_client, serve_in_memory
 from stun_test_server import Address, StunTestServer
-from virtual_clock import REAL_CLOCK, VIRTUAL_CLOCK, now, until
+from virtual_clock import REAL_CLOCK, VIRTUAL_CLOCK, advance_until, now
 
 from kbwg.negotiation.stun_client import (
     StunClient,
@@ -170,7 +170,7 @@ async def test_client_works_over_any_transport_and_survives_any_input() -> None:
     transport = MemoryTransport()
     client = StunClient(transport, StunCounters())
     task = asyncio.create_task(client.binding(("192.0.2.1", 3478), timeout=2, rto=0.5))
-    await until(lambda: transport.sent)
+    await advance_until(lambda: transport.sent)
     data, addr = transport.sent[0]
     assert addr == ("192.0.2.1", 3478)
     request = stun.parse_message(data)

@@ -28,9 +28,14 @@ def now() -> float:
     return asyncio.get_running_loop().time()
 
 
-async def until(predicate: Callable[[], object], timeout: float = 3.0,
-                what: str = "condition") -> float:
-    """Wait for `predicate` to hold; the virtual seconds it took (to within POLL).
+async def advance_until(predicate: Callable[[], object], timeout: float = 3.0,
+                        what: str = "condition") -> float:
+    """Let virtual time run until `predicate` holds; the virtual seconds it took (to
+    within POLL).
+
+    Only for tests on VIRTUAL_CLOCK: `timeout` is in virtual seconds and the result is a
+    measurement of the code's timers. Tests on real time use kbwg_testing's `wait_for`
+    (async) or `wait_until` (blocking), whose deadlines are wall-clock.
 
     Polling is the waiting here, not a guess at how long something takes: the clock only
     moves while the code under test is idle, so no step is ever skipped or raced.

@@ -11,11 +11,11 @@ Only documentation address space is used: 203.0.113.0/24, 198.51.100.0/24 and
 WireGuard overlay).
 """
 
+from kbwg_testing import WaitTimeout, wait_until
 from kbwg_world.nat import NatMode
 from kbwg_world.netns import sweep
 from kbwg_world.shaping import Direction
 from kbwg_world.udp import Datagram, UdpPeer
-from kbwg_world.wait import WaitTimeout, wait_until
 from kbwg_world.world import Host, Node, Router, Segment, World, WorldError
 
 __all__ = [

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 
-from kbwg_world.wait import wait_until
+from kbwg_testing import wait_until
 from kbwg_world.world import Node
 
 

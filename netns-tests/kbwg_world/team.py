@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kbwg_world.wait import wait_until
+from kbwg_testing import wait_until
 from kbwg_world.world import Node, World
 
 BIN = Path(sys.executable).parent

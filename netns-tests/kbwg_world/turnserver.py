@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kbwg_testing import wait_until
 from kbwg_world.stunserver import PROBE_SCRIPT
-from kbwg_world.wait import wait_until
 from kbwg_world.world import LAN_SPACE, Node
 
 AGENT = Path(sys.executable).with_name("kbwg-agent")
