@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_daemon import STANDIN, FakeOwner, env_for, new_key, no_routes, wait_for
+from test_daemon import STANDIN, FakeOwner, env_for, new_key, no_routes
 
 from kbwg.agent.claims import pick_free_address
 from kbwg.agent.control import call
@@ -32,6 +32,8 @@ from kbwg.agent.daemon import Agent, JoinedDevice, JoinOptions
 from kbwg.agent.keybase import Channel, ChatMessage, KeybaseClient
 from kbwg.agent.presence import ENV_DYNAMIC_SEED
 from kbwg.core.identity import DeviceId
+from kbwg_standin.store import release_held
+from kbwg_testing import wait_for
 
 TEAM = "t2"
 ANNOUNCE = Channel(TEAM, "announce", "chat")
@@ -47,25 +49,30 @@ PEERS = [
 @dataclass
 class Team:
     home: Path
-    clients: dict[tuple[str, str, int], KeybaseClient] = field(default_factory=dict)
+    clients: dict[tuple[str, str, bool], KeybaseClient] = field(default_factory=dict)
 
     def write(self, name: str, data: object) -> None:
         path = self.home / "kbfs" / "team" / TEAM / name
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(data))
 
-    def client(self, user: str, device: str, delay_ms: int = 0) -> KeybaseClient:
-        """Another device; with `delay_ms` its messages become visible that much later."""
-        key = (user, device, delay_ms)
+    def client(self, user: str, device: str, hold: bool = False) -> KeybaseClient:
+        """Another device; with `hold` its messages stay unseen until `release(user)`."""
+        key = (user, device, hold)
         if key not in self.clients:
-            env = {**env_for(self.home, user, device), "KBWG_STANDIN_DELAY_MS": str(delay_ms)}
+            env = {**env_for(self.home, user, device), "KBWG_STANDIN_HOLD": "1" if hold else ""}
             self.clients[key] = KeybaseClient(STANDIN, env=env)
         return self.clients[key]
 
+    async def release(self, user: str) -> None:
+        """Delivers `user`'s held messages now: "sent earlier, seen later", in that order
+        whatever the machine's speed."""
+        assert await asyncio.to_thread(release_held, self.home, user) > 0, f"nothing of {user} held"
+
     async def claim_and_announce(self, user: str, device: str, body_ip: str,
-                                 delay_ms: int = 0, key: str | None = None) -> str:
+                                 hold: bool = False, key: str | None = None) -> str:
         key = key or new_key()
-        client = self.client(user, device, delay_ms)
+        client = self.client(user, device, hold)
         await client.send(ANNOUNCE, f"CLAIM {body_ip} {key}")
         await client.send(ANNOUNCE, f"ANNOUNCE 198.18.0.{len(self.clients) + 10}:51820 {key}")
         return key
@@ -208,12 +215,13 @@ async def test_good_claim_gets_only_the_claimed_address(team: Team) -> None:
 
 async def test_listed_device_follows_the_lower_message_id_delivered_late(team: Team) -> None:
     async with running(team, "alice", "server") as alice:
-        # early's messages get the lower ids but are seen seconds after late's (the
-        # delay is generous so a loaded machine still delivers late's first).
-        early = await team.claim_and_announce("erin", "phone", "100.64.128.3", delay_ms=4000)
+        # early's messages get the lower ids but are held until late's are handled.
+        early = await team.claim_and_announce("erin", "phone", "100.64.128.3", hold=True)
         late = await team.claim_and_announce("lars", "phone", "100.64.128.3")
         await wait_for(lambda: alice.allowed(late) == ["100.64.128.3/32"],
                        "the only claimant so far to be configured")
+        assert alice.allowed(early) is None
+        await team.release("erin")
         await wait_for(lambda: alice.allowed(early) == ["100.64.128.3/32"],
                        "the earlier claim, delivered late, to take the address", timeout=15)
         assert late not in alice.owner.peers, "the loser must be removed"
@@ -235,9 +243,9 @@ async def test_own_claim_loses_to_a_lower_id_delivered_late(
     caplog.set_level(logging.INFO, logger="kbwg.agent")
     monkeypatch.setenv(ENV_DYNAMIC_SEED, "7")
     ip = first_pick("7")
-    # Sent before the agent starts (lower id) but visible only well after its claim:
-    # the delay must outlast the agent's start-up, even on a loaded machine.
-    rival = await team.claim_and_announce("rita", "phone", str(ip), delay_ms=5000)
+    # Sent before the agent starts (lower id) but held until the agent has claimed and
+    # seen walt's claim: the order is the test's, not the machine's speed.
+    rival = await team.claim_and_announce("rita", "phone", str(ip), hold=True)
     async with running(team, "uma", "tablet") as uma:
         assert uma.device.state is not None
         first_claim = uma.device.state.my_claim
@@ -252,6 +260,7 @@ async def test_own_claim_loses_to_a_lower_id_delivered_late(
                        "walt's claim in the book")
         assert uma.addresses_set() == []
         state = uma.device.state
+        await team.release("rita")
         # Moved: the new address set, and claimed (the claim is sent after the set).
         await wait_for(lambda: uma.addresses_set() and state.my_claim is not None
                        and state.my_claim.ip == state.overlay_ip != ip,
@@ -274,8 +283,15 @@ async def test_own_claim_loses_to_a_lower_id_delivered_late(
         assert status["overlay_ip"] == str(moved) and status["dynamic"] is True
         # Under `servers`, rita (another unlisted device) is not a peer of ours.
         assert rival not in uma.owner.peers
-        # It does not move again: the rivals keep their claims of the old address.
-        await asyncio.sleep(0.8)
+        # It does not move again: the rivals keep their claims of the old address. A claim
+        # sent after uma's new one is the barrier: once it is in the book, uma has also
+        # handled the echo of its own claim and everything before it.
+        other = next(a for a in RANGE.hosts()
+                     if a not in (ip, moved) and str(a) != "100.64.128.6")
+        await team.claim_and_announce("zed", "tablet", str(other))
+        zed = DeviceId("zed", "tablet")
+        await wait_for(lambda: uma.device.team.claims.claim_of(zed, time.time()) is not None,
+                       "zed's claim in the book")
         assert uma.addresses_set() == [f"{moved}/10"]
 
 

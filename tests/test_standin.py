@@ -18,6 +18,8 @@ from typing import Any
 
 import pytest
 
+from kbwg_standin.store import release_held
+
 STANDIN = [sys.executable, "-m", "kbwg_standin"]
 TEAM = "myteam"
 HEX = re.compile(r"^[0-9a-f]+$")
@@ -512,6 +514,33 @@ def test_delivery_delay_is_honoured(home: Path, bob: ApiPipe, listeners: list[Li
         assert after == [2, 1]
     finally:
         slow_alice.close()
+
+
+def test_held_messages_wait_for_their_release(
+    home: Path, bob: ApiPipe, listeners: list[Listener],
+) -> None:
+    listener = Listener(make_env(home, "bob", "desktop"))
+    listeners.append(listener)
+    listener.wait_started()
+    held_alice = ApiPipe(make_env(home, KBWG_STANDIN_HOLD="1"))
+    try:
+        bob.result(send_call(chan("announce"), "create"))
+        assert listener.next()[1]["msg"]["content"]["text"]["body"] == "create"
+        held_alice.result(send_call(chan("announce"), "held"))
+        bob.result(send_call(chan("announce"), "after"))
+        # The later message is delivered; the held one, with the lower id, is not.
+        assert listener.next()[1]["msg"]["content"]["text"]["body"] == "after"
+        visible = [m["msg"]["id"] for m in bob.result(read_call(chan("announce")))["messages"]]
+        assert visible == [3, 1]
+        assert release_held(home, "bob") == 0, "only the named sender's messages"
+        assert release_held(home, "alice") == 1
+        note = listener.next()[1]["msg"]
+        assert (note["id"], note["content"]["text"]["body"]) == (2, "held")
+        after = [m["msg"]["id"] for m in bob.result(read_call(chan("announce")))["messages"]]
+        assert after == [3, 2, 1]
+        assert release_held(home) == 0
+    finally:
+        held_alice.close()
 
 
 def test_listener_exits_on_sigterm_and_closed_stdout(home: Path) -> None:

@@ -13,7 +13,10 @@ shared), KBFS is a plain folder tree under ``kbfs/``.
 
 Environment: ``KBWG_STANDIN_HOME`` (required), ``KBWG_STANDIN_USER`` and
 ``KBWG_STANDIN_DEVICE`` (unset: logged out), ``KBWG_STANDIN_DELAY_MS`` (messages this process
-sends become visible that much later), ``KBWG_STANDIN_POLL_MS`` (api-listen poll, default 20).
+sends become visible that much later), ``KBWG_STANDIN_HOLD=1`` (messages this process sends
+stay hidden until ``kbwg_standin.store.release_held(home, username)`` is called: a test's way
+to deliver a message late without racing a delay), ``KBWG_STANDIN_POLL_MS`` (api-listen poll,
+default 20).
 Optional ``$KBWG_STANDIN_HOME/teams.json`` (``{"team": ["alice", "bob"]}``) restricts teams.
 Like real Keybase, a listener only gets messages of conversations its user is in: #general
 of its teams, and channels it created, joined or sent to.

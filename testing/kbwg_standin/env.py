@@ -38,6 +38,9 @@ class Env:
     identity: Identity | None
     delay_ms: int
     poll_ms: int
+    # Messages this process sends stay hidden until store.release_held (tests force an
+    # order of delivery with it instead of racing a delay against the machine's speed).
+    hold: bool = False
 
     @classmethod
     def from_environ(cls) -> Env:
@@ -55,6 +58,7 @@ class Env:
             identity=identity,
             delay_ms=_int_env("KBWG_STANDIN_DELAY_MS", 0),
             poll_ms=max(1, _int_env("KBWG_STANDIN_POLL_MS", DEFAULT_POLL_MS)),
+            hold=os.environ.get("KBWG_STANDIN_HOLD", "").strip() not in ("", "0"),
         )
 
     def require_identity(self) -> Identity:

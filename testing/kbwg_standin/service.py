@@ -19,7 +19,7 @@ from kbwg_standin.channels import (
 )
 from kbwg_standin.env import Env, Identity
 from kbwg_standin.errors import RequestError, ServiceError
-from kbwg_standin.store import now_ms, write_txn
+from kbwg_standin.store import HELD_MS, now_ms, write_txn
 
 CHAT_MAX_BODY = 10_000
 OTHER_MAX_BODY = 1_000_000
@@ -229,7 +229,7 @@ class ChatService:
                     me.device,
                     body,
                     sent,
-                    sent + max(0, self.env.delay_ms),
+                    HELD_MS if self.env.hold else sent + max(0, self.env.delay_ms),
                 ),
             )
             # Sending joins the channel (the real sender joins from preview mode).

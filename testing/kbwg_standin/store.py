@@ -46,6 +46,11 @@ CREATE TABLE IF NOT EXISTS messages (
 """
 
 
+# visible_at_ms of a held message (KBWG_STANDIN_HOLD): later than any real time, so every
+# reader treats it as a delayed message that is not due yet, until release_held.
+HELD_MS = 2**62
+
+
 def now_ms() -> int:
     """Wall-clock milliseconds, the unit of every timestamp in the database."""
     return int(time.time() * 1000)
@@ -69,6 +74,25 @@ def open_db(home: Path) -> sqlite3.Connection:
                 raise
             time.sleep(0.01)
     return conn
+
+
+def release_held(home: Path, username: str | None = None) -> int:
+    """Make the held messages (of `username`, or everyone's) visible now; how many.
+
+    The counterpart of KBWG_STANDIN_HOLD for a test that needs "sent first, seen later"
+    in a definite order: listeners pick them up on their next poll.
+    """
+    conn = open_db(home)
+    try:
+        with write_txn(conn):
+            sql = "UPDATE messages SET visible_at_ms = ? WHERE visible_at_ms = ?"
+            params: tuple[object, ...] = (now_ms(), HELD_MS)
+            if username is not None:
+                sql += " AND sender = ?"
+                params += (username.strip().lower(),)
+            return conn.execute(sql, params).rowcount
+    finally:
+        conn.close()
 
 
 @contextlib.contextmanager
