@@ -11,7 +11,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from aioice import stun
 from aioice.turn import create_turn_endpoint
 
 from kbwg.core.turnrest import rest_password, rest_username
+from kbwg_testing import wait_until
 
 SECRET = "interop-secret"
 Address = tuple[str, int]
@@ -48,18 +48,20 @@ def _stop(proc: subprocess.Popen[str]) -> None:
 def _wait_for_binding(address: Address, proc: subprocess.Popen[str],
                       timeout: float = 10.0) -> None:
     request = bytes(stun.Message(stun.Method.BINDING, stun.Class.REQUEST))
-    deadline = time.monotonic() + timeout
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        sock.settimeout(0.1)
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, "the server exited at start"
+        sock.settimeout(0.1)  # the retry interval: a request may come before the bind
+
+        def answers() -> bool:
+            if proc.poll() is not None:
+                raise RuntimeError(f"the server exited at start ({proc.returncode})")
             sock.sendto(request, address)
             try:
                 sock.recv(2048)
-                return
             except TimeoutError:
-                continue
-    raise TimeoutError(f"nothing answers STUN on {address}")
+                return False
+            return True
+
+        wait_until(answers, timeout=timeout, interval=0, what=f"a STUN answer from {address}")
 
 
 @pytest.fixture
@@ -166,12 +168,21 @@ def test_relay_command_logs_counters_on_sigusr1_and_exits_on_term(
         our_relay: tuple[Address, subprocess.Popen[str]]) -> None:
     address, relay = our_relay
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(10)
         sock.sendto(b"\xde\xad" * 20, address)  # garbage, counted
-    time.sleep(0.2)
+        # Answered after the garbage, on one socket: the relay has counted the garbage.
+        sock.sendto(bytes(stun.Message(stun.Method.BINDING, stun.Class.REQUEST)), address)
+        sock.recv(2048)
     relay.send_signal(signal.SIGUSR1)
-    time.sleep(0.3)
+    assert relay.stdout is not None
+    lines = []
+    for line in relay.stdout:  # up to the SIGUSR1 dump (or the end, if it never comes)
+        lines.append(line)
+        if "counters (SIGUSR1)" in line:
+            break
     relay.send_signal(signal.SIGTERM)
-    log, _ = relay.communicate(timeout=10)
+    rest, _ = relay.communicate(timeout=10)
+    log = "".join(lines) + rest
     assert relay.returncode == 0
     assert "counters (SIGUSR1)" in log and "counters (exit)" in log
     assert '"not_stun": 1' in log

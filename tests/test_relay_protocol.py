@@ -11,6 +11,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from ipaddress import ip_address
+from types import SimpleNamespace
 
 import pytest
 from aioice import stun
@@ -18,11 +19,12 @@ from aioice.turn import UDP_TRANSPORT, make_integrity_key
 
 from kbwg.core.turnrest import rest_password, rest_username
 from kbwg.negotiation.stun_client import open_udp_client
-from kbwg.relay import wire
+from kbwg.relay import credentials, wire
 from kbwg.relay.config import Lifetimes, ServerConfig
 from kbwg.relay.control import ControlPlane
 from kbwg.relay.limits import Counters, Quotas, parse_networks
 from kbwg.relay.server import RelayServer
+from kbwg_testing import wait_for
 
 Address = tuple[str, int]
 SECRET = "team-relay-secret"
@@ -263,7 +265,12 @@ async def test_username_without_expiry_is_refused() -> None:
     assert server.counters.expired_username == 1
 
 
-async def test_forged_and_stale_nonces_get_438() -> None:
+async def test_forged_and_stale_nonces_get_438(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The nonces' wall clock, stopped: a nonce lives for `lifetime` whole seconds of
+    # issue time, so on a real clock a fresh one could go stale before its first use
+    # (issued at x.999 s) and "stale" would need a real sleep past the lifetime.
+    clock = [float(int(time.time())) + 0.5]
+    monkeypatch.setattr(credentials, "time", SimpleNamespace(time=lambda: clock[0]))
     lifetimes = Lifetimes(nonce=1)
     async with running(_config(lifetimes=lifetimes)) as server:
         client = await client_for(server, allocate=False)
@@ -273,7 +280,10 @@ async def test_forged_and_stale_nonces_get_438() -> None:
         forged = await client.allocate()
         assert _code(forged) == 438 and forged.attributes["NONCE"] != client.nonce
         client.nonce = good_nonce
-        await asyncio.sleep(1.6)
+        clock[0] += 0.4
+        assert _code(await client.allocate()) != 438, "still fresh before its lifetime"
+        await client.turn(stun.Method.REFRESH, LIFETIME=0)
+        clock[0] += 0.7
         stale = await client.allocate()
         assert _code(stale) == 438
         # The 438 carries a fresh nonce, which works (aioice's retry does exactly this).
@@ -350,8 +360,8 @@ async def test_allocations_expire() -> None:
     async with running(_config(lifetimes=lifetimes, sweep_interval=0.2)) as server:
         client = await client_for(server)
         assert server.table.counts()["allocations"] == 1
-        await asyncio.sleep(1.5)
-        assert server.table.counts()["allocations"] == 0
+        await wait_for(lambda: server.table.counts()["allocations"] == 0,
+                       "the allocation to expire")
         client.close()
     assert server.counters.allocations_expired == 1
 
@@ -649,7 +659,11 @@ async def test_packet_rate_limit_per_allocation() -> None:
             "CHANNEL-NUMBER": 0x4000, "XOR-PEER-ADDRESS": peer.address})
         for _ in range(100):
             client.send(struct.pack("!HH", 0x4000, 4) + b"ping", client.server)
-        await asyncio.sleep(0.3)
+        counters = server.counters
+        await wait_for(lambda: counters.rate_limited + counters.to_peer_packets == 100,
+                       "the relay to pass or drop all 100")
+        await wait_for(lambda: peer.protocol.queue.qsize() == counters.to_peer_packets,
+                       "the passed ones at the peer")
         delivered = peer.protocol.queue.qsize()
         client.close()
         peer.close()
