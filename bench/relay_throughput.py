@@ -24,7 +24,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "netns-tests"))
 
-from kbwg_world import NatMode, Node, Router, World, wait_until
+from kbwg_testing import wait_until
+from kbwg_world import NatMode, Node, Router, World
 from kbwg_world.iperf import iperf_mbits
 from kbwg_world.stunserver import StunServer
 from kbwg_world.team import Team

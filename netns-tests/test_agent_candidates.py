@@ -8,7 +8,8 @@ import subprocess
 
 import pytest
 
-from kbwg_world import NatMode, World, wait_until
+from kbwg_testing import wait_until
+from kbwg_world import NatMode, World
 from kbwg_world.stunserver import StunServer
 from kbwg_world.team import AGENT, Team
 

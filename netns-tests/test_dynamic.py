@@ -21,7 +21,8 @@ from typing import Any
 import pytest
 
 from kbwg.agent.control import ControlError, call
-from kbwg_world import NatMode, World, wait_until
+from kbwg_testing import wait_until
+from kbwg_world import NatMode, World
 from kbwg_world.team import AgentProcess, Team
 
 pytestmark = pytest.mark.netns

@@ -19,7 +19,8 @@ from typing import Any
 import pytest
 from nacl.public import PrivateKey
 
-from kbwg_world import NatMode, World, wait_until
+from kbwg_testing import wait_until
+from kbwg_world import NatMode, World
 from kbwg_world.team import STANDIN, AgentProcess, Team
 
 pytestmark = pytest.mark.netns

@@ -7,7 +7,8 @@ import signal
 
 import pytest
 
-from kbwg_world import NatMode, World, wait_until
+from kbwg_testing import wait_until
+from kbwg_world import NatMode, World
 from kbwg_world.netns import namespace_pids
 from kbwg_world.team import AgentProcess, Team
 

@@ -12,7 +12,8 @@ from typing import Any
 
 import pytest
 
-from kbwg_world import NatMode, Node, Segment, World, wait_until
+from kbwg_testing import wait_until
+from kbwg_world import NatMode, Node, Segment, World
 from kbwg_world.stunserver import StunServer
 from kbwg_world.team import AgentProcess, Team
 

@@ -17,7 +17,8 @@ from ipaddress import IPv4Network, ip_network
 
 import pytest
 
-from kbwg_world import NatMode, Node, World, wait_until
+from kbwg_testing import wait_until
+from kbwg_world import NatMode, Node, World
 from kbwg_world.turnserver import AGENT, TurnServer
 
 SECRET = "policy-secret"

@@ -29,8 +29,8 @@ from kbwg.agent.owner_client import DeviceOwner
 from kbwg.agent.owner_stun import OwnerStunTransport
 from kbwg.negotiation.stun_client import StunClient
 from kbwg.owner.rawstun import STUN_COOKIE
-from kbwg_testing import wait_for
-from kbwg_world import Host, NatMode, Node, Segment, World, wait_until
+from kbwg_testing import wait_for, wait_until
+from kbwg_world import Host, NatMode, Node, Segment, World
 
 pytestmark = [
     pytest.mark.netns,

@@ -25,7 +25,8 @@ from typing import Any
 
 import pytest
 
-from kbwg_world import NatMode, Node, World, wait_until
+from kbwg_testing import wait_until
+from kbwg_world import NatMode, Node, World
 from kbwg_world.stunserver import StunServer
 from kbwg_world.team import AGENT, AgentProcess, Team
 from kbwg_world.world import PingResult

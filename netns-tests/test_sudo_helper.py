@@ -29,7 +29,8 @@ from pathlib import Path
 import pytest
 
 from kbwg.owner.frames import FrameDecoder, encode_frame
-from kbwg_world import World, wait_until
+from kbwg_testing import wait_until
+from kbwg_world import World
 from kbwg_world.netns import namespace_pids
 from kbwg_world.team import AGENT, STANDIN, AgentProcess, Team
 

@@ -24,6 +24,7 @@ from kbwg.agent.diag import (
     render_report,
 )
 from kbwg.negotiation.natprobe import NatBehaviour
+from kbwg_testing import wait_for
 
 STANDIN = Path(sys.executable).with_name("kbwg-keybase-standin")
 
@@ -210,15 +211,18 @@ def coturn(tmp_path: Path) -> Iterator[int]:
 
 
 async def test_against_a_real_coturn(coturn: int) -> None:
-    report: dict[str, Any] = {}
-    for _ in range(20):  # coturn needs a moment to open its listeners
+    errors: list[str] = []
+
+    async def udp_report() -> dict[str, Any] | None:
         _code, out, err = await _diag("--json", "--stun", f"127.0.0.1:{coturn}",
                                      "--timeout", "2")
-        report = json.loads(out)
-        if report["udp"]:
-            break
-        await asyncio.sleep(0.2)
-    assert report["udp"] is True, err
+        errors.append(err)
+        report: dict[str, Any] = json.loads(out)
+        return report if report["udp"] else None
+
+    # coturn needs a moment to open its listeners.
+    report = await wait_for(udp_report, "coturn to answer diag", timeout=40, interval=0.2)
+    assert report["udp"] is True, errors[-1]
     assert report["stun"][0]["other_address"] == f"127.0.0.2:{coturn + 1}"
     assert report["mapping"] == "endpoint-independent"
     assert report["mapping_method"] == "rfc5780"

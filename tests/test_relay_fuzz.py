@@ -29,6 +29,7 @@ from kbwg.relay.config import ServerConfig
 from kbwg.relay.control import ControlPlane
 from kbwg.relay.limits import Counters, Quotas, parse_networks
 from kbwg.relay.server import RelayServer
+from kbwg_testing import wait_for
 
 Address = tuple[str, int]
 SECRET = "fuzz-secret"
@@ -345,9 +346,8 @@ async def _through_the_relay(datagrams: list[bytes]) -> None:
         for data in datagrams:
             client.send(data)
         # Everything sent is accounted for before long; that is the "nothing hangs".
-        async with asyncio.timeout(5):
-            while accounted(server.counters) - start < len(datagrams):
-                await asyncio.sleep(0.005)
+        await wait_for(lambda: accounted(server.counters) - start >= len(datagrams),
+                       "every datagram to be accounted for", interval=0.005)
         assert accounted(server.counters) - start == len(datagrams)
         assert server.counters.handler_errors == 0
         received = []

@@ -796,8 +796,6 @@ async def test_aioice_turn_client_against_our_relay() -> None:
         finally:
             transport.close()
             peer.close()
-            for _ in range(50):  # aioice deletes the allocation in a task
-                if not server.table.allocations:
-                    break
-                await asyncio.sleep(0.02)
+            # aioice deletes the allocation in a task.
+            await wait_for(lambda: not server.table.allocations, "the allocation's deletion")
         assert server.counters.allocations_deleted == 1
