@@ -4,7 +4,8 @@ and at which endpoint.
 
 A peer's endpoint is set only once a pair is chosen (or, for a peer that does not
 negotiate, its announced endpoint after a grace period), together with the persistent
-keepalive: that makes WireGuard start its handshake at once, towards the right place.
+keepalive: that makes WireGuard start its handshake at once, towards the right place (for
+a direct pair, the keepalive comes once the pair's host route, if it needs one, is in).
 A newer announcement never moves an endpoint that works (only a sealed negotiation or
 WireGuard's authenticated roaming does). Every change of WireGuard peers holds the peer
 lock, so the stats poll's reconciliation (device_stats) never sees one half made.
@@ -157,21 +158,26 @@ class PeerSync:
                      peer.name, ann.endpoint)
             await self._set_endpoint(peer, ann.endpoint, ANNOUNCED)
 
-    async def _set_endpoint(self, peer: PeerState, endpoint: str, source: str) -> None:
-        """Under the peer lock, for a configured peer."""
+    async def _set_endpoint(self, peer: PeerState, endpoint: str, source: str,
+                            quiet: bool = False) -> bool:
+        """Under the peer lock, for a configured peer; whether the endpoint changed.
+        `quiet` leaves the persistent keepalive off, so a fresh entry sends nothing
+        until the caller turns it on."""
         key, ip = peer.configured_key, peer.configured_ip
         if key is None or ip is None:
-            return
+            return False
         if peer.endpoint == endpoint:
             peer.endpoint_source = source
-            return
+            return False
         if not await self._has_session(key):
             # WireGuard counts a handshake it could not send (no endpoint yet) against
             # its 5 s rate limit; a fresh peer entry starts its handshake at once.
             await self._owner.remove_peer(key)
-        await self._owner.set_peer(key, endpoint, [ip], self._options.keepalive_s)
+        keepalive = 0 if quiet else self._options.keepalive_s
+        await self._owner.set_peer(key, endpoint, [ip], keepalive)
         peer.endpoint, peer.endpoint_source = endpoint, source
         peer.path_since, peer.connected_at = time.time(), None
+        return True
 
     async def _has_session(self, public_key: str) -> bool:
         stats = await self._owner.stats()
@@ -227,17 +233,30 @@ class PeerSync:
         async with self._lock:
             if peer.configured_key is None or self._state.peers.get(device) is not peer:
                 return  # dropped or re-keyed while the route was made
-            await self._set_endpoint(peer, route.endpoint, NEGOTIATED)
-        previous, peer.route = peer.route, await self._paths.pin(peer.name, pair, route)
-        if peer.route is not None and peer.route != previous:
-            async with self._lock:
-                key, ip = peer.configured_key, peer.configured_ip
-                if key is not None and ip is not None and peer.endpoint == route.endpoint:
-                    # WireGuard keeps sending from the source address (and interface)
-                    # it last used; the endpoint set again makes it choose both anew,
-                    # through the new host route.
-                    await self._owner.set_peer(key, route.endpoint, [ip],
-                                               self._options.keepalive_s)
+            # A direct endpoint is set quietly: the keepalive WireGuard would send at once
+            # must not leave through the default uplink before the host route below
+            # exists. Sent there, the handshake reaches the peer from the wrong NAT
+            # address; the peer roams to it and answers there, and wireguard-go then
+            # pins that uplink as the packets' source interface (IP_PKTINFO), which
+            # overrides the host route; both ends then stay on the slow uplink.
+            changed = await self._set_endpoint(peer, route.endpoint, NEGOTIATED,
+                                               quiet=not route.relayed)
+            quiet = changed and not route.relayed
+        previous = peer.route
+        try:
+            peer.route = await self._paths.pin(peer.name, pair, route)
+        finally:
+            moved = peer.route is not None and peer.route != previous
+            if quiet or moved:
+                async with self._lock:
+                    key, ip = peer.configured_key, peer.configured_ip
+                    if key is not None and ip is not None and peer.endpoint == route.endpoint:
+                        # With its keepalive on, WireGuard starts sending, through the
+                        # route now in place. For a moved route, the endpoint set again
+                        # also makes it drop the source address (and interface) it last
+                        # used and choose both anew.
+                        await self._owner.set_peer(key, route.endpoint, [ip],
+                                                   self._options.keepalive_s)
         log.info("%s: %s", peer.name, reason)
 
     def close(self) -> None:

@@ -103,8 +103,11 @@ def test_multi_homed_host_uses_the_faster_uplink(world: World) -> None:
     p = world.host("p", lans=[inet])
     alice, bob = start_pair(team, m, p)
 
+    # The status names the chosen pair as soon as WireGuard's endpoint is set; the host
+    # route follows one owner round trip later.
     peer = wait_until(
-        lambda: (x := negotiated(alice, "desk")) and x["interface"] == "eth1" and x,
+        lambda: (x := negotiated(alice, "desk")) and x["interface"] == "eth1"
+        and x["host_route"] and x,
         timeout=30, what="alice to settle on eth1")  # fmt: skip
     assert peer["endpoint"] == f"{p.ip}:51820"
     assert peer["rtt_ms"] < 40, peer

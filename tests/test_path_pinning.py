@@ -1,0 +1,106 @@
+"""The order in which a chosen direct pair reaches WireGuard and the routing table.
+
+wireguard-go sends a keepalive (so its handshake) as soon as a peer has an endpoint and
+a keepalive. Sent before the host route of a multi-homed choice exists, it leaves
+through the default uplink; the peer then answers there and wireguard-go pins that
+uplink as its source, overriding the route. So the endpoint goes in quietly, the route
+next, the keepalive last.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address
+from types import SimpleNamespace
+from typing import Any, cast
+
+import pytest
+
+from kbwg.agent.connectivity import Route
+from kbwg.agent.peer_selection import PeerSpec
+from kbwg.agent.peer_sync import PeerSync
+from kbwg.agent.runtime_state import NEGOTIATED, PeerState
+from kbwg.core.identity import DeviceId
+
+KEY = "bob-key"
+ENDPOINT = "203.0.113.12:51820"
+KEEPALIVE = 25
+
+
+@dataclass
+class Recorder:
+    """The device owner and the connectivity layer, writing to one log of calls."""
+
+    calls: list[tuple[str, Any]] = field(default_factory=list)
+    relayed: bool = False
+    route_sentence: str | None = "host route 203.0.113.12/32 via 198.18.2.1 dev eth1"
+    pin_fails: bool = False
+
+    async def set_peer(self, public_key: str, endpoint: str | None, allowed_ips: list[str],
+                       keepalive: int) -> None:
+        self.calls.append(("set_peer", (endpoint, keepalive)))
+
+    async def remove_peer(self, public_key: str) -> None:
+        self.calls.append(("remove_peer", public_key))
+
+    async def stats(self) -> Any:
+        return SimpleNamespace(peers=[])  # no session yet
+
+    async def route(self, peer: str, pair: Any) -> Route:
+        return Route(ENDPOINT if not self.relayed else "127.0.0.1:40000",
+                     relayed=self.relayed)
+
+    async def pin(self, peer: str, pair: Any, route: Route) -> str | None:
+        self.calls.append(("pin", route.endpoint))
+        if self.pin_fails:
+            raise RuntimeError("owner went away")
+        return None if route.relayed else self.route_sentence
+
+
+def make_sync(rec: Recorder) -> tuple[PeerSync, PeerState, DeviceId]:
+    device = DeviceId("bob", "desk")
+    peer = PeerState(PeerSpec(device, IPv4Address("100.64.0.2"), None),
+                     configured_key=KEY, configured_ip="100.64.0.2/32")
+    state = SimpleNamespace(peers={device: peer})
+    options = SimpleNamespace(keepalive_s=KEEPALIVE)
+    sync = PeerSync(cast(Any, rec), cast(Any, state), cast(Any, None), cast(Any, rec), None,
+                    cast(Any, None), cast(Any, options), asyncio.Lock(), lambda c: None)
+    return sync, peer, device
+
+
+async def test_the_keepalive_starts_only_once_the_host_route_is_in() -> None:
+    rec = Recorder()
+    sync, peer, device = make_sync(rec)
+    await sync.path_chosen(device, cast(Any, object()), "chosen")
+    sets = [i for i, (op, _) in enumerate(rec.calls) if op == "set_peer"]
+    pin = rec.calls.index(("pin", ENDPOINT))
+    assert rec.calls[sets[0]] == ("set_peer", (ENDPOINT, 0)), rec.calls
+    assert sets[0] < pin < sets[-1], rec.calls
+    assert rec.calls[sets[-1]] == ("set_peer", (ENDPOINT, KEEPALIVE))
+    assert all(args[1] == 0 for op, args in rec.calls[:pin] if op == "set_peer")
+    assert (peer.endpoint, peer.endpoint_source, peer.route) == (
+        ENDPOINT, NEGOTIATED, rec.route_sentence)
+
+
+async def test_without_a_host_route_the_keepalive_is_still_turned_on() -> None:
+    rec = Recorder(route_sentence=None)
+    sync, _, device = make_sync(rec)
+    await sync.path_chosen(device, cast(Any, object()), "chosen")
+    assert rec.calls[-1] == ("set_peer", (ENDPOINT, KEEPALIVE)), rec.calls
+
+
+async def test_a_failed_pin_still_turns_the_keepalive_on() -> None:
+    rec = Recorder(pin_fails=True)
+    sync, _, device = make_sync(rec)
+    with pytest.raises(RuntimeError):
+        await sync.path_chosen(device, cast(Any, object()), "chosen")
+    assert rec.calls[-1] == ("set_peer", (ENDPOINT, KEEPALIVE)), rec.calls
+
+
+async def test_a_relayed_endpoint_gets_its_keepalive_at_once() -> None:
+    rec = Recorder(relayed=True)
+    sync, _, device = make_sync(rec)
+    await sync.path_chosen(device, cast(Any, object()), "chosen")
+    sets = [args for op, args in rec.calls if op == "set_peer"]
+    assert sets == [("127.0.0.1:40000", KEEPALIVE)], rec.calls
