@@ -4,9 +4,9 @@ Other devices are plain stand-in clients posting CLAIM and ANNOUNCE lines; the a
 runs with an in-memory device owner. Covered: bad claims are ignored with a warning and
 configure nothing; a good claim makes a peer whose only allowed IP is the claimed /32;
 conflicts follow the lower message id whatever the order of delivery (late messages come
-from a stand-in client with a delivery delay), on the side of the loser (it moves and
-claims again), of the winner (it does nothing) and of a listed device watching both;
-the `servers` policy keeps unlisted devices apart, `mesh` does not.
+from a stand-in client whose messages are held until the test releases them), on the side
+of the loser (it moves and claims again), of the winner (it does nothing) and of a listed
+device watching both; the `servers` policy keeps unlisted devices apart, `mesh` does not.
 """
 
 from __future__ import annotations
