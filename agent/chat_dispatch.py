@@ -29,7 +29,7 @@ class ChatDispatch:
 
     async def on_message(self, msg: ChatMessage) -> None:
         ch = msg.channel
-        if ch.name != self._team.team:
+        if not self._team.is_team(ch.name):
             return
         if ch.topic_type == "chat" and ch.topic_name == self._team.announce_channel.topic_name:
             if self._team.take_announce(msg, self._state.me):

@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Mapping
 from typing import Any
 
 from kbwg.agent.control import ControlError, call
@@ -51,7 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
         "device owner) that join starts directly when run as root, or otherwise with "
         "`sudo -n` (which must be allowed without a password for that one command; see "
         "install-helper). "
-        "INT or TERM removes the interface and everything the agent added.",
+        "INT or TERM removes the interface and everything the agent added; HUP re-reads "
+        "peers.json (applied at once) and kbwg.json (changes are logged: they need a "
+        "restart).",
     )
     join.add_argument("team", help="Keybase team name")
     join.add_argument("--keybase", help=f"path of the keybase CLI (default: ${ENV_KEYBASE}, "
@@ -166,15 +169,31 @@ def _setup_logging(verbosity: int, quiet: bool = False) -> None:
         level = logging.INFO
     else:
         level = logging.WARNING
-    logging.basicConfig(
-        level=level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    logging.basicConfig(level=level, format=log_format(os.environ), stream=sys.stderr)
     # pyroute2 logs every netlink message at debug (and sets its loggers' levels
     # itself): far too much even for -vv, so its records below WARNING are dropped.
     for handler in logging.getLogger().handlers:
         handler.addFilter(_quiet_pyroute2)
+        handler.addFilter(SyslogPriority())
+
+
+def log_format(environ: Mapping[str, str]) -> str:
+    """Under systemd (stderr is the journal: JOURNAL_STREAM is set) the journal stamps
+    each line itself, and reads a leading `<N>` as the syslog priority; elsewhere lines
+    carry their own time and level name."""
+    if environ.get("JOURNAL_STREAM"):
+        return "<%(syslog_priority)d>%(name)s: %(message)s"
+    return "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class SyslogPriority(logging.Filter):
+    # sd-daemon(3) priorities: 3 err, 4 warning, 6 info, 7 debug.
+    def filter(self, record: logging.LogRecord) -> bool:
+        level = record.levelno
+        record.syslog_priority = (2 if level >= logging.CRITICAL else 3 if level >= logging.ERROR
+                                  else 4 if level >= logging.WARNING else 6
+                                  if level >= logging.INFO else 7)
+        return True
 
 
 def _quiet_pyroute2(record: logging.LogRecord) -> bool:
@@ -215,6 +234,7 @@ async def _join(args: argparse.Namespace) -> int:
         owner_command=owner,
     )
     agent = Agent(options, KeybaseClient(resolve_keybase_binary(args.keybase)))
+    loop.add_signal_handler(signal.SIGHUP, agent.reload)
     try:
         await agent.run(stop)
     except (JoinError, KeybaseError, OwnerError, OwnerGone, OwnerStartError) as exc:

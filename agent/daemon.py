@@ -40,6 +40,7 @@ from kbwg.agent.overlaycheck import OverlayError, RoutesReader, check_team_overl
 from kbwg.agent.owner_calls import OwnerCalls
 from kbwg.agent.owner_client import DeviceOwner
 from kbwg.agent.presence import announce_target, pick_dynamic
+from kbwg.agent.reload import reread_team_files
 from kbwg.agent.runtime_state import AgentState
 from kbwg.agent.team_view import TeamView
 from kbwg.agent.teamconfig import (
@@ -80,6 +81,14 @@ class Agent:
         self._routes = routes
         # Told the device as soon as it takes messages (tests look inside it).
         self._on_joined = on_joined
+        # Set by `reload` (SIGHUP); served once joined.
+        self._reload = asyncio.Event()
+
+    def reload(self) -> None:
+        """Re-read the team's files now (peers.json applied, kbwg.json changes reported).
+        Safe to call from a signal handler; a request made before joining is served
+        right after."""
+        self._reload.set()
 
     async def run(self, stop: asyncio.Event) -> None:
         """Run until `stop` is set; start-up problems raise JoinError and clean up."""
@@ -104,6 +113,7 @@ class Agent:
                 device = starting.result()
                 tasks += [asyncio.create_task(loop, name=name)
                           for name, loop in device.upkeep.loops().items()]
+                tasks.append(asyncio.create_task(self._serve_reloads(device), name="reload"))
                 await asyncio.wait([stopper, *tasks], return_when=asyncio.FIRST_COMPLETED)
                 self._raise_failures(tasks)
             finally:
@@ -114,6 +124,16 @@ class Agent:
                 for task in stuck:
                     log.warning("the %s task did not stop within %.0fs; exiting without it",
                                 task.get_name(), SHUTDOWN_GRACE_S)
+
+    async def _serve_reloads(self, device: JoinedDevice) -> None:
+        while True:
+            await self._reload.wait()
+            self._reload.clear()
+            try:
+                await reread_team_files(device)
+            except Exception:
+                # A failed re-read must not stop the agent; the periodic refresh goes on.
+                log.exception("re-reading the team files failed")
 
     @staticmethod
     def _raise_failures(tasks: list[asyncio.Task[None]]) -> None:

@@ -78,7 +78,10 @@ _REQUEST_ERROR_RE = re.compile(
     r"invalid \w+ v\d options|invalid v\d method|invalid version|json: |invalid character"
     r"|unexpected EOF|illegal base64",
 )
-_NOT_FOUND_RE = re.compile(r"does not exist|not found|no such file", re.IGNORECASE)
+# KBFS words it several ways: libkbfs NoSuchNameError is "<name> doesn't exist".
+_NOT_FOUND_RE = re.compile(
+    r"does not exist|doesn't exist|not found|no such file", re.IGNORECASE
+)
 
 # Replies to `read` may carry many 1 MB dev bodies: the default 64 KiB line limit is far
 # too small.
@@ -120,6 +123,13 @@ def _unavailable(binary: str, what: str) -> KeybaseUnavailable:
     return KeybaseUnavailable(
         f"{what} (keybase binary {binary!r}). Check --keybase / {BINARY_ENV}, and that the "
         "Keybase service is running and logged in (`keybase whoami`)."
+    )
+
+
+def _not_logged_in(binary: str) -> KeybaseUnavailable:
+    return KeybaseUnavailable(
+        f"not logged in to Keybase (keybase binary {binary!r}): log in with `keybase login` "
+        "as the user the agent runs as, then start it again"
     )
 
 
@@ -387,6 +397,11 @@ class KeybaseClient:
     # ----- one-shot commands
 
     async def whoami(self) -> Identity:
+        """Who is logged in on this device.
+
+        A logged-out client still exits 0 with `loggedIn: false` and no `user`; older
+        clients print no `deviceName`, which `keybase status --json` has as `Device.name`.
+        """
         rc, out, err = await self._run("whoami", "--json")
         if rc != 0:
             raise _unavailable(
@@ -394,14 +409,43 @@ class KeybaseClient:
             )
         try:
             status = json.loads(out)
-            logged_in = status.get("loggedIn")
-            username = status["user"]["username"]
-            device = status["deviceName"]
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        except ValueError as exc:
             raise KeybaseError(f"unexpected `keybase whoami --json` output: {out[:200]!r}") from exc
-        if not logged_in or not isinstance(username, str) or not isinstance(device, str):
-            raise _unavailable(self.binary, "Keybase is not logged in")
+        if not isinstance(status, dict):
+            raise KeybaseError(f"unexpected `keybase whoami --json` output: {out[:200]!r}")
+        if status.get("loggedIn") is not True:
+            raise _not_logged_in(self.binary)
+        user = status.get("user")
+        username = user.get("username") if isinstance(user, dict) else None
+        if not isinstance(username, str) or not username:
+            raise KeybaseError(
+                f"`keybase whoami --json` says logged in but names no user: {out[:200]!r}"
+            )
+        device = status.get("deviceName")
+        if not isinstance(device, str) or not device:
+            device = await self._status_device_name()
         return Identity(username, device)
+
+    async def _status_device_name(self) -> str:
+        rc, out, err = await self._run("status", "--json")
+        if rc != 0:
+            raise _unavailable(
+                self.binary, f"`keybase status` failed ({_text(err) or f'exit {rc}'})"
+            )
+        try:
+            status = json.loads(out)
+        except ValueError as exc:
+            raise KeybaseError(f"unexpected `keybase status --json` output: {out[:200]!r}") from exc
+        device = status.get("Device") if isinstance(status, dict) else None
+        name = device.get("name") if isinstance(device, dict) else None
+        if not isinstance(name, str) or not name:
+            if isinstance(status, dict) and status.get("LoggedIn") is False:
+                raise _not_logged_in(self.binary)
+            raise KeybaseError(
+                "neither `keybase whoami --json` nor `keybase status --json` names this "
+                "device; upgrade the Keybase client"
+            )
+        return name
 
     async def fs_read(self, path: str) -> bytes:
         rc, out, err = await self._run("fs", "read", path)

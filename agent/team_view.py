@@ -37,6 +37,14 @@ class TeamView:
     claims: ClaimBook = field(default_factory=ClaimBook)
     keys: KeyBook = field(default_factory=KeyBook)
 
+    def __post_init__(self) -> None:
+        # Keybase team names are case-insensitive and its replies use the canonical
+        # lowercase form: so do our paths and channels.
+        self.team = self.team.lower()
+
+    def is_team(self, name: str) -> bool:
+        return name.lower() == self.team
+
     @property
     def peers_path(self) -> str:
         return f"/keybase/team/{self.team}/peers.json"
@@ -68,10 +76,12 @@ class TeamView:
                                for channel in (self.announce_channel, self.negotiation_channel)))
 
     async def _join(self, channel: Channel) -> None:
+        # The real service refuses newconv for a channel name the team already uses: on
+        # every start but a team's very first, joining is the normal path.
         try:
             await self.keybase.newconv(channel)
         except KeybaseError as exc:
-            log.debug("newconv %s: %s; joining instead", channel, exc)
+            log.debug("newconv %s: %s; joining it", channel, exc)
             try:
                 await self.keybase.join(channel)
             except KeybaseError as exc2:

@@ -280,7 +280,8 @@ def parse_team_config(data: bytes | str) -> TeamConfig:
 
 
 def team_config_path(team: str) -> str:
-    return f"/keybase/team/{team}/{TEAM_CONFIG_NAME}"
+    # Team names are case-insensitive; KBFS folders use the canonical lowercase form.
+    return f"/keybase/team/{team.lower()}/{TEAM_CONFIG_NAME}"
 
 
 async def load_team_config(keybase: FileReader, team: str) -> TeamConfig:

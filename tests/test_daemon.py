@@ -24,10 +24,13 @@ from typing import Any
 import pytest
 from nacl.public import PrivateKey
 
+from kbwg.agent import upkeep
 from kbwg.agent.control import call
 from kbwg.agent.daemon import Agent, JoinedDevice, JoinError, JoinOptions
 from kbwg.agent.keybase import Channel, KeybaseClient
 from kbwg.agent.owner_client import OwnerError
+from kbwg.agent.team_view import TeamView
+from kbwg.agent.teamconfig import TeamConfig
 from kbwg.core.identity import DeviceId
 from kbwg_testing import wait_for
 
@@ -546,3 +549,128 @@ async def test_announced_endpoints_of_this_host_are_refused(
     await wait_for(lambda: good in world.owner.peers, "bob's usable announcement")
     assert list(world.owner.peers) == [good]
     assert caplog.text.count("is not a unicast address of another host") == 5
+
+
+# -- day-to-day operation: the real client's ways, SIGHUP --------------------------------
+
+
+@dataclass
+class Started:
+    agent: Agent
+    owner: FakeOwner
+    joined: list[JoinedDevice]
+    stop: asyncio.Event
+    task: asyncio.Task[None]
+
+
+@pytest.fixture
+async def start_agent(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
+    """Start an agent as alice/laptop with the given JoinOptions fields; stopped at the
+    end of the test."""
+    started: list[Started] = []
+
+    async def start(**fields: Any) -> Started:
+        owner = FakeOwner()
+
+        async def factory(_command: list[str] | None) -> Any:
+            return owner
+
+        state_dir = tmp_path / f"state{len(started)}"
+        state_dir.mkdir()
+        options = JoinOptions(state_dir=state_dir, endpoint="198.18.0.5",
+                              announced_fallback_s=0.1, **fields)
+        joined: list[JoinedDevice] = []
+        agent = Agent(options, KeybaseClient(STANDIN, env=env_for(tmp_path / "kb", "alice",
+                                                                   "laptop")),
+                      owner_factory=factory, routes=no_routes, on_joined=joined.append)
+        stop = asyncio.Event()
+        task = asyncio.create_task(agent.run(stop))
+        one = Started(agent, owner, joined, stop, task)
+        started.append(one)
+        await wait_for(lambda: bool(joined) or task.done(), "the agent to join")
+        if task.done():
+            task.result()  # its start-up error
+        return one
+
+    yield start
+    for one in started:
+        one.stop.set()
+        await asyncio.wait_for(one.task, 10)
+
+
+def write_team_file(home: Path, name: str, data: str) -> None:
+    path = home / "kbfs" / "team" / TEAM / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(data)
+
+
+async def test_a_team_name_in_other_case_is_the_same_team(
+    tmp_path: Path, start_agent: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Keybase replies with the canonical lowercase name: `join T1` must still take the
+    messages of t1 (from the listener: no history read is due) and read its files."""
+    monkeypatch.setattr(upkeep, "FIRST_REFRESH_S", 3600.0)
+    write_team_file(tmp_path / "kb", "peers.json", json.dumps(PEERS))
+    agent = await start_agent(team=TEAM.upper(), refresh_s=3600.0)
+    bob = KeybaseClient(STANDIN, env=env_for(tmp_path / "kb", "bob", "desk"))
+    try:
+        key = new_key()
+        await bob.send(Channel(TEAM.upper(), "announce", "chat"),
+                       f"ANNOUNCE 198.18.0.6:51820 {key}")
+        await wait_for(lambda: key in agent.owner.peers, "bob, announced in t1")
+    finally:
+        await bob.close()
+
+
+async def test_joining_channels_that_exist_goes_through_join(tmp_path: Path) -> None:
+    """The real service refuses newconv for a channel the team already has: the agent
+    then joins it, and is a member (so its listener gets the messages)."""
+    home = tmp_path / "kb"
+    bob = KeybaseClient(STANDIN, env=env_for(home, "bob", "desk"))
+    alice = KeybaseClient(STANDIN, env=env_for(home, "alice", "laptop"))
+    try:
+        team = TeamView(alice, TEAM, TeamConfig())
+        made = {await bob.newconv(team.announce_channel),
+                await bob.newconv(team.negotiation_channel)}
+        await team.join_channels()
+        mine = set()
+        for topic_type in ("chat", "dev"):
+            listed = await alice.call("list", {"topic_type": topic_type})
+            mine |= {c["id"] for c in listed["conversations"]}
+        assert made <= mine
+    finally:
+        await bob.close()
+        await alice.close()
+
+
+async def test_reload_applies_peers_json_and_reports_kbwg_json(
+    tmp_path: Path, start_agent: Callable[..., Any], monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """SIGHUP's reload: with no periodic refresh due, a peers.json edit takes effect at
+    once; a kbwg.json edit is logged as needing a restart and changes nothing."""
+    caplog.set_level(logging.INFO)
+    monkeypatch.setattr(upkeep, "FIRST_REFRESH_S", 3600.0)
+    home = tmp_path / "kb"
+    write_team_file(home, "peers.json", json.dumps(PEERS))
+    agent = await start_agent(team=TEAM, refresh_s=3600.0)
+    bob = KeybaseClient(STANDIN, env=env_for(home, "bob", "desk"))
+    try:
+        key = new_key()
+        await bob.send(ANNOUNCE, f"ANNOUNCE 198.18.0.6:51820 {key}")
+        await wait_for(lambda: key in agent.owner.peers, "bob")
+        write_team_file(home, "peers.json", json.dumps([PEERS[0], PEERS[2]]))
+        write_team_file(home, "kbwg.json", json.dumps({"announce_channel": "hello"}))
+        agent.agent.reload()
+        await wait_for(lambda: key not in agent.owner.peers, "bob's removal on reload")
+        await wait_for(lambda: "restart it to apply them" in caplog.text,
+                       "the kbwg.json change reported")
+        assert "kbwg.json changed (announce_channel)" in caplog.text
+        assert agent.joined[0].team.config.announce_channel == "announce"
+        # A broken kbwg.json on a later reload keeps the running settings.
+        write_team_file(home, "kbwg.json", "{broken")
+        agent.agent.reload()
+        await wait_for(lambda: "the running settings stay" in caplog.text, "the refusal")
+        assert not agent.task.done()
+    finally:
+        await bob.close()

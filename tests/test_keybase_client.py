@@ -194,9 +194,41 @@ def test_parse_message() -> None:
 
 async def test_whoami(alice: KeybaseClient, binary: str, home: Path) -> None:
     assert await alice.whoami() == Identity("alice", "laptop")
+    # Logged out, `whoami --json` exits 0 with loggedIn false and no user (real client).
     logged_out = KeybaseClient(binary, {"KBWG_STANDIN_HOME": str(home)})
-    with pytest.raises(KeybaseUnavailable, match="logged in"):
+    with pytest.raises(KeybaseUnavailable, match="not logged in to Keybase") as info:
         await logged_out.whoami()
+    assert "unexpected" not in str(info.value) and "keybase login" in str(info.value)
+
+
+async def test_whoami_of_an_older_client_takes_the_device_from_status(
+    binary: str, home: Path
+) -> None:
+    old = KeybaseClient(binary, {**identity_env(home), "KBWG_STANDIN_OLD_CLIENT": "1"})
+    assert await old.whoami() == Identity("alice", "laptop")
+
+
+@pytest.mark.parametrize(
+    ("whoami", "status", "match"),
+    [
+        ('{"loggedIn": false}', "{}", "not logged in to Keybase"),
+        ('{"loggedIn": true}', "{}", "names no user"),
+        ('{"loggedIn": true, "user": {"username": "alice"}}', '{"Device": null}',
+         "upgrade the Keybase client"),
+        ('{"loggedIn": true, "user": {"username": "alice"}}', '{"LoggedIn": false}',
+         "not logged in to Keybase"),
+        ("[1]", "{}", "unexpected `keybase whoami --json` output"),
+    ],
+)
+async def test_whoami_odd_output(
+    tmp_path: Path, whoami: str, status: str, match: str
+) -> None:
+    script = write_script(tmp_path / "kb", (
+        "import sys\n"
+        f"print({whoami!r} if sys.argv[1] == 'whoami' else {status!r})\n"
+    ))
+    with pytest.raises(KeybaseError, match=match):
+        await KeybaseClient(script).whoami()
 
 
 async def test_fs_read_and_write(alice: KeybaseClient, bob: KeybaseClient, home: Path) -> None:
@@ -207,6 +239,9 @@ async def test_fs_read_and_write(alice: KeybaseClient, bob: KeybaseClient, home:
     with pytest.raises(KeybaseFileNotFound) as info:
         await alice.fs_read(f"/keybase/team/{TEAM}/kbwg.json")
     assert isinstance(info.value, FileNotFoundError)
+    assert "kbwg.json doesn't exist" in str(info.value)  # KBFS's wording
+    with pytest.raises(KeybaseFileNotFound, match="sub doesn't exist"):
+        await alice.fs_read(f"/keybase/team/{TEAM}/sub/kbwg.json")
     with pytest.raises(KeybaseError):
         await alice.fs_read("/not/kbfs")
 
@@ -571,3 +606,15 @@ async def test_listen_skips_junk_and_restarts_with_backoff(
     # stderr went to the log, never into the JSON stream.
     assert any("Listening for chat notifications" in m for m in messages)
     await client.close()
+
+
+async def test_newconv_of_a_channel_in_use_is_refused_and_join_gets_in(
+    alice: KeybaseClient, bob: KeybaseClient
+) -> None:
+    conv_id = await alice.newconv(DEV)
+    for client in (alice, bob):
+        with pytest.raises(KeybaseServiceError, match="already in use"):
+            await client.newconv(DEV)
+    await bob.join(DEV)
+    listed = await bob.call("list", {"topic_type": "dev"})
+    assert [c["id"] for c in listed["conversations"]] == [conv_id]

@@ -408,10 +408,14 @@ def test_newconv_join_leave_listconvsonname(alice: ApiPipe, bob: ApiPipe) -> Non
         {"method": "newconv", "params": {"options": {"channel": chan("k", "dev")}}}
     )
     assert HEX.match(created["id"])
-    again = alice.result(
-        {"method": "newconv", "params": {"options": {"channel": chan("k", "dev")}}}
-    )
-    assert again["id"] == created["id"]
+    # Like the real service: a team channel name in use is refused, even to its creator
+    # (and #general always exists); joining is the way in.
+    taken = ((alice, "k", "dev"), (bob, "k", "dev"), (bob, "general", "chat"))
+    for who, topic, topic_type in taken:
+        again = who.call(
+            {"method": "newconv", "params": {"options": {"channel": chan(topic, topic_type)}}}
+        )
+        assert again["error"]["message"] == f"channel name {topic} is already in use in {TEAM}"
     dev_of = {"method": "list", "params": {"options": {"topic_type": "dev"}}}
     assert bob.result(dev_of)["conversations"] == []
     names = bob.result(
@@ -590,9 +594,27 @@ def test_whoami_and_status(home: Path) -> None:
     assert st["Username"] == "alice" and st["LoggedIn"] is True
     assert st["Device"]["name"] == "laptop" and st["UserID"] == status["user"]["uid"]
 
+    # Logged out, the real client's --json still exits 0: loggedIn false and no user.
     logged_out = run(make_env(home, None, None), "whoami", "--json")
-    assert logged_out.returncode != 0
-    assert b"logged in" in logged_out.stderr.lower()
+    assert logged_out.returncode == 0
+    out_status = json.loads(logged_out.stdout)
+    assert out_status["loggedIn"] is False and "user" not in out_status
+    assert "deviceName" not in out_status
+    plain = run(make_env(home, None, None), "whoami")
+    assert plain.returncode != 0 and b"logged in" in plain.stderr.lower()
+
+
+def test_an_older_client_has_no_device_name_in_whoami(home: Path) -> None:
+    env = make_env(home, KBWG_STANDIN_OLD_CLIENT="1")
+    status = json.loads(run(env, "whoami", "--json").stdout)
+    assert status["user"]["username"] == "alice" and "deviceName" not in status
+    assert json.loads(run(env, "status", "--json").stdout)["Device"]["name"] == "laptop"
+
+
+def test_team_names_are_canonical_lowercase_in_replies(alice: ApiPipe) -> None:
+    alice.result(send_call(chan("announce", name="MyTeam"), "hi"))
+    page = alice.result(read_call(chan("announce", name="MYTEAM")))
+    assert [m["msg"]["channel"]["name"] for m in page["messages"]] == [TEAM]
 
 
 def test_missing_home_is_a_clear_error() -> None:
@@ -618,9 +640,14 @@ def test_fs_read_write_mapping(home: Path) -> None:
     bob_env = make_env(home, "bob", "desktop")
     assert run(bob_env, "fs", "read", f"/keybase/team/{TEAM}/peers.json").stdout == data
 
+    # Real KBFS names the first missing entry (libkbfs NoSuchNameError).
     missing = run(env, "fs", "read", f"/keybase/team/{TEAM}/nope.json")
     assert missing.returncode == 2
-    assert b"does not exist" in missing.stderr and missing.stdout == b""
+    assert b"nope.json doesn't exist" in missing.stderr and missing.stdout == b""
+    deeper = run(env, "fs", "read", f"/keybase/team/{TEAM}/sub/dir/x.json")
+    assert deeper.returncode == 2 and b"sub doesn't exist" in deeper.stderr
+    elsewhere = run(env, "fs", "read", "/keybase/nowhere/x")
+    assert elsewhere.returncode == 2 and b"does not exist" in elsewhere.stderr
 
     # Nested folders must be made first, as with real KBFS.
     assert run(env, "fs", "write", f"/keybase/team/{TEAM}/d/x", stdin=b"1").returncode == 2

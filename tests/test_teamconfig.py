@@ -1,11 +1,13 @@
 import json
 import logging
+import sys
 from ipaddress import IPv4Network
+from pathlib import Path
 
 import pytest
 
 from kbwg.agent.claims import Policy
-from kbwg.agent.keybase import KeybaseError, KeybaseFileNotFound
+from kbwg.agent.keybase import KeybaseClient, KeybaseError, KeybaseFileNotFound
 from kbwg.agent.teamconfig import (
     HostPort,
     RelayConfig,
@@ -177,6 +179,26 @@ async def test_absent_file_means_no_servers() -> None:
     config = await load_team_config(FakeKeybase({}), "t1")
     assert config == TeamConfig()
     assert config.stun == [] and config.relays == []
+
+
+async def test_team_folder_is_the_canonical_lowercase_name() -> None:
+    keybase = FakeKeybase({"/keybase/team/t1/kbwg.json": _doc(stun=["127.0.0.1:9"])})
+    config = await load_team_config(keybase, "T1")
+    assert config.stun == [HostPort("127.0.0.1", 9)]
+    assert keybase.paths == ["/keybase/team/t1/kbwg.json"]
+
+
+async def test_kbfs_wording_doesnt_exist_means_absent(tmp_path: Path) -> None:
+    """KBFS says "kbwg.json doesn't exist" (libkbfs NoSuchNameError): that is missing."""
+    home = tmp_path / "kb"
+    (home / "kbfs" / "team" / "t1").mkdir(parents=True)
+    client = KeybaseClient(str(Path(sys.executable).parent / "kbwg-keybase-standin"),
+                           {"KBWG_STANDIN_HOME": str(home), "KBWG_STANDIN_USER": "alice",
+                            "KBWG_STANDIN_DEVICE": "laptop"})
+    try:
+        assert await load_team_config(client, "t1") == TeamConfig()
+    finally:
+        await client.close()
 
 
 async def test_other_keybase_errors_and_bad_files_propagate() -> None:

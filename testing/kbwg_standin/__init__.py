@@ -16,7 +16,12 @@ Environment: ``KBWG_STANDIN_HOME`` (required), ``KBWG_STANDIN_USER`` and
 sends become visible that much later), ``KBWG_STANDIN_HOLD=1`` (messages this process sends
 stay hidden until ``kbwg_standin.store.release_held(home, username)`` is called: a test's way
 to deliver a message late without racing a delay), ``KBWG_STANDIN_POLL_MS`` (api-listen poll,
-default 20).
+default 20), ``KBWG_STANDIN_OLD_CLIENT=1`` (an older client: `whoami --json` has no
+``deviceName``, `status --json` still has ``Device.name``).
+Like the real client, `whoami --json` exits 0 when logged out (``loggedIn: false``, no
+``user``), `fs read` of a missing file in a team folder says "<name> doesn't exist"
+(libkbfs NoSuchNameError), and `newconv` of a team channel that already exists is refused
+(`join` it instead).
 Optional ``$KBWG_STANDIN_HOME/teams.json`` (``{"team": ["alice", "bob"]}``) restricts teams.
 Like real Keybase, a listener only gets messages of conversations its user is in: #general
 of its teams, and channels it created, joined or sent to.

@@ -41,6 +41,8 @@ class Env:
     # Messages this process sends stay hidden until store.release_held (tests force an
     # order of delivery with it instead of racing a delay against the machine's speed).
     hold: bool = False
+    # An older client, whose `whoami --json` has no deviceName (``KBWG_STANDIN_OLD_CLIENT``).
+    old_client: bool = False
 
     @classmethod
     def from_environ(cls) -> Env:
@@ -59,6 +61,7 @@ class Env:
             delay_ms=_int_env("KBWG_STANDIN_DELAY_MS", 0),
             poll_ms=max(1, _int_env("KBWG_STANDIN_POLL_MS", DEFAULT_POLL_MS)),
             hold=os.environ.get("KBWG_STANDIN_HOLD", "").strip() not in ("", "0"),
+            old_client=os.environ.get("KBWG_STANDIN_OLD_CLIENT", "").strip() not in ("", "0"),
         )
 
     def require_identity(self) -> Identity:

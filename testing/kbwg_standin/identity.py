@@ -23,20 +23,23 @@ def cmd_whoami(env: Env, args: Sequence[str]) -> int:
         else:
             die(f"unknown flag for whoami: {arg}")
     me = env.identity
-    if me is None:
-        die("Not logged in: no user is logged into Keybase on this device")
-    if as_json:
-        status = {
-            "configured": True,
-            "registered": True,
-            "loggedIn": True,
-            "sessionIsValid": True,
-            "user": {"uid": me.uid, "username": me.username},
-            "deviceName": me.device,
-        }
-        print(json.dumps(status, separators=(",", ":")))
-    else:
+    if not as_json:
+        if me is None:
+            die("Not logged in: no user is logged into Keybase on this device")
         print(me.username)
+        return EXIT_OK
+    # With --json the real client exits 0 even when logged out: loggedIn false, no user.
+    status: dict[str, Any] = {
+        "configured": True,
+        "registered": me is not None,
+        "loggedIn": me is not None,
+        "sessionIsValid": me is not None,
+    }
+    if me is not None:
+        status["user"] = {"uid": me.uid, "username": me.username}
+        if not env.old_client:
+            status["deviceName"] = me.device
+    print(json.dumps(status, separators=(",", ":")))
     return EXIT_OK
 
 

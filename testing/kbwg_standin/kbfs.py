@@ -67,6 +67,14 @@ def _is_tlf_root_or_above(path: KbfsPath) -> bool:
 
 
 def _not_found(path: KbfsPath) -> NoReturn:
+    # Inside a folder real KBFS names the first missing entry (libkbfs NoSuchNameError,
+    # "<name> doesn't exist"), not the whole path.
+    below = [p for p in path.kbfs.split("/") if p][2:]
+    entry = path.local.parents[len(below) - 1] if below else path.local
+    for name in below:
+        entry = entry / name
+        if not entry.exists():
+            die(f"{name} doesn't exist")
     die(f"{path.shown}: file does not exist")
 
 

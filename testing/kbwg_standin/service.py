@@ -343,8 +343,17 @@ class ChatService:
         if spec is None:
             raise RequestError("invalid newconv v1 options: need channel")
         self.check_access(spec, me)
+        if spec.is_team and spec.topic_type == "chat" and spec.topic_name == "general":
+            self.ensure_general(spec.name, me)
         with write_txn(self.conn):
-            conv = self.ensure_conv(spec, me)
+            existing = self.conv_row(spec.conv_id)
+            if existing is not None and spec.is_team:
+                # The real service refuses a team channel name already in use (chat
+                # DuplicateTopicNameError), also to its creator: `join` it instead.
+                raise ServiceError(
+                    f"channel name {spec.topic_name} is already in use in {spec.name}"
+                )
+            conv = existing if existing is not None else self.ensure_conv(spec, me)
             self.join_row(conv["id"], me.username)
         return {"id": conv["id"], "ratelimits": ratelimits()}
 
