@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from kbwg.agent.cli import SyslogPriority, build_parser, log_format
+from kbwg.agent.statedir import ENV_STATE_DIR
 
 UNITS = Path(__file__).resolve().parent.parent / "contrib" / "systemd"
 AGENT_UNIT = UNITS / "kbwg-agent@.service"
@@ -112,6 +113,8 @@ def test_agent_unit_can_reach_sudo() -> None:
     assert one(unit, "Service", "ExecStart") == f"{INSTALLED} join %i"
     assert one(unit, "Service", "Restart") == "on-failure"
     assert "HUP" in one(unit, "Service", "ExecReload")
+    # One control socket per team, in the user's runtime folder.
+    assert f"{ENV_STATE_DIR}=%t/kbwg-agent-%i" in service["Environment"]
     # Each of these stops `sudo -n` from becoming root (no_new_privs, or a user
     # namespace in a user unit), and with it the device owner.
     blocking = {"NoNewPrivileges", "RestrictSUIDSGID", "SystemCallFilter",
