@@ -137,6 +137,9 @@ class _FakeAgent:
     async def run(self, stop: Any) -> None:
         return None
 
+    def reload(self) -> None:
+        """SIGHUP's handler; never called here."""
+
 
 @pytest.fixture
 def fake_agent(monkeypatch: pytest.MonkeyPatch) -> list[Any]:

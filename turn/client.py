@@ -33,6 +33,7 @@ from aioice import stun
 from aioice.turn import TurnClientUdpProtocol
 
 from kbwg.core.addresses import Address
+from kbwg.core.stun import is_channel_data
 from kbwg.core.turnrest import rest_password, rest_username
 from kbwg.turn.transport import ConnectedUdpTransport
 
@@ -136,7 +137,7 @@ class RelayAllocation:
         return self._transport.unhandled
 
     def _received(self, data: bytes, addr: Address) -> None:
-        if len(data) >= 4 and 0x40 <= data[0] < 0x80:  # ChannelData (RFC 8656 12.4)
+        if is_channel_data(data):  # RFC 8656 12.4
             channel, length = struct.unpack_from("!HH", data)
             peer = self._protocol.channel_to_peer.get(channel)
             if peer is not None and len(data) >= 4 + length:
