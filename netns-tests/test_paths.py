@@ -8,7 +8,6 @@ report and that WireGuard really uses it.
 from __future__ import annotations
 
 import json
-from typing import Any
 
 import pytest
 
@@ -36,20 +35,6 @@ def start_pair(team: Team, a: Node, b: Node) -> tuple[AgentProcess, AgentProcess
     return alice, bob
 
 
-def negotiated(agent: AgentProcess, device: str) -> dict[str, Any] | None:
-    status = agent.try_status()
-    if status is None:
-        return None
-    peer = next(p for p in status["peers"] if p["device"] == device)
-    return peer if peer["endpoint_source"] == "negotiated" and peer["path"] != "none" else None
-
-
-def wait_path(agent: AgentProcess, device: str, timeout: float = 20.0) -> dict[str, Any]:
-    try:
-        return wait_until(lambda: negotiated(agent, device), timeout=timeout,
-                          what=f"{agent.name} to negotiate a path to {device}")  # fmt: skip
-    except AssertionError as exc:
-        raise AssertionError(f"{exc}\n--- log of {agent.name}:\n{agent.log(8000)}") from None
 
 
 def ping_ok(src: Node, dest: str) -> bool:
@@ -63,12 +48,12 @@ def test_same_lan_behind_a_common_nat_uses_the_host_pair(world: World) -> None:
     a, b = world.host("a", lans=[home.lan]), world.host("b", lans=[home.lan])
     alice, bob = start_pair(team, a, b)
 
-    peer = wait_path(alice, "desk")
+    peer = alice.wait_path("desk")
     assert peer["path"] == "direct-lan", peer
     assert peer["endpoint"] == f"{b.ip}:51820", "the LAN address, not the NAT's"
     assert peer["remote_candidate"] == f"host {b.ip}:51820"
     assert "same LAN" in peer["reason"]
-    assert wait_path(bob, "laptop")["endpoint"] == f"{a.ip}:51820"
+    assert bob.wait_path("laptop")["endpoint"] == f"{a.ip}:51820"
     wait_until(lambda: ping_ok(a, BOB[2]), what="ping over the overlay")
     # Both offered srflx candidates too (the NAT's public address): not chosen.
     assert any(c["type"] == "srflx" for c in alice.status()["candidates"])
@@ -82,10 +67,10 @@ def test_port_preserving_nats_get_a_direct_punched_path(world: World) -> None:
     a, b = world.host("a", lans=[r1.lan]), world.host("b", lans=[r2.lan])
     alice, bob = start_pair(team, a, b)
 
-    peer = wait_path(alice, "desk")
+    peer = alice.wait_path("desk")
     assert peer["path"] == "direct", peer
     assert peer["endpoint"] == f"{r2.wan_ip}:51820", "through bob's NAT, port preserved"
-    assert wait_path(bob, "laptop")["endpoint"] == f"{r1.wan_ip}:51820"
+    assert bob.wait_path("laptop")["endpoint"] == f"{r1.wan_ip}:51820"
     wait_until(lambda: ping_ok(a, BOB[2]), what="ping from alice to bob")
     wait_until(lambda: ping_ok(b, ALICE[2]), what="ping from bob to alice")
 
@@ -106,14 +91,14 @@ def test_multi_homed_host_uses_the_faster_uplink(world: World) -> None:
     # The status names the chosen pair as soon as WireGuard's endpoint is set; the host
     # route follows one owner round trip later.
     peer = wait_until(
-        lambda: (x := negotiated(alice, "desk")) and x["interface"] == "eth1"
+        lambda: (x := alice.negotiated("desk")) and x["interface"] == "eth1"
         and x["host_route"] and x,
         timeout=30, what="alice to settle on eth1")  # fmt: skip
     assert peer["endpoint"] == f"{p.ip}:51820"
     assert peer["rtt_ms"] < 40, peer
     assert peer["host_route"] == f"host route {p.ip}/32 via {fast.lan.gateway} dev eth1"
     # Bob follows Alice's latest nomination, which may still be on its way.
-    wait_until(lambda: (x := negotiated(bob, "laptop")) and x["endpoint"]
+    wait_until(lambda: (x := bob.negotiated("laptop")) and x["endpoint"]
                == f"{fast.wan_ip}:51820", timeout=10, what="bob to follow onto eth1")  # fmt: skip
 
     wait_until(lambda: ping_ok(m, BOB[2]), what="ping over the overlay")
@@ -131,7 +116,7 @@ def test_lan_address_change_reconnects(world: World) -> None:
     home = world.router("home", wan=inet, nat=NatMode.MASQUERADE)
     a, b = world.host("a", lans=[home.lan]), world.host("b", lans=[home.lan])
     alice, _ = start_pair(team, a, b)
-    wait_path(alice, "desk")
+    alice.wait_path("desk")
     wait_until(lambda: ping_ok(a, BOB[2]), what="first ping")
 
     old = b.ip
@@ -145,7 +130,7 @@ def test_lan_address_change_reconnects(world: World) -> None:
     b.run(["ip", "route", "replace", "default", "via", str(home.lan.gateway)])
 
     peer = wait_until(
-        lambda: (x := negotiated(alice, "desk")) and x["endpoint"] == f"{new}:51820" and x,
+        lambda: (x := alice.negotiated("desk")) and x["endpoint"] == f"{new}:51820" and x,
         timeout=10, what="alice to move to bob's new address")  # fmt: skip
     assert peer["path"] == "direct-lan"
     wait_until(lambda: ping_ok(a, BOB[2]), timeout=10, what="ping after the change")

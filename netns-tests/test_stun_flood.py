@@ -28,7 +28,7 @@ import pytest
 from kbwg_testing import wait_until
 from kbwg_world import NatMode, Node, World
 from kbwg_world.stunserver import StunServer
-from kbwg_world.team import AGENT, AgentProcess, Team
+from kbwg_world.team import AGENT, Team
 from kbwg_world.world import PingResult
 
 pytestmark = pytest.mark.netns
@@ -43,20 +43,6 @@ FLOOD_SECONDS = 30.0
 MIN_RATE = 0.9 * FLOOD_RATE
 
 
-def negotiated(agent: AgentProcess, device: str) -> dict[str, Any] | None:
-    status = agent.try_status()
-    if status is None:
-        return None
-    peer = next(p for p in status["peers"] if p["device"] == device)
-    return peer if peer["endpoint_source"] == "negotiated" and peer["path"] != "none" else None
-
-
-def wait_path(agent: AgentProcess, device: str, timeout: float = 30.0) -> dict[str, Any]:
-    try:
-        return wait_until(lambda: negotiated(agent, device), timeout=timeout,
-                          what=f"{agent.name} to negotiate a path to {device}")  # fmt: skip
-    except AssertionError as exc:
-        raise AssertionError(f"{exc}\n--- log of {agent.name}:\n{agent.log(8000)}") from None
 
 
 def path_of(peer: dict[str, Any]) -> tuple[str, str, str | None]:
@@ -89,16 +75,16 @@ def test_a_stun_flood_leaves_an_established_path_alone(world: World, spoof: str 
     c, outside = world.host("c", lans=[r3.lan]), world.host("x", lans=[inet])
     alice, bob = team.start_running((a, *ALICE[:2]), (b, *BOB[:2]))
 
-    before_alice = wait_path(alice, "desk")
+    before_alice = alice.wait_path("desk", timeout=30.0)
     assert before_alice["path"] == "direct" and before_alice["endpoint"] == f"{b.ip}:51820"
     before_bob = wait_until(
-        lambda: (x := negotiated(bob, "laptop")) and x["endpoint"] == f"{r1.wan_ip}:51820" and x,
+        lambda: (x := bob.negotiated("laptop")) and x["endpoint"] == f"{r1.wan_ip}:51820" and x,
         timeout=20, what="bob to settle on alice's NAT")  # fmt: skip
     wait_until(lambda: a.ping(BOB[2]).ok, timeout=20, what="a first ping")
     # Whatever settling is left (a renomination) happens before the flood, not in it.
     time.sleep(3)
-    before_alice = negotiated(alice, "desk")
-    before_bob = negotiated(bob, "laptop")
+    before_alice = alice.negotiated("desk")
+    before_bob = bob.negotiated("laptop")
     assert before_alice is not None and before_bob is not None
     rx_before = b.link_stats("eth0").rx_packets
 
@@ -115,11 +101,11 @@ def test_a_stun_flood_leaves_an_established_path_alone(world: World, spoof: str 
         seen: list[tuple[float, tuple[str, str, str | None], tuple[str, str, str | None]]] = []
         carol_path: dict[str, Any] | None = None
         while time.monotonic() - started < FLOOD_SECONDS - 1:
-            now_alice, now_bob = negotiated(alice, "desk"), negotiated(bob, "laptop")
+            now_alice, now_bob = alice.negotiated("desk"), bob.negotiated("laptop")
             assert now_alice is not None and now_bob is not None, "a path was lost"
             seen.append((time.monotonic() - started, path_of(now_alice), path_of(now_bob)))
             if carol_path is None:
-                carol_path = negotiated(carol, "desk")
+                carol_path = carol.negotiated("desk")
             time.sleep(0.5)
     finally:
         pinger.join(timeout=60)

@@ -60,6 +60,23 @@ class AgentProcess:
         except (subprocess.CalledProcessError, subprocess.TimeoutExpired, ValueError):
             return None
 
+    def negotiated(self, device: str) -> dict[str, Any] | None:
+        """This agent's status entry for the peer `device` once negotiation chose a
+        path to it, else None."""
+        status = self.try_status()
+        if status is None:
+            return None
+        peer = next(p for p in status["peers"] if p["device"] == device)
+        return peer if peer["endpoint_source"] == "negotiated" and peer["path"] != "none" else None
+
+    def wait_path(self, device: str, timeout: float = 20.0) -> dict[str, Any]:
+        """The negotiated path to `device`; on time-out the error carries our log."""
+        try:
+            return wait_until(lambda: self.negotiated(device), timeout=timeout,
+                              what=f"{self.name} to negotiate a path to {device}")  # fmt: skip
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n--- log of {self.name}:\n{self.log(8000)}") from None
+
     def log(self, last: int = 4000) -> str:
         try:
             return self.log_path.read_text(errors="replace")[-last:]
