@@ -38,3 +38,39 @@ def type_confused(valid: dict[str, Any], scalars: st.SearchStrategy[Any],
     return st.tuples(st.sampled_from(sorted(valid)),
                      st.sampled_from(["container", "scalar", "suffix"])).flatmap(
         lambda drawn: one_field(*drawn))
+
+
+@st.composite
+def mutated(draw: st.DrawFn, data: bytes, at_least: int = 1) -> bytes:
+    """`data` with `at_least` to 3 changes: bytes flipped, the end cut off, junk
+    appended (at least one byte of it when at least one change is asked for)."""
+    out = bytearray(data)
+    for _ in range(draw(st.integers(at_least, 3))):
+        kind = draw(st.sampled_from(["flip", "cut", "append"]))
+        if kind == "flip" and out:
+            index = draw(st.integers(0, len(out) - 1))
+            out[index] ^= draw(st.integers(1, 255))
+        elif kind == "cut" and out:
+            del out[draw(st.integers(0, len(out) - 1)):]
+        else:
+            out += draw(st.binary(min_size=min(at_least, 1), max_size=16))
+    return bytes(out)
+
+
+@st.composite
+def mutated_text(draw: st.DrawFn, text: str, alphabet: str) -> str:
+    """`text` with 1 to 3 characters changed, inserted or cut, or text appended; new
+    characters favour `alphabet` (the ones the parser cares about), then any at all."""
+    out = list(text)
+    chars = st.one_of(st.sampled_from(list(alphabet)), st.characters())
+    for _ in range(draw(st.integers(1, 3))):
+        kind = draw(st.sampled_from(["change", "cut", "append", "insert"]))
+        if kind == "change" and out:
+            out[draw(st.integers(0, len(out) - 1))] = draw(chars)
+        elif kind == "cut" and out:
+            del out[draw(st.integers(0, len(out) - 1)):]
+        elif kind == "insert":
+            out.insert(draw(st.integers(0, len(out))), draw(chars))
+        else:
+            out += draw(st.text(min_size=1, max_size=16))
+    return "".join(out)

@@ -97,21 +97,8 @@ def near_lines(draw: st.DrawFn) -> str:
     return f"{parts['word']}{parts['sep']}{address}{parts['sep2']}{parts['key']}{parts['tail']}"
 
 
-@st.composite
-def mutated_text(draw: st.DrawFn, text: str) -> str:
-    out = list(text)
-    for _ in range(draw(st.integers(1, 3))):
-        kind = draw(st.sampled_from(["change", "cut", "append", "insert"]))
-        chars = st.one_of(st.sampled_from(list("0123456789.:/+= \t\nA")), st.characters())
-        if kind == "change" and out:
-            out[draw(st.integers(0, len(out) - 1))] = draw(chars)
-        elif kind == "cut" and out:
-            del out[draw(st.integers(0, len(out) - 1)):]
-        elif kind == "insert":
-            out.insert(draw(st.integers(0, len(out))), draw(chars))
-        else:
-            out += draw(st.text(min_size=1, max_size=16))
-    return "".join(out)
+def mutated_text(text: str) -> st.SearchStrategy[str]:
+    return fuzzing.mutated_text(text, "0123456789.:/+= \t\nA")
 
 
 # Half near-valid lines, half junk.

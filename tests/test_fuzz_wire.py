@@ -207,40 +207,8 @@ near_valid_envelopes = st.builds(
     st.dictionaries(keys, structures, max_size=1))
 
 
-@st.composite
-def mutated(draw: st.DrawFn, data: bytes) -> bytes:
-    """Flip bytes, cut the end off or append junk."""
-    out = bytearray(data)
-    for _ in range(draw(st.integers(1, 3))):
-        kind = draw(st.sampled_from(["flip", "cut", "append"]))
-        if kind == "flip" and out:
-            index = draw(st.integers(0, len(out) - 1))
-            out[index] ^= draw(st.integers(1, 255))
-        elif kind == "cut" and out:
-            del out[draw(st.integers(0, len(out) - 1)):]
-        else:
-            out += draw(st.binary(min_size=1, max_size=16))
-    return bytes(out)
-
-
-@st.composite
-def mutated_text(draw: st.DrawFn, text: str) -> str:
-    """Change, cut or extend characters of a body, sometimes with non-ASCII ones."""
-    out = list(text)
-    for _ in range(draw(st.integers(1, 3))):
-        kind = draw(st.sampled_from(["change", "cut", "append", "insert"]))
-        chars = st.one_of(st.sampled_from(list("ABab09+/= \n\t")), st.characters())
-        if kind == "change" and out:
-            out[draw(st.integers(0, len(out) - 1))] = draw(chars)
-        elif kind == "cut" and out:
-            del out[draw(st.integers(0, len(out) - 1)):]
-        elif kind == "insert":
-            out.insert(draw(st.integers(0, len(out))), draw(chars))
-        else:
-            out += draw(st.text(min_size=1, max_size=16))
-    return "".join(out)
-
-
+# Characters a sealed body is made of, favoured when one is mutated.
+WIRE_CHARS = "ABab09+/= \n\t"
 SEALED = seal(_message(), ALICE_KEY, BOB_KEY.public_key)
 PLAIN = msgpack.packb(_message().to_envelope(), use_bin_type=True)
 hint_prefix = f"{PREFIX} {key_hint(BOB_KEY.public_key)} {key_hint(ALICE_KEY.public_key)} "
@@ -265,7 +233,7 @@ def test_any_text_is_a_wire_error(text: str) -> None:
 
 @pytest.mark.timeout(60)
 @FUZZ
-@given(text=mutated_text(SEALED))
+@given(text=fuzzing.mutated_text(SEALED, WIRE_CHARS))
 def test_a_mutated_sealed_body_opens_to_the_original_or_not_at_all(text: str) -> None:
     # The box authenticates: no change to the text yields a different message (base64
     # padding aside, a change either breaks the box or decodes to the same bytes).
@@ -277,7 +245,7 @@ def test_a_mutated_sealed_body_opens_to_the_original_or_not_at_all(text: str) ->
 
 @pytest.mark.timeout(60)
 @FUZZ
-@given(plain=st.one_of(mutated(PLAIN), st.binary(max_size=200)))
+@given(plain=st.one_of(fuzzing.mutated(PLAIN), st.binary(max_size=200)))
 def test_any_sealed_bytes_are_a_wire_error_or_a_valid_message(plain: bytes) -> None:
     opened = _opens_or_wire_error(_box_text(plain))
     if opened is not None:
@@ -355,7 +323,7 @@ def _chat(msg_id: int, body: str | None, sender: DeviceId = ALICE) -> ChatMessag
 @given(posts=st.lists(st.tuples(
     st.one_of(near_valid_envelopes.map(
         lambda env: _box_text(msgpack.packb(env, use_bin_type=True))),
-        mutated_text(SEALED), st.just(SEALED), st.text(max_size=60), st.none()),
+        fuzzing.mutated_text(SEALED, WIRE_CHARS), st.just(SEALED), st.text(max_size=60), st.none()),
     st.sampled_from([ALICE, BOB, DeviceId("mallory", "desk")])), min_size=1, max_size=8))
 def test_receive_returns_a_message_or_none_and_the_channel_keeps_working(
         posts: list[tuple[str | None, DeviceId]]) -> None:
