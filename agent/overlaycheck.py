@@ -11,12 +11,10 @@ owner is asked to create the interface.
 from __future__ import annotations
 
 import ipaddress
-import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from pyroute2 import AsyncIPRoute
-
+from kbwg.owner.netconfig import host_route_destinations
 from kbwg.owner.policy import IPNetwork, PolicyError, check_overlay, load_policy
 
 RoutesReader = Callable[[str], Awaitable[list[IPNetwork]]]
@@ -27,20 +25,10 @@ class OverlayError(ValueError):
 
 
 async def host_routes(own_ifname: str) -> list[IPNetwork]:
-    """Destinations of the host's IPv4 routes, in every table, apart from default
-    routes and routes through `own_ifname` (our WireGuard interface, left over or not)."""
-    async with AsyncIPRoute() as ipr:
-        names = {link["index"]: link.get("ifname") async for link in await ipr.get_links()}
-        routes = [r async for r in await ipr.get_routes(family=socket.AF_INET)]
-    found: list[IPNetwork] = []
-    for route in routes:
-        length = route.get("dst_len") or 0
-        if length == 0 or names.get(route.get("oif")) == own_ifname:
-            continue
-        dst = route.get("dst")
-        if dst:
-            found.append(ipaddress.ip_network(f"{dst}/{length}", strict=False))
-    return found
+    """Destinations of the host's IPv4 routes, as the device owner reads them: every
+    table, apart from default routes and routes through `own_ifname` (our WireGuard
+    interface, left over or not)."""
+    return list(await host_route_destinations(own_ifname))
 
 
 async def check_team_overlay(overlay: ipaddress.IPv4Network, team_file: str,

@@ -71,6 +71,29 @@ class MainRoute:
     unicast: bool
 
 
+async def host_route_destinations(exclude_ifname: str | None) -> list[IPv4Network]:
+    """The destinations of the host's IPv4 routes in every table, apart from default
+    routes and routes through `exclude_ifname` (read-only netlink; no privileges needed).
+
+    Every table, not only main: an address of another VPN (its local route) or a
+    policy-routing table counts as the host's too."""
+    from pyroute2 import AsyncIPRoute
+
+    async with AsyncIPRoute() as ipr:
+        names = {link["index"]: link.get("ifname") async for link in await ipr.get_links()}
+        raw = [r async for r in await ipr.get_routes(family=2)]
+    found = []
+    for route in raw:
+        length = int(route.get("dst_len") or 0)
+        dst = route.get("dst")
+        if length == 0 or not dst:
+            continue
+        if exclude_ifname is not None and names.get(route.get("oif")) == exclude_ifname:
+            continue
+        found.append(IPv4Network(f"{dst}/{length}", strict=False))
+    return found
+
+
 async def main_table_routes() -> list[MainRoute]:
     """The main table's IPv4 routes (read-only netlink; no privileges needed)."""
     from pyroute2 import AsyncIPRoute
@@ -192,23 +215,7 @@ class NetlinkNetConfig:
             await ipr.route("del", **self._route_args(indexes[0], route))
 
     async def route_destinations(self, exclude_ifname: str | None) -> list[IPv4Network]:
-        from pyroute2 import AsyncIPRoute
-
-        # Every table, not only main: an address of another VPN (its local route) or a
-        # policy-routing table counts as the host's too.
-        async with AsyncIPRoute() as ipr:
-            names = {link["index"]: link.get("ifname") async for link in await ipr.get_links()}
-            raw = [r async for r in await ipr.get_routes(family=2)]
-        found = []
-        for route in raw:
-            length = int(route.get("dst_len") or 0)
-            dst = route.get("dst")
-            if length == 0 or not dst:
-                continue
-            if exclude_ifname is not None and names.get(route.get("oif")) == exclude_ifname:
-                continue
-            found.append(IPv4Network(f"{dst}/{length}", strict=False))
-        return found
+        return await host_route_destinations(exclude_ifname)
 
     async def egress(self, dst: IPv4Address, ifname: str) -> Egress | None:
         return choose_egress(await main_table_routes(), dst, via_ifname=ifname)
