@@ -26,13 +26,37 @@ class CheckTimers:
     max_rto: float = 1.6  # ... up to this
     max_transmissions: int = 6  # a check fails ~4.7 s after its first copy
     settle: float = 0.150  # wait for better-class pairs after the first success
+    # Consent follows the selected pair's RTT (consent_interval_for): a check every
+    # `consent_rtts` RTTs, never more often than `consent_min_interval` nor less often
+    # than `consent_interval`; each is missed after `consent_timeout_rtts` RTTs, at least
+    # `consent_min_timeout` and at most `consent_timeout` or the interval. At RTTs of
+    # 1-100 ms a lost path is noticed in about 1 s: three misses in a row.
     consent_interval: float = 2.0
     consent_timeout: float = 1.0  # a single-shot liveness check is missed after this
-    consent_failures: int = 3  # misses in a row that fail a pair (~6 s)
+    consent_failures: int = 3  # misses in a row that fail a pair (~1 s, ~6 s unmeasured)
+    consent_min_interval: float = 0.25
+    consent_rtts: float = 4.0
+    consent_min_timeout: float = 0.3
+    consent_timeout_rtts: float = 3.0
     keepalive_interval: float = 5.0
     reprobe_min: float = 2.0
     reprobe_max: float = 30.0
     jitter: float = 0.2  # +-fraction on consent/keepalive intervals (RFC 7675)
+
+    def consent_interval_for(self, rtt_ms: float | None) -> float:
+        """Seconds between consent checks of a pair with this RTT (None: unmeasured)."""
+        if rtt_ms is None:
+            return self.consent_interval
+        return min(self.consent_interval,
+                   max(self.consent_min_interval, self.consent_rtts * rtt_ms / 1000.0))
+
+    def consent_timeout_for(self, rtt_ms: float | None) -> float:
+        """Seconds after which a single-shot liveness check of such a pair is missed;
+        never longer than the interval (a check still in flight holds back the next)."""
+        if rtt_ms is None:
+            return self.consent_timeout
+        return min(self.consent_timeout, self.consent_interval_for(rtt_ms),
+                   max(self.consent_min_timeout, self.consent_timeout_rtts * rtt_ms / 1000.0))
 
 
 @dataclass

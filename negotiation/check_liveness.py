@@ -1,7 +1,10 @@
 """The periodic work of one peer checker: consent, keepalives and re-probes.
 
-- Consent (RFC 7675): a single-shot liveness check of the selected pair every
-  `consent_interval`, urgent, so that a dead path is noticed in time.
+- Consent (RFC 7675): a single-shot liveness check of the selected pair every few
+  RTTs of it (`CheckTimers.consent_interval_for`: 0.25 s on a LAN, at most
+  `consent_interval`), urgent, so that a dead path is noticed within about a second.
+  The same checks keep our NAT's mapping towards the peer open: a NAT that forgot it
+  while only the peer sends is repaired by the next one.
 - Keepalives: a liveness check of every other valid pair every `keepalive_interval`,
   in the background, so that the alternatives and their RTTs stay known.
 - Re-probes: a failed pair is checked again after `reprobe_min`, the wait doubling on
@@ -58,8 +61,9 @@ class CheckLiveness:
     def start_consent(self) -> None:
         """Consent checks of the selected pair, until none is selected."""
         if self._consent is None and not self._closed:
-            self._consent = self._loop.call_later(
-                self._jittered(self._timers.consent_interval), self._consent_tick)
+            pair = self._selected()
+            interval = self._timers.consent_interval_for(pair.rtt_ms if pair else None)
+            self._consent = self._loop.call_later(self._jittered(interval), self._consent_tick)
 
     def start_keepalives(self) -> None:
         if self._keepalive is None and not self._closed:

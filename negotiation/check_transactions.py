@@ -179,7 +179,7 @@ class CheckTransactions:
         self._send(tx.data, tx.pair.remote_address, tx.pair.local)
         timers = self._timers
         if tx.kind == "live":
-            delay = timers.consent_timeout
+            delay = timers.consent_timeout_for(tx.pair.rtt_ms)
         else:
             delay = min(timers.rto * 2 ** (len(tx.sent_at) - 1), timers.max_rto)
         tx.timer = self._loop.call_later(delay, self._on_timer, tx)

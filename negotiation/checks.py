@@ -36,10 +36,10 @@ How this differs from full ICE (one component, one stream, both ends are this ag
   side follows the latest nomination. Every consent check of the controlling side
   carries USE-CANDIDATE too, so a lost or reordered nomination heals within one consent
   interval.
-- Keeping the path: single-shot consent checks on the selected pair every
-  `consent_interval`, keepalives on other valid pairs every `keepalive_interval` (so the
-  alternatives and their RTTs stay known). `consent_failures` misses in a row fail the
-  pair; either side then moves to the best remaining valid pair at once (the
+- Keeping the path: single-shot consent checks on the selected pair every few of its
+  RTTs (at most `consent_interval`, check_liveness.py), keepalives on other valid
+  pairs every `keepalive_interval` (so the alternatives and their RTTs stay known).
+  `consent_failures` misses in a row fail the pair; either side then moves to the best remaining valid pair at once (the
   controlled side too, so that a lost nomination cannot hold it on a dead path).
 - Failed pairs are re-probed with backoff from `reprobe_min` doubling to `reprobe_max`
   (the timers of both are in check_liveness.py).
@@ -63,7 +63,7 @@ from typing import Any, Literal
 from aioice import stun
 
 from kbwg.negotiation import check_messages as messages
-from kbwg.negotiation.candidate_pairs import Address, CandidatePair, ipv4, prflx_priority
+from kbwg.negotiation.candidate_pairs import Address, CandidatePair, checkable, prflx_priority
 from kbwg.negotiation.candidates import Candidate
 from kbwg.negotiation.check_config import CheckCounters, CheckTimers, SendFn
 from kbwg.negotiation.check_liveness import CheckLiveness
@@ -279,7 +279,7 @@ class PeerChecker:
                                           self._pwd, self.counters):
             return False
         base = self._table.base_for(local, src, self._selected)
-        if base is None or not ipv4(src[0]) or not 0 < src[1] < 65536:
+        if base is None or not checkable(src[0]) or not 0 < src[1] < 65536:
             self.counters.unusable_source += 1
             return False
         self.counters.requests += 1

@@ -696,3 +696,44 @@ def test_pair_view_marks_an_rtt_without_exact_samples_as_a_bound() -> None:
     assert pair.view().rtt_bound
     pair.add_rtt(30.0, exact=True)
     assert not pair.view().rtt_bound
+
+
+@pytest.mark.parametrize(("one_way", "interval", "timeout"), [
+    (0.005, 0.25, 0.25),  # 20 ms RTT: the floor, missed within the interval
+    (0.05, 0.4, 0.3),  # 100 ms RTT: four RTTs apart, missed after three
+])
+async def test_consent_follows_the_rtt_and_a_lost_path_is_noticed_in_about_a_second(
+        one_way: float, interval: float, timeout: float) -> None:
+    net = SimNet()
+    a, b = net.node("a"), net.node("b")
+    a.host("198.18.1.10", lan="lan1", delay=one_way / 2)
+    b.host("198.18.1.20", lan="lan1", delay=one_way / 2)
+    timers = replace(CheckTimers(), jitter=0.0)  # the defaults, consent exactly on time
+    assert timers.consent_interval_for(None) == timers.consent_interval  # unmeasured: 2 s
+    consents: list[float] = []
+    send_a = a.send
+
+    def spy(data: bytes, dest: Address, local: Candidate) -> None:
+        message = stun.parse_message(data)
+        if message.message_class == stun.Class.REQUEST and a.c.selected is not None:
+            consents.append(now())
+        send_a(data, dest, local)
+
+    a.send = spy  # type: ignore[method-assign]
+    await connect(a, b, timers)
+    try:
+        await advance_until(lambda: a.c.state == "connected" and mirrored(a, b))
+        await advance_until(lambda: len(consents) >= 10, timeout=10.0)
+        gaps = [later - earlier for earlier, later in itertools.pairwise(consents[-4:])]
+        assert gaps == pytest.approx([interval] * 3, abs=0.02)
+        assert timers.consent_timeout_for(a.c.selected.rtt_ms) == pytest.approx(timeout)
+
+        cut_at = now()
+        net.cut.add(frozenset(("198.18.1.10", "198.18.1.20")))
+        await advance_until(lambda: a.c.state == "failed", timeout=5.0)
+        # Three misses in a row: at most three intervals and a timeout after the cut
+        # (RFC 7675's defaults took 6 s or more).
+        assert now() - cut_at <= 3 * interval + timeout + 0.02
+        assert now() - cut_at <= 1.5
+    finally:
+        close(a, b)

@@ -1,0 +1,461 @@
+"""How fast devices connect from process start, and how fast a broken path comes back.
+
+One command for issue 13's table: every case runs --runs times (5 by default) in a
+fresh world with the Keybase stand-in delivering chat after --delay-ms (300 ms), a
+STUN server (coturn) on the internet segment named in kbwg.json, and prints the
+median and the slowest run beside the goal, with the ratio to the goal. The machine's
+load (`/proc/loadavg`) is recorded with every run: figures from a loaded machine are
+slower, and other work often shares these two cores.
+
+Connecting cases are timed from the moment every `join` process is started (the
+`reach.py` pingers are already running in each host, so their start-up is not counted)
+to the first echo reply over the overlay in every direction. Repair cases are timed
+from the change to the first reply in each direction that must work again.
+
+Cases (`--case NAME`, repeatable; default: all):
+  lan3            three devices on one LAN (behind one masquerade router), 6 directions
+  lan3-nostun     the same, kbwg.json's STUN and relay servers not answering at all
+  nat             two port-preserving (masquerade) NATs, both directions
+  symmetric       two symmetric (fully-random) NATs, relayed by `kbwg-agent relay`
+  multihomed      a host with a slow default uplink (80 ms) and a fast backup (5 ms)
+                  to a public peer: time until the fast uplink is used, and whether
+                  it was the first choice (the goal is that it is)
+  readdress       two masquerade NATs, connected; one NAT's public address changes
+                  (and its mappings go): time until traffic flows both ways again
+  flush           two masquerade NATs, connected; one NAT forgets its mappings
+                  (conntrack flush) while only the device on the other side sends
+  six             six devices behind three masquerade NATs (two per NAT), 30 directions
+
+    sudo .venv/bin/python bench/connect.py [--runs 5] [--case nat] [--json] [--logs DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import itertools
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH.parent / "netns-tests"))
+sys.path.insert(0, str(BENCH))
+
+from first_ping import RELAY_IP, STUN_IP, start_relay  # noqa: E402  (bench helpers)
+
+from kbwg.agent.control import call  # noqa: E402
+from kbwg_world import NatMode, Node, Segment, World  # noqa: E402
+from kbwg_world.stunserver import StunServer  # noqa: E402
+from kbwg_world.team import AgentProcess, Team  # noqa: E402
+
+REACH = BENCH / "reach.py"
+BUDGET_S = 40.0
+POLL_S = 0.02
+
+
+def device(i: int) -> tuple[str, str, str]:
+    """(username, device, overlay ip) of the i-th device of a case."""
+    return f"user{i}", f"dev{i}", f"100.64.0.{i + 1}"
+
+
+def load() -> str:
+    return Path("/proc/loadavg").read_text().split(" ", 3)[0]
+
+
+class RunFailed(Exception):
+    pass
+
+
+# ------------------------------------------------------------------ measuring
+
+
+@dataclass(eq=False)
+class Reach:
+    """A reach.py pinger in one host; `first[dest]` is the monotonic time of dest's first
+    reply."""
+
+    node: Node
+    targets: list[str]
+    proc: subprocess.Popen[str]
+    first: dict[str, float] = field(default_factory=dict)
+    done: threading.Event = field(default_factory=threading.Event)
+
+    @classmethod
+    def start(cls, node: Node, targets: Sequence[str], timeout: float = BUDGET_S) -> Reach:
+        proc = node.popen([sys.executable, str(REACH), *targets, "--timeout", str(timeout)],
+                          stdout=subprocess.PIPE, text=True)  # fmt: skip
+        reach = cls(node, list(targets), proc)
+        assert proc.stdout is not None
+        ready = proc.stdout.readline()
+        if not ready.startswith('{"ready"'):
+            raise RunFailed(f"reach.py in {node.name} did not start: {ready!r}")
+        threading.Thread(target=reach._read, daemon=True).start()
+        return reach
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            with contextlib.suppress(ValueError, KeyError):
+                row = json.loads(line)
+                self.first[row["dest"]] = float(row["t"])
+        self.done.set()
+
+    def wait(self, timeout: float) -> dict[str, float]:
+        self.done.wait(timeout)
+        with contextlib.suppress(OSError):
+            self.proc.kill()
+        return dict(self.first)
+
+
+def reach_all(reaches: Sequence[Reach], since: float, budget: float = BUDGET_S) -> float:
+    """Seconds from `since` until every reach got every target; RunFailed naming the
+    directions that never answered."""
+    deadline = since + budget
+    last = since
+    missing = []
+    for reach in reaches:
+        got = reach.wait(max(0.1, deadline - time.monotonic()))
+        missing += [f"{reach.node.name}->{t}" for t in reach.targets if t not in got]
+        last = max([last, *got.values()])
+    if missing:
+        raise RunFailed(f"no reply within {budget:.0f}s: {', '.join(missing)}")
+    return last - since
+
+
+def negotiated(agent: AgentProcess, peer_device: str) -> dict[str, Any] | None:
+    """`agent`'s status entry for a peer, asked in-process (the CLI's start-up would
+    blur 20 ms polling)."""
+    with contextlib.suppress(Exception):
+        status = asyncio.run(call(agent.state_dir, "status", timeout=1.0))
+        for peer in status["peers"]:
+            if peer["device"] == peer_device and peer["endpoint_source"] == "negotiated" \
+                    and peer["path"] != "none":
+                return dict(peer)
+    return None
+
+
+def wait_negotiated(agent: AgentProcess, peer_device: str, budget: float = BUDGET_S) -> None:
+    deadline = time.monotonic() + budget
+    while negotiated(agent, peer_device) is None:
+        if agent.proc.poll() is not None:
+            raise RunFailed(f"{agent.name} exited:\n{agent.log(2000)}")
+        if time.monotonic() >= deadline:
+            raise RunFailed(f"{agent.name} negotiated no path to {peer_device}")
+        time.sleep(0.05)
+
+
+# ------------------------------------------------------------------ worlds
+
+
+def servers(world: World, inet: Segment, reachable: bool = True,
+            relay: bool = False) -> dict[str, Any]:
+    """kbwg.json for the case: STUN (and a relay) on the internet, or only their
+    addresses (nothing answers there: packets to them vanish, as with a dead server)."""
+    if not reachable:
+        return {"stun": [f"{STUN_IP}:3478"],
+                "relays": [{"url": f"turn:{RELAY_IP}:3478", "secret": "unused-secret"}]}
+    stun = StunServer.start(world.server("stun", inet, ips=[STUN_IP]))
+    config: dict[str, Any] = {"stun": [stun.address]}
+    if relay:
+        config["relays"] = [start_relay(world, inet)]
+    return config
+
+
+@dataclass(frozen=True)
+class Outcome:
+    seconds: float
+    note: str = ""
+
+
+@dataclass
+class Setup:
+    """A built world with a team, ready to start agents."""
+
+    world: World
+    inet: Segment
+    team: Team
+    hosts: list[Node]
+    routers: list[Node]
+
+    def start(self) -> tuple[float, list[AgentProcess]]:
+        t0 = time.monotonic()
+        agents = [self.team.start_agent(h, *device(i)[:2]) for i, h in enumerate(self.hosts)]
+        return t0, agents
+
+    def reaches(self, pairs: Sequence[tuple[int, int]]) -> list[Reach]:
+        """One pinger per source host, for the directions (source, target) asked."""
+        by_src: dict[int, list[str]] = {}
+        for src, dst in pairs:
+            by_src.setdefault(src, []).append(device(dst)[2])
+        return [Reach.start(self.hosts[src], targets) for src, targets in by_src.items()]
+
+
+def build(world: World, delay_ms: int, routers: Sequence[NatMode], per_router: int,
+          reachable: bool = True, relay: bool = False) -> Setup:
+    inet = world.internet()
+    config = servers(world, inet, reachable, relay)
+    nats = [world.router(f"r{i}", wan=inet, nat=mode) for i, mode in enumerate(routers)]
+    hosts = [world.host(f"h{i}{j}", lans=[r.lan]) for i, r in enumerate(nats)
+             for j in range(per_router)]
+    team = Team(world, delay_ms=delay_ms)
+    team.write_peers([device(i) for i in range(len(hosts))])
+    team.write_file("kbwg.json", json.dumps(config))
+    return Setup(world, inet, team, hosts, nats)
+
+
+def all_pairs(n: int) -> list[tuple[int, int]]:
+    return list(itertools.permutations(range(n), 2))
+
+
+def connect(setup: Setup) -> Outcome:
+    pairs = all_pairs(len(setup.hosts))
+    reaches = setup.reaches(pairs)
+    t0, _ = setup.start()
+    return Outcome(reach_all(reaches, t0), f"{len(pairs)} directions")
+
+
+# ------------------------------------------------------------------ cases
+
+
+def case_lan3(world: World, delay_ms: int) -> Outcome:
+    return connect(build(world, delay_ms, [NatMode.MASQUERADE], 3))
+
+
+def case_lan3_nostun(world: World, delay_ms: int) -> Outcome:
+    return connect(build(world, delay_ms, [NatMode.MASQUERADE], 3, reachable=False))
+
+
+def case_nat(world: World, delay_ms: int) -> Outcome:
+    return connect(build(world, delay_ms, [NatMode.MASQUERADE] * 2, 1))
+
+
+def case_symmetric(world: World, delay_ms: int) -> Outcome:
+    return connect(build(world, delay_ms, [NatMode.FULLY_RANDOM] * 2, 1, relay=True))
+
+
+def case_six(world: World, delay_ms: int) -> Outcome:
+    return connect(build(world, delay_ms, [NatMode.MASQUERADE] * 3, 2))
+
+
+def case_multihomed(world: World, delay_ms: int) -> Outcome:
+    inet = world.internet()
+    config = servers(world, inet)
+    slow = world.router("slow", wan=inet, nat=NatMode.MASQUERADE)
+    fast = world.router("fast", wan=inet, nat=NatMode.MASQUERADE)
+    # eth0 carries the default route but is 80 ms slower; eth1 has a backup default
+    # route, as NetworkManager gives a second uplink (as in netns-tests/test_paths.py).
+    m = world.host("m", lans=[slow.lan, fast.lan], delay_ms={"eth0": 80, "eth1": 5})
+    m.run(["ip", "route", "add", "default", "via", str(fast.lan.gateway), "dev", "eth1",
+           "metric", "200"])  # fmt: skip
+    p = world.host("p", lans=[inet])
+    team = Team(world, delay_ms=delay_ms)
+    team.write_peers([device(0), device(1)])
+    team.write_file("kbwg.json", json.dumps(config))
+    setup = Setup(world, inet, team, [m, p], [slow, fast])
+    t0, (alice, _) = setup.start()
+    deadline = t0 + BUDGET_S
+    seen: list[str] = []
+    while True:
+        peer = negotiated(alice, device(1)[1])
+        if peer is not None and (not seen or seen[-1] != peer["interface"]):
+            seen.append(peer["interface"])
+        if peer is not None and peer["interface"] == "eth1" and peer.get("host_route"):
+            break
+        if time.monotonic() >= deadline:
+            raise RunFailed(f"never on eth1 (seen: {seen or 'nothing'})")
+        time.sleep(POLL_S)
+    took = time.monotonic() - t0
+    first = seen[0]
+    return Outcome(took, f"first choice {first}" + ("" if first == "eth1" else " (WRONG)"))
+
+
+def _connected_pair(world: World, delay_ms: int) -> tuple[Setup, list[AgentProcess]]:
+    setup = build(world, delay_ms, [NatMode.MASQUERADE] * 2, 1)
+    reaches = setup.reaches(all_pairs(2))
+    t0, agents = setup.start()
+    reach_all(reaches, t0)
+    wait_negotiated(agents[0], device(1)[1])
+    wait_negotiated(agents[1], device(0)[1])
+    # Let the first checks settle (consent running, nominations done): the repair is
+    # what is measured, not the end of start-up.
+    time.sleep(3.0)
+    return setup, agents
+
+
+def flush_conntrack(node: Node) -> None:
+    node.run([sys.executable, "-c", "from pyroute2 import Conntrack; Conntrack().flush()"])
+
+
+def case_readdress(world: World, delay_ms: int) -> Outcome:
+    setup, _ = _connected_pair(world, delay_ms)
+    r0 = setup.routers[0]
+    old = r0.ip
+    new = str(setup.inet.allocate())
+    prefix = setup.inet.subnet_of(r0.interfaces[0].addresses[0]).prefixlen
+    # Traffic both ways through the change: pingers start before it.
+    reaches = setup.reaches(all_pairs(2))
+    # A new public address: the old one (and every mapping on it) goes at once.
+    r0.run(["sh", "-c", f"ip addr add {new}/{prefix} dev wan0 && "
+            f"ip addr del {old}/{prefix} dev wan0"])  # fmt: skip
+    t_change = time.monotonic()
+    flush_conntrack(r0)
+    return Outcome(reach_all(reaches, t_change), f"{old} -> {new}")
+
+
+def case_flush(world: World, delay_ms: int) -> Outcome:
+    setup, _ = _connected_pair(world, delay_ms)
+    # Only the far side (host 1) sends; host 0's NAT forgets its mappings.
+    reach = setup.reaches([(1, 0)])
+    flush_conntrack(setup.routers[0])
+    t_flush = time.monotonic()
+    return Outcome(reach_all(reach, t_flush), "far side sending")
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    title: str
+    goal_s: float
+    goal: str
+    nebula: str
+    run: Callable[[World, int], Outcome]
+
+
+CASES = {c.name: c for c in [
+    Case("lan3", "three devices on one LAN", 0.8, "0.8 s", "0.04 s", case_lan3),
+    Case("lan3-nostun", "the same, STUN/relay server unreachable", 0.8, "0.8 s (no penalty)",
+         "-", case_lan3_nostun),
+    Case("nat", "two port-preserving NATs", 1.1, "1.1 s", "1.3 s", case_nat),
+    Case("symmetric", "two symmetric NATs, relayed", 1.6, "1.6 s", "5.7 s", case_symmetric),
+    Case("multihomed", "multi-homed, slow default uplink (time to the fast one)", 1.1,
+         "right uplink at first choice (1.1 s)", "no choice", case_multihomed),
+    Case("readdress", "a NAT changes its public address (both ways)", 3.0, "3 s", "-",
+         case_readdress),
+    Case("flush", "a NAT forgets its mappings, the other side sending", 1.0, "1 s",
+         "up to 9.6 s", case_flush),
+    Case("six", "six devices on three NATs, all 30 directions", 1.5, "1.5 s", "-", case_six),
+]}  # fmt: skip
+
+
+# ------------------------------------------------------------------ running
+
+
+@dataclass
+class RunResult:
+    seconds: float | None
+    load: str
+    note: str = ""
+    error: str | None = None
+
+
+@dataclass
+class CaseResult:
+    name: str
+    title: str
+    goal_s: float
+    goal: str
+    nebula: str
+    runs: list[RunResult] = field(default_factory=list)
+
+    @property
+    def times(self) -> list[float]:
+        return [r.seconds for r in self.runs if r.seconds is not None]
+
+    def summary(self) -> dict[str, Any]:
+        times = self.times
+        median = statistics.median(times) if times else None
+        worst = max(times) if times else None
+        return {
+            "case": self.name, "title": self.title, "goal_s": self.goal_s, "goal": self.goal,
+            "nebula": self.nebula, "ok": len(times), "runs": len(self.runs),
+            "median_s": median, "max_s": worst,
+            "median_ratio": None if median is None else median / self.goal_s,
+            "max_ratio": None if worst is None else worst / self.goal_s,
+            "loads": [r.load for r in self.runs],
+            "notes": sorted({r.note for r in self.runs if r.note}),
+            "results": [asdict(r) for r in self.runs],
+        }
+
+
+def one_run(case: Case, delay_ms: int, logs: Path | None) -> RunResult:
+    before = load()
+    with World() as world:
+        try:
+            outcome = case.run(world, delay_ms)
+            result = RunResult(outcome.seconds, before, outcome.note)
+        except Exception as exc:  # one failed run is reported, not fatal
+            result = RunResult(None, before, error=f"{type(exc).__name__}: {exc}"[:2000])
+        finally:
+            if logs is not None:
+                logs.mkdir(parents=True, exist_ok=True)
+                for path in (world.dir / "agents").glob("*/agent*.log"):
+                    with contextlib.suppress(OSError):
+                        shutil.copy(path, logs / f"{path.parent.name}.log")
+    return result
+
+
+def _s(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f} s"
+
+
+def _x(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def print_table(results: list[CaseResult], runs: int, delay_ms: int) -> None:
+    print()
+    print(f"connect from process start: {runs} runs per case, chat delay {delay_ms} ms")
+    print("| case | median | max | goal | median/goal | max/goal | Nebula | load (1 min) | notes |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in results:
+        s = r.summary()
+        ok = "" if s["ok"] == s["runs"] else f" ({s['ok']}/{s['runs']} ok)"
+        print(f"| {r.title}{ok} | {_s(s['median_s'])} | {_s(s['max_s'])} | {r.goal} | "
+              f"{_x(s['median_ratio'])} | {_x(s['max_ratio'])} | {r.nebula} | "
+              f"{min(s['loads'])}-{max(s['loads'])} | {'; '.join(s['notes'])} |")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--case", action="append", choices=list(CASES),
+                        help="case to run (repeatable; default: all)")
+    parser.add_argument("--delay-ms", type=int, default=300,
+                        help="Keybase stand-in delivery delay (default 300)")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--logs", type=Path, metavar="DIR",
+                        help="keep each run's agent logs in DIR/<case>-<run>/")
+    args = parser.parse_args()
+
+    results = []
+    for name in args.case or list(CASES):
+        case = CASES[name]
+        result = CaseResult(case.name, case.title, case.goal_s, case.goal, case.nebula)
+        results.append(result)
+        for run in range(1, args.runs + 1):
+            logs = args.logs / f"{name}-{run}" if args.logs else None
+            one = one_run(case, args.delay_ms, logs)
+            result.runs.append(one)
+            what = one.error if one.error else f"{_s(one.seconds)} {one.note}"
+            print(f"{name} run {run} (load {one.load}): {what}", file=sys.stderr, flush=True)
+    if args.json:
+        print(json.dumps({"delay_ms": args.delay_ms, "runs": args.runs,
+                          "cases": [r.summary() for r in results]}, indent=2))
+    else:
+        print_table(results, args.runs, args.delay_ms)
+    return 0 if all(r.times for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
