@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from nacl.public import PrivateKey
 
-from kbwg.agent.chat_dispatch import ChatDispatch
+from kbwg.agent.chat_dispatch import ChatDispatch, post_or_drop
 from kbwg.agent.connectivity import Connectivity, RegisteredChecker
 from kbwg.agent.device_stats import StatsPoll
 from kbwg.agent.join_options import JoinOptions
@@ -59,13 +59,16 @@ class JoinedDevice:
         presence = Presence(keybase, team, state, owner, options.state_dir, lock)
 
         async def post(text: str) -> None:
-            await keybase.send(team.negotiation_channel, text)
+            await post_or_drop(keybase, team.negotiation_channel, text)
 
         def make_checker(spec: CheckerSpec) -> RegisteredChecker:
-            # `peer_sync` is made below; the negotiator asks for checkers only once
-            # peers have keys, which PeerSync gives them.
-            return paths.make_checker(spec, lambda pair, reason: spawn(
+            # `peer_sync` and `upkeep` are made below; the negotiator asks for checkers
+            # only once peers have keys, which PeerSync gives them.
+            registered = paths.make_checker(spec, lambda pair, reason: spawn(
                 peer_sync.path_chosen(spec.peer, pair, reason)))
+            registered.checker.on_lost = lambda _pair, fell_back: spawn(
+                upkeep.on_path_lost(spec.peer, fell_back))
+            return registered
 
         async def offer_candidates() -> list[CandidateInfo]:
             return await paths.offer_candidates(GATHER_WAIT_S)
@@ -76,14 +79,16 @@ class JoinedDevice:
         peer_sync = PeerSync(owner, state, team, paths, negotiator, presence, options, lock,
                              spawn)
         stats = StatsPoll(owner, state, options.keepalive_s, lock)
+        chat = ChatDispatch(team, state, presence, peer_sync, negotiator)
+        upkeep = Upkeep(options, team, state, presence, peer_sync, stats, paths, negotiator,
+                        chat)
         return cls(
             options=options, team=team, state=state, owner=owner, paths=paths,
             negotiator=negotiator, presence=presence, peer_sync=peer_sync, stats=stats,
-            chat=ChatDispatch(team, state, presence, peer_sync, negotiator),
-            upkeep=Upkeep(options, team, state, presence, peer_sync, stats, paths,
-                          negotiator),
+            chat=chat,
+            upkeep=upkeep,
             replies=ControlReplies(options.team, state, team.config, paths, team.claims,
-                                   negotiator, stats),
+                                   negotiator, stats, keybase.link),
         )
 
     async def introduce(self) -> None:

@@ -1,6 +1,7 @@
 """The joined device's background loops: the periodic refresh (peers.json, #announce
 history, re-announcing, claim check, peer sync, missing relays), the stats poll, and
-the network watch that re-gathers candidates and renegotiates after a change.
+the network watch that re-gathers candidates and renegotiates after a change; and the
+same repair when a peer's chosen pair goes quiet (`on_path_lost`).
 """
 
 from __future__ import annotations
@@ -11,14 +12,17 @@ import time
 from collections.abc import Coroutine
 from typing import Any
 
+from kbwg.agent.chat_dispatch import ChatDispatch
 from kbwg.agent.connectivity import Connectivity
 from kbwg.agent.device_stats import StatsPoll
 from kbwg.agent.join_options import JoinOptions
+from kbwg.agent.keybase_upkeep import KeybaseUpkeep
 from kbwg.agent.netwatch import NetworkWatcher
 from kbwg.agent.peer_sync import PeerSync
 from kbwg.agent.presence import Presence
 from kbwg.agent.runtime_state import AgentState
 from kbwg.agent.team_view import TeamView
+from kbwg.core.identity import DeviceId
 from kbwg.negotiation.session import Negotiator
 
 log = logging.getLogger(__name__)
@@ -26,12 +30,14 @@ log = logging.getLogger(__name__)
 # The refresh loop's first pass comes early: it covers messages sent while the
 # listener was still starting.
 FIRST_REFRESH_S = 2.0
+# A peer whose path keeps dying (gone offline, flapping) is renegotiated at most this often.
+LOST_PATH_SPACING_S = 2.0
 
 
 class Upkeep:
     def __init__(self, options: JoinOptions, team: TeamView, state: AgentState,
                  presence: Presence, peer_sync: PeerSync, stats: StatsPoll, paths: Connectivity,
-                 negotiator: Negotiator | None) -> None:
+                 negotiator: Negotiator | None, chat: ChatDispatch | None = None) -> None:
         self._options = options
         self._team = team
         self._state = state
@@ -40,11 +46,13 @@ class Upkeep:
         self._stats = stats
         self._paths = paths
         self._negotiator = negotiator
+        self._keybase = KeybaseUpkeep(team, state, presence, peer_sync, chat, negotiator)
+        self._lost_at: dict[DeviceId, float] = {}
 
     def loops(self) -> dict[str, Coroutine[Any, Any, None]]:
         """The loops by name; each runs until cancelled."""
         return {"refresh": self._refresh(), "stats": self._poll_stats(),
-                "netwatch": self._watch_network()}
+                "netwatch": self._watch_network(), "keybase": self._keybase.follow()}
 
     async def _refresh(self) -> None:
         """Safety net for missed notifications, peers.json edits and announcement expiry."""
@@ -52,13 +60,11 @@ class Upkeep:
         delays = [FIRST_REFRESH_S]
         while True:
             await asyncio.sleep(delays.pop() if delays else self._options.refresh_s)
-            await self._team.read_peers_file(strict=False)
-            await self._team.read_history(self._state.me)
-            if time.monotonic() - last_announce >= self._options.reannounce_s:
-                await self._presence.announce()
+            # peers.json, the histories, (re-)announcing, claim check and peer sync; all
+            # of it left alone while Keybase is away (keybase_upkeep).
+            due = time.monotonic() - last_announce >= self._options.reannounce_s
+            if await self._keybase.refresh(due):
                 last_announce = time.monotonic()
-            await self._presence.check_my_claim()
-            await self._peer_sync.sync()
             if self._paths.relays_missing():
                 # A relay that was down (or forgot our allocation) may be back.
                 await self.on_network_change()
@@ -76,10 +82,33 @@ class Upkeep:
     async def on_network_change(self) -> None:
         """Also after a lost relay: consent checks move each peer off it within seconds;
         a fresh allocation and a renegotiation bring a relayed path back."""
-        if not await self._paths.regather():
+        await self._regather("network changed")
+        # Pushes may have been lost while the network moved.
+        await self._keybase.reread()
+
+    async def on_path_lost(self, peer: DeviceId, fell_back: bool) -> None:
+        """The chosen pair to `peer` went quiet. Our NAT may have a new public address
+        (nothing on this host changed, so no network event says so): STUN again at
+        once, and renegotiate with everyone if our candidates changed; else with this
+        peer, unless another pair already took over."""
+        now = time.monotonic()
+        if now - self._lost_at.get(peer, -LOST_PATH_SPACING_S) < LOST_PATH_SPACING_S:
             return
-        log.info("network changed: candidates now %s; renegotiating", ", ".join(sorted(
+        self._lost_at[peer] = now
+        if await self._regather(f"path to {peer} lost"):
+            return
+        if not fell_back and self._negotiator is not None \
+                and await self._negotiator.restart(peer):
+            log.info("path to %s lost, candidates unchanged: renegotiating with it", peer)
+
+    async def _regather(self, why: str) -> bool:
+        """Gather again; when the candidates changed, tell the team and renegotiate with
+        every peer (True)."""
+        if not await self._paths.regather():
+            return False
+        log.info("%s: candidates now %s; renegotiating", why, ", ".join(sorted(
             f"{c.type} {c.address}:{c.port}" for c in self._paths.local.candidates)) or "none")
         await self._presence.follow_network(self._options.endpoint)
         if self._negotiator is not None:
             await self._negotiator.restart_all()
+        return True

@@ -39,8 +39,9 @@ How this differs from full ICE (one component, one stream, both ends are this ag
 - Keeping the path: single-shot consent checks on the selected pair every few of its
   RTTs (at most `consent_interval`, check_liveness.py), keepalives on other valid
   pairs every `keepalive_interval` (so the alternatives and their RTTs stay known).
-  `consent_failures` misses in a row fail the pair; either side then moves to the best remaining valid pair at once (the
-  controlled side too, so that a lost nomination cannot hold it on a dead path).
+  `consent_failures` misses in a row fail the pair; either side then moves to the
+  best remaining valid pair at once (the controlled side too, so that a lost
+  nomination cannot hold it on a dead path).
 - Failed pairs are re-probed with backoff from `reprobe_min` doubling to `reprobe_max`
   (the timers of both are in check_liveness.py).
 - RTT: single-shot transactions give exact samples; see `CandidatePair.add_rtt` for
@@ -78,12 +79,14 @@ from kbwg.negotiation.choice import (
 from kbwg.negotiation.pair_table import PairTable
 from kbwg.negotiation.wire import CandidateInfo
 
-__all__ = ["CheckCounters", "CheckTimers", "CheckerState", "PeerChecker",
+__all__ = ["CheckCounters", "CheckTimers", "CheckerState", "LostCallback", "PeerChecker",
            "SelectedCallback", "SendFn"]
 
 log = logging.getLogger(__name__)
 
 SelectedCallback = Callable[[CandidatePair | None, str], None]
+# The selected pair stopped answering: (that pair, whether another one took over).
+LostCallback = Callable[[CandidatePair, bool], None]
 CheckerState = Literal["checking", "connected", "failed", "closed"]
 
 # Requests that arrive before the peer's answer, replayed once it is known.
@@ -121,6 +124,9 @@ class PeerChecker:
         self._tie_breaker = tie_breaker
         self._send = send
         self.on_selected = on_selected
+        # Told when the selected pair goes quiet (after the switch to another, if any),
+        # so the agent can re-STUN and renegotiate at once.
+        self.on_lost: LostCallback | None = None
         self.timers = timers or CheckTimers()
         self.hysteresis_ratio = hysteresis_ratio
         self.hysteresis_ms = hysteresis_ms
@@ -431,6 +437,7 @@ class PeerChecker:
 
     def _pair_failed(self, pair: CandidatePair, why: str) -> None:
         was = pair.state
+        lost = pair is self._selected
         pair.state = "failed"
         pair.tried = True
         pair.misses = 0
@@ -442,6 +449,11 @@ class PeerChecker:
         else:
             log.debug("%s: pair %s failed: %s", self.name, pair.describe(), why)
         self._evaluate()
+        if lost and self.on_lost is not None and not self._closed:
+            try:
+                self.on_lost(pair, self._selected is not None)
+            except Exception:
+                log.exception("%s: on_lost callback failed", self.name)
 
     def _evaluate(self) -> None:
         """Act on the choice: select, renominate, fall back, or declare failure."""

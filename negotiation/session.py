@@ -211,6 +211,15 @@ class Negotiator:
             self._answer_timeout * session.offers_sent,
             lambda: self._spawn(self._send_offer(session, kind, body)))
 
+    async def restart(self, peer: DeviceId) -> bool:
+        """Renegotiate with one peer whose path went quiet (unless an offer to it is
+        already out); True when a restart was sent."""
+        session = self.sessions.get(peer)
+        if session is None or session.state == "offering":
+            return False
+        await self.offer(session, kind="restart")
+        return True
+
     async def restart_all(self) -> None:
         """Our candidates changed: renegotiate with everyone."""
         for session in list(self.sessions.values()):

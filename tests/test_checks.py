@@ -728,9 +728,13 @@ async def test_consent_follows_the_rtt_and_a_lost_path_is_noticed_in_about_a_sec
         assert gaps == pytest.approx([interval] * 3, abs=0.02)
         assert timers.consent_timeout_for(a.c.selected.rtt_ms) == pytest.approx(timeout)
 
+        lost: list[tuple[CandidatePair, bool]] = []
+        a.c.on_lost = lambda pair, fell_back: lost.append((pair, fell_back))
+        chosen = a.c.selected
         cut_at = now()
         net.cut.add(frozenset(("198.18.1.10", "198.18.1.20")))
         await advance_until(lambda: a.c.state == "failed", timeout=5.0)
+        assert lost == [(chosen, False)], "told once: the path went quiet, none took over"
         # Three misses in a row: at most three intervals and a timeout after the cut
         # (RFC 7675's defaults took 6 s or more).
         assert now() - cut_at <= 3 * interval + timeout + 0.02

@@ -459,3 +459,19 @@ async def test_bye_closes_the_peer_checker() -> None:
     session = alice.negotiator.sessions[BOB]
     assert session.state == "idle" and session.checker is None
     assert alice.negotiator.snapshot(BOB)["negotiation"] == "idle"
+
+
+async def test_a_lost_path_restarts_the_negotiation_with_that_peer_only_once() -> None:
+    bus, alice, bob = pair(offer_grace_s=LONG, answer_timeout_s=LONG)
+    await negotiate(bus, alice, bob)
+    old = alice.live_checkers()
+
+    assert await alice.negotiator.restart(BOB)
+    # An offer is out: a second loss before the answer sends nothing more.
+    assert not await alice.negotiator.restart(BOB)
+    await settle(bus, alice, bob)
+    assert alice.sent_types(bob) == ["answer", "restart"]
+    assert bob.sent_types(alice) == ["offer", "answer"]
+    assert all(c.closed for c in old), "the old checker goes with the old session"
+    assert alice.negotiator.sessions[BOB].state == "checking"
+    assert not await alice.negotiator.restart(DeviceId("carol", "phone")), "unknown peer"
