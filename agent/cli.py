@@ -85,10 +85,39 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_state_dir(status)
     status.add_argument("--json", action="store_true", help="machine-readable output")
+    _add_ping(sub)
     _add_diag(sub)
     _add_relay(sub)
     _add_install_helper(sub)
     return parser
+
+
+def _add_ping(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    ping = sub.add_parser(
+        "ping",
+        help="ping a peer over its chosen path and say which path that is",
+        description="Ask the agent running with this state dir to ping PEER over the "
+        "path negotiation chose: a STUN Binding signed with the pair's check credentials "
+        "(exchanged in the sealed offer and answer, so only the peer can answer), sent "
+        "like WireGuard's own packets. Prints the path (LAN, direct or relay), the "
+        "candidate pair and the round-trip time of each ping. Exit status: 0 when a pong "
+        "came (with --until-direct: a pong over a direct or LAN path), 1 otherwise.",
+    )
+    ping.add_argument("peer", metavar="PEER",
+                      help="user/device, a device name, or an overlay address, as "
+                      "`kbwg-agent status` shows them")
+    _add_state_dir(ping)
+    ping.add_argument("-c", "--count", type=int, default=10,
+                      help="pings to send (default: 10)")
+    ping.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS",
+                      help="how long each ping waits for its pong (default: 5, at most 60)")
+    ping.add_argument("--interval", type=float, default=1.0, metavar="SECONDS",
+                      help="from the start of one ping to the next (default: 1)")
+    ping.add_argument("--until-direct", action="store_true",
+                      help="stop at the first pong over a direct or LAN path (exit 0); "
+                      "exit 1 if COUNT pings went by without one")
+    ping.add_argument("--json", action="store_true",
+                      help="one JSON object per line: each ping, then a summary")
 
 
 def _add_install_helper(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -260,6 +289,25 @@ async def _status(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _ping(args: argparse.Namespace) -> int:
+    from kbwg.agent.ping import MAX_TIMEOUT_S
+    from kbwg.agent.ping_command import PingOptions, run_ping
+
+    if args.count < 1 or not 0 < args.timeout <= MAX_TIMEOUT_S or args.interval < 0:
+        return _fail(f"-c must be at least 1, --timeout in (0, {MAX_TIMEOUT_S:g}] and "
+                     "--interval not negative")
+    state_dir = resolve_state_dir(args.state_dir)
+
+    async def one(peer: str, timeout: float) -> dict[str, Any]:
+        return await call(state_dir, "ping", timeout=timeout + 10, peer=peer,
+                          ping_timeout=timeout)
+
+    options = PingOptions(peer=args.peer, count=args.count, timeout=args.timeout,
+                          interval=args.interval, until_direct=args.until_direct,
+                          json=args.json)
+    return await run_ping(options, one, sys.stdout, sys.stderr)
+
+
 async def _diag(args: argparse.Namespace) -> int:
     from kbwg.agent.diag import DiagOptions, relay_secret, run_diag
     from kbwg.agent.teamconfig import (
@@ -352,6 +400,11 @@ def main(argv: list[str] | None = None) -> int:
         return asyncio.run(_status(args))
     if args.command == "diag":
         return asyncio.run(_diag(args))
+    if args.command == "ping":
+        try:
+            return asyncio.run(_ping(args))
+        except KeyboardInterrupt:
+            return 130
     return _fail(f"unknown command {args.command}")
 
 

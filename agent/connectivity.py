@@ -35,6 +35,7 @@ from kbwg.negotiation.candidates import Candidate
 from kbwg.negotiation.checks import PeerChecker
 from kbwg.negotiation.gathering import LocalCandidates, gather_local, resolve_servers
 from kbwg.negotiation.mux import CheckMux
+from kbwg.negotiation.probe import PairProbe, ProbeResult, ProbingReceiver
 from kbwg.negotiation.session import CheckerSpec
 from kbwg.negotiation.stun_client import Address, StunClient, StunCounters
 from kbwg.negotiation.wire import CandidateInfo
@@ -178,11 +179,14 @@ class Connectivity:
             tie_breaker=spec.tie_breaker, send=self._send_check, on_selected=on_selected,
             name=str(spec.peer),
         )
-        self._mux.register(spec.ufrag, checker)
+        # `kbwg-agent ping` probes go out like this peer's checks; the mux gives their
+        # answers to the probe (ProbingReceiver).
+        probe = PairProbe(spec.ufrag, self._send_check)
+        self._mux.register(spec.ufrag, ProbingReceiver(checker, probe))
         # The owner passes checks naming this ufrag in a budget strangers cannot use up;
         # the declaration is a local round trip, long done when the peer reads our offer.
         self._port.add_ufrag(spec.ufrag)
-        return RegisteredChecker(checker, self._mux, self._port)
+        return RegisteredChecker(checker, self._mux, self._port, probe)
 
     def _send_check(self, data: bytes, dest: Address, local: Candidate) -> None:
         if local.type == "relay":
@@ -231,6 +235,7 @@ class RegisteredChecker:
     checker: PeerChecker
     mux: CheckMux
     port: OwnerStunTransport
+    probe: PairProbe
 
     @property
     def remote_candidates(self) -> list[CandidateInfo]:
@@ -240,7 +245,15 @@ class RegisteredChecker:
         return list(seen.values())
 
     def set_remote(self, ufrag: str, pwd: str, candidates: list[CandidateInfo]) -> None:
+        self.probe.set_remote(ufrag, pwd)
         self.checker.set_remote(ufrag, pwd, candidates)
+
+    async def ping(self, timeout: float) -> ProbeResult | None:
+        """One sealed ping over the selected pair (probe.py); None without one."""
+        pair = self.checker.selected
+        if pair is None or not self.probe.ready:
+            return None
+        return await self.probe.ping(pair, timeout)
 
     def snapshot(self) -> dict[str, Any]:
         return self.checker.snapshot()
@@ -249,3 +262,4 @@ class RegisteredChecker:
         self.mux.unregister(self.checker.ufrag)
         self.port.remove_ufrag(self.checker.ufrag)
         self.checker.close()
+        self.probe.close()

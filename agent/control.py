@@ -1,6 +1,7 @@
 """The agent's local control socket: one JSON request line, one JSON reply line.
 
 `kbwg-agent status --state-dir DIR` talks to the agent running with that state dir.
+Connections are served concurrently: a `ping` waiting for its pong holds up nothing.
 """
 
 from __future__ import annotations
@@ -27,6 +28,11 @@ Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 
 class ControlError(Exception):
     """The agent could not be reached or refused the request."""
+
+
+class RequestRefused(Exception):
+    """A handler's answer to a request it cannot serve (an unknown peer, say): its
+    message goes to the client as it is, for the user to act on."""
 
 
 def socket_path(state_dir: Path) -> Path:
@@ -106,6 +112,8 @@ class ControlServer:
             return {"error": f"unknown command {request['cmd']!r}"}
         try:
             return {"result": await handler(request)}
+        except RequestRefused as exc:
+            return {"error": str(exc)}
         except Exception as exc:
             log.exception("control command %s failed", request["cmd"])
             return {"error": f"{type(exc).__name__}: {exc}"}

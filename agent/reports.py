@@ -1,4 +1,5 @@
-"""What `status` and `diag` answer about a running agent (the control socket's replies).
+"""What `status` and `diag` answer about a running agent (the control socket's replies;
+`ping`'s are in ping.py).
 
 `status --json` and `diag --json` keys are documented in the README and only ever
 added to. The agent's state is read, never changed, here.
@@ -16,6 +17,7 @@ from kbwg.agent.control import Handler
 from kbwg.agent.device_stats import StatsPoll
 from kbwg.agent.diag import DiagOptions, diagnose
 from kbwg.agent.owner_stun import OwnerStunTransport
+from kbwg.agent.ping import PingReplies
 from kbwg.agent.runtime_state import AgentState, PeerState
 from kbwg.agent.teamconfig import TeamConfig
 from kbwg.negotiation.session import Negotiator
@@ -98,7 +100,7 @@ def _peer_diag(peer: PeerState, negotiator: Negotiator | None) -> dict[str, Any]
 
 @dataclass
 class ControlReplies:
-    """The control socket's `status` and `diag`, for one joined device."""
+    """The control socket's `status`, `diag` and `ping`, for one joined device."""
 
     team: str
     state: AgentState
@@ -109,7 +111,8 @@ class ControlReplies:
     stats: StatsPoll
 
     def handlers(self) -> dict[str, Handler]:
-        return {"status": self.status, "diag": self.diag}
+        return {"status": self.status, "diag": self.diag,
+                "ping": PingReplies(self.state, self.negotiator).ping}
 
     async def status(self, _request: dict[str, Any]) -> dict[str, Any]:
         await self.stats.poll()
