@@ -38,8 +38,11 @@ from kbwg.agent.joined import JoinedDevice
 from kbwg.agent.keybase import KeybaseClient, KeybaseError
 from kbwg.agent.overlaycheck import OverlayError, RoutesReader, check_team_overlay, host_routes
 from kbwg.agent.owner_calls import OwnerCalls
-from kbwg.agent.owner_client import DeviceOwner
+from kbwg.agent.owner_client import DeviceOwner, OwnerGone
 from kbwg.agent.presence import announce_target, pick_dynamic
+from kbwg.agent.previous_owner import forget as forget_owner
+from kbwg.agent.previous_owner import record as record_owner
+from kbwg.agent.previous_owner import wait_for_previous as wait_for_previous_owner
 from kbwg.agent.reload import reread_team_files
 from kbwg.agent.runtime_state import AgentState
 from kbwg.agent.team_view import TeamView
@@ -110,10 +113,14 @@ class Agent:
                         await starting
                     self._raise_failures(tasks)
                     return
-                device = starting.result()
+                try:
+                    device = starting.result()
+                except OwnerGone as exc:
+                    raise self._owner_died(exc) from exc
                 tasks += [asyncio.create_task(loop, name=name)
                           for name, loop in device.upkeep.loops().items()]
                 tasks.append(asyncio.create_task(self._serve_reloads(device), name="reload"))
+                tasks.append(asyncio.create_task(self._watch_owner(device), name="owner"))
                 await asyncio.wait([stopper, *tasks], return_when=asyncio.FIRST_COMPLETED)
                 self._raise_failures(tasks)
             finally:
@@ -136,11 +143,26 @@ class Agent:
                 log.exception("re-reading the team files failed")
 
     @staticmethod
-    def _raise_failures(tasks: list[asyncio.Task[None]]) -> None:
+    async def _watch_owner(device: JoinedDevice) -> None:
+        """The owner holds the device, so without it there is nothing left to keep in
+        step: its death stops the agent at once, not at the next request that fails."""
+        raise await device.owner.transport.wait_gone()
+
+    def _owner_died(self, gone: OwnerGone) -> JoinError:
+        return JoinError(
+            f"{gone}. The WireGuard device {self.options.interface} went with it, so this "
+            f"agent stopped. Start `kbwg-agent join {self.options.team}` again (a service "
+            "manager restarts it by itself); if the device owner keeps dying, its last log "
+            "lines above say why (and the system log, e.g. for the OOM killer)")
+
+    def _raise_failures(self, tasks: list[asyncio.Task[None]]) -> None:
         for task in tasks:
             if task.done() and not task.cancelled():
-                if task.exception() is not None:
-                    raise task.exception()  # type: ignore[misc]
+                exc = task.exception()
+                if isinstance(exc, OwnerGone):
+                    raise self._owner_died(exc) from exc
+                if exc is not None:
+                    raise exc
                 raise RuntimeError(f"internal error: the {task.get_name()} task ended")
 
     async def _follow(self, ready: asyncio.Event,
@@ -172,7 +194,10 @@ class Agent:
 
         private_key = PrivateKey.generate()
         announce_ip, announce_port = await announce_target(self.options.endpoint, config)
+        # An agent killed outright leaves its owner removing the device for a moment.
+        await wait_for_previous_owner(self.options.state_dir)
         owner = OwnerCalls(await owner_task)
+        record_owner(self.options.state_dir, owner.transport.pid)
         created = await owner.create(
             self.options.interface, bytes(private_key), self.options.listen_port,
             IPv4Interface(f"{overlay_ip}/{config.overlay.prefixlen}"), self.options.backend)
@@ -221,6 +246,7 @@ class Agent:
             return  # it never started (the failure is reported by start-up)
         with contextlib.suppress(Exception):
             await owner.close()
+        forget_owner(self.options.state_dir)
         log.info("device %s removed", self.options.interface)
 
     async def _load_config(self) -> TeamConfig:

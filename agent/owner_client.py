@@ -22,6 +22,7 @@ import logging
 import os
 import pwd
 import shutil
+import signal
 import sys
 from collections.abc import Callable, Mapping
 from types import TracebackType
@@ -50,11 +51,24 @@ class OwnerGone(Exception):
     """The owner process has exited (or its pipe broke)."""
 
     def __init__(self, returncode: int | None, detail: str = "") -> None:
-        message = f"device owner exited with status {returncode}"
+        message = f"device owner {describe_exit(returncode)}"
         if detail:
-            message += f": {detail}"
+            message += f" (its last log line: {detail})"
         super().__init__(message)
         self.returncode = returncode
+
+
+def describe_exit(returncode: int | None) -> str:
+    """How a process ended, from asyncio's returncode (negative: the signal)."""
+    if returncode is None:
+        return "closed its pipe"
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        return f"was killed by {name}"
+    return f"exited with status {returncode}"
 
 
 class OwnerStartError(Exception):
@@ -148,6 +162,7 @@ class DeviceOwner:
         self._write_lock = asyncio.Lock()
         self._stderr_tail: collections.deque[str] = collections.deque(maxlen=_STDERR_TAIL_LINES)
         self._gone: OwnerGone | None = None
+        self._gone_event = asyncio.Event()
         self._closed = False
         self._reader_task = asyncio.create_task(self._read_replies())
         self._stderr_task = asyncio.create_task(self._read_stderr())
@@ -208,6 +223,17 @@ class DeviceOwner:
     @property
     def stderr_tail(self) -> list[str]:
         return list(self._stderr_tail)
+
+    @property
+    def closing(self) -> bool:
+        """close() was called: the owner is going away on purpose."""
+        return self._closed
+
+    async def wait_gone(self) -> OwnerGone:
+        """Return once the owner has exited or its pipe broke, with why."""
+        await self._gone_event.wait()
+        assert self._gone is not None
+        return self._gone
 
     async def request(self, op: str, **args: Any) -> dict[str, Any]:
         """Send one request; returns the reply without `id` and `ok`."""
@@ -298,6 +324,7 @@ class DeviceOwner:
             await asyncio.wait_for(asyncio.shield(self._stderr_task), 1.0)
         tail = self._stderr_tail[-1] if self._stderr_tail else ""
         self._gone = OwnerGone(self._process.returncode, tail)
+        self._gone_event.set()
         if not self._closed:
             logger.warning("%s", self._gone)
         for future in self._pending.values():

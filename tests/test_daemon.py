@@ -56,6 +56,11 @@ class FakeOwner:
     events: asyncio.Queue[dict[str, Any]] = field(default_factory=asyncio.Queue)
     # Keys whose handshake the device reports, with its time.
     handshakes: dict[str, float] = field(default_factory=dict)
+    # No process: nothing for a later agent to wait for, and it never dies.
+    pid: int = 0
+
+    async def wait_gone(self) -> Any:
+        await asyncio.Event().wait()
 
     async def request(self, op: str, **args: Any) -> dict[str, Any]:
         self.calls.append((op, args))

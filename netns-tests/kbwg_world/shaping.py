@@ -21,6 +21,9 @@ Where the hooks sit, and why:
   delivered on the sender's egress, 1000 on the receiver's ingress or a router's egress
   (crossing a veth into another namespace releases the charge). Shape the ingress of the
   far end, or a router, for high-rate flows; wireguard-go forces 7 MB socket buffers.
+- jitter: the delayer adds a uniform random 0..J ms to each packet (netem's `delay
+  D+J/2 J/2`) and, like netem, lets packets overtake each other unless asked to keep
+  their order (see delayer.py).
 - no `--queue-bypass`: if a delayer dies its link goes dark rather than silently losing its
   delay (a benchmark would otherwise measure the wrong thing); `World.check()` names the
   dead delayer so the failure is loud and clear.
@@ -108,3 +111,5 @@ class DelaySpec:
     queue: int
     rules: list[list[str]]
     pid: int
+    jitter_ms: float = 0.0
+    in_order: bool = False

@@ -632,32 +632,41 @@ class World:
         )
 
     def set_delay(
-        self, node: Node, ifname: str, ms: float, direction: Direction = Direction.EGRESS
+        self, node: Node, ifname: str, ms: float, direction: Direction = Direction.EGRESS,
+        jitter_ms: float = 0.0, in_order: bool = False,
     ) -> None:
-        """Hold every packet crossing `ifname` of `node` for `ms` milliseconds (0 removes it).
+        """Hold every packet crossing `ifname` of `node` for `ms` milliseconds, plus a
+        uniform random 0..`jitter_ms` (both 0 removes it). With jitter packets may
+        overtake each other, as with netem, unless `in_order`.
 
         One delayer process per delayed side of a link, inside `node`'s namespace.
         """
-        if ms < 0:
-            raise WorldError(f"delay {ms} ms is negative")
+        if ms < 0 or jitter_ms < 0:
+            raise WorldError(f"delay {ms} ms (jitter {jitter_ms} ms) is negative")
         node.interface(ifname)
         for side in direction.sides():
             key = (node.name, ifname, side)
             old = self.delays.pop(key, None)
             if old is not None:
                 self._remove_delay(node, old)
-            if ms > 0:
-                self.delays[key] = self._start_delay(node, ifname, side, ms)
+            if ms > 0 or jitter_ms > 0:
+                self.delays[key] = self._start_delay(node, ifname, side, ms, jitter_ms,
+                                                     in_order)
 
-    def _start_delay(self, node: Node, ifname: str, side: Direction, ms: float) -> DelaySpec:
+    def _start_delay(self, node: Node, ifname: str, side: Direction, ms: float,
+                     jitter_ms: float = 0.0, in_order: bool = False) -> DelaySpec:
         queue = node.next_queue
         node.next_queue += 1
         log_path = self.dir / f"delayer-{node.name}-{ifname}-{side.value}.log"
+        argv = [sys.executable, str(DELAYER_SCRIPT), "--queue", str(queue),
+                "--delay-ms", str(ms)]  # fmt: skip
+        if jitter_ms > 0:
+            argv += ["--jitter-ms", str(jitter_ms)]
+        if in_order:
+            argv.append("--in-order")
         with open(log_path, "wb") as log:
             proc = self.spawn(
-                netns.ns_argv(node.ns, [sys.executable, str(DELAYER_SCRIPT),
-                                        "--queue", str(queue), "--delay-ms", str(ms)]),
-                stdout=subprocess.PIPE, stderr=log,
+                netns.ns_argv(node.ns, argv), stdout=subprocess.PIPE, stderr=log,
             )  # fmt: skip
         assert proc.stdout is not None
         # The rule goes in only once the queue has a listener: without --queue-bypass a
@@ -671,7 +680,8 @@ class World:
             )
         spec = DelaySpec(
             node=node.name, ifname=ifname, direction=side, delay_ms=ms, queue=queue,
-            rules=delay_rules(ifname, side, queue), pid=proc.pid,
+            rules=delay_rules(ifname, side, queue), pid=proc.pid, jitter_ms=jitter_ms,
+            in_order=in_order,
         )  # fmt: skip
         for rule in spec.rules:
             netns.run(["ip", "netns", "exec", node.ns, *iptables_argv("-A", rule)])
