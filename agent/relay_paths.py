@@ -1,9 +1,15 @@
 """The agent's relayed candidates and relayed data paths.
 
 One allocation per configured relay gives one relayed candidate (the lowest-RTT relay
-gets the highest priority). Connectivity checks from a relayed candidate go out through
-its allocation; what comes back is STUN (handed to the check dispatcher) or WireGuard
-data (handed to the loopback proxy of the peer it comes from).
+gets the highest priority). A relay listed with several transports (kbwg.json entries
+with the same host, secret and username: `turn:H`, `turn:H?transport=tcp`, `turns:H`)
+is one relay: UDP is tried first, and only when it gets no answer (a network that
+blocks outbound UDP) TCP, then TLS, in the background, so the other candidates need
+not wait; `transport_reason` says why (status and diag show it).
+
+Connectivity checks from a relayed candidate go out through its allocation; what comes
+back is STUN (handed to the check dispatcher) or WireGuard data (handed to the loopback
+proxy of the peer it comes from).
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kbwg.agent.relay_proxy import LoopbackProxy, ProxyCounters
-from kbwg.agent.teamconfig import RelayConfig
+from kbwg.agent.teamconfig import TRANSPORTS, RelayConfig, tls_context
 from kbwg.core.stun import is_stun
 from kbwg.negotiation.candidates import Candidate, candidate_priority
 from kbwg.negotiation.stun_client import resolve
@@ -27,13 +33,38 @@ log = logging.getLogger(__name__)
 StunHandler = Callable[[bytes, Address, Candidate], None]
 
 
+@dataclass(frozen=True)
+class RelayGroup:
+    """One relay and the ways to reach it, in the order they are tried."""
+
+    key: str  # the first URL listed for it: allocations are kept by this
+    options: tuple[RelayConfig, ...]
+
+
+def relay_groups(relays: list[RelayConfig]) -> list[RelayGroup]:
+    """Entries naming the same relay (host, secret, username) become one group, tried
+    UDP first, then TCP, then TLS (in the file's order within a transport)."""
+    grouped: dict[tuple[str, str, str | None], list[RelayConfig]] = {}
+    for relay in relays:
+        grouped.setdefault((relay.host.lower(), relay.secret, relay.username), []).append(relay)
+    return [RelayGroup(options[0].url, tuple(sorted(
+                options, key=lambda r: TRANSPORTS.index(r.transport))))
+            for options in grouped.values()]
+
+
 @dataclass
 class RelayPaths:
     user: str
     wg_port: int
     on_stun: StunHandler
     on_lost: Callable[[RelayAllocation], None]
-    allocations: dict[str, RelayAllocation] = field(default_factory=dict)  # by relay URL
+    # An allocation that arrived after `ensure` returned (a TCP/TLS fallback): the
+    # candidates changed, as when one is lost.
+    on_ready: Callable[[RelayAllocation], None] | None = None
+    # By relay (the first URL listed for it, see RelayGroup).
+    allocations: dict[str, RelayAllocation] = field(default_factory=dict)
+    # Fallbacks to TCP/TLS under way, by relay.
+    pending: dict[str, asyncio.Task[None]] = field(default_factory=dict)
     proxies: dict[str, LoopbackProxy] = field(default_factory=dict)  # by peer name
     # By relay URL, shared by the proxies of its allocations: outlives each proxy, so
     # status shows what every relayed peer passed, dropped or refused since start.
@@ -41,28 +72,66 @@ class RelayPaths:
     # The same proxies by (our relayed address, peer address): one lookup per datagram.
     _by_route: dict[tuple[Address, Address], LoopbackProxy] = field(default_factory=dict)
 
-    def missing(self, relays: list[RelayConfig]) -> list[RelayConfig]:
-        """The configured relays without a live allocation."""
-        return [r for r in relays
-                if r.url not in self.allocations or self.allocations[r.url].closed]
+    def missing(self, relays: list[RelayConfig]) -> list[RelayGroup]:
+        """The configured relays without a live allocation or one under way."""
+        return [g for g in relay_groups(relays)
+                if g.key not in self.pending and (g.key not in self.allocations
+                                                  or self.allocations[g.key].closed)]
 
     async def ensure(self, relays: list[RelayConfig], timeout: float = 3.0) -> None:
-        """An allocation on every configured relay that has none alive."""
+        """An allocation on every configured relay that has none alive: its first
+        transport is awaited, fallbacks run in the background (`on_ready`)."""
         missing = self.missing(relays)
-        results = await asyncio.gather(*(self._allocate(r, timeout) for r in missing),
-                                       return_exceptions=True)
-        for relay, result in zip(missing, results, strict=True):
+        results = await asyncio.gather(*(self._allocate(g.options[0], timeout)
+                                         for g in missing), return_exceptions=True)
+        for group, result in zip(missing, results, strict=True):
             if isinstance(result, BaseException):
-                log.warning("relay %s: no allocation: %s", relay.url,
-                            result or type(result).__name__)
-                self.allocations.pop(relay.url, None)
+                first = group.options[0]
+                reason = _failure(first, result, timeout)
+                self.allocations.pop(group.key, None)
+                if len(group.options) > 1:
+                    log.warning("relay %s: no allocation over %s (%s); trying %s",
+                                first.url, first.transport, reason,
+                                ", ".join(o.url for o in group.options[1:]))
+                    self._start_fallback(group, reason, timeout)
+                else:
+                    log.warning("relay %s: no allocation: %s", first.url, reason)
             else:
-                self.allocations[relay.url] = result
+                result.transport_reason = f"{result.transport}: first choice"
+                self.allocations[group.key] = result
+
+    def _start_fallback(self, group: RelayGroup, reason: str, timeout: float) -> None:
+        task = asyncio.create_task(self._fall_back(group, [reason], timeout))
+        self.pending[group.key] = task
+
+        def done(_task: asyncio.Task[None]) -> None:
+            if self.pending.get(group.key) is task:
+                del self.pending[group.key]
+
+        task.add_done_callback(done)
+
+    async def _fall_back(self, group: RelayGroup, reasons: list[str], timeout: float) -> None:
+        for option in group.options[1:]:
+            try:
+                allocation = await self._allocate(option, timeout)
+            except Exception as exc:  # each failure is reported below
+                reasons.append(_failure(option, exc, timeout))
+                continue
+            allocation.transport_reason = f"{'; '.join(reasons)}; using {option.transport}"
+            log.info("relay %s: %s", group.key, allocation.transport_reason)
+            self.allocations[group.key] = allocation
+            if self.on_ready is not None:
+                self.on_ready(allocation)
+            return
+        log.warning("relay %s: no allocation over any transport: %s", group.key,
+                    "; ".join(reasons))
 
     async def _allocate(self, relay: RelayConfig, timeout: float) -> RelayAllocation:
+        tls = tls_context(relay) if relay.transport == "tls" else None
         server = await resolve(relay.host, relay.port)
         allocation = await RelayAllocation.open(
-            relay.url, server, relay.username or self.user, relay.secret, timeout)
+            relay.url, server, relay.username or self.user, relay.secret, timeout,
+            transport=relay.transport, tls=tls, server_hostname=relay.host)
         allocation.receiver = lambda data, peer: self._received(allocation, data, peer)
         allocation.on_lost = self.on_lost
         return allocation
@@ -133,6 +202,7 @@ class RelayPaths:
 
     def to_json(self) -> list[dict[str, Any]]:
         return [{"url": a.url, "relayed": f"{a.relayed[0]}:{a.relayed[1]}",
+                 "transport": a.transport, "transport_reason": a.transport_reason,
                  "rtt_ms": round(a.rtt_ms, 3), "alive": not a.closed,
                  "sent": a.counters.sent, "received": a.counters.received,
                  "send_errors": a.counters.send_errors, "unhandled": a.unhandled,
@@ -145,9 +215,18 @@ class RelayPaths:
                 "proxy_dropped": c.dropped, "proxy_foreign": c.foreign}
 
     async def close(self) -> None:
+        for task in list(self.pending.values()):
+            task.cancel()
         for proxy in self.proxies.values():
             proxy.close()
         self.proxies.clear()
         self._by_route.clear()
         await asyncio.gather(*(a.close() for a in self.allocations.values()),
                              return_exceptions=True)
+
+
+def _failure(relay: RelayConfig, exc: BaseException, timeout: float) -> str:
+    """Why `relay` gave no allocation, in a few words: `udp: no answer in 3 s`."""
+    if isinstance(exc, TimeoutError):
+        return f"{relay.transport}: no answer in {timeout:g} s"
+    return f"{relay.transport}: {exc or type(exc).__name__}"

@@ -14,6 +14,7 @@ import ipaddress
 import json
 import logging
 import re
+import ssl
 from dataclasses import dataclass, field
 from ipaddress import IPv4Network
 from typing import Protocol
@@ -37,7 +38,11 @@ _KNOWN_KEYS = frozenset({
     "stun", "relays", "overlay", "announce_channel", "negotiation_channel",
     "interface_exclude", "dynamic_range", "policy",
 })
-_KNOWN_RELAY_KEYS = frozenset({"url", "secret", "username"})
+_KNOWN_RELAY_KEYS = frozenset({"url", "secret", "username", "ca_file"})
+# RFC 7065's schemes and transports: turn: over UDP (the default) or TCP, turns: over TLS.
+TURN_DEFAULT_PORT = 3478
+TURNS_DEFAULT_PORT = 5349
+TRANSPORTS = ("udp", "tcp", "tls")
 # Addresses that are never a peer's: the overlay must not touch them.
 _NEVER_OVERLAY = tuple(IPv4Network(n) for n in (
     "0.0.0.0/8", "127.0.0.0/8", "169.254.0.0/16", "224.0.0.0/4", "240.0.0.0/4"))
@@ -47,15 +52,23 @@ class TeamConfigError(ValueError):
     """kbwg.json cannot be used; the message names the offending key."""
 
 
+class UnsupportedRelayUrl(ValueError):
+    """A well-formed URL this agent cannot use (another scheme or transport): in
+    kbwg.json that relay is skipped, so a file written for a newer agent still works."""
+
+
 @dataclass(frozen=True)
 class RelayConfig:
     url: str
     host: str
     port: int
     secret: str
-    transport: str = "udp"
+    transport: str = "udp"  # udp, tcp or tls (turns:)
     # None: the Keybase username of the device, filled in when credentials are made.
     username: str | None = None
+    # PEM file of the CA that signed a turns: relay's certificate (a self-signed relay);
+    # None: the system's trusted CAs.
+    ca_file: str | None = None
 
     @property
     def address(self) -> HostPort:
@@ -73,6 +86,22 @@ class TeamConfig:
     # None: devices missing from peers.json cannot join (nowhere to claim an address).
     dynamic_range: IPv4Network | None = None
     policy: Policy = Policy.MESH
+
+
+def tls_context(relay: RelayConfig) -> ssl.SSLContext:
+    """The TLS settings for a turns: relay: its `ca_file` when given, else the system's
+    CAs. Raises ValueError naming the key and what to do."""
+    if relay.ca_file is None:
+        return ssl.create_default_context()
+    try:
+        return ssl.create_default_context(cafile=relay.ca_file)
+    except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+        detail = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+        raise ValueError(
+            f"kbwg.json relay {relay.url}: cannot use 'ca_file' {relay.ca_file}: {detail}; "
+            "give a readable PEM file holding the CA that signed the relay's certificate "
+            "(or remove 'ca_file' for a relay with a publicly trusted certificate)"
+        ) from exc
 
 
 class FileReader(Protocol):
@@ -116,23 +145,37 @@ def parse_host_port(text: str, default_port: int | None = STUN_DEFAULT_PORT) -> 
 
 
 def parse_relay_url(url: str) -> tuple[HostPort, str]:
-    """`turn:HOST[:PORT][?transport=udp]` (RFC 7065) -> (address, transport)."""
+    """`turn:HOST[:PORT][?transport=udp|tcp]` or `turns:HOST[:PORT][?transport=tcp]`
+    (RFC 7065) -> (address, transport: udp, tcp or tls). turn: defaults to port 3478,
+    turns: to 5349. Raises UnsupportedRelayUrl for another scheme or transport and
+    ValueError for a malformed URL, with a message fit for the user."""
     scheme, sep, rest = url.partition(":")
-    if not sep or scheme.lower() != "turn":
-        raise ValueError(f"'{url}' is not a turn: URL (turn:HOST:PORT); turns: is not supported")
+    scheme = scheme.lower()
+    if not sep or scheme not in ("turn", "turns"):
+        raise UnsupportedRelayUrl(
+            f"'{url}' is not a turn: or turns: URL; write turn:HOST:PORT (UDP), "
+            "turn:HOST:PORT?transport=tcp or turns:HOST:PORT (TLS)")
     hostport, _, query = rest.partition("?")
     if hostport.startswith("//"):
-        raise ValueError(f"'{url}': write turn:HOST:PORT, without //")
-    address = parse_host_port(hostport)
-    transport = "udp"
+        raise ValueError(f"'{url}': write {scheme}:HOST:PORT, without //")
+    tls = scheme == "turns"
+    address = parse_host_port(hostport, TURNS_DEFAULT_PORT if tls else TURN_DEFAULT_PORT)
+    transport = "tls" if tls else "udp"
     if query:
         params = parse_qs(query, keep_blank_values=True)
         unknown = set(params) - {"transport"}
         if unknown:
             raise ValueError(f"'{url}': unknown URL parameter {sorted(unknown)[0]}")
-        transport = params["transport"][-1].lower()
-        if transport != "udp":
-            raise ValueError(f"'{url}': only transport=udp is supported")
+        asked = params["transport"][-1].lower()
+        # turns: is TLS over TCP; RFC 7065 lets it say so, DTLS (turns: over UDP) we lack.
+        allowed = ("tcp",) if tls else ("udp", "tcp")
+        if asked not in allowed:
+            raise UnsupportedRelayUrl(
+                f"'{url}': transport={asked} is not supported; use "
+                + (f"{scheme}:HOST:PORT without it" if tls else "transport=udp or tcp, "
+                   "or turns:HOST:PORT for TLS"))
+        if not tls:
+            transport = asked
     return address, transport
 
 
@@ -146,7 +189,9 @@ def _string_list(doc: dict[str, object], key: str) -> list[str]:
     return [item.strip() for item in value]
 
 
-def _parse_relay(index: int, raw: object) -> RelayConfig:
+def _parse_relay(index: int, raw: object) -> RelayConfig | None:
+    """The relay, or None (logged) when its URL names a scheme or transport this agent
+    cannot use: the other relays and paths keep working."""
     where = f"kbwg.json 'relays' item {index}"
     if not isinstance(raw, dict):
         raise TeamConfigError(f"{where} must be an object with 'url' and 'secret'")
@@ -157,6 +202,9 @@ def _parse_relay(index: int, raw: object) -> RelayConfig:
         raise TeamConfigError(f"{where}: 'url' must be a turn:HOST:PORT string")
     try:
         address, transport = parse_relay_url(url.strip())
+    except UnsupportedRelayUrl as exc:
+        log.warning("%s: 'url' %s; this relay is skipped", where, exc)
+        return None
     except ValueError as exc:
         raise TeamConfigError(f"{where}: 'url' {exc}") from exc
     secret = raw.get("secret")
@@ -165,9 +213,16 @@ def _parse_relay(index: int, raw: object) -> RelayConfig:
     username = raw.get("username")
     if username is not None and (not isinstance(username, str) or not username.strip()):
         raise TeamConfigError(f"{where}: 'username' must be a non-empty string when given")
+    ca_file = raw.get("ca_file")
+    if ca_file is not None and (not isinstance(ca_file, str) or not ca_file.strip()):
+        raise TeamConfigError(f"{where}: 'ca_file' must be a non-empty path when given")
+    if ca_file is not None and transport != "tls":
+        log.warning("%s: 'ca_file' only matters for turns: (TLS) URLs; ignored", where)
+        ca_file = None
     return RelayConfig(
         url=url.strip(), host=address.host, port=address.port, secret=secret,
         transport=transport, username=username.strip() if username else None,
+        ca_file=ca_file.strip() if ca_file else None,
     )
 
 
@@ -262,7 +317,8 @@ def parse_team_config(data: bytes | str) -> TeamConfig:
     if "relays" in doc:
         if not isinstance(doc["relays"], list):
             raise TeamConfigError("kbwg.json 'relays' must be a list of {url, secret} objects")
-        relays = [_parse_relay(i, raw) for i, raw in enumerate(doc["relays"], start=1)]
+        parsed = [_parse_relay(i, raw) for i, raw in enumerate(doc["relays"], start=1)]
+        relays = [relay for relay in parsed if relay is not None]
 
     overlay = _overlay(doc) if "overlay" in doc else DEFAULT_OVERLAY
 

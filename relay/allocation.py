@@ -13,7 +13,7 @@ import os
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 from kbwg.core.addresses import Address
 from kbwg.relay.config import Lifetimes
@@ -39,6 +39,14 @@ class ChannelRoute(NamedTuple):
     sendto: Callable[[bytes | memoryview, Address], int]
     peer: Address
     limiter: RateLimiter | None
+
+
+class StreamClient(Protocol):
+    """A TCP or TLS client connection (kbwg.relay.streams): one allocation at most."""
+
+    def send(self, data: bytes) -> bool:
+        """Frame and queue `data` for the client; False when dropped."""
+        ...
 
 
 @dataclass
@@ -68,6 +76,9 @@ class Allocation:
     # Fast path, peer -> client: the channel of each peer with a live binding.
     peer_channels: dict[Address, int] = field(default_factory=dict)
     route_keys: list[tuple[Address, int]] = field(default_factory=list)
+    # The TCP/TLS connection it was made on; None over UDP. Its ChannelData routes live
+    # in `AllocationTable.stream_routes`, never reachable by a UDP datagram.
+    stream: StreamClient | None = None
 
     def permitted(self, ip: str, now: float) -> bool:
         return self.permissions.get(ip, 0.0) > now
@@ -105,6 +116,7 @@ class AllocationTable:
         self._on_removed = on_removed
         self.allocations: dict[Address, Allocation] = {}
         self.routes: dict[tuple[Address, int], ChannelRoute] = {}
+        self.stream_routes: dict[tuple[Address, int], ChannelRoute] = {}
         self._per_user: dict[str, int] = {}
         self._per_address: dict[str, int] = {}
 
@@ -114,7 +126,8 @@ class AllocationTable:
     def create(self, client: Address, username: str, user: str, key: bytes,
                lifetime: int | None, now: float, *, even_port: bool = False,
                reserve: bool = False, token: bytes | None = None,
-               dont_fragment: bool = False) -> tuple[Allocation, bytes | None]:
+               dont_fragment: bool = False,
+               stream: StreamClient | None = None) -> tuple[Allocation, bytes | None]:
         """The new allocation, and the token of the port reserved with it if asked."""
         if self._per_user.get(user, 0) >= self.quotas.allocations_per_user:
             raise Refusal(486, "quota_user", f"user {user} has too many allocations")
@@ -144,7 +157,7 @@ class AllocationTable:
         allocation = Allocation(
             client=client, username=username, user=user, key=key, sock=sock,
             relayed=(str(host), int(port)), expires=now + self.lifetimes.granted(lifetime),
-            limiter=rate_limiter(self.quotas, now),
+            limiter=rate_limiter(self.quotas, now), stream=stream,
         )
         self.allocations[client] = allocation
         self._per_user[user] = self._per_user.get(user, 0) + 1
@@ -213,8 +226,9 @@ class AllocationTable:
         if self.allocations.get(allocation.client) is not allocation:
             return
         del self.allocations[allocation.client]
+        routes = self.routes if allocation.stream is None else self.stream_routes
         for key in allocation.route_keys:
-            self.routes.pop(key, None)
+            routes.pop(key, None)
         allocation.route_keys = []
         allocation.peer_channels = {}
         _decrement(self._per_user, allocation.user)
@@ -265,15 +279,16 @@ class AllocationTable:
 
     def _sync(self, allocation: Allocation, now: float) -> None:
         """Rebuild the fast-path entries of one allocation from its control state."""
+        routes = self.routes if allocation.stream is None else self.stream_routes
         for key in allocation.route_keys:
-            self.routes.pop(key, None)
+            routes.pop(key, None)
         keys: list[tuple[Address, int]] = []
         peer_channels: dict[Address, int] = {}
         for number, channel in allocation.channels.items():
             # Data on a channel whose permission lapsed must stop (RFC 8656 12).
             if channel.expires > now and allocation.permitted(channel.peer[0], now):
                 key = (allocation.client, number)
-                self.routes[key] = ChannelRoute(allocation.sock.sendto, channel.peer,
+                routes[key] = ChannelRoute(allocation.sock.sendto, channel.peer,
                                                 allocation.limiter)
                 keys.append(key)
                 peer_channels[channel.peer] = number

@@ -52,6 +52,17 @@ class ServerConfig:
     # Datagrams handled per readiness callback before yielding to the event loop.
     batch: int = 256
     software: str | None = "kbwg-relay"
+    # TURN over TCP and TLS (RFC 8656 3.1), each off when None. TLS needs a certificate
+    # chain and its key (PEM files).
+    tcp_listen: Address | None = None
+    tls_listen: Address | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    # A stream client that has no allocation this long after connecting is closed, as
+    # is one that leaves a frame half sent this long.
+    stream_idle_timeout: float = 30.0
+    stream_frame_timeout: float = 10.0
+    tls_handshake_timeout: float = 10.0
 
     @property
     def relayed_ip(self) -> str:

@@ -10,6 +10,10 @@ Answers to requests without valid credentials (Binding, challenges, errors befor
 authentication) cost an attacker one spoofed datagram each, so they are rate-limited
 per source IP and in total, and carry nothing beyond what the client needs: no
 SOFTWARE, and FINGERPRINT only when the request had one.
+
+Messages from TCP/TLS clients (kbwg.relay.streams) come here too, with the connection
+they came on (`stream`): answers go back on it, and an allocation belongs to its
+connection, so neither a UDP datagram nor another connection can use it.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from aioice import stun
 
 from kbwg.core.addresses import Address
 from kbwg.relay import wire
-from kbwg.relay.allocation import Allocation, AllocationTable, Refusal
+from kbwg.relay.allocation import Allocation, AllocationTable, Refusal, StreamClient
 from kbwg.relay.config import ServerConfig
 from kbwg.relay.credentials import NonceIssuer, RestAuthenticator, split_username
 from kbwg.relay.limits import Counters, UnauthenticatedLimiter
@@ -50,6 +54,7 @@ class Request:
     raw: list[wire.RawAttribute]
     client: Address
     local: Address
+    stream: StreamClient | None = None
 
     @property
     def fingerprint(self) -> bool:
@@ -73,25 +78,28 @@ class ControlPlane:
         self._unauthenticated = UnauthenticatedLimiter(
             config.quotas.unauthenticated_per_source, config.quotas.unauthenticated_total)
 
-    def datagram_received(self, data: bytes, client: Address, local: Address) -> None:
-        """Never raises: a bug or a hostile datagram must not stop the relay."""
+    def datagram_received(self, data: bytes, client: Address, local: Address,
+                          stream: StreamClient | None = None) -> None:
+        """Never raises: a bug or a hostile datagram must not stop the relay. A message
+        from a stream client names its connection and the main address as `local`."""
         try:
-            self._handle(data, client, local)
+            self._handle(data, client, local, stream)
         except wire.MalformedDatagram as exc:
             setattr(self.counters, exc.reason, getattr(self.counters, exc.reason) + 1)
         except Exception:
             self.counters.handler_errors += 1
             log.debug("error handling a datagram from %s:%d", *client, exc_info=True)
 
-    def _handle(self, data: bytes, client: Address, local: Address) -> None:
+    def _handle(self, data: bytes, client: Address, local: Address,
+                stream: StreamClient | None) -> None:
         wire.check_header(data)
         raw = wire.scan_attributes(data)
         try:
             message = stun.parse_message(data)
         except (ValueError, struct.error, UnicodeDecodeError, IndexError):
-            self._undecodable(data, raw, client, local)
+            self._undecodable(data, raw, client, local, stream)
             return
-        request = Request(message, raw, client, local)
+        request = Request(message, raw, client, local, stream)
         if message.message_class == stun.Class.INDICATION:
             self.counters.stun_indications += 1
             if local == self._main and message.message_method == stun.Method.SEND:
@@ -132,7 +140,7 @@ class ControlPlane:
             self._refuse(request, Refusal(400, "bad_request", str(exc)), credentials.key)
 
     def _undecodable(self, data: bytes, raw: list[wire.RawAttribute], client: Address,
-                     local: Address) -> None:
+                     local: Address, stream: StreamClient | None) -> None:
         """A well-framed message whose attributes do not decode: 400 to requests."""
         self.counters.malformed += 1
         msg_type, _, _, transaction_id = struct.unpack_from("!HHI12s", data)
@@ -144,8 +152,11 @@ class ControlPlane:
         if msg_type & 0x0110 == stun.Class.REQUEST and self._may_answer(client):
             message = stun.Message(method, stun.Class.REQUEST, transaction_id)
             fingerprint = any(attribute.type == wire.FINGERPRINT for attribute in raw)
-            self._send(wire.encode(wire.error(message, 400), fingerprint=fingerprint),
-                       client, local)
+            answer = wire.encode(wire.error(message, 400), fingerprint=fingerprint)
+            if stream is not None:
+                stream.send(answer)
+            else:
+                self._send(answer, client, local)
 
     def _may_answer(self, client: Address) -> bool:
         """Whether an unauthenticated answer to `client` fits the rate limits."""
@@ -159,7 +170,10 @@ class ControlPlane:
         setattr(self.counters, counter, getattr(self.counters, counter) + 1)
 
     def _reply(self, request: Request, data: bytes, local: Address | None = None) -> None:
-        self._send(data, request.client, local or request.local)
+        if request.stream is not None:
+            request.stream.send(data)
+        else:
+            self._send(data, request.client, local or request.local)
 
     def _refuse(self, request: Request, refusal: Refusal, key: bytes | None) -> None:
         """Count and answer; without `key` (unauthenticated) within the rate limits."""
@@ -228,7 +242,8 @@ class ControlPlane:
         local = request.local
         source = local
         attributes: dict[str, object] = {"XOR-MAPPED-ADDRESS": request.client}
-        other = self._alternates.get(local)
+        # RFC 5780 over a stream would test nothing: its answers cannot change socket.
+        other = self._alternates.get(local) if request.stream is None else None
         if other is not None:
             change = int(request.message.attributes.get("CHANGE-REQUEST", 0))
             source = (other[0] if change & wire.CHANGE_IP else local[0],
@@ -252,6 +267,8 @@ class ControlPlane:
         allocation = self.table.get(request.client)
         if allocation is None:
             raise Refusal(437, "allocation_mismatch", "no allocation")
+        if allocation.stream is not request.stream:
+            raise Refusal(437, "allocation_mismatch", "the allocation is another transport's")
         if allocation.username != credentials.username:
             raise Refusal(441, "wrong_credentials", "not the allocation's username")
         attributes = request.message.attributes
@@ -293,7 +310,8 @@ class ControlPlane:
         message, raw = request.message, request.raw
         existing = self.table.get(request.client)
         if existing is not None:
-            if existing.transaction_id == message.transaction_id:
+            if (existing.transaction_id == message.transaction_id
+                    and existing.stream is request.stream):
                 self._reply(request, existing.response)  # a retransmission
                 return
             raise Refusal(437, "allocation_mismatch", "5-tuple already allocated")
@@ -317,7 +335,8 @@ class ControlPlane:
             request.client, credentials.username, user, credentials.key,
             message.attributes.get("LIFETIME"), now, even_port=even is not None,
             reserve=bool(even and even[0] & 0x80), token=token,
-            dont_fragment=wire.find(raw, wire.DONT_FRAGMENT) is not None)
+            dont_fragment=wire.find(raw, wire.DONT_FRAGMENT) is not None,
+            stream=request.stream)
         attributes: dict[str, object] = {
             "XOR-RELAYED-ADDRESS": allocation.relayed,
             "LIFETIME": round(allocation.expires - now),  # int() would floor 1199.999...
@@ -334,7 +353,7 @@ class ControlPlane:
 
     def _send_indication(self, request: Request) -> None:
         allocation = self.table.get(request.client)
-        if allocation is None:
+        if allocation is None or allocation.stream is not request.stream:
             self.counters.no_allocation += 1
             return
         attributes = request.message.attributes

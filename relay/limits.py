@@ -289,6 +289,12 @@ class Counters:
     unauthenticated_limited_total: int = 0
     send_errors: int = 0
     receive_errors: int = 0
+    # TURN over TCP and TLS (kbwg.relay.streams).
+    stream_connections: int = 0  # accepted
+    stream_refused: int = 0  # over the connection limits
+    stream_bad_input: int = 0  # closed: garbage, a stalled partial frame
+    stream_idle: int = 0  # closed: no allocation in time
+    stream_dropped: int = 0  # datagrams for a client that reads too slowly
 
     def to_json(self) -> dict[str, int]:
         return asdict(self)

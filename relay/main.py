@@ -19,10 +19,12 @@ from kbwg.core.addresses import Address
 from kbwg.relay.config import Lifetimes, ServerConfig
 from kbwg.relay.limits import Quotas, parse_networks
 from kbwg.relay.server import RelayServer
+from kbwg.relay.streams import server_tls_context
 
 log = logging.getLogger(__name__)
 
 DEFAULT_PORT = 3478
+DEFAULT_TLS_PORT = 5349
 
 
 def parse_address(text: str, default_port: int | None = DEFAULT_PORT) -> Address:
@@ -48,6 +50,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--listen", required=True, metavar="ADDR:PORT",
                         help=f"UDP address to serve TURN and STUN on (port default "
                         f"{DEFAULT_PORT})")
+    parser.add_argument("--tcp-listen", metavar="ADDR:PORT",
+                        help=f"also serve TURN over TCP here (RFC 8656; port default "
+                        f"{DEFAULT_PORT}); for clients whose network blocks UDP")
+    parser.add_argument("--tls-listen", metavar="ADDR:PORT",
+                        help=f"also serve TURN over TLS here (turns:, port default "
+                        f"{DEFAULT_TLS_PORT}); needs --cert and --key")
+    parser.add_argument("--cert", metavar="FILE",
+                        help="PEM certificate chain for --tls-listen")
+    parser.add_argument("--key", metavar="FILE",
+                        help="PEM private key of --cert")
     parser.add_argument("--secret-file", required=True, metavar="FILE",
                         help="file holding the TURN REST shared secret (the team's relay "
                         "secret from kbwg.json)")
@@ -145,8 +157,16 @@ def build_config(args: argparse.Namespace) -> ServerConfig:
                         allocation_default=min(lifetimes.allocation_default,
                                                args.max_lifetime),
                         credential_max=args.max_credential_lifetime)
+    if args.tls_listen and not (args.cert and args.key):
+        raise ValueError("--tls-listen needs --cert FILE and --key FILE (PEM)")
+    if (args.cert or args.key) and not args.tls_listen:
+        raise ValueError("--cert and --key are for --tls-listen ADDR:PORT; add it")
     config = ServerConfig(
         listen=parse_address(args.listen),
+        tcp_listen=parse_address(args.tcp_listen) if args.tcp_listen else None,
+        tls_listen=(parse_address(args.tls_listen, DEFAULT_TLS_PORT) if args.tls_listen
+                    else None),
+        cert_file=args.cert, key_file=args.key,
         secret=secret,
         realm=args.realm,
         relay_ip=args.relay_ip,
@@ -157,6 +177,8 @@ def build_config(args: argparse.Namespace) -> ServerConfig:
         lifetimes=lifetimes,
     )
     _ = config.relayed_ip  # fails early on a wildcard listen address without --relay-ip
+    if config.tls_listen is not None:
+        server_tls_context(config)  # fails early on unreadable or mismatched files
     return config
 
 

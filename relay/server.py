@@ -25,6 +25,7 @@ from kbwg.relay.control import ControlPlane
 from kbwg.relay.hostaddrs import HostAddresses
 from kbwg.relay.limits import DEFAULT_DENIED_PEERS, Counters, PeerPolicy, parse_networks
 from kbwg.relay.sockets import local_address, open_even_pair, open_relayed, open_udp
+from kbwg.relay.streams import StreamListeners, peer_to_stream
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,7 @@ class RelayServer:
             host=HostAddresses(),
         )
         self.control: ControlPlane | None = None
+        self.streams: StreamListeners | None = None  # TCP and TLS clients
 
     @property
     def address(self) -> Address:
@@ -94,6 +96,10 @@ class RelayServer:
             for address, sock in self._sockets.items():
                 if sock is not main:
                     self._loop.add_reader(sock.fileno(), self._aux_readable, sock, address)
+            if config.tcp_listen is not None or config.tls_listen is not None:
+                self.streams = StreamListeners(config, self.table, self.counters,
+                                               self.control, main_address)
+                await self.streams.start()
         except BaseException:
             self.close()
             raise
@@ -130,6 +136,8 @@ class RelayServer:
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
+        if self.streams is not None:
+            self.streams.close()
         self.table.close()
         for sock in self._sockets.values():
             if self._loop is not None and sock.fileno() >= 0:
@@ -158,9 +166,14 @@ class RelayServer:
         sock.close()
 
     def _allocation_created(self, allocation: Allocation) -> None:
-        if self._loop is not None:
+        if self._loop is None:
+            return
+        if allocation.stream is None:
             self._loop.add_reader(allocation.sock.fileno(), self._relayed_readable,
                                   allocation)
+        elif self.control is not None:
+            self._loop.add_reader(allocation.sock.fileno(), peer_to_stream, allocation,
+                                  self.control, self.counters, self.config.batch)
 
     # --- sending ---
 
@@ -302,7 +315,10 @@ class RelayServer:
         while True:
             await asyncio.sleep(self.config.sweep_interval)
             try:
-                self.table.sweep(time.monotonic())
+                now = time.monotonic()
+                self.table.sweep(now)
+                if self.streams is not None:
+                    self.streams.sweep(now)
             except Exception:  # the timer must survive a bug in one allocation
                 self.counters.handler_errors += 1
                 log.exception("expiry sweep failed")

@@ -36,6 +36,8 @@ class FakeAllocation:
     closed: bool = False
     rtt_ms: float = 1.0
     unhandled: int = 0
+    transport: str = "udp"
+    transport_reason: str = "udp: first choice"
     counters: AllocationCounters = field(default_factory=AllocationCounters)
     sent: asyncio.Queue[tuple[bytes, Address]] = field(default_factory=asyncio.Queue)
 

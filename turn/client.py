@@ -1,4 +1,6 @@
-"""The agent's side of a relay: one TURN allocation, made with aioice's TURN client.
+"""The agent's side of a relay: one TURN allocation, made with aioice's TURN client,
+over UDP, TCP or TLS (RFC 8656 3.1: STUN messages and ChannelData on a stream, ChannelData
+padded to 4 bytes; aioice's TurnClientTcpProtocol frames both, see kbwg.turn.stream).
 
 aioice does the protocol (Allocate with TURN REST credentials, refreshes, permissions
 and channel binds). Data takes a fast path beside it, because aioice would start one
@@ -7,7 +9,9 @@ WireGuard stream cannot afford: aioice runs on our own transport (udp_transport.
 which reads in batches; once a channel to a peer is bound, data goes out as ChannelData
 straight from the socket, and received ChannelData is handled here, everything else
 (STUN answers, Data indications) by aioice. The allocation lives on a UDP socket of
-its own (not the WireGuard port), with socket buffers sized for bulk traffic.
+its own (not the WireGuard port), with socket buffers sized for bulk traffic. Over a
+stream aioice's protocol reads the frames and hands ChannelData to us without a task
+per datagram; sending takes the same fast path, framed by aioice.
 
 Upkeep is ours too, every `AllocationTimers.watch_interval`:
 - a Refresh confirms the allocation: aioice only refreshes at 5/6 of its lifetime, so a
@@ -24,17 +28,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from aioice import stun
-from aioice.turn import TurnClientUdpProtocol
+from aioice.turn import TurnClientProtocol, TurnClientUdpProtocol
 
 from kbwg.core.addresses import Address
 from kbwg.core.stun import is_channel_data
 from kbwg.core.turnrest import rest_password, rest_username
+from kbwg.turn.stream import open_stream
 from kbwg.turn.transport import ConnectedUdpTransport
 
 log = logging.getLogger(__name__)
@@ -68,6 +75,16 @@ class RelayCounters:
     send_errors: int = 0
 
 
+class Link(Protocol):
+    """How an allocation reaches its relay: a connected UDP socket or a stream."""
+
+    unhandled: int
+
+    def send(self, data: bytes) -> bool: ...
+
+    def close(self) -> None: ...
+
+
 class _Receiver(asyncio.DatagramProtocol):
     """What aioice hands datagrams from peers (and connection loss) to."""
 
@@ -84,11 +101,14 @@ class _Receiver(asyncio.DatagramProtocol):
 
 
 class RelayAllocation:
-    def __init__(self, url: str, server: Address, protocol: TurnClientUdpProtocol,
-                 transport: ConnectedUdpTransport, relayed: Address, mapped: Address | None,
-                 rtt_ms: float) -> None:
+    def __init__(self, url: str, server: Address, protocol: TurnClientProtocol,
+                 transport: Link, relayed: Address, mapped: Address | None,
+                 rtt_ms: float, transport_name: str = "udp") -> None:
         self.url = url
         self.server = server
+        self.transport = transport_name  # udp, tcp or tls
+        # Why this transport (set by whoever chose it; status and diag show it).
+        self.transport_reason = ""
         self.relayed = relayed
         self.mapped = mapped
         self.rtt_ms = rtt_ms
@@ -107,27 +127,47 @@ class RelayAllocation:
     @classmethod
     async def open(cls, url: str, server: Address, user: str, secret: str,
                    timeout: float = 3.0,
-                   timers: AllocationTimers = AllocationTimers()) -> RelayAllocation:
-        """Allocate on `server` with TURN REST credentials for `user`; the allocation is
-        then kept up (see the module docstring) and reported lost when it is gone."""
+                   timers: AllocationTimers = AllocationTimers(), *,
+                   transport: str = "udp", tls: ssl.SSLContext | None = None,
+                   server_hostname: str | None = None) -> RelayAllocation:
+        """Allocate on `server` with TURN REST credentials for `user`, over `transport`
+        (udp, tcp, or tls with the context `tls`, checking `server_hostname`); the
+        allocation is then kept up (see the module docstring) and reported lost when it
+        is gone. `timeout` bounds connecting and allocating together."""
         username = rest_username(user, CREDENTIAL_TTL_S)
-        # aioice's own channel refresh never runs (see the module docstring).
-        protocol = TurnClientUdpProtocol(server, username, rest_password(secret, username),
-                                         LIFETIME_S, int(timers.channel_refresh))
-        transport = ConnectedUdpTransport.open(server, protocol, SOCKET_BUFFER)
+        password = rest_password(secret, username)
         started = time.monotonic()
+        link: Link
+        protocol: TurnClientProtocol
+        if transport == "udp":
+            # aioice's own channel refresh never runs (see the module docstring).
+            udp = TurnClientUdpProtocol(server, username, password, LIFETIME_S,
+                                        int(timers.channel_refresh))
+            link = udp_link = ConnectedUdpTransport.open(server, udp, SOCKET_BUFFER)
+            protocol = udp
+        elif transport in ("tcp", "tls"):
+            if transport == "tls" and tls is None:
+                tls = ssl.create_default_context()
+            link, protocol = await asyncio.wait_for(open_stream(
+                server, username, password, LIFETIME_S, int(timers.channel_refresh),
+                tls if transport == "tls" else None, server_hostname), timeout)
+        else:
+            raise ValueError(f"unknown TURN transport {transport!r}")
         try:
-            relayed = await asyncio.wait_for(protocol.connect(), timeout)
+            left = max(0.1, timeout - (time.monotonic() - started))
+            relayed = await asyncio.wait_for(protocol.connect(), left)
         except BaseException:
-            transport.close()
+            link.close()
             raise
         rtt_ms = (time.monotonic() - started) * 1000
-        allocation = cls(url, server, protocol, transport, relayed, protocol.mapped_address,
-                         rtt_ms)
+        allocation = cls(url, server, protocol, link, relayed, protocol.mapped_address,
+                         rtt_ms, transport)
         protocol.receiver = _Receiver(allocation)
-        transport.handler = allocation._received
+        if transport == "udp":
+            udp_link.handler = allocation._received
         allocation._upkeep = asyncio.create_task(allocation._keep_up(timers))
-        log.info("relay %s: allocation %s:%d (%.1f ms)", url, *relayed, rtt_ms)
+        log.info("relay %s: allocation %s:%d over %s (%.1f ms)", url, *relayed, transport,
+                 rtt_ms)
         return allocation
 
     @property

@@ -1,0 +1,310 @@
+"""TURN over TCP and TLS (RFC 8656 3.1): the relay's stream clients.
+
+A stream carries the same STUN messages and ChannelData as UDP, each framed by its own
+length (ChannelData padded to 4 bytes); aioice's TurnStreamMixin splits them. Every
+frame goes to the same control plane and allocation table as a UDP datagram, so the
+quotas, rate limits and peer policy are the UDP path's. An allocation made over a stream
+belongs to that connection (its channel routes are apart from the UDP ones), relays to
+its peers over UDP, and sends what they answer back on the stream; closing the
+connection deletes it.
+
+Streams are where slow and hostile clients can hold the relay's memory and sockets,
+so: a frame that is neither STUN nor ChannelData (the framing is lost), a frame left
+half sent for `stream_frame_timeout`, or a connection without an allocation after
+`stream_idle_timeout` closes the connection with a log line; connections are capped
+per client IP and in total like allocations; and past `MAX_QUEUED` bytes waiting for a
+slow reader, datagrams for it are dropped instead of queued.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+import struct
+import time
+from collections.abc import Callable
+from typing import Any
+
+from aioice import stun
+from aioice.turn import TurnStreamMixin
+
+from kbwg.core.addresses import Address
+from kbwg.relay.allocation import Allocation, AllocationTable
+from kbwg.relay.config import ServerConfig
+from kbwg.relay.control import ControlPlane
+from kbwg.relay.limits import Counters
+
+log = logging.getLogger(__name__)
+
+MAX_QUEUED = 512 * 1024
+_MAX_DATAGRAM = 65536
+_CHANNEL_HEADER = struct.Struct("!HH")
+_STUN_HEADER = struct.Struct("!HHI")
+
+
+def frame_problem(head: bytes) -> str | None:
+    """Why the frame starting `head` cannot be STUN or ChannelData, or None (yet)."""
+    if not head or 0x40 <= head[0] <= 0x7F:  # ChannelData: any length is framed
+        return None
+    if head[0] & 0xC0:
+        return "neither STUN nor ChannelData"
+    if len(head) < 8:
+        return None
+    _, length, cookie = _STUN_HEADER.unpack_from(head)
+    if cookie != stun.COOKIE:
+        return "no STUN magic cookie"
+    if length % 4:
+        return "STUN length not a multiple of 4"
+    return None
+
+
+class StreamConnection(TurnStreamMixin, asyncio.Protocol):
+    """One TCP or TLS client."""
+
+    transport: asyncio.Transport
+
+    def __init__(self, streams: StreamListeners, kind: str) -> None:
+        self.streams = streams
+        self.kind = kind  # tcp or tls
+        self.buffer = b""  # TurnStreamMixin's
+        self.client: Address = ("", 0)
+        self.opened = time.monotonic()
+        self.last_frame = self.opened  # when the frame now in the buffer began, at most
+        self.closed = False
+
+    def __repr__(self) -> str:
+        return f"{self.kind} client {self.client[0]}:{self.client[1]}"
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        self.client = (str(peer[0]), int(peer[1]))
+        self.streams.accepted(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.buffer = b""
+        self.streams.lost(self)
+
+    def data_received(self, data: bytes) -> None:
+        if self.closed:
+            return
+        super().data_received(data)  # frames go to datagram_received
+        if not self.closed:
+            problem = frame_problem(self.buffer[:8])
+            if problem is not None:
+                self.fail(problem)
+
+    def datagram_received(self, data: bytes | str, addr: Any) -> None:
+        """One whole frame (TurnStreamMixin), with its padding."""
+        if self.closed or not isinstance(data, bytes):
+            return
+        self.last_frame = now = time.monotonic()
+        streams = self.streams
+        if 0x40 <= data[0] <= 0x7F:
+            streams.channel_data(self, data, now)
+            return
+        problem = frame_problem(data[:8])
+        if problem is not None:
+            self.fail(problem)
+            return
+        # The padding the mixin took along is not STUN's (STUN lengths are multiples
+        # of 4 already, so there is none).
+        streams.control.datagram_received(data, self.client, streams.main, self)
+
+    def send(self, data: bytes) -> bool:
+        """A STUN message or ChannelData to the client, padded; False when dropped."""
+        transport = self.transport
+        if self.closed or transport.is_closing():
+            return False
+        if transport.get_write_buffer_size() > MAX_QUEUED:
+            self.streams.counters.stream_dropped += 1
+            return False
+        transport.write(self._padded(data))
+        return True
+
+    def fail(self, why: str) -> None:
+        """Bad input: the framing cannot be trusted any more, so the connection goes."""
+        self.streams.counters.stream_bad_input += 1
+        log.warning("%s closed: %s", self, why)
+        self.close()
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.buffer = b""
+            self.transport.close()
+
+
+class StreamListeners:
+    """The TCP and TLS listeners and their connections."""
+
+    def __init__(self, config: ServerConfig, table: AllocationTable, counters: Counters,
+                 control: ControlPlane, main: Address) -> None:
+        self.config = config
+        self.table = table
+        self.counters = counters
+        self.control = control
+        self.main = main  # what stream requests name as their local address
+        self.connections: set[StreamConnection] = set()
+        self._per_ip: dict[str, int] = {}
+        self._servers: list[asyncio.Server] = []
+        self.addresses: dict[str, Address] = {}  # tcp/tls -> where it listens
+
+    async def start(self) -> None:
+        config = self.config
+        loop = asyncio.get_running_loop()
+        listeners: list[tuple[str, Address, ssl.SSLContext | None]] = []
+        if config.tcp_listen is not None:
+            listeners.append(("tcp", config.tcp_listen, None))
+        if config.tls_listen is not None:
+            listeners.append(("tls", config.tls_listen, server_tls_context(config)))
+        for kind, address, tls in listeners:
+            server = await loop.create_server(
+                self._factory(kind), address[0], address[1], ssl=tls, reuse_address=True,
+                ssl_handshake_timeout=config.tls_handshake_timeout if tls else None)
+            self._servers.append(server)
+            host, port = server.sockets[0].getsockname()[:2]
+            self.addresses[kind] = (str(host), int(port))
+        if self.addresses:
+            log.info("TURN over %s", ", ".join(f"{kind} on {h}:{p}"
+                                              for kind, (h, p) in self.addresses.items()))
+
+    def _factory(self, kind: str) -> Callable[[], StreamConnection]:
+        return lambda: StreamConnection(self, kind)
+
+    def accepted(self, connection: StreamConnection) -> None:
+        quotas = self.config.quotas
+        ip = connection.client[0]
+        clash = any(c.client == connection.client for c in self.connections)
+        if (len(self.connections) >= quotas.allocations
+                or self._per_ip.get(ip, 0) >= quotas.allocations_per_address or clash):
+            self.counters.stream_refused += 1
+            log.info("%s refused: %s", connection, "address and port already connected"
+                     if clash else "too many connections")
+            connection.closed = True
+            connection.transport.abort()
+            return
+        self.counters.stream_connections += 1
+        self.connections.add(connection)
+        self._per_ip[ip] = self._per_ip.get(ip, 0) + 1
+        log.debug("%s connected", connection)
+
+    def lost(self, connection: StreamConnection) -> None:
+        if connection not in self.connections:
+            return
+        self.connections.discard(connection)
+        ip = connection.client[0]
+        left = self._per_ip.get(ip, 1) - 1
+        if left:
+            self._per_ip[ip] = left
+        else:
+            self._per_ip.pop(ip, None)
+        allocation = self.table.get(connection.client)
+        if allocation is not None and allocation.stream is connection:
+            self.table.remove(allocation, "closed with its connection")
+        log.debug("%s gone", connection)
+
+    def channel_data(self, connection: StreamConnection, frame: bytes, now: float) -> None:
+        counters = self.counters
+        counters.channel_data_in += 1
+        if len(frame) < 4:
+            counters.truncated_channel_data += 1
+            return
+        channel, length = _CHANNEL_HEADER.unpack_from(frame)
+        route = self.table.stream_routes.get((connection.client, channel))
+        if route is None:
+            counters.no_channel += 1
+            return
+        sendto, peer, limiter = route
+        if limiter is not None and not limiter.allow(now, length):
+            counters.rate_limited += 1
+            return
+        try:
+            sendto(memoryview(frame)[4:4 + length], peer)
+        except OSError:
+            counters.send_errors += 1
+            return
+        counters.to_peer_packets += 1
+        counters.to_peer_bytes += length
+
+    def sweep(self, now: float) -> None:
+        """Close connections with no allocation in time or a stalled frame."""
+        config = self.config
+        for connection in list(self.connections):
+            if connection.closed:
+                continue
+            if connection.buffer and now - connection.last_frame > config.stream_frame_timeout:
+                connection.fail(f"a frame left unfinished for over "
+                                f"{config.stream_frame_timeout:g} s")
+                continue
+            allocation = self.table.get(connection.client)
+            if allocation is not None and allocation.stream is connection:
+                continue
+            if now - max(connection.opened, connection.last_frame) > config.stream_idle_timeout:
+                self.counters.stream_idle += 1
+                log.info("%s closed: no allocation after %g s", connection,
+                         config.stream_idle_timeout)
+                connection.close()
+
+    def close(self) -> None:
+        for server in self._servers:
+            server.close()
+        self._servers.clear()
+        for connection in list(self.connections):
+            connection.close()
+
+
+def server_tls_context(config: ServerConfig) -> ssl.SSLContext:
+    """Raises OSError or ValueError naming the file and what to do."""
+    if not config.cert_file or not config.key_file:
+        raise ValueError("--tls-listen needs --cert FILE and --key FILE (PEM)")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(config.cert_file, config.key_file)
+    except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+        detail = getattr(exc, "strerror", None) or str(exc)
+        raise ValueError(f"cannot use --cert {config.cert_file} with --key "
+                         f"{config.key_file}: {detail}; give the certificate chain and "
+                         "its private key as PEM files") from exc
+    return context
+
+
+def peer_to_stream(allocation: Allocation, control: ControlPlane, counters: Counters,
+                   batch: int) -> None:
+    """Readiness of a stream allocation's relayed socket: what peers send, to the
+    client's connection (ChannelData when bound, else a Data indication)."""
+    stream = allocation.stream
+    if stream is None:
+        return
+    recv = allocation.sock.recvfrom
+    channels = allocation.peer_channels
+    limiter = allocation.limiter
+    pack = _CHANNEL_HEADER.pack
+    now = time.monotonic()
+    for _ in range(batch):
+        try:
+            data, peer = recv(_MAX_DATAGRAM)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:  # closed under us when the allocation went away
+            counters.receive_errors += 1
+            return
+        counters.peer_datagrams_in += 1
+        channel = channels.get(peer)
+        if channel is None and not allocation.permitted(peer[0], now):
+            counters.no_permission_in += 1
+            continue
+        if limiter is not None and not limiter.allow(now, len(data)):
+            counters.rate_limited += 1
+            continue
+        if channel is not None:
+            frame = pack(channel, len(data)) + data
+        else:
+            frame = control.data_indication(allocation, (str(peer[0]), int(peer[1])), data)
+        if stream.send(frame):
+            counters.to_client_packets += 1
+            counters.to_client_bytes += len(data)

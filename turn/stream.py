@@ -1,0 +1,65 @@
+"""TURN over TCP or TLS (RFC 8656 3.1): a stream to the relay, framed by aioice.
+
+aioice's TurnClientTcpProtocol reads STUN messages and ChannelData off the stream
+(its TurnStreamMixin) and pads what it sends to 4 bytes, as a stream requires. This
+module opens the connection and wraps it as the allocation's link: sending never
+blocks and never queues without bound. A relay that reads slower than we send would
+otherwise grow the transport's buffer for ever; past `MAX_QUEUED` bytes a datagram is
+dropped instead, as a full UDP socket would (WireGuard and its inner TCP cope with
+loss, not with seconds of queue).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+
+from aioice.turn import TurnClientTcpProtocol
+
+from kbwg.core.addresses import Address
+
+log = logging.getLogger(__name__)
+
+MAX_QUEUED = 256 * 1024
+
+
+class StreamLink:
+    """aioice's stream protocol and its transport, as an allocation's link."""
+
+    def __init__(self, transport: asyncio.Transport, protocol: TurnClientTcpProtocol) -> None:
+        self._transport = transport
+        self._protocol = protocol
+        self.unhandled = 0  # the stream parser is aioice's; it drops what it cannot parse
+        self.dropped = 0  # datagrams dropped on a full send queue
+
+    def send(self, data: bytes) -> bool:
+        """A STUN message or ChannelData to the relay; False when dropped."""
+        transport = self._transport
+        if transport.is_closing():
+            return False
+        if transport.get_write_buffer_size() > MAX_QUEUED:
+            self.dropped += 1
+            return False
+        self._protocol._send(data)  # aioice frames it (pads ChannelData to 4 bytes)
+        return True
+
+    def close(self) -> None:
+        self._transport.close()
+
+
+async def open_stream(server: Address, username: str, password: str, lifetime: int,
+                      channel_refresh: int, tls: ssl.SSLContext | None,
+                      server_hostname: str | None,
+                      ) -> tuple[StreamLink, TurnClientTcpProtocol]:
+    """A TCP (or, with `tls`, TLS) connection to `server` running aioice's TURN client
+    protocol. With TLS the certificate must match `server_hostname` (default: the
+    server's address)."""
+    loop = asyncio.get_running_loop()
+    transport, protocol = await loop.create_connection(
+        lambda: TurnClientTcpProtocol(server, username=username, password=password,
+                                      lifetime=lifetime,
+                                      channel_refresh_time=channel_refresh),
+        host=server[0], port=server[1], ssl=tls,
+        server_hostname=(server_hostname or server[0]) if tls is not None else None)
+    return StreamLink(transport, protocol), protocol
