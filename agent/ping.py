@@ -21,6 +21,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 
 from kbwg.agent.control import RequestRefused
 from kbwg.agent.runtime_state import ANNOUNCED, AgentState, PeerState
+from kbwg.core.addresses import format_endpoint
 from kbwg.core.identity import DeviceId
 from kbwg.negotiation.probe import ProbeResult
 from kbwg.negotiation.session import Negotiator
@@ -108,9 +109,9 @@ class PingReply:
             "local_candidate": pair.local_label() if pair is not None else None,
             "remote_candidate": pair.remote_label() if pair is not None else None,
             "interface": pair.local.interface if pair is not None else None,
-            "endpoint": "{}:{}".format(*pair.remote_address) if pair is not None else None,
+            "endpoint": format_endpoint(pair.remote_address) if pair is not None else None,
             "rtt_ms": None if rtt is None else round(rtt, 3),
-            "seen_as": None if seen is None else f"{seen[0]}:{seen[1]}",
+            "seen_as": None if seen is None else format_endpoint(seen),
             "reason": self.reason,
         }
 

@@ -532,3 +532,26 @@ def test_no_agent_running_says_how_to_start_one(
     err = capsys.readouterr().err
     assert f"no agent is running with state dir {tmp_path}" in err
     assert "kbwg-agent join TEAM --state-dir DIR" in err
+
+
+@REAL_CLOCK
+async def test_a_waiting_ping_holds_up_no_other_request(tmp_path: Path) -> None:
+    release = asyncio.Event()
+
+    async def slow_ping(_request: dict[str, Any]) -> dict[str, Any]:
+        await release.wait()
+        return {"status": "pong"}
+
+    async def status(_request: dict[str, Any]) -> dict[str, Any]:
+        return {"ok": True}
+
+    server = ControlServer(tmp_path, {"ping": slow_ping, "status": status})
+    await server.start()
+    try:
+        pinging = asyncio.create_task(call(tmp_path, "ping", peer="bob/desk"))
+        assert await asyncio.wait_for(call(tmp_path, "status"), 5.0) == {"ok": True}
+        assert not pinging.done()
+        release.set()
+        assert await asyncio.wait_for(pinging, 5.0) == {"status": "pong"}
+    finally:
+        await server.close()
