@@ -79,8 +79,9 @@ def describe_path(reply: dict[str, Any]) -> str:
 def render_ping(reply: dict[str, Any], timeout: float) -> str:
     who = f"{reply.get('peer')} ({reply.get('overlay_ip')})"
     status = reply.get("status")
-    if status == "pong":
-        return f"pong from {who} {describe_path(reply)} in {reply['rtt_ms']:.2f} ms"
+    rtt = reply.get("rtt_ms")
+    if status == "pong" and isinstance(rtt, int | float):
+        return f"pong from {who} {describe_path(reply)} in {rtt:.2f} ms"
     if status == "timeout":
         return (f"no pong from {who} {describe_path(reply)} within {timeout:g} s"
                 f" ({reply.get('reason')})")
