@@ -31,6 +31,7 @@ from kbwg.agent.owner_stun import OwnerStunTransport
 from kbwg.agent.relay_paths import RelayPaths
 from kbwg.agent.teamconfig import TeamConfig
 from kbwg.negotiation.candidate_pairs import CandidatePair
+from kbwg.core.addresses import format_endpoint
 from kbwg.negotiation.candidates import Candidate
 from kbwg.negotiation.checks import PeerChecker
 from kbwg.negotiation.gathering import LocalCandidates, gather_local, resolve_servers
@@ -147,7 +148,9 @@ class Connectivity:
         """The server-reflexive address of the default uplink, if STUN found one."""
         hosts = [c for c in self.local.candidates if c.type == "host"]
         for cand in self.local.candidates:
-            if cand.type == "srflx" and hosts and cand.interface == hosts[0].interface:
+            # Announcements carry IPv4 (the prototype's format); IPv6 goes in offers.
+            if (cand.type == "srflx" and hosts and cand.interface == hosts[0].interface
+                    and ":" not in cand.address):
                 return f"{cand.address}:{cand.port}"
         return None
 
@@ -212,8 +215,7 @@ class Connectivity:
             # Relayed by our allocation: WireGuard talks to our loopback proxy.
             await self._routes.clear(peer)
             return Route(proxy, relayed=True)
-        remote_ip, remote_port = pair.remote_address
-        return Route(f"{remote_ip}:{remote_port}", relayed=False)
+        return Route(format_endpoint(pair.remote_address), relayed=False)
 
     async def pin(self, peer: str, pair: CandidatePair, route: Route) -> str | None:
         """The host route (if any) that pins a direct pair to its interface. Only once

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from ipaddress import IPv4Network
+from ipaddress import ip_network
 
 from kbwg.agent.owner_calls import OwnerCalls
 from kbwg.agent.owner_client import OwnerError
@@ -27,7 +27,7 @@ class HostRoutes:
     """The host routes this agent asked the device owner for, one per peer at most."""
 
     owner: OwnerCalls
-    routes: dict[str, str]  # peer key -> destination "ip/32"
+    routes: dict[str, str]  # peer key -> destination "ip/32" or "ip/128"
 
     @classmethod
     def new(cls, owner: OwnerCalls) -> HostRoutes:
@@ -37,7 +37,7 @@ class HostRoutes:
         """Make traffic to `remote_ip` (already the peer's WireGuard endpoint) leave
         through `local_ifname`; returns a sentence when a route was needed, None when
         the table already agrees."""
-        destination = f"{remote_ip}/32"
+        destination = f"{remote_ip}/128" if ":" in remote_ip else f"{remote_ip}/32"
         uplink = await self._uplink_needed(destination, remote_ip, local_ifname)
         if self.routes.get(peer) != destination or uplink is None:
             await self.clear(peer)
@@ -47,7 +47,7 @@ class HostRoutes:
             return f"host route {destination} already set for another peer"
         try:
             # Our own route to it, if any, is replaced by the owner.
-            added = await self.owner.add_route(IPv4Network(destination), uplink)
+            added = await self.owner.add_route(ip_network(destination), uplink)
         except OwnerError as exc:
             log.warning("cannot add host route %s: %s", destination, exc)
             await self.clear(peer)
@@ -64,7 +64,7 @@ class HostRoutes:
         would send traffic to `remote_ip` elsewhere and that uplink can reach it."""
         if local_ifname is None:
             return None
-        ours = [IPv4Network(destination)] if destination in self.routes.values() else []
+        ours = [ip_network(destination)] if destination in self.routes.values() else []
         default = await egress_for(remote_ip, ignore=ours)
         if default is None or default.ifname == local_ifname:
             return None
@@ -78,6 +78,6 @@ class HostRoutes:
         destination = self.routes.pop(peer, None)
         if destination is not None:
             try:
-                await self.owner.remove_route(IPv4Network(destination))
+                await self.owner.remove_route(ip_network(destination))
             except Exception as exc:
                 log.warning("removing host route %s failed: %s", destination, exc)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import base64
 from dataclasses import dataclass
-from ipaddress import IPv4Interface, IPv4Network
+from ipaddress import IPv4Interface, IPv4Network, IPv6Network
 from typing import Any
 
 from kbwg.agent.owner_client import DeviceOwner, OwnerError
@@ -165,7 +165,8 @@ class OwnerCalls:
             refusals={str(k): _int(OP_STATS, reply, "refusals", v) for k, v in refusals.items()},
         )
 
-    async def add_route(self, destination: IPv4Network, ifname: str) -> RouteAdded:
+    async def add_route(self, destination: IPv4Network | IPv6Network,
+                        ifname: str) -> RouteAdded:
         reply = await self.transport.request(OP_ADD_ROUTE, destination=str(destination),
                                              ifname=ifname)
         return RouteAdded(
@@ -173,7 +174,7 @@ class OwnerCalls:
             ifname=_text(OP_ADD_ROUTE, reply, "ifname", reply.get("ifname"), ifname) or ifname,
         )
 
-    async def remove_route(self, destination: IPv4Network) -> None:
+    async def remove_route(self, destination: IPv4Network | IPv6Network) -> None:
         await self.transport.request(OP_REMOVE_ROUTE, destination=str(destination))
 
     async def set_address(self, address: IPv4Interface) -> None:

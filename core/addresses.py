@@ -10,27 +10,42 @@ Address = tuple[str, int]
 
 
 def format_endpoint(addr: Address) -> str:
+    """'ip:port', or '[ipv6]:port' (WireGuard's and RFC 3986's form)."""
     host, port = addr
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def parse_endpoint(text: str) -> Address:
     """'ip:port' or '[ipv6]:port' -> (ip, port) with the address in canonical form;
-    ValueError says what is wrong."""
+    ValueError says what is wrong. An IPv6 address needs its brackets: in
+    '2001:db8::1:80' the port cannot be told from the address."""
     host, sep, port_text = text.rpartition(":")
     # isdigit() alone also passes "²" and other digits int() refuses, and any length.
     if not sep or not (port_text.isascii() and port_text.isdigit() and len(port_text) <= 5):
         raise ValueError(f"{text[:80]!r} is not 'ip:port'")
-    if host.startswith("[") and host.endswith("]"):
+    bracketed = host.startswith("[") and host.endswith("]")
+    if bracketed:
         host = host[1:-1]
     try:
         ip = ipaddress.ip_address(host)
     except ValueError as exc:
         raise ValueError(f"{text[:80]!r} has an invalid address") from exc
+    if ip.version == 6 and not bracketed:
+        raise ValueError(f"{text[:80]!r}: write an IPv6 endpoint as '[address]:port'")
+    if ip.version == 4 and bracketed:
+        raise ValueError(f"{text[:80]!r}: an IPv4 address takes no brackets")
     port = int(port_text)
     if not 0 < port < 65536:
         raise ValueError(f"{text[:80]!r} has an invalid port {port}")
     return str(ip), port
+
+
+def ip_family(ip: str) -> int | None:
+    """4 or 6 for an IP address in text form, None when it is not one."""
+    try:
+        return ipaddress.ip_address(ip).version
+    except ValueError:
+        return None
 
 
 @dataclass(frozen=True)

@@ -6,8 +6,9 @@ import socket
 
 
 def route_source(dst_ip: str) -> str:
-    """The local IPv4 address the routing table picks for `dst_ip`: connecting a UDP
-    socket sends nothing."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+    """The local address the routing table picks for `dst_ip` (IPv4 or IPv6):
+    connecting a UDP socket sends nothing."""
+    family = socket.AF_INET6 if ":" in dst_ip else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as probe:
         probe.connect((dst_ip, 9))
         return str(probe.getsockname()[0])

@@ -7,6 +7,9 @@ XOR-MAPPED-ADDRESS of the answer (`CandidatePair.local_seen`): a host candidate 
 NAT is between, our srflx candidate through an endpoint-independent NAT, or a new
 peer-reflexive one (a symmetric NAT). Relay candidates are bases of their own: their
 checks leave through the TURN allocation.
+
+Pairs join candidates of one address family only (RFC 8421): an IPv4 base never checks
+an IPv6 remote. A relay candidate counts as the family of its relayed address.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from kbwg.core.addresses import Address, parse_endpoint
+from kbwg.core.addresses import Address, format_endpoint, ip_family, parse_endpoint
 from kbwg.negotiation.candidates import Candidate, candidate_priority
 from kbwg.negotiation.choice import PairState, PairView, PathClass, path_class
 from kbwg.negotiation.wire import CandidateInfo
@@ -49,17 +52,34 @@ def ipv4(address: str) -> bool:
         return False
 
 
+def checkable(address: str) -> bool:
+    """An address checks may go to or come from: IPv4, or IPv6 that is not link-local
+    (no scope to send it with) nor IPv4-mapped (IPv4 goes as IPv4)."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address):
+        return not (ip.is_link_local or ip.ipv4_mapped is not None or ip.scope_id)
+    return True
+
+
+def same_family(a: str, b: str) -> bool:
+    family = ip_family(a)
+    return family is not None and family == ip_family(b)
+
+
 def candidate_label(type_: str, address: str, port: int) -> str:
-    return f"{type_} {address}:{port}"
+    return f"{type_} {format_endpoint((address, port))}"
 
 
 def check_bases(local: Iterable[Candidate]) -> list[Candidate]:
-    """The local candidates checks leave from: IPv4 host and relay, deduplicated."""
+    """The local candidates checks leave from: host and relay, deduplicated."""
     bases: list[Candidate] = []
     seen: set[Address] = set()
     for cand in local:
         addr = (cand.address, cand.port)
-        if cand.type in _BASE_TYPES and ipv4(cand.address) and addr not in seen:
+        if cand.type in _BASE_TYPES and checkable(cand.address) and addr not in seen:
             seen.add(addr)
             bases.append(cand)
     return bases
@@ -112,8 +132,8 @@ class CandidatePair:
 
     @property
     def key(self) -> str:
-        return (f"{self.local.address}:{self.local.port}>"
-                f"{self.remote.ip}:{self.remote.port}")
+        return (f"{format_endpoint(self.local_address)}>"
+                f"{format_endpoint(self.remote_address)}")
 
     @property
     def shown_local(self) -> Candidate:
@@ -121,7 +141,8 @@ class CandidatePair:
 
     @property
     def path(self) -> PathClass:
-        return path_class(self.shown_local.type, self.remote.type)
+        local = self.shown_local
+        return path_class(local.type, self.remote.type, local.address, self.remote.ip)
 
     @property
     def rtt_ms(self) -> float | None:
@@ -154,8 +175,9 @@ class CandidatePair:
     def view(self) -> PairView:
         local = self.shown_local
         return PairView(
-            key=self.key, local_type=local.type, local_address=f"{local.address}:{local.port}",
-            remote_type=self.remote.type, remote_address=f"{self.remote.ip}:{self.remote.port}",
+            key=self.key, local_type=local.type,
+            local_address=format_endpoint((local.address, local.port)),
+            remote_type=self.remote.type, remote_address=format_endpoint(self.remote_address),
             state=self.state, rtt_ms=self.rtt_ms, rtt_bound=not self._rtt_samples,
             priority=self.priority,
         )
@@ -170,7 +192,7 @@ class CandidatePair:
 
 
 def unique_remotes(candidates: Iterable[CandidateInfo]) -> list[CandidateInfo]:
-    """IPv4 remotes, one per address, the highest priority kept.
+    """Checkable remotes (IPv4 and IPv6), one per address, the highest priority kept.
 
     A peer without NAT lists one address as both host and srflx: pairs with both would
     be redundant (RFC 8445 section 6.1.2.4).
@@ -178,7 +200,7 @@ def unique_remotes(candidates: Iterable[CandidateInfo]) -> list[CandidateInfo]:
     best: dict[Address, CandidateInfo] = {}
     for cand in candidates:
         addr = (cand.ip, cand.port)
-        if ipv4(cand.ip) and (addr not in best or best[addr].priority < cand.priority):
+        if checkable(cand.ip) and (addr not in best or best[addr].priority < cand.priority):
             best[addr] = cand
     return list(best.values())
 
@@ -201,12 +223,13 @@ def relay_reaches(remote: CandidateInfo, candidates: Iterable[CandidateInfo]) ->
 
 def form_pairs(bases: Sequence[Candidate], candidates: Sequence[CandidateInfo],
                controlling: bool) -> list[CandidatePair]:
-    """Every base with every distinct IPv4 remote it can reach, best first, at most
-    MAX_PAIRS."""
+    """Every base with every distinct remote of its family it can reach, best first,
+    at most MAX_PAIRS."""
     pairs = [
         CandidatePair(base, remote, pair_priority(base.priority, remote.priority, controlling))
         for base in bases for remote in unique_remotes(candidates)
-        if base.type != "relay" or relay_reaches(remote, candidates)
+        if same_family(base.address, remote.ip)
+        and (base.type != "relay" or relay_reaches(remote, candidates))
     ]
     pairs.sort(key=lambda p: p.priority, reverse=True)
     return pairs[:MAX_PAIRS]

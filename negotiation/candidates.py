@@ -1,9 +1,11 @@
 """Local candidates: host addresses from the interfaces, server-reflexive from STUN.
 
-Host candidates come from every up interface's IPv4 addresses, minus loopback,
+Host candidates come from every up interface's IPv4 and IPv6 addresses, minus loopback,
 link-local, addresses inside the overlay, and interfaces matching the exclude globs
 (the WireGuard device and other tunnels/virtual bridges: a peer reaching us through
-another overlay would be routing WireGuard inside a tunnel it may not keep).
+another overlay would be routing WireGuard inside a tunnel it may not keep). IPv6
+addresses that are still tentative (duplicate address detection), failed it, or are
+deprecated are left out too: the kernel will not send from them, or not for long.
 """
 
 from __future__ import annotations
@@ -41,6 +43,9 @@ DEFAULT_INTERFACE_EXCLUDE: tuple[str, ...] = (
 _LOCAL_PREFERENCE_MAX = 65535
 _IFF_UP = 0x1
 _AF_INET = 2
+_AF_INET6 = 10
+# linux/if_addr.h: an IPv6 address the kernel cannot (or soon will not) send from.
+_IFA_F_UNUSABLE = 0x40 | 0x20 | 0x08  # tentative, deprecated, dadfailed
 
 
 def candidate_priority(type_: str, local_preference: int = _LOCAL_PREFERENCE_MAX,
@@ -79,30 +84,33 @@ class InterfaceAddress:
 
 
 def list_interface_addresses() -> list[InterfaceAddress]:
-    """Every IPv4 address on this host with its interface, via netlink.
+    """Every IPv4 and usable IPv6 address on this host with its interface, via netlink.
 
     Blocking, and pyroute2 0.9's IPRoute refuses to run in a thread with a running
     event loop: from async code use `interface_addresses()`.
     """
+    result = []
     with IPRoute() as ipr:
         links = {link["index"]: link for link in ipr.get_links()}
-        default_oifs = {
-            route.get_attr("RTA_OIF") for route in ipr.get_routes(family=_AF_INET, table=254)
-            if route["dst_len"] == 0
-        }
-        result = []
-        for msg in ipr.get_addr(family=_AF_INET):
-            link = links.get(msg["index"])
-            if link is None:
-                continue
-            result.append(InterfaceAddress(
-                interface=str(link.get_attr("IFLA_IFNAME")),
-                index=int(msg["index"]),
-                address=str(msg.get_attr("IFA_ADDRESS")),
-                prefixlen=int(msg["prefixlen"]),
-                up=bool(link["flags"] & _IFF_UP),
-                default_route=msg["index"] in default_oifs,
-            ))
+        for family in (_AF_INET, _AF_INET6):
+            # "Default route" per family: an IPv6 default route says nothing of IPv4's.
+            default_oifs = {
+                route.get_attr("RTA_OIF") for route in ipr.get_routes(family=family, table=254)
+                if route["dst_len"] == 0
+            }
+            for msg in ipr.get_addr(family=family):
+                link = links.get(msg["index"])
+                flags = msg.get_attr("IFA_FLAGS") or msg["flags"]
+                if link is None or (family == _AF_INET6 and flags & _IFA_F_UNUSABLE):
+                    continue
+                result.append(InterfaceAddress(
+                    interface=str(link.get_attr("IFLA_IFNAME")),
+                    index=int(msg["index"]),
+                    address=str(msg.get_attr("IFA_ADDRESS")),
+                    prefixlen=int(msg["prefixlen"]),
+                    up=bool(link["flags"] & _IFF_UP),
+                    default_route=msg["index"] in default_oifs,
+                ))
     return result
 
 
@@ -116,14 +124,19 @@ def excluded_interface(name: str, patterns: Iterable[str]) -> bool:
 
 def host_address_problem(
     entry: InterfaceAddress, exclude_patterns: Iterable[str],
-    exclude_networks: Iterable[ipaddress.IPv4Network] = (),
+    exclude_networks: Iterable[ipaddress.IPv4Network | ipaddress.IPv6Network] = (),
 ) -> str | None:
     """Why this address is not a host candidate, or None when it is one."""
     if not entry.up:
         return "interface down"
     if excluded_interface(entry.interface, exclude_patterns):
         return "excluded interface"
-    addr = ipaddress.IPv4Address(entry.address)
+    try:
+        addr = ipaddress.ip_address(entry.address)
+    except ValueError:
+        return "not an IP address"
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return "IPv4-mapped"
     if addr.is_loopback:
         return "loopback"
     if addr.is_link_local:
@@ -138,10 +151,12 @@ def host_address_problem(
 def gather_host_candidates(
     port: int,
     exclude_patterns: Iterable[str] = DEFAULT_INTERFACE_EXCLUDE,
-    exclude_networks: Iterable[ipaddress.IPv4Network] = (),
+    exclude_networks: Iterable[ipaddress.IPv4Network | ipaddress.IPv6Network] = (),
     addresses: Sequence[InterfaceAddress] | None = None,
 ) -> list[Candidate]:
-    """Host candidates for `port`, best first: the default-route interface leads.
+    """Host candidates for `port`, best first: the default-route interface leads, IPv4
+    before IPv6 on each interface (pairs only join one family, so this orders checks,
+    not the choice: choice.py weighs paths, not families).
 
     `addresses` defaults to the host's own (netlink, blocking: from async code pass
     `await interface_addresses()`).
@@ -150,7 +165,9 @@ def gather_host_candidates(
     networks = list(exclude_networks)
     entries = list_interface_addresses() if addresses is None else list(addresses)
     usable = [e for e in entries if host_address_problem(e, patterns, networks) is None]
-    usable.sort(key=lambda e: (not e.default_route, e.index, ipaddress.IPv4Address(e.address)))
+    usable.sort(key=lambda e: (not e.default_route, e.index,
+                               ipaddress.ip_address(e.address).version,
+                               ipaddress.ip_address(e.address).packed))
     candidates = []
     for rank, entry in enumerate(usable):
         # Distinct local preferences keep priorities unique on multi-homed hosts.

@@ -5,12 +5,15 @@ RTT), so the rules can be tested without a network:
 
 1. Class first. `direct-lan` beats `direct` beats `relay`:
    - `direct-lan`: host to host. Both ends answer on their own interface addresses, so
-     no NAT is in between (the same LAN, or a routed private network).
+     no NAT is in between (the same LAN, or a routed private network). Not IPv6 host
+     addresses in different /64s: IPv6 needs no NAT, so that is a routed path,
+     typically across the internet, and counts as `direct`.
    - `relay`: either end is a TURN relayed candidate.
    - `direct`: everything else: a server-reflexive or peer-reflexive end, i.e. through a
      NAT but still peer to peer. A peer-reflexive address is one nobody listed: a NAT
      made it up (typically a symmetric NAT), so it never counts as LAN even when it
      looks private.
+   So a direct IPv6 pair beats any relayed one, whatever the IPv4 NATs.
    Within `relay`, a pair with one relayed end beats one relayed at both ends: that
    crosses the relay twice (or two relays), and each end whose own allocation carries
    the path passes WireGuard through the agent's loopback proxy, so it is the slower
@@ -30,6 +33,7 @@ each other (0.4 ms)" or "switched from ... to ...: 5.2 ms vs 81.0 ms".
 
 from __future__ import annotations
 
+import ipaddress
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -44,16 +48,41 @@ DEFAULT_HYSTERESIS_MS = 2.0
 
 _TYPE_NAMES = {
     "host": "host", "srflx": "server-reflexive", "prflx": "peer-reflexive", "relay": "relayed",
+    "mapped": "port-mapped",
 }
 
 
-def path_class(local_type: str, remote_type: str) -> PathClass:
-    """The class of a pair from its candidate types (see the module docstring)."""
+def routed_ipv6(local_ip: str | None, remote_ip: str | None) -> bool:
+    """Whether two addresses are IPv6 in different /64s (a routed path, not a LAN)."""
+    if local_ip is None or remote_ip is None:
+        return False
+    try:
+        local, remote = ipaddress.ip_address(local_ip), ipaddress.ip_address(remote_ip)
+    except ValueError:
+        return False
+    if not isinstance(local, ipaddress.IPv6Address) or not isinstance(
+            remote, ipaddress.IPv6Address):
+        return False
+    return remote not in ipaddress.IPv6Network((local, 64), strict=False)
+
+
+def path_class(local_type: str, remote_type: str, local_ip: str | None = None,
+               remote_ip: str | None = None) -> PathClass:
+    """The class of a pair from its candidate types and, for IPv6, its addresses (see
+    the module docstring)."""
     if local_type == "relay" or remote_type == "relay":
         return "relay"
     if local_type == "host" and remote_type == "host":
-        return "direct-lan"
+        return "direct" if routed_ipv6(local_ip, remote_ip) else "direct-lan"
     return "direct"
+
+
+def _ip_of(endpoint: str) -> str | None:
+    """The address of 'ip:port' or '[ipv6]:port'; None when it is neither."""
+    host, sep, _port = endpoint.rpartition(":")
+    if not sep:
+        return None
+    return host[1:-1] if host.startswith("[") and host.endswith("]") else host
 
 
 @dataclass(frozen=True)
@@ -62,7 +91,7 @@ class PairView:
 
     key: str  # identity: the same pair keeps the same key across snapshots
     local_type: str
-    local_address: str  # "ip:port"
+    local_address: str  # "ip:port" or "[ipv6]:port"
     remote_type: str
     remote_address: str
     state: PairState = "succeeded"
@@ -73,7 +102,8 @@ class PairView:
 
     @property
     def path(self) -> PathClass:
-        return path_class(self.local_type, self.remote_type)
+        return path_class(self.local_type, self.remote_type, _ip_of(self.local_address),
+                          _ip_of(self.remote_address))
 
     @property
     def tier(self) -> tuple[int, int]:
@@ -111,6 +141,8 @@ def explain(view: PairView, pairs: Sequence[PairView]) -> str:
     path = view.path
     if path == "direct-lan":
         return f"same LAN: host candidates answer each other ({rtt})"
+    if path == "direct" and view.local_type == view.remote_type == "host":
+        return f"direct over IPv6, no NAT between ({rtt})"
     if path == "direct":
         through = view.remote_type if view.remote_type != "host" else view.local_type
         return (f"direct through NAT via {_TYPE_NAMES.get(through, through)} address "

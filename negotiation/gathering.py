@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
-from kbwg.core.addresses import HostPort
+from kbwg.core.addresses import HostPort, ip_family
 from kbwg.negotiation.candidates import (
     Candidate,
     StunServerResult,
@@ -54,12 +54,22 @@ async def resolve_servers(
     return list(await asyncio.gather(*(one(s) for s in servers)))
 
 
+def _same_family(servers: Sequence[tuple[str, Address | None]],
+                 local_ip: str) -> list[tuple[str, Address | None]]:
+    """The servers a STUN request from `local_ip` can reach: those of its family (an
+    IPv6 host address asks IPv6 servers only)."""
+    family = ip_family(local_ip)
+    return [(name, addr) for name, addr in servers
+            if (addr is not None and ip_family(addr[0]) == family)
+            or (addr is None and family == 4)]
+
+
 async def gather_local(
     port: int,
     servers: Sequence[tuple[str, Address | None]],
     client_for: Callable[[str], StunClient],
     exclude_patterns: Iterable[str],
-    exclude_networks: Iterable[ipaddress.IPv4Network],
+    exclude_networks: Iterable[ipaddress.IPv4Network | ipaddress.IPv6Network],
     timeout: float = 2.0,
 ) -> LocalCandidates:
     """Host candidates, then srflx from each host address at once.
@@ -72,8 +82,8 @@ async def gather_local(
     result = LocalCandidates(candidates=list(hosts))
     if servers and hosts:
         gathered = await asyncio.gather(*(
-            gather_srflx(client_for(h.address), servers, (h.address, port),
-                         timeout=timeout, rto=0.2)
+            gather_srflx(client_for(h.address), _same_family(servers, h.address),
+                         (h.address, port), timeout=timeout, rto=0.2)
             for h in hosts
         ))
         seen: set[tuple[str, int]] = set()

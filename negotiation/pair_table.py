@@ -18,11 +18,12 @@ from kbwg.negotiation.candidate_pairs import (
     CandidatePair,
     check_bases,
     form_pairs,
-    ipv4,
+    checkable,
     pair_priority,
     parse_address,
     prflx_priority,
     unique_remotes,
+    same_family,
 )
 from kbwg.negotiation.candidates import Candidate, candidate_priority
 from kbwg.negotiation.check_config import CheckCounters, CheckTimers
@@ -84,7 +85,7 @@ class PairTable:
         for pair in ([selected] if selected else []) + self.pairs:
             if pair.remote_address == src:
                 return pair.local
-        return self._bases[0] if self._bases else None
+        return next((b for b in self._bases if same_family(b.address, src[0])), None)
 
     def remote_for(self, src: Address, priority: object) -> CandidateInfo | None:
         """The peer's candidate at `src`, learned as peer-reflexive if new; None when
@@ -122,7 +123,7 @@ class PairTable:
     def local_seen(self, pair: CandidatePair, mapped: object) -> Candidate:
         """Our candidate as the peer sees it on this pair (RFC 8445 section 7.2.5.3.1)."""
         if not (isinstance(mapped, tuple) and len(mapped) == 2 and isinstance(mapped[0], str)
-                and isinstance(mapped[1], int) and ipv4(mapped[0])):
+                and isinstance(mapped[1], int) and checkable(mapped[0])):
             return pair.local
         if pair.local.type == "relay":
             return pair.local

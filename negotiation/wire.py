@@ -306,7 +306,7 @@ def log_ignored(chat: SignalMessage, exc: WireError) -> None:
 @dataclass(frozen=True)
 class CandidateInfo:
     type: str  # host | srflx | relay | prflx
-    ip: str  # IPv4
+    ip: str  # IPv4, or IPv6 (canonical text, no scope)
     port: int
     priority: int
     foundation: str
@@ -315,11 +315,13 @@ class CandidateInfo:
         # isinstance first: an unhashable value (a list, a map) cannot be looked up.
         _check(isinstance(self.type, str) and self.type in CANDIDATE_TYPES, "candidate.type",
                f"{self.type!r} unknown")
-        _check_str(self.ip, "candidate.ip", 7, 15)
+        _check_str(self.ip, "candidate.ip", 2, 39)
         try:
-            ipaddress.IPv4Address(self.ip)
+            ip = ipaddress.ip_address(self.ip)
         except ValueError:
-            raise InvalidField("candidate.ip", f"{self.ip!r} is not IPv4") from None
+            raise InvalidField("candidate.ip", f"{self.ip!r} is not an IP address") from None
+        # One spelling per address: candidates are compared as text.
+        _check(str(ip) == self.ip, "candidate.ip", f"{self.ip!r} is not in canonical form")
         _check_int(self.port, "candidate.port", 1, 65535)
         _check_int(self.priority, "candidate.priority", 0, 2**32 - 1)
         _check_str(self.foundation, "candidate.foundation", 1, 32, ice=True)
@@ -340,6 +342,22 @@ class CandidateInfo:
 def _check_credentials(ufrag: object, pwd: object) -> None:
     _check_str(ufrag, "ufrag", 4, 32, ice=True)
     _check_str(pwd, "pwd", 22, 64, ice=True)
+
+
+def _split_families(candidates: list[CandidateInfo]) -> dict[str, Any]:
+    """IPv4 candidates under "candidates", IPv6 ones under "candidates6": agents from
+    before IPv6 read only the first key and refuse a body with an IPv6 address in it."""
+    out: dict[str, Any] = {"candidates": [c.to_wire() for c in candidates if ":" not in c.ip]}
+    six = [c.to_wire() for c in candidates if ":" in c.ip]
+    if six:
+        out["candidates6"] = six
+    return out
+
+
+def _merged_candidates(obj: dict[str, Any]) -> list[CandidateInfo]:
+    merged = _candidates(obj["candidates"]) + _candidates(obj.get("candidates6", []))
+    _check(len(merged) <= MAX_CANDIDATES, "candidates", f"{len(merged)} over {MAX_CANDIDATES}")
+    return merged
 
 
 def _candidates(raw: object) -> list[CandidateInfo]:
@@ -372,14 +390,14 @@ class Offer:
 
     def to_wire(self) -> dict[str, Any]:
         return {"ufrag": self.ufrag, "pwd": self.pwd, "tie_breaker": self.tie_breaker,
-                "candidates": [c.to_wire() for c in self.candidates], "wg_port": self.wg_port}
+                **_split_families(self.candidates), "wg_port": self.wg_port}
 
     @classmethod
     def from_wire(cls, raw: object) -> Offer:
         obj = _map(raw, "body")
         try:
             return cls(obj["ufrag"], obj["pwd"], obj["tie_breaker"],
-                       _candidates(obj["candidates"]), obj["wg_port"])
+                       _merged_candidates(obj), obj["wg_port"])
         except KeyError as exc:
             raise InvalidField(exc.args[0], "missing") from None
 
@@ -395,13 +413,12 @@ class Answer:
         _check_candidates(self.candidates)
 
     def to_wire(self) -> dict[str, Any]:
-        return {"ufrag": self.ufrag, "pwd": self.pwd,
-                "candidates": [c.to_wire() for c in self.candidates]}
+        return {"ufrag": self.ufrag, "pwd": self.pwd, **_split_families(self.candidates)}
 
     @classmethod
     def from_wire(cls, raw: object) -> Answer:
         obj = _map(raw, "body")
         try:
-            return cls(obj["ufrag"], obj["pwd"], _candidates(obj["candidates"]))
+            return cls(obj["ufrag"], obj["pwd"], _merged_candidates(obj))
         except KeyError as exc:
             raise InvalidField(exc.args[0], "missing") from None

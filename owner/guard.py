@@ -4,6 +4,13 @@ device's address and peers).
 
 A refusal names a stable key (counted in the `stats` reply under `refusals`) and a
 reason the agent's log can show as it is.
+
+IPv6 endpoints and host routes are judged as IPv4 ones are: the overlay is IPv4 (a v6
+address can never be inside it), and unspecified, loopback (routes only) and multicast
+addresses are refused in both families; IPv6 link-local ones too, since they mean
+nothing without a scope, which neither WireGuard's endpoint nor a host route here
+carries. Documentation ranges (192.0.2.0/24 and friends, 2001:db8::/32) are accepted
+in both: no real network uses them, and test worlds use them as their internet.
 """
 
 from __future__ import annotations
@@ -11,7 +18,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Address
 
 from kbwg.owner.netconfig import Egress, IPInterface, NetConfig
 from kbwg.owner.policy import (
@@ -118,11 +125,12 @@ class Guard:
             raise Refusal(R_ROUTE_VIA, "add_route takes no 'via': name the uplink (ifname) "
                                        "and the owner finds its gateway")
         destination = spec.destination
-        if not isinstance(destination, IPv4Network):
-            raise Refusal(R_ROUTE_DESTINATION, f"route destination {destination} is not IPv4")
         dst = destination.network_address
         _refuse_if(R_ROUTE_DESTINATION, _unroutable(dst))
-        if dst in overlay:
+        if isinstance(dst, IPv6Address) and dst.is_link_local:
+            raise Refusal(R_ROUTE_DESTINATION,
+                          f"route destination {dst} is link-local: it needs no route")
+        if dst.version == 4 and dst in overlay:
             raise Refusal(R_ROUTE_DESTINATION,
                           f"route destination {dst} is inside the overlay {overlay}")
         if dst not in _peer_endpoint_addresses(peers):
@@ -151,6 +159,8 @@ class Guard:
 def _unroutable(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
     if address.is_unspecified or address.is_loopback or address.is_multicast:
         return f"{address} is an unspecified, loopback or multicast address"
+    if isinstance(address, IPv6Address) and address.ipv4_mapped is not None:
+        return f"{address} is an IPv4-mapped address: use the IPv4 address"
     if isinstance(address, IPv4Address) and address == IPv4Address("255.255.255.255"):
         return f"{address} is the broadcast address"
     return None
@@ -161,6 +171,12 @@ def _endpoint_problem(address: ipaddress.IPv4Address | ipaddress.IPv6Address,
     # Loopback stays allowed: a relayed path's endpoint is the agent's local proxy.
     if address.is_unspecified or address.is_multicast:
         return f"endpoint {address} is an unspecified or multicast address"
+    if isinstance(address, IPv6Address) and address.is_link_local:
+        return f"endpoint {address} is link-local: WireGuard cannot use it without a scope"
+    if isinstance(address, IPv6Address) and address.ipv4_mapped is not None:
+        mapped = address.ipv4_mapped
+        if mapped in overlay:
+            return f"endpoint {address} is inside the overlay {overlay}"
     if address.version == 4 and address in overlay:
         return f"endpoint {address} is inside the overlay {overlay}"
     return None

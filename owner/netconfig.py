@@ -7,7 +7,7 @@ import ipaddress
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import Any, Protocol
 
 from kbwg.owner.wg_backend import BackendError
@@ -19,6 +19,10 @@ RTN_UNICAST = 1
 IFF_LOOPBACK = 0x8
 
 IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
+IPAddress = IPv4Address | IPv6Address
+IPNetwork = IPv4Network | IPv6Network
+_AF_INET = 2
+_AF_INET6 = 10
 
 
 @dataclass(frozen=True)
@@ -53,8 +57,8 @@ class NetConfig(Protocol):
         routes and routes through `exclude_ifname` (our own interface)."""
         ...
 
-    async def egress(self, dst: IPv4Address, ifname: str) -> Egress | None:
-        """How the main table reaches `dst` through `ifname` only, or None."""
+    async def egress(self, dst: IPAddress, ifname: str) -> Egress | None:
+        """How the main table reaches `dst` (IPv4 or IPv6) through `ifname` only, or None."""
         ...
 
     async def is_loopback(self, ifname: str) -> bool: ...
@@ -62,9 +66,9 @@ class NetConfig(Protocol):
 
 @dataclass(frozen=True)
 class MainRoute:
-    """One IPv4 route of the main table, as far as egress choice cares."""
+    """One route of the main table, as far as egress choice cares."""
 
-    network: IPv4Network
+    network: IPNetwork
     ifname: str | None
     gateway: str | None
     metric: int
@@ -94,18 +98,19 @@ async def host_route_destinations(exclude_ifname: str | None) -> list[IPv4Networ
     return found
 
 
-async def main_table_routes() -> list[MainRoute]:
-    """The main table's IPv4 routes (read-only netlink; no privileges needed)."""
+async def main_table_routes(family: int = _AF_INET) -> list[MainRoute]:
+    """The main table's routes of one family, IPv4 unless `family` is 10 (AF_INET6)
+    (read-only netlink; no privileges needed)."""
     from pyroute2 import AsyncIPRoute
 
     async with AsyncIPRoute() as ipr:
         names = {link["index"]: link.get("ifname") async for link in await ipr.get_links()}
-        raw = [r async for r in await ipr.get_routes(family=2, table=MAIN_TABLE)]
+        raw = [r async for r in await ipr.get_routes(family=family, table=MAIN_TABLE)]
     routes = []
     for route in raw:
-        dst = route.get("dst") or "0.0.0.0"
+        dst = route.get("dst") or ("::" if family == _AF_INET6 else "0.0.0.0")
         routes.append(MainRoute(
-            network=IPv4Network(f"{dst}/{route['dst_len']}", strict=False),
+            network=ipaddress.ip_network(f"{dst}/{route['dst_len']}", strict=False),
             ifname=names.get(route.get("oif")),
             gateway=route.get("gateway"),
             metric=int(route.get("priority") or 0),
@@ -114,8 +119,8 @@ async def main_table_routes() -> list[MainRoute]:
     return routes
 
 
-def choose_egress(routes: Iterable[MainRoute], dst: IPv4Address, via_ifname: str | None = None,
-                  ignore: Iterable[IPv4Network] = ()) -> Egress | None:
+def choose_egress(routes: Iterable[MainRoute], dst: IPAddress, via_ifname: str | None = None,
+                  ignore: Iterable[IPNetwork] = ()) -> Egress | None:
     """The route the kernel would pick for `dst` (longest prefix, then lowest metric),
     optionally only among those through `via_ifname` and leaving out `ignore` (routes
     of our own)."""
@@ -135,10 +140,16 @@ def choose_egress(routes: Iterable[MainRoute], dst: IPv4Address, via_ifname: str
     return found
 
 
+def _family(dst: IPAddress) -> int:
+    return _AF_INET6 if dst.version == 6 else _AF_INET
+
+
 async def egress_for(dst: str, via_ifname: str | None = None,
-                     ignore: Iterable[IPv4Network] = ()) -> Egress | None:
-    """How the main table reaches `dst`, optionally only through `via_ifname`."""
-    return choose_egress(await main_table_routes(), IPv4Address(dst), via_ifname, ignore)
+                     ignore: Iterable[IPNetwork] = ()) -> Egress | None:
+    """How the main table reaches `dst` (IPv4 or IPv6), optionally only through
+    `via_ifname`."""
+    address = ipaddress.ip_address(dst)
+    return choose_egress(await main_table_routes(_family(address)), address, via_ifname, ignore)
 
 
 class NetlinkNetConfig:
@@ -217,8 +228,8 @@ class NetlinkNetConfig:
     async def route_destinations(self, exclude_ifname: str | None) -> list[IPv4Network]:
         return await host_route_destinations(exclude_ifname)
 
-    async def egress(self, dst: IPv4Address, ifname: str) -> Egress | None:
-        return choose_egress(await main_table_routes(), dst, via_ifname=ifname)
+    async def egress(self, dst: IPAddress, ifname: str) -> Egress | None:
+        return choose_egress(await main_table_routes(_family(dst)), dst, via_ifname=ifname)
 
     async def is_loopback(self, ifname: str) -> bool:
         from pyroute2 import AsyncIPRoute

@@ -34,7 +34,8 @@ Ops (args → result):
   WireGuard listen port with STUN (kbwg.owner.rawstun); again is a no-op.
 - ``stun_send`` (``dest`` "ip:port", ``data`` bytes: one STUN message of at most 1500
   bytes, optional ``source`` local ip) → ``source`` "ip:port" it left from. Refused when
-  over the owner's rate limit. IPv4 only. The transaction id of a request is remembered
+  over the owner's rate limit. IPv4 or IPv6 ("[ip]:port"; ``source`` of the same
+  family). The transaction id of a request is remembered
   for a while: its answers pass the shared port's filter in a reserved budget.
 - ``stun_ufrags`` (``ufrags`` list of at most 1024 strings of 1-256 printable ASCII
   characters without ':') → ``ufrags`` (how many). After ``create``. The agent's
@@ -301,7 +302,7 @@ class StunSendArgs:
     def parse(cls, args: dict[str, Any]) -> StunSendArgs:
         dest = parse_endpoint(_get(args, "dest", str, "a string 'ip:port'"), "dest")
         if not is_usable_unicast(dest[0]):
-            raise ProtocolError(f"'dest' must be a unicast IPv4 address, not {dest[0]}")
+            raise ProtocolError(f"'dest' must be a unicast IPv4 or IPv6 address, not {dest[0]}")
         data = _get(args, "data", bytes, "bytes")
         if len(data) > MAX_STUN_PAYLOAD:
             raise ProtocolError(f"'data' is {len(data)} bytes, more than {MAX_STUN_PAYLOAD}")
@@ -310,9 +311,11 @@ class StunSendArgs:
             raise ProtocolError("'data' is not a STUN message")
         source = args.get("source")
         if source is not None and (not isinstance(source, str) or not is_usable_unicast(source)):
-            raise ProtocolError("'source' must be a unicast IPv4 address or None")
+            raise ProtocolError("'source' must be a unicast IPv4 or IPv6 address or None")
         if source is not None:
-            source = str(ipaddress.IPv4Address(source))
+            source = str(ipaddress.ip_address(source))
+            if (":" in source) != (":" in dest[0]):
+                raise ProtocolError("'source' and 'dest' must be of one family")
         return cls(dest=dest, data=bytes(data), source=source)
 
 

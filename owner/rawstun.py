@@ -1,4 +1,5 @@
-"""STUN on the WireGuard port: a raw IPv4 socket behind a classic BPF filter (device owner).
+"""STUN on the WireGuard port: raw IPv4 and IPv6 sockets behind classic BPF filters
+(device owner).
 
 WireGuard (the kernel module or wireguard-go) owns UDP port P. A raw IPPROTO_UDP socket
 gets a copy of every UDP datagram delivered to this namespace, so the filter keeps only
@@ -14,7 +15,11 @@ host can send checks from each of its addresses) or the one the routing table pi
 the destination. Either way the routing table still picks the outgoing interface: a
 check that must leave through another one needs a host route (the owner's `add_route`).
 
-IPv4 only. Needs CAP_NET_RAW (the device owner runs as root).
+IPv6 works the same way through a second raw socket, with two differences the kernel
+makes: an IPv6 raw socket sees the datagram from its UDP header on (no IP header, so
+its filter reads the port at offset 2), and the local address it arrived at comes from
+IPV6_PKTINFO ancillary data. A host without IPv6 (the socket cannot be opened) runs with
+IPv4 alone. Needs CAP_NET_RAW (the device owner runs as root).
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ import struct
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
-from kbwg.core.addresses import Address
+from kbwg.core.addresses import Address, ip_family
 from kbwg.core.routing import route_source
 from kbwg.core.stun import MAX_STUN_MESSAGE, STUN_COOKIE
 
@@ -42,10 +47,13 @@ MAX_STUN_PAYLOAD = MAX_STUN_MESSAGE
 SO_ATTACH_FILTER = 26
 IP_PKTINFO = 8
 SIOCGIFADDR = 0x8915
+IPV6_RECVPKTINFO = 49
+IPV6_PKTINFO = 50
 
 # Classic BPF opcodes (linux/bpf_common.h, linux/filter.h).
 BPF_LD_B_ABS = 0x30
 BPF_LD_H_ABS = 0x28
+BPF_LD_W_ABS = 0x20
 BPF_LD_H_IND = 0x48
 BPF_LD_W_IND = 0x40
 BPF_LDX_B_MSH = 0xB1
@@ -63,6 +71,7 @@ _IPV4 = struct.Struct("!BBHHHBBH4s4s")
 _UDP = struct.Struct("!HHHH")
 _SOCK_FILTER = struct.Struct("=HBBI")
 _IN_PKTINFO = struct.Struct("=I4s4s")
+_IN6_PKTINFO = struct.Struct("=16sI")
 
 # Bounded work per readiness callback, so a flood cannot starve the owner's frame loop.
 _READS_PER_WAKEUP = 64
@@ -106,6 +115,24 @@ def stun_filter(port: int) -> list[BpfInsn]:
     ]
 
 
+def stun_filter6(port: int) -> list[BpfInsn]:
+    """The IPv6 socket's filter: UDP to `port` with the STUN cookie at payload offset 4.
+
+    An IPv6 raw IPPROTO_UDP socket only gets UDP (after any extension headers, and
+    reassembled), and its filter sees the UDP header at offset 0.
+    """
+    if not 0 < port < 65536:
+        raise ValueError(f"invalid port {port}")
+    return [
+        BpfInsn(BPF_LD_H_ABS, 0, 0, 2),  # 0: A = UDP destination port
+        BpfInsn(BPF_JEQ_K, 0, 3, port),  # 1: port P, else drop
+        BpfInsn(BPF_LD_W_ABS, 0, 0, 8 + 4),  # 2: A = payload word 4 (beyond the end: drop)
+        BpfInsn(BPF_JEQ_K, 0, 1, STUN_COOKIE),  # 3: the cookie: accept, else drop
+        BpfInsn(BPF_RET_K, 0, 0, ACCEPT_ALL),  # 4: accept
+        BpfInsn(BPF_RET_K, 0, 0, 0),  # 5: drop
+    ]
+
+
 def pack_filter(program: list[BpfInsn]) -> bytes:
     """The program as an array of `struct sock_filter` (native byte order)."""
     return b"".join(_SOCK_FILTER.pack(i.code, i.jt, i.jf, i.k) for i in program)
@@ -134,6 +161,11 @@ def internet_checksum(data: bytes) -> int:
 
 
 def _pseudo_header(src_ip: str, dst_ip: str, udp_length: int) -> bytes:
+    if ":" in src_ip or ":" in dst_ip:
+        # RFC 8200 section 8.1: addresses, a 32-bit length, zeros, the next header.
+        return (socket.inet_pton(socket.AF_INET6, src_ip)
+                + socket.inet_pton(socket.AF_INET6, dst_ip)
+                + struct.pack("!I3xB", udp_length, IPPROTO_UDP))
     return (
         socket.inet_aton(src_ip)
         + socket.inet_aton(dst_ip)
@@ -198,6 +230,38 @@ def parse_ipv4_udp(packet: bytes) -> UdpDatagram:
     return UdpDatagram((src_ip, sport), (dst_ip, dport), packet[ihl + _UDP.size : ihl + udp_len])
 
 
+def parse_udp6(segment: bytes, src_ip: str, dst_ip: str) -> UdpDatagram:
+    """Validate what an IPv6 raw socket received (the UDP header on) and split it."""
+    if len(segment) < _UDP.size:
+        raise ParseError("truncated", f"{len(segment)} bytes, no UDP header")
+    sport, dport, udp_len, _ = _UDP.unpack_from(segment)
+    if udp_len < _UDP.size:
+        raise ParseError("malformed", f"UDP length {udp_len}")
+    if udp_len > len(segment):
+        raise ParseError("truncated", f"UDP length {udp_len} beyond the datagram")
+    return UdpDatagram((src_ip, sport), (dst_ip, dport), segment[_UDP.size : udp_len])
+
+
+def _pktinfo6_destination(ancdata: list[tuple[int, int, bytes]]) -> str | None:
+    for level, kind, data in ancdata:
+        if level == socket.IPPROTO_IPV6 and kind == IPV6_PKTINFO and len(data) >= 16:
+            return socket.inet_ntop(socket.AF_INET6, data[:16])
+    return None
+
+
+def interface_index_of6(ip: str, if_inet6: str = "/proc/net/if_inet6") -> int:
+    """The index of the interface holding IPv6 address `ip`, 0 if none (or unreadable)."""
+    try:
+        wanted = socket.inet_pton(socket.AF_INET6, ip).hex()
+        with open(if_inet6, encoding="ascii") as table:
+            for line in table:
+                fields = line.split()
+                if len(fields) >= 2 and fields[0] == wanted:
+                    return int(fields[1], 16)
+    except (OSError, ValueError):
+        pass
+    return 0
+
 
 def interface_index_of(ip: str) -> int:
     """The index of the interface whose primary address is `ip`, 0 if none.
@@ -206,6 +270,8 @@ def interface_index_of(ip: str) -> int:
     really leave through that uplink: the kernel then routes by that interface's own
     routes (for example its higher-metric default route) instead of the main choice.
     """
+    if ":" in ip:
+        return interface_index_of6(ip)
     packed = socket.inet_aton(ip)
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         for index, name in socket.if_nameindex():
@@ -239,46 +305,79 @@ class RawStunCounters:
 PacketCallback = Callable[[UdpDatagram], None]
 
 
-class RawStunSocket:
-    """The raw socket of one WireGuard port, feeding `on_packet` from the event loop."""
+def _filtered_socket(family: int, program: list[BpfInsn]) -> tuple[socket.socket, int]:
+    """A non-blocking raw UDP socket of `family` behind `program`, and how many
+    unfiltered packets were drained from it; RawStunError when it cannot be had."""
+    try:
+        sock = socket.socket(family, socket.SOCK_RAW, socket.IPPROTO_UDP)
+    except OSError as exc:
+        raise RawStunError(f"cannot open a raw UDP socket: {exc}") from exc
+    try:
+        sock.setblocking(False)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, _RCVBUF)
+        except OSError:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _RCVBUF)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVPKTINFO, 1)
+        attach_filter(sock, program)
+        # Whatever arrived between socket() and the filter went in unfiltered.
+        return sock, _drain(sock)
+    except BaseException as exc:
+        sock.close()
+        if isinstance(exc, OSError):
+            raise RawStunError(f"cannot attach the STUN filter: {exc}") from exc
+        raise
 
-    def __init__(self, sock: socket.socket, port: int, on_packet: PacketCallback) -> None:
+
+class RawStunSocket:
+    """The raw sockets of one WireGuard port (IPv4, and IPv6 when the host has it),
+    feeding `on_packet` from the event loop."""
+
+    def __init__(self, sock: socket.socket, port: int, on_packet: PacketCallback,
+                 sock6: socket.socket | None = None) -> None:
         self._sock: socket.socket | None = sock
+        self._sock6: socket.socket | None = sock6
         self.port = port
         self._on_packet = on_packet
         self.counters = RawStunCounters()
         self._loop = asyncio.get_running_loop()
         self._loop.add_reader(sock.fileno(), self._on_readable)
+        if sock6 is not None:
+            self._loop.add_reader(sock6.fileno(), self._on_readable6)
 
     @classmethod
     def open(cls, port: int, on_packet: PacketCallback) -> RawStunSocket:
-        program = stun_filter(port)
+        sock, drained = _filtered_socket(socket.AF_INET, stun_filter(port))
+        sock6: socket.socket | None = None
         try:
-            sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_UDP)
-        except OSError as exc:
-            raise RawStunError(f"cannot open a raw UDP socket: {exc}") from exc
-        try:
-            sock.setblocking(False)
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, _RCVBUF)
-            except OSError:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _RCVBUF)
-            attach_filter(sock, program)
-            # Whatever arrived between socket() and the filter went in unfiltered.
-            drained = _drain(sock)
-            raw = cls(sock, port, on_packet)
-        except BaseException as exc:
+            sock6, drained6 = _filtered_socket(socket.AF_INET6, stun_filter6(port))
+            drained += drained6
+        except RawStunError as exc:
+            logger.info("no IPv6 STUN on port %d (%s): IPv4 only", port, exc)
+        except BaseException:
             sock.close()
-            if isinstance(exc, OSError):
-                raise RawStunError(f"cannot attach the STUN filter: {exc}") from exc
+            raise
+        try:
+            raw = cls(sock, port, on_packet, sock6)
+        except BaseException:
+            sock.close()
+            if sock6 is not None:
+                sock6.close()
             raise
         raw.counters.drained = drained
-        logger.info("raw STUN socket on port %d (%d unfiltered packets drained)", port, drained)
+        logger.info("raw STUN socket on port %d, %s (%d unfiltered packets drained)", port,
+                    "IPv4 and IPv6" if sock6 is not None else "IPv4", drained)
         return raw
 
     @property
     def closed(self) -> bool:
         return self._sock is None
+
+    @property
+    def ipv6(self) -> bool:
+        """Whether STUN also goes over IPv6."""
+        return self._sock6 is not None
 
     def _on_readable(self) -> None:
         sock = self._sock
@@ -294,6 +393,37 @@ class RawStunSocket:
                 return
             self._handle(packet)
 
+    def _on_readable6(self) -> None:
+        sock = self._sock6
+        for _ in range(_READS_PER_WAKEUP):
+            if sock is None or self._sock6 is None:
+                return
+            try:
+                segment, ancdata, _flags, addr = sock.recvmsg(
+                    _RECV_SIZE, socket.CMSG_SPACE(_IN6_PKTINFO.size))
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                logger.warning("raw IPv6 STUN socket receive failed: %s", exc)
+                return
+            self._handle6(segment, ancdata, str(addr[0]))
+
+    def _handle6(self, segment: bytes, ancdata: list[tuple[int, int, bytes]],
+                 src_ip: str) -> None:
+        self.counters.received += 1
+        dst_ip = _pktinfo6_destination(ancdata)
+        if dst_ip is None:
+            self.counters.malformed += 1
+            logger.debug("ignored IPv6 raw packet from %s: no destination address", src_ip)
+            return
+        try:
+            datagram = parse_udp6(segment, src_ip.partition("%")[0], dst_ip)
+        except ParseError as exc:
+            setattr(self.counters, exc.reason, getattr(self.counters, exc.reason) + 1)
+            logger.debug("ignored IPv6 raw packet: %s", exc)
+            return
+        self._deliver(datagram)
+
     def _handle(self, packet: bytes) -> None:
         counters = self.counters
         counters.received += 1
@@ -303,6 +433,10 @@ class RawStunSocket:
             setattr(counters, exc.reason, getattr(counters, exc.reason) + 1)
             logger.debug("ignored raw packet: %s", exc)
             return
+        self._deliver(datagram)
+
+    def _deliver(self, datagram: UdpDatagram) -> None:
+        counters = self.counters
         payload = datagram.payload
         if (
             datagram.dst[1] != self.port
@@ -319,16 +453,28 @@ class RawStunSocket:
 
     def send(self, payload: bytes, dest: Address, source: str | None = None) -> Address:
         """Send `payload` from port P to `dest`; returns the (source ip, P) it left from."""
-        sock = self._sock
-        if sock is None:
+        if self._sock is None:
             raise RawStunError("the raw STUN socket is closed")
         dst_ip, dst_port = dest
+        family = ip_family(dst_ip)
+        if family == 6 and self._sock6 is None:
+            self.counters.send_errors += 1
+            raise RawStunError(f"cannot send to {dst_ip}: this host has no IPv6 STUN socket")
+        if source is not None and ip_family(source) != family:
+            self.counters.send_errors += 1
+            raise RawStunError(f"source {source} and destination {dst_ip} differ in family")
         try:
             src_ip = source if source is not None else route_source(dst_ip)
             ifindex = interface_index_of(src_ip) if source is not None else 0
             udp = build_udp((src_ip, self.port), dest, payload)
-            pktinfo = _IN_PKTINFO.pack(ifindex, socket.inet_aton(src_ip), bytes(4))
-            sock.sendmsg([udp], [(socket.IPPROTO_IP, IP_PKTINFO, pktinfo)], 0, (dst_ip, 0))
+            if family == 6 and self._sock6 is not None:
+                pktinfo = _IN6_PKTINFO.pack(socket.inet_pton(socket.AF_INET6, src_ip), ifindex)
+                self._sock6.sendmsg([udp], [(socket.IPPROTO_IPV6, IPV6_PKTINFO, pktinfo)], 0,
+                                    (dst_ip, 0, 0, 0))
+            else:
+                pktinfo = _IN_PKTINFO.pack(ifindex, socket.inet_aton(src_ip), bytes(4))
+                self._sock.sendmsg([udp], [(socket.IPPROTO_IP, IP_PKTINFO, pktinfo)], 0,
+                                   (dst_ip, 0))
         except OSError as exc:
             self.counters.send_errors += 1
             raise RawStunError(f"sending to {dst_ip}:{dst_port} failed: {exc}") from exc
@@ -337,6 +483,10 @@ class RawStunSocket:
 
     def close(self) -> None:
         sock, self._sock = self._sock, None
+        sock6, self._sock6 = self._sock6, None
+        if sock6 is not None:
+            self._loop.remove_reader(sock6.fileno())
+            sock6.close()
         if sock is None:
             return
         self._loop.remove_reader(sock.fileno())
@@ -355,11 +505,17 @@ def _drain(sock: socket.socket) -> int:
 
 
 def is_usable_unicast(ip: str) -> bool:
-    """An IPv4 address a STUN datagram may be sent to or from."""
+    """An IPv4 or IPv6 address a STUN datagram may be sent to or from.
+
+    IPv6 link-local addresses are not: they mean nothing without an interface (a scope)
+    and are never candidates. Nor are IPv4-mapped ones: IPv4 goes over the IPv4 socket.
+    """
     try:
-        addr = ipaddress.IPv4Address(ip)
+        addr = ipaddress.ip_address(ip)
     except ValueError:
         return False
-    return not (
-        addr.is_multicast or addr.is_unspecified or addr == ipaddress.IPv4Address("255.255.255.255")
-    )
+    if addr.is_multicast or addr.is_unspecified:
+        return False
+    if isinstance(addr, ipaddress.IPv6Address):
+        return not (addr.is_link_local or addr.ipv4_mapped is not None or "%" in ip)
+    return addr != ipaddress.IPv4Address("255.255.255.255")

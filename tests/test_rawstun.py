@@ -299,6 +299,9 @@ def test_stun_send_args() -> None:
         ).source
         == "198.18.1.2"
     )
+    v6 = StunSendArgs.parse(
+        {"dest": "[2001:db8::1]:3478", "data": request, "source": "2001:DB8:0::2"})
+    assert v6 == StunSendArgs(("2001:db8::1", 3478), request, "2001:db8::2")
     big = stun.Message(stun.Method.BINDING, stun.Class.REQUEST)
     big.attributes["SOFTWARE"] = "x" * 700
     big.attributes["USERNAME"] = "y" * 800
@@ -306,7 +309,11 @@ def test_stun_send_args() -> None:
         {"dest": "203.0.113.5:3478", "data": bytes(big)},  # over 1500 bytes
         {"dest": "203.0.113.5:3478", "data": b"hello, not stun, definitely"},
         {"dest": "203.0.113.5:3478", "data": "text"},
-        {"dest": "[2001:db8::1]:3478", "data": request},
+        {"dest": "[fe80::1]:3478", "data": request},  # link-local: no scope
+        {"dest": "[::ffff:203.0.113.5]:3478", "data": request},  # IPv4 goes as IPv4
+        {"dest": "[ff02::1]:3478", "data": request},
+        {"dest": "[2001:db8::1]:3478", "data": request, "source": "198.18.1.2"},
+        {"dest": "203.0.113.5:3478", "data": request, "source": "2001:db8::2"},
         {"dest": "224.0.0.1:3478", "data": request},
         {"dest": "203.0.113.5", "data": request},
         {"dest": "203.0.113.5:3478", "data": request, "source": "0.0.0.0"},

@@ -149,7 +149,7 @@ _CAND = CAND.to_wire()
         (_with(OFFER.to_wire(), candidates=[_CAND] * 65), "candidates"),
         (_with(OFFER.to_wire(), candidates=["x"]), "candidate"),
         (_with(OFFER.to_wire(), candidates=[_with(_CAND, type="bogus")]), "candidate.type"),
-        (_with(OFFER.to_wire(), candidates=[_with(_CAND, ip="2001:db8::1")]), "candidate.ip"),
+        (_with(OFFER.to_wire(), candidates=[_with(_CAND, ip="2001:DB8::1")]), "candidate.ip"),
         (_with(OFFER.to_wire(), candidates=[_with(_CAND, ip="300.1.1.1")]), "candidate.ip"),
         (_with(OFFER.to_wire(), candidates=[_with(_CAND, ip=None)]), "candidate.ip"),
         (_with(OFFER.to_wire(), candidates=[_with(_CAND, port=0)]), "candidate.port"),

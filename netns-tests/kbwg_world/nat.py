@@ -39,6 +39,8 @@ class RouterRules:
     nat: NatMode
     firewall: bool
     forwards: list[PortForward] = field(default_factory=list)
+    # The LAN has global IPv6: routed, never NATed, but behind the same firewall.
+    ipv6: bool = False
 
     def render(self) -> str:
         """The rule set, replacing the router's tables atomically (`nft -f`)."""
@@ -50,6 +52,10 @@ class RouterRules:
             lines += self._nat_table()
         if self.firewall:
             lines += self._firewall_table()
+        if self.ipv6:
+            lines += ["table ip6 kbwg_fw6 {}", "delete table ip6 kbwg_fw6"]
+            if self.firewall:
+                lines += self._firewall6_table()
         return "\n".join(lines) + "\n"
 
     def _nat_table(self) -> list[str]:
@@ -73,6 +79,27 @@ class RouterRules:
             "  chain postrouting {",
             "    type nat hook postrouting priority srcnat; policy accept;",
             f'    oifname "{self.wan_if}" {masq}',
+            "  }",
+            "}",
+        ]
+
+    def _firewall6_table(self) -> list[str]:
+        # IPv6 is routed, so no mapping to keep: only the home router's stateful filter
+        # (RFC 6092), under which peers must punch as through a port-restricted NAT.
+        # ICMPv6 always passes: neighbour discovery and path MTU discovery need it.
+        return [
+            "table ip6 kbwg_fw6 {",
+            "  chain input {",
+            "    type filter hook input priority filter; policy accept;",
+            "    meta l4proto ipv6-icmp accept",
+            f'    iifname "{self.wan_if}" ct state established,related accept',
+            f'    iifname "{self.wan_if}" drop',
+            "  }",
+            "  chain forward {",
+            "    type filter hook forward priority filter; policy drop;",
+            "    meta l4proto ipv6-icmp accept",
+            "    ct state established,related accept",
+            f'    iifname "{self.lan_if}" oifname "{self.wan_if}" accept',
             "  }",
             "}",
         ]

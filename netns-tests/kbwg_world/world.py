@@ -14,6 +14,12 @@ Topology model:
 - `NatMode.NONE` routers announce their LAN on their WAN segment: every member of that
   segment (now or later) gets a route to the LAN via the router's WAN address. That is one
   level deep; behind a NAT the announcement is pointless anyway.
+- IPv6 is off in every namespace unless asked for: an internet with `ipv6="2001:db8::/64"`
+  gives each member a global address there, and a router with `ipv6_lan=` routes that
+  /64 (announced like a NONE router's LAN, never NATed) to its LAN, whose hosts get an
+  address in it and a default route via the router. The router's stateful firewall
+  covers IPv6 the same way (inbound only as replies), with all ICMPv6 let through:
+  neighbour discovery needs it. Addresses are added with `nodad` (DESIGN: DAD delays them).
 
 Every namespace is called `kbwg-<run id>-<name>`; `close()` (also called by the context
 manager, atexit and SIGTERM) kills every process, deletes every namespace (taking the veths
@@ -38,7 +44,7 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Address, IPv6Network
 from pathlib import Path
 from types import FrameType
 from typing import IO, Any
@@ -54,6 +60,16 @@ INTERNET_SPACE = tuple(
     IPv4Network(n) for n in ("203.0.113.0/24", "198.51.100.0/24", "192.0.2.0/24")
 )
 LAN_SPACE = IPv4Network("198.18.0.0/15")
+IPV6_SPACE = IPv6Network("2001:db8::/32")
+# Namespaces start with IPv6 off; these turn it on without router solicitations, router
+# advertisements taken in, or duplicate address detection (before disable_ipv6=0, so
+# the link-local addresses that come with it skip DAD too).
+IPV6_ON_SYSCTLS = (
+    "net.ipv6.conf.all.accept_ra=0", "net.ipv6.conf.default.accept_ra=0",
+    "net.ipv6.conf.all.router_solicitations=0", "net.ipv6.conf.default.router_solicitations=0",
+    "net.ipv6.conf.all.accept_dad=0", "net.ipv6.conf.default.accept_dad=0",
+    "net.ipv6.conf.all.disable_ipv6=0", "net.ipv6.conf.default.disable_ipv6=0",
+)
 
 # Automatic addresses start here, leaving the low ones for explicit choices (e.g. servers).
 AUTO_HOST_START = 10
@@ -116,6 +132,22 @@ class Segment:
     # Routes announced on this segment: (network, via, announcing node).
     routes: list[tuple[IPv4Network, IPv4Address, Node]] = field(default_factory=list, repr=False)
     next_port: int = field(default=0, repr=False)
+    # IPv6, when the segment has it: one /64, the router's address on a LAN, routes.
+    subnet6: IPv6Network | None = None
+    gateway6: IPv6Address | None = None
+    used6: set[IPv6Address] = field(default_factory=set, repr=False)
+    routes6: list[tuple[IPv6Network, IPv6Address, Node]] = field(
+        default_factory=list, repr=False)
+
+    def allocate6(self) -> IPv6Address:
+        if self.subnet6 is None:
+            raise WorldError(f"segment {self.name} has no IPv6")
+        for offset in range(AUTO_HOST_START, 1 << 16):
+            addr = self.subnet6.network_address + offset
+            if addr not in self.used6:
+                self.used6.add(addr)
+                return addr
+        raise WorldError(f"segment {self.name} has no free IPv6 address left")
 
     @property
     def subnet(self) -> IPv4Network:
@@ -151,6 +183,7 @@ class Interface:
     name: str
     segment: Segment = field(repr=False)
     addresses: list[IPv4Address]
+    addresses6: list[IPv6Address] = field(default_factory=list)
 
 
 @dataclass(eq=False)
@@ -177,6 +210,18 @@ class Node:
         if not self.interfaces or not self.interfaces[0].addresses:
             raise WorldError(f"{self.name} has no address")
         return str(self.interfaces[0].addresses[0])
+
+    @property
+    def ip6(self) -> str:
+        """The first global IPv6 address (a router's WAN address)."""
+        for iface in self.interfaces:
+            if iface.addresses6:
+                return str(iface.addresses6[0])
+        raise WorldError(f"{self.name} has no IPv6 address")
+
+    @property
+    def addresses6(self) -> list[str]:
+        return [str(a) for iface in self.interfaces for a in iface.addresses6]
 
     def interface(self, ifname: str) -> Interface:
         for iface in self.interfaces:
@@ -432,7 +477,8 @@ class World:
         extra_subnets: Sequence[str] = (),
         name: str | None = None,
     ) -> Segment:
-        """A flat internet switch. `extra_subnets` are reachable on-link from every member."""
+        """A flat internet switch. `extra_subnets` are reachable on-link from every member;
+        `ipv6` (a /64 of 2001:db8::/32) gives every member an IPv6 address too."""
         self._require_open()
         nets = [IPv4Network(subnet), *(IPv4Network(s) for s in extra_subnets)]
         for net in nets:
@@ -446,9 +492,12 @@ class World:
         ns = self._new_namespace(name)
         netns.run(["ip", "-n", ns, "link", "add", "br0", "type", "bridge", "mcast_snooping", "0"])
         netns.run(["ip", "-n", ns, "link", "set", "br0", "up"])
-        seg = Segment(world=self, name=name, ns=ns, bridge="br0", subnets=nets)
+        ipv6: str | None = None,
+        seg = Segment(world=self, name=name, ns=ns, bridge="br0", subnets=nets,
+                      subnet6=subnet6)
         self.segments.append(seg)
         return seg
+        subnet6 = self._check_subnet6(ipv6) if ipv6 is not None else None
 
     def _attach(self, node: Node, seg: Segment, ifname: str, ips: Sequence[IPv4Address]) -> None:
         port = f"p{seg.next_port}"
@@ -465,12 +514,39 @@ class World:
         # The other subnets of a flat segment are on-link too.
         cmds += [f"route replace {net} dev {ifname}" for net in seg.subnets if net not in own_nets]
         cmds += [
+    def _check_subnet6(self, text: str) -> IPv6Network:
+        net = IPv6Network(text)
+        if net.prefixlen != 64 or not net.subnet_of(IPV6_SPACE):
+            raise WorldError(f"IPv6 subnet {net} must be a /64 inside {IPV6_SPACE}")
+        for seg in self.segments:
+            if seg.subnet6 is not None and net.overlaps(seg.subnet6):
+                raise WorldError(f"IPv6 subnet {net} overlaps segment {seg.name}")
+        return net
+
+    def _enable_ipv6(self, node: Node) -> None:
+        netns.run(["ip", "netns", "exec", node.ns, "sysctl", "-q", "-w", *IPV6_ON_SYSCTLS])
+
+    def _attach6(self, node: Node, seg: Segment, ifname: str) -> list[IPv6Address]:
+        """`ifname`'s IPv6 address and routes on `seg` (none when it has no IPv6)."""
+        if seg.subnet6 is None:
+            return []
+        addr = seg.allocate6()
+        node.ip_batch([f"addr add {addr}/64 dev {ifname} nodad"] + [
             f"route replace {net} via {via} dev {ifname}"
+            for net, via, announcer in seg.routes6 if announcer is not node
+        ])
+        return [addr]
+
+            f"route replace {net} via {via} dev {ifname}"
+        if seg.subnet6 is not None:
+            self._enable_ipv6(node)  # before the veth, which then starts with it
             for net, via, announcer in seg.routes
             if announcer is not node
         ]
         node.ip_batch(cmds)
-        node.interfaces.append(Interface(name=ifname, segment=seg, addresses=list(ips)))
+        addresses6 = self._attach6(node, seg, ifname)
+        node.interfaces.append(Interface(name=ifname, segment=seg, addresses=list(ips),
+                                         addresses6=addresses6))
         seg.members.append((node, ifname))
 
     def _announce(self, seg: Segment, net: IPv4Network, via: IPv4Address, announcer: Node) -> None:
@@ -494,6 +570,13 @@ class World:
             if not any(net.overlaps(t) for t in taken):
                 return net
 
+    def _announce6(self, seg: Segment, net: IPv6Network, via: IPv6Address,
+                   announcer: Node) -> None:
+        seg.routes6.append((net, via, announcer))
+        for member, ifname in seg.members:
+            if member is not announcer:
+                member.ip_batch([f"route replace {net} via {via} dev {ifname}"])
+
     # -- nodes -------------------------------------------------------------------------------
 
     def router(
@@ -512,7 +595,8 @@ class World:
 
         `wan` may be another router's LAN (carrier-grade / double NAT). `dnat_ports` maps a
         WAN UDP port to (LAN host or address, port); `Router.forward_port` adds more later,
-        once the hosts exist.
+        once the hosts exist. `ipv6_lan` (a /64 of 2001:db8::/32, on a `wan` with IPv6)
+        gives the LAN global IPv6, routed and not NATed, behind the router's firewall.
         """
         self._require_open()
         lan_net = IPv4Network(lan_subnet) if lan_subnet else self._next_lan_subnet()
@@ -522,6 +606,7 @@ class World:
                 raise WorldError(f"LAN subnet {lan_net} overlaps segment {seg.name}")
         node = self._make_node(Router, name)
         assert isinstance(node, Router)
+        ipv6_lan: str | None = None,
         node.wan = wan
         netns.run(["ip", "netns", "exec", node.ns, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1"])
         self._attach(node, wan, "wan0", self._addresses(wan, [wan_ip]))
@@ -530,20 +615,38 @@ class World:
         lan = Segment(
             world=self, name=f"{name}-lan", ns=node.ns, bridge="lan0", subnets=[lan_net],
             gateway=gateway, router=node, used={gateway},
+        lan6: IPv6Network | None = None
+        if ipv6_lan is not None:
+            if wan.subnet6 is None:
+                raise WorldError(f"router {name}: an IPv6 LAN needs a WAN segment with IPv6")
+            lan6 = self._check_subnet6(ipv6_lan)
         )  # fmt: skip
         node.ip_batch([
             "link add lan0 type bridge mcast_snooping 0",
             f"addr add {IPv4Interface((gateway, lan_net.prefixlen))} dev lan0",
             "link set lan0 up",
         ])  # fmt: skip
-        node.interfaces.append(Interface(name="lan0", segment=lan, addresses=[gateway]))
+        gateway6 = []
+        if lan6 is not None:
+            lan.subnet6 = lan6
+            lan.gateway6 = lan6.network_address + 1
+            lan.used6.add(lan.gateway6)
+            gateway6 = [lan.gateway6]
+            node.ip_batch([f"addr add {lan.gateway6}/64 dev lan0 nodad"])
+        node.interfaces.append(Interface(name="lan0", segment=lan, addresses=[gateway],
+                                         addresses6=gateway6))
         lan.members.append((node, "lan0"))
         node._lan = lan
+        if lan6 is not None:
+            self._enable_ipv6(node)
+            netns.run(["ip", "netns", "exec", node.ns, "sysctl", "-q", "-w",
+                       "net.ipv6.conf.all.forwarding=1"])
         self.segments.append(lan)
         if wan.gateway is not None:
             node.ip_batch([f"route replace default via {wan.gateway} dev wan0"])
 
-        node._rules = RouterRules(wan_if="wan0", lan_if="lan0", nat=nat, firewall=firewall)
+        node._rules = RouterRules(wan_if="wan0", lan_if="lan0", nat=nat, firewall=firewall,
+                                  ipv6=lan6 is not None)
         for wan_port, (target, host_port) in (dnat_ports or {}).items():
             host_ip = target.address_on(lan) if isinstance(target, Node) else target
             node.rules.forwards.append(PortForward(wan_port, host_ip, host_port))
@@ -557,6 +660,8 @@ class World:
 
     def host(
         self,
+        if lan6 is not None and wan.gateway6 is not None:
+            node.ip_batch([f"route replace ::/0 via {wan.gateway6} dev wan0"])
         name: str,
         lans: Sequence[Segment],
         ips: Sequence[str | None] | None = None,
@@ -567,6 +672,8 @@ class World:
         """A host with interface `eth<i>` on `lans[i]`, default route via `lans[default_via]`.
 
         `ips[i]` picks the address on `lans[i]` (None: automatic). On a segment without a
+        if lan6 is not None:
+            self._announce6(wan, lan6, IPv6Address(node.ip6), node)
         router (the internet) the host is public and needs no default route.
         """
         if not lans:
@@ -597,6 +704,9 @@ class World:
         node = self._make_node(Host, name)
         assert isinstance(node, Host)
         self._attach(node, segment, "eth0", self._addresses(segment, list(ips or [])))
+            gw6 = lans[default_via].gateway6
+            if gw6 is not None:
+                node.ip_batch([f"route replace ::/0 via {gw6} dev eth{default_via}"])
         if segment.gateway is not None:
             node.ip_batch([f"route replace default via {segment.gateway} dev eth0"])
         self._shape_at_creation(node, delay_ms, loss_percent)
@@ -614,6 +724,8 @@ class World:
             self.set_delay(node, ifname, ms)
         for ifname, pct in (loss_percent or {}).items():
             self.set_loss(node, ifname, pct)
+        if segment.gateway6 is not None:
+            node.ip_batch([f"route replace ::/0 via {segment.gateway6} dev eth0"])
 
     def set_loss(
         self, node: Node, ifname: str, percent: float, direction: Direction = Direction.EGRESS
