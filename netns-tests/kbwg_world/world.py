@@ -476,10 +476,12 @@ class World:
         subnet: str = "203.0.113.0/24",
         extra_subnets: Sequence[str] = (),
         name: str | None = None,
+        ipv6: str | None = None,
     ) -> Segment:
         """A flat internet switch. `extra_subnets` are reachable on-link from every member;
         `ipv6` (a /64 of 2001:db8::/32) gives every member an IPv6 address too."""
         self._require_open()
+        subnet6 = self._check_subnet6(ipv6) if ipv6 is not None else None
         nets = [IPv4Network(subnet), *(IPv4Network(s) for s in extra_subnets)]
         for net in nets:
             _check_space(net, INTERNET_SPACE, "internet subnet")
@@ -492,28 +494,11 @@ class World:
         ns = self._new_namespace(name)
         netns.run(["ip", "-n", ns, "link", "add", "br0", "type", "bridge", "mcast_snooping", "0"])
         netns.run(["ip", "-n", ns, "link", "set", "br0", "up"])
-        ipv6: str | None = None,
         seg = Segment(world=self, name=name, ns=ns, bridge="br0", subnets=nets,
                       subnet6=subnet6)
         self.segments.append(seg)
         return seg
-        subnet6 = self._check_subnet6(ipv6) if ipv6 is not None else None
 
-    def _attach(self, node: Node, seg: Segment, ifname: str, ips: Sequence[IPv4Address]) -> None:
-        port = f"p{seg.next_port}"
-        seg.next_port += 1
-        netns.run(
-            ["ip", "-n", node.ns, "link", "add", ifname, "type", "veth",
-             "peer", "name", port, "netns", seg.ns]
-        )  # fmt: skip
-        netns.run(["ip", "-n", seg.ns, "link", "set", port, "master", seg.bridge, "up"])
-        cmds = [f"addr add {IPv4Interface((ip, seg.subnet_of(ip).prefixlen))} dev {ifname}"
-                for ip in ips]  # fmt: skip
-        cmds.append(f"link set {ifname} up")
-        own_nets = {seg.subnet_of(ip) for ip in ips}
-        # The other subnets of a flat segment are on-link too.
-        cmds += [f"route replace {net} dev {ifname}" for net in seg.subnets if net not in own_nets]
-        cmds += [
     def _check_subnet6(self, text: str) -> IPv6Network:
         net = IPv6Network(text)
         if net.prefixlen != 64 or not net.subnet_of(IPV6_SPACE):
@@ -537,9 +522,24 @@ class World:
         ])
         return [addr]
 
-            f"route replace {net} via {via} dev {ifname}"
+    def _attach(self, node: Node, seg: Segment, ifname: str, ips: Sequence[IPv4Address]) -> None:
         if seg.subnet6 is not None:
             self._enable_ipv6(node)  # before the veth, which then starts with it
+        port = f"p{seg.next_port}"
+        seg.next_port += 1
+        netns.run(
+            ["ip", "-n", node.ns, "link", "add", ifname, "type", "veth",
+             "peer", "name", port, "netns", seg.ns]
+        )  # fmt: skip
+        netns.run(["ip", "-n", seg.ns, "link", "set", port, "master", seg.bridge, "up"])
+        cmds = [f"addr add {IPv4Interface((ip, seg.subnet_of(ip).prefixlen))} dev {ifname}"
+                for ip in ips]  # fmt: skip
+        cmds.append(f"link set {ifname} up")
+        own_nets = {seg.subnet_of(ip) for ip in ips}
+        # The other subnets of a flat segment are on-link too.
+        cmds += [f"route replace {net} dev {ifname}" for net in seg.subnets if net not in own_nets]
+        cmds += [
+            f"route replace {net} via {via} dev {ifname}"
             for net, via, announcer in seg.routes
             if announcer is not node
         ]
@@ -551,6 +551,13 @@ class World:
 
     def _announce(self, seg: Segment, net: IPv4Network, via: IPv4Address, announcer: Node) -> None:
         seg.routes.append((net, via, announcer))
+        for member, ifname in seg.members:
+            if member is not announcer:
+                member.ip_batch([f"route replace {net} via {via} dev {ifname}"])
+
+    def _announce6(self, seg: Segment, net: IPv6Network, via: IPv6Address,
+                   announcer: Node) -> None:
+        seg.routes6.append((net, via, announcer))
         for member, ifname in seg.members:
             if member is not announcer:
                 member.ip_batch([f"route replace {net} via {via} dev {ifname}"])
@@ -570,13 +577,6 @@ class World:
             if not any(net.overlaps(t) for t in taken):
                 return net
 
-    def _announce6(self, seg: Segment, net: IPv6Network, via: IPv6Address,
-                   announcer: Node) -> None:
-        seg.routes6.append((net, via, announcer))
-        for member, ifname in seg.members:
-            if member is not announcer:
-                member.ip_batch([f"route replace {net} via {via} dev {ifname}"])
-
     # -- nodes -------------------------------------------------------------------------------
 
     def router(
@@ -590,6 +590,7 @@ class World:
         dnat_ports: Mapping[int, tuple[Node | str, int]] | None = None,
         delay_ms: Mapping[str, float] | None = None,
         loss_percent: Mapping[str, float] | None = None,
+        ipv6_lan: str | None = None,
     ) -> Router:
         """A router between `wan` and a new LAN segment (`router.lan`).
 
@@ -599,6 +600,11 @@ class World:
         gives the LAN global IPv6, routed and not NATed, behind the router's firewall.
         """
         self._require_open()
+        lan6: IPv6Network | None = None
+        if ipv6_lan is not None:
+            if wan.subnet6 is None:
+                raise WorldError(f"router {name}: an IPv6 LAN needs a WAN segment with IPv6")
+            lan6 = self._check_subnet6(ipv6_lan)
         lan_net = IPv4Network(lan_subnet) if lan_subnet else self._next_lan_subnet()
         _check_space(lan_net, (LAN_SPACE,), "LAN subnet")
         for seg in self.segments:
@@ -606,20 +612,18 @@ class World:
                 raise WorldError(f"LAN subnet {lan_net} overlaps segment {seg.name}")
         node = self._make_node(Router, name)
         assert isinstance(node, Router)
-        ipv6_lan: str | None = None,
         node.wan = wan
         netns.run(["ip", "netns", "exec", node.ns, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1"])
+        if lan6 is not None:
+            self._enable_ipv6(node)
+            netns.run(["ip", "netns", "exec", node.ns, "sysctl", "-q", "-w",
+                       "net.ipv6.conf.all.forwarding=1"])
         self._attach(node, wan, "wan0", self._addresses(wan, [wan_ip]))
 
         gateway = lan_net.network_address + 1
         lan = Segment(
             world=self, name=f"{name}-lan", ns=node.ns, bridge="lan0", subnets=[lan_net],
             gateway=gateway, router=node, used={gateway},
-        lan6: IPv6Network | None = None
-        if ipv6_lan is not None:
-            if wan.subnet6 is None:
-                raise WorldError(f"router {name}: an IPv6 LAN needs a WAN segment with IPv6")
-            lan6 = self._check_subnet6(ipv6_lan)
         )  # fmt: skip
         node.ip_batch([
             "link add lan0 type bridge mcast_snooping 0",
@@ -637,13 +641,11 @@ class World:
                                          addresses6=gateway6))
         lan.members.append((node, "lan0"))
         node._lan = lan
-        if lan6 is not None:
-            self._enable_ipv6(node)
-            netns.run(["ip", "netns", "exec", node.ns, "sysctl", "-q", "-w",
-                       "net.ipv6.conf.all.forwarding=1"])
         self.segments.append(lan)
         if wan.gateway is not None:
             node.ip_batch([f"route replace default via {wan.gateway} dev wan0"])
+        if lan6 is not None and wan.gateway6 is not None:
+            node.ip_batch([f"route replace ::/0 via {wan.gateway6} dev wan0"])
 
         node._rules = RouterRules(wan_if="wan0", lan_if="lan0", nat=nat, firewall=firewall,
                                   ipv6=lan6 is not None)
@@ -655,13 +657,13 @@ class World:
         node.load_rules()
         if nat is NatMode.NONE:
             self._announce(wan, lan_net, IPv4Address(node.wan_ip), node)
+        if lan6 is not None:
+            self._announce6(wan, lan6, IPv6Address(node.ip6), node)
         self._shape_at_creation(node, delay_ms, loss_percent)
         return node
 
     def host(
         self,
-        if lan6 is not None and wan.gateway6 is not None:
-            node.ip_batch([f"route replace ::/0 via {wan.gateway6} dev wan0"])
         name: str,
         lans: Sequence[Segment],
         ips: Sequence[str | None] | None = None,
@@ -672,8 +674,6 @@ class World:
         """A host with interface `eth<i>` on `lans[i]`, default route via `lans[default_via]`.
 
         `ips[i]` picks the address on `lans[i]` (None: automatic). On a segment without a
-        if lan6 is not None:
-            self._announce6(wan, lan6, IPv6Address(node.ip6), node)
         router (the internet) the host is public and needs no default route.
         """
         if not lans:
@@ -689,6 +689,9 @@ class World:
             gw = lans[default_via].gateway
             if gw is not None:
                 node.ip_batch([f"route replace default via {gw} dev eth{default_via}"])
+            gw6 = lans[default_via].gateway6
+            if gw6 is not None:
+                node.ip_batch([f"route replace ::/0 via {gw6} dev eth{default_via}"])
         self._shape_at_creation(node, delay_ms, loss_percent)
         return node
 
@@ -704,11 +707,10 @@ class World:
         node = self._make_node(Host, name)
         assert isinstance(node, Host)
         self._attach(node, segment, "eth0", self._addresses(segment, list(ips or [])))
-            gw6 = lans[default_via].gateway6
-            if gw6 is not None:
-                node.ip_batch([f"route replace ::/0 via {gw6} dev eth{default_via}"])
         if segment.gateway is not None:
             node.ip_batch([f"route replace default via {segment.gateway} dev eth0"])
+        if segment.gateway6 is not None:
+            node.ip_batch([f"route replace ::/0 via {segment.gateway6} dev eth0"])
         self._shape_at_creation(node, delay_ms, loss_percent)
         return node
 
@@ -724,8 +726,6 @@ class World:
             self.set_delay(node, ifname, ms)
         for ifname, pct in (loss_percent or {}).items():
             self.set_loss(node, ifname, pct)
-        if segment.gateway6 is not None:
-            node.ip_batch([f"route replace ::/0 via {segment.gateway6} dev eth0"])
 
     def set_loss(
         self, node: Node, ifname: str, percent: float, direction: Direction = Direction.EGRESS
