@@ -275,7 +275,7 @@ async def test_a_frame_left_unfinished_closes_the_connection(data: bytes) -> Non
         assert await _closed_by_relay(stream_address(server, "tcp"), data) == b""
         assert server.counters.stream_bad_input == 1
         # Cut short by the client instead: the relay just forgets it.
-        reader, writer = await asyncio.open_connection(*stream_address(server, "tcp"))
+        _reader, writer = await asyncio.open_connection(*stream_address(server, "tcp"))
         writer.write(data)
         await writer.drain()
         writer.close()
@@ -383,3 +383,31 @@ def test_relay_flags_for_tcp_and_tls(tmp_path: Path, certificates: RelayCertific
 def test_relay_tls_flags_errors(tmp_path: Path, extra: list[str], says: str) -> None:
     with pytest.raises(ValueError, match=says):
         relay_main.build_config(_relay_args(tmp_path, *extra))
+
+
+# --- diag ----------------------------------------------------------------------------------
+
+
+async def test_diag_probes_stream_relays_over_their_transport(tmp_path: Path) -> None:
+    from kbwg.agent.diag import DiagOptions, render_report, run_diag
+
+    async with stream_relay() as server:
+        host, port = stream_address(server, "tcp")
+        with socket.socket() as closed:  # a TCP port nothing listens on
+            closed.bind(("127.0.0.1", 0))
+            dead = closed.getsockname()[1]
+        options = DiagOptions(classic=False, timeout=3.0, relays=[
+            RelayConfig(f"turn:{host}:{port}?transport=tcp", host, port, SECRET, "tcp"),
+            RelayConfig(f"turns:{host}:{dead}", host, dead, SECRET, "tls"),
+            RelayConfig(f"turns:{host}:{port}", host, port, SECRET, "tls",
+                        ca_file=str(tmp_path / "missing.pem")),
+        ])
+        data = (await run_diag(options)).to_json()
+    tcp, refused, no_ca = data["relays"]
+    assert (tcp["transport"], tcp["reachable"]) == ("tcp", True)
+    assert tcp["mapped"] is not None and tcp["mapped"].startswith("127.0.0.1:")
+    assert (refused["transport"], refused["reachable"]) == ("tls", False)
+    assert refused["error"].startswith("tls: ")
+    assert no_ca["reachable"] is False and "'ca_file'" in no_ca["error"]
+    assert "relay reachable" in data["conclusion"]
+    assert f"turn:{host}:{port}?transport=tcp" in render_report(data)

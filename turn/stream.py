@@ -15,6 +15,7 @@ import asyncio
 import logging
 import ssl
 
+from aioice import stun
 from aioice.turn import TurnClientTcpProtocol
 
 from kbwg.core.addresses import Address
@@ -63,3 +64,26 @@ async def open_stream(server: Address, username: str, password: str, lifetime: i
         host=server[0], port=server[1], ssl=tls,
         server_hostname=(server_hostname or server[0]) if tls is not None else None)
     return StreamLink(transport, protocol), protocol
+
+
+async def stream_binding(server: Address, tls: ssl.SSLContext | None,
+                         server_hostname: str | None, timeout: float,
+                         ) -> tuple[float, Address | None]:
+    """A STUN Binding over TCP (or TLS) to a relay: the round trip in ms, connection
+    and handshake included, and the address it saw. Raises OSError, TimeoutError or
+    aioice's TransactionError."""
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+
+    async def bind() -> tuple[float, Address | None]:
+        link, protocol = await open_stream(server, "", "", 0, 0, tls, server_hostname)
+        try:
+            response, _ = await protocol.request(
+                stun.Message(stun.Method.BINDING, stun.Class.REQUEST))
+        finally:
+            link.close()
+        mapped = response.attributes.get("XOR-MAPPED-ADDRESS")
+        return (loop.time() - started) * 1000, (
+            (str(mapped[0]), int(mapped[1])) if mapped else None)
+
+    return await asyncio.wait_for(bind(), timeout)

@@ -378,6 +378,21 @@ class Router(Node):
         ruleset = self.rules.render()
         netns.run(["ip", "netns", "exec", self.ns, "nft", "-f", "-"], input_text=ruleset)
 
+    def block_outbound_udp(self, allow_ports: Sequence[int] = (53,)) -> None:
+        """Drop all UDP from the LAN to the WAN except to `allow_ports` (DNS), as an
+        office or hotel network that only lets TCP out. A table of its own, so reloading
+        the NAT rules keeps it."""
+        allowed = ", ".join(str(p) for p in allow_ports) or "0"
+        ruleset = "\n".join([
+            "table ip kbwg_udpblock {",
+            "  chain forward {",
+            "    type filter hook forward priority filter - 10; policy accept;",
+            f'    iifname "{self.rules.lan_if}" meta l4proto udp udp dport != {{ {allowed} }} drop',
+            "  }",
+            "}",
+        ]) + "\n"
+        netns.run(["ip", "netns", "exec", self.ns, "nft", "-f", "-"], input_text=ruleset)
+
 
 def _on_sigterm(signum: int, _frame: FrameType | None) -> None:
     # Unwinds `with World()` blocks and runs atexit handlers, both of which close worlds.

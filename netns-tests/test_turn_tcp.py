@@ -1,0 +1,88 @@
+"""TURN over TCP and TLS: a host whose network lets no UDP out (but DNS) still reaches
+a peer, through the team's relay over TCP or TLS, or through coturn over TCP."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from kbwg_testing import wait_until
+from kbwg_testing.certs import make_certificates
+from kbwg_world import NatMode, Node, World
+from kbwg_world.stunserver import StunServer
+from kbwg_world.team import AgentProcess, Team
+from kbwg_world.turnserver import start_relay
+
+pytestmark = pytest.mark.netns
+
+ALICE = ("alice", "laptop", "100.64.0.1")
+BOB = ("bob", "desk", "100.64.0.2")
+RELAY_IP = "203.0.113.5"
+
+
+def relay_entry(agent: AgentProcess) -> dict[str, Any] | None:
+    status = agent.try_status()
+    relays = status["relays"] if status else []
+    return relays[0] if relays and relays[0]["alive"] else None
+
+
+def relayed_peer(agent: AgentProcess, device: str) -> dict[str, Any] | None:
+    status = agent.try_status()
+    peers = status["peers"] if status else []
+    return next((p for p in peers if p["device"] == device and p["path"] == "relay"), None)
+
+
+def ping_ok(src: Node, dest: str) -> bool:
+    return src.ping(dest, count=1, timeout=1.0).ok
+
+
+@pytest.mark.parametrize(("kind", "transport"), [
+    ("kbwg", "tcp"), ("kbwg", "tls"), ("coturn", "tcp"),
+])
+def test_host_without_outbound_udp_connects_through_the_relay_over_a_stream(
+        world: World, kind: str, transport: str) -> None:
+    inet = world.internet()
+    stun = StunServer.start(world.server("stun", inet, ips=["203.0.113.2"]))
+    certs = (make_certificates(world.dir / "certs", RELAY_IP) if transport == "tls"
+             else None)
+    relay = start_relay(world.server("relay", inet, ips=[RELAY_IP]), RELAY_IP, kind=kind,
+                        tls=certs)
+    team = Team(world, delay_ms=300)
+    team.write_peers([ALICE, BOB])
+    # The same relay twice: UDP first, the stream when UDP gets no answer.
+    team.write_file("kbwg.json", json.dumps({"stun": [stun.address], "relays": [
+        relay.config_for("udp"), relay.config_for(transport)]}))
+    blocked = world.router("r1", wan=inet, nat=NatMode.MASQUERADE)
+    blocked.block_outbound_udp()
+    home = world.router("r2", wan=inet, nat=NatMode.MASQUERADE)
+    a = world.host("a", lans=[blocked.lan])
+    b = world.host("b", lans=[home.lan])
+    alice, bob = team.start_running((a, *ALICE[:2]), (b, *BOB[:2]))
+
+    def log_of(agent: AgentProcess) -> str:
+        return f"\n{agent.log(6000)}\nrelay:\n{relay.log()[-3000:]}"
+
+    try:
+        entry = wait_until(lambda: relay_entry(alice), timeout=30,
+                           what="alice's allocation over a stream")
+        assert entry["transport"] == transport, entry
+        assert entry["transport_reason"].startswith("udp: no answer in 3 s"), entry
+        assert entry["transport_reason"].endswith(f"using {transport}"), entry
+        peer = wait_until(lambda: relayed_peer(alice, "desk"), timeout=45,
+                          what="alice -> bob relayed")
+        assert peer["reason"], peer
+        wait_until(lambda: ping_ok(a, BOB[2]), timeout=20, what="ping alice -> bob")
+        wait_until(lambda: ping_ok(b, ALICE[2]), timeout=20, what="ping bob -> alice")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}{log_of(alice)}\nbob:\n{bob.log(6000)}") from None
+    bob_relay = relay_entry(bob)
+    assert bob_relay is not None and bob_relay["transport"] == "udp", bob_relay
+    # Alice's side of the path is her stream allocation: her WireGuard traffic went
+    # through it (its loopback proxy), not over UDP she cannot send.
+    status = alice.status()
+    [relay_status] = status["relays"]
+    assert relay_status["proxy_to_peer"] > 0 or relay_status["sent"] > 0, relay_status
+    # And the router did drop her UDP: nothing reached the STUN server from her.
+    assert not any(c["type"] == "srflx" for c in status["candidates"]), status["candidates"]
