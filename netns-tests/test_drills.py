@@ -11,18 +11,28 @@ killed itself and restarted at once.
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import json
 import os
 import signal
+import statistics
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from kbwg.agent.control import ControlError, call
 from kbwg_testing import wait_until
-from kbwg_world import NatMode, Node, World
+from kbwg_world import Direction, NatMode, Node, World
 from kbwg_world.netns import namespace_pids
-from kbwg_world.team import AgentProcess, Team
+from kbwg_world.stunserver import StunServer
+from kbwg_world.team import AgentProcess, Team, first_ping
+from kbwg_world.turnserver import start_relay
+from kbwg_world.udp import UdpPeer
 
 pytestmark = pytest.mark.netns
 
@@ -195,3 +205,200 @@ def test_join_killed_and_restarted_at_once_reconnects(world: World) -> None:
     assert net_state(a) == before
     assert not of_kind(a, "owner") and not of_kind(a, "wireguard-go")
     assert not (again.state_dir / "owner.pid").exists()
+
+
+# -- loss and jitter on every WAN link -------------------------------------------------------
+
+LOSS_PERCENT = 5.0
+# "100 ms jitter": each packet is held a uniform random 0..100 ms (50 +- 50 ms, netem's
+# `delay 50ms 50ms`) at each end of each WAN link and direction, and may overtake earlier
+# packets, as with netem.
+JITTER_MS = 100.0
+# WireGuard retries a lost handshake only after 5 s (REKEY_TIMEOUT), and STUN and TURN
+# wait about as long before their later retransmissions: one unlucky loss costs that
+# much however fast the clean run was. A clean time of a few seconds (mostly process
+# start-up) would otherwise make "3x" a bound that one lost packet breaks.
+CLEAN_FLOOR_S = 5.0
+SLOWDOWN = 3.0
+
+
+def test_jitter_spreads_delays_and_reorders(world: World) -> None:
+    inet = world.internet()
+    server = world.server("srv", inet)
+    host = world.server("h", inet)
+    world.set_delay(host, "eth0", 0, Direction.INGRESS, jitter_ms=JITTER_MS)
+    rtts = server.ping(host.ip, count=40, interval=0.01, timeout=1.0).rtts_ms
+    assert len(rtts) == 40, rtts
+    # Uniform 0..100 ms: 40 draws all below 25 ms or all above 75 ms have odds of 1e-24.
+    assert min(rtts) < 25.0 and 75.0 < max(rtts) < 130.0, rtts
+    assert 30.0 < statistics.mean(rtts) < 75.0, rtts
+
+    listener = UdpPeer.start(host, 5000)
+    sender = UdpPeer.start(server, 40000)
+    for i in range(100):
+        sender.send(host.ip, 5000, str(i))
+    received = []
+    while (dgram := listener.recv(timeout=1.0)) is not None:
+        received.append(int(dgram.data))
+    assert sorted(received) == list(range(100)), "jitter lost packets"
+    assert received != list(range(100)), "jitter kept every packet in order"
+
+    world.set_delay(host, "eth0", 0, Direction.INGRESS, jitter_ms=JITTER_MS, in_order=True)
+    for i in range(100):
+        sender.send(host.ip, 5000, str(i))
+    received = []
+    while (dgram := listener.recv(timeout=1.0)) is not None:
+        received.append(int(dgram.data))
+    assert received == list(range(100))
+
+
+@dataclass
+class Site:
+    host: Node
+    who: tuple[str, str, str]
+
+
+def impair_wan(world: World, node: Node, wan: str, lan: str | None) -> None:
+    """Loss and jitter both ways on `node`'s WAN link.
+
+    A NAT router's outbound packets are held on their way *in* from the LAN: held after
+    conntrack (on the WAN egress), two packets of a new flow would be NATed apart and may
+    leave from different ports, which no real router does (see shaping.py).
+    """
+    world.set_loss(node, wan, LOSS_PERCENT, Direction.BOTH)
+    world.set_delay(node, wan, 0, Direction.INGRESS, jitter_ms=JITTER_MS)
+    if lan is None:
+        world.set_delay(node, wan, 0, Direction.EGRESS, jitter_ms=JITTER_MS)
+    else:
+        world.set_delay(node, lan, 0, Direction.INGRESS, jitter_ms=JITTER_MS)
+
+
+def quick_status(agent: AgentProcess) -> dict[str, Any] | None:
+    """`status` over the control socket from this process: the CLI (a new Python each
+    time) takes seconds on two busy cores, which would swamp what is measured."""
+    try:
+        return asyncio.run(call(agent.state_dir, "status", timeout=5.0))
+    except (ControlError, OSError, TimeoutError, ValueError):
+        return None
+
+
+def time_to_connect(team: Team, sites: list[Site], tag: str, budget: float) -> tuple[
+        float, dict[str, float], list[AgentProcess]]:
+    """Start an agent per site at once; seconds from then until every pair has pinged
+    over the overlay (the slowest pair), each pair's time, and the agents."""
+    started = time.monotonic()
+    agents = []
+    for site in sites:
+        state_dir = team.world.dir / "agents" / f"{tag}-{site.who[0]}"
+        agents.append(team.start_agent(site.host, *site.who[:2], state_dir=state_dir))
+    ips = {agent.name: site.who[2] for agent, site in zip(agents, sites, strict=True)}
+    pairs = list(itertools.combinations(agents, 2))
+
+    def connect(pair: tuple[AgentProcess, AgentProcess]) -> float:
+        src, dst = pair
+        # ping picks its source address when it starts: started before the agent made
+        # its interface, it would send from the LAN address, which no peer accepts.
+        wait_until(lambda: src.proc.poll() is not None or quick_status(src) is not None,
+                   timeout=budget, what=f"{src.name} to answer status")  # fmt: skip
+        if src.proc.poll() is not None:
+            raise AssertionError(f"{src.name} exited with {src.proc.returncode}")
+        left = max(1.0, budget - (time.monotonic() - started))
+        first_ping(src.host, ips[dst.name], timeout=left)
+        return time.monotonic() - started
+
+    with ThreadPoolExecutor(max_workers=len(pairs)) as pool:
+        futures = {f"{a.name}-{b.name}": pool.submit(connect, (a, b)) for a, b in pairs}
+        times: dict[str, float] = {}
+        failed = []
+        for name, future in futures.items():
+            try:
+                times[name] = future.result()
+            except AssertionError as exc:
+                failed.append(f"{name}: {exc}")
+    if failed:
+        logs = "".join(f"\n--- log of {a.name}:\n{a.log(5000)}" for a in agents)
+        raise AssertionError(f"{tag}: no ping within {budget:.0f}s: {failed} (the others: "
+                             f"{times}){logs}")
+    return max(times.values()), times, agents
+
+
+def paths(agents: list[AgentProcess]) -> dict[str, str]:
+    """Each pair's path as its first agent reports it ("?" while it does not answer)."""
+    found = {}
+    for a, b in itertools.combinations(agents, 2):
+        status = quick_status(a)
+        peer = next((p for p in (status or {}).get("peers", []) if p["device"] == b.device),
+                    None)
+        found[f"{a.name}-{b.name}"] = "?" if peer is None else peer["path"]
+    return found
+
+
+# Paths the world's NATs allow: the port-preserving NATs punch, the symmetric one is
+# relayed except towards the public host.
+EXPECTED_PATHS = {"alice/laptop-bob/desk": "direct", "alice/laptop-carol/nas": "relay",
+                  "bob/desk-carol/nas": "relay"}
+
+
+def wait_paths(agents: list[AgentProcess], timeout: float) -> dict[str, str]:
+    """The pairs' paths once the expected ones are in place (relay first is allowed)."""
+
+    def settled() -> dict[str, str] | None:
+        now = paths(agents)
+        return now if all(now[k] == v for k, v in EXPECTED_PATHS.items()) else None
+
+    try:
+        return wait_until(settled, timeout=timeout, what=f"paths {EXPECTED_PATHS}")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}: {paths(agents)}") from None
+
+
+def stop_all(agents: list[AgentProcess]) -> None:
+    for agent in agents:
+        agent.proc.send_signal(signal.SIGINT)
+    for agent in agents:
+        assert agent.proc.wait(timeout=20) == 0, agent.log()
+
+
+def test_loss_and_jitter_on_every_wan_link(world: World) -> None:
+    inet = world.internet()
+    stun_node = world.server("stun", inet, ips=["203.0.113.2"])
+    relay_node = world.server("relay", inet, ips=["203.0.113.5"])
+    stun = StunServer.start(stun_node)
+    relay = start_relay(relay_node, "203.0.113.5")
+    routers = [world.router("r1", wan=inet, nat=NatMode.MASQUERADE),
+               world.router("r2", wan=inet, nat=NatMode.MASQUERADE),
+               world.router("r3", wan=inet, nat=NatMode.FULLY_RANDOM)]
+    public = world.host("d", lans=[inet])
+    # alice and bob behind port-preserving NATs (direct between them and to dave, who is
+    # public), carol behind a symmetric one (relayed to alice and bob).
+    sites = [Site(world.host("a", lans=[routers[0].lan]), ALICE),
+             Site(world.host("b", lans=[routers[1].lan]), BOB),
+             Site(world.host("c", lans=[routers[2].lan]), CAROL),
+             Site(public, DAVE)]
+    config = json.dumps({"stun": [stun.address], "relays": [relay.config()]})
+    # One team per run, so the second run reads none of the first run's announcements.
+    teams = [Team(world, name=name, delay_ms=300) for name in ("drill-clean", "drill-lossy")]
+    for team in teams:
+        team.write_peers([site.who for site in sites])
+        team.write_file("kbwg.json", config)
+
+    clean, clean_pairs, agents = time_to_connect(teams[0], sites, "clean", budget=60)
+    clean_paths = wait_paths(agents, timeout=30)
+    stop_all(agents)
+
+    for router in routers:
+        impair_wan(world, router, "wan0", "lan0")
+    for node in (stun_node, relay_node, public):
+        impair_wan(world, node, "eth0", None)
+    bound = SLOWDOWN * max(clean, CLEAN_FLOOR_S)
+    # Past the bound it has failed already; the extra time only tells by how much.
+    lossy, lossy_pairs, agents = time_to_connect(teams[1], sites, "lossy", budget=bound + 30)
+    report = (f"clean {clean:.1f}s {clean_pairs} {clean_paths}; with loss and jitter "
+              f"{lossy:.1f}s {lossy_pairs}")
+    print(report)
+    assert lossy <= bound, report
+    # The punched pair is not left on the relay by a few lost checks.
+    print(wait_paths(agents, timeout=30))
+    # Still connected a while later: nothing was only luck of the first packets.
+    for agent, site in itertools.product(agents[:1], sites[1:]):
+        wait_ping(agent, site.who[2], 20, *agents)
