@@ -45,6 +45,8 @@ from kbwg.turn.client import RelayAllocation
 log = logging.getLogger(__name__)
 
 SelectedFn = Callable[[CandidatePair | None, str], None]
+# Told our candidates after each gathering step (trickle): (all so far, gathering over).
+CandidatesFn = Callable[[list[CandidateInfo], bool], None]
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,11 @@ class Connectivity:
         self._routes = HostRoutes.new(owner)
         self.relays = RelayPaths(relay_user, wg_port, self._on_relay_stun, on_relay_lost)
         self._gathering: asyncio.Task[None] | None = None
+        # Trickle: the host and STUN part of the current gathering is done (the relays
+        # may take longer); the live checkers are given what each step adds.
+        self._local_done = asyncio.Event()
+        self._checkers: set[PeerChecker] = set()
+        self.on_candidates: CandidatesFn | None = None
         # Network events, a lost relay and the refresh loop may all ask for a new
         # gathering at once: one at a time, or a relay would get two allocations.
         self._regather = asyncio.Lock()
@@ -107,8 +114,12 @@ class Connectivity:
         return client
 
     def start_gathering(self) -> asyncio.Task[None]:
+        self._local_done.clear()
         self._gathering = task = asyncio.create_task(self._gather(), name="gather")
         return task
+
+    def gathering_done(self) -> bool:
+        return self._gathering is None or self._gathering.done()
 
     async def regather(self) -> bool:
         """Gather again (after a network change or a lost relay); True when the
@@ -124,16 +135,46 @@ class Connectivity:
     async def _gather(self) -> None:
         """Host and srflx candidates from the WireGuard port, relayed ones from the
         relays, at once."""
+        if not self.local.candidates:
+            # First gathering: host candidates at once (a LAN peer needs nothing else);
+            # server-reflexive and relayed ones trickle in as they come.
+            self.local = await gather_local(self.wg_port, [], self.client_for,
+                                            self.config.interface_exclude,
+                                            [self.config.overlay])
+            self._publish(complete=False)
         servers = await resolve_servers(self.config.stun, timeout=2.0)
-        self.local, _ = await asyncio.gather(
-            gather_local(self.wg_port, servers, self.client_for,
-                         self.config.interface_exclude, [self.config.overlay]),
-            self.relays.ensure(self.config.relays),
-        )
+
+        async def stun_part() -> LocalCandidates:
+            local = await gather_local(self.wg_port, servers, self.client_for,
+                                       self.config.interface_exclude, [self.config.overlay])
+            self.local = LocalCandidates(local.candidates + self.relays.candidates(),
+                                         local.stun, local.gathered_at)
+            self._local_done.set()
+            self._publish(complete=False)
+            return local
+
+        self.local, _ = await asyncio.gather(stun_part(), self.relays.ensure(self.config.relays))
         self.local.candidates += self.relays.candidates()
         self._mux.set_local_candidates(self.local.candidates)
         log.info("local candidates: %s", ", ".join(
             f"{c.type} {c.address}:{c.port}" for c in self.local.candidates) or "none")
+        self._publish(complete=True)
+
+    def _publish(self, complete: bool) -> None:
+        """A gathering step is done: checks may leave from new bases at once, and the
+        peers hear of the new candidates (trickle)."""
+        self._mux.set_local_candidates(self.local.candidates)
+        self._checkers = {c for c in self._checkers if c.state != "closed"}
+        for checker in self._checkers:
+            checker.add_local(self.local.candidates, complete)
+        if self.on_candidates is not None:
+            self.on_candidates(self.candidate_infos(), complete)
+
+    async def local_gathered(self, timeout: float) -> None:
+        """Until host and STUN candidates are known (relays aside), at most `timeout`."""
+        if not self.gathering_done():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._local_done.wait(), timeout)
 
     async def gathered(self, timeout: float) -> None:
         """Until the current gathering is done, at most `timeout` seconds."""
@@ -155,9 +196,13 @@ class Connectivity:
         return None
 
     async def offer_candidates(self, wait: float) -> list[CandidateInfo]:
-        """Our candidates for an offer or answer, once gathering is done (at most
-        `wait` seconds)."""
-        await self.gathered(wait)
+        """Our candidates for an offer or answer: what is known once STUN answered (at
+        most `wait` seconds: a server that does not answer is not waited for); what
+        comes later trickles (`on_candidates`)."""
+        await self.local_gathered(wait)
+        return self.candidate_infos()
+
+    def candidate_infos(self) -> list[CandidateInfo]:
         return [CandidateInfo(c.type, c.address, c.port, c.priority, f"{c.type}{i}")
                 for i, c in enumerate(self.local.candidates)]
 
@@ -182,6 +227,9 @@ class Connectivity:
             tie_breaker=spec.tie_breaker, send=self._send_check, on_selected=on_selected,
             name=str(spec.peer),
         )
+        if not self.gathering_done():
+            checker.add_local([], complete=False)  # more bases may come: not failed yet
+        self._checkers.add(checker)
         # `kbwg-agent ping` probes go out like this peer's checks; the mux gives their
         # answers to the probe (ProbingReceiver).
         probe = PairProbe(spec.ufrag, self._send_check)
@@ -246,9 +294,13 @@ class RegisteredChecker:
             seen.setdefault((pair.remote.ip, pair.remote.port), pair.remote)
         return list(seen.values())
 
-    def set_remote(self, ufrag: str, pwd: str, candidates: list[CandidateInfo]) -> None:
+    def set_remote(self, ufrag: str, pwd: str, candidates: list[CandidateInfo],
+                   complete: bool = True) -> None:
         self.probe.set_remote(ufrag, pwd)
-        self.checker.set_remote(ufrag, pwd, candidates)
+        self.checker.set_remote(ufrag, pwd, candidates, complete)
+
+    def add_remote(self, candidates: list[CandidateInfo], complete: bool) -> None:
+        self.checker.add_remote(candidates, complete)
 
     async def ping(self, timeout: float) -> ProbeResult | None:
         """One sealed ping over the selected pair (probe.py); None without one."""

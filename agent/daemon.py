@@ -7,10 +7,12 @@ peers.json, `#announce` (ANNOUNCE and CLAIM lines) and the team's dev channel
 `Agent.run` joins, which makes a `JoinedDevice` (joined.py), runs that device's loops
 until stopped, and cleans up whatever was made, however far joining got.
 
-Start-up order matters for time to first packet: the chat listener starts first, and
-history is read once it is subscribed (nothing falls between the two); the device
-owner starts while Keybase is still being asked who we are; local candidates are
-gathered from the WireGuard port itself before our offers go out.
+Start-up order matters for time to first packet: what does not depend on anything
+else starts at once (the chat listener, the device owner, Keybase's whoami, both team
+files, joining the channels); history is read once the listener is subscribed (nothing
+falls between the two), while the device is created; host candidates go out at once
+and the others trickle in (nothing waits for a STUN or relay server that may not
+answer).
 
 Team input is checked before it is applied: kbwg.json's overlay must pass the device
 owner's own rule on this host before the device is created (overlaycheck); each key
@@ -180,15 +182,23 @@ class Agent:
     async def _start(self, listener_ready: asyncio.Event, made: contextlib.AsyncExitStack,
                      joined: asyncio.Future[JoinedDevice]) -> JoinedDevice:
         # The device owner (a process, then wireguard-go) is the slowest step, so it
-        # starts while Keybase is asked who we are and what the team's files say.
+        # starts while Keybase is asked who we are and what the team's files say, all
+        # at once.
         owner_task = asyncio.create_task(self._owner_factory(self.options.owner_command))
         made.push_async_callback(self._stop_owner, owner_task)
+        peers_raw = asyncio.create_task(
+            self.keybase.fs_read(TeamView.peers_path_of(self.options.team)))
+        made.callback(peers_raw.cancel)
         identity, config = await asyncio.gather(self.keybase.whoami(), self._load_config())
         me = DeviceId(identity.username, identity.device)
         # Before anything is created: the owner has started, but `create` waits for this.
         await self._check_overlay(config)
-        team = await self._read_team(me, config, listener_ready)
+        team = await self._read_team(me, config, peers_raw)
+        history = asyncio.create_task(self._read_history(team, me, listener_ready))
+        made.callback(history.cancel)
         mine = next((e for e in team.entries if e.device_id == me), None)
+        if mine is None:
+            await history  # a dynamic address needs the live claims
         overlay_ip = mine.ip if mine is not None else pick_dynamic(
             team, me, self.options.state_dir)
 
@@ -220,6 +230,8 @@ class Agent:
 
         paths = await Connectivity.open(owner, port, me.username, config, relay_lost)
         made.push_async_callback(paths.close)
+        # The books hold the history before anything acts on the team's messages.
+        await history
         device = JoinedDevice.assemble(self.options, self.keybase, team, state, owner, paths,
                                        private_key, tasks.spawn)
         paths.start_gathering()
@@ -267,11 +279,11 @@ class Agent:
             raise JoinError(str(exc)) from exc
 
     async def _read_team(self, me: DeviceId, config: TeamConfig,
-                         listener_ready: asyncio.Event) -> TeamView:
+                         peers_raw: asyncio.Task[bytes]) -> TeamView:
         """peers.json (which must list us, or the team allow self-assigned addresses),
-        the team's channels joined, and #announce's history in the books."""
+        as read by `peers_raw`."""
         team = TeamView(self.keybase, self.options.team, config)
-        await team.read_peers_file(strict=True)
+        await team.read_peers_file(strict=True, reading=peers_raw)
         if (not any(e.device_id == me for e in team.entries)
                 and config.dynamic_range is None):
             raise JoinError(
@@ -284,6 +296,12 @@ class Agent:
         if config.dynamic_range is not None:
             for problem in check_range_against_peers(config.dynamic_range, team.entries):
                 log.warning("kbwg.json dynamic_range: %s", problem)
+        return team
+
+    @staticmethod
+    async def _read_history(team: TeamView, me: DeviceId,
+                            listener_ready: asyncio.Event) -> None:
+        """The team's channels joined, and #announce's history in the books."""
         await team.join_channels()
         try:
             await asyncio.wait_for(listener_ready.wait(), LISTENER_READY_TIMEOUT_S)
@@ -292,4 +310,3 @@ class Agent:
                         LISTENER_READY_TIMEOUT_S)
         # History first (into the books only): a dynamic address needs the live claims.
         await team.read_history(me, first=True)
-        return team

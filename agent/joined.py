@@ -28,10 +28,11 @@ from kbwg.agent.upkeep import Upkeep
 from kbwg.negotiation.session import CheckerSpec, Negotiator
 from kbwg.negotiation.wire import CandidateInfo
 
-# How long an offer or answer waits for our candidates to be gathered.
-GATHER_WAIT_S = 2.0
-# How long the first announcement waits for STUN's public endpoint.
-ANNOUNCE_GATHER_WAIT_S = 1.0
+# How long an offer or answer, and the first announcement, wait for STUN's answer: a
+# server that answers does so well within it; one that does not is not waited for (the
+# rest of our candidates trickle in after the offer or answer, and a public endpoint
+# found later is announced again).
+STUN_WAIT_S = 0.3
 
 
 @dataclass
@@ -71,10 +72,10 @@ class JoinedDevice:
             return registered
 
         async def offer_candidates() -> list[CandidateInfo]:
-            return await paths.offer_candidates(GATHER_WAIT_S)
+            return await paths.offer_candidates(STUN_WAIT_S)
 
         negotiator = (Negotiator(state.me, private_key, post, make_checker, offer_candidates,
-                                 state.listen_port)
+                                 state.listen_port, gathering_done=paths.gathering_done)
                       if options.negotiate else None)
         peer_sync = PeerSync(owner, state, team, paths, negotiator, presence, options, lock,
                              spawn)
@@ -82,6 +83,19 @@ class JoinedDevice:
         chat = ChatDispatch(team, state, presence, peer_sync, negotiator)
         upkeep = Upkeep(options, team, state, presence, peer_sync, stats, paths, negotiator,
                         chat)
+
+        async def trickled(candidates: list[CandidateInfo], complete: bool) -> None:
+            if negotiator is not None:
+                await negotiator.trickle(candidates, complete)
+            public = paths.public_endpoint()
+            if (complete and options.endpoint is None and public is not None
+                    and presence.announce_id is not None
+                    and public != state.announced_endpoint):
+                # STUN answered after the first announcement left.
+                state.announced_endpoint = public
+                await presence.announce()
+
+        paths.on_candidates = lambda candidates, complete: spawn(trickled(candidates, complete))
         return cls(
             options=options, team=team, state=state, owner=owner, paths=paths,
             negotiator=negotiator, presence=presence, peer_sync=peer_sync, stats=stats,
@@ -96,7 +110,7 @@ class JoinedDevice:
         if self.options.endpoint is None:
             # With STUN, the NAT's public mapping of the WireGuard port is what a peer
             # elsewhere can reach (and can punch towards before our offer arrives).
-            await self.paths.gathered(ANNOUNCE_GATHER_WAIT_S)
+            await self.paths.local_gathered(STUN_WAIT_S)
             self.state.announced_endpoint = (self.paths.public_endpoint()
                                              or self.state.announced_endpoint)
         await self.presence.announce()

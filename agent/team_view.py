@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 
 from kbwg.agent.announce import ANNOUNCE_TTL_S, AnnounceBook
@@ -47,7 +48,12 @@ class TeamView:
 
     @property
     def peers_path(self) -> str:
-        return f"/keybase/team/{self.team}/peers.json"
+        return self.peers_path_of(self.team)
+
+    @staticmethod
+    def peers_path_of(team: str) -> str:
+        """peers.json of `team`, readable before kbwg.json is (start-up reads both at once)."""
+        return f"/keybase/team/{team.lower()}/peers.json"
 
     @property
     def announce_channel(self) -> Channel:
@@ -57,11 +63,14 @@ class TeamView:
     def negotiation_channel(self) -> Channel:
         return Channel(self.team, self.config.negotiation_channel, "dev")
 
-    async def read_peers_file(self, strict: bool) -> None:
-        """Read peers.json. At start-up (`strict`) a problem raises JoinError; later
-        the last good version stays in force and the problem is logged."""
+    async def read_peers_file(self, strict: bool,
+                              reading: Awaitable[bytes] | None = None) -> None:
+        """Read peers.json (or await `reading`, its read already under way). At start-up
+        (`strict`) a problem raises JoinError; later the last good version stays in
+        force and the problem is logged."""
         try:
-            raw = await self.keybase.fs_read(self.peers_path)
+            raw = await (reading if reading is not None
+                         else self.keybase.fs_read(self.peers_path))
             entries = parse_peers(raw, self.config.overlay)
         except (PeersError, KeybaseError) as exc:
             if strict:

@@ -135,6 +135,12 @@ class PeerChecker:
 
         self._remote_ufrag: str | None = None
         self._remote_pwd: bytes | None = None
+        # Trickle: candidates either side may still send. Failure is not declared while
+        # more may come; trickled remotes wait here for the credentials.
+        self._remote_complete = True
+        self._local_complete = True
+        self._trickled: list[CandidateInfo] = []
+        self._trickle_ended = False
         self._table = PairTable(local_candidates, self.timers, self.counters, name)
         self._early: list[_EarlyCheck] = []
         self._tx = CheckTransactions(
@@ -225,15 +231,19 @@ class PeerChecker:
 
     # -- setup and teardown -----------------------------------------------------------
 
-    def set_remote(self, ufrag: str, pwd: str, candidates: Sequence[CandidateInfo]) -> None:
-        """The peer's credentials and candidates: forms the pairs and starts checking."""
+    def set_remote(self, ufrag: str, pwd: str, candidates: Sequence[CandidateInfo],
+                   complete: bool = True) -> None:
+        """The peer's credentials and candidates: forms the pairs and starts checking.
+        `complete` False: more candidates may trickle in (`add_remote`)."""
         if self._closed:
             return
         if self._remote_pwd is not None:
             raise RuntimeError("set_remote called twice; a restart needs a new checker")
         self._remote_ufrag = ufrag
         self._remote_pwd = pwd.encode()
-        self._table.form(candidates, self._controlling)
+        self._remote_complete = complete or self._trickle_ended
+        self._table.form([*candidates, *self._trickled], self._controlling)
+        self._trickled = []
         pairs = self._table.pairs
         self._reason = f"checking {len(pairs)} candidate pairs"
         log.debug("%s: checking %d pairs", self.name, len(pairs))
@@ -242,6 +252,35 @@ class PeerChecker:
             self._incoming_check(check.src, check.base, check.use_candidate, check.priority)
         self._upkeep.start_keepalives()
         self._tx.activate()
+        self._evaluate()
+
+    def add_remote(self, candidates: Sequence[CandidateInfo], complete: bool) -> None:
+        """Candidates the peer trickled after its offer or answer; `complete`: the last."""
+        if self._closed:
+            return
+        if self._remote_pwd is None:  # the answer is still on its way
+            self._trickled += candidates
+            self._trickle_ended = self._trickle_ended or complete
+            return
+        added = self._table.add_remotes(candidates, self._controlling)
+        self._remote_complete = self._remote_complete or complete
+        self._grown(added, "peer")
+
+    def add_local(self, candidates: Sequence[Candidate], complete: bool) -> None:
+        """Our candidates gathered after this checker started (a relay allocation is a
+        new base); `complete`: gathering is over."""
+        if self._closed:
+            return
+        added = self._table.add_locals(candidates, self._controlling)
+        self._local_complete = complete
+        if self._remote_pwd is not None:
+            self._grown(added, "local")
+
+    def _grown(self, added: list[CandidatePair], whose: str) -> None:
+        if added:
+            log.debug("%s: %d more pairs (%s candidates trickled)", self.name, len(added),
+                      whose)
+            self._tx.activate()
         self._evaluate()
 
     def close(self) -> None:
@@ -518,6 +557,8 @@ class PeerChecker:
         elif any(not p.tried or (p.state == "succeeded" and not self._controlling)
                  for p in self._table.pairs):
             return  # still checking, or (controlled) waiting for the peer's nomination
+        elif not (self._remote_complete and self._local_complete):
+            return  # candidates still trickling in may work
         if reason is None:
             pairs = self._table.pairs
             reason = (f"no pair answered (tried {len(pairs)})" if pairs

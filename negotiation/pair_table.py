@@ -1,7 +1,8 @@
 """The candidate pairs of one peer checker, and which pair a datagram belongs to.
 
 `PairTable` holds the pairs in priority order (forming them is candidate_pairs.py's job) and
-grows them as checks arrive: a request from an address the peer never listed is a
+grows them as candidates trickle in on either side (`add_remotes`, `add_locals`) and as
+checks arrive: a request from an address the peer never listed is a
 peer-reflexive candidate (RFC 8445 section 7.3.1.3), at most `MAX_PRFLX` of them, and
 a new pair with it, at most `candidate_pairs.MAX_PAIRS` in all. It also tells what the peer sees
 of us on a pair, from the XOR-MAPPED-ADDRESS of an answer (section 7.2.5.3.1).
@@ -17,13 +18,13 @@ from kbwg.negotiation.candidate_pairs import (
     Address,
     CandidatePair,
     check_bases,
-    form_pairs,
     checkable,
+    form_pairs,
     pair_priority,
     parse_address,
     prflx_priority,
-    unique_remotes,
     same_family,
+    unique_remotes,
 )
 from kbwg.negotiation.candidates import Candidate, candidate_priority
 from kbwg.negotiation.check_config import CheckCounters, CheckTimers
@@ -46,17 +47,46 @@ class PairTable:
         self._counters = counters
         self._name = name
         self._remotes: list[CandidateInfo] = []
+        self._sent: list[CandidateInfo] = []  # every candidate the peer sent, in order
         self._prflx = 0
         self._by_addr: dict[tuple[Address, Address], CandidatePair] = {}
         self.pairs: list[CandidatePair] = []
 
     def form(self, candidates: Sequence[CandidateInfo], controlling: bool) -> None:
-        """Pairs with the candidates the peer sent (once, from its offer or answer)."""
-        self._remotes = unique_remotes(candidates)
-        for pair in form_pairs(self._bases, candidates, controlling):
+        """Pairs with the candidates the peer sent in its offer or answer."""
+        self.add_remotes(candidates, controlling)
+
+    def add_remotes(self, candidates: Sequence[CandidateInfo],
+                    controlling: bool) -> list[CandidatePair]:
+        """More of the peer's candidates (trickled): the new pairs they make."""
+        known = {(c.type, c.ip, c.port) for c in self._sent}
+        self._sent += [c for c in candidates if (c.type, c.ip, c.port) not in known]
+        learned = [r for r in self._remotes if r.type == "prflx"]
+        self._remotes = unique_remotes(self._sent)
+        listed = {(r.ip, r.port) for r in self._remotes}
+        self._remotes += [r for r in learned if (r.ip, r.port) not in listed]
+        return self._grow(controlling)
+
+    def add_locals(self, candidates: Sequence[Candidate], controlling: bool) -> list[CandidatePair]:
+        """More of our candidates (gathered after the checker started): new bases are
+        paired with what the peer sent."""
+        known = {(c.type, c.address, c.port) for c in self._locals}
+        self._locals += [c for c in candidates if (c.type, c.address, c.port) not in known]
+        self._bases = check_bases(self._locals)
+        return self._grow(controlling)
+
+    def _grow(self, controlling: bool) -> list[CandidatePair]:
+        added = []
+        for pair in form_pairs(self._bases, self._sent, controlling):
+            key = (pair.local_address, pair.remote_address)
+            if key in self._by_addr or len(self.pairs) >= MAX_PAIRS:
+                continue
             pair.probe_delay = self._timers.reprobe_min
-            self._by_addr[(pair.local_address, pair.remote_address)] = pair
+            self._by_addr[key] = pair
             self.pairs.append(pair)
+            added.append(pair)
+        self.pairs.sort(key=lambda p: p.priority, reverse=True)
+        return added
 
     def reprioritize(self, controlling: bool) -> None:
         """After a role switch: pair priority depends on which side controls."""
@@ -77,7 +107,7 @@ class PairTable:
         """The base a datagram arrived at: its local candidate's, else a guess by `src`."""
         if local is not None:
             addr: Address | None = (local.address, local.port)
-            if local.type in ("srflx", "prflx"):
+            if local.type in ("srflx", "prflx", "mapped"):
                 addr = parse_address(local.base)
             for base in self._bases:
                 if (base.address, base.port) == addr:

@@ -38,6 +38,7 @@ from kbwg.negotiation.wire import (
     CandidateInfo,
     Offer,
     SenderKeyMismatch,
+    Trickle,
     WireError,
     WireMessage,
     log_ignored,
@@ -58,7 +59,10 @@ PENDING_TTL_S = 10.0
 
 
 class Checker(Protocol):
-    def set_remote(self, ufrag: str, pwd: str, candidates: list[CandidateInfo]) -> None: ...
+    def set_remote(self, ufrag: str, pwd: str, candidates: list[CandidateInfo],
+                   complete: bool = True) -> None: ...
+
+    def add_remote(self, candidates: list[CandidateInfo], complete: bool) -> None: ...
 
     def snapshot(self) -> dict[str, Any]: ...
 
@@ -96,6 +100,13 @@ class PeerSession:
     offers_sent: int = 0
     started_at: float = field(default_factory=time.time)
     timer: asyncio.TimerHandle | None = None
+    # Our candidates the peer has in this session, and whether we said that was all.
+    sent: set[tuple[str, str, int]] = field(default_factory=set)
+    sent_complete: bool = True
+
+    def told(self, candidates: list[CandidateInfo], complete: bool) -> None:
+        self.sent = {(c.type, c.ip, c.port) for c in candidates}
+        self.sent_complete = complete
 
     def replace_checker(self, checker: Checker | None) -> None:
         if self.checker is not None:
@@ -122,6 +133,7 @@ class Negotiator:
         *,
         offer_grace_s: float = OFFER_GRACE_S,
         answer_timeout_s: float = ANSWER_TIMEOUT_S,
+        gathering_done: Callable[[], bool] = lambda: True,
     ) -> None:
         self.me = me
         self._private = private_key
@@ -131,6 +143,8 @@ class Negotiator:
         self._local_candidates = local_candidates
         self._wg_port = wg_port
         self._grace = offer_grace_s
+        # Whether `local_candidates` gave everything (else the rest is trickled).
+        self._gathering_done = gathering_done
         self._answer_timeout = answer_timeout_s
         self.sender_session = new_sender_session()
         self.guard = ReplayGuard()
@@ -193,7 +207,9 @@ class Negotiator:
             CheckerSpec(session.peer, ufrag, pwd, False, tie_breaker)))
         session.state = "offering"
         session.offers_sent = 0
-        body = Offer(ufrag, pwd, tie_breaker, candidates, self._wg_port)
+        complete = self._gathering_done()
+        session.told(candidates, complete)
+        body = Offer(ufrag, pwd, tie_breaker, candidates, self._wg_port, complete)
         await self._send_offer(session, kind, body)
 
     async def _send_offer(self, session: PeerSession, kind: str, body: Offer) -> None:
@@ -210,6 +226,22 @@ class Negotiator:
         session.timer = asyncio.get_running_loop().call_later(
             self._answer_timeout * session.offers_sent,
             lambda: self._spawn(self._send_offer(session, kind, body)))
+
+    async def trickle(self, candidates: list[CandidateInfo], complete: bool) -> None:
+        """Our candidates after a gathering step: those a peer's session lacks go to it
+        (a "candidates" message), `complete` once gathering is over."""
+        for session in list(self.sessions.values()):
+            if session.state not in ("offering", "checking") or session.session_id is None:
+                continue
+            new = [c for c in candidates if (c.type, c.ip, c.port) not in session.sent]
+            if not new and (session.sent_complete or not complete):
+                continue
+            session.sent |= {(c.type, c.ip, c.port) for c in new}
+            session.sent_complete = complete
+            log.debug("trickling %d candidates to %s%s", len(new), session.peer,
+                      " (end of candidates)" if complete else "")
+            await self._send(session, "candidates", session.session_id,
+                             Trickle(new, complete).to_wire())
 
     async def restart(self, peer: DeviceId) -> bool:
         """Renegotiate with one peer whose path went quiet (unless an offer to it is
@@ -269,6 +301,8 @@ class Negotiator:
             await self._on_offer(session, message, Offer.from_wire(message.body))
         elif message.type == "answer":
             self._on_answer(session, message, Answer.from_wire(message.body))
+        elif message.type == "candidates":
+            self._on_trickle(session, message, Trickle.from_wire(message.body))
         elif message.type == "bye":
             log.info("%s said bye", session.peer)
             session.cancel_timer()
@@ -290,11 +324,13 @@ class Negotiator:
         checker = self._make_checker(
             CheckerSpec(session.peer, ufrag, pwd, True, secrets.randbits(64)))
         session.replace_checker(checker)
-        checker.set_remote(offer.ufrag, offer.pwd, list(offer.candidates))
+        checker.set_remote(offer.ufrag, offer.pwd, list(offer.candidates), offer.complete)
         session.state = "checking"
-        log.info("%s from %s: %d candidates; answering", message.type, session.peer,
-                 len(offer.candidates))
-        answer = Answer(ufrag, pwd, candidates)
+        log.info("%s from %s: %d candidates%s; answering", message.type, session.peer,
+                 len(offer.candidates), "" if offer.complete else ", more to come")
+        complete = self._gathering_done()
+        session.told(candidates, complete)
+        answer = Answer(ufrag, pwd, candidates, complete)
         await self._send(session, "answer", message.session_id, answer.to_wire())
 
     def _on_answer(self, session: PeerSession, message: WireMessage, answer: Answer) -> None:
@@ -303,9 +339,19 @@ class Negotiator:
             return
         session.cancel_timer()
         assert session.checker is not None
-        session.checker.set_remote(answer.ufrag, answer.pwd, list(answer.candidates))
+        session.checker.set_remote(answer.ufrag, answer.pwd, list(answer.candidates),
+                                   answer.complete)
         session.state = "checking"
-        log.info("answer from %s: %d candidates", session.peer, len(answer.candidates))
+        log.info("answer from %s: %d candidates%s", session.peer, len(answer.candidates),
+                 "" if answer.complete else ", more to come")
+
+    def _on_trickle(self, session: PeerSession, message: WireMessage, trickle: Trickle) -> None:
+        if message.session_id != session.session_id or session.checker is None:
+            log.debug("candidates from %s for another session; ignored", session.peer)
+            return
+        session.checker.add_remote(list(trickle.candidates), trickle.complete)
+        log.info("%d more candidates from %s%s", len(trickle.candidates), session.peer,
+                 " (the last)" if trickle.complete else "")
 
     # -- plumbing -----------------------------------------------------------------
 

@@ -12,14 +12,20 @@ A message is one text body:
   (both Curve25519), and `m` the msgpack map:
 
       v     1                      version
-      t     "offer" | "answer" | "restart" | "bye" | "claim" | ...
+      t     "offer" | "answer" | "restart" | "bye" | "claim" | "candidates" | ...
       from  "user/device"          must equal the Keybase sender metadata
       to    "user/device"          must be the receiving device
       fs    16 random bytes        sender session: new each agent run
       ts    float                  sender's unix time
       sid   16 bytes               negotiation session, chosen by the offerer
       n     12 random bytes        message id, against replay
-      body  map                    per type; `Offer` / `Answer` for those two
+      body  map                    per type; `Offer` / `Answer` / `Trickle`
+
+Candidates trickle (RFC 8838's idea): an offer or answer carries what is gathered when
+it leaves (host candidates at least) and says with `eoc` (end of candidates) whether
+more may follow; the rest follow in "candidates" messages of the same session, the
+last one with `eoc` true. A body without `eoc` (an agent from before trickling) is
+complete. Agents from before trickling ignore "candidates" messages (unknown type).
 
 The box key is symmetric (A->B and B->A share it), so `from` and `to` inside the box
 are what stop a device's own message being reflected back to it as the peer's.
@@ -56,13 +62,14 @@ VERSION = 1
 PREFIX = f"kbwg{VERSION}"
 # Far below the dev topic's 1,000,000 bytes: 64 candidates take about 6 KiB.
 MAX_TEXT = 64 * 1024
-DEFAULT_TYPES: frozenset[str] = frozenset({"offer", "answer", "restart", "bye", "claim"})
+DEFAULT_TYPES: frozenset[str] = frozenset(
+    {"offer", "answer", "restart", "bye", "claim", "candidates"})
 SENDER_SESSION_LEN = 16
 SESSION_ID_LEN = 16
 NONCE_LEN = 12
 HINT_LEN = 8
 MAX_CANDIDATES = 64
-CANDIDATE_TYPES = frozenset({"host", "srflx", "relay", "prflx"})
+CANDIDATE_TYPES = frozenset({"host", "srflx", "relay", "prflx", "mapped"})
 
 _HINT_RE = re.compile(rf"^[0-9a-f]{{{2 * HINT_LEN}}}$")
 # RFC 8445 ice-chars: these end up in STUN USERNAME/MESSAGE-INTEGRITY. \Z, not $, which
@@ -305,7 +312,7 @@ def log_ignored(chat: SignalMessage, exc: WireError) -> None:
 
 @dataclass(frozen=True)
 class CandidateInfo:
-    type: str  # host | srflx | relay | prflx
+    type: str  # host | srflx | relay | prflx | mapped
     ip: str  # IPv4, or IPv6 (canonical text, no scope)
     port: int
     priority: int
@@ -374,6 +381,13 @@ def _check_candidates(value: object) -> None:
     _check(len(value) <= MAX_CANDIDATES, "candidates", f"{len(value)} over {MAX_CANDIDATES}")
 
 
+def _eoc(obj: dict[str, Any]) -> bool:
+    """End of candidates; absent (an agent from before trickling) means complete."""
+    value = obj.get("eoc", True)
+    _check(isinstance(value, bool), "eoc", "not a boolean")
+    return bool(value)
+
+
 @dataclass(frozen=True)
 class Offer:
     ufrag: str
@@ -381,6 +395,7 @@ class Offer:
     tie_breaker: int  # RFC 8445 role-conflict tie-breaker
     candidates: list[CandidateInfo]
     wg_port: int
+    complete: bool = True  # False: more candidates trickle in later ("candidates")
 
     def __post_init__(self) -> None:
         _check_credentials(self.ufrag, self.pwd)
@@ -390,14 +405,15 @@ class Offer:
 
     def to_wire(self) -> dict[str, Any]:
         return {"ufrag": self.ufrag, "pwd": self.pwd, "tie_breaker": self.tie_breaker,
-                **_split_families(self.candidates), "wg_port": self.wg_port}
+                **_split_families(self.candidates), "wg_port": self.wg_port,
+                "eoc": self.complete}
 
     @classmethod
     def from_wire(cls, raw: object) -> Offer:
         obj = _map(raw, "body")
         try:
             return cls(obj["ufrag"], obj["pwd"], obj["tie_breaker"],
-                       _merged_candidates(obj), obj["wg_port"])
+                       _merged_candidates(obj), obj["wg_port"], _eoc(obj))
         except KeyError as exc:
             raise InvalidField(exc.args[0], "missing") from None
 
@@ -407,18 +423,42 @@ class Answer:
     ufrag: str
     pwd: str
     candidates: list[CandidateInfo]
+    complete: bool = True
 
     def __post_init__(self) -> None:
         _check_credentials(self.ufrag, self.pwd)
         _check_candidates(self.candidates)
 
     def to_wire(self) -> dict[str, Any]:
-        return {"ufrag": self.ufrag, "pwd": self.pwd, **_split_families(self.candidates)}
+        return {"ufrag": self.ufrag, "pwd": self.pwd, **_split_families(self.candidates),
+                "eoc": self.complete}
 
     @classmethod
     def from_wire(cls, raw: object) -> Answer:
         obj = _map(raw, "body")
         try:
-            return cls(obj["ufrag"], obj["pwd"], _merged_candidates(obj))
+            return cls(obj["ufrag"], obj["pwd"], _merged_candidates(obj), _eoc(obj))
+        except KeyError as exc:
+            raise InvalidField(exc.args[0], "missing") from None
+
+
+@dataclass(frozen=True)
+class Trickle:
+    """Candidates gathered after the offer or answer of the same session left."""
+
+    candidates: list[CandidateInfo]
+    complete: bool
+
+    def __post_init__(self) -> None:
+        _check_candidates(self.candidates)
+
+    def to_wire(self) -> dict[str, Any]:
+        return {**_split_families(self.candidates), "eoc": self.complete}
+
+    @classmethod
+    def from_wire(cls, raw: object) -> Trickle:
+        obj = _map(raw, "body")
+        try:
+            return cls(_merged_candidates(obj), _eoc(obj))
         except KeyError as exc:
             raise InvalidField(exc.args[0], "missing") from None

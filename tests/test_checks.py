@@ -741,3 +741,52 @@ async def test_consent_follows_the_rtt_and_a_lost_path_is_noticed_in_about_a_sec
         assert now() - cut_at <= 1.5
     finally:
         close(a, b)
+
+
+async def test_trickled_candidates_are_checked_and_failure_waits_for_the_last() -> None:
+    net = SimNet()
+    a, b = net.node("a"), net.node("b")
+    a.host("198.18.1.10", lan="lan1")
+    b.host("198.18.1.20", lan="lan1")
+    a.checker = PeerChecker(a.candidates, "aliceufrag", PWD_A, controlling=True,
+                            tie_breaker=2**63 + 7, send=a.send, on_selected=a.on_selected,
+                            timers=FAST, name="alice")
+    b.checker = PeerChecker(b.candidates, "bobufrag", PWD_B, controlling=False,
+                            tie_breaker=12345, send=b.send, on_selected=b.on_selected,
+                            timers=FAST, name="bob")
+    a.mux.register("aliceufrag", a.checker)
+    b.mux.register("bobufrag", b.checker)
+    nowhere = CandidateInfo("srflx", "203.0.113.77", PORT, candidate_priority("srflx"), "s9")
+    try:
+        # Bob's answer carried only an address that never answers, more to come (Bob
+        # does not check yet, or his checks would teach Alice his address).
+        a.checker.set_remote("bobufrag", PWD_B, [nowhere], complete=False)
+        await advance_until(lambda: all(p.tried for p in a.c.pairs), timeout=2.0)
+        await asyncio.sleep(1.0)
+        assert a.c.state == "checking", "not failed while candidates may still come"
+        assert a.selections == []
+
+        b.checker.set_remote("aliceufrag", PWD_A, infos(a.candidates))
+        a.c.add_remote(infos(b.candidates), complete=True)
+        await advance_until(lambda: a.c.state == "connected" and mirrored(a, b), timeout=2.0)
+        assert a.c.selected is not None and a.c.selected.remote.ip == "198.18.1.20"
+    finally:
+        close(a, b)
+
+
+async def test_a_local_base_gathered_later_gets_pairs() -> None:
+    net = SimNet()
+    a, b = net.node("a"), net.node("b")
+    late = a.host("198.18.1.10", lan="lan1")
+    a.candidates.clear()  # not gathered yet when the checker starts
+    b.host("198.18.1.20", lan="lan1")
+    await connect(a, b)
+    try:
+        await asyncio.sleep(0.5)
+        assert a.c.pairs == [] and a.c.state == "failed"
+        a.candidates.append(Candidate("host", *late.address, "eth0",
+                                      candidate_priority("host", 65535), "interface eth0"))
+        a.c.add_local(a.candidates, complete=True)
+        await advance_until(lambda: a.c.state == "connected" and mirrored(a, b), timeout=2.0)
+    finally:
+        close(a, b)

@@ -33,6 +33,7 @@ from kbwg.negotiation.session import (
 from kbwg.negotiation.wire import (
     CandidateInfo,
     Offer,
+    Trickle,
     WireMessage,
     key_hint,
     new_session_id,
@@ -57,9 +58,17 @@ class FakeChecker:
     remote: list[tuple[str, str, list[CandidateInfo]]] = field(default_factory=list)
     closed: bool = False
 
-    def set_remote(self, ufrag: str, pwd: str, candidates: list[CandidateInfo]) -> None:
+    trickled: list[tuple[list[CandidateInfo], bool]] = field(default_factory=list)
+    complete: bool | None = None
+
+    def set_remote(self, ufrag: str, pwd: str, candidates: list[CandidateInfo],
+                   complete: bool = True) -> None:
         assert not self.closed, "set_remote on a closed checker"
         self.remote.append((ufrag, pwd, list(candidates)))
+        self.complete = complete
+
+    def add_remote(self, candidates: list[CandidateInfo], complete: bool) -> None:
+        self.trickled.append((list(candidates), complete))
 
     def snapshot(self) -> dict[str, Any]:
         return {}
@@ -475,3 +484,39 @@ async def test_a_lost_path_restarts_the_negotiation_with_that_peer_only_once() -
     assert all(c.closed for c in old), "the old checker goes with the old session"
     assert alice.negotiator.sessions[BOB].state == "checking"
     assert not await alice.negotiator.restart(DeviceId("carol", "phone")), "unknown peer"
+
+
+async def test_candidates_gathered_later_trickle_to_the_peer_once() -> None:
+    bus, alice, bob = pair(offer_grace_s=LONG, answer_timeout_s=LONG)
+    gathering = {"done": False}
+    bob.negotiator._gathering_done = lambda: gathering["done"]
+    host_only = bob.candidates[:1]
+    bob.candidates = list(host_only)
+    await negotiate(bus, alice, bob)
+    offer, = bob.sent(alice)
+    assert offer.body["eoc"] is False, "the offer says more candidates may follow"
+    a_checker, = alice.checkers
+    assert a_checker.complete is False
+
+    srflx = CandidateInfo("srflx", "203.0.113.2", 51820, 1694498815, "s1")
+    relay = CandidateInfo("relay", "203.0.113.99", 40000, 16777215, "r1")
+    await bob.negotiator.trickle([*host_only, srflx], complete=False)
+    gathering["done"] = True
+    await bob.negotiator.trickle([*host_only, srflx, relay], complete=True)
+    await bob.negotiator.trickle([*host_only, srflx, relay], complete=True)  # nothing new
+    await settle(bus, alice, bob)
+    assert bob.sent_types(alice) == ["offer", "candidates", "candidates"]
+    # Only what the peer lacked, in order, the last one marked as the end.
+    assert a_checker.trickled == [([srflx], False), ([relay], True)]
+    # Alice's answer went out complete (her fake gatherer is done): nothing to trickle.
+    assert alice.sent(bob)[0].body["eoc"] is True
+
+
+async def test_trickled_candidates_of_another_session_are_ignored() -> None:
+    bus, alice, bob = pair(offer_grace_s=LONG, answer_timeout_s=LONG)
+    await negotiate(bus, alice, bob)
+    a_checker, = alice.checkers
+    stale = WireMessage.new("candidates", BOB, ALICE, bob.negotiator.sender_session,
+                            new_session_id(), Trickle([], True).to_wire())
+    await alice.negotiator.handle(bus.message(BOB, seal(stale, bob.key, alice.key.public_key)))
+    assert a_checker.trickled == []
