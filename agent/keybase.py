@@ -15,10 +15,11 @@ import logging
 import math
 import os
 import re
-import time
-from collections.abc import AsyncGenerator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from kbwg.agent.keybase_link import Backoff, KeybaseLink
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +79,21 @@ _REQUEST_ERROR_RE = re.compile(
     r"invalid \w+ v\d options|invalid v\d method|invalid version|json: |invalid character"
     r"|unexpected EOF|illegal base64",
 )
+# How a client says its service is away: Linux clients fail to dial its socket, a
+# running api-listen loses its ping ("connection to service lost"), and the KBFS and
+# macOS/Windows paths say "keybase isn't running".
+_SERVICE_DOWN_RE = re.compile(
+    r"dial unix|connection to service lost|isn't running|is not running|connection refused",
+    re.IGNORECASE,
+)
+# A call that keeps hitting the rate limit gives up after this many tries.
+RATE_LIMIT_ATTEMPTS = 4
+# Calls in flight at once, each on its own `chat api` process (as the Go bot library's
+# pipes): a send never waits behind another's round trip.
+DEFAULT_MAX_PIPES = 4
+# An api-listen that ran this long before it ended had a working connection: the
+# next restart starts the backoff again.
+_LISTEN_STABLE_S = 10.0
 # KBFS words it several ways: libkbfs NoSuchNameError is "<name> doesn't exist".
 _NOT_FOUND_RE = re.compile(
     r"does not exist|doesn't exist|not found|no such file", re.IGNORECASE
@@ -109,6 +125,16 @@ class KeybaseServiceError(KeybaseError):
 class KeybaseRequestError(KeybaseError):
     """A request rejected before it reached the service (client-side validation, or the
     CLI's own decode loop)."""
+
+
+class KeybaseRateLimited(KeybaseServiceError):
+    """The service's rate-limit error (ChatRateLimitError) outlasted our retries."""
+
+
+def is_rate_limit(data: Any) -> bool:
+    """Whether an error's `data` is a chat1.RateLimit (name, callsRemaining, windowReset,
+    maxCalls): the real CLI's errReply puts one there only for ChatRateLimitError."""
+    return isinstance(data, dict) and ("windowReset" in data or "callsRemaining" in data)
 
 
 class KeybaseUnavailable(KeybaseError):
@@ -320,7 +346,7 @@ def validate_call(method: str, options: Any) -> None:
 # --------------------------------------------------------------------------- client
 
 
-@dataclass
+@dataclass(eq=False)
 class _Pipe:
     proc: asyncio.subprocess.Process
     stdin: asyncio.StreamWriter
@@ -330,9 +356,11 @@ class _Pipe:
 
 
 class KeybaseClient:
-    """One long-lived `keybase chat api` pipe for calls, plus one-shot commands.
+    """Long-lived `keybase chat api` pipes for calls (one per call in flight, up to
+    `max_pipes`), plus one-shot commands.
 
-    Listeners are separate processes (`listen`). Call `close()` when done.
+    Listeners are separate processes (`listen`). `link` says whether Keybase answers.
+    Call `close()` when done.
     """
 
     def __init__(
@@ -341,15 +369,18 @@ class KeybaseClient:
         env: Mapping[str, str] | None = None,
         *,
         call_timeout: float = 30.0,
-        listen_backoff: tuple[float, float] = (0.5, 30.0),
+        listen_backoff: tuple[float, float] = (1.0, 30.0),
+        max_pipes: int = DEFAULT_MAX_PIPES,
     ) -> None:
         self.binary = binary
         # Extra variables layered over our own environment (PATH, HOME stay usable).
         self._env: dict[str, str] | None = {**os.environ, **env} if env is not None else None
         self._call_timeout = call_timeout
         self._backoff_initial, self._backoff_max = listen_backoff
-        self._lock = asyncio.Lock()
-        self._pipe: _Pipe | None = None
+        self._slots = asyncio.Semaphore(max(1, max_pipes))
+        self._idle: list[_Pipe] = []
+        self._pipes: set[_Pipe] = set()
+        self.link = KeybaseLink()
         self._listeners: set[asyncio.subprocess.Process] = set()
         self._closed = False
 
@@ -372,6 +403,7 @@ class KeybaseClient:
                 start_new_session=True,
             )
         except (FileNotFoundError, PermissionError, NotADirectoryError) as exc:
+            self.link.lost(f"cannot start keybase: {exc}")
             raise _unavailable(self.binary, f"cannot start keybase: {exc}") from exc
 
     async def _run(self, *args: str, input_data: bytes | None = None) -> tuple[int, bytes, bytes]:
@@ -385,13 +417,18 @@ class KeybaseClient:
             )
         except TimeoutError:
             await _kill(proc)
-            raise _unavailable(
-                self.binary, f"`keybase {' '.join(args)}` did not finish in {self._call_timeout}s"
-            ) from None
+            why = f"`keybase {' '.join(args)}` did not finish in {self._call_timeout}s"
+            self.link.lost(why)
+            raise _unavailable(self.binary, why) from None
         except asyncio.CancelledError:
             await _kill(proc)
             raise
         assert proc.returncode is not None
+        if proc.returncode != 0 and _SERVICE_DOWN_RE.search(_text(err)):
+            why = f"`keybase {args[0]}` failed: {_text(err)[:_STDERR_LINE_MAX]}"
+            self.link.lost(why)
+            raise _unavailable(self.binary, why)
+        self.link.ok()
         return proc.returncode, out, err
 
     # ----- one-shot commands
@@ -463,7 +500,12 @@ class KeybaseClient:
         if rc != 0:
             _raise_fs(rc, err, f"keybase fs mkdir {path}")
 
-    # ----- chat api pipe
+    # ----- chat api pipes
+
+    @property
+    def _pipe(self) -> _Pipe | None:
+        """The pipe the next call will use first (tests look at its process)."""
+        return self._idle[-1] if self._idle else None
 
     async def _start_pipe(self) -> _Pipe:
         proc = await self._spawn("chat", "api", stdin=asyncio.subprocess.PIPE)
@@ -471,12 +513,14 @@ class KeybaseClient:
         tail: collections.deque[str] = collections.deque(maxlen=_STDERR_TAIL)
         task = asyncio.create_task(_drain_stderr(proc.stderr, "chat api", tail))
         logger.debug("started `%s chat api` (pid %d)", self.binary, proc.pid)
-        return _Pipe(proc, proc.stdin, proc.stdout, tail, task)
+        pipe = _Pipe(proc, proc.stdin, proc.stdout, tail, task)
+        self._pipes.add(pipe)
+        return pipe
 
-    async def _stop_pipe(self) -> None:
-        pipe, self._pipe = self._pipe, None
-        if pipe is None:
-            return
+    async def _stop_pipe(self, pipe: _Pipe) -> None:
+        self._pipes.discard(pipe)
+        if pipe in self._idle:
+            self._idle.remove(pipe)
         with contextlib.suppress(OSError):
             pipe.stdin.close()
         try:
@@ -486,18 +530,20 @@ class KeybaseClient:
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(pipe.stderr_task, timeout=1.0)
 
-    async def _exchange(self, line: bytes) -> bytes | None:
-        """Send one request on the pipe; its reply line, or None if the pipe ended."""
-        if self._pipe is not None and self._pipe.proc.returncode is not None:
-            logger.warning(
+    async def _exchange(self, pipe: _Pipe | None, line: bytes) -> tuple[bytes | None, _Pipe]:
+        """Send one request on `pipe` (a fresh one when None or dead); its reply line, or
+        None if the pipe ended, and the pipe used."""
+        if pipe is not None and pipe.proc.returncode is not None:
+            logger.log(
+                logging.WARNING if self.link.connected else logging.DEBUG,
                 "`keybase chat api` exited (rc=%s%s); restarting it",
-                self._pipe.proc.returncode,
-                f", stderr: {' / '.join(self._pipe.stderr_tail)}" if self._pipe.stderr_tail else "",
+                pipe.proc.returncode,
+                f", stderr: {' / '.join(pipe.stderr_tail)}" if pipe.stderr_tail else "",
             )
-            await self._stop_pipe()
-        if self._pipe is None:
-            self._pipe = await self._start_pipe()
-        pipe = self._pipe
+            await self._stop_pipe(pipe)
+            pipe = None
+        if pipe is None:
+            pipe = await self._start_pipe()
         try:
             pipe.stdin.write(line)
             await pipe.stdin.drain()
@@ -507,26 +553,23 @@ class KeybaseClient:
         except TimeoutError:
             # The reply may still come later and would be taken for the next call's.
             await _kill(pipe.proc)
-            await self._stop_pipe()
-            raise _unavailable(
-                self.binary, f"`keybase chat api` did not answer within {self._call_timeout}s"
-            ) from None
+            await self._stop_pipe(pipe)
+            why = f"`keybase chat api` did not answer within {self._call_timeout}s"
+            self.link.lost(why)
+            raise _unavailable(self.binary, why) from None
         except asyncio.CancelledError:
             # Same: an abandoned request leaves the pipe out of step.
             await _kill(pipe.proc)
-            await self._stop_pipe()
+            await self._stop_pipe(pipe)
             raise
         except ValueError as exc:  # line longer than the stream limit
             await _kill(pipe.proc)
-            await self._stop_pipe()
+            await self._stop_pipe(pipe)
             raise KeybaseError(f"`keybase chat api` reply too large: {exc}") from exc
         # A last line without its newline before EOF is still a whole JSON reply.
-        return reply or None
+        return reply or None, pipe
 
-    async def _pipe_failure(self) -> tuple[int | None, str]:
-        pipe = self._pipe
-        if pipe is None:
-            return None, ""
+    async def _pipe_failure(self, pipe: _Pipe) -> tuple[int | None, str]:
         try:
             await asyncio.wait_for(pipe.proc.wait(), timeout=2.0)
         except TimeoutError:
@@ -535,14 +578,55 @@ class KeybaseClient:
             await asyncio.wait_for(pipe.stderr_task, timeout=1.0)
         rc = pipe.proc.returncode
         err = " / ".join(pipe.stderr_tail)
-        await self._stop_pipe()
+        await self._stop_pipe(pipe)
         return rc, err
+
+    async def _call_once(self, method: str, line: bytes) -> bytes:
+        """One request on an idle pipe (or a new one, up to `max_pipes` at a time): calls
+        do not wait behind one another's round trips."""
+        async with self._slots:
+            pipe: _Pipe | None = self._idle.pop() if self._idle else None
+            try:
+                reply, pipe = await self._exchange(pipe, line)
+                if reply is None:
+                    rc, err = await self._pipe_failure(pipe)
+                    pipe = None
+                    self._pipe_died(method, rc, err, retrying=True)
+                    reply, pipe = await self._exchange(None, line)
+                    if reply is None:
+                        rc, err = await self._pipe_failure(pipe)
+                        pipe = None
+                        self._pipe_died(method, rc, err, retrying=False)
+            finally:
+                if pipe is not None and pipe.proc.returncode is None and not self._closed:
+                    self._idle.append(pipe)
+        assert reply is not None
+        self.link.ok()
+        return reply
+
+    def _pipe_died(self, method: str, rc: int | None, err: str, *, retrying: bool) -> None:
+        """A pipe ended before its reply: the request's fault, the service's absence, or
+        (once) worth a retry on a fresh pipe."""
+        if _REQUEST_ERROR_RE.search(err):
+            raise KeybaseRequestError(f"keybase rejected the {method} request: {err}")
+        detail = f"rc={rc}{', stderr: ' + err if err else ''}"
+        if _SERVICE_DOWN_RE.search(err) or not retrying:
+            why = f"`keybase chat api` exited ({detail})"
+            self.link.lost(why)
+            raise _unavailable(self.binary, why)
+        logger.log(logging.WARNING if self.link.connected else logging.DEBUG,
+                   "`keybase chat api` exited (%s); restarting it and retrying %s",
+                   detail, method)
 
     async def call(self, method: str, options: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """One v1 call; the reply's `result` object.
 
-        Raises KeybaseRequestError (invalid request), KeybaseServiceError (`error` reply),
-        KeybaseUnavailable (the CLI cannot run or keeps dying).
+        A rate-limit error holds this and every other call until the limit's window
+        resets (or a backoff), then tries again, a few times.
+
+        Raises KeybaseRequestError (invalid request), KeybaseServiceError (`error` reply;
+        KeybaseRateLimited when the limit outlasts the retries), KeybaseUnavailable (the
+        CLI cannot run or keeps dying).
         """
         opts = dict(options) if options is not None else {}
         validate_call(method, opts)
@@ -550,28 +634,31 @@ class KeybaseClient:
             raise KeybaseError("client is closed")
         request = {"method": method, "params": {"version": 1, "options": opts}}
         line = (json.dumps(request, separators=(",", ":")) + "\n").encode()
-        async with self._lock:
-            reply = await self._exchange(line)
-            if reply is None:
-                rc, err = await self._pipe_failure()
-                if _REQUEST_ERROR_RE.search(err):
-                    raise KeybaseRequestError(f"keybase rejected the {method} request: {err}")
-                logger.warning(
-                    "`keybase chat api` exited (rc=%s%s); restarting it and retrying %s",
-                    rc,
-                    f", stderr: {err}" if err else "",
-                    method,
-                )
-                reply = await self._exchange(line)
-                if reply is None:
-                    rc, err = await self._pipe_failure()
-                    if _REQUEST_ERROR_RE.search(err):
-                        raise KeybaseRequestError(f"keybase rejected the {method} request: {err}")
-                    raise _unavailable(
-                        self.binary,
-                        f"`keybase chat api` exited twice (rc={rc}{', ' + err if err else ''})",
-                    )
-        return _decode_reply(reply, method)
+        backoff = Backoff(self._backoff_initial, self._backoff_max)
+        for attempt in range(1, RATE_LIMIT_ATTEMPTS + 1):
+            await self.link.wait_rate()
+            reply = await self._call_once(method, line)
+            try:
+                result = _decode_reply(reply, method)
+            except KeybaseServiceError as exc:
+                if not is_rate_limit(exc.data):
+                    self.link.rate_ok()
+                    raise
+                delay = self.link.rate_limited(exc.data, backoff)
+                if attempt == RATE_LIMIT_ATTEMPTS:
+                    raise KeybaseRateLimited(exc.code, exc.message, exc.data) from None
+                logger.debug("%s rate-limited (%s); trying again in %.1fs", method,
+                             exc.message, delay)
+                continue
+            self.link.rate_ok()
+            return result
+        raise AssertionError("unreachable")
+
+    async def probe(self) -> bool:
+        """Ask Keybase something cheap; whether it answered (the link says so too)."""
+        with contextlib.suppress(KeybaseError):
+            await self._run("whoami", "--json")
+        return self.link.connected
 
     # ----- chat helpers
 
@@ -660,26 +747,29 @@ class KeybaseClient:
             args.append("--dev")
         if filter_channels:
             args += ["--filter-channels", json.dumps([c.to_json() for c in filter_channels])]
-        backoff = self._backoff_initial
+        backoff = Backoff(self._backoff_initial, self._backoff_max)
         first = True
+        loop = asyncio.get_running_loop()
         while not self._closed:
             try:
                 proc = await self._spawn(*args)
             except KeybaseUnavailable:
                 if first:
                     raise
-                logger.warning(
-                    "cannot restart `keybase chat api-listen`; retrying in %.1fs", backoff
-                )
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, self._backoff_max)
+                delay = backoff.next()
+                logger.debug("cannot restart `keybase chat api-listen`; retrying in %.1fs",
+                             delay)
+                await asyncio.sleep(delay)
                 continue
             first = False
             self._listeners.add(proc)
             assert proc.stdout is not None and proc.stderr is not None
             tail: collections.deque[str] = collections.deque(maxlen=_STDERR_TAIL)
-            stderr_task = asyncio.create_task(_drain_stderr(proc.stderr, "api-listen", tail, ready))
-            started = time.monotonic()
+            # Subscribed: the service is there (and whatever it did not push while we
+            # were away is for the catch-up to read).
+            stderr_task = asyncio.create_task(
+                _drain_stderr(proc.stderr, "api-listen", tail, ready, self.link.ok))
+            started = loop.time()
             ended = False
             try:
                 while True:
@@ -693,7 +783,6 @@ class KeybaseClient:
                         break
                     msg = _parse_notification(line)
                     if msg is not None:
-                        backoff = self._backoff_initial
                         yield msg
             finally:
                 self._listeners.discard(proc)
@@ -709,22 +798,20 @@ class KeybaseClient:
                     await stderr_task
             if self._closed:
                 return
-            if time.monotonic() - started > 10.0:
-                backoff = self._backoff_initial
-            logger.warning(
-                "`keybase chat api-listen` exited (rc=%s%s); restarting in %.1fs",
-                proc.returncode,
-                f", stderr: {' / '.join(tail)}" if tail else "",
-                backoff,
-            )
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, self._backoff_max)
+            if loop.time() - started > _LISTEN_STABLE_S:
+                backoff.reset()
+            delay = backoff.next()
+            why = (f"`keybase chat api-listen` exited (rc={proc.returncode}"
+                   f"{', stderr: ' + ' / '.join(tail) if tail else ''})")
+            logger.debug("%s; restarting it in %.1fs", why, delay)
+            self.link.lost(f"{why}; restarting it")
+            await asyncio.sleep(delay)
 
     async def close(self) -> None:
         """Stop the chat api pipe and any listener processes."""
         self._closed = True
-        async with self._lock:
-            await self._stop_pipe()
+        for pipe in list(self._pipes):
+            await self._stop_pipe(pipe)
         for proc in list(self._listeners):
             await _kill(proc)
 
@@ -746,6 +833,7 @@ async def _drain_stderr(
     what: str,
     tail: collections.deque[str],
     ready: asyncio.Event | None = None,
+    on_ready: Callable[[], None] | None = None,
 ) -> None:
     # Drained continuously so a chatty CLI never blocks on a full stderr pipe; kept out of
     # the JSON stream on stdout.
@@ -757,8 +845,11 @@ async def _drain_stderr(
         if not line:
             return
         text = line.decode(errors="replace").rstrip()
-        if ready is not None and text.startswith(_LISTENING):
-            ready.set()
+        if text.startswith(_LISTENING):
+            if ready is not None:
+                ready.set()
+            if on_ready is not None:
+                on_ready()
         if text:
             tail.append(text[:_STDERR_LINE_MAX])
             logger.debug("keybase %s stderr: %s", what, text)

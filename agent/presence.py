@@ -26,7 +26,7 @@ from kbwg.agent.claims import (
     save_previous,
 )
 from kbwg.agent.join_options import JoinError
-from kbwg.agent.keybase import KeybaseClient
+from kbwg.agent.keybase import KeybaseClient, KeybaseError
 from kbwg.agent.owner_calls import OwnerCalls
 from kbwg.agent.runtime_state import AgentState
 from kbwg.agent.team_view import TeamView
@@ -94,6 +94,23 @@ class Presence:
         self._lock = lock
         # Our latest ANNOUNCE's message id; None until the first one is sent.
         self.announce_id: int | None = None
+        # An announcement (or claim) that could not be sent: sent again at the next
+        # refresh, or when Keybase is back.
+        self.announce_pending = False
+
+    async def try_announce(self) -> bool:
+        """`announce`, keeping a Keybase failure for later instead of raising; whether
+        it went out."""
+        try:
+            await self.announce()
+        except KeybaseError as exc:
+            if not self.announce_pending:
+                log.info("announcement not sent (%s); sending it again once Keybase "
+                         "answers", exc)
+            self.announce_pending = True
+            return False
+        self.announce_pending = False
+        return True
 
     async def announce(self) -> None:
         s = self._state
@@ -128,10 +145,18 @@ class Presence:
             prefix = self._team.config.overlay.prefixlen
             await self._owner.set_address(IPv4Interface(f"{new}/{prefix}"))
             s.overlay_ip = new
-            msg_id = await self._keybase.send(self._team.announce_channel,
-                                              format_claim(new, s.public_key))
-            s.my_claim = Claim(s.me, new, s.public_key, msg_id, time.time())
             save_previous(self._state_dir, new)
+            try:
+                msg_id = await self._keybase.send(self._team.announce_channel,
+                                                  format_claim(new, s.public_key))
+            except KeybaseError as exc:
+                # No claim to judge until the new one is out (with the announcement).
+                s.my_claim = None
+                self.announce_pending = True
+                log.info("claim of %s not sent (%s); sending it again once Keybase "
+                         "answers", new, exc)
+                return
+            s.my_claim = Claim(s.me, new, s.public_key, msg_id, time.time())
 
     async def follow_network(self, given: str | None) -> None:
         """After a network change: announce the new endpoint if it moved (unless the
@@ -142,4 +167,4 @@ class Presence:
         endpoint = f"{ip}:{self._state.listen_port}"
         if endpoint != self._state.announced_endpoint:
             self._state.announced_endpoint = endpoint
-            await self.announce()
+            await self.try_announce()

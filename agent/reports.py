@@ -16,6 +16,7 @@ from kbwg.agent.connectivity import Connectivity
 from kbwg.agent.control import Handler
 from kbwg.agent.device_stats import StatsPoll
 from kbwg.agent.diag import DiagOptions, diagnose
+from kbwg.agent.keybase_link import KeybaseLink
 from kbwg.agent.owner_stun import OwnerStunTransport
 from kbwg.agent.ping import PingReplies
 from kbwg.agent.runtime_state import AgentState, PeerState
@@ -34,8 +35,9 @@ def _negotiation(negotiator: Negotiator | None, peer: PeerState) -> dict[str, An
 
 
 def status_report(team: str, state: AgentState, config: TeamConfig, paths: Connectivity,
-                  claims: ClaimBook, negotiator: Negotiator | None) -> dict[str, Any]:
-    return {
+                  claims: ClaimBook, negotiator: Negotiator | None,
+                  keybase: KeybaseLink | None = None) -> dict[str, Any]:
+    report = {
         "team": team,
         "username": state.me.username,
         "device": state.me.device,
@@ -53,6 +55,9 @@ def status_report(team: str, state: AgentState, config: TeamConfig, paths: Conne
         "claims": [c.to_json() for c in claims.live_claims(time.time())],
         "peers": [p.to_json(_negotiation(negotiator, p)) for p in _sorted_peers(state)],
     }
+    if keybase is not None:
+        report["keybase"] = keybase.to_json()
+    return report
 
 
 async def diag_report(request: dict[str, Any], team: str, state: AgentState,
@@ -109,6 +114,7 @@ class ControlReplies:
     claims: ClaimBook
     negotiator: Negotiator | None
     stats: StatsPoll
+    keybase: KeybaseLink | None = None
 
     def handlers(self) -> dict[str, Handler]:
         return {"status": self.status, "diag": self.diag,
@@ -117,7 +123,7 @@ class ControlReplies:
     async def status(self, _request: dict[str, Any]) -> dict[str, Any]:
         await self.stats.poll()
         return status_report(self.team, self.state, self.config, self.paths, self.claims,
-                             self.negotiator)
+                             self.negotiator, self.keybase)
 
     async def diag(self, request: dict[str, Any]) -> dict[str, Any]:
         return await diag_report(request, self.team, self.state, self.config, self.paths,

@@ -35,6 +35,14 @@ def render_status(status: dict[str, Any], now: float | None = None) -> str:
         f"public key {status['public_key']}",
         "",
     ]
+    keybase = status.get("keybase") or {}
+    if keybase.get("connected") is False:
+        lines[-1:-1] = [f"Keybase unreachable since {_ago(keybase.get('down_since'), now)} "
+                        "(tunnels stay up; reconnecting): "
+                        f"{keybase.get('last_error') or 'no answer'}"]
+    if keybase.get("rate_limited_until"):
+        lines[-1:-1] = ["Keybase rate limit: chat calls held for "
+                        f"{max(0, int(keybase['rate_limited_until'] - now))}s"]
     header = ("PEER", "OVERLAY IP", "PATH", "ENDPOINT", "RTT", "HANDSHAKE", "RX", "TX")
     rows = [header]
     reasons = []

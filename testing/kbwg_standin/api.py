@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
 from kbwg_standin.channels import channel_from_json, decode_token, go_type, parse_topic_type
+from kbwg_standin.ctl import LOST, watch
 from kbwg_standin.env import Env
-from kbwg_standin.errors import EXIT_OK, RequestError, ServiceError, die, next_arg
+from kbwg_standin.errors import EXIT_NOTOK, EXIT_OK, RequestError, ServiceError, die, next_arg
 from kbwg_standin.service import ChatService
 from kbwg_standin.store import open_db
 
@@ -127,6 +129,9 @@ class ChatApi:
             reply = {"result": self.service.handle(method, opts)}
         except ServiceError as exc:
             reply = {"error": {"code": 0, "message": str(exc)}}
+            if exc.data is not None:
+                # As the real errReply: a ChatRateLimitError carries its RateLimit here.
+                reply["error"]["data"] = exc.data
         for key in ("jsonrpc", "id"):
             if call.get(key):
                 reply[key] = call[key]
@@ -195,6 +200,9 @@ def cmd_chat_api(env: Env, args: Sequence[str]) -> int:
     out: IO[bytes] = open(outfile, "wb") if outfile else sys.stdout.buffer  # noqa: SIM115
     conn = open_db(env.home)
     api = ChatApi(ChatService(env, conn), out, pretty)
+    # A pipe whose service goes away dies, as the real one does when its connection to
+    # the service is lost; the caller starts a new one (which fails while it is down).
+    watch(env.home, env.identity, _service_lost)
     lines: Iterator[str]
     if message is not None:
         lines = iter([message])
@@ -211,3 +219,9 @@ def cmd_chat_api(env: Env, args: Sequence[str]) -> int:
             out.close()
         conn.close()
     return EXIT_OK
+
+
+def _service_lost() -> None:
+    sys.stderr.write(f"\u25b6 ERROR {LOST}\n")
+    sys.stderr.flush()
+    os._exit(EXIT_NOTOK)

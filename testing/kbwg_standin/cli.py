@@ -9,6 +9,7 @@ import sys
 from collections.abc import Sequence
 
 from kbwg_standin.api import cmd_chat_api
+from kbwg_standin.ctl import cmd_ctl, dial_error, is_stopped
 from kbwg_standin.env import Env
 from kbwg_standin.errors import EXIT_NOTOK, RequestError, ServiceError, UsageError, die
 from kbwg_standin.identity import cmd_status, cmd_version, cmd_whoami
@@ -38,11 +39,16 @@ def strip_global_flags(argv: Sequence[str]) -> list[str]:
 def run(argv: Sequence[str]) -> int:
     args = strip_global_flags(argv)
     if not args:
-        die("usage: keybase [global flags] <chat api|chat api-listen|whoami|status|fs ...>")
+        die("usage: keybase [global flags] <chat api|chat api-listen|whoami|status|fs ...|ctl ...>")
     cmd, rest = args[0], args[1:]
     if cmd == "version":
         return cmd_version(None, rest)
     env = Env.from_environ()
+    if cmd in ("ctl", "service"):
+        # `service stop|start` is the stand-in's own spelling of `ctl stop|start`.
+        return cmd_ctl(env.home, env.identity, rest)
+    if is_stopped(env.home, env.identity):
+        die(dial_error(env.home))
     if cmd == "chat":
         if not rest:
             die("chat: missing subcommand (api, api-listen)")

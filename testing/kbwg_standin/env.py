@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -43,6 +44,13 @@ class Env:
     hold: bool = False
     # An older client, whose `whoami --json` has no deviceName (``KBWG_STANDIN_OLD_CLIENT``).
     old_client: bool = False
+    # ``KBWG_STANDIN_RATE_LIMIT=N/S``: at most N sends per S seconds per user, then the
+    # real service's rate-limit error (with its RateLimit in `error.data`).
+    rate_limit: tuple[int, int] | None = None
+    # ``KBWG_STANDIN_DROP_PUSHES=dev[:N],chat[:N]``: this listener loses the first N pushes
+    # (all without N) of others' messages of that topic type, as the real service loses
+    # the ones sent while a client reconnects; `read` still has them.
+    drop_pushes: dict[str, int | None] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def from_environ(cls) -> Env:
@@ -62,6 +70,8 @@ class Env:
             poll_ms=max(1, _int_env("KBWG_STANDIN_POLL_MS", DEFAULT_POLL_MS)),
             hold=os.environ.get("KBWG_STANDIN_HOLD", "").strip() not in ("", "0"),
             old_client=os.environ.get("KBWG_STANDIN_OLD_CLIENT", "").strip() not in ("", "0"),
+            rate_limit=_rate_limit(os.environ.get("KBWG_STANDIN_RATE_LIMIT", "")),
+            drop_pushes=_drop_pushes(os.environ.get("KBWG_STANDIN_DROP_PUSHES", "")),
         )
 
     def require_identity(self) -> Identity:
@@ -100,3 +110,23 @@ def _int_env(name: str, default: int) -> int:
         return int(raw)
     except ValueError:
         die(f"{name} must be an integer, got {raw!r}")
+
+
+def _rate_limit(raw: str) -> tuple[int, int] | None:
+    if not raw.strip():
+        return None
+    calls, sep, seconds = raw.partition("/")
+    if not (sep and calls.strip().isdigit() and seconds.strip().isdigit()
+            and int(seconds) > 0):
+        die(f"KBWG_STANDIN_RATE_LIMIT must be CALLS/SECONDS (e.g. 5/10), got {raw!r}")
+    return int(calls), int(seconds)
+
+
+def _drop_pushes(raw: str) -> dict[str, int | None]:
+    rules: dict[str, int | None] = {}
+    for part in filter(None, (p.strip() for p in raw.split(","))):
+        topic, sep, count = part.partition(":")
+        if topic not in ("chat", "dev") or (sep and not count.isdigit()):
+            die(f"KBWG_STANDIN_DROP_PUSHES takes chat[:N] and dev[:N], got {part!r}")
+        rules[topic] = int(count) if sep else None
+    return rules

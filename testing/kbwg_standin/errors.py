@@ -4,7 +4,7 @@ usage helpers that raise them."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import NoReturn
+from typing import Any, NoReturn
 
 EXIT_OK = 0
 # The real CLI exits with ExitCode_NOTOK (2) on any error it prints.
@@ -16,7 +16,12 @@ class RequestError(Exception):
 
 
 class ServiceError(Exception):
-    """An error the service returns: `{"error": {"code": 0, "message": ...}}`, pipe lives on."""
+    """An error the service returns: `{"error": {"code": 0, "message": ...}}`, pipe lives on.
+    `data` is the error's `data` (a rate limit's RateLimit), omitted when None."""
+
+    def __init__(self, message: str, data: Any = None) -> None:
+        super().__init__(message)
+        self.data = data
 
 
 class UsageError(Exception):

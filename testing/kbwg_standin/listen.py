@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kbwg_standin.channels import channel_from_json, encode_token
+from kbwg_standin.ctl import LOST, is_stopped
 from kbwg_standin.env import Env, Identity
 from kbwg_standin.errors import EXIT_OK, RequestError, die, next_arg
 from kbwg_standin.service import ChatService
@@ -139,6 +140,7 @@ def cmd_api_listen(env: Env, args: Sequence[str]) -> int:
     poller.register(out_fd, 0)
     delivered: set[int] = set()
     conv_cache: dict[str, sqlite3.Row] = {}
+    dropping = dict(env.drop_pushes)
 
     def emit(obj: dict[str, Any]) -> None:
         out.write(json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode() + b"\n")
@@ -146,6 +148,10 @@ def cmd_api_listen(env: Env, args: Sequence[str]) -> int:
 
     try:
         while not stop["flag"]:
+            if is_stopped(env.home, me):
+                # The real listener pings its service every second and exits when that
+                # fails; nothing it missed meanwhile is replayed by the next one.
+                die(LOST)
             now = now_ms()
             next_due: int | None = None
             rows = conn.execute(
@@ -172,6 +178,8 @@ def cmd_api_listen(env: Env, args: Sequence[str]) -> int:
                     continue
                 conv_cache[msg["conv_id"]] = conv
                 if not _wanted(service, conv, me, opts, filter_ids):
+                    continue
+                if msg["sender"] != me.username and _drop(dropping, conv["topic_type"]):
                     continue
                 summary = service.msg_summary(msg, conv, me, None)
                 summary["unread"] = msg["sender"] != me.username
@@ -207,6 +215,19 @@ def cmd_api_listen(env: Env, args: Sequence[str]) -> int:
     finally:
         conn.close()
     return EXIT_OK
+
+
+def _drop(dropping: dict[str, int | None], topic_type: str) -> bool:
+    """KBWG_STANDIN_DROP_PUSHES: whether this push is lost (counting it)."""
+    if topic_type not in dropping:
+        return False
+    left = dropping[topic_type]
+    if left is None:
+        return True
+    if left <= 0:
+        return False
+    dropping[topic_type] = left - 1
+    return True
 
 
 def _wanted(

@@ -198,6 +198,7 @@ class ChatService:
         body: str = opts["_body"]
         sent = now_ms()
         with write_txn(self.conn):
+            self.check_rate(me, sent)
             spec: ChannelSpec | None = opts["_channel"]
             if spec is not None:
                 self.check_access(spec, me)
@@ -240,6 +241,27 @@ class ChatService:
                 (msg_id, conv["id"], me.username),
             )
         return {"message": "message sent", "id": msg_id, "ratelimits": ratelimits()}
+
+    def check_rate(self, me: Identity, now: int) -> None:
+        """KBWG_STANDIN_RATE_LIMIT: the real service's ChatRateLimitError, whose RateLimit
+        (name, callsRemaining, windowReset in seconds, maxCalls) the CLI puts into the
+        error's `data`."""
+        if self.env.rate_limit is None:
+            return
+        max_calls, window_s = self.env.rate_limit
+        rows = self.conn.execute(
+            "SELECT sent_at_ms FROM messages WHERE sender = ? AND sent_at_ms > ?"
+            " ORDER BY sent_at_ms",
+            (me.username, now - window_s * 1000),
+        ).fetchall()
+        if len(rows) < max_calls:
+            return
+        oldest = int(rows[0]["sent_at_ms"]) if rows else now
+        reset = max(1, -(-(oldest + window_s * 1000 - now) // 1000))
+        raise ServiceError(
+            "API rate limit exceeded",
+            {"name": "chat", "callsRemaining": 0, "windowReset": reset, "maxCalls": max_calls},
+        )
 
     def do_read(self, opts: dict[str, Any], me: Identity) -> dict[str, Any]:
         conv = self.resolve(opts, me)
