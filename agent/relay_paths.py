@@ -58,8 +58,9 @@ class RelayPaths:
     wg_port: int
     on_stun: StunHandler
     on_lost: Callable[[RelayAllocation], None]
-    # An allocation that arrived after `ensure` returned (a TCP/TLS fallback): the
-    # candidates changed, as when one is lost.
+    # An allocation that arrived after `ensure` returned (a TCP/TLS fallback). None:
+    # `on_lost` is told instead, since for the agent both mean the same: the relayed
+    # candidates changed, so gather again and renegotiate.
     on_ready: Callable[[RelayAllocation], None] | None = None
     # By relay (the first URL listed for it, see RelayGroup).
     allocations: dict[str, RelayAllocation] = field(default_factory=dict)
@@ -120,8 +121,7 @@ class RelayPaths:
             allocation.transport_reason = f"{'; '.join(reasons)}; using {option.transport}"
             log.info("relay %s: %s", group.key, allocation.transport_reason)
             self.allocations[group.key] = allocation
-            if self.on_ready is not None:
-                self.on_ready(allocation)
+            (self.on_ready or self.on_lost)(allocation)
             return
         log.warning("relay %s: no allocation over any transport: %s", group.key,
                     "; ".join(reasons))
