@@ -210,7 +210,9 @@ class Connectivity:
 
     def punch(self, endpoint: str) -> None:
         """Open our NAT towards a peer's announced (public) endpoint at once, so its
-        checks get in before our own checks can start (they wait for its answer)."""
+        checks get in before our own checks can start (they wait for its answer).
+        From every host address: on a multi-homed host each uplink's NAT opens, so the
+        peer's checks of every uplink race from the start (not the default one alone)."""
         ip, _, port = endpoint.rpartition(":")
         if any(c.address == ip for c in self.local.candidates):
             return
@@ -218,8 +220,12 @@ class Connectivity:
         # Only leaving our NAT matters; with a FINGERPRINT the peer's owner counts it as
         # well-formed rather than as a stranger's junk.
         indication.add_fingerprint()
-        with contextlib.suppress(OSError):
-            self._port.send(bytes(indication), (ip, int(port)))
+        sources: list[str | None] = [
+            c.address for c in self.local.candidates
+            if c.type == "host" and (":" in c.address) == (":" in ip)]
+        for source in sources or [None]:
+            with contextlib.suppress(OSError):
+                self._port.send(bytes(indication), (ip, int(port)), source=source)
 
     def make_checker(self, spec: CheckerSpec, on_selected: SelectedFn) -> RegisteredChecker:
         checker = PeerChecker(

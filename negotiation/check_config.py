@@ -26,6 +26,9 @@ class CheckTimers:
     max_rto: float = 1.6  # ... up to this
     max_transmissions: int = 6  # a check fails ~4.7 s after its first copy
     settle: float = 0.150  # wait for better-class pairs after the first success
+    # ... and at most this long for pairs of its class still in flight that could
+    # answer faster (a multi-homed host's other uplink): the first choice is the right one.
+    contend_max: float = 0.5
     # Consent follows the selected pair's RTT (consent_interval_for): a check every
     # `consent_rtts` RTTs, never more often than `consent_min_interval` nor less often
     # than `consent_interval`; each is missed after `consent_timeout_rtts` RTTs, at least

@@ -32,10 +32,13 @@ How this differs from full ICE (one component, one stream, both ends are this ag
 - Nomination: the controlling side selects a pair as soon as it has succeeded and the
   choice says so (choice.py), then sends USE-CANDIDATE on it. It nominates a host-host
   pair at once; otherwise it waits `settle` after the first success (or until every
-  pair of a better class failed). It renominates whenever choice switches; the controlled
-  side follows the latest nomination. Every consent check of the controlling side
-  carries USE-CANDIDATE too, so a lost or reordered nomination heals within one consent
-  interval.
+  pair of a better class failed). Either way the first nomination also waits (at most
+  `contend_max`) while a pair of the same class could still answer faster: one not
+  checked yet, or checked less than the winner's RTT ago (a multi-homed host's fast
+  uplink beside a slow default one), so the first choice is the right one. It
+  renominates whenever choice switches; the controlled side follows the latest
+  nomination. Every consent check of the controlling side carries USE-CANDIDATE too,
+  so a lost or reordered nomination heals within one consent interval.
 - Keeping the path: single-shot consent checks on the selected pair every few of its
   RTTs (at most `consent_interval`, check_liveness.py), keepalives on other valid
   pairs every `keepalive_interval` (so the alternatives and their RTTs stay known).
@@ -70,6 +73,7 @@ from kbwg.negotiation.check_config import CheckCounters, CheckTimers, SendFn
 from kbwg.negotiation.check_liveness import CheckLiveness
 from kbwg.negotiation.check_transactions import CheckTransactions, Transaction
 from kbwg.negotiation.choice import (
+    CLASS_RANK,
     DEFAULT_HYSTERESIS_MS,
     DEFAULT_HYSTERESIS_RATIO,
     better_class_pending,
@@ -159,6 +163,8 @@ class PeerChecker:
         self._selected_at: float | None = None
 
         self._settle: asyncio.TimerHandle | None = None
+        self._contend: asyncio.TimerHandle | None = None
+        self._first_success_at: float | None = None
         self._upkeep = CheckLiveness(self._loop, self.timers, self._table, self._tx,
                                    lambda: self._selected)
 
@@ -288,9 +294,10 @@ class PeerChecker:
         self._closed = True
         self._tx.close()
         self._upkeep.close()
-        if self._settle is not None:
-            self._settle.cancel()
-            self._settle = None
+        for handle in (self._settle, self._contend):
+            if handle is not None:
+                handle.cancel()
+        self._settle = self._contend = None
 
     # -- receiving --------------------------------------------------------------------
 
@@ -527,7 +534,47 @@ class PeerChecker:
             if self._settle is None:
                 self._settle = self._loop.call_later(self.timers.settle, self._settled)
             return
+        if current is None and not self._was_selected and self._contenders_wait(best):
+            return
         self._select(best, reason)
+
+    def _contenders_wait(self, best: CandidatePair) -> bool:
+        """Whether to hold the first nomination for pairs that could still beat `best`:
+        of its class or better, still being checked, and either not sent yet or last sent
+        less than `best`'s RTT ago (a faster answer is still possible). At most
+        `contend_max` after the first success; re-evaluated when the next one is out."""
+        now = self._loop.time()
+        if self._first_success_at is None:
+            self._first_success_at = now
+        left = self._first_success_at + self.timers.contend_max - now
+        rtt = best.rtt_ms
+        if left <= 0 or rtt is None:
+            return False
+        rank = CLASS_RANK[best.path]
+        wait: float | None = None
+        for pair in self._table.pairs:
+            if (pair is best or pair.state not in ("waiting", "in-progress")
+                    or CLASS_RANK[pair.path] > rank):
+                continue
+            tx_id = pair.in_flight.get("check")
+            tx = self._tx.get(tx_id) if tx_id is not None else None
+            if tx is None or not tx.sent_at:
+                out = self.timers.pacing  # its check has not left yet: look again soon
+            else:
+                out = tx.sent_at[-1] + rtt / 1000.0 - now
+            if out > 0:
+                wait = out if wait is None else min(wait, out)
+        if wait is None:
+            return False
+        if self._contend is None:
+            log.debug("%s: %s works; waiting up to %.0f ms for pairs that may be faster",
+                      self.name, best.describe(), min(wait, left) * 1000)
+            self._contend = self._loop.call_later(min(wait, left), self._contended)
+        return True
+
+    def _contended(self) -> None:
+        self._contend = None
+        self._evaluate()
 
     def _settled(self) -> None:
         self._settle = None

@@ -790,3 +790,23 @@ async def test_a_local_base_gathered_later_gets_pairs() -> None:
         await advance_until(lambda: a.c.state == "connected" and mirrored(a, b), timeout=2.0)
     finally:
         close(a, b)
+
+
+async def test_first_nomination_waits_for_a_faster_pair_still_in_flight() -> None:
+    """The slow uplink's check leaves first and answers first; the fast one, one pacing
+    interval later, answers 2 ms after it. The first choice is already the fast one."""
+    net = SimNet()
+    a, b = net.node("a"), net.node("b")
+    a.host("198.18.1.10", lan="lan1", delay=0.010, rank=0)  # 20 ms RTT, checked first
+    a.host("198.18.3.10", lan="lan1", delay=0.006, rank=1)  # 12 ms RTT, 10 ms later
+    b.host("198.18.1.20", lan="lan1")
+    timers = replace(FAST, pacing=0.010, rto=0.1)
+    await connect(a, b, timers)
+    try:
+        await advance_until(lambda: a.c.state == "connected" and mirrored(a, b))
+        first, reason = a.selections[0]
+        assert first is not None and first.local.address == "198.18.3.10", reason
+        assert len([p for p, _ in a.selections if p is not None]) == 1, "no switch needed"
+        assert first.rtt_ms == pytest.approx(12.0)
+    finally:
+        close(a, b)
