@@ -307,7 +307,8 @@ async def test_connections_per_client_ip_are_capped() -> None:
 # --- the agent: UDP first, then TCP ------------------------------------------------------
 
 
-async def test_udp_without_an_answer_falls_back_to_tcp_and_says_why() -> None:
+@pytest.mark.parametrize("told", ["on_ready", "on_lost"])
+async def test_udp_without_an_answer_falls_back_to_tcp_and_says_why(told: str) -> None:
     silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # takes UDP, never answers
     silent.bind(("127.0.0.1", 0))
     try:
@@ -319,8 +320,10 @@ async def test_udp_without_an_answer_falls_back_to_tcp_and_says_why() -> None:
                       RelayConfig(f"turn:127.0.0.1:{tcp_port}?transport=tcp", "127.0.0.1",
                                   tcp_port, SECRET, "tcp")]
             ready: asyncio.Queue[RelayAllocation] = asyncio.Queue()
-            paths = RelayPaths("alice", 51820, lambda *_: None, lambda _a: None,
-                               on_ready=ready.put_nowait)
+            # Without on_ready the agent's on_lost hears of it: both mean "regather".
+            paths = (RelayPaths("alice", 51820, lambda *_: None, lambda _a: None,
+                                on_ready=ready.put_nowait) if told == "on_ready"
+                     else RelayPaths("alice", 51820, lambda *_: None, ready.put_nowait))
             try:
                 await paths.ensure(relays, timeout=0.3)
                 assert paths.missing(relays) == []  # under way, not missing
@@ -396,7 +399,7 @@ async def test_diag_probes_stream_relays_over_their_transport(tmp_path: Path) ->
         with socket.socket() as closed:  # a TCP port nothing listens on
             closed.bind(("127.0.0.1", 0))
             dead = closed.getsockname()[1]
-        options = DiagOptions(classic=False, timeout=3.0, relays=[
+        options = DiagOptions(classic=False, timeout=10.0, relays=[
             RelayConfig(f"turn:{host}:{port}?transport=tcp", host, port, SECRET, "tcp"),
             RelayConfig(f"turns:{host}:{dead}", host, dead, SECRET, "tls"),
             RelayConfig(f"turns:{host}:{port}", host, port, SECRET, "tls",
@@ -404,7 +407,7 @@ async def test_diag_probes_stream_relays_over_their_transport(tmp_path: Path) ->
         ])
         data = (await run_diag(options)).to_json()
     tcp, refused, no_ca = data["relays"]
-    assert (tcp["transport"], tcp["reachable"]) == ("tcp", True)
+    assert (tcp["transport"], tcp["reachable"]) == ("tcp", True), tcp
     assert tcp["mapped"] is not None and tcp["mapped"].startswith("127.0.0.1:")
     assert (refused["transport"], refused["reachable"]) == ("tls", False)
     assert refused["error"].startswith("tls: ")
