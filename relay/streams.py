@@ -24,7 +24,7 @@ import ssl
 import struct
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from aioice import stun
 from aioice.turn import TurnStreamMixin
@@ -77,8 +77,7 @@ class StreamConnection(TurnStreamMixin, asyncio.Protocol):
         return f"{self.kind} client {self.client[0]}:{self.client[1]}"
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = cast(asyncio.Transport, transport)  # a stream's, by create_server
         peer = transport.get_extra_info("peername")
         self.client = (str(peer[0]), int(peer[1]))
         self.streams.accepted(self)

@@ -7,18 +7,23 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import socket
 import ssl
 import struct
+import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
+import fuzzing
 import pytest
 from aioice import stun
+from hypothesis import given
+from hypothesis import strategies as st
 from test_relay_protocol import SECRET, Endpoint, _config
 
 from kbwg.agent.relay_paths import RelayPaths, relay_groups
@@ -414,3 +419,75 @@ async def test_diag_probes_stream_relays_over_their_transport(tmp_path: Path) ->
     assert no_ca["reachable"] is False and "'ca_file'" in no_ca["error"]
     assert "relay reachable" in data["conclusion"]
     assert f"turn:{host}:{port}?transport=tcp" in render_report(data)
+
+
+# --- fuzz: any bytes, cut anywhere ----------------------------------------------------------
+
+
+class _FakeTransport:
+    """What a StreamConnection uses of its transport, in memory."""
+
+    def __init__(self) -> None:
+        self.written = bytearray()
+        self.closed = False
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return ("127.0.0.1", 40000) if name == "peername" else default
+
+    def write(self, data: bytes) -> None:
+        self.written += data
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def get_write_buffer_size(self) -> int:
+        return len(self.written)
+
+    def close(self) -> None:
+        self.closed = True
+
+    abort = close
+
+
+def _binding() -> bytes:
+    return bytes(stun.Message(stun.Method.BINDING, stun.Class.REQUEST))
+
+
+def _allocate() -> bytes:
+    message = stun.Message(stun.Method.ALLOCATE, stun.Class.REQUEST)
+    message.attributes["REQUESTED-TRANSPORT"] = 0x11000000
+    return bytes(message)
+
+
+_GOOD_STREAM = _binding() + struct.pack("!HH", 0x4000, 3) + b"abc\0" + _allocate()
+
+
+@pytest.mark.timeout(120)
+@fuzzing.FUZZ
+@given(data=st.one_of(st.binary(max_size=300), fuzzing.mutated(_GOOD_STREAM, at_least=0)),
+       cuts=st.lists(st.integers(0, 400), max_size=6))
+def test_a_stream_survives_any_bytes_in_any_pieces(data: bytes, cuts: list[int]) -> None:
+    from kbwg.relay.control import ControlPlane
+    from kbwg.relay.streams import StreamConnection, StreamListeners
+
+    config = _config()
+    server = RelayServer(config)
+    main = ("127.0.0.1", 3478)
+    control = ControlPlane(config, server.table, server.counters, lambda *_: None, main, {})
+    streams = StreamListeners(config, server.table, server.counters, control, main)
+    connection = StreamConnection(streams, "tcp")
+    transport = _FakeTransport()
+    connection.connection_made(cast(asyncio.Transport, transport))
+    edges = sorted({0, len(data), *(c for c in cuts if c < len(data))})
+    for start, end in itertools.pairwise(edges):
+        connection.data_received(data[start:end])
+    streams.sweep(time.monotonic() + 3600)  # whatever is left unfinished goes
+    counters = server.counters
+    assert counters.handler_errors == 0
+    # A connection still open holds no half frame and has framed everything it got.
+    assert transport.closed or not connection.buffer
+    if data == _GOOD_STREAM:  # the unchanged stream: answered, never closed as bad
+        assert counters.stream_bad_input == 0 and counters.binding_responses == 1
+    connection.connection_lost(None)
+    assert not streams.connections
+    server.close()
