@@ -91,7 +91,7 @@ class Upkeep:
         (nothing on this host changed, so no network event says so): STUN again at
         once, and renegotiate with everyone if our candidates changed; else with this
         peer, unless another pair already took over."""
-        now = time.monotonic()
+        now = asyncio.get_running_loop().time()
         if now - self._lost_at.get(peer, -LOST_PATH_SPACING_S) < LOST_PATH_SPACING_S:
             return
         self._lost_at[peer] = now
@@ -108,7 +108,10 @@ class Upkeep:
             return False
         log.info("%s: candidates now %s; renegotiating", why, ", ".join(sorted(
             f"{c.type} {c.address}:{c.port}" for c in self._paths.local.candidates)) or "none")
-        await self._presence.follow_network(self._options.endpoint)
+        if self._paths.public_endpoint() is None:
+            # With a public endpoint, the end of the gathering announces it if it moved
+            # (JoinedDevice's trickle hook); without one, the host address is it.
+            await self._presence.follow_network(self._options.endpoint)
         if self._negotiator is not None:
             await self._negotiator.restart_all()
         return True

@@ -54,7 +54,8 @@ sys.path.insert(0, str(BENCH))
 from first_ping import RELAY_IP, STUN_IP, start_relay  # noqa: E402  (bench helpers)
 
 from kbwg.agent.control import call  # noqa: E402
-from kbwg_world import NatMode, Node, Segment, World  # noqa: E402
+from kbwg_world import NatMode, Node, Router, Segment, World  # noqa: E402
+from kbwg_world.natchange import forget_mappings, new_public_address  # noqa: E402
 from kbwg_world.stunserver import StunServer  # noqa: E402
 from kbwg_world.team import AgentProcess, Team  # noqa: E402
 
@@ -117,9 +118,10 @@ class Reach:
         return dict(self.first)
 
 
-def reach_all(reaches: Sequence[Reach], since: float, budget: float = BUDGET_S) -> float:
-    """Seconds from `since` until every reach got every target; RunFailed naming the
-    directions that never answered."""
+def reach_all(reaches: Sequence[Reach], since: float, budget: float = BUDGET_S,
+              each: dict[str, float] | None = None) -> float:
+    """Seconds from `since` until every reach got every target (each direction's time
+    into `each` when given); RunFailed naming the directions that never answered."""
     deadline = since + budget
     last = since
     missing = []
@@ -127,9 +129,15 @@ def reach_all(reaches: Sequence[Reach], since: float, budget: float = BUDGET_S) 
         got = reach.wait(max(0.1, deadline - time.monotonic()))
         missing += [f"{reach.node.name}->{t}" for t in reach.targets if t not in got]
         last = max([last, *got.values()])
+        if each is not None:
+            each.update({f"{reach.node.name}->{t}": at - since for t, at in got.items()})
     if missing:
         raise RunFailed(f"no reply within {budget:.0f}s: {', '.join(missing)}")
     return last - since
+
+
+def directions(each: dict[str, float]) -> str:
+    return ", ".join(f"{d} {t:.2f}s" for d, t in sorted(each.items()))
 
 
 def negotiated(agent: AgentProcess, peer_device: str) -> dict[str, Any] | None:
@@ -185,7 +193,7 @@ class Setup:
     inet: Segment
     team: Team
     hosts: list[Node]
-    routers: list[Node]
+    routers: list[Router]
 
     def start(self) -> tuple[float, list[AgentProcess]]:
         t0 = time.monotonic()
@@ -292,33 +300,35 @@ def _connected_pair(world: World, delay_ms: int) -> tuple[Setup, list[AgentProce
     return setup, agents
 
 
-def flush_conntrack(node: Node) -> None:
-    node.run([sys.executable, "-c", "from pyroute2 import Conntrack; Conntrack().flush()"])
+def traffic(setup: Setup, src: int, dst: int) -> None:
+    """Steady pings from host `src` to device `dst` over the overlay, until the world
+    closes: the traffic that flows through a change."""
+    setup.hosts[src].popen(["ping", "-q", "-n", "-i", "0.05", device(dst)[2]],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
 
 
 def case_readdress(world: World, delay_ms: int) -> Outcome:
     setup, _ = _connected_pair(world, delay_ms)
+    traffic(setup, 0, 1)
+    traffic(setup, 1, 0)
     r0 = setup.routers[0]
     old = r0.ip
-    new = str(setup.inet.allocate())
-    prefix = setup.inet.subnet_of(r0.interfaces[0].addresses[0]).prefixlen
-    # Traffic both ways through the change: pingers start before it.
-    reaches = setup.reaches(all_pairs(2))
-    # A new public address: the old one (and every mapping on it) goes at once.
-    r0.run(["sh", "-c", f"ip addr add {new}/{prefix} dev wan0 && "
-            f"ip addr del {old}/{prefix} dev wan0"])  # fmt: skip
     t_change = time.monotonic()
-    flush_conntrack(r0)
-    return Outcome(reach_all(reaches, t_change), f"{old} -> {new}")
+    new = new_public_address(r0)
+    # Pingers started after the change: a reply to an echo sent before it is no proof.
+    each: dict[str, float] = {}
+    took = reach_all(setup.reaches(all_pairs(2)), t_change, each=each)
+    return Outcome(took, f"{old} -> {new}: {directions(each)}")
 
 
 def case_flush(world: World, delay_ms: int) -> Outcome:
     setup, _ = _connected_pair(world, delay_ms)
     # Only the far side (host 1) sends; host 0's NAT forgets its mappings.
-    reach = setup.reaches([(1, 0)])
-    flush_conntrack(setup.routers[0])
+    traffic(setup, 1, 0)
+    time.sleep(0.5)
     t_flush = time.monotonic()
-    return Outcome(reach_all(reach, t_flush), "far side sending")
+    forget_mappings(setup.routers[0])
+    return Outcome(reach_all(setup.reaches([(1, 0)]), t_flush), "far side sending")
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,90 @@
+"""Upkeep's repair of a lost path: STUN again at once, then renegotiate with everyone
+when our candidates changed, else with that peer only (and not over and over)."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+from virtual_clock import VIRTUAL_CLOCK
+
+from kbwg.agent.upkeep import LOST_PATH_SPACING_S, Upkeep
+from kbwg.core.identity import DeviceId
+
+pytestmark = VIRTUAL_CLOCK
+
+BOB = DeviceId("bob", "desk")
+
+
+@dataclass
+class FakePaths:
+    changes: list[bool]
+    public: str | None = "203.0.113.12:51820"
+    regathers: int = 0
+    local: Any = field(default_factory=lambda: type("L", (), {"candidates": []})())
+
+    async def regather(self) -> bool:
+        self.regathers += 1
+        return self.changes.pop(0)
+
+    def public_endpoint(self) -> str | None:
+        return self.public
+
+
+@dataclass
+class FakeNegotiator:
+    restarted: list[DeviceId] = field(default_factory=list)
+    restarted_all: int = 0
+
+    async def restart(self, peer: DeviceId) -> bool:
+        self.restarted.append(peer)
+        return True
+
+    async def restart_all(self) -> None:
+        self.restarted_all += 1
+
+
+@dataclass
+class FakePresence:
+    followed: int = 0
+
+    async def follow_network(self, given: str | None) -> None:
+        self.followed += 1
+
+
+def upkeep(paths: FakePaths, negotiator: FakeNegotiator,
+           presence: FakePresence) -> Upkeep:
+    options = type("O", (), {"endpoint": None})()
+    none = cast(Any, None)
+    return Upkeep(cast(Any, options), none, none, cast(Any, presence), none, none,
+                  cast(Any, paths), cast(Any, negotiator), none)
+
+
+async def test_lost_path_with_unchanged_candidates_restarts_that_peer_once() -> None:
+    paths, negotiator, presence = FakePaths([False, False]), FakeNegotiator(), FakePresence()
+    keeper = upkeep(paths, negotiator, presence)
+    await keeper.on_path_lost(BOB, fell_back=False)
+    assert paths.regathers == 1 and negotiator.restarted == [BOB]
+    await keeper.on_path_lost(BOB, fell_back=False)  # flapping: not again so soon
+    assert paths.regathers == 1 and negotiator.restarted == [BOB]
+
+    await asyncio.sleep(LOST_PATH_SPACING_S)
+    await keeper.on_path_lost(BOB, fell_back=True)  # another pair took over: STUN only
+    assert paths.regathers == 2 and negotiator.restarted == [BOB]
+    assert negotiator.restarted_all == 0 and presence.followed == 0
+
+
+async def test_lost_path_after_a_new_public_address_renegotiates_with_everyone() -> None:
+    paths, negotiator, presence = FakePaths([True]), FakeNegotiator(), FakePresence()
+    await upkeep(paths, negotiator, presence).on_path_lost(BOB, fell_back=False)
+    assert negotiator.restarted_all == 1 and negotiator.restarted == []
+    # The new public endpoint is announced by the end of the gathering, not here.
+    assert presence.followed == 0
+
+
+async def test_without_stun_a_change_announces_the_host_address() -> None:
+    paths = FakePaths([True], public=None)
+    negotiator, presence = FakeNegotiator(), FakePresence()
+    await upkeep(paths, negotiator, presence).on_network_change()
+    assert presence.followed == 1 and negotiator.restarted_all == 1
