@@ -6,6 +6,11 @@ A peer's endpoint is set only once a pair is chosen (or, for a peer that does no
 negotiate, its announced endpoint after a grace period), together with the persistent
 keepalive: that makes WireGuard start its handshake at once, towards the right place (for
 a direct pair, the keepalive comes once the pair's host route, if it needs one, is in).
+Of the two ends of a fresh negotiated path, only the one with the lower public key turns
+its keepalive on at once; the other waits FIRST_HANDSHAKE_HOLD_S. Both at once, their
+handshake initiations cross on any link slower than the gap between them: each side
+answers the other's and then rejects the answer to its own ("invalid response"), and the
+first handshake waits for WireGuard's 5 s retry, which can cross again.
 A newer announcement never moves an endpoint that works (only a sealed negotiation or
 WireGuard's authenticated roaming does). Every change of WireGuard peers holds the peer
 lock, so the stats poll's reconciliation (device_stats) never sees one half made.
@@ -35,6 +40,10 @@ from kbwg.negotiation.session import Negotiator
 log = logging.getLogger(__name__)
 
 Spawn = Callable[[Coroutine[Any, Any, None]], None]
+
+# How long the higher-keyed end of a fresh path keeps quiet: past a handshake's round
+# trip on a slow path, and apart from the first end's 5 s retry if its handshake was lost.
+FIRST_HANDSHAKE_HOLD_S = 2.5
 
 
 class PeerSync:
@@ -239,15 +248,18 @@ class PeerSync:
             # address; the peer roams to it and answers there, and wireguard-go then
             # pins that uplink as the packets' source interface (IP_PKTINFO), which
             # overrides the host route; both ends then stay on the slow uplink.
+            first = self._state.public_key < peer.configured_key
             changed = await self._set_endpoint(peer, route.endpoint, NEGOTIATED,
-                                               quiet=not route.relayed)
-            quiet = changed and not route.relayed
+                                               quiet=not (route.relayed and first))
+            quiet = changed and not (route.relayed and first)
         previous = peer.route
         try:
             peer.route = await self._paths.pin(peer.name, pair, route)
         finally:
             moved = peer.route is not None and peer.route != previous
-            if quiet or moved:
+            if quiet and not first:
+                self._spawn(self._keepalive_later(peer, route.endpoint))
+            elif quiet or moved:
                 async with self._lock:
                     key, ip = peer.configured_key, peer.configured_ip
                     if key is not None and ip is not None and peer.endpoint == route.endpoint:
@@ -258,6 +270,15 @@ class PeerSync:
                         await self._owner.set_peer(key, route.endpoint, [ip],
                                                    self._options.keepalive_s)
         log.info("%s: %s", peer.name, reason)
+
+    async def _keepalive_later(self, peer: PeerState, endpoint: str) -> None:
+        """The second end's keepalive (see the module docstring): by now the first end's
+        handshake has usually made a session, and the keepalive only keeps it."""
+        await asyncio.sleep(FIRST_HANDSHAKE_HOLD_S)
+        async with self._lock:
+            key, ip = peer.configured_key, peer.configured_ip
+            if key is not None and ip is not None and peer.endpoint == endpoint:
+                await self._owner.set_peer(key, endpoint, [ip], self._options.keepalive_s)
 
     def close(self) -> None:
         """Pending announced-endpoint fallbacks are cancelled."""

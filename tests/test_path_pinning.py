@@ -4,7 +4,9 @@ wireguard-go sends a keepalive (so its handshake) as soon as a peer has an endpo
 a keepalive. Sent before the host route of a multi-homed choice exists, it leaves
 through the default uplink; the peer then answers there and wireguard-go pins that
 uplink as its source, overriding the route. So the endpoint goes in quietly, the route
-next, the keepalive last.
+next, the keepalive last. And only one end starts at once: initiations sent by both ends
+together cross and each side rejects the answer to its own, so the end with the higher
+key waits a moment before its keepalive.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any, cast
 
 import pytest
 
+from kbwg.agent import peer_sync as peer_sync_module
 from kbwg.agent.connectivity import Route
 from kbwg.agent.peer_selection import PeerSpec
 from kbwg.agent.peer_sync import PeerSync
@@ -24,6 +27,8 @@ from kbwg.agent.runtime_state import NEGOTIATED, PeerState
 from kbwg.core.identity import DeviceId
 
 KEY = "bob-key"
+# Ours sorts before the peer's: this end starts the handshake at once.
+FIRST_KEY, SECOND_KEY = "alice-key", "carol-key"
 ENDPOINT = "203.0.113.12:51820"
 KEEPALIVE = 25
 
@@ -58,14 +63,16 @@ class Recorder:
         return None if route.relayed else self.route_sentence
 
 
-def make_sync(rec: Recorder) -> tuple[PeerSync, PeerState, DeviceId]:
+def make_sync(rec: Recorder, our_key: str = FIRST_KEY,
+              spawned: list[Any] | None = None) -> tuple[PeerSync, PeerState, DeviceId]:
     device = DeviceId("bob", "desk")
     peer = PeerState(PeerSpec(device, IPv4Address("100.64.0.2"), None),
                      configured_key=KEY, configured_ip="100.64.0.2/32")
-    state = SimpleNamespace(peers={device: peer})
+    state = SimpleNamespace(peers={device: peer}, public_key=our_key)
     options = SimpleNamespace(keepalive_s=KEEPALIVE)
+    spawn = spawned.append if spawned is not None else lambda c: c.close()
     sync = PeerSync(cast(Any, rec), cast(Any, state), cast(Any, None), cast(Any, rec), None,
-                    cast(Any, None), cast(Any, options), asyncio.Lock(), lambda c: None)
+                    cast(Any, None), cast(Any, options), asyncio.Lock(), spawn)
     return sync, peer, device
 
 
@@ -104,3 +111,33 @@ async def test_a_relayed_endpoint_gets_its_keepalive_at_once() -> None:
     await sync.path_chosen(device, cast(Any, object()), "chosen")
     sets = [args for op, args in rec.calls if op == "set_peer"]
     assert sets == [("127.0.0.1:40000", KEEPALIVE)], rec.calls
+
+
+@pytest.mark.parametrize("relayed", [False, True])
+async def test_the_higher_keyed_end_starts_its_keepalive_later(
+    relayed: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rec = Recorder(relayed=relayed)
+    spawned: list[Any] = []
+    sync, _, device = make_sync(rec, SECOND_KEY, spawned)
+    await sync.path_chosen(device, cast(Any, object()), "chosen")
+    endpoint = "127.0.0.1:40000" if relayed else ENDPOINT
+    assert [args for op, args in rec.calls if op == "set_peer"] == [(endpoint, 0)], rec.calls
+    (later,) = spawned
+    monkeypatch.setattr(peer_sync_module, "FIRST_HANDSHAKE_HOLD_S", 0.0)
+    await later
+    assert rec.calls[-1] == ("set_peer", (endpoint, KEEPALIVE)), rec.calls
+
+
+async def test_a_later_keepalive_is_dropped_when_the_endpoint_moved_meanwhile(
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rec = Recorder()
+    spawned: list[Any] = []
+    sync, peer, device = make_sync(rec, SECOND_KEY, spawned)
+    await sync.path_chosen(device, cast(Any, object()), "chosen")
+    peer.endpoint = "203.0.113.99:51820"
+    monkeypatch.setattr(peer_sync_module, "FIRST_HANDSHAKE_HOLD_S", 0.0)
+    calls = len(rec.calls)
+    await spawned[0]
+    assert len(rec.calls) == calls, rec.calls
