@@ -508,6 +508,8 @@ class KeybaseClient:
         return self._idle[-1] if self._idle else None
 
     async def _start_pipe(self) -> _Pipe:
+        if self._closed:
+            raise KeybaseError("client is closed")
         proc = await self._spawn("chat", "api", stdin=asyncio.subprocess.PIPE)
         assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
         tail: collections.deque[str] = collections.deque(maxlen=_STDERR_TAIL)
@@ -738,9 +740,11 @@ class KeybaseClient:
         """New chat messages (own ones included) from `keybase chat api-listen`.
 
         `ready` is set once the listener says it is listening (its stderr status line):
-        messages sent from then on will be delivered. The listener is restarted with
-        backoff whenever it exits. Close the iterator (`contextlib.aclosing`, or cancel the
-        task consuming it) to stop the process.
+        messages sent from then on will be delivered. The listener is restarted whenever
+        it exits, with a backoff (1 s doubling to 30 s, jittered) that starts over once
+        one has run for a while; `link` says when it is lost and when it is back.
+        Close the iterator (`contextlib.aclosing`, or cancel the task consuming it) to
+        stop the process.
         """
         args = ["chat", "api-listen"]
         if dev:

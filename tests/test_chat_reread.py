@@ -69,7 +69,7 @@ async def make_agent(tmp_path: Path) -> AsyncIterator[
         stop = asyncio.Event()
         task = asyncio.create_task(agent.run(stop))
         stops.append((stop, task))
-        await wait_for(lambda: bool(joined) or task.done(), "the agent to join")
+        await wait_for(lambda: bool(joined) or task.done(), "the agent to join", timeout=60)
         device = joined[0]
         handled: list[int] = []
         assert device.negotiator is not None
@@ -84,13 +84,13 @@ async def make_agent(tmp_path: Path) -> AsyncIterator[
         clients.append(bob)
         key = new_key()
         await bob.send(ANNOUNCE, f"ANNOUNCE 198.18.0.6:51820 {key}")
-        await wait_for(lambda: key in owner.peers, "bob to be a peer")
+        await wait_for(lambda: key in owner.peers, "bob to be a peer", timeout=30)
         return device, handled, bob
 
     yield start
     for stop, task in stops:
         stop.set()
-        await asyncio.wait_for(task, 20)
+        await asyncio.wait_for(task, 30)
     for c in clients:
         await c.close()
 
@@ -117,9 +117,10 @@ async def test_dev_message_missed_by_the_listener_is_taken_from_the_history(
     # sent while it reconnects.
     device, handled, bob = await make_agent(KBWG_STANDIN_DROP_PUSHES="dev")
     msg_id = await bob.send(DEV, "sealed negotiation message")
-    await wait_for(lambda: msg_id in handled, "the missed message, from the history")
+    await wait_for(lambda: msg_id in handled, "the missed message, from the history",
+                   timeout=30)
     done = refreshes(device)
-    await wait_for(lambda: done() >= 3, "three more re-reads")
+    await wait_for(lambda: done() >= 3, "three more re-reads", timeout=30)
     assert handled.count(msg_id) == 1
     assert any(f"message {msg_id} from bob/desk" in r.getMessage()
                and "not pushed" in r.getMessage() for r in caplog.records)
@@ -131,9 +132,10 @@ async def test_a_message_pushed_and_read_again_is_taken_once(
     device, handled, bob = await make_agent()
     done = refreshes(device)
     ids = [await bob.send(DEV, f"message {n}") for n in range(3)]
-    await wait_for(lambda: all(i in handled for i in ids), "the pushes")
+    await wait_for(lambda: all(i in handled for i in ids), "the pushes", timeout=30)
     start = done()
-    await wait_for(lambda: done() >= start + 3, "three re-reads that see them again")
+    await wait_for(lambda: done() >= start + 3, "three re-reads that see them again",
+                   timeout=30)
     assert sorted(handled) == ids
 
 

@@ -368,12 +368,12 @@ async def agent_world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncI
 
     stop = asyncio.Event()
     task = asyncio.create_task(agent.run(stop))
-    await wait_for(lambda: bool(joined) or task.done(), "the agent to join")
+    await wait_for(lambda: bool(joined) or task.done(), "the agent to join", timeout=60)
     try:
         yield home, owner, agent, joined, client
     finally:
         stop.set()
-        await asyncio.wait_for(task, 20)
+        await asyncio.wait_for(task, 30)
         for c in clients.values():
             await c.close()
 
@@ -396,13 +396,14 @@ async def test_agent_keeps_its_peers_through_an_outage_and_catches_up(
     device.negotiator.handle = spy  # type: ignore[method-assign]
     bob_key = new_key()
     await client("bob", "desk").send(ANNOUNCE, f"ANNOUNCE 198.18.0.6:51820 {bob_key}")
-    await wait_for(lambda: owner.peers.get(bob_key, {}).get("endpoint"), "bob configured")
+    await wait_for(lambda: owner.peers.get(bob_key, {}).get("endpoint"), "bob configured",
+                   timeout=30)
     calls_before = len(owner.calls)
 
     stop_service(home, "alice", "laptop")
     state_dir = agent.options.state_dir
     await wait_for(lambda: not agent.keybase.link.connected,
-                   "the agent to notice Keybase is away")
+                   "the agent to notice Keybase is away", timeout=30)
     status = await call(state_dir, "status")
     assert status["keybase"]["connected"] is False
     assert status["keybase"]["down_since"] is not None
