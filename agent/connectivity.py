@@ -34,7 +34,7 @@ from kbwg.negotiation.candidate_pairs import CandidatePair
 from kbwg.core.addresses import format_endpoint
 from kbwg.negotiation.candidates import Candidate
 from kbwg.negotiation.checks import PeerChecker
-from kbwg.negotiation.gathering import LocalCandidates, gather_local, resolve_servers
+from kbwg.negotiation.gathering import LocalCandidates, gather_local, resolve_dual
 from kbwg.negotiation.mux import CheckMux
 from kbwg.negotiation.probe import PairProbe, ProbeResult, ProbingReceiver
 from kbwg.negotiation.session import CheckerSpec
@@ -142,7 +142,7 @@ class Connectivity:
                                             self.config.interface_exclude,
                                             [self.config.overlay])
             self._publish(complete=False)
-        servers = await resolve_servers(self.config.stun, timeout=2.0)
+        servers = await resolve_dual(self.config.stun, timeout=2.0)
 
         async def stun_part() -> LocalCandidates:
             local = await gather_local(self.wg_port, servers, self.client_for,

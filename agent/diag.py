@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -141,6 +142,42 @@ class RelayReport(ServerReport):
         return {"url": self.url, "reachable": self.reachable, **super().to_json()}
 
 
+IPV6_YES = "yes"
+IPV6_OS_ONLY = "no, but OS has support"
+IPV6_NO = "no"
+
+
+@dataclass
+class Ipv6Report:
+    """IPv6 as netcheck reports it: a STUN server answered over IPv6 (with the address
+    it saw), or not though the OS has IPv6, or the OS has none."""
+
+    os_support: bool = False
+    address: str | None = None  # "[ip]:port" as the first answering server saw it
+    servers: list[ServerReport] = field(default_factory=list)
+
+    @property
+    def state(self) -> str:
+        if self.address is not None:
+            return IPV6_YES
+        return IPV6_OS_ONLY if self.os_support else IPV6_NO
+
+    def to_json(self) -> dict[str, Any]:
+        return {"state": self.state, "reachable": self.address is not None,
+                "address": self.address, "os_support": self.os_support,
+                "servers": [s.to_json() for s in self.servers]}
+
+
+def os_has_ipv6() -> bool:
+    """Whether this host can use IPv6 at all (netcheck's test: bind to [::1])."""
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as sock:
+            sock.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
 @dataclass
 class DiagReport:
     local_port: int
@@ -153,6 +190,7 @@ class DiagReport:
     counters: StunCounters = field(default_factory=StunCounters)
     duration_s: float = 0.0
     mode: str = "standalone"
+    ipv6: Ipv6Report = field(default_factory=Ipv6Report)
 
     @property
     def conclusion(self) -> str:
@@ -176,6 +214,7 @@ class DiagReport:
             "stun_counters": self.counters.to_json(),
             "duration_s": round(self.duration_s, 3),
             "conclusion": self.conclusion,
+            "ipv6": self.ipv6.to_json(),
         }
 
 
@@ -238,6 +277,41 @@ async def _probe_relay(client: StunClient, relay: RelayConfig, address: Address 
     return report
 
 
+async def _probe_ipv6(options: DiagOptions, client: StunClient | None, local_port: int,
+                      timeout: float, counters: StunCounters,
+                      ) -> tuple[Ipv6Report, list[Candidate]]:
+    """STUN over IPv6 to every server with an IPv6 address, from `client` (the shared
+    WireGuard port, which sends either family) or else from an IPv6 socket of our own
+    on the same port number."""
+    report = Ipv6Report(os_support=os_has_ipv6())
+    servers = [(name, addr) for name, addr in
+               await resolve_servers(options.stun, timeout * 0.2, socket.AF_INET6)
+               if addr is not None]
+    if not servers or not report.os_support:
+        return report, []
+    async with contextlib.AsyncExitStack() as stack:
+        if client is None:
+            try:
+                client, transport = await bind_udp("::", local_port, counters)
+            except OSError as exc:
+                report.servers = [ServerReport(name, format_address(addr), error=str(exc))
+                                  for name, addr in servers]
+                return report, []
+            stack.callback(transport.close)
+        srflx, results = await gather_srflx(client, servers, ("::", local_port),
+                                            timeout=timeout * 0.8, rto=0.3)
+    for result in results:
+        answer = result.binding
+        mapped = format_address(answer.mapped) if answer else None
+        if mapped is not None and report.address is None:
+            report.address = mapped
+        report.servers.append(ServerReport(
+            server=result.server,
+            address=format_address(result.address) if result.address else None,
+            rtt_ms=answer.rtt_ms if answer else None, mapped=mapped, error=result.error))
+    return report, srflx
+
+
 async def run_diag(options: DiagOptions) -> DiagReport:
     """Standalone diagnosis from a UDP socket of our own (port `options.port`)."""
     counters = StunCounters()
@@ -278,13 +352,17 @@ async def diagnose(
     stun_servers = await resolve_servers(options.stun, remaining(0.2))
     relay_servers = await resolve_servers([r.address for r in options.relays], remaining(0.2))
     gather_timeout = remaining(0.4)
-    (srflx, results), relays = await asyncio.gather(
+    (srflx, results), relays, (report.ipv6, srflx6) = await asyncio.gather(
         gather_srflx(client, stun_servers, ("0.0.0.0", local_port),
                      timeout=gather_timeout, rto=0.3),
         asyncio.gather(*(
             _probe_relay(client, relay, addr, gather_timeout)
             for relay, (_, addr) in zip(options.relays, relay_servers, strict=True)
         )),
+        # The shared port (client_for given) sends IPv6 too; a standalone run opens an
+        # IPv6 socket of its own.
+        _probe_ipv6(options, client if client_for is not None else None, local_port,
+                    gather_timeout, counters),
     )
     if client_for is not None and stun_servers:
         # One srflx per uplink: the same servers asked from every other host address.
@@ -299,6 +377,8 @@ async def diagnose(
                     cand.interface = host.interface
                     srflx.append(cand)
     report.candidates.extend(srflx)
+    report.candidates.extend(c for c in srflx6 if all(
+        (c.address, c.port) != (o.address, o.port) for o in report.candidates))
     report.relays = list(relays)
     for result in results:
         answer = result.binding
@@ -324,6 +404,12 @@ async def diagnose(
         local_port=local_port, fresh_client=fresh, timeout=remaining(0.9),
         classic=options.classic,
     )
+    if report.nat.udp is False and report.ipv6.address is not None:
+        # UDP works, over IPv6: only the IPv4 NAT behaviour stays unknown.
+        report.nat.udp = True
+        report.nat.notes = [n for n in report.nat.notes
+                            if not n.startswith("no STUN server answered")]
+        report.nat.notes.append("no STUN server answered over IPv4, one did over IPv6")
     report.duration_s = time.monotonic() - started
     return report
 
@@ -343,6 +429,17 @@ def _yes_no(value: bool | None) -> str:
 
 def _ms(value: float | None) -> str | None:
     return None if value is None else f"{value:.1f} ms"
+
+
+def _ipv6_line(ipv6: dict[str, Any] | None) -> str | None:
+    """netcheck's wording: "yes, [addr]:port", "no, but OS has support" or "no"."""
+    if not ipv6:
+        return None
+    if ipv6.get("address"):
+        return f"{ipv6['state']}, {ipv6['address']}"
+    if ipv6.get("os_support") and not ipv6.get("servers"):
+        return f"{ipv6['state']} (no STUN server with an IPv6 address to test it)"
+    return str(ipv6.get("state"))
 
 
 def render_report(data: dict[str, Any]) -> str:
@@ -378,6 +475,7 @@ def render_report(data: dict[str, Any]) -> str:
         ("Filtering", filtering),
         ("Hairpin", _yes_no(data["hairpin"])),
         ("Classic type", f"{data['classic']} (pystun3)" if data["classic"] else None),
+        ("IPv6", _ipv6_line(data.get("ipv6"))),
     ])[1:]
     lines += ["", "Relays"]
     if data["relays"]:

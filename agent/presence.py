@@ -71,7 +71,8 @@ async def announce_target(given: str | None, config: TeamConfig) -> tuple[str, i
     # that chooses candidates (the WireGuard device and tunnels excluded).
     hosts = gather_host_candidates(0, config.interface_exclude, [config.overlay],
                                    addresses=await interface_addresses())
-    ip = hosts[0].address if hosts else None
+    # Announcements carry IPv4 (the prototype's format): IPv6 goes in offers only.
+    ip = next((h.address for h in hosts if ":" not in h.address), None)
     if ip is None:
         raise JoinError(
             "found no IPv4 address to announce; bring up a network interface "

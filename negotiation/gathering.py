@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import socket
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -38,20 +39,33 @@ class LocalCandidates:
 
 
 async def resolve_servers(
-    servers: Sequence[HostPort], timeout: float
+    servers: Sequence[HostPort], timeout: float, family: int = socket.AF_INET,
 ) -> list[tuple[str, Address | None]]:
-    """(name as configured, resolved address or None) for each server."""
+    """(name as configured, resolved address or None) for each server, IPv4 unless
+    `family` says AF_INET6."""
 
     async def one(server: HostPort) -> tuple[str, Address | None]:
         name = str(server)
         try:
-            return name, await asyncio.wait_for(resolve(server.host, server.port), timeout)
+            return name, await asyncio.wait_for(
+                resolve(server.host, server.port, family), timeout)
         except (OSError, TimeoutError, ValueError) as exc:
             # ValueError (UnicodeError among them): a name the resolver cannot encode.
-            log.info("cannot resolve %s: %s", name, exc)
+            if family == socket.AF_INET:  # most servers have no IPv6: not worth a line
+                log.info("cannot resolve %s: %s", name, exc)
             return name, None
 
     return list(await asyncio.gather(*(one(s) for s in servers)))
+
+
+async def resolve_dual(
+    servers: Sequence[HostPort], timeout: float
+) -> list[tuple[str, Address | None]]:
+    """Every server's IPv4 address (or None), then the IPv6 addresses of those that
+    have one: STUN from IPv6 host addresses asks those (server-reflexive IPv6)."""
+    four, six = await asyncio.gather(resolve_servers(servers, timeout),
+                                     resolve_servers(servers, timeout, socket.AF_INET6))
+    return four + [(name, addr) for name, addr in six if addr is not None]
 
 
 def _same_family(servers: Sequence[tuple[str, Address | None]],

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import socket
 import struct
@@ -330,13 +331,24 @@ class DatagramReceiver(asyncio.DatagramProtocol):
 
 async def bind_udp(host: str = "0.0.0.0", port: int = 0,
                    counters: StunCounters | None = None) -> tuple[StunClient, DatagramReceiver]:
-    """A StunClient on its own UDP socket. Close the transport when done."""
+    """A StunClient on its own UDP socket (IPv6 when `host` is an IPv6 address, then
+    IPv6 only, so it can share a port number with an IPv4 one). Close the transport
+    when done."""
     loop = asyncio.get_running_loop()
     holder: list[StunClient] = []
-    _, protocol = await loop.create_datagram_endpoint(
-        lambda: DatagramReceiver(lambda data, addr: holder[0].datagram_received(data, addr)),
-        local_addr=(host, port), family=socket.AF_INET,
-    )
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        if ":" in host:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((host, port))
+        sock.setblocking(False)
+        _, protocol = await loop.create_datagram_endpoint(
+            lambda: DatagramReceiver(lambda data, addr: holder[0].datagram_received(data, addr)),
+            sock=sock,
+        )
+    except BaseException:
+        sock.close()
+        raise
     client = StunClient(protocol, counters)
     holder.append(client)
     return client, protocol
@@ -354,10 +366,22 @@ async def open_udp_client(host: str = "0.0.0.0", port: int = 0,
         transport.close()
 
 
-async def resolve(host: str, port: int) -> Address:
-    """IPv4 address of a configured server (names are resolved by the system resolver)."""
+async def resolve(host: str, port: int, family: int = socket.AF_INET) -> Address:
+    """The IPv4 (or with `family` AF_INET6, IPv6) address of a configured server (names
+    are resolved by the system resolver)."""
+    try:
+        literal = ipaddress.ip_address(host)
+    except ValueError:
+        literal = None
+    if literal is not None:
+        # The resolver would look an address of the other family up as a name (a DNS
+        # round trip, or its time-out, for nothing).
+        if (literal.version == 6) != (family == socket.AF_INET6):
+            raise OSError(f"{host} is not an {'IPv6' if family == socket.AF_INET6 else 'IPv4'}"
+                          " address")
+        return (str(literal), port)
     loop = asyncio.get_running_loop()
-    infos = await loop.getaddrinfo(host, port, family=socket.AF_INET, type=socket.SOCK_DGRAM)
+    infos = await loop.getaddrinfo(host, port, family=family, type=socket.SOCK_DGRAM)
     if not infos:
         raise OSError(f"cannot resolve {host}")
     addr = infos[0][4]

@@ -5,11 +5,12 @@ over IPv6 while their IPv4 sits behind symmetric NATs. Addresses from 2001:db8::
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import socket
 import struct
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from aioice import stun
@@ -18,6 +19,8 @@ from test_checks import FAST, PORT, SimNet, close, connect
 from test_owner_policy import Owner, _pub, assert_refused
 from virtual_clock import REAL_CLOCK, VIRTUAL_CLOCK, advance_until
 
+from kbwg.agent.diag import DiagOptions, Ipv6Report, os_has_ipv6, render_report, run_diag
+from kbwg.agent.teamconfig import HostPort
 from kbwg.core.addresses import format_endpoint, ip_family, parse_endpoint
 from kbwg.negotiation.candidate_pairs import (
     CandidatePair,
@@ -412,3 +415,62 @@ def test_egress_choice_for_ipv6_routes() -> None:
     egress = choose_egress(routes, dst, via_ifname="eth0")
     assert egress is not None and egress.gateway == "fe80::1"
     assert choose_egress(routes, dst, via_ifname="eth2") is None
+
+
+# -- diag ----------------------------------------------------------------------------------
+
+
+class _Ipv6StunServer(asyncio.DatagramProtocol):
+    """Answers Binding requests with the source address, on [::1]."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.DatagramTransport, transport)
+
+    def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
+        request = stun.parse_message(data)
+        response = stun.Message(stun.Method.BINDING, stun.Class.RESPONSE,
+                                transaction_id=request.transaction_id)
+        response.attributes["XOR-MAPPED-ADDRESS"] = (addr[0], addr[1])
+        response.add_fingerprint()
+        self.transport.sendto(bytes(response), addr)
+
+
+@REAL_CLOCK
+async def test_diag_reports_ipv6_like_netcheck(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KBWG_PORTMAP", "off")  # no gateway to ask here
+    if not os_has_ipv6():
+        pytest.skip("this host has no IPv6 loopback")
+    loop = asyncio.get_running_loop()
+    transport, _ = await loop.create_datagram_endpoint(_Ipv6StunServer, local_addr=("::1", 0))
+    port = transport.get_extra_info("sockname")[1]
+    try:
+        options = DiagOptions(stun=[HostPort("::1", port)], timeout=2.0, classic=False)
+        report = await run_diag(options)
+    finally:
+        transport.close()
+    data = report.to_json()
+    assert data["ipv6"]["state"] == "yes"
+    assert data["ipv6"]["address"] == f"[::1]:{report.local_port}"
+    assert data["ipv6"]["os_support"] is True
+    assert [s["mapped"] for s in data["ipv6"]["servers"]] == [f"[::1]:{report.local_port}"]
+    # UDP works (over IPv6), though no IPv4 server answered.
+    assert data["udp"] is True and data["mapped"] is None
+    assert "over IPv6" in " ".join(data["notes"])
+    assert f"IPv6            yes, [::1]:{report.local_port}" in render_report(data)
+    # Without a server to answer over IPv6, the OS's support is all that can be said.
+    none = Ipv6Report(os_support=True)
+    assert none.state == "no, but OS has support" and Ipv6Report().state == "no"
+    assert render_report({**data, "ipv6": none.to_json()}).count(
+        "no, but OS has support (no STUN server with an IPv6 address to test it)") == 1
+
+
+async def test_the_announced_endpoint_stays_ipv4(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`#announce` carries the prototype's IPv4 'ip:port' even where IPv6 leads."""
+    from kbwg.agent import presence
+    from kbwg.agent.teamconfig import TeamConfig
+
+    async def addresses() -> list[InterfaceAddress]:
+        return [addr(A6, "eth0", 2), addr("198.18.1.10", "eth1", 3, default_route=False)]
+
+    monkeypatch.setattr(presence, "interface_addresses", addresses)
+    assert await presence.announce_target(None, TeamConfig()) == ("198.18.1.10", 0)
