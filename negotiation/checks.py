@@ -76,6 +76,7 @@ from kbwg.negotiation.choice import (
     CLASS_RANK,
     DEFAULT_HYSTERESIS_MS,
     DEFAULT_HYSTERESIS_RATIO,
+    PairView,
     better_class_pending,
     choose,
     explain,
@@ -164,6 +165,7 @@ class PeerChecker:
 
         self._settle: asyncio.TimerHandle | None = None
         self._contend: asyncio.TimerHandle | None = None
+        self._selected_loop_at: float | None = None
         self._first_success_at: float | None = None
         self._upkeep = CheckLiveness(self._loop, self.timers, self._table, self._tx,
                                    lambda: self._selected)
@@ -471,6 +473,8 @@ class PeerChecker:
         if tx.kind == "live":
             pair.misses += 1
             if pair.misses < self.timers.consent_failures:
+                if pair is self._selected:
+                    self._evaluate()  # the peer may already answer from a new address
                 return
             why = f"{pair.misses} consent checks unanswered"
         elif pair.state == "succeeded" and tx.kind == "check" and pair is not self._selected:
@@ -528,7 +532,10 @@ class PeerChecker:
             return
         best = next(p for p in self._table.pairs if p.key == best_view.key)
         if best is current:
-            return
+            moved = self._peer_moved(current, views)
+            if moved is None:
+                return
+            best, reason = moved
         if (current is None and not self._was_selected and best_view.path != "direct-lan"
                 and not self._settle_expired and better_class_pending(best_view, views)):
             if self._settle is None:
@@ -537,6 +544,24 @@ class PeerChecker:
         if current is None and not self._was_selected and self._contenders_wait(best):
             return
         self._select(best, reason)
+
+    def _peer_moved(self, current: CandidatePair | None,
+                    views: list[PairView]) -> tuple[CandidatePair, str] | None:
+        """The peer's checks come from a new address (its NAT moved) and work, while our
+        path to its old one missed its last consent check: follow it at once rather
+        than after `consent_failures` misses."""
+        if current is None or current.misses == 0 or self._selected_loop_at is None:
+            return None
+        fresh = [p.view() for p in self._table.pairs
+                 if p is not current and p.state == "succeeded" and p.remote.type == "prflx"
+                 and p.succeeded_at is not None and p.succeeded_at > self._selected_loop_at]
+        best_view, _ = choose(None, fresh, hysteresis_ratio=self.hysteresis_ratio,
+                              hysteresis_ms=self.hysteresis_ms)
+        if best_view is None:
+            return None
+        best = next(p for p in self._table.pairs if p.key == best_view.key)
+        return best, (f"{current.describe()} missed its last consent check and the peer "
+                      f"now checks from {best.remote_label()}: {explain(best_view, views)}")
 
     def _contenders_wait(self, best: CandidatePair) -> bool:
         """Whether to hold the first nomination for pairs that could still beat `best`:
@@ -583,6 +608,7 @@ class PeerChecker:
 
     def _select(self, pair: CandidatePair, reason: str) -> None:
         self._selected = pair
+        self._selected_loop_at = self._loop.time()
         self._was_selected = True
         self._failed = False
         self._reason = reason

@@ -810,3 +810,45 @@ async def test_first_nomination_waits_for_a_faster_pair_still_in_flight() -> Non
         assert first.rtt_ms == pytest.approx(12.0)
     finally:
         close(a, b)
+
+
+async def test_the_controlling_side_follows_a_peer_whose_nat_moved_at_its_first_miss() -> None:
+    """A's NAT gets a new public address. B (public, controlling) sees A's checks come
+    from it, authenticated, while its consent to the old one goes unanswered: it moves
+    after that first miss, not after `consent_failures` of them."""
+    net = SimNet()
+    nat_a = net.nat("203.0.113.1")
+    a, b = net.node("a"), net.node("b")
+    ia = a.host("10.1.0.2", lan="home-a", nat=nat_a, delay=0.002)
+    a.srflx(("203.0.113.1", PORT), ia)
+    b.host("192.0.2.10", delay=0.002)
+    timers = replace(CheckTimers(), jitter=0.0)
+    # B answered A's offer, so B controls.
+    a.checker = PeerChecker(a.candidates, "aliceufrag", PWD_A, controlling=False,
+                            tie_breaker=1, send=a.send, on_selected=a.on_selected,
+                            timers=timers, name="alice")
+    b.checker = PeerChecker(b.candidates, "bobufrag", PWD_B, controlling=True,
+                            tie_breaker=2, send=b.send, on_selected=b.on_selected,
+                            timers=timers, name="bob")
+    a.mux.register("aliceufrag", a.checker)
+    b.mux.register("bobufrag", b.checker)
+    b.checker.set_remote("aliceufrag", PWD_A, infos(a.candidates))
+    a.checker.set_remote("bobufrag", PWD_B, infos(b.candidates))
+    try:
+        await advance_until(lambda: a.c.state == "connected" and mirrored(a, b), timeout=5.0)
+        assert b.c.selected is not None and b.c.selected.remote.ip == "203.0.113.1"
+
+        # The NAT moves: a new public address, every mapping gone.
+        moved = Nat("203.0.113.9")
+        del net.nats["203.0.113.1"]
+        net.nats["203.0.113.9"] = moved
+        net.ifaces[ia.address].nat = moved
+        changed_at = now()
+        await advance_until(lambda: b.c.selected is not None
+                            and b.c.selected.remote.ip == "203.0.113.9", timeout=5.0)
+        took = now() - changed_at
+        assert "now checks from prflx 203.0.113.9" in b.c.reason, b.c.reason
+        # Three misses would take three consent intervals (0.75 s on this path).
+        assert took < 2 * timers.consent_min_interval + timers.consent_min_timeout, took
+    finally:
+        close(a, b)
