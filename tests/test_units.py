@@ -17,11 +17,13 @@ import pytest
 
 from kbwg.agent.cli import SyslogPriority, build_parser, log_format
 from kbwg.agent.statedir import ENV_STATE_DIR
+from kbwg.owner.policy import DEFAULT_POLICY_PATH
 
 UNITS = Path(__file__).resolve().parent.parent / "contrib" / "systemd"
 AGENT_UNIT = UNITS / "kbwg-agent@.service"
 RELAY_UNIT = UNITS / "kbwg-relay.service"
 RELAY_ENV = UNITS / "relay.env"
+README = UNITS.parent.parent / "README.md"
 INSTALLED = "/usr/local/bin/kbwg-agent"
 KBWG_AGENT = str(Path(sys.executable).parent / "kbwg-agent")
 
@@ -123,6 +125,71 @@ def test_agent_unit_can_reach_sudo() -> None:
                 "User"}
     assert not blocking & set(service)
     assert one(unit, "Install", "WantedBy") == "default.target"
+
+
+def test_agent_unit_stops_the_agent_alone() -> None:
+    """TERM goes to the agent only: it has the device owner remove the interface, then
+    exits; the user's systemd could not signal the root owner anyway (it would log
+    "Failed to kill control group ... Operation not permitted" at every stop)."""
+    unit = parse_unit(AGENT_UNIT.read_text())
+    assert one(unit, "Service", "KillMode") == "mixed"
+    assert one(unit, "Service", "KillSignal") == "SIGTERM"
+
+
+# -- the README's install steps are the units' own --------------------------------------
+
+
+def readme_install_commands() -> list[str]:
+    """The shell lines of the code blocks in the README's "Installing on a real
+    machine", without comments."""
+    text = README.read_text()
+    start = text.index("## Installing on a real machine")
+    section = text[start:text.index("\n## ", start + 1)]
+    blocks = re.findall(r"```sh\n(.*?)```", section, re.S)
+    lines = [line.split("  #")[0].strip() for block in blocks for line in block.splitlines()]
+    return [line for line in lines if line]
+
+
+def unit_header_commands(unit_path: Path) -> list[str]:
+    """The install commands a unit file's header comment gives (`#   cmd`)."""
+    lines = [line[1:].split("  #")[0].strip() for line in unit_path.read_text().splitlines()
+             if line.startswith("#   ") and not line.startswith("#   [")]
+    return [line for line in lines if re.match(r"(sudo )?(install|systemctl|loginctl) ", line)]
+
+
+@pytest.mark.parametrize("unit_path", [AGENT_UNIT, RELAY_UNIT], ids=lambda p: p.name)
+def test_readme_install_commands_are_the_units_own(unit_path: Path) -> None:
+    readme = readme_install_commands()
+    header = unit_header_commands(unit_path)
+    assert len(header) >= 3, header
+    for command in header:
+        # The header names files beside it; the README runs from the checkout.
+        expected = re.sub(r"(?<= )(kbwg-[a-z@]+\.service|relay\.env)(?= )",
+                          r"contrib/systemd/\1", command)
+        assert expected in readme, f"{unit_path.name}: {expected!r} is not in the README"
+
+
+def test_readme_installs_what_the_units_expect() -> None:
+    readme = readme_install_commands()
+    # The units' ExecStart binary is the README's symlink.
+    assert f"sudo ln -s /opt/kbwg-agent/bin/kbwg-agent {INSTALLED}" in readme
+    # The state dir the README tells `status` to use is the unit's.
+    unit = parse_unit(AGENT_UNIT.read_text())
+    assert f"{ENV_STATE_DIR}=%t/kbwg-agent-%i" in unit["Service"]["Environment"]
+    assert '--state-dir "$XDG_RUNTIME_DIR/kbwg-agent-TEAM"' in README.read_text()
+    # The relay's folder also holds the owner's policy, which a user's agent reads:
+    # it must not be made root-only.
+    assert DEFAULT_POLICY_PATH.parent == Path("/etc/kbwg")
+    assert "install -d -m755 /etc/kbwg" in readme
+    assert not any(re.search(r"install -d -m7[0-4]0 /etc/kbwg", c) for c in readme)
+    # A user cannot enable linger alone without polkit.
+    assert 'sudo loginctl enable-linger "$USER"' in readme
+    # The relay's secret file and env file are the ones the unit loads.
+    relay = parse_unit(RELAY_UNIT.read_text())
+    secret = one(relay, "Service", "LoadCredential").split(":", 1)[1]
+    assert f"install -m600 /dev/null {secret}" in readme
+    env_file = one(relay, "Service", "EnvironmentFile")
+    assert f"install -m644 contrib/systemd/relay.env {env_file}" in readme
 
 
 @pytest.mark.parametrize("unit_path", [AGENT_UNIT, RELAY_UNIT], ids=lambda p: p.name)
