@@ -536,8 +536,10 @@ class KeybaseClient:
         """Send one request on `pipe` (a fresh one when None or dead); its reply line, or
         None if the pipe ended, and the pipe used."""
         if pipe is not None and pipe.proc.returncode is not None:
+            # Its service gone: the link says so, once.
+            quiet = not self.link.connected or _SERVICE_DOWN_RE.search(" ".join(pipe.stderr_tail))
             logger.log(
-                logging.WARNING if self.link.connected else logging.DEBUG,
+                logging.DEBUG if quiet else logging.WARNING,
                 "`keybase chat api` exited (rc=%s%s); restarting it",
                 pipe.proc.returncode,
                 f", stderr: {' / '.join(pipe.stderr_tail)}" if pipe.stderr_tail else "",

@@ -412,6 +412,9 @@ async def test_agent_keeps_its_peers_through_an_outage_and_catches_up(
     carol_key = new_key()
     await client("carol", "nas").send(ANNOUNCE, f"ANNOUNCE 198.18.0.7:51820 {carol_key}")
     dev_id = await client("bob", "desk").send(DEV, "sealed negotiation message")
+    # A re-announcement due now fails, is kept, and is not fatal.
+    assert not await device.presence.try_announce()
+    assert device.presence.announce_pending
     await asyncio.sleep(1.5)  # several listener restarts, all failing
     assert not [op for op, _ in owner.calls[calls_before:] if op in ("remove_peer", "set_peer")]
     assert bob_key in owner.peers
@@ -424,6 +427,10 @@ async def test_agent_keeps_its_peers_through_an_outage_and_catches_up(
     assert status["keybase"]["connected"] is True and status["keybase"]["reconnects"] == 1
     assert status["keybase"]["down_since"] is None
     assert handled.count(dev_id) == 1
+    await wait_for(lambda: not device.presence.announce_pending,
+                   "the kept announcement sent", timeout=30)
+    page = await client("bob", "desk").read(ANNOUNCE)
+    assert sum(m.sender_username == "alice" for m in page.messages) == 2
     messages = [r.getMessage() for r in caplog.records]
     assert sum("Keybase is unreachable" in m for m in messages) == 1
     assert sum("Keybase is back after" in m for m in messages) == 1
