@@ -491,3 +491,20 @@ def test_a_stream_survives_any_bytes_in_any_pieces(data: bytes, cuts: list[int])
     connection.connection_lost(None)
     assert not streams.connections
     server.close()
+
+
+def test_status_says_which_relay_fell_back_and_why() -> None:
+    from kbwg.agent.status_view import render_status
+
+    relay = {"url": "turn:192.0.2.5?transport=tcp", "relayed": "192.0.2.5:40000",
+             "transport": "tcp", "transport_reason": "udp: no answer in 3 s; using tcp",
+             "alive": True}
+    status = {"username": "alice", "device": "laptop", "team": "t",
+              "overlay_ip": "100.64.0.1", "interface": "kbwg0", "backend": "userspace",
+              "endpoint": "192.0.2.9:51820", "public_key": "k", "peers": [],
+              "relays": [relay, {**relay, "url": "turn:192.0.2.6", "transport": "udp",
+                                 "transport_reason": "udp: first choice"}]}
+    text = render_status(status)
+    assert ("relay turn:192.0.2.5?transport=tcp: 192.0.2.5:40000 over tcp "
+            "(udp: no answer in 3 s; using tcp)") in text
+    assert "turn:192.0.2.6" not in text  # UDP as first choice needs no line
