@@ -434,3 +434,28 @@ async def test_agent_keeps_its_peers_through_an_outage_and_catches_up(
     messages = [r.getMessage() for r in caplog.records]
     assert sum("Keybase is unreachable" in m for m in messages) == 1
     assert sum("Keybase is back after" in m for m in messages) == 1
+
+
+@REAL_CLOCK
+def test_standin_listener_drops_the_first_pushes_it_is_told_to(tmp_path: Path) -> None:
+    home = tmp_path / "kb"
+    env = {**os.environ, **env_for(home, "alice", "laptop"), "KBWG_STANDIN_DROP_PUSHES": "dev:1"}
+    # Alice must be in the dev channel to be told about it.
+    join = json.dumps({"method": "newconv", "params": {"options": {"channel": DEV.to_json()}}})
+    subprocess.run([sys.executable, "-m", "kbwg_standin", "chat", "api"], input=join + "\n",
+                   env=env, capture_output=True, text=True, timeout=60, check=True)
+    listen = subprocess.Popen([sys.executable, "-m", "kbwg_standin", "chat", "api-listen", "--dev"],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert listen.stderr is not None and listen.stdout is not None
+        assert listen.stderr.readline().startswith("Listening for chat notifications")
+        sends = "\n".join(json.dumps({"method": "send", "params": {"options": {
+            "channel": DEV.to_json(), "message": {"body": f"dev {n}"}}}}) for n in (1, 2))
+        subprocess.run([sys.executable, "-m", "kbwg_standin", "chat", "api"],
+                       input=sends + "\n", env={**os.environ, **env_for(home, "bob", "desk")},
+                       capture_output=True, text=True, timeout=60, check=True)
+        pushed = json.loads(listen.stdout.readline())
+        assert pushed["msg"]["content"]["text"]["body"] == "dev 2"  # the first one was lost
+    finally:
+        listen.kill()
+        listen.wait()
