@@ -5,8 +5,8 @@ The agent (daemon.py) decides *which* peers exist and when to renegotiate; this 
 knows *how* to reach them:
 
 - gathering: host and server-reflexive candidates from the WireGuard port (through the
-  device owner's shared port), relayed ones from the team's relays, one gathering at a
-  time;
+  device owner's shared port), relayed ones from the team's relays, a mapped one from
+  the default gateway (kbwg.portmap: PCP, NAT-PMP or UPnP), one gathering at a time;
 - checks: STUN from a host candidate leaves the WireGuard port from that address; from a
   relay candidate it goes through the allocation; what comes back is dispatched to the
   peer's checker by the mux;
@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -30,9 +31,9 @@ from kbwg.agent.owner_calls import OwnerCalls
 from kbwg.agent.owner_stun import OwnerStunTransport
 from kbwg.agent.relay_paths import RelayPaths
 from kbwg.agent.teamconfig import TeamConfig
-from kbwg.negotiation.candidate_pairs import CandidatePair
 from kbwg.core.addresses import format_endpoint
-from kbwg.negotiation.candidates import Candidate
+from kbwg.negotiation.candidate_pairs import CandidatePair
+from kbwg.negotiation.candidates import Candidate, mapped_candidate
 from kbwg.negotiation.checks import PeerChecker
 from kbwg.negotiation.gathering import LocalCandidates, gather_local, resolve_dual
 from kbwg.negotiation.mux import CheckMux
@@ -40,6 +41,8 @@ from kbwg.negotiation.probe import PairProbe, ProbeResult, ProbingReceiver
 from kbwg.negotiation.session import CheckerSpec
 from kbwg.negotiation.stun_client import Address, StunClient, StunCounters
 from kbwg.negotiation.wire import CandidateInfo
+from kbwg.portmap.mapper import PortMapper, config_from_env
+from kbwg.portmap.mapping import Mapping
 from kbwg.turn.client import RelayAllocation
 
 log = logging.getLogger(__name__)
@@ -47,6 +50,11 @@ log = logging.getLogger(__name__)
 SelectedFn = Callable[[CandidatePair | None, str], None]
 # Told our candidates after each gathering step (trickle): (all so far, gathering over).
 CandidatesFn = Callable[[list[CandidateInfo], bool], None]
+
+# How long a gathering waits for the gateway's port mapping once the rest is done. A
+# gateway that speaks none of the protocols costs seconds (UPnP's SSDP gets no ICMP
+# error back); a mapping that comes later joins through `portmap.on_change`.
+PORTMAP_GRACE_S = 0.05
 
 
 @dataclass(frozen=True)
@@ -77,6 +85,11 @@ class Connectivity:
         self._local_done = asyncio.Event()
         self._checkers: set[PeerChecker] = set()
         self.on_candidates: CandidatesFn | None = None
+        # The WireGuard port mapped on the default gateway. Its on_change (set by the
+        # daemon) regathers and renegotiates when the mapping comes, moves or goes.
+        # $KBWG_PORTMAP turns it off or limits its protocols.
+        self.portmap = PortMapper(wg_port, config_from_env(os.environ))
+        self._mapping_task: asyncio.Task[Mapping | None] | None = None
         # Network events, a lost relay and the refresh loop may all ask for a new
         # gathering at once: one at a time, or a relay would get two allocations.
         self._regather = asyncio.Lock()
@@ -99,6 +112,10 @@ class Connectivity:
     async def close(self) -> None:
         if self._gathering is not None:
             self._gathering.cancel()
+        if self._mapping_task is not None:
+            self._mapping_task.cancel()
+        # The mapping goes first: it points at this port.
+        await self.portmap.close()
         await self._port.close()
         await self.relays.close()
 
@@ -135,6 +152,8 @@ class Connectivity:
     async def _gather(self) -> None:
         """Host and srflx candidates from the WireGuard port, relayed ones from the
         relays, at once."""
+        mapping_task = self._mapping_task = asyncio.create_task(
+            self._ensure_mapping(), name="portmap")
         if not self.local.candidates:
             # First gathering: host candidates at once (a LAN peer needs nothing else);
             # server-reflexive and relayed ones trickle in as they come.
@@ -154,6 +173,11 @@ class Connectivity:
             return local
 
         self.local, _ = await asyncio.gather(stun_part(), self.relays.ensure(self.config.relays))
+        await asyncio.wait({mapping_task}, timeout=PORTMAP_GRACE_S)
+        if mapping_task.done():
+            self.local.candidates += self._mapped_candidates(mapping_task.result())
+        else:
+            mapping_task.add_done_callback(self._late_mapping)
         self.local.candidates += self.relays.candidates()
         self._mux.set_local_candidates(self.local.candidates)
         log.info("local candidates: %s", ", ".join(
@@ -176,6 +200,31 @@ class Connectivity:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._local_done.wait(), timeout)
 
+    async def _ensure_mapping(self) -> Mapping | None:
+        try:
+            return await self.portmap.ensure()
+        except Exception:  # the other candidates must not depend on the gateway
+            log.exception("port mapping failed")
+            return None
+
+    def _late_mapping(self, task: asyncio.Task[Mapping | None]) -> None:
+        if task.cancelled() or task.exception() is not None or task.result() is None:
+            return
+        if self.portmap.on_change is not None:
+            self.portmap.on_change()
+
+    def _mapped_candidates(self, mapping: Mapping | None) -> list[Candidate]:
+        gateway = self.portmap.gateway
+        if mapping is None or any(c.address == mapping.external_ip and c.type == "host"
+                                  for c in self.local.candidates):
+            # No mapping, or the gateway maps to our own address (no NAT): nothing new.
+            return []
+        return [mapped_candidate(
+            mapping.external_ip, mapping.external_port,
+            gateway.interface if gateway else None,
+            f"{mapping.protocol} {mapping.gateway}",
+            f"{mapping.internal_ip}:{mapping.internal_port}")]
+
     async def gathered(self, timeout: float) -> None:
         """Until the current gathering is done, at most `timeout` seconds."""
         if self._gathering is not None and not self._gathering.done():
@@ -186,7 +235,11 @@ class Connectivity:
         return bool(self.relays.missing(self.config.relays))
 
     def public_endpoint(self) -> str | None:
-        """The server-reflexive address of the default uplink, if STUN found one."""
+        """The gateway's mapping of our port, else the server-reflexive address of the
+        default uplink, if STUN found one: a mapping reaches us from any peer."""
+        for cand in self.local.candidates:
+            if cand.type == "mapped":
+                return f"{cand.address}:{cand.port}"
         hosts = [c for c in self.local.candidates if c.type == "host"]
         for cand in self.local.candidates:
             # Announcements carry IPv4 (the prototype's format); IPv6 goes in offers.

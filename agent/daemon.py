@@ -224,11 +224,13 @@ class Agent:
 
         tasks = Background(log, "background step")
 
-        def relay_lost(_allocation: RelayAllocation) -> None:
+        def relay_lost(_allocation: RelayAllocation | None) -> None:
             # Only ever called once gathering runs, after `device` exists.
             tasks.spawn(device.upkeep.on_network_change())
 
         paths = await Connectivity.open(owner, port, me.username, config, relay_lost)
+        # A port mapping that comes late, moves or expires changes the candidates too.
+        paths.portmap.on_change = lambda: relay_lost(None)
         made.push_async_callback(paths.close)
         # The books hold the history before anything acts on the team's messages.
         await history

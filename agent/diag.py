@@ -2,8 +2,9 @@
 
 Standalone mode binds its own UDP socket and runs everything from it: interfaces and
 host candidates, one Binding to every STUN server (RTT, mapped address), NAT mapping
-and filtering behaviour, hairpin, the classic pystun3 type, relay reachability, and a
-one-line conclusion. The JSON form (`DiagReport.to_json`) is a stable interface.
+and filtering behaviour, hairpin, the classic pystun3 type, relay reachability, which
+port mapping protocols the default gateway answers, and a one-line conclusion. The
+JSON form (`DiagReport.to_json`) is a stable interface.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import socket
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -45,6 +47,8 @@ from kbwg.negotiation.stun_client import (
     format_address,
     open_udp_client,
 )
+from kbwg.portmap.gateway import default_gateway
+from kbwg.portmap.mapper import PortmapConfig, ProbeReport, config_from_env, probe
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +103,8 @@ class DiagOptions:
     overlay: IPv4Network = DEFAULT_OVERLAY
     classic: bool = True
     config_source: str = "command line"
+    # Which port mapping protocols to ask the default gateway ($KBWG_PORTMAP).
+    portmap: PortmapConfig = field(default_factory=lambda: config_from_env(os.environ))
 
 
 @dataclass
@@ -190,6 +196,7 @@ class DiagReport:
     counters: StunCounters = field(default_factory=StunCounters)
     duration_s: float = 0.0
     mode: str = "standalone"
+    portmap: ProbeReport = field(default_factory=ProbeReport)
     ipv6: Ipv6Report = field(default_factory=Ipv6Report)
 
     @property
@@ -214,6 +221,7 @@ class DiagReport:
             "stun_counters": self.counters.to_json(),
             "duration_s": round(self.duration_s, 3),
             "conclusion": self.conclusion,
+            "portmap": self.portmap.to_json(),
             "ipv6": self.ipv6.to_json(),
         }
 
@@ -342,6 +350,11 @@ async def diagnose(
     def remaining(share: float = 1.0) -> float:
         return max(0.1, (deadline - time.monotonic()) * share)
 
+    async def portmap() -> ProbeReport:
+        return await probe(await default_gateway(), options.portmap)
+
+    # The gateway is asked alongside everything else: a silent one costs seconds.
+    portmap_task = asyncio.create_task(portmap(), name="diag-portmap")
     addresses = await interface_addresses()
     report = DiagReport(local_port=local_port, config_source=options.config_source,
                         nat=NatBehaviour(), counters=counters, mode=mode)
@@ -410,6 +423,11 @@ async def diagnose(
         report.nat.notes = [n for n in report.nat.notes
                             if not n.startswith("no STUN server answered")]
         report.nat.notes.append("no STUN server answered over IPv4, one did over IPv6")
+    try:
+        report.portmap = await asyncio.wait_for(portmap_task, remaining())
+    except TimeoutError:
+        report.portmap = ProbeReport(errors={"pcp": "diag timed out", "nat-pmp":
+                                             "diag timed out", "upnp": "diag timed out"})
     report.duration_s = time.monotonic() - started
     return report
 
@@ -485,6 +503,8 @@ def render_report(data: dict[str, Any]) -> str:
         ])
     else:
         lines.append("  none configured")
+    if "portmap" in data:
+        lines += ["", *_render_portmap(data["portmap"])]
     lines += ["", "Candidates"]
     if data["candidates"]:
         lines += _table(("TYPE", "ADDRESS", "PORT", "INTERFACE", "PRIORITY", "SOURCE"), [
@@ -526,3 +546,26 @@ def _render_peers(peers: Sequence[dict[str, Any]]) -> list[str]:
                             [(x["local"], x["remote"], x["state"], _ms(x.get("rtt_ms")))
                              for x in pairs], indent="    ")
     return lines
+
+def _render_portmap(portmap: dict[str, Any]) -> list[str]:
+    if not portmap.get("gateway"):
+        reason = next((e for e in (portmap.get("errors") or {}).values() if e), None)
+        return ["Port mapping", f"  not tried: {reason or 'no default gateway'}"]
+    lines = [f"Port mapping (gateway {portmap['gateway']}, from {portmap['local_ip']})"]
+    errors = portmap.get("errors") or {}
+    rows: list[tuple[str, str]] = []
+    for key, name in (("pcp", "PCP"), ("nat_pmp", "NAT-PMP"), ("upnp", "UPnP")):
+        answer = portmap.get(key)
+        if answer is None:
+            rows.append((name, f"not asked ({errors.get(key)})"))
+        elif answer == "yes":
+            extra = (f" (public address {portmap['public_ip']})"
+                     if key == "nat_pmp" and portmap.get("public_ip") else "")
+            rows.append((name, "yes" + extra))
+        else:
+            rows.append((name, f"{answer} ({errors.get(key)})"))
+    mapping = portmap.get("mapping")
+    rows.append(("Mapping", f"{mapping['external']} -> {mapping['internal']} by "
+                 f"{mapping['protocol']}, lease {mapping['lifetime_s']} s"
+                 if mapping else "none"))
+    return lines + _table(("", ""), rows)[1:]

@@ -52,6 +52,7 @@ def status_report(team: str, state: AgentState, config: TeamConfig, paths: Conne
         "started_at": state.started_at,
         "candidates": paths.local.to_json(),
         "relays": paths.relays.to_json(),
+        "portmap": paths.portmap.to_json(),
         "claims": [c.to_json() for c in claims.live_claims(time.time())],
         "peers": [p.to_json(_negotiation(negotiator, p)) for p in _sorted_peers(state)],
     }
@@ -78,6 +79,9 @@ async def diag_report(request: dict[str, Any], team: str, state: AgentState,
     report = await diagnose(options, paths.client_for(None), state.listen_port,
                             paths.stun_counters, client_for=paths.client_for, mode="agent")
     data = report.to_json()
+    # The probe maps nothing: the agent's own mapping is the live one.
+    mapping = paths.portmap.mapping
+    data["portmap"]["mapping"] = mapping.to_json() if mapping is not None else None
     data["peers"] = [_peer_diag(p, negotiator) for p in _sorted_peers(state)]
     data["claims"] = [c.to_json() for c in claims.live_claims(time.time())]
     data["shared_port"] = await shared_port.filter_report() if shared_port is not None else {}

@@ -35,6 +35,10 @@ def render_status(status: dict[str, Any], now: float | None = None) -> str:
         f"public key {status['public_key']}",
         "",
     ]
+    mapping = (status.get("portmap") or {}).get("mapping")
+    if mapping:
+        lines[-1:-1] = [f"port mapped: {mapping['external']} -> {mapping['internal']} "
+                        f"by {mapping['protocol']} on gateway {mapping['gateway']}"]
     keybase = status.get("keybase") or {}
     if keybase.get("connected") is False:
         lines[-1:-1] = [f"Keybase unreachable since {_ago(keybase.get('down_since'), now)} "

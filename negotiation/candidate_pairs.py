@@ -217,7 +217,7 @@ def relay_reaches(remote: CandidateInfo, candidates: Iterable[CandidateInfo]) ->
     """
     if remote.type != "host":
         return True
-    public = {c.ip for c in candidates if c.type == "srflx"}
+    public = {c.ip for c in candidates if c.type in ("srflx", "mapped")}
     return not public or remote.ip in public
 
 

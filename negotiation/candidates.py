@@ -30,10 +30,13 @@ from kbwg.negotiation.stun_client import (
 
 log = logging.getLogger(__name__)
 
-CandidateType = Literal["host", "srflx", "relay", "prflx"]
+CandidateType = Literal["host", "srflx", "relay", "prflx", "mapped"]
 
-# RFC 8445 section 5.1.2.2 recommended type preferences.
-TYPE_PREFERENCE: dict[str, int] = {"host": 126, "prflx": 110, "srflx": 100, "relay": 0}
+# RFC 8445 section 5.1.2.2 recommended type preferences. `mapped` (a port the gateway
+# maps for us by PCP, NAT-PMP or UPnP, like Tailscale's portmap endpoints) sits between
+# host and srflx: unlike srflx it reaches us from any peer, even through a symmetric NAT.
+TYPE_PREFERENCE: dict[str, int] = {"host": 126, "prflx": 110, "mapped": 105, "srflx": 100,
+                                   "relay": 0}
 
 # veth is not excluded: inside containers and network namespaces it is the uplink.
 DEFAULT_INTERFACE_EXCLUDE: tuple[str, ...] = (
@@ -226,3 +229,11 @@ async def gather_srflx(
             source=f"stun {result.server}", base=format_address(base),
         ))
     return candidates, results
+
+
+def mapped_candidate(address: str, port: int, interface: str | None, source: str,
+                     base: str) -> Candidate:
+    """The port the gateway maps for us (kbwg.portmap); `base` is the WireGuard port's
+    local address:port it leads to, where checks to it arrive."""
+    return Candidate(type="mapped", address=address, port=port, interface=interface,
+                     priority=candidate_priority("mapped"), source=source, base=base)

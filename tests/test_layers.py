@@ -25,8 +25,9 @@ LAYERS: dict[str, tuple[str, frozenset[str]]] = {
     "kbwg.negotiation": ("negotiation", frozenset({"kbwg.core"})),
     "kbwg.turn": ("turn", frozenset({"kbwg.core"})),
     "kbwg.relay": ("relay", frozenset({"kbwg.core"})),
+    "kbwg.portmap": ("portmap", frozenset({"kbwg.core"})),
     "kbwg.agent": ("agent", frozenset({"kbwg.core", "kbwg.owner", "kbwg.negotiation",
-                                       "kbwg.turn", "kbwg.relay"})),
+                                       "kbwg.turn", "kbwg.relay", "kbwg.portmap"})),
     "kbwg_standin": ("testing/kbwg_standin", frozenset()),
 }
 FIRST_PARTY_ROOTS = ("kbwg", "kbwg_standin", "kbwg_world")
