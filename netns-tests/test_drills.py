@@ -117,10 +117,32 @@ def wait_ping(agent: AgentProcess, dest: str, timeout: float, *others: AgentProc
         raise AssertionError(f"{exc}{logs}") from None
 
 
+def quick_status(agent: AgentProcess) -> dict[str, Any] | None:
+    """`status` over the control socket from this process: the CLI (a new Python each
+    time) takes seconds on two busy cores, which would swamp what is measured."""
+    try:
+        return asyncio.run(call(agent.state_dir, "status", timeout=5.0))
+    except (ControlError, OSError, TimeoutError, ValueError):
+        return None
+
+
+def wait_running(agent: AgentProcess) -> dict[str, Any]:
+    """The agent's status once it answers; fails at once if it exits."""
+
+    def ready() -> dict[str, Any] | bool | None:
+        return agent.proc.poll() is not None or quick_status(agent)
+
+    status = wait_until(ready, timeout=STARTUP_TIMEOUT_S, what=f"{agent.name} to answer status")
+    if not isinstance(status, dict):
+        raise AssertionError(f"{agent.name} exited with {agent.proc.returncode}:\n"
+                             f"{agent.log()}")
+    return status
+
+
 def start_running(team: Team, *devices: tuple[Node, str, str]) -> list[AgentProcess]:
     agents = [team.start_agent(host, username, device) for host, username, device in devices]
     for agent in agents:
-        team.wait_running(agent, timeout=STARTUP_TIMEOUT_S)
+        wait_running(agent)
     return agents
 
 
@@ -164,10 +186,11 @@ def test_owner_killed_stops_join_with_a_clear_error_and_leaves_nothing(world: Wo
     wait_until(lambda: not kbwg_links(a), timeout=30, what="kbwg0 to go")
     assert net_state(a) == before
     assert not (alice.state_dir / "control.sock").exists()
+    assert not (alice.state_dir / "owner.pid").exists()
 
     # The same state dir joins again at once and connects.
     again = team.start_agent(a, *ALICE[:2], state_dir=alice.state_dir)
-    team.wait_running(again, timeout=STARTUP_TIMEOUT_S)
+    wait_running(again)
     wait_ping(again, BOB[2], 60, bob)
     assert kbwg_links(a) == ["kbwg0"] and len(of_kind(a, "owner")) == 1
 
@@ -197,7 +220,7 @@ def test_join_killed_and_restarted_at_once_reconnects(world: World) -> None:
         assert again.proc.poll() is None, again.log()
     finally:
         os.kill(old_owner.pid, signal.SIGCONT)
-    team.wait_running(again, timeout=STARTUP_TIMEOUT_S)
+    wait_running(again)
     wait_ping(again, BOB[2], 60, bob)
     wait_ping(bob, ALICE[2], 30, again)
 
@@ -207,8 +230,8 @@ def test_join_killed_and_restarted_at_once_reconnects(world: World) -> None:
     owners, wgs = of_kind(a, "owner"), of_kind(a, "wireguard-go")
     assert [o.ppid for o in owners] == [again.proc.pid], processes(a)
     assert len(wgs) == 1 and kbwg_links(a) == ["kbwg0"], processes(a)
-    status = again.status()
-    assert status["public_key"] in {p["public_key"] for p in bob.status()["peers"]}
+    status, bobs = wait_running(again), wait_running(bob)
+    assert status["public_key"] in {p["public_key"] for p in bobs["peers"]}
 
     again.stop()
     assert net_state(a) == before
@@ -286,15 +309,6 @@ def impair_wan(world: World, node: Node, wan: str, lan: str | None) -> None:
         world.set_delay(node, lan, 0, Direction.INGRESS, jitter_ms=JITTER_MS)
 
 
-def quick_status(agent: AgentProcess) -> dict[str, Any] | None:
-    """`status` over the control socket from this process: the CLI (a new Python each
-    time) takes seconds on two busy cores, which would swamp what is measured."""
-    try:
-        return asyncio.run(call(agent.state_dir, "status", timeout=5.0))
-    except (ControlError, OSError, TimeoutError, ValueError):
-        return None
-
-
 def time_to_connect(team: Team, sites: list[Site], tag: str, budget: float) -> tuple[
         float, dict[str, float], list[AgentProcess]]:
     """Start an agent per site at once. For each pair, seconds from both agents running
@@ -307,12 +321,6 @@ def time_to_connect(team: Team, sites: list[Site], tag: str, budget: float) -> t
         agents.append(team.start_agent(site.host, *site.who[:2], state_dir=state_dir))
     ips = {agent.name: site.who[2] for agent, site in zip(agents, sites, strict=True)}
     pairs = list(itertools.combinations(agents, 2))
-
-    def wait_running(agent: AgentProcess) -> None:
-        wait_until(lambda: agent.proc.poll() is not None or quick_status(agent) is not None,
-                   timeout=STARTUP_TIMEOUT_S, what=f"{agent.name} to answer status")  # fmt: skip
-        if agent.proc.poll() is not None:
-            raise AssertionError(f"{agent.name} exited with {agent.proc.returncode}")
 
     def connect(pair: tuple[AgentProcess, AgentProcess]) -> float:
         src, dst = pair
