@@ -14,6 +14,7 @@ import os
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import pytest
 
@@ -36,8 +37,26 @@ def service(team: Team, agent: AgentProcess, action: str) -> None:
     subprocess.run([str(STANDIN), "ctl", action], env=env, check=True, timeout=30)
 
 
-def keybase_state(agent: AgentProcess) -> dict[str, object] | None:
-    status = agent.try_status()
+def status_of(agent: AgentProcess) -> dict[str, Any] | None:
+    """`status --json`, or None; a generous time-out, as `kbwg-agent status` may take
+    long to start on a loaded machine."""
+    if agent.proc.poll() is not None:
+        raise AssertionError(f"agent {agent.name} exited:\n{agent.log()}")
+    try:
+        return agent.status(timeout=60)
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired, ValueError):
+        return None
+
+
+def wait_running(agent: AgentProcess) -> None:
+    try:
+        wait_until(lambda: status_of(agent), timeout=180, what=f"{agent.name} to answer status")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n--- log of {agent.name}:\n{agent.log()}") from None
+
+
+def keybase_state(agent: AgentProcess) -> dict[str, Any] | None:
+    status = status_of(agent)
     return status.get("keybase") if status is not None else None
 
 
@@ -54,7 +73,7 @@ def test_tunnels_survive_a_keybase_outage_and_the_agents_catch_up(world: World) 
     alice = team.start_agent(hosts[0], *ALICE[:2])
     bob = team.start_agent(hosts[1], *BOB[:2])
     for agent in (alice, bob):
-        team.wait_running(agent, timeout=90)  # generous: a loaded machine starts slowly
+        wait_running(agent)
     for a, b in ((alice, BOB[2]), (bob, ALICE[2])):
         wait_until(lambda a=a, b=b: ping_ok(a, b), timeout=60,
                    what=f"{a.name} to ping {b} over the overlay")
@@ -82,7 +101,7 @@ def test_tunnels_survive_a_keybase_outage_and_the_agents_catch_up(world: World) 
 
         # News while they cannot hear it: carol joins (her Keybase works) and announces.
         carol = team.start_agent(hosts[2], *CAROL[:2])
-        team.wait_running(carol, timeout=90)
+        wait_running(carol)
         time.sleep(max(0.0, OUTAGE_S - (time.monotonic() - stopped_at)))
         for agent in (alice, bob):
             assert (keybase_state(agent) or {}).get("connected") is False
@@ -107,3 +126,35 @@ def test_tunnels_survive_a_keybase_outage_and_the_agents_catch_up(world: World) 
         assert (keybase_state(agent) or {}).get("reconnects", 0) >= 1
         # Nothing about the peers was torn down while Keybase was away.
         assert "no longer a peer" not in log and "old peer entry removed" not in log
+
+
+def test_dev_messages_the_listener_never_got_are_read_again(world: World) -> None:
+    """Bob's listener loses the first dev-channel push (KBWG_STANDIN_DROP_PUSHES, as the
+    real service loses those sent while its client reconnects): alice's answer to his
+    offer. The dev channel's re-read at bob's first refresh (2 s, before his offer is
+    sent again at 3 s) takes it from the history, and the negotiation completes."""
+    inet = world.internet()
+    router = world.router("home", wan=inet, nat=NatMode.MASQUERADE)
+    hosts = [world.host(f"h{i}", lans=[router.lan]) for i in range(2)]
+    team = Team(world)
+    team.write_peers([ALICE, BOB])
+    alice = team.start_agent(hosts[0], *ALICE[:2])
+    wait_running(alice)
+    bob = team.start_agent(hosts[1], *BOB[:2], env={"KBWG_STANDIN_DROP_PUSHES": "dev:1"})
+    wait_running(bob)
+
+    def connected() -> bool:
+        # Bob's side of the negotiation got alice's answer.
+        status = status_of(bob)
+        peer = next((p for p in (status or {}).get("peers", []) if p["device"] == "laptop"),
+                    None)
+        return peer is not None and peer["negotiation"] == "connected" \
+            and peer["endpoint_source"] == "negotiated"
+
+    try:
+        wait_until(connected, timeout=120, what="bob's negotiation with alice to complete")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n--- log of bob:\n{bob.log(20_000)}") from None
+    wait_until(lambda: ping_ok(bob, ALICE[2]), timeout=60, what="bob to ping alice")
+    log = bob.log(200_000)
+    assert "was not pushed; taken from the history" in log, log[-6000:]
