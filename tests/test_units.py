@@ -136,6 +136,18 @@ def test_agent_unit_stops_the_agent_alone() -> None:
     assert one(unit, "Service", "KillSignal") == "SIGTERM"
 
 
+def test_agent_unit_outlasts_a_late_network() -> None:
+    """A user manager has no network-online.target: with linger, join can start at boot
+    before any address exists and exit. Restarts must go on for minutes, not seconds."""
+    unit = parse_unit(AGENT_UNIT.read_text())
+    ordering = unit["Unit"].get("After", []) + unit["Unit"].get("Wants", [])
+    assert not any("network-online.target" in value for value in ordering)
+    burst = int(one(unit, "Unit", "StartLimitBurst"))
+    interval = int(one(unit, "Unit", "StartLimitIntervalSec"))
+    restart = int(one(unit, "Service", "RestartSec"))
+    assert burst * restart >= 180 and interval >= burst * restart
+
+
 # -- the README's install steps are the units' own --------------------------------------
 
 
