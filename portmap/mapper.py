@@ -131,14 +131,9 @@ async def probe(gateway: Gateway | None, config: PortmapConfig | None = None) ->
         else:
             report.answers[protocol], report.errors[protocol] = "yes", None
 
-    async def pcp_then_natpmp() -> None:
-        # They share the port: one after the other keeps their answers apart.
-        for protocol in ("pcp", "nat-pmp"):
-            if protocol in config.protocols:
-                await one(protocol)
-
-    await asyncio.gather(pcp_then_natpmp(),
-                         *([one("upnp")] if "upnp" in config.protocols else []))
+    # All at once: each asks from its own socket, so answers cannot be mixed up even
+    # where PCP and NAT-PMP share the gateway's port.
+    await asyncio.gather(*(one(p) for p in PROTOCOLS if p in config.protocols))
     for protocol in PROTOCOLS:
         if protocol not in config.protocols:
             report.errors[protocol] = f"off (${ENV_PORTMAP})"
