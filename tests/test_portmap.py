@@ -17,6 +17,7 @@ from portmap_fakes import PUBLIC_IP, FakeIgd, FakePcpGateway, start_pcp_gateway
 from virtual_clock import REAL_CLOCK, VIRTUAL_CLOCK, now
 
 from kbwg.agent.diag import DiagReport, render_report
+from kbwg.agent.status_view import render_status
 from kbwg.negotiation.candidates import TYPE_PREFERENCE, candidate_priority
 from kbwg.negotiation.natprobe import NatBehaviour
 from kbwg.portmap import natpmp, pcp
@@ -345,3 +346,16 @@ def test_diag_reports_and_renders_the_gateway() -> None:
     assert "Port mapping (gateway 198.18.1.1, from 198.18.1.10)" in text
     assert "UPnP     no (UPnP: no SSDP answer)" in text
     assert f"{PUBLIC_IP}:{WG_PORT} -> 198.18.1.10:{WG_PORT} by pcp" in text
+
+
+def test_status_shows_the_mapping() -> None:
+    status = {"username": "alice", "device": "laptop", "team": "t",
+              "overlay_ip": "100.64.0.1", "interface": "kbwg0", "backend": "userspace",
+              "endpoint": f"{PUBLIC_IP}:{WG_PORT}", "public_key": "pk", "peers": []}
+    assert "port mapped" not in render_status(status)
+    mapping = Mapping("upnp", "198.18.1.1", "198.18.1.10", WG_PORT, PUBLIC_IP, WG_PORT,
+                      7200, 0.0)
+    text = render_status({**status, "portmap": {"gateway": "198.18.1.1",
+                                                "mapping": mapping.to_json(), "errors": {}}})
+    assert (f"port mapped: {PUBLIC_IP}:{WG_PORT} -> 198.18.1.10:{WG_PORT} by upnp on "
+            "gateway 198.18.1.1") in text.splitlines()
