@@ -20,8 +20,10 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Network
 from typing import Any
 
+from aioice import stun
+
 from kbwg.agent.peers_file import DEFAULT_OVERLAY
-from kbwg.agent.teamconfig import HostPort, RelayConfig
+from kbwg.agent.teamconfig import HostPort, RelayConfig, tls_context
 from kbwg.negotiation.candidates import (
     DEFAULT_INTERFACE_EXCLUDE,
     Candidate,
@@ -49,6 +51,7 @@ from kbwg.negotiation.stun_client import (
 )
 from kbwg.portmap.gateway import default_gateway
 from kbwg.portmap.mapper import PortmapConfig, ProbeReport, config_from_env, probe
+from kbwg.turn.stream import stream_binding
 
 log = logging.getLogger(__name__)
 
@@ -139,13 +142,15 @@ class ServerReport:
 @dataclass
 class RelayReport(ServerReport):
     url: str = ""
+    transport: str = "udp"  # udp, tcp or tls: what the Binding went over
 
     @property
     def reachable(self) -> bool:
         return self.rtt_ms is not None
 
     def to_json(self) -> dict[str, Any]:
-        return {"url": self.url, "reachable": self.reachable, **super().to_json()}
+        return {"url": self.url, "reachable": self.reachable, "transport": self.transport,
+                **super().to_json()}
 
 
 IPV6_YES = "yes"
@@ -270,11 +275,14 @@ def _interface_reports(addresses: Sequence[InterfaceAddress], options: DiagOptio
 
 async def _probe_relay(client: StunClient, relay: RelayConfig, address: Address | None,
                        timeout: float) -> RelayReport:
-    report = RelayReport(server=str(relay.address), url=relay.url)
+    report = RelayReport(server=str(relay.address), url=relay.url,
+                         transport=relay.transport)
     if address is None:
         report.error = "cannot resolve"
         return report
     report.address = format_address(address)
+    if relay.transport != "udp":
+        return await _probe_stream_relay(report, relay, address, timeout)
     try:
         answer = await client.binding(address, timeout=timeout, rto=0.3)
     except StunError as exc:
@@ -282,6 +290,21 @@ async def _probe_relay(client: StunClient, relay: RelayConfig, address: Address 
         return report
     report.rtt_ms = answer.rtt_ms
     report.mapped = format_address(answer.mapped)
+    return report
+
+
+async def _probe_stream_relay(report: RelayReport, relay: RelayConfig, address: Address,
+                              timeout: float) -> RelayReport:
+    """A Binding over TCP or TLS (connection and TLS handshake in the RTT)."""
+    try:
+        tls = tls_context(relay) if relay.transport == "tls" else None
+        report.rtt_ms, mapped = await stream_binding(address, tls, relay.host, timeout)
+    except TimeoutError:
+        report.error = f"no answer over {relay.transport} in {timeout:.1f} s"
+    except (OSError, ValueError, stun.TransactionError) as exc:
+        report.error = f"{relay.transport}: {exc or type(exc).__name__}"
+    else:
+        report.mapped = format_address(mapped) if mapped else None
     return report
 
 
@@ -501,6 +524,9 @@ def render_report(data: dict[str, Any]) -> str:
             (r["url"], _yes_no(r["reachable"]), _ms(r["rtt_ms"]), r["error"] or "")
             for r in data["relays"]
         ])
+    for allocation in data.get("relay_allocations") or []:  # agent mode: the live ones
+        lines.append(f"  allocation {allocation['relayed']} on {allocation['url']} over "
+                     f"{allocation['transport']}: {allocation['transport_reason']}")
     else:
         lines.append("  none configured")
     if "portmap" in data:
@@ -546,6 +572,7 @@ def _render_peers(peers: Sequence[dict[str, Any]]) -> list[str]:
                             [(x["local"], x["remote"], x["state"], _ms(x.get("rtt_ms")))
                              for x in pairs], indent="    ")
     return lines
+
 
 def _render_portmap(portmap: dict[str, Any]) -> list[str]:
     if not portmap.get("gateway"):

@@ -83,6 +83,8 @@ async def diag_report(request: dict[str, Any], team: str, state: AgentState,
     mapping = paths.portmap.mapping
     data["portmap"]["mapping"] = mapping.to_json() if mapping is not None else None
     data["peers"] = [_peer_diag(p, negotiator) for p in _sorted_peers(state)]
+    # The live allocations: which transport each uses and why (UDP, or a fallback).
+    data["relay_allocations"] = paths.relays.to_json()
     data["claims"] = [c.to_json() for c in claims.live_claims(time.time())]
     data["shared_port"] = await shared_port.filter_report() if shared_port is not None else {}
     return data

@@ -39,6 +39,10 @@ def render_status(status: dict[str, Any], now: float | None = None) -> str:
     if mapping:
         lines[-1:-1] = [f"port mapped: {mapping['external']} -> {mapping['internal']} "
                         f"by {mapping['protocol']} on gateway {mapping['gateway']}"]
+    for relay in status.get("relays") or []:
+        if relay.get("transport", "udp") != "udp":  # a fallback: say so, and why
+            lines[-1:-1] = [f"relay {relay['url']}: {relay['relayed']} over "
+                            f"{relay['transport']} ({relay.get('transport_reason')})"]
     keybase = status.get("keybase") or {}
     if keybase.get("connected") is False:
         lines[-1:-1] = [f"Keybase unreachable since {_ago(keybase.get('down_since'), now)} "
