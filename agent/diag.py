@@ -374,6 +374,8 @@ async def diagnose(
         return max(0.1, (deadline - time.monotonic()) * share)
 
     async def portmap() -> ProbeReport:
+        if not options.portmap.protocols:  # off: not even the routing table is read
+            return await probe(None, options.portmap)
         return await probe(await default_gateway(), options.portmap)
 
     # The gateway is asked alongside everything else: a silent one costs seconds.
