@@ -199,7 +199,13 @@ class Negotiator:
     async def offer(self, session: PeerSession, kind: str = "offer") -> None:
         """A new negotiation session with this peer (kind "restart" after a change)."""
         session.cancel_timer()
+        before = session.session_id
         candidates = await self._local_candidates()
+        if session.session_id != before or self.sessions.get(session.peer) is not session:
+            # The peer's own offer was answered while we gathered: that session stands
+            # (replacing it now would throw away checks already under way).
+            log.debug("not offering to %s: its offer came first", session.peer)
+            return
         ufrag, pwd = new_credentials()
         tie_breaker = secrets.randbits(64)
         session.session_id = new_session_id()

@@ -520,3 +520,28 @@ async def test_trickled_candidates_of_another_session_are_ignored() -> None:
                             new_session_id(), Trickle([], True).to_wire())
     await alice.negotiator.handle(bus.message(BOB, seal(stale, bob.key, alice.key.public_key)))
     assert a_checker.trickled == []
+
+
+async def test_an_offer_answered_while_ours_gathers_is_not_replaced_by_ours() -> None:
+    bus, alice, bob = pair(offer_grace_s=LONG, answer_timeout_s=LONG)
+    await negotiate(bus, alice, bob)
+    gate = asyncio.Event()
+    gathered = alice.local_candidates
+
+    async def slow_candidates() -> list[CandidateInfo]:
+        await gate.wait()  # alice's gathering (STUN) is still under way
+        return await gathered()
+
+    alice.negotiator._local_candidates = slow_candidates
+    restarting = asyncio.create_task(alice.negotiator.restart(BOB))
+    await asyncio.sleep(0)
+    # Meanwhile bob's restart arrives and alice answers it (her answer may not wait).
+    alice.negotiator._local_candidates = gathered
+    await bob.negotiator.restart(ALICE)
+    await settle(bus, alice, bob)
+    answered = alice.negotiator.sessions[BOB].session_id
+    gate.set()
+    await restarting
+    await settle(bus, alice, bob)
+    assert alice.negotiator.sessions[BOB].session_id == answered
+    assert alice.sent_types(bob) == ["answer", "answer"], "no restart of her own"
