@@ -83,6 +83,11 @@ class Allocation:
     def permitted(self, ip: str, now: float) -> bool:
         return self.permissions.get(ip, 0.0) > now
 
+    @property
+    def ipv6(self) -> bool:
+        """Whether its relayed address, and so every peer it may reach, is IPv6."""
+        return ":" in self.relayed[0]
+
 
 @dataclass
 class Reservation:
@@ -102,7 +107,10 @@ class AllocationTable:
                  open_pair: Callable[[], tuple[socket.socket, socket.socket]],
                  on_created: Callable[[Allocation], None],
                  on_removed: Callable[[Allocation], None],
-                 host: HostAddresses | None = None) -> None:
+                 host: HostAddresses | None = None,
+                 open_socket6: Callable[[bool, bool], socket.socket] | None = None,
+                 open_pair6: Callable[[], tuple[socket.socket, socket.socket]] | None = None,
+                 ) -> None:
         self.quotas = quotas
         self.lifetimes = lifetimes
         self.policy = policy
@@ -111,6 +119,9 @@ class AllocationTable:
         self.counters = counters
         self._open_socket = open_socket
         self._open_pair = open_pair
+        # IPv6 relayed sockets (REQUESTED-ADDRESS-FAMILY); None: the relay has no IPv6.
+        self._open_socket6 = open_socket6
+        self._open_pair6 = open_pair6
         self.reservations: dict[bytes, Reservation] = {}
         self._on_created = on_created
         self._on_removed = on_removed
@@ -126,9 +137,15 @@ class AllocationTable:
     def create(self, client: Address, username: str, user: str, key: bytes,
                lifetime: int | None, now: float, *, even_port: bool = False,
                reserve: bool = False, token: bytes | None = None,
-               dont_fragment: bool = False,
-               stream: StreamClient | None = None) -> tuple[Allocation, bytes | None]:
-        """The new allocation, and the token of the port reserved with it if asked."""
+               dont_fragment: bool = False, stream: StreamClient | None = None,
+               ipv6: bool = False) -> tuple[Allocation, bytes | None]:
+        """The new allocation, and the token of the port reserved with it if asked;
+        `ipv6` asks for an IPv6 relayed address (RFC 8656 7.1), 440 when there is none."""
+        open_socket, open_pair = self._open_socket, self._open_pair
+        if ipv6:
+            if self._open_socket6 is None or self._open_pair6 is None:
+                raise Refusal(440, "address_family", "the relay has no IPv6 address")
+            open_socket, open_pair = self._open_socket6, self._open_pair6
         if self._per_user.get(user, 0) >= self.quotas.allocations_per_user:
             raise Refusal(486, "quota_user", f"user {user} has too many allocations")
         if self._per_address.get(client[0], 0) >= self.quotas.allocations_per_address:
@@ -145,12 +162,12 @@ class AllocationTable:
         else:
             try:
                 if reserve:
-                    sock, odd = self._open_pair()
+                    sock, odd = open_pair()
                     new_token = os.urandom(8)
                     self.reservations[new_token] = Reservation(
                         odd, now + RESERVATION_LIFETIME)
                 else:
-                    sock = self._open_socket(even_port, dont_fragment)
+                    sock = open_socket(even_port, dont_fragment)
             except OSError as exc:
                 raise Refusal(508, "no_capacity", f"no relayed port: {exc}") from exc
         host, port = sock.getsockname()[:2]
@@ -177,9 +194,10 @@ class AllocationTable:
         allocation.expires = now + granted
         return granted
 
-    def _check_peer(self, peer: Address, now: float) -> None:
-        if ":" in peer[0]:
-            raise Refusal(443, "address_family", "IPv6 peer on an IPv4 allocation")
+    def _check_peer(self, allocation: Allocation, peer: Address, now: float) -> None:
+        if (":" in peer[0]) != allocation.ipv6:
+            family = "IPv6" if allocation.ipv6 else "IPv4"
+            raise Refusal(443, "address_family", f"peer {peer[0]} on an {family} allocation")
         host = self.host.current(now) if self.host is not None else ()
         reason = self.policy.refusal(peer[0], host)
         if reason is not None:
@@ -188,7 +206,7 @@ class AllocationTable:
     def permit(self, allocation: Allocation, peers: list[Address], now: float) -> None:
         """Install or refresh permissions, all or none (RFC 8656 9.2)."""
         for peer in peers:
-            self._check_peer(peer, now)
+            self._check_peer(allocation, peer, now)
         new = {peer[0] for peer in peers} - allocation.permissions.keys()
         if len(allocation.permissions) + len(new) > self.quotas.permissions_per_allocation:
             raise Refusal(508, "quota_permissions", "too many permissions")
@@ -200,7 +218,7 @@ class AllocationTable:
     def bind(self, allocation: Allocation, channel: int, peer: Address, now: float) -> None:
         if not CHANNEL_MIN <= channel <= CHANNEL_MAX:
             raise Refusal(400, "bad_channel_number", f"channel 0x{channel:04x} out of range")
-        self._check_peer(peer, now)
+        self._check_peer(allocation, peer, now)
         bound = allocation.channels.get(channel)
         if bound is not None and bound.peer != peer:
             raise Refusal(400, "channel_conflict", f"channel 0x{channel:04x} is bound")

@@ -63,10 +63,24 @@ class ServerConfig:
     stream_idle_timeout: float = 30.0
     stream_frame_timeout: float = 10.0
     tls_handshake_timeout: float = 10.0
+    # IPv6 (RFC 8656 7.1): a second UDP socket for clients reaching the relay over IPv6,
+    # and the address of IPv6 relayed sockets, given to allocations asking for one with
+    # REQUESTED-ADDRESS-FAMILY (the family of the client's own path does not matter).
+    # Without either the relay answers such requests 440.
+    listen6: Address | None = None
+    relay_ip6: str | None = None
 
     @property
     def relayed_ip(self) -> str:
         ip = self.relay_ip or self.listen[0]
         if ip in ("0.0.0.0", ""):
             raise ValueError("listening on a wildcard address needs --relay-ip")
+        return ip
+
+    @property
+    def relayed_ip6(self) -> str | None:
+        """The address of IPv6 relayed sockets, None when the relay offers none."""
+        ip = self.relay_ip6 or (self.listen6[0] if self.listen6 is not None else None)
+        if ip == "::":
+            raise ValueError("listening on the IPv6 wildcard address needs --relay-ip6")
         return ip

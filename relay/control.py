@@ -64,12 +64,15 @@ class Request:
 
 class ControlPlane:
     def __init__(self, config: ServerConfig, table: AllocationTable, counters: Counters,
-                 send: Sender, main: Address, alternates: dict[Address, Address]) -> None:
+                 send: Sender, main: Address, alternates: dict[Address, Address],
+                 main6: Address | None = None) -> None:
         self.config = config
         self.table = table
         self.counters = counters
         self._send = send
         self._main = main
+        # The sockets TURN is served on: the main one, and the IPv6 one if any.
+        self._mains = frozenset({main} if main6 is None else {main, main6})
         # local socket address -> its OTHER-ADDRESS; empty without --alt-address.
         self._alternates = alternates
         self._auth = RestAuthenticator(config.secret, config.realm,
@@ -102,7 +105,7 @@ class ControlPlane:
         request = Request(message, raw, client, local, stream)
         if message.message_class == stun.Class.INDICATION:
             self.counters.stun_indications += 1
-            if local == self._main and message.message_method == stun.Method.SEND:
+            if local in self._mains and message.message_method == stun.Method.SEND:
                 self._send_indication(request)
             else:
                 self.counters.unknown_method += 1
@@ -123,7 +126,7 @@ class ControlPlane:
         if message.message_method not in _TURN_REQUESTS:
             self._refuse(request, Refusal(400, "unknown_method"), None)
             return
-        if local != self._main:
+        if local not in self._mains:
             self.counters.wrong_socket += 1
             return
         if unknown:
@@ -273,7 +276,9 @@ class ControlPlane:
             raise Refusal(441, "wrong_credentials", "not the allocation's username")
         attributes = request.message.attributes
         if method == stun.Method.REFRESH:
-            self._check_family(request.raw, 443)
+            family = self._requested_family(request.raw)
+            if family is not None and (family == wire.ADDRESS_FAMILY_IPV6) != allocation.ipv6:
+                raise Refusal(443, "address_family", "not the allocation's address family")
             granted = self.table.refresh(allocation, attributes.get("LIFETIME"), now)
             self._ok(request, credentials, {"LIFETIME": int(granted)})
         elif method == stun.Method.CREATE_PERMISSION:
@@ -296,15 +301,16 @@ class ControlPlane:
                                          credentials.key))
 
     @staticmethod
-    def _check_family(raw: list[wire.RawAttribute], code: int) -> None:
+    def _requested_family(raw: list[wire.RawAttribute]) -> int | None:
+        """REQUESTED-ADDRESS-FAMILY (RFC 8656 14.1): a family byte and three reserved
+        ones; None when absent, 400 when malformed or of no family we know."""
         family = wire.find(raw, wire.REQUESTED_ADDRESS_FAMILY)
         if family is None:
-            return
+            return None
         if len(family) != 4 or family[0] not in (wire.ADDRESS_FAMILY_IPV4,
                                                  wire.ADDRESS_FAMILY_IPV6):
             raise Refusal(400, "bad_request", "bad REQUESTED-ADDRESS-FAMILY")
-        if family[0] != wire.ADDRESS_FAMILY_IPV4:
-            raise Refusal(code, "address_family", "only IPv4 relayed addresses")
+        return family[0]
 
     def _allocate(self, request: Request, credentials: Credentials, now: float) -> None:
         message, raw = request.message, request.raw
@@ -320,9 +326,12 @@ class ControlPlane:
             raise Refusal(400, "bad_request", "no REQUESTED-TRANSPORT")
         if transport >> 24 != wire.UDP_TRANSPORT:
             raise Refusal(442, "unsupported_transport", "only UDP relaying")
-        self._check_family(raw, 440)
+        family = self._requested_family(raw)
         even = wire.find(raw, wire.EVEN_PORT)
         token = wire.find(raw, wire.RESERVATION_TOKEN)
+        if family is not None and token is not None:
+            # RFC 8656 7.2: the reserved socket already has its family.
+            raise Refusal(400, "bad_request", "REQUESTED-ADDRESS-FAMILY with RESERVATION-TOKEN")
         if even is not None and token is not None:
             raise Refusal(400, "bad_request", "EVEN-PORT with RESERVATION-TOKEN")
         if even is not None and len(even) != 1:
@@ -336,7 +345,7 @@ class ControlPlane:
             message.attributes.get("LIFETIME"), now, even_port=even is not None,
             reserve=bool(even and even[0] & 0x80), token=token,
             dont_fragment=wire.find(raw, wire.DONT_FRAGMENT) is not None,
-            stream=request.stream)
+            stream=request.stream, ipv6=family == wire.ADDRESS_FAMILY_IPV6)
         attributes: dict[str, object] = {
             "XOR-RELAYED-ADDRESS": allocation.relayed,
             "LIFETIME": round(allocation.expires - now),  # int() would floor 1199.999...

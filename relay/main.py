@@ -45,11 +45,43 @@ def parse_address(text: str, default_port: int | None = DEFAULT_PORT) -> Address
     return (host, int(port_text))
 
 
+def parse_address6(text: str, default_port: int = DEFAULT_PORT) -> Address:
+    """IPv6 `[ADDR]:PORT` or a bare `ADDR`; raises ValueError with a message fit for
+    the user."""
+    text = text.strip()
+    host, port_text = text, ""
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            raise ValueError(f"'{text}': write an IPv6 address and port as [ADDR]:PORT")
+        port_text = rest[1:]
+    try:
+        ipaddress.IPv6Address(host)
+    except ValueError:
+        raise ValueError(f"'{text}': this needs an IPv6 address, as [ADDR]:PORT") from None
+    if not port_text:
+        return (host, default_port)
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ValueError(f"'{text}': port must be a number from 0 to 65535")
+    return (host, int(port_text))
+
+
+def parse_ip6(text: str) -> str:
+    try:
+        return str(ipaddress.IPv6Address(text.strip().strip("[]")))
+    except ValueError:
+        raise ValueError(f"'{text}': --relay-ip6 needs an IPv6 address") from None
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     quotas, lifetimes = Quotas(), Lifetimes()
     parser.add_argument("--listen", required=True, metavar="ADDR:PORT",
                         help=f"UDP address to serve TURN and STUN on (port default "
                         f"{DEFAULT_PORT})")
+    parser.add_argument("--listen6", metavar="[ADDR]:PORT",
+                        help=f"also serve TURN and STUN over IPv6 here (port default "
+                        f"{DEFAULT_PORT}); IPv6 relayed addresses come from its address, "
+                        f"or from --relay-ip6")
     parser.add_argument("--tcp-listen", metavar="ADDR:PORT",
                         help=f"also serve TURN over TCP here (RFC 8656; port default "
                         f"{DEFAULT_PORT}); for clients whose network blocks UDP")
@@ -68,6 +100,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--relay-ip", metavar="IP",
                         help="address of relayed sockets, put in XOR-RELAYED-ADDRESS "
                         "(default: the listen address; needed when listening on 0.0.0.0)")
+    parser.add_argument("--relay-ip6", metavar="IP",
+                        help="IPv6 address of relayed sockets, for allocations asking for "
+                        "IPv6 (REQUESTED-ADDRESS-FAMILY; default: the --listen6 address; "
+                        "needed when listening on [::]); without it and --listen6 such "
+                        "requests get 440")
     parser.add_argument("--alt-address", metavar="IP:PORT",
                         help="second IP and port for RFC 5780 NAT behaviour discovery "
                         "(OTHER-ADDRESS, CHANGE-REQUEST); both must differ from --listen")
@@ -170,6 +207,8 @@ def build_config(args: argparse.Namespace) -> ServerConfig:
         secret=secret,
         realm=args.realm,
         relay_ip=args.relay_ip,
+        listen6=parse_address6(args.listen6) if args.listen6 else None,
+        relay_ip6=parse_ip6(args.relay_ip6) if args.relay_ip6 else None,
         alt_address=parse_address(args.alt_address, None) if args.alt_address else None,
         allow_peers=parse_networks(args.allow_peer),
         deny_peers=parse_networks(args.deny_peer),
@@ -177,6 +216,7 @@ def build_config(args: argparse.Namespace) -> ServerConfig:
         lifetimes=lifetimes,
     )
     _ = config.relayed_ip  # fails early on a wildcard listen address without --relay-ip
+    _ = config.relayed_ip6  # and on [::] without --relay-ip6
     if config.tls_listen is not None:
         server_tls_context(config)  # fails early on unreadable or mismatched files
     return config

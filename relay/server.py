@@ -11,6 +11,7 @@ copy, a callback and a transport layer per packet.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import socket
 import struct
@@ -39,9 +40,11 @@ class RelayServer:
         self.config = config
         self.counters = counters if counters is not None else Counters()
         self._relay_ip = config.relayed_ip
+        self._relay_ip6 = config.relayed_ip6
         self._sockets: dict[Address, socket.socket] = {}
         self._main: socket.socket | None = None
         self._main_addr: Address = config.listen
+        self._main6: socket.socket | None = None  # IPv6 clients (--listen6)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sweeper: asyncio.Task[None] | None = None
         # Two buffers: client->peer, and peer->client with room for the channel header.
@@ -52,18 +55,26 @@ class RelayServer:
         own = {config.listen[0], self._relay_ip}
         if config.alt_address:
             own.add(config.alt_address[0])
-        own.discard("0.0.0.0")
+        if config.listen6 is not None:
+            own.add(config.listen6[0])
+        if self._relay_ip6 is not None:
+            own.add(self._relay_ip6)
+        own -= {"0.0.0.0", "::"}
         policy = PeerPolicy(
             allow=config.allow_peers,
             deny=parse_networks(DEFAULT_DENIED_PEERS) + config.deny_peers,
-            own=frozenset(own),
+            own=frozenset(_canonical(ip) for ip in own),
         )
+        relay_ip6 = self._relay_ip6
         self.table = AllocationTable(
             quotas=config.quotas, lifetimes=config.lifetimes, policy=policy,
             counters=self.counters, open_socket=self._open_relayed,
             open_pair=lambda: open_even_pair(self._relay_ip, config.relayed_socket_buffer),
             on_created=self._allocation_created, on_removed=self._allocation_removed,
             host=HostAddresses(),
+            open_socket6=None if relay_ip6 is None else self._open_relayed6,
+            open_pair6=None if relay_ip6 is None else (
+                lambda: open_even_pair(relay_ip6, config.relayed_socket_buffer)),
         )
         self.control: ControlPlane | None = None
         self.streams: StreamListeners | None = None  # TCP and TLS clients
@@ -73,6 +84,11 @@ class RelayServer:
         if self._main is None:
             raise RuntimeError("relay not started")
         return local_address(self._main)
+
+    @property
+    def address6(self) -> Address | None:
+        """The IPv6 socket's address, None without --listen6."""
+        return None if self._main6 is None else local_address(self._main6)
 
     @property
     def addresses(self) -> list[Address]:
@@ -90,11 +106,19 @@ class RelayServer:
             alternates: dict[Address, Address] = {}
             if config.alt_address is not None:
                 alternates = self._open_alternates(main_address, config.alt_address)
+            main6_address: Address | None = None
+            if config.listen6 is not None:
+                main6 = open_udp(config.listen6, config.socket_buffer)
+                self._main6 = main6
+                main6_address = local_address(main6)
+                self._sockets[main6_address] = main6
+                self._loop.add_reader(main6.fileno(), self._main_readable, main6,
+                                      main6_address)
             self.control = ControlPlane(config, self.table, self.counters, self._send,
-                                        main_address, alternates)
-            self._loop.add_reader(main.fileno(), self._main_readable)
+                                        main_address, alternates, main6_address)
+            self._loop.add_reader(main.fileno(), self._main_readable, main, main_address)
             for address, sock in self._sockets.items():
-                if sock is not main:
+                if sock is not main and sock is not self._main6:
                     self._loop.add_reader(sock.fileno(), self._aux_readable, sock, address)
             if config.tcp_listen is not None or config.tls_listen is not None:
                 self.streams = StreamListeners(config, self.table, self.counters,
@@ -104,8 +128,10 @@ class RelayServer:
             self.close()
             raise
         self._sweeper = asyncio.create_task(self._sweep())
-        log.info("relay listening on %s (relayed address %s)",
-                 ", ".join(f"{h}:{p}" for h, p in self._sockets), self._relay_ip)
+        log.info("relay listening on %s (relayed address %s%s)",
+                 ", ".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}"
+                           for h, p in self._sockets), self._relay_ip,
+                 f", IPv6 {self._relay_ip6}" if self._relay_ip6 else "")
         self._log_peer_policy()
 
     def _log_peer_policy(self) -> None:
@@ -114,10 +140,11 @@ class RelayServer:
                  ", ".join(str(n) for n in policy.allow) or "none")
         # A relay on a private network refuses its neighbours unless told otherwise:
         # say so at start, not in the first 403.
-        reason = replace(policy, own=frozenset()).refusal(self._relay_ip)
-        if reason is not None:
-            log.warning("the relayed address %s is in %s: peers on its network are refused "
-                        "unless --allow-peer opens them", self._relay_ip, reason)
+        for ip in (self._relay_ip, self._relay_ip6):
+            reason = None if ip is None else replace(policy, own=frozenset()).refusal(ip)
+            if reason is not None:
+                log.warning("the relayed address %s is in %s: peers on its network are "
+                            "refused unless --allow-peer opens them", ip, reason)
 
     def _open_alternates(self, main: Address, alt: Address) -> dict[Address, Address]:
         """RFC 5780: listen on both IPs x both ports; each socket's OTHER-ADDRESS is the
@@ -145,6 +172,7 @@ class RelayServer:
             sock.close()
         self._sockets.clear()
         self._main = None
+        self._main6 = None
 
     async def __aenter__(self) -> RelayServer:
         await self.start()
@@ -157,6 +185,12 @@ class RelayServer:
 
     def _open_relayed(self, even_port: bool, dont_fragment: bool) -> socket.socket:
         return open_relayed(self._relay_ip, self.config.relayed_socket_buffer,
+                            even_port=even_port, dont_fragment=dont_fragment)
+
+    def _open_relayed6(self, even_port: bool, dont_fragment: bool) -> socket.socket:
+        if self._relay_ip6 is None:
+            raise OSError("no IPv6 relayed address")
+        return open_relayed(self._relay_ip6, self.config.relayed_socket_buffer,
                             even_port=even_port, dont_fragment=dont_fragment)
 
     def _allocation_removed(self, allocation: Allocation) -> None:
@@ -188,10 +222,10 @@ class RelayServer:
 
     # --- the data path ---
 
-    def _main_readable(self) -> None:
-        main = self._main
+    def _main_readable(self, main: socket.socket, local: Address) -> None:
+        """The main socket, or the IPv6 one (`local` is its address)."""
         control = self.control
-        if main is None or control is None:
+        if control is None or main.fileno() < 0:
             return
         recv = main.recvfrom_into
         buf, view = self._in, self._in_view
@@ -203,12 +237,15 @@ class RelayServer:
         try:
             for _ in range(self.config.batch):
                 try:
-                    size, client = recv(buf)
+                    size, source = recv(buf)
                 except (BlockingIOError, InterruptedError):
                     break
                 except OSError:
                     counters.receive_errors += 1
                     break
+                # An IPv6 socket's source has flow info and scope too: routes and
+                # allocations are keyed by (host, port).
+                client = source if len(source) == 2 else (source[0], source[1])
                 # core.stun.is_channel_data, inlined on the per-packet hot path.
                 if size and 0x40 <= buf[0] <= 0x7F:
                     received += 1
@@ -236,7 +273,7 @@ class RelayServer:
                     sent += 1
                     sent_bytes += length
                 else:
-                    control.datagram_received(bytes(view[:size]), client, self._main_addr)
+                    control.datagram_received(bytes(view[:size]), client, local)
         finally:
             counters.channel_data_in += received
             counters.to_peer_packets += sent
@@ -261,7 +298,9 @@ class RelayServer:
             control.datagram_received(data, (str(client[0]), int(client[1])), local)
 
     def _relayed_readable(self, allocation: Allocation) -> None:
-        main = self._main
+        client = allocation.client
+        # Back on the socket the client came in on: the IPv6 one for an IPv6 client.
+        main = self._main6 if ":" in client[0] else self._main
         control = self.control
         if main is None or control is None:
             return
@@ -270,7 +309,6 @@ class RelayServer:
         buf, view = self._out, self._out_view
         payload = view[4:]
         pack = _CHANNEL_HEADER.pack_into
-        client = allocation.client
         channels = allocation.peer_channels
         limiter = allocation.limiter
         counters = self.counters
@@ -279,13 +317,14 @@ class RelayServer:
         try:
             for _ in range(self.config.batch):
                 try:
-                    size, peer = recv(payload)
+                    size, source = recv(payload)
                 except (BlockingIOError, InterruptedError):
                     break
                 except OSError:  # closed under us when the allocation went away
                     counters.receive_errors += 1
                     break
                 received += 1
+                peer = source if len(source) == 2 else (source[0], source[1])
                 channel = channels.get(peer)
                 if channel is None and not allocation.permitted(peer[0], now):
                     counters.no_permission_in += 1
@@ -322,3 +361,11 @@ class RelayServer:
             except Exception:  # the timer must survive a bug in one allocation
                 self.counters.handler_errors += 1
                 log.exception("expiry sweep failed")
+
+
+def _canonical(ip: str) -> str:
+    """As PeerPolicy compares: `str(ip_address(...))`, so 2001:DB8:0::1 is 2001:db8::1."""
+    try:
+        return str(ipaddress.ip_address(ip))
+    except ValueError:
+        return ip

@@ -14,6 +14,8 @@ log = logging.getLogger(__name__)
 # Not exported by Python's socket module on every version.
 _IP_MTU_DISCOVER = getattr(socket, "IP_MTU_DISCOVER", 10)
 _IP_PMTUDISC_DO = getattr(socket, "IP_PMTUDISC_DO", 2)
+_IPV6_MTU_DISCOVER = getattr(socket, "IPV6_MTU_DISCOVER", 23)
+_IPV6_PMTUDISC_DO = getattr(socket, "IPV6_PMTUDISC_DO", 2)
 _SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
 _SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)
 _EVEN_PORT_TRIES = 32
@@ -31,9 +33,14 @@ def set_buffers(sock: socket.socket, size: int) -> None:
 
 
 def open_udp(address: Address, buffer: int) -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    """IPv4, or IPv6 for an address with a colon: IPv6 only, so a relay listening on
+    both families sees each client under one address, never IPv4-mapped."""
+    ipv6 = ":" in address[0]
+    sock = socket.socket(socket.AF_INET6 if ipv6 else socket.AF_INET, socket.SOCK_DGRAM)
     try:
         sock.setblocking(False)
+        if ipv6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         set_buffers(sock, buffer)
         sock.bind(address)
     except OSError:
@@ -54,7 +61,10 @@ def open_relayed(ip: str, buffer: int, *, even_port: bool = False,
         raise OSError("no even port found")
     if dont_fragment:
         try:
-            sock.setsockopt(socket.IPPROTO_IP, _IP_MTU_DISCOVER, _IP_PMTUDISC_DO)
+            if ":" in ip:
+                sock.setsockopt(socket.IPPROTO_IPV6, _IPV6_MTU_DISCOVER, _IPV6_PMTUDISC_DO)
+            else:
+                sock.setsockopt(socket.IPPROTO_IP, _IP_MTU_DISCOVER, _IP_PMTUDISC_DO)
         except OSError:
             sock.close()
             raise
