@@ -65,7 +65,7 @@ class TurnServer:
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait(timeout=10)
 
-    def wait_ready(self, timeout: float = 10.0) -> None:
+    def wait_ready(self, timeout: float = 30.0) -> None:  # Python starts slowly when loaded
         def ready() -> bool:
             if self.proc.poll() is not None:
                 raise AssertionError(f"{self.kind} relay exited: {self.log()[-2000:]}")
