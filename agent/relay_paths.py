@@ -7,6 +7,12 @@ is one relay: UDP is tried first, and only when it gets no answer (a network tha
 blocks outbound UDP) TCP, then TLS, in the background, so the other candidates need
 not wait; `transport_reason` says why (status and diag show it).
 
+Each relay is also asked for an IPv6 relayed address (REQUESTED-ADDRESS-FAMILY, over its
+IPv6 address when it has one, else over IPv4), so a peer reachable only over IPv6 has a
+relayed path too, and a host with IPv6 alone reaches relays over IPv6; an IPv4 relayed
+address is asked over IPv6 when IPv4 cannot reach the relay. A relay that refuses IPv6
+(440 from ours or coturn without an IPv6 relay address) is not asked again.
+
 Connectivity checks from a relayed candidate go out through its allocation; what comes
 back is STUN (handed to the check dispatcher) or WireGuard data (handed to the loopback
 proxy of the peer it comes from).
@@ -16,12 +22,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from aioice import stun
+
 from kbwg.agent.relay_proxy import LoopbackProxy, ProxyCounters
 from kbwg.agent.teamconfig import TRANSPORTS, RelayConfig, tls_context
+from kbwg.core.addresses import format_endpoint
 from kbwg.core.stun import is_stun
 from kbwg.negotiation.candidates import Candidate, candidate_priority
 from kbwg.negotiation.stun_client import resolve
@@ -31,6 +41,9 @@ log = logging.getLogger(__name__)
 
 
 StunHandler = Callable[[bytes, Address, Candidate], None]
+
+# A relay's IPv6 allocation is kept under its group key plus this.
+IPV6_KEY = "#ipv6"
 
 
 @dataclass(frozen=True)
@@ -72,6 +85,8 @@ class RelayPaths:
     proxy_counters: dict[str, ProxyCounters] = field(default_factory=dict)
     # The same proxies by (our relayed address, peer address): one lookup per datagram.
     _by_route: dict[tuple[Address, Address], LoopbackProxy] = field(default_factory=dict)
+    # Relays (group keys) that refused an IPv6 relayed address: not asked again.
+    no_ipv6: set[str] = field(default_factory=set)
 
     def missing(self, relays: list[RelayConfig]) -> list[RelayGroup]:
         """The configured relays without a live allocation or one under way."""
@@ -83,8 +98,17 @@ class RelayPaths:
         """An allocation on every configured relay that has none alive: its first
         transport is awaited, fallbacks run in the background (`on_ready`)."""
         missing = self.missing(relays)
-        results = await asyncio.gather(*(self._allocate(g.options[0], timeout)
-                                         for g in missing), return_exceptions=True)
+        missing6 = [g for g in relay_groups(relays)
+                    if g.key not in self.no_ipv6
+                    and (g.key + IPV6_KEY not in self.allocations
+                         or self.allocations[g.key + IPV6_KEY].closed)]
+        results, results6 = await asyncio.gather(
+            asyncio.gather(*(self._allocate(g.options[0], timeout) for g in missing),
+                           return_exceptions=True),
+            asyncio.gather(*(self._allocate(g.options[0], timeout, ipv6=True)
+                             for g in missing6), return_exceptions=True))
+        for group, result in zip(missing6, results6, strict=True):
+            self._ipv6_result(group, result, timeout)
         for group, result in zip(missing, results, strict=True):
             if isinstance(result, BaseException):
                 first = group.options[0]
@@ -126,12 +150,45 @@ class RelayPaths:
         log.warning("relay %s: no allocation over any transport: %s", group.key,
                     "; ".join(reasons))
 
-    async def _allocate(self, relay: RelayConfig, timeout: float) -> RelayAllocation:
+    def _ipv6_result(self, group: RelayGroup, result: RelayAllocation | BaseException,
+                     timeout: float) -> None:
+        key = group.key + IPV6_KEY
+        if isinstance(result, RelayAllocation):
+            result.transport_reason = f"{result.transport}: IPv6 relayed address"
+            self.allocations[key] = result
+            return
+        self.allocations.pop(key, None)
+        reason = _failure(group.options[0], result, timeout)
+        if isinstance(result, stun.TransactionFailed):
+            self.no_ipv6.add(group.key)  # 440, or a relay that knows no such request
+            log.info("relay %s: no IPv6 relayed address (%s); not asked again", group.key,
+                     reason)
+        else:
+            log.info("relay %s: no IPv6 relayed address: %s", group.key, reason)
+
+    async def _allocate(self, relay: RelayConfig, timeout: float,
+                        ipv6: bool = False) -> RelayAllocation:
+        """An allocation on `relay` (an IPv6 relayed address when `ipv6`), reaching it
+        over the family of the relayed address first, over the other when that has no
+        address or route (a failure, not a time-out)."""
         tls = tls_context(relay) if relay.transport == "tls" else None
-        server = await resolve(relay.host, relay.port)
-        allocation = await RelayAllocation.open(
-            relay.url, server, relay.username or self.user, relay.secret, timeout,
-            transport=relay.transport, tls=tls, server_hostname=relay.host)
+        families = ((socket.AF_INET6, socket.AF_INET) if ipv6
+                    else (socket.AF_INET, socket.AF_INET6))
+        for family in families:
+            try:
+                server = await resolve(relay.host, relay.port, family)
+                allocation = await RelayAllocation.open(
+                    relay.url, server, relay.username or self.user, relay.secret, timeout,
+                    transport=relay.transport, tls=tls, server_hostname=relay.host,
+                    ipv6=ipv6)
+                break
+            except TimeoutError:  # the relay is there but silent: the other family too
+                raise
+            except OSError:  # no address or no route of this family: try the other
+                if family == families[-1]:
+                    raise
+        else:  # pragma: no cover - the last family's failure was raised
+            raise OSError(f"relay {relay.url}: no address")
         allocation.receiver = lambda data, peer: self._received(allocation, data, peer)
         allocation.on_lost = self.on_lost
         return allocation
@@ -143,7 +200,7 @@ class RelayPaths:
             Candidate(type="relay", address=a.relayed[0], port=a.relayed[1], interface=None,
                       priority=candidate_priority("relay", 65535 - rank),
                       source=f"relay {a.url} ({a.rtt_ms:.1f} ms)",
-                      base=f"{a.mapped[0]}:{a.mapped[1]}" if a.mapped else None)
+                      base=format_endpoint(a.mapped) if a.mapped else None)
             for rank, a in enumerate(alive)
         ]
 
@@ -201,7 +258,7 @@ class RelayPaths:
             proxy.close()
 
     def to_json(self) -> list[dict[str, Any]]:
-        return [{"url": a.url, "relayed": f"{a.relayed[0]}:{a.relayed[1]}",
+        return [{"url": a.url, "relayed": format_endpoint(a.relayed),
                  "transport": a.transport, "transport_reason": a.transport_reason,
                  "rtt_ms": round(a.rtt_ms, 3), "alive": not a.closed,
                  "sent": a.counters.sent, "received": a.counters.received,

@@ -15,6 +15,8 @@ from aioice import stun
 from aioice.turn import UDP_TRANSPORT, TurnClientUdpProtocol
 from test_relay_protocol import SECRET, Client, Endpoint, _config, _Queue, running
 
+from kbwg.agent.relay_paths import RelayPaths
+from kbwg.agent.teamconfig import RelayConfig
 from kbwg.core.turnrest import rest_password, rest_username
 from kbwg.relay import main as relay_main
 from kbwg.relay.config import ServerConfig
@@ -255,3 +257,56 @@ async def test_aioice_client_ipv6_from_a_relay_without_it_fails_with_440() -> No
             await protocol.delete()
         finally:
             transport.close()
+
+
+# --- the agent: a relayed candidate per family ---
+
+async def test_agent_offers_an_ipv6_relay_candidate_beside_the_ipv4_one() -> None:
+    async with running(_config6()) as server:
+        port = server.address[1]
+        relays = [RelayConfig(f"turn:127.0.0.1:{port}", "127.0.0.1", port, SECRET)]
+        paths = RelayPaths("alice", 51820, lambda *_: None, lambda _a: None)
+        try:
+            await paths.ensure(relays, timeout=5)
+            candidates = sorted(c.address for c in paths.candidates())
+            assert candidates == ["127.0.0.1", "::1"]
+            assert {r["relayed"][:5] for r in paths.to_json()} == {"127.0", "[::1]"}
+            await paths.ensure(relays, timeout=5)  # nothing missing: no third one
+            assert len(server.table.allocations) == 2
+        finally:
+            await paths.close()
+
+
+async def test_agent_asks_a_relay_without_ipv6_once() -> None:
+    async with running() as server:
+        port = server.address[1]
+        relays = [RelayConfig(f"turn:127.0.0.1:{port}", "127.0.0.1", port, SECRET)]
+        paths = RelayPaths("alice", 51820, lambda *_: None, lambda _a: None)
+        try:
+            await paths.ensure(relays, timeout=5)
+            assert [c.address for c in paths.candidates()] == ["127.0.0.1"]
+            assert paths.no_ipv6 == {relays[0].url}
+            for allocation in list(paths.allocations.values()):
+                await allocation.close()
+            await paths.ensure(relays, timeout=5)  # the IPv4 one again, not IPv6
+            assert [c.address for c in paths.candidates()] == ["127.0.0.1"]
+        finally:
+            await paths.close()
+    assert server.counters.address_family == 1
+
+
+async def test_agent_reaches_a_relay_named_by_its_ipv6_address() -> None:
+    """An IPv6 literal (or a name without an A record): the IPv4 relayed address is
+    asked over IPv6 too, as a host with IPv6 alone must."""
+    async with running(_config6()) as server:
+        assert server.address6 is not None
+        port = server.address6[1]
+        relays = [RelayConfig(f"turn:[::1]:{port}", "::1", port, SECRET)]
+        paths = RelayPaths("alice", 51820, lambda *_: None, lambda _a: None)
+        try:
+            await paths.ensure(relays, timeout=5)
+            assert sorted(c.address for c in paths.candidates()) == [
+                "127.0.0.1", "::1"]
+            assert all(":" in client[0] for client in server.table.allocations)
+        finally:
+            await paths.close()

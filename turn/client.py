@@ -41,6 +41,7 @@ from aioice.turn import TurnClientProtocol, TurnClientUdpProtocol
 from kbwg.core.addresses import Address
 from kbwg.core.stun import is_channel_data
 from kbwg.core.turnrest import rest_password, rest_username
+from kbwg.turn.family import allocate
 from kbwg.turn.stream import open_stream
 from kbwg.turn.transport import ConnectedUdpTransport
 
@@ -129,11 +130,13 @@ class RelayAllocation:
                    timeout: float = 3.0,
                    timers: AllocationTimers = AllocationTimers(), *,
                    transport: str = "udp", tls: ssl.SSLContext | None = None,
-                   server_hostname: str | None = None) -> RelayAllocation:
+                   server_hostname: str | None = None,
+                   ipv6: bool = False) -> RelayAllocation:
         """Allocate on `server` with TURN REST credentials for `user`, over `transport`
         (udp, tcp, or tls with the context `tls`, checking `server_hostname`); the
         allocation is then kept up (see the module docstring) and reported lost when it
-        is gone. `timeout` bounds connecting and allocating together."""
+        is gone. `timeout` bounds connecting and allocating together. `ipv6` asks for an
+        IPv6 relayed address (kbwg.turn.family), whatever the family of `server`."""
         username = rest_username(user, CREDENTIAL_TTL_S)
         password = rest_password(secret, username)
         started = time.monotonic()
@@ -155,7 +158,7 @@ class RelayAllocation:
             raise ValueError(f"unknown TURN transport {transport!r}")
         try:
             left = max(0.1, timeout - (time.monotonic() - started))
-            relayed = await asyncio.wait_for(protocol.connect(), left)
+            relayed = await asyncio.wait_for(allocate(protocol, ipv6), left)
         except BaseException:
             link.close()
             raise
