@@ -330,6 +330,9 @@ def _filtered_socket(family: int, program: list[BpfInsn]) -> tuple[socket.socket
         raise
 
 
+IFINDEX_MEMORY = 1.0  # seconds an address's interface index is reused
+
+
 class RawStunSocket:
     """The raw sockets of one WireGuard port (IPv4, and IPv6 when the host has it),
     feeding `on_packet` from the event loop."""
@@ -341,6 +344,10 @@ class RawStunSocket:
         self.port = port
         self._on_packet = on_packet
         self.counters = RawStunCounters()
+        # Asking every interface for its address on each check cost the owner two thirds
+        # of its busy time with 20 peers; an address moves rarely, so a second's memory
+        # is enough (bench/resources.py).
+        self._ifindex_seen: dict[str, tuple[float, int]] = {}
         self._loop = asyncio.get_running_loop()
         self._loop.add_reader(sock.fileno(), self._on_readable)
         if sock6 is not None:
@@ -465,7 +472,7 @@ class RawStunSocket:
             raise RawStunError(f"source {source} and destination {dst_ip} differ in family")
         try:
             src_ip = source if source is not None else route_source(dst_ip)
-            ifindex = interface_index_of(src_ip) if source is not None else 0
+            ifindex = self._interface_index(src_ip) if source is not None else 0
             udp = build_udp((src_ip, self.port), dest, payload)
             if family == 6 and self._sock6 is not None:
                 pktinfo = _IN6_PKTINFO.pack(socket.inet_pton(socket.AF_INET6, src_ip), ifindex)
@@ -480,6 +487,17 @@ class RawStunSocket:
             raise RawStunError(f"sending to {dst_ip}:{dst_port} failed: {exc}") from exc
         self.counters.sent += 1
         return (src_ip, self.port)
+
+    def _interface_index(self, ip: str) -> int:
+        now = self._loop.time()
+        seen = self._ifindex_seen.get(ip)
+        if seen is not None and now - seen[0] < IFINDEX_MEMORY:
+            return seen[1]
+        if len(self._ifindex_seen) >= 64:
+            self._ifindex_seen.clear()  # a host has few addresses; bound it anyway
+        index = interface_index_of(ip)
+        self._ifindex_seen[ip] = (now, index)
+        return index
 
     def close(self) -> None:
         sock, self._sock = self._sock, None

@@ -270,6 +270,30 @@ async def test_send_errors_are_reported_and_counted() -> None:
         raw.close()
 
 
+async def test_interface_index_is_looked_up_once_a_second(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Checks from one source reuse its interface index for a second, then look again."""
+    from kbwg.owner import rawstun
+    lookups: list[str] = []
+    monkeypatch.setattr(rawstun, "interface_index_of", lambda ip: lookups.append(ip) or 3)
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    udp.setblocking(False)
+    raw = RawStunSocket(udp, PORT, lambda _d: None)
+    clock = [100.0]
+    monkeypatch.setattr(raw._loop, "time", lambda: clock[0])
+    try:
+        for _ in range(5):
+            with pytest.raises(RawStunError):
+                raw.send(stun_request(), ("192.0.2.1", 3478), source="192.0.2.1")
+        assert lookups == ["192.0.2.1"]
+        clock[0] += rawstun.IFINDEX_MEMORY
+        with pytest.raises(RawStunError):
+            raw.send(stun_request(), ("192.0.2.1", 3478), source="192.0.2.1")
+        assert lookups == ["192.0.2.1"] * 2
+    finally:
+        raw.close()
+
+
 def test_is_stun() -> None:
     request = stun_request()
     assert is_stun(request)
