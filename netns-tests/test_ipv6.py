@@ -243,3 +243,41 @@ def test_the_shared_port_gets_a_server_reflexive_ipv6_candidate_and_diag_says_ye
     out = c.run([*AGENT, "diag", "--json", "--no-classic", "--timeout", "3",
                  "--stun", stun.address, "--stun", stun6], check=False, timeout=60)
     assert json.loads(out.stdout)["ipv6"]["state"] in ("no, but OS has support", "no"), out
+
+
+def test_a_host_with_ipv6_alone_is_relayed_over_ipv6(world: World) -> None:
+    """Alice's uplink is IPv6 alone (her LAN address stays, for the IPv4 announcement,
+    but no IPv4 route leaves it), Bob's IPv4 alone behind a symmetric NAT: nothing
+    direct can work, so the relay carries them, reached by Alice over IPv6
+    (`--listen6`), which gives her an IPv4 relayed address asked over IPv6 and an IPv6
+    one (REQUESTED-ADDRESS-FAMILY)."""
+    inet = world.internet(ipv6="2001:db8::/64")
+    node = world.server("relay", inet, ips=["203.0.113.5"])
+    relay = start_relay(node, "203.0.113.5", extra=("--listen6", f"[{node.ip6}]:3478"))
+    team = Team(world)
+    team.write_peers([ALICE, BOB])
+    # One relay under both of its addresses: each agent uses the one it can reach.
+    team.write_file("kbwg.json", json.dumps({"relays": [
+        relay.config(), {"url": f"turn:[{node.ip6}]:3478", "secret": relay.secret}]}))
+    r1 = world.router("r1", wan=inet, nat=NatMode.FULLY_RANDOM, ipv6_lan="2001:db8:1::/64")
+    r2 = world.router("r2", wan=inet, nat=NatMode.FULLY_RANDOM)
+    a, b = world.host("a", lans=[r1.lan]), world.host("b", lans=[r2.lan])
+    a.run(["ip", "-4", "route", "del", "default"])
+    assert a.run(["ip", "-4", "route", "get", "203.0.113.5"], check=False).returncode != 0
+    alice, bob = team.start_running((a, *ALICE[:2]), (b, *BOB[:2]))
+
+    def relayed_peer(agent: AgentProcess, device: str) -> dict[str, Any] | None:
+        peer = agent.negotiated(device)
+        return peer if peer and peer["path"] == "relay" else None
+
+    try:
+        wait_until(lambda: relayed_peer(alice, "desk"), timeout=60, what="alice relayed")
+        wait_until(lambda: relayed_peer(bob, "laptop"), timeout=60, what="bob relayed")
+        wait_until(lambda: ping_ok(a, BOB[2]), timeout=30, what="ping alice -> bob")
+        wait_until(lambda: ping_ok(b, ALICE[2]), timeout=30, what="ping bob -> alice")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n{alice.status()}\n{alice.log(8000)}") from None
+    status = alice.status()
+    relayed = {c["address"] for c in status["candidates"] if c["type"] == "relay"}
+    assert relayed == {"203.0.113.5", node.ip6}, status["candidates"]
+    assert not any(c["type"] == "srflx" for c in status["candidates"])

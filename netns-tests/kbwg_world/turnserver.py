@@ -78,7 +78,7 @@ class TurnServer:
 
 def start_relay(node: Node, ip: str, port: int = 3478, secret: str = "team-secret",
                 kind: str = "kbwg", tls: RelayCertificates | None = None,
-                tls_port: int = 5349) -> TurnServer:
+                tls_port: int = 5349, extra: tuple[str, ...] = ()) -> TurnServer:
     base = node.world.dir / f"{kind}-relay-{node.name}-{port}"
     log_path = base.with_suffix(".log")
     if kind == "kbwg":
@@ -89,6 +89,7 @@ def start_relay(node: Node, ip: str, port: int = 3478, secret: str = "team-secre
         # The world's LANs are benchmarking space, which the relay refuses as peers
         # unless told otherwise; its internet (documentation space) is relayable as is.
         argv += ["--allow-peer", str(LAN_SPACE), "--tcp-listen", f"{ip}:{port}"]
+        argv += extra  # e.g. --listen6 [ADDR]:PORT
         if tls is not None:
             argv += ["--tls-listen", f"{ip}:{tls_port}", "--cert", str(tls.cert),
                      "--key", str(tls.key)]  # fmt: skip
