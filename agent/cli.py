@@ -396,15 +396,21 @@ def main(argv: list[str] | None = None) -> int:
 
         return install_helper(args)
     _setup_logging(args.verbose, quiet=True)
-    if args.command == "status":
-        return asyncio.run(_status(args))
-    if args.command == "diag":
-        return asyncio.run(_diag(args))
-    if args.command == "ping":
-        try:
-            return asyncio.run(_ping(args))
-        except KeyboardInterrupt:
-            return 130
+    try:
+        if args.command == "status":
+            return asyncio.run(_status(args))
+        if args.command == "diag":
+            return asyncio.run(_diag(args))
+        if args.command == "ping":
+            try:
+                return asyncio.run(_ping(args))
+            except KeyboardInterrupt:
+                return 130
+    except BrokenPipeError:
+        # `status | head`: the reader has gone, so stop quietly as cat does; stdout goes
+        # to /dev/null so that the interpreter's final flush cannot fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     return _fail(f"unknown command {args.command}")
 
 
