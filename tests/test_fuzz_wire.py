@@ -353,8 +353,12 @@ class _Checker:
     spec: CheckerSpec
     remote: list[tuple[str, str, list[CandidateInfo]]] = field(default_factory=list)
 
-    def set_remote(self, ufrag: str, pwd: str, candidates: list[CandidateInfo]) -> None:
+    def set_remote(self, ufrag: str, pwd: str, candidates: list[CandidateInfo],
+                   complete: bool = True) -> None:
         self.remote.append((ufrag, pwd, list(candidates)))
+
+    def add_remote(self, candidates: list[CandidateInfo], complete: bool) -> None:
+        self.remote.append(("", "", list(candidates)))
 
     def snapshot(self) -> dict[str, Any]:
         return {}
