@@ -103,3 +103,11 @@ def test_every_module_says_what_it_owns() -> None:
             if ast.get_docstring(ast.parse(path.read_text())) is None:
                 missing.append(str(path.relative_to(ROOT)))
     assert not missing, "modules without an opening docstring:\n" + "\n".join(missing)
+
+
+def test_test_files_have_unique_basenames() -> None:
+    """pytest imports test modules by basename: a tests/ and a netns-tests/ file of one
+    name stop the whole suite at collection."""
+    names = [p.name for folder in ("tests", "netns-tests")
+             for p in (ROOT / folder).glob("test_*.py")]
+    assert sorted({n for n in names if names.count(n) > 1}) == []
