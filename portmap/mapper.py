@@ -16,7 +16,7 @@ from collections.abc import Mapping as Env
 from dataclasses import dataclass, field
 from typing import Any
 
-from kbwg.portmap import natpmp, pcp
+from kbwg.portmap import natpmp, pcp, ssdp
 from kbwg.portmap.exchange import DEFAULT_WAITS
 from kbwg.portmap.gateway import Gateway, default_gateway
 from kbwg.portmap.mapping import PROTOCOLS, Mapping, PortmapError, Protocol
@@ -116,6 +116,8 @@ async def probe(gateway: Gateway | None, config: PortmapConfig | None = None) ->
                 report.public_ip = await natpmp.public_address(
                     gateway.address, gateway.local_ip, config.pcp_port, config.waits)
             else:
+                await ssdp.gateway_answers(gateway.address, gateway.local_ip,
+                                           config.ssdp_port, config.upnp_timeout)
                 from kbwg.portmap import upnp
 
                 location = await upnp.discover(gateway.address, gateway.local_ip,
@@ -229,6 +231,9 @@ class PortMapper:
         if protocol == "nat-pmp":
             return await natpmp.map_udp(gateway.address, gateway.local_ip, self.internal_port,
                                         external, cfg.lifetime, cfg.pcp_port, cfg.waits)
+        if same is None:
+            await ssdp.gateway_answers(gateway.address, gateway.local_ip, cfg.ssdp_port,
+                                       cfg.upnp_timeout)
         from kbwg.portmap import upnp
 
         return await upnp.map_udp(gateway.address, gateway.local_ip, self.internal_port,

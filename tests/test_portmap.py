@@ -359,3 +359,30 @@ def test_status_shows_the_mapping() -> None:
                                                 "mapping": mapping.to_json(), "errors": {}}})
     assert (f"port mapped: {PUBLIC_IP}:{WG_PORT} -> 198.18.1.10:{WG_PORT} by upnp on "
             "gateway 198.18.1.1") in text.splitlines()
+
+
+def test_upnp_library_is_not_loaded_when_the_gateway_answers_no_ssdp() -> None:
+    """async-upnp-client brings aiohttp (~25 MB): a gateway silent to SSDP never loads it."""
+    import subprocess
+    import sys
+    import textwrap
+
+    silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    silent.bind(("127.0.0.1", 0))  # takes the search and never answers
+    script = textwrap.dedent(f"""
+        import asyncio, sys
+        from kbwg.portmap.gateway import Gateway
+        from kbwg.portmap.mapper import PortmapConfig, probe
+        config = PortmapConfig(protocols=("upnp",), ssdp_port={silent.getsockname()[1]},
+                               upnp_timeout=0.3)
+        report = asyncio.run(probe(Gateway("127.0.0.1", "127.0.0.1", "lo"), config))
+        print(report.to_json()["upnp"], "aiohttp" in sys.modules,
+              "async_upnp_client" in sys.modules)
+    """)
+    try:
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                              timeout=60, check=True)
+        assert silent.recv(2048).startswith(b"M-SEARCH * HTTP/1.1")
+    finally:
+        silent.close()
+    assert done.stdout.split() == ["no", "False", "False"], done.stdout + done.stderr
