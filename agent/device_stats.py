@@ -7,42 +7,30 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
-from collections.abc import Callable
 
 from kbwg.agent.owner_calls import OwnerCalls, PeerCounters
 from kbwg.agent.runtime_state import ANNOUNCED, AgentState
-from kbwg.core.identity import DeviceId
 
 log = logging.getLogger(__name__)
-
-# Told after every poll whether traffic flows to each peer (its checks' pace follows).
-TrafficFn = Callable[[DeviceId, bool], None]
 
 
 class StatsPoll:
     def __init__(self, owner: OwnerCalls, state: AgentState, keepalive_s: int,
-                 lock: asyncio.Lock, on_traffic: TrafficFn | None = None) -> None:
+                 lock: asyncio.Lock) -> None:
         self._owner = owner
         self._state = state
         self._keepalive_s = keepalive_s
         # The peer lock: a change of WireGuard peers is never seen half made.
         self._lock = lock
-        self._on_traffic = on_traffic
 
     async def poll(self) -> None:
         async with self._lock:
             by_key = (await self._owner.stats()).by_key()
-            now = time.monotonic()
-            for device, peer in self._state.peers.items():
+            for peer in self._state.peers.values():
                 current = by_key.get(peer.configured_key or "")
                 if current is None:
                     continue
-                first = peer.observe(current.last_handshake, current.rx_bytes,
-                                     current.tx_bytes, now)
-                if self._on_traffic is not None:
-                    self._on_traffic(device, peer.busy(now))
-                if first:
+                if peer.observe(current.last_handshake, current.rx_bytes, current.tx_bytes):
                     log.info("handshake with %s (%s) over %s", peer.name,
                              peer.spec.overlay_ip, peer.endpoint)
                 if peer.endpoint_source == ANNOUNCED and current.endpoint:

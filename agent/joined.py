@@ -25,7 +25,6 @@ from kbwg.agent.reports import ControlReplies
 from kbwg.agent.runtime_state import AgentState
 from kbwg.agent.team_view import TeamView
 from kbwg.agent.upkeep import Upkeep
-from kbwg.core.identity import DeviceId
 from kbwg.negotiation.session import CheckerSpec, Negotiator
 from kbwg.negotiation.wire import CandidateInfo
 
@@ -63,10 +62,6 @@ class JoinedDevice:
         async def post(text: str) -> None:
             await post_or_drop(keybase, team.negotiation_channel, text)
 
-        # The newest checker per peer, for the stats poll's word on traffic (a new one
-        # starts at full pace until the next poll).
-        checkers: dict[DeviceId, RegisteredChecker] = {}
-
         def make_checker(spec: CheckerSpec) -> RegisteredChecker:
             # `peer_sync` and `upkeep` are made below; the negotiator asks for checkers
             # only once peers have keys, which PeerSync gives them.
@@ -74,15 +69,7 @@ class JoinedDevice:
                 peer_sync.path_chosen(spec.peer, pair, reason)))
             registered.checker.on_lost = lambda _pair, fell_back: spawn(
                 upkeep.on_path_lost(spec.peer, fell_back))
-            checkers[spec.peer] = registered
             return registered
-
-        def traffic(device: DeviceId, active: bool) -> None:
-            registered = checkers.get(device)
-            if registered is None or registered.checker.state == "closed":
-                checkers.pop(device, None)
-                return
-            registered.checker.set_traffic(active)
 
         async def offer_candidates() -> list[CandidateInfo]:
             return await paths.offer_candidates(STUN_WAIT_S)
@@ -92,7 +79,7 @@ class JoinedDevice:
                       if options.negotiate else None)
         peer_sync = PeerSync(owner, state, team, paths, negotiator, presence, options, lock,
                              spawn)
-        stats = StatsPoll(owner, state, options.keepalive_s, lock, traffic)
+        stats = StatsPoll(owner, state, options.keepalive_s, lock)
         chat = ChatDispatch(team, state, presence, peer_sync, negotiator)
         upkeep = Upkeep(options, team, state, presence, peer_sync, stats, paths, negotiator,
                         chat)

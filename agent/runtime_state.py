@@ -19,11 +19,6 @@ ANNOUNCED = "announced"
 # A handshake this recent means the endpoint works: WireGuard rejects a session older
 # than 180 s (REJECT_AFTER_TIME), and keepalives renew it well within that.
 WORKING_HANDSHAKE_S = 180.0
-# Between two stats polls, keepalives (32 bytes) and a handshake (148 + 92) stay under
-# this; a ping a second does not. A peer is busy for ACTIVE_WINDOW_S after such a poll
-# (Tailscale's active-session window is 45 s).
-TRAFFIC_BYTES = 300
-ACTIVE_WINDOW_S = 30.0
 
 
 @dataclass
@@ -42,8 +37,6 @@ class PeerState:
     last_handshake: float = 0.0
     rx_bytes: int = 0
     tx_bytes: int = 0
-    # When the counters last moved by more than keepalives and handshakes do.
-    traffic_at: float | None = None
     fallback: asyncio.TimerHandle | None = None
     route: str | None = None
 
@@ -55,10 +48,6 @@ class PeerState:
         self.last_handshake, self.rx_bytes, self.tx_bytes = 0.0, 0, 0
         self.connected_at = None
 
-    def busy(self, now: float) -> bool:
-        """Whether traffic flowed to or from this peer in the last ACTIVE_WINDOW_S."""
-        return self.traffic_at is not None and now - self.traffic_at < ACTIVE_WINDOW_S
-
     def working(self, now: float) -> bool:
         """Whether the current endpoint is known to work: chosen by a sealed negotiation,
         or confirmed by a recent authenticated WireGuard handshake."""
@@ -67,10 +56,8 @@ class PeerState:
         return (self.endpoint_source == NEGOTIATED
                 or (self.last_handshake > 0 and now - self.last_handshake < WORKING_HANDSHAKE_S))
 
-    def observe(self, last_handshake: float, rx: int, tx: int, now: float = 0.0) -> bool:
+    def observe(self, last_handshake: float, rx: int, tx: int) -> bool:
         """Take the device owner's counters; True on the first handshake of a path."""
-        if (rx - self.rx_bytes) + (tx - self.tx_bytes) > TRAFFIC_BYTES:
-            self.traffic_at = now
         self.last_handshake, self.rx_bytes, self.tx_bytes = last_handshake, rx, tx
         if (self.connected_at is None and last_handshake and self.path_since is not None
                 and last_handshake >= self.path_since - 1.0):

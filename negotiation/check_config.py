@@ -42,12 +42,6 @@ class CheckTimers:
     consent_min_timeout: float = 0.3
     consent_timeout_rtts: float = 3.0
     keepalive_interval: float = 5.0
-    # While no traffic flows (CheckLiveness.set_active), consent is RFC 7675's every 5 s
-    # and keepalives rarer: checks at RTT pace cost an idle host with 20 peers ~5 % of a
-    # core (bench/resources.py). A miss brings back the RTT pace at once, so an idle
-    # lost path is still noticed within one idle interval and a second.
-    consent_idle_interval: float = 5.0
-    keepalive_idle_interval: float = 25.0
     reprobe_min: float = 2.0
     reprobe_max: float = 30.0
     jitter: float = 0.2  # +-fraction on consent/keepalive intervals (RFC 7675)

@@ -10,10 +10,6 @@
 - Re-probes: a failed pair is checked again after `reprobe_min`, the wait doubling on
   every failure up to `reprobe_max`; one timer serves the pair due first.
 
-Both go at these paces only while traffic flows on the path (`set_active`, from the
-agent's WireGuard counters); an idle path is checked every `consent_idle_interval` and
-its alternatives every `keepalive_idle_interval`, until a consent check is missed.
-
 Consent and keepalive intervals are jittered by +-`jitter` (RFC 7675 section 5.1), so
 that peers started together do not send in step. What a missed answer means is the
 checker's business: this only queues the checks (`CheckTransactions.enqueue`).
@@ -54,32 +50,6 @@ class CheckLiveness:
         self._keepalive: asyncio.TimerHandle | None = None
         self._probe: asyncio.TimerHandle | None = None
         self._probe_due: float | None = None
-        self._active = True  # a new path is assumed busy until the agent says otherwise
-
-    def set_active(self, active: bool) -> None:
-        """Whether traffic flows on the path; checks come sooner once it does."""
-        if active == self._active or self._closed:
-            return
-        self._active = active
-        if active:
-            for handle in (self._consent, self._keepalive):
-                if handle is not None:
-                    handle.cancel()
-            restart_consent, restart_keepalive = (self._consent is not None,
-                                                  self._keepalive is not None)
-            self._consent = self._keepalive = None
-            if restart_consent:
-                self.start_consent()
-            if restart_keepalive:
-                self.start_keepalives()
-
-    def missed(self) -> None:
-        """The selected pair missed a consent check: an idle path's next one comes at
-        RTT pace, not after the idle interval."""
-        if not self._active and self._consent is not None:
-            self._consent.cancel()
-            self._consent = None
-            self.start_consent()
 
     def close(self) -> None:
         self._closed = True
@@ -93,16 +63,12 @@ class CheckLiveness:
         if self._consent is None and not self._closed:
             pair = self._selected()
             interval = self._timers.consent_interval_for(pair.rtt_ms if pair else None)
-            if not self._active and (pair is None or pair.misses == 0):
-                interval = max(interval, self._timers.consent_idle_interval)
             self._consent = self._loop.call_later(self._jittered(interval), self._consent_tick)
 
     def start_keepalives(self) -> None:
         if self._keepalive is None and not self._closed:
-            interval = (self._timers.keepalive_interval if self._active
-                        else self._timers.keepalive_idle_interval)
-            self._keepalive = self._loop.call_later(self._jittered(interval),
-                                                    self._keepalive_tick)
+            self._keepalive = self._loop.call_later(
+                self._jittered(self._timers.keepalive_interval), self._keepalive_tick)
 
     def reprobe_later(self, pair: CandidatePair) -> None:
         """`pair` just failed: check it again after its backoff, and double that."""

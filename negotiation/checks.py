@@ -207,10 +207,6 @@ class PeerChecker:
         return sorted(valid, key=lambda p: (p.view().tier,
                                             p.rtt_ms if p.rtt_ms is not None else 1e12))
 
-    def set_traffic(self, active: bool) -> None:
-        """Whether traffic flows to this peer: consent at RTT pace only while it does."""
-        self._upkeep.set_active(active)
-
     def has_transaction(self, transaction_id: bytes) -> bool:
         """Whether an answer with this id is ours (the mux routes responses by it)."""
         return self._tx.owns(transaction_id)
@@ -478,7 +474,6 @@ class PeerChecker:
             pair.misses += 1
             if pair.misses < self.timers.consent_failures:
                 if pair is self._selected:
-                    self._upkeep.missed()
                     self._evaluate()  # the peer may already answer from a new address
                 return
             why = f"{pair.misses} consent checks unanswered"
