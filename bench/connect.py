@@ -55,6 +55,7 @@ from first_ping import RELAY_IP, STUN_IP, start_relay  # noqa: E402  (bench help
 
 from kbwg.agent.control import call  # noqa: E402
 from kbwg_world import NatMode, Node, Router, Segment, World  # noqa: E402
+from kbwg_world.multihomed import multi_homed  # noqa: E402
 from kbwg_world.natchange import forget_mappings, new_public_address  # noqa: E402
 from kbwg_world.stunserver import StunServer  # noqa: E402
 from kbwg_world.team import AgentProcess, Team  # noqa: E402
@@ -258,14 +259,8 @@ def case_six(world: World, delay_ms: int) -> Outcome:
 def case_multihomed(world: World, delay_ms: int) -> Outcome:
     inet = world.internet()
     config = servers(world, inet)
-    slow = world.router("slow", wan=inet, nat=NatMode.MASQUERADE)
-    fast = world.router("fast", wan=inet, nat=NatMode.MASQUERADE)
-    # eth0 carries the default route but is 80 ms slower; eth1 has a backup default
-    # route, as NetworkManager gives a second uplink (as in netns-tests/test_paths.py).
-    m = world.host("m", lans=[slow.lan, fast.lan], delay_ms={"eth0": 80, "eth1": 5})
-    m.run(["ip", "route", "add", "default", "via", str(fast.lan.gateway), "dev", "eth1",
-           "metric", "200"])  # fmt: skip
-    p = world.host("p", lans=[inet])
+    shape = multi_homed(world, inet)  # eth0 the slow default route, eth1 fast
+    m, p, slow, fast = shape.m, shape.p, shape.slow, shape.fast
     team = Team(world, delay_ms=delay_ms)
     team.write_peers([device(0), device(1)])
     team.write_file("kbwg.json", json.dumps(config))

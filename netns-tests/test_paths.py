@@ -13,6 +13,7 @@ import pytest
 
 from kbwg_testing import wait_until
 from kbwg_world import NatMode, Node, Segment, World
+from kbwg_world.multihomed import multi_homed
 from kbwg_world.stunserver import StunServer
 from kbwg_world.team import AgentProcess, Team
 
@@ -78,14 +79,8 @@ def test_port_preserving_nats_get_a_direct_punched_path(world: World) -> None:
 def test_multi_homed_host_uses_the_faster_uplink(world: World) -> None:
     inet = world.internet()
     team = team_with_stun(world, inet)
-    slow = world.router("slow", wan=inet, nat=NatMode.MASQUERADE)
-    fast = world.router("fast", wan=inet, nat=NatMode.MASQUERADE)
-    # eth0 carries the default route but is 80 ms slower; eth1 has a backup default
-    # route (higher metric), as NetworkManager gives a second uplink.
-    m = world.host("m", lans=[slow.lan, fast.lan], delay_ms={"eth0": 80, "eth1": 5})
-    m.run(["ip", "route", "add", "default", "via", str(fast.lan.gateway), "dev", "eth1",
-           "metric", "200"])  # fmt: skip
-    p = world.host("p", lans=[inet])
+    shape = multi_homed(world, inet)  # eth0 the slow default route, eth1 fast
+    m, p, fast = shape.m, shape.p, shape.fast
     alice, bob = start_pair(team, m, p)
 
     # The status names the chosen pair as soon as WireGuard's endpoint is set; the host

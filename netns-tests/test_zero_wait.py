@@ -15,6 +15,7 @@ import pytest
 
 from kbwg_testing import wait_until
 from kbwg_world import NatMode, Node, Segment, World
+from kbwg_world.multihomed import multi_homed
 from kbwg_world.natchange import forget_mappings, new_public_address
 from kbwg_world.stunserver import StunServer
 from kbwg_world.team import AgentProcess, Team
@@ -132,13 +133,8 @@ def test_a_nat_forgetting_its_mappings_recovers_with_only_the_far_side_sending(
 def test_a_multi_homed_host_chooses_the_fast_uplink_first(world: World) -> None:
     inet = world.internet()
     team = team_with(world, inet)
-    slow = world.router("slow", wan=inet, nat=NatMode.MASQUERADE)
-    fast = world.router("fast", wan=inet, nat=NatMode.MASQUERADE)
-    # eth0 carries the default route but is 80 ms slower; eth1 a backup default route.
-    m = world.host("m", lans=[slow.lan, fast.lan], delay_ms={"eth0": 80, "eth1": 5})
-    m.run(["ip", "route", "add", "default", "via", str(fast.lan.gateway), "dev", "eth1",
-           "metric", "200"])  # fmt: skip
-    p = world.host("p", lans=[inet])
+    shape = multi_homed(world, inet)  # eth0 the slow default route, eth1 fast
+    m, p, slow, fast = shape.m, shape.p, shape.slow, shape.fast
     alice, bob = start(team, (m, *ALICE[:2]), (p, *BOB[:2]))
 
     peer = wait_until(
