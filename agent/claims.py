@@ -24,15 +24,11 @@ once every message is delivered, whatever the order of delivery):
 from __future__ import annotations
 
 import bisect
-import contextlib
 import errno
 import ipaddress
 import json
 import logging
-import os
 import random
-import stat
-import tempfile
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from enum import Enum, StrEnum
@@ -41,6 +37,7 @@ from pathlib import Path
 
 from kbwg.agent.announce import ANNOUNCE_TTL_S, AnnounceError, canonical_key
 from kbwg.agent.peers_file import PeerEntry
+from kbwg.agent.statedir import read_private, write_private
 from kbwg.core.identity import DeviceId
 
 log = logging.getLogger(__name__)
@@ -403,46 +400,24 @@ def load_previous(state_dir: Path) -> IPv4Address | None:
     """The address this device last claimed, to reclaim it after a restart."""
     path = state_dir / PREVIOUS_ADDRESS_FILE
     try:
-        # O_NOFOLLOW and a regular file only: what the agent wrote, never a link or a
-        # FIFO someone put there (reading one could block or read another file).
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        reason = "a symbolic link" if exc.errno == errno.ELOOP else str(exc)
-        log.warning("ignoring %s (%s): a fresh address will be picked", path, reason)
-        return None
-    try:
-        with os.fdopen(fd, "rb") as handle:
-            if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
-                raise ValueError("not a regular file")
-            data = handle.read(_PREVIOUS_MAX_BYTES + 1)
-        if len(data) > _PREVIOUS_MAX_BYTES:
-            raise ValueError("too large")
+        data = read_private(path, _PREVIOUS_MAX_BYTES)
+        if data is None:
+            return None
         ip = json.loads(data)["ip"]
         if not isinstance(ip, str):
             raise TypeError(f"'ip' is {ip!r}, not a string")
         return IPv4Address(ip)
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        log.warning("ignoring %s (%s): a fresh address will be picked", path, exc)
+        reason = ("a symbolic link" if isinstance(exc, OSError) and exc.errno == errno.ELOOP
+                  else str(exc))
+        log.warning("ignoring %s (%s): a fresh address will be picked", path, reason)
         return None
 
 
 def save_previous(state_dir: Path, ip: IPv4Address) -> None:
     """Remember the claimed address; a failure only costs the reclaim after a restart."""
     path = state_dir / PREVIOUS_ADDRESS_FILE
-    # A fresh private temp file (never a fixed name someone could have planted), written
-    # then renamed over the old file, so a crash never leaves a half-written one behind.
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{PREVIOUS_ADDRESS_FILE}.", dir=state_dir)
+        write_private(path, json.dumps({"ip": str(ip)}) + "\n")
     except OSError as exc:
-        log.warning("cannot save %s: %s; the address may change after a restart", path, exc)
-        return
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(json.dumps({"ip": str(ip)}) + "\n")
-        os.replace(tmp, path)
-    except OSError as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
         log.warning("cannot save %s: %s; the address may change after a restart", path, exc)

@@ -19,13 +19,12 @@ import asyncio
 import contextlib
 import logging
 import os
-import stat
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from kbwg.agent.join_options import JoinError
+from kbwg.agent.statedir import read_private, write_private
 
 log = logging.getLogger(__name__)
 
@@ -69,38 +68,19 @@ def record(state_dir: Path, pid: int) -> None:
     if start_time is None:
         return  # not a process (or gone already): nothing to wait for later
     path = state_dir / OWNER_FILE
-    # A fresh private temp file renamed over the old one: never a planted name, never
-    # half written.
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{OWNER_FILE}.", dir=state_dir)
+        write_private(path, f"{pid} {start_time}\n")
     except OSError as exc:
-        log.warning("cannot write %s: %s", path, exc)
-        return
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(f"{pid} {start_time}\n")
-        os.replace(tmp, path)
-    except OSError as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
         log.warning("cannot write %s: %s", path, exc)
 
 
 def load(state_dir: Path) -> OwnerRecord | None:
     path = state_dir / OWNER_FILE
     try:
-        # What an agent wrote: never a link or a FIFO someone put there.
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        log.warning("ignoring %s: %s", path, exc)
-        return None
-    try:
-        with os.fdopen(fd, "rb") as handle:
-            if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
-                raise ValueError("not a regular file")
-            pid_text, start_text = handle.read(_MAX_BYTES).decode("ascii").split()
+        data = read_private(path, _MAX_BYTES)
+        if data is None:
+            return None
+        pid_text, start_text = data.decode("ascii").split()
         return OwnerRecord(int(pid_text), int(start_text))
     except (OSError, ValueError, UnicodeDecodeError) as exc:
         log.warning("ignoring %s (%s)", path, exc)

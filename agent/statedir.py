@@ -17,6 +17,7 @@ import errno
 import fcntl
 import os
 import stat
+import tempfile
 from pathlib import Path
 from typing import IO
 
@@ -169,3 +170,37 @@ def lock_state_dir(state_dir: Path) -> IO[str]:
             handle.close()
         raise
     return handle
+
+
+def read_private(path: Path, limit: int) -> bytes | None:
+    """A small file the agent wrote into its state dir; None if there is none.
+
+    O_NOFOLLOW and a regular file only: never a link or a FIFO someone put there (reading
+    one could block or read another file). Raises OSError (ELOOP for a link) or
+    ValueError (not a regular file, over `limit` bytes).
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    with os.fdopen(fd, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+            raise ValueError("not a regular file")
+        data = handle.read(limit + 1)
+    if len(data) > limit:
+        raise ValueError("too large")
+    return data
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write `text` to `path` through a fresh private temp file renamed over it: never a
+    fixed name someone could have planted, never half written. Raises OSError."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
