@@ -93,8 +93,13 @@ def pair_priority(local_priority: int, remote_priority: int, controlling: bool) 
 
 
 def prflx_priority(base: Candidate) -> int:
-    """PRIORITY of our checks: what a prflx candidate learned from them would get."""
-    return candidate_priority("prflx", (base.priority >> 8) & 0xFFFF)
+    """PRIORITY of our checks: what a prflx candidate learned from them would get.
+
+    From a relayed base, the relay's type: the peer learns a candidate from such a check
+    only when a NAT on its side changed the relay's port, and that candidate is still
+    the relay (RFC 8445 would say prflx, which would rank and count it as direct)."""
+    kind = "relay" if base.type == "relay" else "prflx"
+    return candidate_priority(kind, (base.priority >> 8) & 0xFFFF)
 
 
 @dataclass(eq=False)

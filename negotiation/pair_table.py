@@ -4,8 +4,10 @@
 grows them as candidates trickle in on either side (`add_remotes`, `add_locals`) and as
 checks arrive: a request from an address the peer never listed is a
 peer-reflexive candidate (RFC 8445 section 7.3.1.3), at most `MAX_PRFLX` of them, and
-a new pair with it, at most `candidate_pairs.MAX_PAIRS` in all. It also tells what the peer sees
-of us on a pair, from the XOR-MAPPED-ADDRESS of an answer (section 7.2.5.3.1).
+a new pair with it, at most `candidate_pairs.MAX_PAIRS` in all. One learned from a check
+the peer sent through its relay (PRIORITY of the relay type, see
+`candidate_pairs.prflx_priority`) counts as relayed, whatever its port. It also tells
+what the peer sees of us on a pair, from the XOR-MAPPED-ADDRESS of an answer (section 7.2.5.3.1).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from kbwg.negotiation.candidate_pairs import (
     same_family,
     unique_remotes,
 )
-from kbwg.negotiation.candidates import Candidate, candidate_priority
+from kbwg.negotiation.candidates import TYPE_PREFERENCE, Candidate, candidate_priority
 from kbwg.negotiation.check_config import CheckCounters, CheckTimers
 from kbwg.negotiation.wire import CandidateInfo
 
@@ -48,7 +50,7 @@ class PairTable:
         self._name = name
         self._remotes: list[CandidateInfo] = []
         self._sent: list[CandidateInfo] = []  # every candidate the peer sent, in order
-        self._prflx = 0
+        self._learned: list[CandidateInfo] = []  # from requests, in order
         self._by_addr: dict[tuple[Address, Address], CandidatePair] = {}
         self.pairs: list[CandidatePair] = []
 
@@ -61,10 +63,9 @@ class PairTable:
         """More of the peer's candidates (trickled): the new pairs they make."""
         known = {(c.type, c.ip, c.port) for c in self._sent}
         self._sent += [c for c in candidates if (c.type, c.ip, c.port) not in known]
-        learned = [r for r in self._remotes if r.type == "prflx"]
         self._remotes = unique_remotes(self._sent)
         listed = {(r.ip, r.port) for r in self._remotes}
-        self._remotes += [r for r in learned if (r.ip, r.port) not in listed]
+        self._remotes += [r for r in self._learned if (r.ip, r.port) not in listed]
         return self._grow(controlling)
 
     def add_locals(self, candidates: Sequence[Candidate], controlling: bool) -> list[CandidatePair]:
@@ -123,15 +124,21 @@ class PairTable:
         for remote in self._remotes:
             if (remote.ip, remote.port) == src:
                 return remote
-        if self._prflx >= MAX_PRFLX:
+        if len(self._learned) >= MAX_PRFLX:
             return None
         if not isinstance(priority, int) or not 0 <= priority < 2**32:
             priority = candidate_priority("prflx")
-        self._prflx += 1
-        remote = CandidateInfo("prflx", src[0], src[1], priority, f"prflx{self._prflx}")
+        # A check from the peer's relayed candidate whose port a NAT on our side changed
+        # (Linux conntrack does on a tuple clash with our own checks to that relay port):
+        # still the relay, never a direct path that merely answers faster.
+        relayed = priority >> 24 == TYPE_PREFERENCE["relay"]
+        remote = CandidateInfo("relay" if relayed else "prflx", src[0], src[1], priority,
+                               f"prflx{len(self._learned) + 1}")
+        self._learned.append(remote)
         self._remotes.append(remote)
         self._counters.prflx_learned += 1
-        log.debug("%s: peer-reflexive candidate %s:%d", self._name, src[0], src[1])
+        log.debug("%s: peer-reflexive candidate %s:%d%s", self._name, src[0], src[1],
+                  " (through the peer's relay)" if relayed else "")
         return remote
 
     def pair_for(self, base: Candidate, remote: CandidateInfo,

@@ -575,8 +575,8 @@ async def test_requests_before_the_answer_are_answered_and_replayed() -> None:
     checker = PeerChecker([local], "aliceufrag", PWD_A, controlling=True, tie_breaker=9,
                           send=lambda d, a, c: sent.append((d, a)), timers=FAST)
     try:
-        early = _request("aliceufrag:bobufrag", PWD_A.encode(), PRIORITY=5,
-                         **{"ICE-CONTROLLED": 1})
+        early = _request("aliceufrag:bobufrag", PWD_A.encode(),
+                         PRIORITY=candidate_priority("prflx"), **{"ICE-CONTROLLED": 1})
         assert checker.datagram_received(bytes(early), ("198.18.1.20", PORT), local)
         assert len(sent) == 1  # answered at once
         assert checker.pairs == []

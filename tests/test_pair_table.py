@@ -1,0 +1,70 @@
+"""PairTable: what a check from an unlisted address teaches, and how it ranks.
+
+The case behind these: a peer's check through its TURN relay reaches us from the relay's
+IP with a port the peer never listed, because our NAT renumbered it (conntrack does, on
+a clash with our own checks to that relay port). Taken for an ordinary peer-reflexive
+candidate it counted as direct and, answering a few ms faster, won over the real direct
+pair: the peer saw its path relayed while we called it direct.
+"""
+
+from __future__ import annotations
+
+from kbwg.negotiation.candidate_pairs import prflx_priority
+from kbwg.negotiation.candidates import TYPE_PREFERENCE, Candidate, candidate_priority
+from kbwg.negotiation.check_config import CheckCounters, CheckTimers
+from kbwg.negotiation.choice import choose
+from kbwg.negotiation.pair_table import MAX_PRFLX, PairTable
+from kbwg.negotiation.wire import CandidateInfo
+
+HOST = Candidate("host", "198.18.1.10", 51820, "eth0", candidate_priority("host"), "eth0")
+RELAYED = Candidate("relay", "203.0.113.5", 54350, None, candidate_priority("relay"),
+                    "turn:203.0.113.5:3478", "198.18.2.10:51820")
+
+
+def table() -> PairTable:
+    pairs = PairTable([HOST], CheckTimers(), CheckCounters(), "bob/desk")
+    pairs.form([CandidateInfo("host", "198.18.2.10", 51820, candidate_priority("host"),
+                              "host0")], controlling=True)
+    return pairs
+
+
+def test_checks_from_a_relayed_base_carry_the_relay_type() -> None:
+    assert prflx_priority(RELAYED) >> 24 == TYPE_PREFERENCE["relay"]
+    assert prflx_priority(HOST) >> 24 == TYPE_PREFERENCE["prflx"]
+
+
+def test_a_check_through_the_peers_relay_teaches_a_relayed_candidate() -> None:
+    pairs = table()
+    through_relay = pairs.remote_for(("203.0.113.5", 13728), prflx_priority(RELAYED))
+    direct = pairs.remote_for(("203.0.113.11", 43746), prflx_priority(HOST))
+    assert through_relay is not None and direct is not None
+    assert through_relay.type == "relay" and direct.type == "prflx"
+
+    relayed_pair = pairs.pair_for(HOST, through_relay, controlling=True)
+    direct_pair = pairs.pair_for(HOST, direct, controlling=True)
+    assert relayed_pair is not None and direct_pair is not None
+    assert relayed_pair.view().path == "relay" and direct_pair.view().path == "direct"
+
+    # Both answer; the relayed one faster. The direct one still wins.
+    for pair, rtt in ((relayed_pair, 10.0), (direct_pair, 10.2)):
+        pair.state = "succeeded"
+        pair.add_rtt(rtt, exact=True)
+    best, _ = choose(None, [relayed_pair.view(), direct_pair.view()])
+    assert best is not None and best.key == direct_pair.key
+
+
+def test_learned_candidates_survive_trickled_ones_and_stay_bounded() -> None:
+    pairs = table()
+    learned = pairs.remote_for(("203.0.113.5", 13728), prflx_priority(RELAYED))
+    pairs.add_remotes([CandidateInfo("srflx", "203.0.113.11", 44268,
+                                     candidate_priority("srflx"), "srflx1")], True)
+    assert pairs.remote_for(("203.0.113.5", 13728), prflx_priority(RELAYED)) is learned
+    for port in range(MAX_PRFLX):
+        pairs.remote_for(("203.0.113.12", 20000 + port), prflx_priority(HOST))
+    assert pairs.remote_for(("203.0.113.13", 1), prflx_priority(HOST)) is None
+
+
+def test_a_bad_priority_is_an_ordinary_peer_reflexive_candidate() -> None:
+    for priority in (None, -1, 2**32, "x"):
+        remote = table().remote_for(("203.0.113.11", 40000), priority)
+        assert remote is not None and remote.type == "prflx"
