@@ -225,6 +225,22 @@ def test_exec_start_is_a_command_line_kbwg_agent_accepts(unit_path: Path) -> Non
         assert flag in shown, flag
 
 
+def test_relay_env_shows_tls_with_the_credentials_the_drop_in_loads() -> None:
+    """The commented TCP/TLS example in relay.env, uncommented, is a command line the
+    relay accepts, and its --cert/--key are the credentials its drop-in loads."""
+    text = RELAY_ENV.read_text()
+    example = next(line[1:] for line in text.splitlines()
+                   if line.startswith("#KBWG_RELAY_ARGS=") and "--tls-listen" in line)
+    env = {**parse_env_file(text + example + "\n"), "CREDENTIALS_DIRECTORY": "/run/cred"}
+    command = one(parse_unit(RELAY_UNIT.read_text()), "Service", "ExecStart")
+    parsed = build_parser().parse_args(exec_args(command, env))
+    loaded = dict(re.findall(r"LoadCredential=(\w+):(\S+)", text))
+    credentials = "/run/credentials/kbwg-relay.service"
+    assert parsed.tls_listen and parsed.tcp_listen, parsed
+    assert (parsed.cert, parsed.key) == (f"{credentials}/cert", f"{credentials}/key")
+    assert set(loaded) == {"cert", "key"}, loaded
+
+
 def _verify(tmp_path: Path, unit_path: Path, name: str, user: bool) -> None:
     if shutil.which("systemd-analyze") is None:
         pytest.skip("systemd-analyze is not installed: the parse tests above stand in")
