@@ -281,9 +281,14 @@ class Connectivity:
                 self._port.send(bytes(indication), (ip, int(port)), source=source)
 
     def make_checker(self, spec: CheckerSpec, on_selected: SelectedFn) -> RegisteredChecker:
+        def selected(pair: CandidatePair | None, reason: str) -> None:
+            on_selected(pair, reason)
+            if spec.on_outcome is not None:  # the negotiator retries a session that failed
+                spec.on_outcome(pair is not None)
+
         checker = PeerChecker(
             self.local.candidates, spec.ufrag, spec.pwd, controlling=spec.controlling,
-            tie_breaker=spec.tie_breaker, send=self._send_check, on_selected=on_selected,
+            tie_breaker=spec.tie_breaker, send=self._send_check, on_selected=selected,
             name=str(spec.peer),
         )
         if not self.gathering_done():

@@ -48,6 +48,8 @@ class Upkeep:
         self._negotiator = negotiator
         self._keybase = KeybaseUpkeep(team, state, presence, peer_sync, chat, negotiator)
         self._lost_at: dict[DeviceId, float] = {}
+        if negotiator is not None:
+            negotiator.on_restart = self.on_peer_restart
 
     def loops(self) -> dict[str, Coroutine[Any, Any, None]]:
         """The loops by name; each runs until cancelled."""
@@ -70,9 +72,7 @@ class Upkeep:
                 await self.on_network_change()
 
     async def _poll_stats(self) -> None:
-        while True:
-            await self._stats.poll()
-            await asyncio.sleep(self._options.stats_s)
+        await self._stats.run(self._options.stats_s)
 
     async def _watch_network(self) -> None:
         watcher = NetworkWatcher(self.on_network_change,
@@ -100,6 +100,13 @@ class Upkeep:
         if not fell_back and self._negotiator is not None \
                 and await self._negotiator.restart(peer):
             log.info("path to %s lost, candidates unchanged: renegotiating with it", peer)
+
+    async def on_peer_restart(self, peer: DeviceId) -> None:
+        """`peer` renegotiates because its path to us went quiet; ours to it likely did
+        too, whether or not our checks noticed yet (answering replaces them). As for a
+        lost path: STUN again before the answer goes, so that it does not carry a
+        public address our NAT no longer has, but leave that peer's offer standing."""
+        await self.on_path_lost(peer, fell_back=True)
 
     async def _regather(self, why: str) -> bool:
         """Gather again; when the candidates changed, tell the team and renegotiate with

@@ -6,6 +6,29 @@ offer is already on the way): then we wait `offer_grace_s` before offering ourse
 Glare (both offered) is resolved by key order: the offer of the device with the higher
 WireGuard public key wins.
 
+The rules that keep crossed, repeated and late messages from breaking a session (chat
+delivery takes hundreds of ms, offers are resent, and the dev channel's recent history
+is read again at every refresh, so any message may arrive late or twice):
+
+- A peer's messages are handled one at a time, in the order they reach us.
+- Glare: while our offer is out, the winner (higher key) ignores the loser's offer; the
+  loser answers the winner's and drops its own (its resends stop).
+- Stale offers: an offer or restart the peer sent (by its own clock, `ts`) before the
+  newest offer or answer of its that we acted on is ignored. The peer gave it up when
+  it sent that newer one: a loser's offer that crossed ours, then reached us after its
+  answer to ours, is the usual case.
+- A repeated offer of the session we answered (the peer resent it before our answer
+  reached it) gets the same answer again: new credentials would make the checker the
+  peer is running useless.
+- Resends of an offer belong to its session: a newer offer stops them.
+- A restart means the peer's path to us went quiet, so ours to it probably did too,
+  noticed or not (answering closes the checks that would notice), and our NAT may have
+  moved: the agent re-checks our candidates (`on_restart`, at most `RECHECK_S`) before
+  we answer, so that the answer does not carry a public address that is gone.
+- A session whose checks found no path (stale candidates, or a peer that was away) is
+  negotiated again, after `RETRY_MIN_S` doubling to `RETRY_MAX_S` while it keeps
+  failing: nothing else would ever renegotiate it, since no chosen path is lost.
+
 The answering side controls the checks (the reverse of RFC 8445's habit): it has both
 sets of credentials the moment the offer arrives, so it checks and nominates at once,
 while the offerer's checker, which exists from the moment it offered, answers those
@@ -20,6 +43,7 @@ import asyncio
 import base64
 import contextlib
 import logging
+import math
 import os
 import secrets
 import time
@@ -53,6 +77,11 @@ log = logging.getLogger(__name__)
 OFFER_GRACE_S = 1.5
 ANSWER_TIMEOUT_S = 3.0
 MAX_OFFERS = 3
+# How long answering a restart waits for our candidates to be checked again (STUN).
+RECHECK_S = 1.0
+# A session whose checks found no path is renegotiated after this, doubling to the max.
+RETRY_MIN_S = 2.0
+RETRY_MAX_S = 300.0
 # Offers that arrive before the sender's announcement (other channel, other order).
 PENDING_MAX = 8
 PENDING_TTL_S = 10.0
@@ -78,6 +107,8 @@ class CheckerSpec:
     pwd: str
     controlling: bool
     tie_breaker: int
+    # Told whether the checks have a path (True) or found none (False), on each change.
+    on_outcome: Callable[[bool], None] | None = None
 
 
 CheckerFactory = Callable[[CheckerSpec], Checker]
@@ -103,10 +134,23 @@ class PeerSession:
     # Our candidates the peer has in this session, and whether we said that was all.
     sent: set[tuple[str, str, int]] = field(default_factory=set)
     sent_complete: bool = True
+    # Our answer in this session, when the peer offered it (sent again to a resent offer).
+    answer: Answer | None = None
+    # The peer's timestamp of its newest offer or answer we acted on (stale offers).
+    peer_latest: float = -math.inf
+    # The peer's messages, one at a time.
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # Renegotiating after checks that found no path, with backoff.
+    retry_s: float = RETRY_MIN_S
+    retry: asyncio.TimerHandle | None = None
 
     def told(self, candidates: list[CandidateInfo], complete: bool) -> None:
         self.sent = {(c.type, c.ip, c.port) for c in candidates}
         self.sent_complete = complete
+
+    def glare_won(self) -> bool:
+        """Whether our offer is out and beats the peer's."""
+        return self.state == "offering" and self.wins_glare
 
     def replace_checker(self, checker: Checker | None) -> None:
         if self.checker is not None:
@@ -117,6 +161,11 @@ class PeerSession:
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
+
+    def cancel_retry(self) -> None:
+        if self.retry is not None:
+            self.retry.cancel()
+            self.retry = None
 
 
 class Negotiator:
@@ -134,6 +183,7 @@ class Negotiator:
         offer_grace_s: float = OFFER_GRACE_S,
         answer_timeout_s: float = ANSWER_TIMEOUT_S,
         gathering_done: Callable[[], bool] = lambda: True,
+        recheck_s: float = RECHECK_S,
     ) -> None:
         self.me = me
         self._private = private_key
@@ -146,6 +196,9 @@ class Negotiator:
         # Whether `local_candidates` gave everything (else the rest is trickled).
         self._gathering_done = gathering_done
         self._answer_timeout = answer_timeout_s
+        self._recheck_s = recheck_s
+        # Set by the agent: a peer restarts, so re-check our candidates (STUN again).
+        self.on_restart: Callable[[DeviceId], Awaitable[None]] | None = None
         self.sender_session = new_sender_session()
         self.guard = ReplayGuard()
         self.sessions: dict[DeviceId, PeerSession] = {}
@@ -176,6 +229,7 @@ class Negotiator:
         session = self.sessions.pop(peer, None)
         if session is not None:
             session.cancel_timer()
+            session.cancel_retry()
             session.replace_checker(None)
             session.state = "closed"
 
@@ -208,18 +262,25 @@ class Negotiator:
             return
         ufrag, pwd = new_credentials()
         tie_breaker = secrets.randbits(64)
-        session.session_id = new_session_id()
-        session.replace_checker(self._make_checker(
-            CheckerSpec(session.peer, ufrag, pwd, False, tie_breaker)))
+        session.cancel_timer()  # the resends of an offer left while we gathered
+        sid = session.session_id = new_session_id()
+        session.answer = None
+        session.replace_checker(self._make_checker(CheckerSpec(
+            session.peer, ufrag, pwd, False, tie_breaker, self._outcome_hook(session, sid))))
         session.state = "offering"
         session.offers_sent = 0
         complete = self._gathering_done()
         session.told(candidates, complete)
         body = Offer(ufrag, pwd, tie_breaker, candidates, self._wg_port, complete)
-        await self._send_offer(session, kind, body)
+        await self._send_offer(session, kind, sid, body)
 
-    async def _send_offer(self, session: PeerSession, kind: str, body: Offer) -> None:
-        if session.state != "offering" or self.sessions.get(session.peer) is not session:
+    async def _send_offer(self, session: PeerSession, kind: str, sid: bytes,
+                          body: Offer) -> None:
+        # Only while this very offer is out: a resend timer of an older one may fire
+        # (it was set while a newer offer was being gathered, or could not be cancelled
+        # in time), and must not send the old credentials under the new session id.
+        if (session.state != "offering" or session.session_id != sid
+                or self.sessions.get(session.peer) is not session):
             return
         if session.offers_sent >= MAX_OFFERS:
             session.state = "unanswered"
@@ -227,11 +288,13 @@ class Negotiator:
                      "(an agent without negotiation?)", session.peer, MAX_OFFERS)
             return
         session.offers_sent += 1
-        assert session.session_id is not None
-        await self._send(session, kind, session.session_id, body.to_wire())
+        await self._send(session, kind, sid, body.to_wire())
+        if session.state != "offering" or session.session_id != sid:
+            return  # answered, or replaced, while the post went out
+        session.cancel_timer()
         session.timer = asyncio.get_running_loop().call_later(
             self._answer_timeout * session.offers_sent,
-            lambda: self._spawn(self._send_offer(session, kind, body)))
+            lambda: self._spawn(self._send_offer(session, kind, sid, body)))
 
     async def trickle(self, candidates: list[CandidateInfo], complete: bool) -> None:
         """Our candidates after a gathering step: those a peer's session lacks go to it
@@ -244,6 +307,9 @@ class Negotiator:
                 continue
             session.sent |= {(c.type, c.ip, c.port) for c in new}
             session.sent_complete = complete
+            if session.answer is not None:  # a resent answer carries them too
+                session.answer = Answer(session.answer.ufrag, session.answer.pwd,
+                                        [*session.answer.candidates, *new], complete)
             log.debug("trickling %d candidates to %s%s", len(new), session.peer,
                       " (end of candidates)" if complete else "")
             await self._send(session, "candidates", session.session_id,
@@ -285,15 +351,22 @@ class Negotiator:
             # Its announcement may still be on the way (another channel).
             self._hold(sender, chat)
             return
-        try:
-            message = open_body(chat.body, sender=str(sender), sender_public=session.public_key,
-                                my_private=self._private, me=str(self.me))
-            self.guard.check(message)
-            await self._dispatch(session, message)
-        except SenderKeyMismatch:
-            self._hold(sender, chat)  # sealed with a key not announced (yet)
-        except WireError as exc:
-            log_ignored(chat, exc)
+        # One message of a peer at a time: the listener's pushes and a re-read of the
+        # channel's history arrive concurrently, and an offer's answer awaits gathering.
+        async with session.lock:
+            if self.sessions.get(sender) is not session:
+                self._spawn(self.handle(chat))  # its key changed meanwhile: start over
+                return
+            try:
+                message = open_body(chat.body, sender=str(sender),
+                                    sender_public=session.public_key,
+                                    my_private=self._private, me=str(self.me))
+                self.guard.check(message)
+                await self._dispatch(session, message)
+            except SenderKeyMismatch:
+                self._hold(sender, chat)  # sealed with a key not announced (yet)
+            except WireError as exc:
+                log_ignored(chat, exc)
 
     def _hold(self, sender: DeviceId, chat: SignalMessage) -> None:
         now = time.monotonic()
@@ -313,37 +386,110 @@ class Negotiator:
             log.info("%s said bye", session.peer)
             session.cancel_timer()
             session.replace_checker(None)
+            session.answer = None
             session.state = "idle"
         else:
             log.debug("ignoring %s from %s", message.type, session.peer)
 
     async def _on_offer(self, session: PeerSession, message: WireMessage, offer: Offer) -> None:
-        if session.state == "offering" and session.wins_glare:
-            log.info("glare with %s: our offer wins (higher key)", session.peer)
+        sid, peer = message.session_id, session.peer
+        if sid == session.session_id and session.answer is not None:
+            # Resent before our answer reached the peer: the same answer, whose
+            # credentials the checks under way use.
+            log.debug("%s of %s again: answering it again", message.type, peer)
+            session.peer_latest = max(session.peer_latest, message.timestamp)
+            await self._send(session, "answer", sid, session.answer.to_wire())
             return
-        if session.session_id is not None and session.session_id != message.session_id:
-            self.guard.supersede(str(session.peer), session.session_id)
-        session.cancel_timer()
+        if message.timestamp < session.peer_latest:
+            log.debug("%s from %s ignored: sent %.3fs before its newest message we took "
+                      "(it gave this one up)", message.type, peer,
+                      session.peer_latest - message.timestamp)
+            return
+        if session.glare_won():
+            log.info("glare with %s: our offer wins (higher key)", peer)
+            return
+        session.peer_latest = message.timestamp
+        if message.type == "restart":
+            await self._recheck(peer)
+        before = session.session_id
         candidates = await self._local_candidates()
+        if self.sessions.get(peer) is not session:
+            return
+        if session.session_id != before and session.glare_won():
+            # Our own offer (or restart) went out while we gathered, and it wins.
+            log.info("glare with %s: our offer wins (higher key)", peer)
+            return
+        if session.session_id is not None and session.session_id != sid:
+            self.guard.supersede(str(peer), session.session_id)
+        session.cancel_timer()
         ufrag, pwd = new_credentials()
-        session.session_id = message.session_id
-        checker = self._make_checker(
-            CheckerSpec(session.peer, ufrag, pwd, True, secrets.randbits(64)))
+        session.session_id = sid
+        checker = self._make_checker(CheckerSpec(
+            peer, ufrag, pwd, True, secrets.randbits(64), self._outcome_hook(session, sid)))
         session.replace_checker(checker)
         checker.set_remote(offer.ufrag, offer.pwd, list(offer.candidates), offer.complete)
         session.state = "checking"
-        log.info("%s from %s: %d candidates%s; answering", message.type, session.peer,
+        log.info("%s from %s: %d candidates%s; answering", message.type, peer,
                  len(offer.candidates), "" if offer.complete else ", more to come")
         complete = self._gathering_done()
         session.told(candidates, complete)
-        answer = Answer(ufrag, pwd, candidates, complete)
-        await self._send(session, "answer", message.session_id, answer.to_wire())
+        answer = session.answer = Answer(ufrag, pwd, candidates, complete)
+        await self._send(session, "answer", sid, answer.to_wire())
+
+    async def _recheck(self, peer: DeviceId) -> None:
+        """Our NAT may have moved under the path too: the agent STUNs again before we
+        answer. Bounded: what it finds later trickles to the peer, or renegotiates."""
+        on_restart = self.on_restart
+        if on_restart is None:
+            return
+        done = asyncio.Event()
+
+        async def recheck() -> None:
+            try:
+                await on_restart(peer)
+            finally:
+                done.set()
+
+        self._spawn(recheck())
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(done.wait(), self._recheck_s)
+
+    def _outcome_hook(self, session: PeerSession, sid: bytes) -> Callable[[bool], None]:
+        return lambda ok: self._outcome(session, sid, ok)
+
+    def _outcome(self, session: PeerSession, sid: bytes, ok: bool) -> None:
+        """The checks of session `sid` found a path, or found none."""
+        if self.sessions.get(session.peer) is not session or session.session_id != sid:
+            return
+        session.cancel_retry()
+        if ok:
+            session.retry_s = RETRY_MIN_S
+            return
+        delay, session.retry_s = session.retry_s, min(session.retry_s * 2, RETRY_MAX_S)
+        log.info("no path to %s in this session: negotiating again in %.0fs",
+                 session.peer, delay)
+        session.retry = asyncio.get_running_loop().call_later(
+            delay, lambda: self._spawn(self._retry(session, sid)))
+
+    async def _retry(self, session: PeerSession, sid: bytes) -> None:
+        session.retry = None
+        if (self.sessions.get(session.peer) is not session or session.session_id != sid
+                or session.state == "offering"):
+            return  # renegotiated meanwhile
+        # Our candidates may be what failed (a NAT that moved): STUN again first; when
+        # they changed, the agent renegotiates with everyone, this peer included.
+        await self._recheck(session.peer)
+        if session.session_id == sid and session.state != "offering":
+            await self.offer(session, kind="restart")
 
     def _on_answer(self, session: PeerSession, message: WireMessage, answer: Answer) -> None:
-        if session.state != "offering" or message.session_id != session.session_id:
+        # Also after we stopped resending ("unanswered"): the offer's checker still waits.
+        if (session.state not in ("offering", "unanswered")
+                or message.session_id != session.session_id):
             log.debug("answer from %s for another session; ignored", session.peer)
             return
         session.cancel_timer()
+        session.peer_latest = max(session.peer_latest, message.timestamp)
         assert session.checker is not None
         session.checker.set_remote(answer.ufrag, answer.pwd, list(answer.candidates),
                                    answer.complete)
