@@ -9,10 +9,11 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from kbwg.agent.control import ControlError, call
+from kbwg.agent.startclock import milestone
 from kbwg.agent.statedir import ENV_STATE_DIR, StateDirBusy, lock_state_dir, resolve_state_dir
 from kbwg.agent.status_view import render_status
 
@@ -30,7 +31,11 @@ def _add_state_dir(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The whole command line; given `argv`, the relay's and install-helper's own
+    arguments only when argv runs that command (their modules are slow to import, and
+    `join` should not wait for them)."""
+    command = _command_of(argv) if argv is not None else None
     parser = argparse.ArgumentParser(
         prog="kbwg-agent",
         description="WireGuard mesh among the devices of a Keybase team. Keybase is the "
@@ -87,9 +92,20 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="machine-readable output")
     _add_ping(sub)
     _add_diag(sub)
-    _add_relay(sub)
-    _add_install_helper(sub)
+    _add_relay(sub, with_arguments=command in (None, "relay"))
+    _add_install_helper(sub, with_arguments=command in (None, "install-helper"))
     return parser
+
+
+def _command_of(argv: Sequence[str]) -> str | None:
+    """The subcommand argv names (the only options before it take no value), None when
+    it names none (help, or a usage error argparse reports with the full parser)."""
+    for arg in argv:
+        if arg == "--":
+            return None
+        if not arg.startswith("-"):
+            return arg
+    return None
 
 
 def _add_ping(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -120,9 +136,8 @@ def _add_ping(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                       help="one JSON object per line: each ping, then a summary")
 
 
-def _add_install_helper(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    from kbwg.agent.install_helper import add_arguments
-
+def _add_install_helper(sub: argparse._SubParsersAction[argparse.ArgumentParser],
+                        with_arguments: bool = True) -> None:
     helper = sub.add_parser(
         "install-helper",
         help="install the device owner as a root-owned program for sudo (run as root)",
@@ -132,12 +147,14 @@ def _add_install_helper(sub: argparse._SubParsersAction[argparse.ArgumentParser]
         "rule that lets a user start it without a password and without arguments. Safe to "
         "run again, e.g. after an upgrade.",
     )
-    add_arguments(helper)
+    if with_arguments:
+        from kbwg.agent.install_helper import add_arguments
+
+        add_arguments(helper)
 
 
-def _add_relay(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    from kbwg.relay.main import add_arguments
-
+def _add_relay(sub: argparse._SubParsersAction[argparse.ArgumentParser],
+               with_arguments: bool = True) -> None:
     relay = sub.add_parser(
         "relay",
         help="run a TURN relay (RFC 8656, UDP) for the team's relayed paths",
@@ -147,7 +164,10 @@ def _add_relay(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "behaviour discovery. Quotas, rate limits and a peer address policy are on by "
         "default. INT or TERM stops it; SIGUSR1 logs its counters.",
     )
-    add_arguments(relay)
+    if with_arguments:
+        from kbwg.relay.main import add_arguments
+
+        add_arguments(relay)
 
 
 def _add_diag(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -382,9 +402,11 @@ async def _diag_agent(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv).parse_args(argv)
     if args.command == "join":
         _setup_logging(args.verbose)
+        milestone(log, "command line parsed")
         return asyncio.run(_join(args))
     if args.command == "relay":
         from kbwg.relay.main import run

@@ -12,7 +12,11 @@ else starts at once (the chat listener, the device owner, Keybase's whoami, both
 files, joining the channels); history is read once the listener is subscribed (nothing
 falls between the two), while the device is created; host candidates go out at once
 and the others trickle in (nothing waits for a STUN or relay server that may not
-answer).
+answer). Imports are part of that order: this module imports only what starting those
+processes needs, the team files' modules come next, and the data path's (pyroute2,
+negotiation, relays: most of the agent) are imported in a thread while Keybase answers
+and the device owner creates the device. `startclock.milestone` logs each step's time
+since process start.
 
 Team input is checked before it is applied: kbwg.json's overlay must pass the device
 owner's own rule on this host before the device is created (overlaycheck); each key
@@ -25,38 +29,29 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import importlib
 import logging
 from collections.abc import Callable, Coroutine
 from ipaddress import IPv4Interface
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from nacl.public import PrivateKey
-
-from kbwg.agent.claims import check_range_against_peers
-from kbwg.agent.connectivity import Connectivity
-from kbwg.agent.control import ControlServer
 from kbwg.agent.join_options import JoinError, JoinOptions
-from kbwg.agent.joined import JoinedDevice
 from kbwg.agent.keybase import KeybaseClient, KeybaseError
 from kbwg.agent.overlaycheck import OverlayError, RoutesReader, check_team_overlay, host_routes
 from kbwg.agent.owner_calls import OwnerCalls
 from kbwg.agent.owner_client import DeviceOwner, OwnerGone
-from kbwg.agent.presence import announce_target, pick_dynamic
 from kbwg.agent.previous_owner import forget as forget_owner
 from kbwg.agent.previous_owner import record as record_owner
 from kbwg.agent.previous_owner import wait_for_previous as wait_for_previous_owner
-from kbwg.agent.reload import reread_team_files
-from kbwg.agent.runtime_state import AgentState
-from kbwg.agent.team_view import TeamView
-from kbwg.agent.teamconfig import (
-    TeamConfig,
-    TeamConfigError,
-    load_team_config,
-    team_config_path,
-)
+from kbwg.agent.startclock import milestone
 from kbwg.core.background import Background
 from kbwg.core.identity import DeviceId
-from kbwg.turn.client import RelayAllocation
+
+if TYPE_CHECKING:
+    from kbwg.agent.joined import JoinedDevice
+    from kbwg.agent.team_view import TeamView
+    from kbwg.agent.teamconfig import TeamConfig
+    from kbwg.turn.client import RelayAllocation
 
 __all__ = ["Agent", "JoinError", "JoinOptions", "JoinedDevice", "OwnerFactory"]
 
@@ -64,9 +59,28 @@ log = logging.getLogger(__name__)
 
 SHUTDOWN_GRACE_S = 3.0
 LISTENER_READY_TIMEOUT_S = 5.0
+# What joining needs beyond the team files, loaded while it waits for Keybase and the
+# owner; pyroute2 first, which the overlay check needs soonest (for the host's routes).
+DATA_PATH_MODULES = ("pyroute2", "kbwg.agent.runtime_state", "kbwg.agent.presence",
+                     "kbwg.agent.connectivity", "kbwg.agent.control", "kbwg.agent.joined")
 
 OwnerFactory = Callable[[list[str] | None], Coroutine[Any, Any, DeviceOwner]]
-JoinedCallback = Callable[[JoinedDevice], object]
+JoinedCallback = Callable[["JoinedDevice"], object]
+
+
+def __getattr__(name: str) -> Any:
+    # JoinedDevice is the whole data path: loaded with the rest of it, during start-up
+    # (see the module docstring), not when `join` imports this module.
+    if name == "JoinedDevice":
+        from kbwg.agent.joined import JoinedDevice
+
+        return JoinedDevice
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _import_data_path() -> None:
+    for name in DATA_PATH_MODULES:
+        importlib.import_module(name)
 
 
 class Agent:
@@ -135,6 +149,8 @@ class Agent:
                                 task.get_name(), SHUTDOWN_GRACE_S)
 
     async def _serve_reloads(self, device: JoinedDevice) -> None:
+        from kbwg.agent.reload import reread_team_files
+
         while True:
             await self._reload.wait()
             self._reload.clear()
@@ -182,36 +198,63 @@ class Agent:
     async def _start(self, listener_ready: asyncio.Event, made: contextlib.AsyncExitStack,
                      joined: asyncio.Future[JoinedDevice]) -> JoinedDevice:
         # The device owner (a process, then wireguard-go) is the slowest step, so it
-        # starts while Keybase is asked who we are and what the team's files say, all
-        # at once.
+        # starts first, with Keybase's whoami, before this process imports any more.
         owner_task = asyncio.create_task(self._owner_factory(self.options.owner_command))
+        owner_task.add_done_callback(lambda _: milestone(log, "device owner ready"))
         made.push_async_callback(self._stop_owner, owner_task)
+        whoami = asyncio.create_task(self.keybase.whoami())
+        made.callback(whoami.cancel)
+        await asyncio.sleep(0)  # both processes started (each task's first step)
+        # The team files' modules (their paths and parsers), then both files at once.
+        from kbwg.agent.team_view import TeamView
+
         peers_raw = asyncio.create_task(
             self.keybase.fs_read(TeamView.peers_path_of(self.options.team)))
         made.callback(peers_raw.cancel)
-        identity, config = await asyncio.gather(self.keybase.whoami(), self._load_config())
+        # In a thread, so that this loop goes on with Keybase's answers and the owner's
+        # `create` meanwhile (the GIL passes to it whenever it has work).
+        loading = asyncio.ensure_future(asyncio.to_thread(_import_data_path))
+        loading.add_done_callback(lambda _: milestone(log, "agent modules imported"))
+        identity, config = await asyncio.gather(whoami, self._load_config())
+        milestone(log, "whoami and kbwg.json read")
         me = DeviceId(identity.username, identity.device)
         # Before anything is created: the owner has started, but `create` waits for this.
         await self._check_overlay(config)
         team = await self._read_team(me, config, peers_raw)
+        milestone(log, "peers.json read")
         history = asyncio.create_task(self._read_history(team, me, listener_ready))
         made.callback(history.cancel)
         mine = next((e for e in team.entries if e.device_id == me), None)
         if mine is None:
+            from kbwg.agent.presence import pick_dynamic
+
             await history  # a dynamic address needs the live claims
-        overlay_ip = mine.ip if mine is not None else pick_dynamic(
-            team, me, self.options.state_dir)
+            overlay_ip = pick_dynamic(team, me, self.options.state_dir)
+        else:
+            overlay_ip = mine.ip
+
+        from nacl.public import PrivateKey
 
         private_key = PrivateKey.generate()
-        announce_ip, announce_port = await announce_target(self.options.endpoint, config)
         # An agent killed outright leaves its owner removing the device for a moment.
         await wait_for_previous_owner(self.options.state_dir)
         owner = OwnerCalls(await owner_task)
         record_owner(self.options.state_dir, owner.transport.pid)
-        created = await owner.create(
+        creating = asyncio.create_task(owner.create(
             self.options.interface, bytes(private_key), self.options.listen_port,
-            IPv4Interface(f"{overlay_ip}/{config.overlay.prefixlen}"), self.options.backend)
+            IPv4Interface(f"{overlay_ip}/{config.overlay.prefixlen}"), self.options.backend))
+        made.callback(creating.cancel)
+        await loading
+        from kbwg.agent.connectivity import Connectivity
+        from kbwg.agent.control import ControlServer
+        from kbwg.agent.joined import JoinedDevice
+        from kbwg.agent.presence import announce_target
+        from kbwg.agent.runtime_state import AgentState
+
+        (announce_ip, announce_port), created = await asyncio.gather(
+            announce_target(self.options.endpoint, config), creating)
         port = created.listen_port
+        milestone(log, "device created")
         state = AgentState(
             me=me, listed=mine is not None, overlay_ip=overlay_ip,
             public_key=base64.b64encode(bytes(private_key.public_key)).decode(),
@@ -234,9 +277,11 @@ class Agent:
         made.push_async_callback(paths.close)
         # The books hold the history before anything acts on the team's messages.
         await history
+        milestone(log, "history read")
         device = JoinedDevice.assemble(self.options, self.keybase, team, state, owner, paths,
                                        private_key, tasks.spawn)
         paths.start_gathering()
+        milestone(log, "gathering started")
         made.callback(device.peer_sync.close)
         if device.negotiator is not None:
             made.push_async_callback(device.negotiator.close)
@@ -248,6 +293,7 @@ class Agent:
         if self._on_joined is not None:
             self._on_joined(device)
         await device.introduce()
+        milestone(log, "introduced (announced)")
         return device
 
     async def _stop_owner(self, owner_task: asyncio.Task[DeviceOwner]) -> None:
@@ -264,6 +310,8 @@ class Agent:
         log.info("device %s removed", self.options.interface)
 
     async def _load_config(self) -> TeamConfig:
+        from kbwg.agent.teamconfig import TeamConfigError, load_team_config, team_config_path
+
         try:
             return await load_team_config(self.keybase, self.options.team)
         except (TeamConfigError, KeybaseError) as exc:
@@ -273,6 +321,8 @@ class Agent:
             ) from exc
 
     async def _check_overlay(self, config: TeamConfig) -> None:
+        from kbwg.agent.teamconfig import team_config_path
+
         try:
             await check_team_overlay(config.overlay, team_config_path(self.options.team),
                                      self.options.interface, self.options.policy_path,
@@ -284,6 +334,9 @@ class Agent:
                          peers_raw: asyncio.Task[bytes]) -> TeamView:
         """peers.json (which must list us, or the team allow self-assigned addresses),
         as read by `peers_raw`."""
+        from kbwg.agent.claims import check_range_against_peers
+        from kbwg.agent.team_view import TeamView
+
         team = TeamView(self.keybase, self.options.team, config)
         await team.read_peers_file(strict=True, reading=peers_raw)
         if (not any(e.device_id == me for e in team.entries)

@@ -15,7 +15,6 @@ from kbwg.agent.claims import ClaimBook
 from kbwg.agent.connectivity import Connectivity
 from kbwg.agent.control import Handler
 from kbwg.agent.device_stats import StatsPoll
-from kbwg.agent.diag import DiagOptions, diagnose
 from kbwg.agent.keybase_link import KeybaseLink
 from kbwg.agent.owner_stun import OwnerStunTransport
 from kbwg.agent.ping import PingReplies
@@ -67,6 +66,9 @@ async def diag_report(request: dict[str, Any], team: str, state: AgentState,
                       shared_port: OwnerStunTransport | None = None) -> dict[str, Any]:
     """`diag` run from the live WireGuard port, plus what is known of each peer and
     what the owner's shared-port filter passed and dropped (`shared_port`)."""
+    # diag (and pystun3) is not part of `join`'s start: imported by the first request.
+    from kbwg.agent.diag import DiagOptions, diagnose
+
     timeout = request.get("diag_timeout", DIAG_TIMEOUT_S)
     if not isinstance(timeout, int | float) or timeout <= 0:
         timeout = DIAG_TIMEOUT_S

@@ -26,6 +26,13 @@ Cases (`--case NAME`, repeatable; default: all):
                   (conntrack flush) while only the device on the other side sends
   six             six devices behind three masquerade NATs (two per NAT), 30 directions
 
+Before the first case the project's modules are compiled to bytecode, as installing
+the package does: this venv's install is editable, and where PYTHONDONTWRITEBYTECODE is
+set every agent and stand-in process would otherwise compile some hundred modules from
+source again (a third of a second of CPU each). `--no-compile` leaves that out. Each
+run's agent logs (--logs) hold `start-up +S.SSSs: STEP` lines: bench/startup.py turns
+them into a breakdown of where the first seconds went.
+
     sudo .venv/bin/python bench/connect.py [--runs 5] [--case nat] [--json] [--logs DIR]
 """
 
@@ -33,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import compileall
 import contextlib
 import itertools
 import json
@@ -61,6 +69,10 @@ from kbwg_world.stunserver import StunServer  # noqa: E402
 from kbwg_world.team import AgentProcess, Team  # noqa: E402
 
 REACH = BENCH / "reach.py"
+# The folders of the packages agents, owners and the stand-in import (pyproject's
+# package-dir), compiled before the first case.
+SOURCES = ["core", "agent", "negotiation", "owner", "relay", "turn", "portmap",
+           "testing/kbwg_standin", "testing/kbwg_testing"]
 BUDGET_S = 90.0  # per run; generous: a failed run is reported as such, not timed
 POLL_S = 0.02
 
@@ -68,6 +80,12 @@ POLL_S = 0.02
 def device(i: int) -> tuple[str, str, str]:
     """(username, device, overlay ip) of the i-th device of a case."""
     return f"user{i}", f"dev{i}", f"100.64.0.{i + 1}"
+
+
+def compile_sources() -> bool:
+    """Write the bytecode an install would have (stale or missing .pyc files only)."""
+    root = BENCH.parent
+    return all(compileall.compile_dir(root / folder, quiet=1) for folder in SOURCES)
 
 
 def load() -> str:
@@ -214,8 +232,8 @@ def build(world: World, delay_ms: int, routers: Sequence[NatMode], per_router: i
     inet = world.internet()
     config = servers(world, inet, reachable, relay)
     nats = [world.router(f"r{i}", wan=inet, nat=mode) for i, mode in enumerate(routers)]
-    hosts = [world.host(f"h{i}{j}", lans=[r.lan]) for i, r in enumerate(nats)
-             for j in range(per_router)]
+    hosts: list[Node] = [world.host(f"h{i}{j}", lans=[r.lan]) for i, r in enumerate(nats)
+                         for j in range(per_router)]
     team = Team(world, delay_ms=delay_ms)
     team.write_peers([device(i) for i in range(len(hosts))])
     team.write_file("kbwg.json", json.dumps(config))
@@ -441,7 +459,12 @@ def main() -> int:
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--logs", type=Path, metavar="DIR",
                         help="keep each run's agent logs in DIR/<case>-<run>/")
+    parser.add_argument("--no-compile", action="store_true",
+                        help="do not compile the project's modules to bytecode first")
     args = parser.parse_args()
+    if not args.no_compile and not compile_sources():
+        print("compiling the project's modules failed; timing them from source",
+              file=sys.stderr)
 
     results = []
     for name in args.case or list(CASES):

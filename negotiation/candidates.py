@@ -18,8 +18,6 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pyroute2 import IPRoute
-
 from kbwg.negotiation.stun_client import (
     Address,
     BindingResult,
@@ -92,6 +90,10 @@ def list_interface_addresses() -> list[InterfaceAddress]:
     Blocking, and pyroute2 0.9's IPRoute refuses to run in a thread with a running
     event loop: from async code use `interface_addresses()`.
     """
+    # pyroute2 takes ~0.2 s to import: not before the first gathering (team files need
+    # this module's defaults while `join` starts).
+    from pyroute2 import IPRoute
+
     result = []
     with IPRoute() as ipr:
         links = {link["index"]: link for link in ipr.get_links()}

@@ -8,13 +8,13 @@ import os
 import sys
 from collections.abc import Sequence
 
-from kbwg_standin.api import cmd_chat_api
 from kbwg_standin.ctl import cmd_ctl, dial_error, is_stopped
 from kbwg_standin.env import Env
 from kbwg_standin.errors import EXIT_NOTOK, RequestError, ServiceError, UsageError, die
-from kbwg_standin.identity import cmd_status, cmd_version, cmd_whoami
-from kbwg_standin.kbfs import cmd_fs
-from kbwg_standin.listen import cmd_api_listen
+
+# Every `keybase` call is a new process here (the agent makes several while it starts),
+# so each subcommand's module is imported only when it runs: `whoami` and `fs read` do not
+# pay for the chat service's modules, as the real Go client pays for none.
 
 GLOBAL_FLAGS_WITH_VALUE = frozenset(
     {"--home", "--pid-file", "--log-file", "--socket-file", "--config-file", "--run-mode"}
@@ -42,6 +42,8 @@ def run(argv: Sequence[str]) -> int:
         die("usage: keybase [global flags] <chat api|chat api-listen|whoami|status|fs ...|ctl ...>")
     cmd, rest = args[0], args[1:]
     if cmd == "version":
+        from kbwg_standin.identity import cmd_version
+
         return cmd_version(None, rest)
     env = Env.from_environ()
     if cmd in ("ctl", "service"):
@@ -53,15 +55,25 @@ def run(argv: Sequence[str]) -> int:
         if not rest:
             die("chat: missing subcommand (api, api-listen)")
         if rest[0] == "api":
+            from kbwg_standin.api import cmd_chat_api
+
             return cmd_chat_api(env, rest[1:])
         if rest[0] == "api-listen":
+            from kbwg_standin.listen import cmd_api_listen
+
             return cmd_api_listen(env, rest[1:])
         die(f"chat {rest[0]}: not supported by the keybase stand-in")
     if cmd == "whoami":
+        from kbwg_standin.identity import cmd_whoami
+
         return cmd_whoami(env, rest)
     if cmd == "status":
+        from kbwg_standin.identity import cmd_status
+
         return cmd_status(env, rest)
     if cmd == "fs":
+        from kbwg_standin.kbfs import cmd_fs
+
         return cmd_fs(env, rest)
     die(f"{cmd}: not supported by the keybase stand-in")
 

@@ -1,0 +1,111 @@
+"""Where `join`'s first seconds go: a per-step breakdown read back from agent logs.
+
+The agent logs `start-up +S.SSSs: STEP` (kbwg.agent.startclock) at its own milestones,
+measured from the kernel's record of its process start; later steps (first check, path
+chosen, first WireGuard handshake) are found by their ordinary log lines, whose wall
+time is turned into the same scale with the first milestone line. Needs `-vv` logs, as
+bench/connect.py --logs keeps them:
+
+    sudo .venv/bin/python bench/connect.py --case lan3 --runs 3 --logs /tmp/b
+    .venv/bin/python bench/startup.py /tmp/b            # every agent*.log below it
+
+Prints each step's median and maximum over the agents (and runs) found, in time order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import re
+import statistics
+import sys
+from pathlib import Path
+
+_STAMP = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ")
+_MILESTONE = re.compile(r"start-up \+(\d+\.\d+)s: (.+)$")
+# Steps that are ordinary log lines: (step, pattern); the first match counts.
+_LINES = [
+    ("owner: policy read (owner imports done)", re.compile(r"owner: .*policy: overlay within")),
+    ("owner: wireguard-go started", re.compile(r"owner: .*wireguard-go \S+ up")),
+    ("chat listener subscribed", re.compile(r"api-listen stderr: Listening")),
+    ("local candidates (gathering done)", re.compile(r"kbwg.agent.connectivity: local candidates")),
+    ("first offer or answer received", re.compile(r"kbwg.negotiation.session: (offer|answer|"
+                                                  r"restart) from ")),
+    ("first check sent (checking pairs)", re.compile(r": checking \d+ pairs")),
+    ("first pair works", re.compile(r": pair .* works \(")),
+    ("first path chosen", re.compile(r"kbwg.negotiation.checks: .*: path ")),
+    ("first WireGuard handshake seen", re.compile(r"kbwg.agent.device_stats: handshake with")),
+]
+
+
+def _wall(line: str) -> float | None:
+    match = _STAMP.match(line)
+    if match is None:
+        return None
+    stamp = datetime.datetime.strptime(match.group(1), "%Y-%m-%d %H:%M:%S,%f")
+    return stamp.timestamp()
+
+
+def steps(log: str) -> dict[str, float]:
+    """Step -> seconds since the process started, for one agent's log."""
+    found: dict[str, float] = {}
+    start: float | None = None  # wall time of the process start
+    pending: list[tuple[float, str]] = []
+    for line in log.splitlines():
+        wall = _wall(line)
+        if wall is None:
+            continue
+        milestone = _MILESTONE.search(line)
+        if milestone is not None:
+            age = float(milestone.group(1))
+            found.setdefault(milestone.group(2).strip(), age)
+            if start is None:
+                start = wall - age
+            continue
+        for step, pattern in _LINES:
+            if step not in found and pattern.search(line):
+                pending.append((wall, step))
+                found[step] = -1.0
+    if start is None:
+        return {}
+    for wall, step in pending:
+        found[step] = wall - start
+    return found
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("paths", nargs="+", type=Path, help="log files or folders of them")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    files: list[Path] = []
+    for path in args.paths:
+        files += sorted(path.rglob("*.log")) if path.is_dir() else [path]
+    per_step: dict[str, list[float]] = {}
+    agents = 0
+    for path in files:
+        found = steps(path.read_text(errors="replace"))
+        agents += bool(found)
+        for step, seconds in found.items():
+            per_step.setdefault(step, []).append(seconds)
+    if not agents:
+        print("no start-up milestones found (logs need -vv)", file=sys.stderr)
+        return 1
+    rows = sorted(per_step.items(), key=lambda item: statistics.median(item[1]))
+    if args.json:
+        print(json.dumps({"agents": agents, "steps": [
+            {"step": step, "n": len(times), "median_s": statistics.median(times),
+             "max_s": max(times)} for step, times in rows]}, indent=2))
+        return 0
+    print(f"start-up steps, seconds from process start ({agents} agent logs)")
+    print("| step | median | max | n |")
+    print("|---|---|---|---|")
+    for step, times in rows:
+        print(f"| {step} | {statistics.median(times):.2f} | {max(times):.2f} | {len(times)} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,135 @@
+"""What `join` imports on its way up (issue 13: it is timed from process start).
+
+A fresh interpreter runs `join`'s start path for real: the command line, then the
+agent with the Keybase stand-in and an in-memory device owner, until it has announced
+itself. The device owner and whoami must start before the data path's modules load
+(pyroute2, aioice: a third of a second), and modules only other commands or later
+requests need (diag and pystun3, the relay server, install-helper, the ping command,
+UPnP) must not load at all. Port mapping is off: it would probe this machine's real
+gateway.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+STANDIN = str(Path(sys.executable).parent / "kbwg-keybase-standin")
+
+# Loaded only by the commands and requests that need them, never by `join`'s start.
+NOT_AT_START = (
+    "kbwg.agent.diag",
+    "kbwg.negotiation.natprobe",
+    "stun",  # pystun3, for diag's classic NAT type
+    "kbwg.relay",
+    "kbwg.agent.install_helper",
+    "kbwg.agent.ping_command",
+    "async_upnp_client",
+    "aiohttp",
+)
+# Not before the device owner and whoami have been started.
+NOT_BEFORE_OWNER = ("pyroute2", "aioice", "dns", "kbwg.agent.connectivity",
+                    "kbwg.agent.joined", "kbwg.negotiation.checks")
+
+SCRIPT = textwrap.dedent("""
+    import asyncio, json, logging, sys
+    from pathlib import Path
+
+    from kbwg.agent import cli
+
+    argv = ["-vv", "join", "t1", "--keybase", sys.argv[1], "--state-dir", sys.argv[2]]
+    args = cli.build_parser(argv).parse_args(argv)
+
+    from kbwg.agent.daemon import Agent, JoinOptions
+    from kbwg.agent.keybase import KeybaseClient
+
+    seen = {}
+
+    class Owner:
+        pid = 0
+
+        def __init__(self):
+            self.events = asyncio.Queue()
+
+        async def wait_gone(self):
+            await asyncio.Event().wait()
+
+        async def request(self, op, **request):
+            if op == "create":
+                return {"listen_port": 40000, "backend": "memory", "public_key": "x",
+                        "ifname": request["ifname"]}
+            if op == "stun_open":
+                return {"port": 40000}
+            if op == "stats":
+                return {"peers": []}
+            return {}
+
+        async def close(self):
+            pass
+
+    async def start_owner(_command):
+        seen["owner"] = sorted(sys.modules)
+        return Owner()
+
+    async def no_routes(_ifname):
+        return []
+
+    class Introduced(logging.Handler):
+        def __init__(self, done):
+            super().__init__()
+            self.done = done
+
+        def emit(self, record):
+            if "introduced" in record.getMessage():
+                self.done.set()
+
+    async def main():
+        introduced = asyncio.Event()
+        daemon_log = logging.getLogger("kbwg.agent.daemon")
+        daemon_log.setLevel(logging.DEBUG)
+        daemon_log.addHandler(Introduced(introduced))
+        options = JoinOptions(team=args.team, state_dir=Path(args.state_dir),
+                              interface=args.interface, listen_port=args.port)
+        agent = Agent(options, KeybaseClient(args.keybase), owner_factory=start_owner,
+                      routes=no_routes)
+        stop = asyncio.Event()
+        run = asyncio.create_task(agent.run(stop))
+        done, _ = await asyncio.wait([run, asyncio.create_task(introduced.wait())],
+                                     timeout=60, return_when=asyncio.FIRST_COMPLETED)
+        seen["started"] = sorted(sys.modules)
+        seen["introduced"] = introduced.is_set()
+        stop.set()
+        await run
+
+    asyncio.run(main())
+    print(json.dumps(seen))
+""")
+
+
+def _loaded(modules: list[str], names: tuple[str, ...]) -> list[str]:
+    return sorted(m for m in modules if m in names or m.startswith(tuple(n + "." for n in names)))
+
+
+def test_join_starts_the_owner_first_and_loads_no_other_commands_modules(tmp_path: Path) -> None:
+    home = tmp_path / "kb"
+    team = home / "kbfs" / "team" / "t1"
+    team.mkdir(parents=True)
+    (team / "peers.json").write_text(json.dumps(
+        [{"username": "alice", "device": "laptop", "ip": "100.64.0.1"}]))
+    state = tmp_path / "state"
+    state.mkdir()
+    env = {**os.environ, "KBWG_STANDIN_HOME": str(home), "KBWG_STANDIN_USER": "alice",
+           "KBWG_STANDIN_DEVICE": "laptop", "KBWG_PORTMAP": "off"}
+    result = subprocess.run([sys.executable, "-c", SCRIPT, STANDIN, str(state)], env=env,
+                            capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr[-4000:]
+    seen = json.loads(result.stdout.splitlines()[-1])
+    assert seen["introduced"], "the agent never announced itself:\n" + result.stderr[-4000:]
+    # The run got as far as the data path: the check below is not vacuous.
+    assert _loaded(seen["started"], ("pyroute2", "kbwg.agent.joined")) != []
+    assert _loaded(seen["owner"], NOT_BEFORE_OWNER) == []
+    assert _loaded(seen["started"], NOT_AT_START) == []
