@@ -22,7 +22,7 @@ import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aioice import stun
 
@@ -43,7 +43,9 @@ from kbwg.negotiation.stun_client import Address, StunClient, StunCounters
 from kbwg.negotiation.wire import CandidateInfo
 from kbwg.portmap.mapper import PortMapper, config_from_env
 from kbwg.portmap.mapping import Mapping
-from kbwg.turn.client import RelayAllocation
+
+if TYPE_CHECKING:  # the TURN client loads with the first relay (relay_paths)
+    from kbwg.turn.client import RelayAllocation
 
 log = logging.getLogger(__name__)
 

@@ -25,17 +25,21 @@ import logging
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aioice import stun
 
-from kbwg.agent.relay_proxy import LoopbackProxy, ProxyCounters
 from kbwg.agent.teamconfig import TRANSPORTS, RelayConfig, tls_context
-from kbwg.core.addresses import format_endpoint
+from kbwg.core.addresses import Address, format_endpoint
 from kbwg.core.stun import is_stun
 from kbwg.negotiation.candidates import Candidate, candidate_priority
 from kbwg.negotiation.stun_client import resolve
-from kbwg.turn.client import Address, RelayAllocation
+
+if TYPE_CHECKING:
+    # The TURN client and the proxies load with the first relay: a team without one
+    # never needs them, and `join` does not wait for them (issue 13).
+    from kbwg.agent.relay_proxy import LoopbackProxy, ProxyCounters
+    from kbwg.turn.client import RelayAllocation
 
 log = logging.getLogger(__name__)
 
@@ -152,6 +156,8 @@ class RelayPaths:
 
     def _ipv6_result(self, group: RelayGroup, result: RelayAllocation | BaseException,
                      timeout: float) -> None:
+        from kbwg.turn.client import RelayAllocation
+
         key = group.key + IPV6_KEY
         if isinstance(result, RelayAllocation):
             result.transport_reason = f"{result.transport}: IPv6 relayed address"
@@ -171,6 +177,8 @@ class RelayPaths:
         """An allocation on `relay` (an IPv6 relayed address when `ipv6`), reaching it
         over the family of the relayed address first, over the other when that has no
         address or route (a failure, not a time-out)."""
+        from kbwg.turn.client import RelayAllocation
+
         tls = tls_context(relay) if relay.transport == "tls" else None
         families = ((socket.AF_INET6, socket.AF_INET) if ipv6
                     else (socket.AF_INET, socket.AF_INET6))
@@ -236,6 +244,8 @@ class RelayPaths:
     async def route(self, peer: str, local: Candidate | None, remote: Address) -> str | None:
         """The WireGuard endpoint for `peer` when its pair starts at our relay candidate
         (a loopback proxy), or None for a direct pair (and any old proxy closes)."""
+        from kbwg.agent.relay_proxy import LoopbackProxy, ProxyCounters
+
         allocation = self.allocation_for(local) if local is not None else None
         current = self.proxies.get(peer)
         if current is not None and current.allocation is allocation and current.peer == remote:
@@ -267,6 +277,8 @@ class RelayPaths:
                 for a in self.allocations.values()]
 
     def _proxy_json(self, url: str) -> dict[str, int]:
+        from kbwg.agent.relay_proxy import ProxyCounters
+
         c = self.proxy_counters.get(url, ProxyCounters())
         return {"proxy_to_peer": c.to_peer, "proxy_to_wireguard": c.to_wireguard,
                 "proxy_dropped": c.dropped, "proxy_foreign": c.foreign}

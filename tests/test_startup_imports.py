@@ -5,8 +5,8 @@ agent with the Keybase stand-in and an in-memory device owner, until it has anno
 itself. The device owner and whoami must start before the data path's modules load
 (pyroute2, aioice: a third of a second), and modules only other commands or later
 requests need (diag and pystun3, the relay server, install-helper, the ping command,
-UPnP) must not load at all. Port mapping is off: it would probe this machine's real
-gateway.
+UPnP, and the TURN client while no relay is configured) must not load at all. Port
+mapping is off: it would probe this machine's real gateway.
 """
 
 from __future__ import annotations
@@ -30,6 +30,9 @@ NOT_AT_START = (
     "kbwg.agent.ping_command",
     "async_upnp_client",
     "aiohttp",
+    # The team here configures no relay: the TURN client is not needed.
+    "kbwg.turn",
+    "kbwg.agent.relay_proxy",
 )
 # Not before the device owner and whoami have been started.
 NOT_BEFORE_OWNER = ("pyroute2", "aioice", "dns", "kbwg.agent.connectivity",
