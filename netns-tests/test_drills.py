@@ -55,10 +55,12 @@ class Proc:
 
     @property
     def kind(self) -> str:
-        """owner, wireguard-go, agent or other."""
+        """owner, route-reaper, wireguard-go, agent or other."""
         text = " ".join(self.argv)
         if self.argv and os.path.basename(self.argv[0]) == "wireguard-go":
             return "wireguard-go"
+        if "kbwg.owner.route_reaper" in text:
+            return "route-reaper"
         if "kbwg.owner" in text or "kbwg-owner" in text:
             return "owner"
         if "kbwg-agent" in text or "kbwg.agent" in text:

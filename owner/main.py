@@ -23,9 +23,9 @@ import sys
 import threading
 from pathlib import Path
 
-from kbwg.owner.netconfig import NetlinkNetConfig
 from kbwg.owner.policy import DEFAULT_POLICY_PATH, OwnerPolicy, PolicyError, load_policy
 from kbwg.owner.rawstun import RawStunSocket
+from kbwg.owner.route_reaper import ReapedNetConfig
 from kbwg.owner.server import OwnerServer, serve_stdio
 from kbwg.owner.tools import FIXED_PATH
 from kbwg.owner.wg_backend import select_backend
@@ -80,7 +80,7 @@ def _import_netlink() -> None:
 
 
 def build_server(policy: OwnerPolicy) -> OwnerServer:
-    return OwnerServer(NetlinkNetConfig(), select_backend, policy, RawStunSocket.open)
+    return OwnerServer(ReapedNetConfig(), select_backend, policy, RawStunSocket.open)
 
 
 def main(argv: list[str] | None = None) -> None:
