@@ -411,12 +411,12 @@ class Negotiator:
         session.peer_latest = message.timestamp
         if message.type == "restart":
             await self._recheck(peer)
-        before = session.session_id
         candidates = await self._local_candidates()
         if self.sessions.get(peer) is not session:
             return
-        if session.session_id != before and session.glare_won():
-            # Our own offer (or restart) went out while we gathered, and it wins.
+        if session.glare_won():
+            # Our own offer went out while we re-checked or gathered (our candidates
+            # changed: a restart to everyone), and it wins.
             log.info("glare with %s: our offer wins (higher key)", peer)
             return
         if session.session_id is not None and session.session_id != sid:
@@ -466,8 +466,9 @@ class Negotiator:
             session.retry_s = RETRY_MIN_S
             return
         delay, session.retry_s = session.retry_s, min(session.retry_s * 2, RETRY_MAX_S)
-        log.info("no path to %s in this session: negotiating again in %.0fs",
-                 session.peer, delay)
+        # Usually a lost path, which the agent renegotiates at once; else the retry does.
+        log.debug("no path to %s in this session: negotiating again in %.0fs unless "
+                  "renegotiated before", session.peer, delay)
         session.retry = asyncio.get_running_loop().call_later(
             delay, lambda: self._spawn(self._retry(session, sid)))
 
@@ -476,6 +477,7 @@ class Negotiator:
         if (self.sessions.get(session.peer) is not session or session.session_id != sid
                 or session.state == "offering"):
             return  # renegotiated meanwhile
+        log.info("no path to %s in its session: negotiating again", session.peer)
         # Our candidates may be what failed (a NAT that moved): STUN again first; when
         # they changed, the agent renegotiates with everyone, this peer included.
         await self._recheck(session.peer)

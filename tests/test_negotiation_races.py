@@ -171,6 +171,31 @@ async def test_an_offer_of_ours_that_went_out_while_we_gathered_settles_glare(
     assert_one_session(alice, bob)
 
 
+@pytest.mark.parametrize("alice_wins", [True, False], ids=["alice-wins", "bob-wins"])
+async def test_our_restart_to_everyone_while_we_recheck_settles_glare(alice_wins: bool) -> None:
+    a_key, b_key = keys(alice_wins)
+    bus, alice, bob = await connected_with(a_key, b_key)
+
+    async def recheck(_peer: DeviceId) -> None:
+        # STUN found a new address: the agent renegotiates with everyone, bob included.
+        await alice.negotiator.restart_all()
+
+    alice.negotiator.on_restart = recheck
+    bus.paused = True
+    await bob.negotiator.restart(ALICE)
+    release(bus, alice, "restart")  # bob's restart reaches alice; hers crosses it
+    await settle(bus, alice, bob)
+    bus.resume()
+    await settle(bus, alice, bob)
+
+    restarts = {"alice": alice.sent_types(bob)[1:], "bob": bob.sent_types(alice)[1:]}
+    if alice_wins:
+        assert restarts == {"alice": ["restart"], "bob": ["restart", "answer"]}, restarts
+    else:
+        assert restarts == {"alice": ["restart", "answer"], "bob": ["restart"]}, restarts
+    assert_one_session(alice, bob)
+
+
 # ------------------------------------------------------------------ resends
 
 
