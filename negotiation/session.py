@@ -385,6 +385,7 @@ class Negotiator:
         elif message.type == "bye":
             log.info("%s said bye", session.peer)
             session.cancel_timer()
+            session.cancel_retry()  # its agent stopped: its next run offers or announces
             session.replace_checker(None)
             session.answer = None
             session.state = "idle"

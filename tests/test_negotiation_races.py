@@ -422,3 +422,16 @@ async def test_a_failed_session_renegotiated_meanwhile_is_not_retried() -> None:
     await settle(bus, alice, bob)
     assert alice.sent_types(bob) == sent == ["answer", "answer"]
     assert_one_session(alice, bob)
+
+
+async def test_no_retry_after_the_peer_said_bye() -> None:
+    bus, alice, bob = await connected(offer_grace_s=LONG, answer_timeout_s=LONG)
+    checker = live(alice)
+    assert checker.spec.on_outcome is not None
+    checker.spec.on_outcome(False)  # bob's agent stopped: the checks fail ...
+    await bob.negotiator.close()  # ... and its bye arrives
+    await settle(bus, alice, bob)
+    await asyncio.sleep(RETRY_MIN_S * 2)
+    await settle(bus, alice)
+    assert alice.sent_types(bob) == ["answer"], "offered to a peer that said bye"
+    assert alice.negotiator.sessions[BOB].state == "idle"
