@@ -13,9 +13,9 @@ files, joining the channels); history is read once the listener is subscribed (n
 falls between the two), while the device is created; host candidates go out at once
 and the others trickle in (nothing waits for a STUN or relay server that may not
 answer). Imports are part of that order: this module imports only what starting those
-processes needs, the team files' modules come next, and the data path's (pyroute2,
-negotiation, relays: most of the agent) are imported in a thread while Keybase answers
-and the device owner creates the device. `startclock.milestone` logs each step's time
+processes needs, and the rest (pyroute2, the team's books, negotiation, relays: most of
+the agent) is imported in a thread while Keybase answers and the device owner starts
+and creates the device. `startclock.milestone` logs each step's time
 since process start.
 
 Team input is checked before it is applied: kbwg.json's overlay must pass the device
@@ -59,10 +59,12 @@ log = logging.getLogger(__name__)
 
 SHUTDOWN_GRACE_S = 3.0
 LISTENER_READY_TIMEOUT_S = 5.0
-# What joining needs beyond the team files, loaded while it waits for Keybase and the
-# owner; pyroute2 first, which the overlay check needs soonest (for the host's routes).
-DATA_PATH_MODULES = ("pyroute2", "kbwg.agent.runtime_state", "kbwg.agent.presence",
-                     "kbwg.agent.connectivity", "kbwg.agent.control", "kbwg.agent.joined")
+# What joining needs beyond kbwg.json's parser, loaded while it waits for Keybase and
+# the owner, in the order needed: pyroute2 for the overlay check (the host's routes),
+# TeamView for peers.json, then the data path.
+DATA_PATH_MODULES = ("pyroute2", "kbwg.agent.team_view", "kbwg.agent.runtime_state",
+                     "kbwg.agent.presence", "kbwg.agent.connectivity", "kbwg.agent.control",
+                     "kbwg.agent.joined")
 
 OwnerFactory = Callable[[list[str] | None], Coroutine[Any, Any, DeviceOwner]]
 JoinedCallback = Callable[["JoinedDevice"], object]
@@ -204,18 +206,20 @@ class Agent:
         made.push_async_callback(self._stop_owner, owner_task)
         whoami = asyncio.create_task(self.keybase.whoami())
         made.callback(whoami.cancel)
-        await asyncio.sleep(0)  # both processes started (each task's first step)
-        # The team files' modules (their paths and parsers), then both files at once.
-        from kbwg.agent.team_view import TeamView
+        # Both team files at once (kbwg.json's parser is light; peers.json's is parsed
+        # by TeamView, which loads with the data path).
+        from kbwg.agent.peers_file import peers_path
 
-        peers_raw = asyncio.create_task(
-            self.keybase.fs_read(TeamView.peers_path_of(self.options.team)))
+        peers_raw = asyncio.create_task(self.keybase.fs_read(peers_path(self.options.team)))
         made.callback(peers_raw.cancel)
+        loading_config = asyncio.create_task(self._load_config())
+        made.callback(loading_config.cancel)
+        await asyncio.sleep(0)  # the Keybase processes started (each task's first step)
         # In a thread, so that this loop goes on with Keybase's answers and the owner's
         # `create` meanwhile (the GIL passes to it whenever it has work).
         loading = asyncio.ensure_future(asyncio.to_thread(_import_data_path))
         loading.add_done_callback(lambda _: milestone(log, "agent modules imported"))
-        identity, config = await asyncio.gather(whoami, self._load_config())
+        identity, config = await asyncio.gather(whoami, loading_config)
         milestone(log, "whoami and kbwg.json read")
         me = DeviceId(identity.username, identity.device)
         # Before anything is created: the owner has started, but `create` waits for this.

@@ -14,6 +14,13 @@ from ipaddress import IPv4Address, IPv4Network
 from kbwg.core.identity import DeviceId
 
 DEFAULT_OVERLAY = IPv4Network("100.64.0.0/10")
+PEERS_NAME = "peers.json"
+
+
+def peers_path(team: str) -> str:
+    """peers.json of `team` in KBFS (here, not in team_view, so that `join` can start
+    reading it before the modules that use it have loaded)."""
+    return f"/keybase/team/{team.lower()}/{PEERS_NAME}"
 
 
 class PeersError(ValueError):

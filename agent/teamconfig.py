@@ -24,7 +24,7 @@ from kbwg.agent.claims import Policy
 from kbwg.agent.keybase import KeybaseFileNotFound
 from kbwg.agent.peers_file import DEFAULT_OVERLAY
 from kbwg.core.addresses import HostPort
-from kbwg.negotiation.candidates import DEFAULT_INTERFACE_EXCLUDE
+from kbwg.negotiation.interface_defaults import DEFAULT_INTERFACE_EXCLUDE
 from kbwg.owner.policy import WIDEST_PREFIX
 
 log = logging.getLogger(__name__)

@@ -18,6 +18,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from kbwg.negotiation.interface_defaults import DEFAULT_INTERFACE_EXCLUDE
 from kbwg.negotiation.stun_client import (
     Address,
     BindingResult,
@@ -36,11 +37,6 @@ CandidateType = Literal["host", "srflx", "relay", "prflx", "mapped"]
 TYPE_PREFERENCE: dict[str, int] = {"host": 126, "prflx": 110, "mapped": 105, "srflx": 100,
                                    "relay": 0}
 
-# veth is not excluded: inside containers and network namespaces it is the uplink.
-DEFAULT_INTERFACE_EXCLUDE: tuple[str, ...] = (
-    "lo", "wg*", "kbwg*", "tun*", "tap*", "docker*", "br-*", "virbr*", "tailscale*",
-    "zt*", "nebula*",
-)
 _LOCAL_PREFERENCE_MAX = 65535
 _IFF_UP = 0x1
 _AF_INET = 2
