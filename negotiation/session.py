@@ -24,7 +24,9 @@ is read again at every refresh, so any message may arrive late or twice):
 - A restart means the peer's path to us went quiet, so ours to it probably did too,
   noticed or not (answering closes the checks that would notice), and our NAT may have
   moved: the agent re-checks our candidates (`on_restart`, at most `RECHECK_S`) before
-  we answer, so that the answer does not carry a public address that is gone.
+  we answer, so that the answer does not carry a public address that is gone. One
+  re-check serves every peer that restarts meanwhile or within `RECHECK_FRESH_S` (when
+  our address moved, they all do).
 - A session whose checks found no path (stale candidates, or a peer that was away) is
   negotiated again, after `RETRY_MIN_S` doubling to `RETRY_MAX_S` while it keeps
   failing: nothing else would ever renegotiate it, since no chosen path is lost.
@@ -79,6 +81,8 @@ ANSWER_TIMEOUT_S = 3.0
 MAX_OFFERS = 3
 # How long answering a restart waits for our candidates to be checked again (STUN).
 RECHECK_S = 1.0
+# A re-check this recent also serves the next peer's restart.
+RECHECK_FRESH_S = 2.0
 # A session whose checks found no path is renegotiated after this, doubling to the max.
 RETRY_MIN_S = 2.0
 RETRY_MAX_S = 300.0
@@ -197,6 +201,10 @@ class Negotiator:
         self._gathering_done = gathering_done
         self._answer_timeout = answer_timeout_s
         self._recheck_s = recheck_s
+        # The latest re-check: set once done, and when (loop time).
+        self._rechecked = asyncio.Event()
+        self._rechecked.set()
+        self._rechecked_at = -math.inf
         # Set by the agent: a peer restarts, so re-check our candidates (STUN again).
         self.on_restart: Callable[[DeviceId], Awaitable[None]] | None = None
         self.sender_session = new_sender_session()
@@ -443,17 +451,20 @@ class Negotiator:
         on_restart = self.on_restart
         if on_restart is None:
             return
-        done = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        if self._rechecked.is_set() and loop.time() - self._rechecked_at >= RECHECK_FRESH_S:
+            done = self._rechecked = asyncio.Event()
 
-        async def recheck() -> None:
-            try:
-                await on_restart(peer)
-            finally:
-                done.set()
+            async def recheck() -> None:
+                try:
+                    await on_restart(peer)
+                finally:
+                    self._rechecked_at = loop.time()
+                    done.set()
 
-        self._spawn(recheck())
+            self._spawn(recheck())
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(done.wait(), self._recheck_s)
+            await asyncio.wait_for(self._rechecked.wait(), self._recheck_s)
 
     def _outcome_hook(self, session: PeerSession, sid: bytes) -> Callable[[bool], None]:
         return lambda ok: self._outcome(session, sid, ok)

@@ -14,6 +14,7 @@ Timers run on the virtual clock.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import pytest
 from nacl.public import PrivateKey
@@ -22,8 +23,14 @@ from virtual_clock import VIRTUAL_CLOCK, now
 
 from kbwg.agent.keybase import ChatMessage
 from kbwg.core.identity import DeviceId
-from kbwg.negotiation.session import MAX_OFFERS, RECHECK_S, RETRY_MAX_S, RETRY_MIN_S
-from kbwg.negotiation.wire import CandidateInfo, WireMessage, open_body
+from kbwg.negotiation.session import (
+    MAX_OFFERS,
+    RECHECK_FRESH_S,
+    RECHECK_S,
+    RETRY_MAX_S,
+    RETRY_MIN_S,
+)
+from kbwg.negotiation.wire import CandidateInfo, WireError, WireMessage, open_body
 
 pytestmark = VIRTUAL_CLOCK
 
@@ -54,6 +61,16 @@ def release(bus: Bus, to: Side, kind: str) -> None:
         else:
             keep.append((target, msg))
     bus.held = keep
+
+
+def sent_to(side: Side, *recipients: Side) -> list[tuple[str, DeviceId]]:
+    """(type, recipient) of every message `side` posted to one of `recipients`."""
+    out = []
+    for msg in side.chat_messages():
+        for to in recipients:
+            with contextlib.suppress(WireError):
+                out.append((opened(to, msg).type, to.me))
+    return out
 
 
 def held_types(bus: Bus, to: Side) -> list[str]:
@@ -435,3 +452,44 @@ async def test_no_retry_after_the_peer_said_bye() -> None:
     await settle(bus, alice)
     assert alice.sent_types(bob) == ["answer"], "offered to a peer that said bye"
     assert alice.negotiator.sessions[BOB].state == "idle"
+
+
+async def test_one_recheck_serves_every_peer_restarting_at_once() -> None:
+    bus, alice, bob = await connected(offer_grace_s=LONG, answer_timeout_s=LONG)
+    carol = Side(bus, DeviceId("carol", "phone"), PrivateKey.generate(), 3,
+                 offer_grace_s=LONG, answer_timeout_s=LONG)
+    carol.peer = alice
+
+    async def post(text: str) -> None:  # alice's posts reach both (each opens its own)
+        msg = bus.message(alice.me, text)
+        bus.deliver(bob, msg)
+        bus.deliver(carol, msg)
+
+    alice.negotiator._post = post
+    alice.negotiator.peer_key(carol.me, carol.public_b64, they_joined_later=True)
+    carol.meet(they_joined_later=False)
+    await settle(bus, alice, bob, carol)
+    rechecks: list[tuple[DeviceId, float]] = []
+
+    async def recheck(peer: DeviceId) -> None:
+        rechecks.append((peer, now()))
+        await asyncio.sleep(0.5)  # STUN under load
+
+    alice.negotiator.on_restart = recheck
+    answers = len(alice.chat_messages())
+    start = now()
+    # alice's NAT moved: both peers lose their paths and restart together.
+    await bob.negotiator.restart(ALICE)
+    await carol.negotiator.restart(ALICE)
+    await settle(bus, alice, bob, carol)
+    assert [peer for peer, _ in rechecks] == [BOB], "one re-check for both restarts"
+    assert len(alice.chat_messages()) == answers + 2, sent_to(alice, bob, carol)
+    assert now() - start == pytest.approx(0.5, abs=0.01), "the answers waited for it"
+    # Right after it, a restart needs none; later, it gets its own.
+    await bob.negotiator.restart(ALICE)
+    await settle(bus, alice, bob)
+    assert len(rechecks) == 1
+    await asyncio.sleep(RECHECK_FRESH_S)
+    await carol.negotiator.restart(ALICE)
+    await settle(bus, alice, carol)
+    assert [peer for peer, _ in rechecks] == [BOB, carol.me]
