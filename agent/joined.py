@@ -25,6 +25,8 @@ from kbwg.agent.reports import ControlReplies
 from kbwg.agent.runtime_state import AgentState
 from kbwg.agent.team_view import TeamView
 from kbwg.agent.upkeep import Upkeep
+from kbwg.core.identity import DeviceId
+from kbwg.negotiation.check_config import CheckTimers
 from kbwg.negotiation.session import CheckerSpec, Negotiator
 from kbwg.negotiation.wire import CandidateInfo
 
@@ -62,6 +64,10 @@ class JoinedDevice:
         async def post(text: str) -> None:
             await post_or_drop(keybase, team.negotiation_channel, text)
 
+        # The newest checker per peer, told of traffic by the stats poll (a path starts
+        # active; without traffic its consent slows to the idle pace).
+        checkers: dict[DeviceId, RegisteredChecker] = {}
+
         def make_checker(spec: CheckerSpec) -> RegisteredChecker:
             # `peer_sync` and `upkeep` are made below; the negotiator asks for checkers
             # only once peers have keys, which PeerSync gives them.
@@ -69,7 +75,15 @@ class JoinedDevice:
                 peer_sync.path_chosen(spec.peer, pair, reason)))
             registered.checker.on_lost = lambda _pair, fell_back: spawn(
                 upkeep.on_path_lost(spec.peer, fell_back))
+            checkers[spec.peer] = registered
             return registered
+
+        def traffic(device: DeviceId) -> None:
+            registered = checkers.get(device)
+            if registered is None or registered.checker.state == "closed":
+                checkers.pop(device, None)
+                return
+            registered.checker.note_traffic()
 
         async def offer_candidates() -> list[CandidateInfo]:
             return await paths.offer_candidates(STUN_WAIT_S)
@@ -79,7 +93,8 @@ class JoinedDevice:
                       if options.negotiate else None)
         peer_sync = PeerSync(owner, state, team, paths, negotiator, presence, options, lock,
                              spawn)
-        stats = StatsPoll(owner, state, options.keepalive_s, lock)
+        stats = StatsPoll(owner, state, options.keepalive_s, lock, traffic,
+                          CheckTimers().active_window)
         chat = ChatDispatch(team, state, presence, peer_sync, negotiator)
         upkeep = Upkeep(options, team, state, presence, peer_sync, stats, paths, negotiator,
                         chat)

@@ -19,6 +19,14 @@ ANNOUNCED = "announced"
 # A handshake this recent means the endpoint works: WireGuard rejects a session older
 # than 180 s (REJECT_AFTER_TIME), and keepalives renew it well within that.
 WORKING_HANDSHAKE_S = 180.0
+# What WireGuard sends on an idle path, which is not traffic: a keepalive is 32 bytes
+# (persistent ones every 25 s each way), a handshake 148 + 92 bytes and the initiator's
+# keepalive after it. A data packet is at least 64 bytes (a ping exchange 256 on each
+# side). Between two polls of an idle peer the counters move by at most one keepalive
+# each way per 10 s and a handshake; anything beyond is traffic.
+KEEPALIVE_NOISE_BYTES = 64
+NOISE_PER_S = 10.0
+HANDSHAKE_BYTES = 148 + 92 + 32
 
 
 @dataclass
@@ -37,6 +45,10 @@ class PeerState:
     last_handshake: float = 0.0
     rx_bytes: int = 0
     tx_bytes: int = 0
+    # When (time.monotonic) the counters were last read, and last moved by more than
+    # keepalives and handshakes do.
+    observed_at: float | None = None
+    traffic_at: float | None = None
     fallback: asyncio.TimerHandle | None = None
     route: str | None = None
 
@@ -47,6 +59,11 @@ class PeerState:
     def reset_counters(self) -> None:
         self.last_handshake, self.rx_bytes, self.tx_bytes = 0.0, 0, 0
         self.connected_at = None
+        self.observed_at = None
+
+    def busy(self, now: float, window: float) -> bool:
+        """Whether traffic flowed to or from this peer in the last `window` seconds."""
+        return self.traffic_at is not None and now - self.traffic_at < window
 
     def working(self, now: float) -> bool:
         """Whether the current endpoint is known to work: chosen by a sealed negotiation,
@@ -56,8 +73,18 @@ class PeerState:
         return (self.endpoint_source == NEGOTIATED
                 or (self.last_handshake > 0 and now - self.last_handshake < WORKING_HANDSHAKE_S))
 
-    def observe(self, last_handshake: float, rx: int, tx: int) -> bool:
-        """Take the device owner's counters; True on the first handshake of a path."""
+    def observe(self, last_handshake: float, rx: int, tx: int, now: float = 0.0) -> bool:
+        """Take the device owner's counters (read at `now`, monotonic); True on the
+        first handshake of a path. Sets `traffic_at` when they moved by more than an
+        idle path's keepalives and handshakes (receiving or sending alike)."""
+        if self.observed_at is not None:
+            noise = KEEPALIVE_NOISE_BYTES * (1 + int(max(0.0, now - self.observed_at)
+                                                     // NOISE_PER_S))
+            if last_handshake != self.last_handshake:
+                noise += HANDSHAKE_BYTES
+            if (rx - self.rx_bytes) + (tx - self.tx_bytes) > noise:
+                self.traffic_at = now
+        self.observed_at = now
         self.last_handshake, self.rx_bytes, self.tx_bytes = last_handshake, rx, tx
         if (self.connected_at is None and last_handshake and self.path_since is not None
                 and last_handshake >= self.path_since - 1.0):
@@ -91,6 +118,9 @@ class PeerState:
             "remote_candidate": negotiation.get("remote_candidate"),
             "interface": negotiation.get("interface"),
             "rtt_ms": negotiation.get("rtt_ms"),
+            # "active": consent at the path's RTT pace (new path, or traffic within
+            # CheckTimers.active_window); "idle": RFC 7675's 5 s.
+            "consent_pace": negotiation.get("consent_pace"),
             "reason": reason or spec.refused or "waiting for the peer's announcement",
             "negotiation": negotiation.get("negotiation", "none"),
             "host_route": self.route,

@@ -24,6 +24,7 @@ from typing import Literal
 from kbwg.core.addresses import Address, format_endpoint, ip_family, parse_endpoint
 from kbwg.negotiation.candidates import Candidate, candidate_priority
 from kbwg.negotiation.choice import PairState, PairView, PathClass, path_class
+from kbwg.negotiation.rtt_estimator import RttEstimator
 from kbwg.negotiation.wire import CandidateInfo
 
 TxKind = Literal["check", "nominate", "live"]
@@ -32,6 +33,9 @@ TxKind = Literal["check", "nominate", "live"]
 MAX_PAIRS = 100
 # RTT is the median of the last few unambiguous samples: one late answer does not move it.
 RTT_WINDOW = 5
+# The weight of each liveness check's outcome in a pair's loss estimate (about the
+# last 16 checks).
+LOSS_GAIN = 1 / 16
 _BASE_TYPES = ("host", "relay")
 
 
@@ -114,6 +118,9 @@ class CandidatePair:
     local_seen: Candidate | None = None
     # Answers to single-shot liveness checks missed in a row.
     misses: int = 0
+    # The share of liveness checks lost, from runs of misses that an answer ended (a
+    # run still going may be a dead path: it must not raise the bar that fails it).
+    loss: float = 0.0
     # Re-probe backoff while failed (seconds); `probe_at` in loop time, None if unplanned.
     probe_delay: float = 0.0
     probe_at: float | None = None
@@ -126,6 +133,8 @@ class CandidatePair:
     _rtt_samples: deque[float] = field(default_factory=lambda: deque(maxlen=RTT_WINDOW))
     # Set when the only RTT known came from a retransmitted transaction: an upper bound.
     _rtt_bound: float | None = None
+    # SRTT and RTTVAR from the exact samples: the consent timeout (RFC 6298's RTO).
+    rtt_estimate: RttEstimator = field(default_factory=RttEstimator)
 
     @property
     def remote_address(self) -> Address:
@@ -164,8 +173,22 @@ class CandidatePair:
         """
         if exact:
             self._rtt_samples.append(sample_ms)
+            self.rtt_estimate.add(sample_ms)
         elif not self._rtt_samples:
             self._rtt_bound = sample_ms
+
+    def rto_ms(self, granularity_ms: float) -> float | None:
+        """RFC 6298's RTO from the exact samples; None before the first."""
+        return self.rtt_estimate.rto_ms(granularity_ms)
+
+    def answered(self, live: bool) -> None:
+        """A check was answered (`live`: a single-shot liveness check): the misses before
+        it were losses, this answer was not."""
+        for _ in range(self.misses):
+            self.loss += LOSS_GAIN * (1.0 - self.loss)
+        if live or self.misses:
+            self.loss -= LOSS_GAIN * self.loss
+        self.misses = 0
 
     def local_label(self) -> str:
         local = self.shown_local

@@ -7,6 +7,7 @@ broken sender shows up here and nowhere else.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
@@ -31,35 +32,65 @@ class CheckTimers:
     contend_max: float = 0.5
     # Consent follows the selected pair's RTT (consent_interval_for): a check every
     # `consent_rtts` RTTs, never more often than `consent_min_interval` nor less often
-    # than `consent_interval`; each is missed after `consent_timeout_rtts` RTTs, at least
-    # `consent_min_timeout` and at most `consent_timeout` or the interval. At RTTs of
-    # 1-100 ms a lost path is noticed in about 1 s: three misses in a row.
+    # than `consent_interval`, while the path is active (below). Each check is missed
+    # after the pair's RTO (RFC 6298: SRTT + max(G, 4 RTTVAR), `rtt_estimator.py`),
+    # clamped to [`consent_min_timeout`, `consent_max_timeout`]; `consent_timeout` for
+    # a pair not measured yet. `consent_failures` misses in a row fail a pair, more on
+    # a path that loses checks often (consent_failures_for). At RTTs of 1-100 ms a lost
+    # path is noticed in about 1 s; a jittery path's timeout grows with its variation
+    # instead of failing it.
     consent_interval: float = 2.0
-    consent_timeout: float = 1.0  # a single-shot liveness check is missed after this
+    consent_timeout: float = 1.0  # a single-shot check of an unmeasured pair: missed after
     consent_failures: int = 3  # misses in a row that fail a pair (~1 s, ~6 s unmeasured)
     consent_min_interval: float = 0.25
     consent_rtts: float = 4.0
     consent_min_timeout: float = 0.3
-    consent_timeout_rtts: float = 3.0
+    consent_max_timeout: float = 2.0
+    consent_granularity: float = 0.010  # G of RFC 6298, in seconds
+    # On a lossy path, as many misses in a row as make a false failure this unlikely
+    # (from the pair's measured loss), at most `consent_max_failures`.
+    consent_false_failure: float = 1e-3
+    consent_max_failures: int = 8
     keepalive_interval: float = 5.0
+    # A path is active for `active_window` after it was selected and after the agent
+    # last saw traffic on it (`PeerChecker.note_traffic`, from WireGuard's counters).
+    # Checks at RTT pace cost an idle host with 20 peers ~5 % of a core, so an idle
+    # path gets RFC 7675's pace: consent every `consent_idle_interval`, keepalives of
+    # its alternatives every `keepalive_idle_interval`. Traffic on an idle path sends
+    # a consent check at once and brings the RTT pace back; so does a miss.
+    active_window: float = 30.0
+    consent_idle_interval: float = 5.0
+    keepalive_idle_interval: float = 25.0
     reprobe_min: float = 2.0
     reprobe_max: float = 30.0
     jitter: float = 0.2  # +-fraction on consent/keepalive intervals (RFC 7675)
 
     def consent_interval_for(self, rtt_ms: float | None) -> float:
-        """Seconds between consent checks of a pair with this RTT (None: unmeasured)."""
+        """Seconds between consent checks of an active pair with this RTT (None:
+        unmeasured)."""
         if rtt_ms is None:
             return self.consent_interval
         return min(self.consent_interval,
                    max(self.consent_min_interval, self.consent_rtts * rtt_ms / 1000.0))
 
-    def consent_timeout_for(self, rtt_ms: float | None) -> float:
-        """Seconds after which a single-shot liveness check of such a pair is missed;
-        never longer than the interval (a check still in flight holds back the next)."""
-        if rtt_ms is None:
-            return self.consent_timeout
-        return min(self.consent_timeout, self.consent_interval_for(rtt_ms),
-                   max(self.consent_min_timeout, self.consent_timeout_rtts * rtt_ms / 1000.0))
+    def consent_timeout_for(self, rto_ms: float | None, rtt_ms: float | None = None) -> float:
+        """Seconds after which a single-shot liveness check is missed, from the pair's
+        RTO; with only an upper bound of its RTT (`rtt_ms`, from a retransmitted check),
+        RFC 6298's first-sample RTO of it (3 RTTs); unmeasured, `consent_timeout`."""
+        if rto_ms is None:
+            if rtt_ms is None:
+                return self.consent_timeout
+            rto_ms = 3 * rtt_ms
+        return min(self.consent_max_timeout, max(self.consent_min_timeout, rto_ms / 1000.0))
+
+    def consent_failures_for(self, loss: float) -> int:
+        """Misses in a row that fail a pair which loses this share of its checks."""
+        if loss <= 0.0:
+            return self.consent_failures
+        if loss >= 1.0:
+            return self.consent_max_failures
+        needed = math.ceil(math.log(self.consent_false_failure) / math.log(loss))
+        return max(self.consent_failures, min(self.consent_max_failures, needed))
 
 
 @dataclass

@@ -10,6 +10,16 @@
 - Re-probes: a failed pair is checked again after `reprobe_min`, the wait doubling on
   every failure up to `reprobe_max`; one timer serves the pair due first.
 
+Consent and keepalives go at those paces only while the path is active: for
+`active_window` after a pair was selected and after the agent last saw traffic on it
+(`note_traffic`, from WireGuard's byte counters, receiving or sending). An idle path is
+checked every `consent_idle_interval` (RFC 7675's 5 s) and its alternatives every
+`keepalive_idle_interval`: RTT-paced checks of idle peers were most of an idle host's
+CPU. Traffic on an idle path sends a consent check at once (a path that died while
+idle is noticed about a second after traffic starts, and the check reopens our NAT's
+mapping) and brings back the RTT pace; a missed check brings it back too, until an
+answer, so a path lost while idle fails about a second after its first miss.
+
 Consent and keepalive intervals are jittered by +-`jitter` (RFC 7675 section 5.1), so
 that peers started together do not send in step. What a missed answer means is the
 checker's business: this only queues the checks (`CheckTransactions.enqueue`).
@@ -18,6 +28,8 @@ checker's business: this only queues the checks (`CheckTransactions.enqueue`).
 from __future__ import annotations
 
 import asyncio
+import logging
+import math
 import random
 from collections.abc import Callable
 
@@ -27,6 +39,8 @@ from kbwg.negotiation.check_transactions import CheckTransactions
 from kbwg.negotiation.pair_table import PairTable
 
 SelectedFn = Callable[[], CandidatePair | None]
+
+log = logging.getLogger(__name__)
 
 
 class CheckLiveness:
@@ -39,8 +53,9 @@ class CheckLiveness:
 
     def __init__(self, loop: asyncio.AbstractEventLoop, timers: CheckTimers,
                  table: PairTable, transactions: CheckTransactions,
-                 selected: SelectedFn) -> None:
+                 selected: SelectedFn, name: str = "peer") -> None:
         self._loop = loop
+        self._name = name
         self._timers = timers
         self._table = table
         self._tx = transactions
@@ -50,6 +65,50 @@ class CheckLiveness:
         self._keepalive: asyncio.TimerHandle | None = None
         self._probe: asyncio.TimerHandle | None = None
         self._probe_due: float | None = None
+        self._active_until = -math.inf  # loop time
+
+    @property
+    def active(self) -> bool:
+        return self._loop.time() < self._active_until
+
+    def path_selected(self) -> None:
+        """A pair was just selected: active for a window (fresh NAT state, and traffic
+        usually follows), consent at its RTT pace from now."""
+        self._active_until = self._loop.time() + self._timers.active_window
+        self._speed_up(check_now=False)
+
+    def note_traffic(self) -> None:
+        """Traffic flows on the path: active for a window more. An idle path is checked
+        at once rather than at its next idle tick."""
+        was = self.active
+        self._active_until = self._loop.time() + self._timers.active_window
+        if not was and not self._closed:
+            log.debug("%s: traffic: consent at RTT pace, checking now", self._name)
+            self._speed_up(check_now=True)
+
+    def missed(self) -> None:
+        """The selected pair missed a consent check: the next one goes at once (a
+        timeout longer than the interval would otherwise skip a tick), then at the RTT
+        pace until an answer, idle or not (start_consent sees the misses)."""
+        self._speed_up(check_now=True)
+
+    def _speed_up(self, check_now: bool) -> None:
+        if self._closed:
+            return
+        pair = self._selected()
+        if self._consent is not None:
+            self._consent.cancel()
+            self._consent = None
+        if check_now and pair is not None and "live" not in pair.in_flight:
+            self._tx.enqueue(pair, "live", urgent=True)
+        if pair is not None:
+            self.start_consent()
+        keepalive = self._keepalive
+        if keepalive is not None and (keepalive.when() - self._loop.time()
+                                      > self._timers.keepalive_interval):
+            keepalive.cancel()
+            self._keepalive = None
+            self.start_keepalives()
 
     def close(self) -> None:
         self._closed = True
@@ -63,12 +122,16 @@ class CheckLiveness:
         if self._consent is None and not self._closed:
             pair = self._selected()
             interval = self._timers.consent_interval_for(pair.rtt_ms if pair else None)
+            if not self.active and (pair is None or pair.misses == 0):
+                interval = max(interval, self._timers.consent_idle_interval)
             self._consent = self._loop.call_later(self._jittered(interval), self._consent_tick)
 
     def start_keepalives(self) -> None:
         if self._keepalive is None and not self._closed:
-            self._keepalive = self._loop.call_later(
-                self._jittered(self._timers.keepalive_interval), self._keepalive_tick)
+            interval = (self._timers.keepalive_interval if self.active
+                        else self._timers.keepalive_idle_interval)
+            self._keepalive = self._loop.call_later(self._jittered(interval),
+                                                    self._keepalive_tick)
 
     def reprobe_later(self, pair: CandidatePair) -> None:
         """`pair` just failed: check it again after its backoff, and double that."""

@@ -11,10 +11,12 @@ decides what a check says (`request`) and what an answer or a timeout means.
   dropped when its turn comes, a background liveness check also when anything is.
 - Retransmits: checks and nominations are resent after `rto`, doubling up to
   `max_rto`, `max_transmissions` copies in all (RFC 8489 section 6.2.1). Liveness
-  checks ("live") are single-shot (RFC 7675): missed after `consent_timeout`, and the
-  checker counts misses. Either way the timeout goes to `on_timeout`.
-- Ids of finished transactions are remembered (`RECENT_TRANSACTIONS`): an answer to an
-  earlier copy arriving after the transaction ended is ours, not garbage.
+  checks ("live") are single-shot (RFC 7675): missed after the pair's RTO
+  (`CheckTimers.consent_timeout_for`), and the checker counts misses. Either way the
+  timeout goes to `on_timeout`.
+- Finished transactions are remembered (`RECENT_TRANSACTIONS`): an answer to an
+  earlier copy arriving after the transaction ended is ours, not garbage; a late answer
+  to a liveness check still tells that pair's RTT (the checker's business).
 """
 
 from __future__ import annotations
@@ -79,7 +81,7 @@ class CheckTransactions:
         self._active = False
         self._closed = False
         self._transactions: dict[bytes, Transaction] = {}
-        self._recent: OrderedDict[bytes, None] = OrderedDict()
+        self._recent: OrderedDict[bytes, Transaction] = OrderedDict()
         self._urgent: deque[tuple[CandidatePair, TxKind]] = deque()
         self._background: deque[tuple[CandidatePair, TxKind]] = deque()
         self._last_start = -1e9
@@ -107,9 +109,9 @@ class CheckTransactions:
         """The transaction in flight with this id."""
         return self._transactions.get(transaction_id)
 
-    def recent(self, transaction_id: bytes) -> bool:
-        """Whether this id belongs to a transaction that ended lately."""
-        return transaction_id in self._recent
+    def recent(self, transaction_id: bytes) -> Transaction | None:
+        """The transaction with this id that ended lately, if any."""
+        return self._recent.get(transaction_id)
 
     def owns(self, transaction_id: bytes) -> bool:
         return transaction_id in self._transactions or transaction_id in self._recent
@@ -126,7 +128,7 @@ class CheckTransactions:
         self._transactions.pop(tx.id, None)
         if tx.pair.in_flight.get(tx.kind) == tx.id:
             del tx.pair.in_flight[tx.kind]
-        self._recent[tx.id] = None
+        self._recent[tx.id] = tx
         while len(self._recent) > RECENT_TRANSACTIONS:
             self._recent.popitem(last=False)
 
@@ -179,7 +181,8 @@ class CheckTransactions:
         self._send(tx.data, tx.pair.remote_address, tx.pair.local)
         timers = self._timers
         if tx.kind == "live":
-            delay = timers.consent_timeout_for(tx.pair.rtt_ms)
+            delay = timers.consent_timeout_for(
+                tx.pair.rto_ms(timers.consent_granularity * 1000.0), tx.pair.rtt_ms)
         else:
             delay = min(timers.rto * 2 ** (len(tx.sent_at) - 1), timers.max_rto)
         tx.timer = self._loop.call_later(delay, self._on_timer, tx)

@@ -40,11 +40,13 @@ How this differs from full ICE (one component, one stream, both ends are this ag
   nomination. Every consent check of the controlling side carries USE-CANDIDATE too,
   so a lost or reordered nomination heals within one consent interval.
 - Keeping the path: single-shot consent checks on the selected pair every few of its
-  RTTs (at most `consent_interval`, check_liveness.py), keepalives on other valid
-  pairs every `keepalive_interval` (so the alternatives and their RTTs stay known).
-  `consent_failures` misses in a row fail the pair; either side then moves to the
-  best remaining valid pair at once (the controlled side too, so that a lost
-  nomination cannot hold it on a dead path).
+  RTTs (at most `consent_interval`, check_liveness.py) while traffic flows or the path
+  is new, every `consent_idle_interval` while idle (`note_traffic`); keepalives on
+  other valid pairs (so the alternatives and their RTTs stay known). A check is missed
+  after the pair's RTO (RFC 6298, rtt_estimator.py); `consent_failures` misses in a
+  row fail the pair (more on a lossy path); either side then moves to the best
+  remaining valid pair at once (the controlled side too, so that a lost nomination
+  cannot hold it on a dead path).
 - Failed pairs are re-probed with backoff from `reprobe_min` doubling to `reprobe_max`
   (the timers of both are in check_liveness.py).
 - RTT: single-shot transactions give exact samples; see `CandidatePair.add_rtt` for
@@ -168,7 +170,7 @@ class PeerChecker:
         self._selected_loop_at: float | None = None
         self._first_success_at: float | None = None
         self._upkeep = CheckLiveness(self._loop, self.timers, self._table, self._tx,
-                                   lambda: self._selected)
+                                     lambda: self._selected, name)
 
     # -- public view ------------------------------------------------------------------
 
@@ -207,6 +209,16 @@ class PeerChecker:
         return sorted(valid, key=lambda p: (p.view().tier,
                                             p.rtt_ms if p.rtt_ms is not None else 1e12))
 
+    def note_traffic(self) -> None:
+        """Traffic flows to or from this peer (the agent saw WireGuard's counters move):
+        the path is active for `active_window` more; an idle one is checked at once."""
+        self._upkeep.note_traffic()
+
+    @property
+    def active(self) -> bool:
+        """Whether consent goes at the RTT pace (traffic or a new path lately)."""
+        return self._upkeep.active
+
     def has_transaction(self, transaction_id: bytes) -> bool:
         """Whether an answer with this id is ours (the mux routes responses by it)."""
         return self._tx.owns(transaction_id)
@@ -230,6 +242,7 @@ class PeerChecker:
             "remote_candidate": pair.remote_label() if pair is not None else None,
             "interface": pair.local.interface if pair is not None else None,
             "rtt_ms": None if rtt is None else round(rtt, 3),
+            "consent_pace": "active" if self._upkeep.active else "idle",
             "reason": self._reason,
             "connected_at": self._connected_at,
             "selected_at": self._selected_at,
@@ -400,8 +413,10 @@ class PeerChecker:
     def _on_response(self, message: stun.Message, src: Address) -> bool:
         tx = self._tx.get(message.transaction_id)
         if tx is None:
-            if self._tx.recent(message.transaction_id):
+            late = self._tx.recent(message.transaction_id)
+            if late is not None:
                 self.counters.late_responses += 1
+                self._late_answer(late, message, src)
                 return True
             self.counters.unknown_transaction += 1
             return False
@@ -429,8 +444,23 @@ class PeerChecker:
         self.counters.responses += 1
         mapped = message.attributes.get("XOR-MAPPED-ADDRESS")
         exact = len(tx.sent_at) == 1
-        self._succeeded(pair, (now - tx.sent_at[0]) * 1000.0, exact, mapped)
+        self._succeeded(pair, (now - tx.sent_at[0]) * 1000.0, exact, mapped,
+                        live=tx.kind == "live")
         return True
+
+    def _late_answer(self, tx: Transaction, message: stun.Message, src: Address) -> None:
+        """An authentic answer to a liveness check already counted as missed: the path
+        is slower than its timeout, not dead. Its RTT is exact (a single copy was sent)
+        and must reach the estimator, or the RTO would only ever learn of the answers
+        fast enough to beat it; and the pair's misses in a row end here."""
+        pair = tx.pair
+        if (tx.kind != "live" or len(tx.sent_at) != 1 or pair.state != "succeeded"
+                or message.message_class != stun.Class.RESPONSE or src != pair.remote_address
+                or self._remote_pwd is None
+                or not message.check_message_integrity(self._remote_pwd)):
+            return
+        pair.add_rtt((self._loop.time() - tx.sent_at[0]) * 1000.0, exact=True)
+        pair.answered(live=True)
 
     # -- sending ----------------------------------------------------------------------
 
@@ -453,12 +483,12 @@ class PeerChecker:
     # -- outcomes ---------------------------------------------------------------------
 
     def _succeeded(self, pair: CandidatePair, rtt_ms: float, exact: bool,
-                   mapped: object) -> None:
+                   mapped: object, live: bool = False) -> None:
         first = pair.state != "succeeded"
         pair.state = "succeeded"
         pair.tried = True
         pair.answers += 1
-        pair.misses = 0
+        pair.answered(live)
         pair.add_rtt(rtt_ms, exact)
         pair.local_seen = self._table.local_seen(pair, mapped)
         pair.probe_delay = self.timers.reprobe_min
@@ -472,8 +502,9 @@ class PeerChecker:
         pair = tx.pair
         if tx.kind == "live":
             pair.misses += 1
-            if pair.misses < self.timers.consent_failures:
+            if pair.misses < self.timers.consent_failures_for(pair.loss):
                 if pair is self._selected:
+                    self._upkeep.missed()  # an idle path's next check at RTT pace
                     self._evaluate()  # the peer may already answer from a new address
                 return
             why = f"{pair.misses} consent checks unanswered"
@@ -481,7 +512,7 @@ class PeerChecker:
             # A check of a working pair (triggered by the peer) going unanswered is one
             # miss, not proof: liveness decides.
             pair.misses += 1
-            if pair.misses < self.timers.consent_failures:
+            if pair.misses < self.timers.consent_failures_for(pair.loss):
                 return
         self._pair_failed(pair, why)
 
@@ -618,7 +649,7 @@ class PeerChecker:
         self._selected_at = wall
         if self._controlling:
             self._tx.enqueue(pair, "nominate", urgent=True)
-        self._upkeep.start_consent()
+        self._upkeep.path_selected()
         log.info("%s: path %s: %s", self.name, pair.describe(), reason)
         self._notify(pair, reason)
 

@@ -31,12 +31,14 @@ pytestmark = VIRTUAL_CLOCK
 FAST = CheckTimers(
     pacing=0.002, rto=0.03, max_rto=0.12, max_transmissions=4, settle=0.05,
     consent_interval=0.1, consent_timeout=0.08, consent_failures=3,
+    consent_min_timeout=0.08, consent_max_timeout=0.08,
     keepalive_interval=0.1, reprobe_min=0.1, reprobe_max=0.4, jitter=0.1,
 )
 # For paths up to ~100 ms RTT: liveness checks must outwait them.
 SLOW_PATHS = CheckTimers(
     pacing=0.002, rto=0.2, max_rto=0.4, max_transmissions=4, settle=0.05,
     consent_interval=0.1, consent_timeout=0.25, consent_failures=3,
+    consent_min_timeout=0.25, consent_max_timeout=0.25,
     keepalive_interval=0.1, reprobe_min=0.1, reprobe_max=0.4, jitter=0.1,
 )
 
@@ -398,14 +400,15 @@ async def test_consent_failure_falls_back_then_fails_then_recovers() -> None:
         await advance_until(lambda: a.c.selected is not None
                     and a.c.selected.local.address == "198.18.3.10")
         armed = False
-        # Exactly consent_failures checks went unanswered, consent_interval apart, and
-        # A switched consent_timeout after the last one: 0.1 + 0.1 + 0.08 s after the cut.
+        # Exactly consent_failures checks went unanswered, each sent as the one before
+        # was missed (consent_timeout apart, not the interval), and A switched
+        # consent_timeout after the last one: 3 * 0.08 s after the cut.
         misses = [when for when, _ in lost][:timers.consent_failures]
         assert len(misses) == timers.consent_failures
         gaps = [later - earlier for earlier, later in itertools.pairwise(misses)]
-        assert gaps == pytest.approx([timers.consent_interval] * 2, abs=timers.pacing)
+        assert gaps == pytest.approx([timers.consent_timeout] * 2, abs=timers.pacing)
         assert a.selected_at[-1] == pytest.approx(misses[-1] + timers.consent_timeout)
-        assert a.selected_at[-1] - misses[0] == pytest.approx(0.28, abs=timers.pacing)
+        assert a.selected_at[-1] - misses[0] == pytest.approx(0.24, abs=timers.pacing)
         assert "stopped answering; switched to" in a.c.reason
         # The controlled side moves too, on its own consent or by the nomination.
         await advance_until(lambda: b.c.selected is not None
@@ -699,8 +702,8 @@ def test_pair_view_marks_an_rtt_without_exact_samples_as_a_bound() -> None:
 
 
 @pytest.mark.parametrize(("one_way", "interval", "timeout"), [
-    (0.005, 0.25, 0.25),  # 20 ms RTT: the floor, missed within the interval
-    (0.05, 0.4, 0.3),  # 100 ms RTT: four RTTs apart, missed after three
+    (0.005, 0.25, 0.3),  # 10 ms RTT: the floors of both
+    (0.05, 0.4, 0.3),  # 100 ms RTT: four RTTs apart; a steady RTO under the floor
 ])
 async def test_consent_follows_the_rtt_and_a_lost_path_is_noticed_in_about_a_second(
         one_way: float, interval: float, timeout: float) -> None:
@@ -726,7 +729,9 @@ async def test_consent_follows_the_rtt_and_a_lost_path_is_noticed_in_about_a_sec
         await advance_until(lambda: len(consents) >= 10, timeout=10.0)
         gaps = [later - earlier for earlier, later in itertools.pairwise(consents[-4:])]
         assert gaps == pytest.approx([interval] * 3, abs=0.02)
-        assert timers.consent_timeout_for(a.c.selected.rtt_ms) == pytest.approx(timeout)
+        pair = a.c.selected
+        assert timers.consent_timeout_for(pair.rto_ms(10.0), pair.rtt_ms) == pytest.approx(
+            timeout)
 
         lost: list[tuple[CandidatePair, bool]] = []
         a.c.on_lost = lambda pair, fell_back: lost.append((pair, fell_back))
@@ -735,9 +740,9 @@ async def test_consent_follows_the_rtt_and_a_lost_path_is_noticed_in_about_a_sec
         net.cut.add(frozenset(("198.18.1.10", "198.18.1.20")))
         await advance_until(lambda: a.c.state == "failed", timeout=5.0)
         assert lost == [(chosen, False)], "told once: the path went quiet, none took over"
-        # Three misses in a row: at most three intervals and a timeout after the cut
-        # (RFC 7675's defaults took 6 s or more).
-        assert now() - cut_at <= 3 * interval + timeout + 0.02
+        # Three misses in a row: the next check at most an interval after the cut, each
+        # miss followed by the next check at once (RFC 7675's defaults took 6 s or more).
+        assert now() - cut_at <= interval + 3 * timeout + 0.02
         assert now() - cut_at <= 1.5
     finally:
         close(a, b)
@@ -850,5 +855,136 @@ async def test_the_controlling_side_follows_a_peer_whose_nat_moved_at_its_first_
         assert "now checks from prflx 203.0.113.9" in b.c.reason, b.c.reason
         # Three misses would take three consent intervals (0.75 s on this path).
         assert took < 2 * timers.consent_min_interval + timers.consent_min_timeout, took
+    finally:
+        close(a, b)
+
+
+# The defaults (RTT pace 0.25 s on a LAN, checks missed after 0.3 s), with the idle
+# window and paces shortened so that the virtual clock has less to poll through.
+IDLE_SOON = replace(CheckTimers(), jitter=0.0, active_window=4.0, consent_idle_interval=2.0,
+                    keepalive_idle_interval=6.0)
+
+
+def spy_consents(node: Node) -> list[float]:
+    """When `node` sends a check on its selected pair (consent), from now on."""
+    sent: list[float] = []
+    send = node.send
+
+    def spy(data: bytes, dest: Address, local: Candidate) -> None:
+        message = stun.parse_message(data)
+        pair = node.c.selected
+        if (message.message_class == stun.Class.REQUEST and pair is not None
+                and dest == pair.remote_address):
+            sent.append(now())
+        send(data, dest, local)
+
+    node.send = spy  # type: ignore[method-assign]
+    return sent
+
+
+def gaps(times: list[float]) -> list[float]:
+    return [later - earlier for earlier, later in itertools.pairwise(times)]
+
+
+async def test_consent_at_rtt_pace_while_active_rfc_pace_when_idle_and_at_once_on_traffic(
+        ) -> None:
+    """A new path is checked at its RTT pace for `active_window`, then every
+    `consent_idle_interval` (RTT-paced checks of idle peers cost an idle host with 20
+    peers 5 % of a core); traffic sends a check at once and brings the RTT pace back
+    for another window."""
+    net = SimNet()
+    a, b = net.node("a"), net.node("b")
+    a.host("198.18.1.10", lan="lan1", delay=0.005)
+    b.host("198.18.1.20", lan="lan1", delay=0.005)
+    timers = IDLE_SOON
+    consents = spy_consents(a)
+    await connect(a, b, timers)
+    try:
+        await advance_until(lambda: a.c.state == "connected" and mirrored(a, b))
+        selected = now()
+        await advance_until(lambda: len(consents) >= 6)
+        assert a.c.active and a.c.snapshot()["consent_pace"] == "active"
+        assert gaps(consents[-4:]) == pytest.approx([0.25] * 3, abs=0.02)
+
+        await advance_until(lambda: not a.c.active, timeout=timers.active_window + 1)
+        assert now() - selected == pytest.approx(timers.active_window, abs=0.01)
+        idle_from = len(consents)
+        await advance_until(lambda: len(consents) >= idle_from + 3,
+                            timeout=3 * timers.consent_idle_interval)
+        # (the first check after the window was scheduled before it ended)
+        assert gaps(consents[idle_from:]) == pytest.approx(
+            [timers.consent_idle_interval] * 2, abs=0.01)
+        assert a.c.snapshot()["consent_pace"] == "idle"
+        assert a.c.state == "connected"
+
+        await asyncio.sleep(1.0)  # between two idle checks
+        before, told = len(consents), now()
+        a.c.note_traffic()
+        await advance_until(lambda: len(consents) > before, timeout=0.05)
+        assert consents[before] - told < 0.02  # at once, not at the next idle tick
+        await advance_until(lambda: len(consents) >= before + 5, timeout=2.0)
+        assert gaps(consents[before:before + 5]) == pytest.approx([0.25] * 4, abs=0.02)
+        assert a.c.active
+
+        # Traffic within the window keeps it active; none for a window makes it idle.
+        await asyncio.sleep(timers.active_window - 1)
+        a.c.note_traffic()
+        await asyncio.sleep(timers.active_window - 1)
+        assert a.c.active
+        await asyncio.sleep(2)
+        assert not a.c.active
+    finally:
+        close(a, b)
+
+
+async def test_an_idle_path_that_misses_goes_back_to_rtt_pace_and_fails_in_about_a_second(
+        ) -> None:
+    """Lost while idle: the next idle check is missed, the following ones go at once and
+    at RTT pace, so the path fails about a second after that first miss; the
+    alternatives' keepalives slow down too while idle."""
+    net = SimNet()
+    a, b = net.node("a"), net.node("b")
+    a.host("198.18.1.10", lan="lan1", delay=0.005)
+    a.host("198.18.3.10", lan="lan1", delay=0.007, rank=1)
+    b.host("198.18.1.20", lan="lan1", delay=0.005)
+    timers = IDLE_SOON
+    consents = spy_consents(a)
+    keepalives: list[float] = []
+    send_a = a.send
+
+    def spy(data: bytes, dest: Address, local: Candidate) -> None:
+        message = stun.parse_message(data)
+        pair = a.c.selected
+        if (message.message_class == stun.Class.REQUEST and pair is not None
+                and local.address == "198.18.3.10"):
+            keepalives.append(now())
+        send_a(data, dest, local)
+
+    a.send = spy  # type: ignore[method-assign]
+    await connect(a, b, timers)
+    try:
+        await advance_until(lambda: a.c.state == "connected" and mirrored(a, b)
+                            and len(a.c.valid_pairs) == 2)
+        assert a.c.selected is not None and a.c.selected.local.address == "198.18.1.10"
+        await advance_until(lambda: not a.c.active, timeout=timers.active_window + 1)
+        idle_at = now()
+        await asyncio.sleep(4 * timers.keepalive_idle_interval)
+        # (the first one after the window was scheduled before it ended)
+        idle_keepalives = [t for t in keepalives if t > idle_at][1:]
+        assert len(idle_keepalives) >= 3
+        assert gaps(idle_keepalives) == pytest.approx(
+            [timers.keepalive_idle_interval] * (len(idle_keepalives) - 1), abs=0.05)
+
+        lost: list[tuple[CandidatePair, bool]] = []
+        a.c.on_lost = lambda pair, fell_back: lost.append((pair, fell_back))
+        cut_at = now()
+        net.cut.add(frozenset(("198.18.1.10", "198.18.1.20")))
+        checks_from = len(consents)
+        await advance_until(lambda: len(lost) == 1, timeout=3 * timers.consent_idle_interval)
+        first_miss = consents[checks_from] + timers.consent_min_timeout
+        # Each miss is followed at once by the next check: three in about a second.
+        assert now() - first_miss <= 2 * timers.consent_min_timeout + 0.05
+        assert now() - cut_at <= timers.consent_idle_interval + 3 * timers.consent_min_timeout + 0.1
+        assert a.c.selected is not None and a.c.selected.local.address == "198.18.3.10"
     finally:
         close(a, b)
