@@ -85,6 +85,12 @@ def _import_data_path() -> None:
         importlib.import_module(name)
 
 
+def _imported(loading: asyncio.Future[None]) -> None:
+    # Looking at the outcome marks it seen: start-up may have failed before awaiting it.
+    if not loading.cancelled() and loading.exception() is None:
+        milestone(log, "agent modules imported")
+
+
 class Agent:
     """`join` before it has joined; `run` may be called once."""
 
@@ -218,7 +224,7 @@ class Agent:
         # In a thread, so that this loop goes on with Keybase's answers and the owner's
         # `create` meanwhile (the GIL passes to it whenever it has work).
         loading = asyncio.ensure_future(asyncio.to_thread(_import_data_path))
-        loading.add_done_callback(lambda _: milestone(log, "agent modules imported"))
+        loading.add_done_callback(_imported)
         identity, config = await asyncio.gather(whoami, loading_config)
         milestone(log, "whoami and kbwg.json read")
         me = DeviceId(identity.username, identity.device)

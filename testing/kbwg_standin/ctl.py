@@ -14,7 +14,6 @@ set stops that device's service, without them every service.
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -64,6 +63,8 @@ LOST = "connection to service lost: error during ping: EOF"
 
 def watch(home: Path, identity: Identity | None, on_stop: Callable[[], None]) -> None:
     """Call `on_stop` (from a daemon thread) once this device's service is stopped."""
+    import threading  # only `chat api` watches; every other command is a quick exit
+
 
     def run() -> None:
         while not is_stopped(home, identity):

@@ -10,7 +10,6 @@ import os
 import posixpath
 import stat as stat_mod
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -79,6 +78,10 @@ def _not_found(path: KbfsPath) -> NoReturn:
 
 
 def atomic_write(target: Path, data: bytes) -> None:
+    # tempfile (with shutil and random) only for writes: `fs read` is a new process
+    # each time the agent starts, and reads are most of them.
+    import tempfile
+
     # Readers must never see half a file: write beside it, then rename over it.
     fd, tmp = tempfile.mkstemp(prefix=".standin-", dir=target.parent)
     try:
