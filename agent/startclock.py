@@ -6,8 +6,8 @@ the start (field 22 of /proc/self/stat, clock ticks since boot); CLOCK_BOOTTIME 
 same clock, so their difference is the process's age. Without /proc the age is counted
 from this module's import instead (an under-estimate, said in the log line).
 
-`milestone(log, what)` logs `start-up +1.234s: what` at debug; bench/startup.py reads
-these lines (and a few others) back into a per-step breakdown.
+`milestone(log, what)` logs `start-up +1.234s (cpu 0.567s): what` at debug;
+bench/startup.py reads these lines (and a few others) back into a per-step breakdown.
 """
 
 from __future__ import annotations
@@ -42,5 +42,7 @@ def since_start() -> float:
 
 
 def milestone(log: logging.Logger, what: str) -> None:
+    """`start-up +AGE (cpu CPU): what`: CPU is this process's own (all its threads): on
+    a busy machine the gap between the two is time spent waiting for a core."""
     if log.isEnabledFor(logging.DEBUG):
-        log.debug("start-up +%.3fs: %s", since_start(), what)
+        log.debug("start-up +%.3fs (cpu %.3fs): %s", since_start(), time.process_time(), what)

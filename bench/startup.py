@@ -9,7 +9,9 @@ bench/connect.py --logs keeps them:
     sudo .venv/bin/python bench/connect.py --case lan3 --runs 3 --logs /tmp/b
     .venv/bin/python bench/startup.py /tmp/b            # every agent*.log below it
 
-Prints each step's median and maximum over the agents (and runs) found, in time order.
+Prints each step's median and maximum over the agents (and runs) found, in time order,
+and at the agent's own milestones the CPU it had used by then (the rest of the gap is
+waiting: for Keybase, the owner, or a core).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import sys
 from pathlib import Path
 
 _STAMP = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ")
-_MILESTONE = re.compile(r"start-up \+(\d+\.\d+)s: (.+)$")
+_MILESTONE = re.compile(r"start-up \+(\d+\.\d+)s(?: \(cpu (\d+\.\d+)s\))?: (.+)$")
 # Steps that are ordinary log lines: (step, pattern); the first match counts.
 _LINES = [
     ("owner: policy read (owner imports done)", re.compile(r"owner: .*policy: overlay within")),
@@ -47,8 +49,9 @@ def _wall(line: str) -> float | None:
     return stamp.timestamp()
 
 
-def steps(log: str) -> dict[str, float]:
-    """Step -> seconds since the process started, for one agent's log."""
+def steps(log: str, cpu: dict[str, float] | None = None) -> dict[str, float]:
+    """Step -> seconds since the process started, for one agent's log (and into `cpu`,
+    the agent's CPU seconds at its own milestones)."""
     found: dict[str, float] = {}
     start: float | None = None  # wall time of the process start
     pending: list[tuple[float, str]] = []
@@ -59,7 +62,10 @@ def steps(log: str) -> dict[str, float]:
         milestone = _MILESTONE.search(line)
         if milestone is not None:
             age = float(milestone.group(1))
-            found.setdefault(milestone.group(2).strip(), age)
+            step = milestone.group(3).strip()
+            found.setdefault(step, age)
+            if cpu is not None and milestone.group(2) is not None:
+                cpu.setdefault(step, float(milestone.group(2)))
             if start is None:
                 start = wall - age
             continue
@@ -84,12 +90,16 @@ def main() -> int:
     for path in args.paths:
         files += sorted(path.rglob("*.log")) if path.is_dir() else [path]
     per_step: dict[str, list[float]] = {}
+    cpu_step: dict[str, list[float]] = {}
     agents = 0
     for path in files:
-        found = steps(path.read_text(errors="replace"))
+        cpu: dict[str, float] = {}
+        found = steps(path.read_text(errors="replace"), cpu)
         agents += bool(found)
         for step, seconds in found.items():
             per_step.setdefault(step, []).append(seconds)
+        for step, seconds in cpu.items():
+            cpu_step.setdefault(step, []).append(seconds)
     if not agents:
         print("no start-up milestones found (logs need -vv)", file=sys.stderr)
         return 1
@@ -97,14 +107,21 @@ def main() -> int:
     if args.json:
         print(json.dumps({"agents": agents, "steps": [
             {"step": step, "n": len(times), "median_s": statistics.median(times),
-             "max_s": max(times)} for step, times in rows]}, indent=2))
+             "max_s": max(times), "agent_cpu_median_s": _median(cpu_step.get(step))}
+            for step, times in rows]}, indent=2))
         return 0
     print(f"start-up steps, seconds from process start ({agents} agent logs)")
-    print("| step | median | max | n |")
-    print("|---|---|---|---|")
+    print("| step | median | max | agent CPU by then (median) | n |")
+    print("|---|---|---|---|---|")
     for step, times in rows:
-        print(f"| {step} | {statistics.median(times):.2f} | {max(times):.2f} | {len(times)} |")
+        used = _median(cpu_step.get(step))
+        print(f"| {step} | {statistics.median(times):.2f} | {max(times):.2f} | "
+              f"{'-' if used is None else f'{used:.2f}'} | {len(times)} |")
     return 0
+
+
+def _median(values: list[float] | None) -> float | None:
+    return statistics.median(values) if values else None
 
 
 if __name__ == "__main__":
