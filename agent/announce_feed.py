@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from ipaddress import IPv4Network
 
 from kbwg.agent.announce import ANNOUNCE_TTL_S, AnnounceBook, AnnounceError, parse_announce
+from kbwg.agent.announce_candidates import CandidateBook, is_candidates, parse_candidates
 from kbwg.agent.claims import ClaimBook, ClaimError, is_claim, parse_claim
 from kbwg.agent.keybase import ChatMessage
 from kbwg.agent.keyowners import KeyBook
@@ -22,11 +23,14 @@ log = logging.getLogger(__name__)
 def take_announce_message(msg: ChatMessage, me: DeviceId | None,
                           announcements: AnnounceBook, claims: ClaimBook,
                           listed: Sequence[PeerEntry], dynamic_range: IPv4Network | None,
-                          now: float, keys: KeyBook | None = None) -> bool:
+                          now: float, keys: KeyBook | None = None,
+                          published: CandidateBook | None = None) -> bool:
     """Feed one #announce message to the books; True when something changed."""
     if msg.body is None:
         return False
     sender = DeviceId(msg.sender_username, msg.sender_device)
+    if is_candidates(msg.body):
+        return _take_candidates(msg, sender, me, published, now)
     if is_claim(msg.body):
         try:
             claim = parse_claim(msg.body, sender, msg.id, msg.sent_at)
@@ -62,3 +66,19 @@ def take_announce_message(msg: ChatMessage, me: DeviceId | None,
         log.info("ignoring announcement from %s: not listed in peers.json and no live claim",
                  sender)
     return True
+
+
+def _take_candidates(msg: ChatMessage, sender: DeviceId, me: DeviceId | None,
+                     published: CandidateBook | None, now: float) -> bool:
+    """A CANDIDATES line (announce_candidates.py): for early checks, never a key's
+    first use (only ANNOUNCE and CLAIM lines rank keys)."""
+    if published is None or sender == me or msg.body is None:
+        return False
+    try:
+        line = parse_candidates(msg.body, sender, msg.id, msg.sent_at)
+    except AnnounceError as exc:
+        log.warning("ignoring candidates %d from %s: %s", msg.id, sender, exc)
+        return False
+    if line.sent_at < now - ANNOUNCE_TTL_S:
+        return False
+    return published.offer(line)

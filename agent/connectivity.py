@@ -32,6 +32,7 @@ from kbwg.agent.owner_stun import OwnerStunTransport
 from kbwg.agent.relay_paths import RelayPaths
 from kbwg.agent.teamconfig import TeamConfig
 from kbwg.core.addresses import format_endpoint
+from kbwg.core.identity import DeviceId
 from kbwg.negotiation.candidate_pairs import CandidatePair
 from kbwg.negotiation.candidates import Candidate, mapped_candidate
 from kbwg.negotiation.checks import PeerChecker
@@ -87,6 +88,8 @@ class Connectivity:
         self._local_done = asyncio.Event()
         self._checkers: set[PeerChecker] = set()
         self.on_candidates: CandidatesFn | None = None
+        # The early checks' view of a peer's status (early_checks.py), when they run.
+        self.early_view: Callable[[DeviceId, dict[str, Any]], dict[str, Any]] | None = None
         # The WireGuard port mapped on the default gateway. Its on_change (set by the
         # daemon) regathers and renegotiates when the mapping comes, moves or goes.
         # $KBWG_PORTMAP turns it off or limits its protocols.
@@ -304,6 +307,22 @@ class Connectivity:
         # the declaration is a local round trip, long done when the peer reads our offer.
         self._port.add_ufrag(spec.ufrag)
         return RegisteredChecker(checker, self._mux, self._port, probe)
+
+    @property
+    def mux(self) -> CheckMux:
+        return self._mux
+
+    def early_checker(self, ufrag: str, pwd: str, controlling: bool, tie_breaker: int,
+                      on_selected: SelectedFn, name: str) -> PeerChecker:
+        """A checker for early checks (negotiation/early.py), which registers its ufrag
+        with `mux` and the owner itself, once for all the checkers it runs."""
+        checker = PeerChecker(self.local.candidates, ufrag, pwd, controlling=controlling,
+                              tie_breaker=tie_breaker, send=self._send_check,
+                              on_selected=on_selected, name=name)
+        if not self.gathering_done():
+            checker.add_local([], complete=False)
+        self._checkers.add(checker)
+        return checker
 
     def _send_check(self, data: bytes, dest: Address, local: Candidate) -> None:
         if local.type == "relay":

@@ -16,6 +16,7 @@ from nacl.public import PrivateKey
 from kbwg.agent.chat_dispatch import ChatDispatch, post_or_drop
 from kbwg.agent.connectivity import Connectivity, RegisteredChecker
 from kbwg.agent.device_stats import StatsPoll
+from kbwg.agent.early_wiring import attach_early_checks
 from kbwg.agent.join_options import JoinOptions
 from kbwg.agent.keybase import KeybaseClient
 from kbwg.agent.owner_calls import OwnerCalls
@@ -111,6 +112,8 @@ class JoinedDevice:
                 await presence.announce()
 
         paths.on_candidates = lambda candidates, complete: spawn(trickled(candidates, complete))
+        attach_early_checks(paths, peer_sync, presence, negotiator, team, state, private_key,
+                            spawn)
         return cls(
             options=options, team=team, state=state, owner=owner, paths=paths,
             negotiator=negotiator, presence=presence, peer_sync=peer_sync, stats=stats,

@@ -26,6 +26,7 @@ from typing import Any
 
 from kbwg.agent.announce import Announcement
 from kbwg.agent.connectivity import Connectivity
+from kbwg.agent.early_checks import EarlyChecks
 from kbwg.agent.join_options import JoinOptions
 from kbwg.agent.owner_calls import OwnerCalls
 from kbwg.agent.owner_client import OwnerError
@@ -60,6 +61,8 @@ class PeerSync:
         self._options = options
         self._lock = lock
         self._spawn = spawn
+        # Checks before the offer/answer (early_checks.py); set by early_wiring.
+        self.early: EarlyChecks | None = None
 
     async def sync(self) -> None:
         """Bring the WireGuard peers in line with peers.json, announcements and claims."""
@@ -89,6 +92,8 @@ class PeerSync:
                         peer, "has a new key" if ann else "has no usable key"))
             for peer in list(s.peers.values()):
                 await self._guarded(peer, self._configure(peer))
+            if self.early is not None:
+                self.early.sync(s.peers.values())
 
     async def _guarded(self, peer: PeerState, step: Coroutine[Any, Any, None]) -> None:
         """One peer's step; a refusal by the device owner (team input its policy does not
@@ -230,13 +235,16 @@ class PeerSync:
             self._paths.punch(endpoint)
 
     async def path_chosen(self, device: DeviceId, pair: CandidatePair | None,
-                          reason: str) -> None:
-        """A peer's checks chose a pair (or gave up): it becomes the WireGuard endpoint."""
+                          reason: str, early: bool = False) -> None:
+        """A peer's checks chose a pair (or gave up): it becomes the WireGuard endpoint.
+        `early`: chosen by the early checks, which a connected session overrides."""
         peer = self._state.peers.get(device)
         if peer is None or peer.configured_key is None:
             return
         if pair is None:
             log.warning("%s: %s", peer.name, reason)
+            return
+        if self.early is not None and not self.early.accepts(device, early):
             return
         route = await self._paths.route(peer.name, pair)
         async with self._lock:
@@ -281,7 +289,9 @@ class PeerSync:
                 await self._owner.set_peer(key, endpoint, [ip], self._options.keepalive_s)
 
     def close(self) -> None:
-        """Pending announced-endpoint fallbacks are cancelled."""
+        """Pending announced-endpoint fallbacks are cancelled (and early checks)."""
+        if self.early is not None:
+            self.early.close()
         for peer in self._state.peers.values():
             if peer.fallback is not None:
                 peer.fallback.cancel()

@@ -13,6 +13,7 @@ import logging
 import os
 import random
 import time
+from collections.abc import Callable
 from ipaddress import IPv4Address, IPv4Interface
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from kbwg.agent.claims import (
     save_previous,
 )
 from kbwg.agent.join_options import JoinError
-from kbwg.agent.keybase import KeybaseClient, KeybaseError
+from kbwg.agent.keybase import Channel, KeybaseClient, KeybaseError
 from kbwg.agent.owner_calls import OwnerCalls
 from kbwg.agent.runtime_state import AgentState
 from kbwg.agent.team_view import TeamView
@@ -98,6 +99,8 @@ class Presence:
         # An announcement (or claim) that could not be sent: sent again at the next
         # refresh, or when Keybase is back.
         self.announce_pending = False
+        # Another #announce line sent beside each ANNOUNCE (early_wiring: CANDIDATES).
+        self.extra_line: Callable[[], str | None] | None = None
 
     async def try_announce(self) -> bool:
         """`announce`, keeping a Keybase failure for later instead of raising; whether
@@ -122,9 +125,19 @@ class Presence:
             save_previous(self._state_dir, s.overlay_ip)
             log.info("claimed %s (message %d)", s.overlay_ip, msg_id)
         ip, _, port = s.announced_endpoint.rpartition(":")
-        self.announce_id = await self._keybase.send(
-            channel, format_announce(ip, int(port), s.public_key))
+        extra = self.extra_line() if self.extra_line is not None else None
+        sends = [self._keybase.send(channel, format_announce(ip, int(port), s.public_key))]
+        if extra is not None:  # at once: its own message, as old agents parse ANNOUNCE
+            sends.append(self._send_extra(channel, extra))
+        self.announce_id, *_ = await asyncio.gather(*sends)
         log.info("announced %s in #%s", s.announced_endpoint, channel.topic_name)
+
+    async def _send_extra(self, channel: Channel, line: str) -> int:
+        try:
+            return await self._keybase.send(channel, line)
+        except KeybaseError as exc:  # the ANNOUNCE is what matters; this goes next time
+            log.info("%s line not sent: %s", line.split(" ", 1)[0], exc)
+            return 0
 
     async def check_my_claim(self) -> None:
         """A self-assigned address that lost a conflict moves; the winner does nothing."""

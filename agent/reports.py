@@ -29,8 +29,17 @@ def _sorted_peers(state: AgentState) -> list[PeerState]:
     return sorted(state.peers.values(), key=lambda p: (p.spec.overlay_ip, p.spec.device.username))
 
 
-def _negotiation(negotiator: Negotiator | None, peer: PeerState) -> dict[str, Any]:
-    return negotiator.snapshot(peer.spec.device) if negotiator is not None else {}
+def _negotiation(negotiator: Negotiator | None, peer: PeerState,
+                 paths: Connectivity | None = None) -> dict[str, Any]:
+    snapshot = negotiator.snapshot(peer.spec.device) if negotiator is not None else {}
+    early = paths.early_view if paths is not None else None
+    return early(peer.spec.device, snapshot) if early is not None else snapshot
+
+
+def _peer_json(peer: PeerState, negotiation: dict[str, Any]) -> dict[str, Any]:
+    extra = {"early_checks": negotiation["early_checks"]} \
+        if "early_checks" in negotiation else {}
+    return {**peer.to_json(negotiation), **extra}
 
 
 def status_report(team: str, state: AgentState, config: TeamConfig, paths: Connectivity,
@@ -53,7 +62,8 @@ def status_report(team: str, state: AgentState, config: TeamConfig, paths: Conne
         "relays": paths.relays.to_json(),
         "portmap": paths.portmap.to_json(),
         "claims": [c.to_json() for c in claims.live_claims(time.time())],
-        "peers": [p.to_json(_negotiation(negotiator, p)) for p in _sorted_peers(state)],
+        "peers": [_peer_json(p, _negotiation(negotiator, p, paths))
+                  for p in _sorted_peers(state)],
     }
     if keybase is not None:
         report["keybase"] = keybase.to_json()
@@ -84,7 +94,7 @@ async def diag_report(request: dict[str, Any], team: str, state: AgentState,
     # The probe maps nothing: the agent's own mapping is the live one.
     mapping = paths.portmap.mapping
     data["portmap"]["mapping"] = mapping.to_json() if mapping is not None else None
-    data["peers"] = [_peer_diag(p, negotiator) for p in _sorted_peers(state)]
+    data["peers"] = [_peer_diag(p, negotiator, paths) for p in _sorted_peers(state)]
     # The live allocations: which transport each uses and why (UDP, or a fallback).
     data["relay_allocations"] = paths.relays.to_json()
     data["claims"] = [c.to_json() for c in claims.live_claims(time.time())]
@@ -92,8 +102,9 @@ async def diag_report(request: dict[str, Any], team: str, state: AgentState,
     return data
 
 
-def _peer_diag(peer: PeerState, negotiator: Negotiator | None) -> dict[str, Any]:
-    negotiation = _negotiation(negotiator, peer)
+def _peer_diag(peer: PeerState, negotiator: Negotiator | None,
+               paths: Connectivity | None = None) -> dict[str, Any]:
+    negotiation = _negotiation(negotiator, peer, paths)
     ann = peer.spec.announcement
     session = negotiator.sessions.get(peer.spec.device) if negotiator is not None else None
     remote = getattr(session.checker, "remote_candidates", []) if session else []
@@ -108,7 +119,7 @@ def _peer_diag(peer: PeerState, negotiator: Negotiator | None) -> dict[str, Any]
         pairs.insert(0, {"local": negotiation["local_candidate"],
                          "remote": negotiation["remote_candidate"],
                          "state": "selected", "rtt_ms": negotiation.get("rtt_ms")})
-    return {**peer.to_json(negotiation), "candidates": candidates, "pairs": pairs}
+    return {**_peer_json(peer, negotiation), "candidates": candidates, "pairs": pairs}
 
 
 @dataclass

@@ -15,6 +15,7 @@ from collections.abc import Awaitable
 from dataclasses import dataclass, field
 
 from kbwg.agent.announce import ANNOUNCE_TTL_S, AnnounceBook
+from kbwg.agent.announce_candidates import CandidateBook
 from kbwg.agent.announce_feed import take_announce_message
 from kbwg.agent.claims import ClaimBook
 from kbwg.agent.join_options import JoinError
@@ -37,6 +38,8 @@ class TeamView:
     announcements: AnnounceBook = field(default_factory=AnnounceBook)
     claims: ClaimBook = field(default_factory=ClaimBook)
     keys: KeyBook = field(default_factory=KeyBook)
+    # CANDIDATES lines: what peers published for early checks.
+    published: CandidateBook = field(default_factory=CandidateBook)
 
     def __post_init__(self) -> None:
         # Keybase team names are case-insensitive and its replies use the canonical
@@ -100,7 +103,8 @@ class TeamView:
     def take_announce(self, msg: ChatMessage, me: DeviceId) -> bool:
         """One #announce message into the books; True when something changed."""
         return take_announce_message(msg, me, self.announcements, self.claims, self.entries,
-                                     self.config.dynamic_range, time.time(), self.keys)
+                                     self.config.dynamic_range, time.time(), self.keys,
+                                     self.published)
 
     async def read_history(self, me: DeviceId, first: bool = False) -> None:
         # The first read goes back two lifetimes: a device re-announces its key within

@@ -430,7 +430,8 @@ async def test_agent_keeps_its_peers_through_an_outage_and_catches_up(
     await wait_for(lambda: not device.presence.announce_pending,
                    "the kept announcement sent", timeout=30)
     page = await client("bob", "desk").read(ANNOUNCE)
-    assert sum(m.sender_username == "alice" for m in page.messages) == 2
+    assert sum(m.sender_username == "alice" and (m.body or "").startswith("ANNOUNCE ")
+               for m in page.messages) == 2
     messages = [r.getMessage() for r in caplog.records]
     assert sum("Keybase is unreachable" in m for m in messages) == 1
     assert sum("Keybase is back after" in m for m in messages) == 1

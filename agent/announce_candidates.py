@@ -1,0 +1,104 @@
+"""`CANDIDATES` lines in #announce: a device's candidates, published beside its ANNOUNCE
+so that peers can check them before any offer (early checks, negotiation/early.py).
+
+    CANDIDATES <base64 wg public key> host:198.18.0.2:51820 srflx:203.0.113.7:51820
+
+Each item is `type:ip:port` (the IP may be IPv6: the type is before the first colon and
+the port after the last). The line is a message of its own: the prototype matches a
+whole message body against its ANNOUNCE pattern, so an ANNOUNCE message must stay one
+line; older agents ignore this one (as they ignore CLAIM). The sender comes from
+Keybase's metadata, and a peer uses a line only with the key it announced, so a member
+can publish candidates for its own device alone. Relayed candidates are not published:
+a relay passes nothing to us before the peer grants our address a permission, which it
+does from an offer.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from kbwg.agent.announce import ANNOUNCE_TTL_S, AnnounceError, canonical_key
+from kbwg.core.identity import DeviceId
+from kbwg.negotiation.candidates import candidate_priority
+from kbwg.negotiation.wire import CandidateInfo
+
+PREFIX = "CANDIDATES "
+PUBLISHED_TYPES = ("host", "mapped", "srflx")
+MAX_CANDIDATES = 16
+
+
+@dataclass(frozen=True)
+class PublishedCandidates:
+    sender: DeviceId
+    public_key: str  # canonical base64
+    candidates: tuple[CandidateInfo, ...]
+    msg_id: int
+    sent_at: float
+
+
+def is_candidates(body: str) -> bool:
+    return body.startswith(PREFIX)
+
+
+def format_candidates(public_key_b64: str, candidates: Sequence[CandidateInfo]) -> str | None:
+    """The line for our candidates, or None when there is none to publish."""
+    items = [f"{c.type}:{c.ip}:{c.port}" for c in candidates if c.type in PUBLISHED_TYPES]
+    if not items:
+        return None
+    return f"{PREFIX}{public_key_b64} " + " ".join(items[:MAX_CANDIDATES])
+
+
+def _candidate(item: str, rank: int) -> CandidateInfo:
+    type_, _, rest = item.partition(":")
+    ip_text, _, port_text = rest.rpartition(":")
+    if type_ not in PUBLISHED_TYPES:
+        raise AnnounceError(f"candidate type {type_!r} is not one of {PUBLISHED_TYPES}")
+    try:
+        ip = ipaddress.ip_address(ip_text)
+    except ValueError:
+        raise AnnounceError(f"candidate address {ip_text[:45]!r} is not an IP address") \
+            from None
+    if (ip.is_unspecified or ip.is_loopback or ip.is_multicast or ip.is_link_local
+            or (ip.version == 4 and ip.is_reserved)):
+        raise AnnounceError(f"candidate address {ip} is not a unicast address of another host")
+    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        raise AnnounceError(f"candidate port {port_text[:8]!r} is out of range")
+    # Ranked in the sender's order (its own preference).
+    return CandidateInfo(type_, str(ip), int(port_text),
+                         candidate_priority(type_, 65535 - rank), f"{type_}{rank}")
+
+
+def parse_candidates(body: str, sender: DeviceId, msg_id: int,
+                     sent_at: float) -> PublishedCandidates:
+    words = body.split()
+    if len(words) < 3 or words[0] != PREFIX.strip():
+        raise AnnounceError(f"not a CANDIDATES line: {body[:80]!r}")
+    if len(words) - 2 > MAX_CANDIDATES:
+        raise AnnounceError(f"{len(words) - 2} candidates, more than {MAX_CANDIDATES}")
+    key = canonical_key(words[1])
+    candidates = tuple(_candidate(item, rank) for rank, item in enumerate(words[2:]))
+    return PublishedCandidates(sender, key, candidates, msg_id, sent_at)
+
+
+class CandidateBook:
+    """Newest published candidates per device (a higher message id replaces)."""
+
+    def __init__(self) -> None:
+        self.latest: dict[DeviceId, PublishedCandidates] = {}
+
+    def offer(self, published: PublishedCandidates) -> bool:
+        current = self.latest.get(published.sender)
+        if current is not None and published.msg_id <= current.msg_id:
+            return False
+        self.latest[published.sender] = published
+        return True
+
+    def of(self, device: DeviceId, public_key: str, now: float) -> tuple[CandidateInfo, ...]:
+        """The live candidates `device` published for `public_key` (none otherwise)."""
+        published = self.latest.get(device)
+        if (published is None or published.public_key != public_key
+                or published.sent_at < now - ANNOUNCE_TTL_S):
+            return ()
+        return published.candidates

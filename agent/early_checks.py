@@ -1,0 +1,135 @@
+"""Early checks for every peer with an announced key (negotiation/early.py), kept in step
+with the peers PeerSync configured: one `EarlyPeer` per peer, registered with the check
+mux and the device owner under our derived ufrag while the peer's key stays the same.
+
+A peer's early candidates are its announced endpoint and what it published in a
+CANDIDATES line for that key (announce_candidates.py). The offer's candidates are not
+added: by the time an offer arrives, the session's own checks start at once anyway.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from nacl.public import PrivateKey, PublicKey
+
+from kbwg.agent.announce import Announcement
+from kbwg.agent.announce_candidates import CandidateBook
+from kbwg.agent.connectivity import Connectivity
+from kbwg.agent.runtime_state import PeerState
+from kbwg.core.identity import DeviceId
+from kbwg.negotiation.candidate_pairs import CandidatePair
+from kbwg.negotiation.candidates import candidate_priority
+from kbwg.negotiation.early import (
+    EarlyChecker,
+    EarlyCredentials,
+    EarlyPeer,
+    SelectedFn,
+    derive_credentials,
+)
+from kbwg.negotiation.wire import CandidateInfo
+
+log = logging.getLogger(__name__)
+
+# The session's current checker (compared by identity) and whether it is connected.
+SessionOf = Callable[[DeviceId], tuple[object | None, bool]]
+ChosenFn = Callable[[DeviceId, CandidatePair, str], None]
+
+
+def early_candidates(ann: Announcement, published: Iterable[CandidateInfo]
+                     ) -> list[CandidateInfo]:
+    """What a peer published, then its announced endpoint unless published already (as
+    server-reflexive: usually its NAT's mapping, else its default address)."""
+    found = list(published)
+    if not any((c.ip, c.port) == (ann.endpoint_ip, ann.endpoint_port) for c in found):
+        found.append(CandidateInfo("srflx", ann.endpoint_ip, ann.endpoint_port,
+                                   candidate_priority("srflx"), "announced"))
+    return found
+
+
+class EarlyChecks:
+    def __init__(self, paths: Connectivity, private_key: PrivateKey,
+                 published: CandidateBook, session_of: SessionOf, chosen: ChosenFn) -> None:
+        self._paths = paths
+        self._private = private_key
+        self._published = published
+        self._session_of = session_of
+        self._chosen = chosen
+        self.peers: dict[DeviceId, EarlyPeer] = {}
+        self._keys: dict[DeviceId, str] = {}
+
+    def sync(self, peers: Iterable[PeerState]) -> None:
+        """Early checks for each configured peer's announced key; gone for the rest."""
+        now = time.time()
+        wanted: set[DeviceId] = set()
+        for peer in peers:
+            ann, key = peer.spec.announcement, peer.configured_key
+            if ann is None or key is None or ann.public_key != key:
+                continue
+            device = peer.spec.device
+            wanted.add(device)
+            candidates = early_candidates(ann, self._published.of(device, key, now))
+            current = self.peers.get(device)
+            if current is not None and self._keys.get(device) == key:
+                current.set_candidates(candidates)
+                continue
+            self.forget(device)
+            self._open(device, key, candidates)
+        for device in [d for d in self.peers if d not in wanted]:
+            self.forget(device)
+
+    def _open(self, device: DeviceId, key: str, candidates: list[CandidateInfo]) -> None:
+        try:
+            creds = derive_credentials(self._private, PublicKey(base64.b64decode(key)))
+        except ValueError as exc:  # our own key (PeerSync never configures it) or junk
+            log.warning("no early checks with %s: %s", device, exc)
+            return
+        name = f"{device} (early)"
+
+        def make(creds: EarlyCredentials, on_selected: SelectedFn) -> EarlyChecker:
+            return self._paths.early_checker(creds.local_ufrag, creds.local_pwd,
+                                             creds.controlling, creds.tie_breaker,
+                                             on_selected, name)
+
+        early = EarlyPeer(name, creds, make,
+                          lambda pair, reason: self._chosen(device, pair, reason),
+                          lambda: self._session_of(device), candidates)
+        try:
+            self._paths.mux.register(creds.local_ufrag, early)
+        except ValueError as exc:  # a session's random ufrag took it: 2^-48
+            log.warning("no early checks with %s: %s", device, exc)
+            return
+        self._paths.shared_port.add_ufrag(creds.local_ufrag)
+        self.peers[device], self._keys[device] = early, key
+        log.debug("%s: early checks, %s, ufrag %s", device,
+                  "controlling" if creds.controlling else "controlled", creds.local_ufrag)
+        early.start()
+
+    def forget(self, device: DeviceId) -> None:
+        early = self.peers.pop(device, None)
+        self._keys.pop(device, None)
+        if early is None:
+            return
+        early.close()
+        self._paths.mux.unregister(early.creds.local_ufrag)
+        self._paths.shared_port.remove_ufrag(early.creds.local_ufrag)
+
+    def accepts(self, device: DeviceId, early: bool) -> bool:
+        """Whether a pair chosen by the early checks (`early`) or by the session may
+        become the peer's path (EarlyPeer.accept_early / accept_session)."""
+        peer = self.peers.get(device)
+        if peer is None:
+            return not early
+        return peer.accept_early() if early else peer.accept_session()
+
+    def status(self, device: DeviceId, negotiation: dict[str, Any]) -> dict[str, Any]:
+        peer = self.peers.get(device)
+        return negotiation if peer is None else peer.merge_status(negotiation)
+
+    def close(self) -> None:
+        for device in list(self.peers):
+            self.forget(device)
