@@ -54,15 +54,20 @@ class CheckTimers:
     keepalive_interval: float = 5.0
     # A path is active for `active_window` after it was selected and after the agent
     # last saw traffic on it (`PeerChecker.note_traffic`, from WireGuard's counters).
-    # Checks at RTT pace cost an idle host with 20 peers ~5 % of a core, so an idle
-    # path gets RFC 7675's pace: consent every `consent_idle_interval`, keepalives of
-    # its alternatives every `keepalive_idle_interval`. Traffic on an idle path sends
-    # a consent check at once and brings the RTT pace back; so does a miss.
+    # Checks at RTT pace cost an idle host with 20 peers ~5 % of a core (RFC 7675's
+    # 5 s still ~2 %, bench/resources.py), so an idle path's consent comes every
+    # `consent_idle_interval`, its alternatives' keepalives every
+    # `keepalive_idle_interval` and failed pairs' re-probes at most every
+    # `reprobe_idle_max`. WireGuard's own keepalives (25 s, on the same port and path)
+    # keep the NAT's mapping; idle consent only has to notice a path gone. Traffic on
+    # an idle path sends a consent check at once and brings the RTT pace back; so does
+    # a miss.
     active_window: float = 30.0
-    consent_idle_interval: float = 5.0
-    keepalive_idle_interval: float = 25.0
+    consent_idle_interval: float = 15.0
+    keepalive_idle_interval: float = 30.0
     reprobe_min: float = 2.0
     reprobe_max: float = 30.0
+    reprobe_idle_max: float = 300.0
     jitter: float = 0.2  # +-fraction on consent/keepalive intervals (RFC 7675)
 
     def consent_interval_for(self, rtt_ms: float | None) -> float:

@@ -8,17 +8,19 @@
 - Keepalives: a liveness check of every other valid pair every `keepalive_interval`,
   in the background, so that the alternatives and their RTTs stay known.
 - Re-probes: a failed pair is checked again after `reprobe_min`, the wait doubling on
-  every failure up to `reprobe_max`; one timer serves the pair due first.
+  every failure up to `reprobe_max` (`reprobe_idle_max` while idle); one timer serves
+  the pair due first.
 
 Consent and keepalives go at those paces only while the path is active: for
 `active_window` after a pair was selected and after the agent last saw traffic on it
 (`note_traffic`, from WireGuard's byte counters, receiving or sending). An idle path is
-checked every `consent_idle_interval` (RFC 7675's 5 s) and its alternatives every
-`keepalive_idle_interval`: RTT-paced checks of idle peers were most of an idle host's
-CPU. Traffic on an idle path sends a consent check at once (a path that died while
-idle is noticed about a second after traffic starts, and the check reopens our NAT's
-mapping) and brings back the RTT pace; a missed check brings it back too, until an
-answer, so a path lost while idle fails about a second after its first miss.
+checked every `consent_idle_interval` (15 s; WireGuard's keepalives hold the NAT's
+mapping) and its alternatives every `keepalive_idle_interval`: RTT-paced checks of idle
+peers were most of an idle host's CPU. Traffic on an idle path sends a consent check at
+once (a path that died while idle is noticed about a second after traffic starts, and
+the check reopens our NAT's mapping) and brings back the RTT pace; a missed check
+brings it back too, until an answer, so a path lost while idle fails about a second
+after its first miss.
 
 Consent and keepalive intervals are jittered by +-`jitter` (RFC 7675 section 5.1), so
 that peers started together do not send in step. What a missed answer means is the
@@ -101,6 +103,13 @@ class CheckLiveness:
             self._consent = None
         if check_now and pair is not None and "live" not in pair.in_flight:
             self._tx.enqueue(pair, "live", urgent=True)
+        # Re-probes spaced for an idle path come within the active cap again.
+        latest = self._loop.time() + self._timers.reprobe_max
+        for failed in self._table.pairs:
+            if failed.probe_at is not None and failed.probe_at > latest:
+                failed.probe_at = latest
+            failed.probe_delay = min(failed.probe_delay, self._timers.reprobe_max)
+        self._schedule_probe()
         if pair is not None:
             self.start_consent()
         keepalive = self._keepalive
@@ -136,7 +145,8 @@ class CheckLiveness:
     def reprobe_later(self, pair: CandidatePair) -> None:
         """`pair` just failed: check it again after its backoff, and double that."""
         pair.probe_at = self._loop.time() + pair.probe_delay
-        pair.probe_delay = min(pair.probe_delay * 2, self._timers.reprobe_max)
+        cap = self._timers.reprobe_max if self.active else self._timers.reprobe_idle_max
+        pair.probe_delay = min(pair.probe_delay * 2, cap)
         self._schedule_probe()
 
     def _jittered(self, interval: float) -> float:

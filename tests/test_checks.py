@@ -862,7 +862,7 @@ async def test_the_controlling_side_follows_a_peer_whose_nat_moved_at_its_first_
 # The defaults (RTT pace 0.25 s on a LAN, checks missed after 0.3 s), with the idle
 # window and paces shortened so that the virtual clock has less to poll through.
 IDLE_SOON = replace(CheckTimers(), jitter=0.0, active_window=4.0, consent_idle_interval=2.0,
-                    keepalive_idle_interval=6.0)
+                    keepalive_idle_interval=6.0, reprobe_max=4.0, reprobe_idle_max=40.0)
 
 
 def spy_consents(node: Node) -> list[float]:
@@ -986,5 +986,54 @@ async def test_an_idle_path_that_misses_goes_back_to_rtt_pace_and_fails_in_about
         assert now() - first_miss <= 2 * timers.consent_min_timeout + 0.05
         assert now() - cut_at <= timers.consent_idle_interval + 3 * timers.consent_min_timeout + 0.1
         assert a.c.selected is not None and a.c.selected.local.address == "198.18.3.10"
+    finally:
+        close(a, b)
+
+
+async def test_failed_pairs_are_reprobed_rarely_while_idle_and_soon_again_on_traffic() -> None:
+    """A pair that never answers (the peer's private address from across a NAT) is
+    re-probed with backoff up to `reprobe_max` while the path is active, up to
+    `reprobe_idle_max` while idle; traffic brings its next re-probe within
+    `reprobe_max`."""
+    net = SimNet()
+    a, b = net.node("a"), net.node("b")
+    a.host("198.18.1.10", lan="lan1", delay=0.005)
+    b.host("198.18.1.20", lan="lan1", delay=0.005)
+    timers = replace(IDLE_SOON, active_window=40.0)
+    nowhere = ("203.0.113.77", PORT)
+    probes: list[float] = []
+    send_a = a.send
+
+    def spy(data: bytes, dest: Address, local: Candidate) -> None:
+        if dest == nowhere and len(data) > 0:
+            message = stun.parse_message(data)
+            if message.message_class == stun.Class.REQUEST:
+                probes.append(now())
+        send_a(data, dest, local)
+
+    a.send = spy  # type: ignore[method-assign]
+    await connect(a, b, timers)
+    extra = CandidateInfo("srflx", nowhere[0], PORT, candidate_priority("srflx"), "s9")
+    a.c.add_remote([extra], complete=True)
+    try:
+        await advance_until(lambda: a.c.state == "connected" and mirrored(a, b))
+        # A re-probe is a check with retransmits: given up 4.7 s after its first copy
+        # (RTO 0.1 s doubling to 1.6 s, six copies), then the next after the backoff.
+        given_up = 4.7
+
+        def starts(after: float) -> list[float]:
+            return [t for prev, t in itertools.pairwise(probes)
+                    if t - prev > timers.max_rto + 0.1 and t > after]
+
+        await asyncio.sleep(timers.active_window)  # active: re-probes 4 s apart at most
+        active = starts(0.0)
+        assert gaps(active)[-1] == pytest.approx(given_up + timers.reprobe_max, abs=0.05)
+        await asyncio.sleep(4 * timers.reprobe_idle_max)  # idle: spaced out to 40 s
+        idle = starts(active[-1])
+        assert max(gaps(idle)) == pytest.approx(given_up + timers.reprobe_idle_max, abs=0.05)
+        traffic_at, count = now(), len(probes)
+        a.c.note_traffic()
+        await advance_until(lambda: len(probes) > count, timeout=timers.reprobe_max + 0.5)
+        assert probes[count] - traffic_at <= timers.reprobe_max + 2 * timers.pacing
     finally:
         close(a, b)
