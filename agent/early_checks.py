@@ -5,10 +5,17 @@ mux and the device owner under our derived ufrag while the peer's key stays the 
 A peer's early candidates are its announced endpoint and what it published in a
 CANDIDATES line for that key (announce_candidates.py). The offer's candidates are not
 added: by the time an offer arrives, the session's own checks start at once anyway.
+
+The two lines are sent at once, so either may arrive first. Our checks wait for the
+CANDIDATES line (at most `CANDIDATES_WAIT_S`; the peer's own checks start ours at
+once): with the announced endpoint alone, a LAN peer's path would first be found
+through the router (a NAT that hairpins), and WireGuard's endpoint then moved to the
+LAN address a moment later, restarting its handshake.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import logging
 import time
@@ -39,6 +46,9 @@ log = logging.getLogger(__name__)
 SessionOf = Callable[[DeviceId], tuple[object | None, bool]]
 ChosenFn = Callable[[DeviceId, CandidatePair, str], None]
 
+# How long our early checks of a peer wait for its CANDIDATES line after its ANNOUNCE.
+CANDIDATES_WAIT_S = 0.3
+
 
 def early_candidates(ann: Announcement, published: Iterable[CandidateInfo]
                      ) -> list[CandidateInfo]:
@@ -61,6 +71,8 @@ class EarlyChecks:
         self._chosen = chosen
         self.peers: dict[DeviceId, EarlyPeer] = {}
         self._keys: dict[DeviceId, str] = {}
+        # Peers whose checks wait for their CANDIDATES line.
+        self._waiting: dict[DeviceId, asyncio.TimerHandle] = {}
 
     def sync(self, peers: Iterable[PeerState]) -> None:
         """Early checks for each configured peer's announced key; gone for the rest."""
@@ -72,22 +84,34 @@ class EarlyChecks:
                 continue
             device = peer.spec.device
             wanted.add(device)
-            candidates = early_candidates(ann, self._published.of(device, key, now))
+            published = self._published.of(device, key, now)
+            candidates = early_candidates(ann, published)
             current = self.peers.get(device)
             if current is not None and self._keys.get(device) == key:
                 current.set_candidates(candidates)
+                if published and device in self._waiting:
+                    self._start(device)
                 continue
             self.forget(device)
-            self._open(device, key, candidates)
+            early = self._open(device, key, candidates)
+            if early is None:
+                continue
+            if published:
+                early.start()
+            else:
+                self._waiting[device] = asyncio.get_running_loop().call_later(
+                    CANDIDATES_WAIT_S, self._start, device)
         for device in [d for d in self.peers if d not in wanted]:
             self.forget(device)
 
-    def _open(self, device: DeviceId, key: str, candidates: list[CandidateInfo]) -> None:
+    def _open(self, device: DeviceId, key: str,
+              candidates: list[CandidateInfo]) -> EarlyPeer | None:
+        """A registered early peer, not checking yet (see `_start`)."""
         try:
             creds = derive_credentials(self._private, PublicKey(base64.b64decode(key)))
         except ValueError as exc:  # our own key (PeerSync never configures it) or junk
             log.warning("no early checks with %s: %s", device, exc)
-            return
+            return None
         name = f"{device} (early)"
 
         def make(creds: EarlyCredentials, on_selected: SelectedFn) -> EarlyChecker:
@@ -102,14 +126,26 @@ class EarlyChecks:
             self._paths.mux.register(creds.local_ufrag, early)
         except ValueError as exc:  # a session's random ufrag took it: 2^-48
             log.warning("no early checks with %s: %s", device, exc)
-            return
+            return None
         self._paths.shared_port.add_ufrag(creds.local_ufrag)
         self.peers[device], self._keys[device] = early, key
         log.debug("%s: early checks, %s, ufrag %s", device,
                   "controlling" if creds.controlling else "controlled", creds.local_ufrag)
-        early.start()
+        return early
+
+    def _start(self, device: DeviceId) -> None:
+        """The wait for `device`'s CANDIDATES line is over: our checks begin."""
+        waiting = self._waiting.pop(device, None)
+        if waiting is not None:
+            waiting.cancel()
+        early = self.peers.get(device)
+        if early is not None:
+            early.start()
 
     def forget(self, device: DeviceId) -> None:
+        waiting = self._waiting.pop(device, None)
+        if waiting is not None:
+            waiting.cancel()
         early = self.peers.pop(device, None)
         self._keys.pop(device, None)
         if early is None:

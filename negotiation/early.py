@@ -171,6 +171,7 @@ class EarlyPeer:
         self._taken_over = False
         self._linger: asyncio.TimerHandle | None = None
         self._closed = False
+        self._started = False
         self.wakes = 0
         self.counters = CheckCounters()  # of checks vetted while resting
 
@@ -190,6 +191,7 @@ class EarlyPeer:
             return
         self._rest_why = None
         self._taken_over = False
+        self._started = True
         checker: EarlyChecker | None = None
 
         def selected(pair: CandidatePair | None, reason: str) -> None:
@@ -305,7 +307,7 @@ class EarlyPeer:
         if self.checker is None and not self._may_wake(data):
             return False
         if self.checker is None:
-            self.wakes += 1
+            self.wakes += self._started  # else the peer's checks came first: a start
             # A connected session of a peer that checks us early again is one it lost;
             # one still under way (a restart we offered) may yet connect, and take over.
             current, connected = self._session()

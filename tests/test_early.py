@@ -27,7 +27,7 @@ from kbwg.agent.announce_candidates import (
 from kbwg.agent.announce_feed import take_announce_message
 from kbwg.agent.claims import ClaimBook
 from kbwg.agent.connectivity import Connectivity
-from kbwg.agent.early_checks import EarlyChecks
+from kbwg.agent.early_checks import CANDIDATES_WAIT_S, EarlyChecks
 from kbwg.agent.keybase import Channel, ChatMessage
 from kbwg.agent.peer_selection import PeerSpec
 from kbwg.agent.runtime_state import PeerState
@@ -458,7 +458,11 @@ async def test_manager_follows_peers_and_their_keys() -> None:
         first = early.peers[bob]
         ufrag = first.creds.local_ufrag
         assert paths.mux.checker(ufrag) is first and paths.shared_port.ufrags == {ufrag}
-        assert first.state == "checking"
+        # Registered at once (bob's checks are answered), but our own checks wait a
+        # moment for bob's CANDIDATES line, sent at the same time as its ANNOUNCE.
+        assert first.state == "resting" and paths.made == []
+        await asyncio.sleep(CANDIDATES_WAIT_S + 0.01)
+        assert len(paths.made) == 1 and first.wakes == 0  # started (no local bases here)
         assert [(c.type, c.ip) for c in first.remote] == [("srflx", "198.18.0.6")]
         # The same key again: the same early peer (at most one per peer).
         early.sync([peer_state(bob, bob_key, msg_id=2)])
@@ -473,6 +477,7 @@ async def test_manager_follows_peers_and_their_keys() -> None:
         # A new key: new credentials, the old ufrag no longer answers.
         early.sync([peer_state(bob, bob_new_key, msg_id=4)])
         second = early.peers[bob]
+        await asyncio.sleep(CANDIDATES_WAIT_S + 0.01)
         assert second is not first and first.state == "closed"
         assert paths.mux.checker(ufrag) is None
         assert paths.shared_port.ufrags == {second.creds.local_ufrag}
@@ -484,5 +489,35 @@ async def test_manager_follows_peers_and_their_keys() -> None:
         assert paths.mux.checker(second.creds.local_ufrag) is None
         # Without early checks for a peer, only the session sets its path.
         assert early.accepts(bob, early=False) and not early.accepts(bob, early=True)
+    finally:
+        early.close()
+
+
+async def test_manager_checks_at_once_with_the_candidates_line() -> None:
+    me, bob_key = PrivateKey.generate(), PrivateKey.generate()
+    bob = DeviceId("bob", "desk")
+    paths, book = FakePaths(), CandidateBook()
+    early = EarlyChecks(cast(Connectivity, paths), me, book, lambda _d: (None, False),
+                        lambda *_: None)
+    try:
+        b64 = base64.b64encode(bytes(bob_key.public_key)).decode()
+        line = format_candidates(b64, [CandidateInfo("host", "192.0.2.6", PORT, 1, "h")])
+        assert line is not None
+        # The line came first (or with the announcement): no wait.
+        book.offer(parse_candidates(line, bob, 3, time.time()))
+        early.sync([peer_state(bob, bob_key)])
+        assert len(paths.made) == 1
+        early.forget(bob)
+        # The announcement first, the line a moment later: checks start with it.
+        book2 = CandidateBook()
+        early2 = EarlyChecks(cast(Connectivity, paths), me, book2,
+                             lambda _d: (None, False), lambda *_: None)
+        early2.sync([peer_state(bob, bob_key)])
+        assert len(paths.made) == 1
+        book2.offer(parse_candidates(line, bob, 3, time.time()))
+        early2.sync([peer_state(bob, bob_key)])
+        assert len(paths.made) == 2
+        assert {c.type for c in early2.peers[bob].remote} == {"host", "srflx"}
+        early2.close()
     finally:
         early.close()
