@@ -21,7 +21,7 @@ from kbwg.agent.claims import ClaimBook
 from kbwg.agent.join_options import JoinError
 from kbwg.agent.keybase import Channel, ChatMessage, KeybaseClient, KeybaseError
 from kbwg.agent.keyowners import KeyBook
-from kbwg.agent.peers_file import PeerEntry, PeersError, parse_peers
+from kbwg.agent.peers_file import PeerEntry, PeersError, parse_peers, peers_path
 from kbwg.agent.teamconfig import TeamConfig
 from kbwg.core.identity import DeviceId
 
@@ -56,7 +56,7 @@ class TeamView:
     @staticmethod
     def peers_path_of(team: str) -> str:
         """peers.json of `team`, readable before kbwg.json is (start-up reads both at once)."""
-        return f"/keybase/team/{team.lower()}/peers.json"
+        return peers_path(team)
 
     @property
     def announce_channel(self) -> Channel:
