@@ -154,8 +154,9 @@ class PeerSync:
                      peer.name, ann.endpoint, peer.endpoint)
             negotiator = self._negotiator
             session = negotiator.sessions.get(peer.spec.device) if negotiator else None
+            # Not over an offer of ours still out: replacing it only churns sessions.
             if negotiator is not None and session is not None \
-                    and session.state != "unanswered":
+                    and session.state not in ("unanswered", "offering"):
                 self._spawn(negotiator.offer(session, kind="restart"))
         elif peer.endpoint_source == ANNOUNCED:
             # Nothing works yet: the newest announcement is the best guess.

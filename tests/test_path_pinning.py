@@ -141,3 +141,32 @@ async def test_a_later_keepalive_is_dropped_when_the_endpoint_moved_meanwhile(
     calls = len(rec.calls)
     await spawned[0]
     assert len(rec.calls) == calls, rec.calls
+
+
+@pytest.mark.parametrize(("session_state", "restarts"),
+                         [("checking", 1), ("offering", 0), ("unanswered", 0)])
+async def test_a_moved_announcement_renegotiates_unless_our_offer_is_out(
+        session_state: str, restarts: int) -> None:
+    from kbwg.agent.announce import Announcement
+
+    offers: list[str] = []
+
+    class Negotiator:
+        def __init__(self) -> None:
+            self.sessions = {DeviceId("bob", "desk"): SimpleNamespace(state=session_state)}
+
+        async def offer(self, session: Any, kind: str = "offer") -> None:
+            offers.append(kind)
+
+    rec = Recorder()
+    spawned: list[Any] = []
+    sync, peer, device = make_sync(rec, spawned=spawned)
+    sync._negotiator = cast(Any, Negotiator())
+    sync._options.endpoint = None
+    sync._paths = cast(Any, SimpleNamespace(punch=lambda endpoint: None))
+    peer.endpoint, peer.endpoint_source = ENDPOINT, NEGOTIATED
+    ann = Announcement(device, "203.0.113.99", 51820, KEY, msg_id=7, sent_at=0.0)
+    await sync._newer_announcement(peer, ann)
+    for coro in spawned:
+        await coro
+    assert offers == ["restart"] * restarts
