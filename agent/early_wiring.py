@@ -9,6 +9,7 @@ turns them off too (to compare, or should they ever get in the way).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from collections.abc import Callable
@@ -32,6 +33,9 @@ from kbwg.negotiation.wire import CandidateInfo
 log = logging.getLogger(__name__)
 
 ENV_EARLY_CHECKS = "KBWG_EARLY_CHECKS"
+# Our candidates changed after an announcement: the line goes alone after this, unless
+# an announcement (which carries one) went meanwhile, as it does when STUN answers late.
+REPUBLISH_WAIT_S = 1.0
 
 
 @dataclass
@@ -45,6 +49,7 @@ class CandidatesLine:
     spawn: Spawn
     sent: str | None = None  # the last line sent (or being sent)
     announced: bool = False
+    pending: asyncio.TimerHandle | None = None
 
     def line(self) -> str | None:
         """For Presence: the line to send beside the ANNOUNCE."""
@@ -55,8 +60,14 @@ class CandidatesLine:
     def changed(self) -> None:
         """Our candidates changed: an ANNOUNCE went out already, so the line goes
         alone (the announced endpoint follows its own rules)."""
+        if self.announced and self.pending is None:
+            self.pending = asyncio.get_running_loop().call_later(
+                REPUBLISH_WAIT_S, self._republish)
+
+    def _republish(self) -> None:
+        self.pending = None
         line = format_candidates(self.state.public_key, self.candidates())
-        if not self.announced or line is None or line == self.sent:
+        if line is None or line == self.sent:
             return
         self.sent = line
         self.spawn(self._send(line))

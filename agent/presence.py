@@ -101,6 +101,7 @@ class Presence:
         self.announce_pending = False
         # Another #announce line sent beside each ANNOUNCE (early_wiring: CANDIDATES).
         self.extra_line: Callable[[], str | None] | None = None
+        self._extra: asyncio.Task[int] | None = None
 
     async def try_announce(self) -> bool:
         """`announce`, keeping a Keybase failure for later instead of raising; whether
@@ -126,10 +127,12 @@ class Presence:
             log.info("claimed %s (message %d)", s.overlay_ip, msg_id)
         ip, _, port = s.announced_endpoint.rpartition(":")
         extra = self.extra_line() if self.extra_line is not None else None
-        sends = [self._keybase.send(channel, format_announce(ip, int(port), s.public_key))]
-        if extra is not None:  # at once: its own message, as old agents parse ANNOUNCE
-            sends.append(self._send_extra(channel, extra))
-        self.announce_id, *_ = await asyncio.gather(*sends)
+        if extra is not None:
+            # Its own message (old agents parse ANNOUNCE as a whole message), started
+            # first so that it usually arrives first, and not waited for.
+            self._extra = asyncio.create_task(self._send_extra(channel, extra))
+        self.announce_id = await self._keybase.send(
+            channel, format_announce(ip, int(port), s.public_key))
         log.info("announced %s in #%s", s.announced_endpoint, channel.topic_name)
 
     async def _send_extra(self, channel: Channel, line: str) -> int:
