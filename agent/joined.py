@@ -103,13 +103,9 @@ class JoinedDevice:
         async def trickled(candidates: list[CandidateInfo], complete: bool) -> None:
             if negotiator is not None:
                 await negotiator.trickle(candidates, complete)
-            public = paths.public_endpoint()
-            if (complete and options.endpoint is None and public is not None
-                    and presence.announce_id is not None
-                    and public != state.announced_endpoint):
+            if complete and presence.announce_id is not None:
                 # STUN answered after the first announcement left.
-                state.announced_endpoint = public
-                await presence.announce()
+                await announce_if_moved(options, paths, state, presence)
 
         paths.on_candidates = lambda candidates, complete: spawn(trickled(candidates, complete))
         attach_early_checks(paths, peer_sync, presence, negotiator, team, state, private_key,
@@ -132,4 +128,17 @@ class JoinedDevice:
             self.state.announced_endpoint = (self.paths.public_endpoint()
                                              or self.state.announced_endpoint)
         await self.presence.announce()
+        # STUN may have answered while that send was under way (the trickle saw no
+        # announcement yet and left it to us).
+        await announce_if_moved(self.options, self.paths, self.state, self.presence)
         await self.peer_sync.sync()
+
+
+async def announce_if_moved(options: JoinOptions, paths: Connectivity, state: AgentState,
+                            presence: Presence) -> None:
+    """Announce the public endpoint STUN found if it is not the one announced (unless
+    the endpoint was given)."""
+    public = paths.public_endpoint()
+    if options.endpoint is None and public is not None and public != state.announced_endpoint:
+        state.announced_endpoint = public
+        await presence.announce()
