@@ -223,13 +223,18 @@ def sent_by(side: Side) -> int:
     return sum(c.counters.checks + c.counters.retransmits for c in side.checkers)
 
 
+async def both_chose(a: Side, b: Side) -> None:
+    """Each side opens early checks with the other's candidates, until both chose."""
+    a.open(b, infos(b.node.candidates))
+    b.open(a, infos(a.node.candidates))
+    await advance_until(lambda: a.chosen and b.chosen, timeout=1.0)
+
+
 async def test_early_checks_find_the_lan_path_without_any_exchange() -> None:
     _net, a, b = lan_pair()
     try:
         # Each side knows only the other's key and published host candidate.
-        a.open(b, infos(b.node.candidates))
-        b.open(a, infos(a.node.candidates))
-        await advance_until(lambda: a.chosen and b.chosen, timeout=1.0)
+        await both_chose(a, b)
         for side in (a, b):
             pair, reason = side.chosen[-1]
             assert pair.path == "direct-lan"
@@ -247,9 +252,7 @@ async def test_early_checks_find_the_lan_path_without_any_exchange() -> None:
 async def test_session_takes_over_and_early_checks_stop() -> None:
     _net, a, b = lan_pair()
     try:
-        a.open(b, infos(b.node.candidates))
-        b.open(a, infos(a.node.candidates))
-        await advance_until(lambda: a.chosen and b.chosen, timeout=1.0)
+        await both_chose(a, b)
         assert a.e.accept_early() and b.e.accept_early()
         # A's negotiated session connects first (A answered B's offer): its selection
         # is taken. A's early checker still answers B's for a while: B's session
@@ -280,9 +283,7 @@ async def test_session_takes_over_and_early_checks_stop() -> None:
 async def test_a_restarted_peer_wakes_the_resting_side() -> None:
     _net, a, b = lan_pair()
     try:
-        a.open(b, infos(b.node.candidates))
-        b.open(a, infos(a.node.candidates))
-        await advance_until(lambda: a.chosen and b.chosen, timeout=1.0)
+        await both_chose(a, b)
         stale = object()
         a.session, a.session_connected = stale, True
         assert a.e.accept_session()
@@ -321,9 +322,7 @@ async def test_a_restarted_peer_wakes_the_resting_side() -> None:
 async def test_a_session_under_way_at_a_wake_still_takes_over() -> None:
     _net, a, b = lan_pair()
     try:
-        a.open(b, infos(b.node.candidates))
-        b.open(a, infos(a.node.candidates))
-        await advance_until(lambda: a.chosen and b.chosen, timeout=1.0)
+        await both_chose(a, b)
         for side in (a, b):
             side.session, side.session_connected = object(), True
             assert side.e.accept_session()

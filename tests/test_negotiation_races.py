@@ -82,6 +82,16 @@ def live(side: Side) -> FakeChecker:
     return checker
 
 
+def assert_glare_settled(alice: Side, bob: Side, alice_wins: bool) -> None:
+    """Both restarted; only the loser answered the winner's, and one session is left."""
+    restarts = {"alice": alice.sent_types(bob)[1:], "bob": bob.sent_types(alice)[1:]}
+    if alice_wins:
+        assert restarts == {"alice": ["restart"], "bob": ["restart", "answer"]}, restarts
+    else:
+        assert restarts == {"alice": ["restart", "answer"], "bob": ["restart"]}, restarts
+    assert_one_session(alice, bob)
+
+
 def assert_one_session(a: Side, b: Side) -> None:
     """Both sides in the same session, each checker holding the other's credentials."""
     sa = a.negotiator.sessions[b.me]
@@ -180,12 +190,7 @@ async def test_an_offer_of_ours_that_went_out_while_we_gathered_settles_glare(
     bus.resume()
     await settle(bus, alice, bob)
 
-    restarts = {"alice": alice.sent_types(bob)[1:], "bob": bob.sent_types(alice)[1:]}
-    if alice_wins:
-        assert restarts == {"alice": ["restart"], "bob": ["restart", "answer"]}, restarts
-    else:
-        assert restarts == {"alice": ["restart", "answer"], "bob": ["restart"]}, restarts
-    assert_one_session(alice, bob)
+    assert_glare_settled(alice, bob, alice_wins)
 
 
 @pytest.mark.parametrize("alice_wins", [True, False], ids=["alice-wins", "bob-wins"])
@@ -205,12 +210,7 @@ async def test_our_restart_to_everyone_while_we_recheck_settles_glare(alice_wins
     bus.resume()
     await settle(bus, alice, bob)
 
-    restarts = {"alice": alice.sent_types(bob)[1:], "bob": bob.sent_types(alice)[1:]}
-    if alice_wins:
-        assert restarts == {"alice": ["restart"], "bob": ["restart", "answer"]}, restarts
-    else:
-        assert restarts == {"alice": ["restart", "answer"], "bob": ["restart"]}, restarts
-    assert_one_session(alice, bob)
+    assert_glare_settled(alice, bob, alice_wins)
 
 
 # ------------------------------------------------------------------ resends
