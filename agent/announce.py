@@ -10,6 +10,7 @@ import binascii
 import ipaddress
 import re
 from dataclasses import dataclass
+from typing import Generic, Protocol, TypeVar
 
 from kbwg.core.identity import DeviceId
 
@@ -81,19 +82,31 @@ def parse_announce(body: str, sender: DeviceId, msg_id: int, sent_at: float) -> 
     return Announcement(sender, str(ip), port, canonical_key(key_text), msg_id, sent_at)
 
 
-@dataclass
-class AnnounceBook:
-    """Newest announcement per device. Message ids grow within one conversation, so a
-    lower or equal id is a replay or a late delivery and never replaces a newer one."""
+class FromDevice(Protocol):
+    @property
+    def sender(self) -> DeviceId: ...
 
-    latest: dict[DeviceId, Announcement]
+    @property
+    def msg_id(self) -> int: ...
+
+
+M = TypeVar("M", bound=FromDevice)
+
+
+class NewestBook(Generic[M]):
+    """Newest message per device. Message ids grow within one conversation, so a lower
+    or equal id is a replay or a late delivery and never replaces a newer one."""
 
     def __init__(self) -> None:
-        self.latest = {}
+        self.latest: dict[DeviceId, M] = {}
 
-    def offer(self, announcement: Announcement) -> bool:
-        current = self.latest.get(announcement.sender)
-        if current is not None and announcement.msg_id <= current.msg_id:
+    def offer(self, message: M) -> bool:
+        current = self.latest.get(message.sender)
+        if current is not None and message.msg_id <= current.msg_id:
             return False
-        self.latest[announcement.sender] = announcement
+        self.latest[message.sender] = message
         return True
+
+
+class AnnounceBook(NewestBook[Announcement]):
+    """Newest announcement per device."""

@@ -19,7 +19,7 @@ import ipaddress
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from kbwg.agent.announce import ANNOUNCE_TTL_S, AnnounceError, canonical_key
+from kbwg.agent.announce import ANNOUNCE_TTL_S, AnnounceError, NewestBook, canonical_key
 from kbwg.core.identity import DeviceId
 from kbwg.negotiation.candidates import candidate_priority
 from kbwg.negotiation.wire import CandidateInfo
@@ -82,18 +82,8 @@ def parse_candidates(body: str, sender: DeviceId, msg_id: int,
     return PublishedCandidates(sender, key, candidates, msg_id, sent_at)
 
 
-class CandidateBook:
-    """Newest published candidates per device (a higher message id replaces)."""
-
-    def __init__(self) -> None:
-        self.latest: dict[DeviceId, PublishedCandidates] = {}
-
-    def offer(self, published: PublishedCandidates) -> bool:
-        current = self.latest.get(published.sender)
-        if current is not None and published.msg_id <= current.msg_id:
-            return False
-        self.latest[published.sender] = published
-        return True
+class CandidateBook(NewestBook[PublishedCandidates]):
+    """Newest published candidates per device."""
 
     def of(self, device: DeviceId, public_key: str, now: float) -> tuple[CandidateInfo, ...]:
         """The live candidates `device` published for `public_key` (none otherwise)."""
