@@ -40,7 +40,7 @@ from kbwg.negotiation.session import Negotiator
 
 log = logging.getLogger(__name__)
 
-Spawn = Callable[[Coroutine[Any, Any, None]], None]
+Spawn = Callable[[Coroutine[Any, Any, object]], None]
 
 # How long the higher-keyed end of a fresh path keeps quiet: past a handshake's round
 # trip on a slow path, and apart from the first end's 5 s retry if its handshake was lost.
@@ -154,10 +154,10 @@ class PeerSync:
                      peer.name, ann.endpoint, peer.endpoint)
             negotiator = self._negotiator
             session = negotiator.sessions.get(peer.spec.device) if negotiator else None
-            # Not over an offer of ours still out: replacing it only churns sessions.
             if negotiator is not None and session is not None \
-                    and session.state not in ("unanswered", "offering"):
-                self._spawn(negotiator.offer(session, kind="restart"))
+                    and session.state != "unanswered":
+                # restart() leaves an offer of ours that is still out alone.
+                self._spawn(negotiator.restart(peer.spec.device))
         elif peer.endpoint_source == ANNOUNCED:
             # Nothing works yet: the newest announcement is the best guess.
             await self._set_endpoint(peer, ann.endpoint, ANNOUNCED)

@@ -15,7 +15,7 @@ class Background:
         self._what = what
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+    def spawn(self, coro: Coroutine[Any, Any, object]) -> None:
         async def run() -> None:
             try:
                 await coro

@@ -148,10 +148,15 @@ async def test_a_later_keepalive_is_dropped_when_the_endpoint_moved_meanwhile(
 async def test_a_moved_announcement_renegotiates_unless_our_offer_is_out(
         session_state: str, restarts: int) -> None:
     from kbwg.agent.announce import Announcement
+    from kbwg.negotiation.session import Negotiator as RealNegotiator
 
     offers: list[str] = []
 
     class Negotiator:
+        """The real restart() rule over a recorded offer()."""
+
+        restart = RealNegotiator.restart
+
         def __init__(self) -> None:
             self.sessions = {DeviceId("bob", "desk"): SimpleNamespace(state=session_state)}
 
