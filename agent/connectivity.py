@@ -81,6 +81,8 @@ class Connectivity:
         self._mux = CheckMux()
         self._stun_clients: dict[str | None, StunClient] = {}
         self._routes = HostRoutes.new(owner)
+        # The host's addresses and gateway come from the owner (the agent has no netlink).
+        self._interfaces = owner.interfaces
         self.relays = RelayPaths(relay_user, wg_port, self._on_relay_stun, on_relay_lost)
         self._gathering: asyncio.Task[None] | None = None
         # Trickle: the host and STUN part of the current gathering is done (the relays
@@ -93,7 +95,8 @@ class Connectivity:
         # The WireGuard port mapped on the default gateway. Its on_change (set by the
         # daemon) regathers and renegotiates when the mapping comes, moves or goes.
         # $KBWG_PORTMAP turns it off or limits its protocols.
-        self.portmap = PortMapper(wg_port, config_from_env(os.environ))
+        self.portmap = PortMapper(wg_port, config_from_env(os.environ),
+                                  find_gateway=owner.default_gateway)
         self._mapping_task: asyncio.Task[Mapping | None] | None = None
         # Network events, a lost relay and the refresh loop may all ask for a new
         # gathering at once: one at a time, or a relay would get two allocations.
@@ -164,13 +167,14 @@ class Connectivity:
             # server-reflexive and relayed ones trickle in as they come.
             self.local = await gather_local(self.wg_port, [], self.client_for,
                                             self.config.interface_exclude,
-                                            [self.config.overlay])
+                                            [self.config.overlay], addresses=self._interfaces)
             self._publish(complete=False)
         servers = await resolve_dual(self.config.stun, timeout=2.0)
 
         async def stun_part() -> LocalCandidates:
             local = await gather_local(self.wg_port, servers, self.client_for,
-                                       self.config.interface_exclude, [self.config.overlay])
+                                       self.config.interface_exclude, [self.config.overlay],
+                                       addresses=self._interfaces)
             self.local = LocalCandidates(local.candidates + self.relays.candidates(),
                                          local.stun, local.gathered_at)
             self._local_done.set()

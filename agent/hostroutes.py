@@ -6,7 +6,8 @@ device owner for a host route to the address through that uplink. The agent name
 the uplink; the owner finds its gateway itself (that uplink's own route towards the
 address, for example a higher-metric default route) and adds the route only towards
 the endpoint of a current peer, so the peer's endpoint must be set first. When the
-choice moves back, or the peer goes, the route goes too.
+choice moves back, or the peer goes, the route goes too. What the table would do is
+the owner's to read too (`egress`, which leaves its own host routes out).
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from ipaddress import ip_network
 
 from kbwg.agent.owner_calls import OwnerCalls
 from kbwg.agent.owner_client import OwnerError
-from kbwg.owner.netconfig import egress_for
 
 log = logging.getLogger(__name__)
 
@@ -64,11 +64,15 @@ class HostRoutes:
         would send traffic to `remote_ip` elsewhere and that uplink can reach it."""
         if local_ifname is None:
             return None
-        ours = [ip_network(destination)] if destination in self.routes.values() else []
-        default = await egress_for(remote_ip, ignore=ours)
-        if default is None or default.ifname == local_ifname:
+        try:
+            default = await self.owner.egress(remote_ip)
+            if default is None or default.ifname == local_ifname:
+                return None
+            through = await self.owner.egress(remote_ip, local_ifname)
+        except OwnerError as exc:
+            log.warning("cannot read the routes to %s: %s", destination, exc)
             return None
-        if await egress_for(remote_ip, via_ifname=local_ifname) is None:
+        if through is None:
             log.warning("no route to %s through %s; leaving the table's choice (%s)",
                         remote_ip, local_ifname, default.ifname)
             return None

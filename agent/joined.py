@@ -98,7 +98,7 @@ class JoinedDevice:
                           CheckTimers().active_window)
         chat = ChatDispatch(team, state, presence, peer_sync, negotiator)
         upkeep = Upkeep(options, team, state, presence, peer_sync, stats, paths, negotiator,
-                        chat)
+                        chat, owner=owner)
 
         async def trickled(candidates: list[CandidateInfo], complete: bool) -> None:
             if negotiator is not None:

@@ -1,77 +1,65 @@
-"""Address, route and link changes from netlink, debounced into one callback.
+"""The device owner's `network` events, debounced into one callback.
 
 A network change (a new DHCP lease, an uplink going away) makes our candidates stale:
-the agent re-gathers and renegotiates. Changes on the WireGuard device itself (and our
-own host routes) are ignored, or every path switch would trigger the next.
+the agent re-gathers and renegotiates. The device owner reads netlink (the agent never
+loads pyroute2) and sends a `network` event per change after `watch_network`, already
+without changes on the WireGuard device itself and host routes (or every path switch
+would trigger the next) and coalesced (kbwg.owner.netlink_watch). Changes come in bursts
+(an address, then its routes): the callback runs once things have been quiet for
+`debounce_s`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
-from pyroute2 import AsyncIPRoute
-from pyroute2.netlink.rtnl import RTMGRP_IPV4_IFADDR, RTMGRP_IPV4_ROUTE, RTMGRP_LINK
+from kbwg.owner.protocol import EVENT_NETWORK
 
 log = logging.getLogger(__name__)
 
-_EVENTS = {"RTM_NEWADDR", "RTM_DELADDR", "RTM_NEWROUTE", "RTM_DELROUTE", "RTM_NEWLINK",
-           "RTM_DELLINK"}  # fmt: skip
+MAX_FIELD_LEN = 64
 
 
 class NetworkWatcher:
-    def __init__(
-        self,
-        on_change: Callable[[], Awaitable[None]],
-        ignore_ifnames: Iterable[str] = (),
-        debounce_s: float = 0.5,
-    ) -> None:
+    def __init__(self, on_change: Callable[[], Awaitable[None]],
+                 debounce_s: float = 0.5) -> None:
         self._on_change = on_change
-        self._ignore = set(ignore_ifnames)
         self._debounce = debounce_s
-        self._names: dict[int, str] = {}
+        self._dirty = asyncio.Event()
+        self.changes = 0
+        self.bad_events = 0
 
-    async def run(self) -> None:
-        async with AsyncIPRoute() as ipr:
-            await ipr.bind(groups=RTMGRP_IPV4_IFADDR | RTMGRP_IPV4_ROUTE | RTMGRP_LINK)
-            self._names = {link["index"]: link.get("ifname")
-                           async for link in await ipr.get_links()}
-            dirty = asyncio.Event()
-            notifier = asyncio.create_task(self._notify(dirty))
-            try:
-                while True:  # get() ends after each batch of messages
-                    async for msg in ipr.get():
-                        if self._relevant(msg):
-                            dirty.set()
-            finally:
-                notifier.cancel()
+    def on_event(self, event: dict[str, Any]) -> None:
+        """An unsolicited frame from the device owner: `network` ones count, others are
+        not ours and are ignored."""
+        if event.get("event") != EVENT_NETWORK:
+            return
+        change, ifname = event.get("change"), event.get("ifname")
+        if not isinstance(change, str) or len(change) > MAX_FIELD_LEN or not (
+                ifname is None or (isinstance(ifname, str) and len(ifname) <= MAX_FIELD_LEN)):
+            self.bad_events += 1
+            if self.bad_events in (1, 100):
+                log.warning("ignoring a malformed network event from the device owner: %r",
+                            event)
+            return
+        log.debug("network change: %s on %s", change, ifname or "?")
+        self.changes += 1
+        self._dirty.set()
 
-    def _relevant(self, msg: object) -> bool:
-        get = getattr(msg, "get", None)
-        event = get("event") if get is not None else None
-        if get is None or event not in _EVENTS:
-            return False
-        is_route = event in ("RTM_NEWROUTE", "RTM_DELROUTE")
-        if not is_route and event.endswith("LINK"):
-            self._names[get("index")] = get("ifname")
-        index = get("oif") if is_route else get("index")
-        name = self._names.get(index) if index is not None else None
-        if name in self._ignore:
-            return False
-        if is_route and get("dst_len") == 32:
-            return False  # host routes: ours (multi-homed choices) or a peer's
-        log.debug("network change: %s on %s", event, name or index)
-        return True
-
-    async def _notify(self, dirty: asyncio.Event) -> None:
+    async def run(self, subscribe: Callable[[], Awaitable[None]]) -> None:
+        """Ask for the events (`subscribe`: the owner's `watch_network`), then call back
+        after each quiet burst until cancelled."""
+        await subscribe()
         while True:
-            await dirty.wait()
+            await self._dirty.wait()
             # Changes come in bursts (address, then routes): wait for quiet.
             while True:
-                dirty.clear()
+                self._dirty.clear()
                 await asyncio.sleep(self._debounce)
-                if not dirty.is_set():
+                if not self._dirty.is_set():
                     break
             try:
                 await self._on_change()

@@ -12,15 +12,21 @@ spelling is how the agent recognises it in a stats reply, so it is sent as given
 from __future__ import annotations
 
 import base64
+import ipaddress
 from dataclasses import dataclass
 from ipaddress import IPv4Interface, IPv4Network, IPv6Network
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kbwg.agent.owner_client import DeviceOwner, OwnerError
+from kbwg.negotiation.host_addresses import InterfaceAddress
 from kbwg.owner.protocol import (
     OP_ADD_ROUTE,
     OP_CREATE,
+    OP_DEFAULT_GATEWAY,
+    OP_EGRESS,
     OP_HELLO,
+    OP_HOST_ROUTES,
+    OP_INTERFACES,
     OP_REMOVE_PEER,
     OP_REMOVE_ROUTE,
     OP_SET_ADDRESS,
@@ -30,7 +36,11 @@ from kbwg.owner.protocol import (
     OP_STUN_OPEN,
     OP_STUN_SEND,
     OP_STUN_UFRAGS,
+    OP_WATCH_NETWORK,
 )
+
+if TYPE_CHECKING:
+    from kbwg.portmap.gateway import Gateway
 
 
 @dataclass(frozen=True)
@@ -76,6 +86,15 @@ class RouteAdded:
     ifname: str
 
 
+@dataclass(frozen=True)
+class Uplink:
+    """How the main table reaches an address: the interface, and its gateway (None:
+    on-link)."""
+
+    ifname: str
+    via: str | None
+
+
 def _bad(op: str, what: str, reply: dict[str, Any]) -> OwnerError:
     return OwnerError(f"malformed {op} reply from the device owner ({what}): {reply!r}"[:500])
 
@@ -102,6 +121,56 @@ def _text(op: str, reply: dict[str, Any], field: str, value: object,
     if not isinstance(value, str):
         raise _bad(op, f"'{field}' is not a string", reply)
     return value
+
+
+def _object(op: str, reply: dict[str, Any], field: str, value: object) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise _bad(op, f"'{field}' is not an object", reply)
+    return value
+
+
+def _list(op: str, reply: dict[str, Any], field: str) -> list[Any]:
+    value = reply.get(field)
+    if not isinstance(value, list):
+        raise _bad(op, f"'{field}' is not a list", reply)
+    return value
+
+
+def _bool(op: str, reply: dict[str, Any], field: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise _bad(op, f"'{field}' is not true or false", reply)
+    return value
+
+
+def _ip(op: str, reply: dict[str, Any], field: str, value: object) -> str:
+    text = _text(op, reply, field, value)
+    try:
+        return str(ipaddress.ip_address(text or ""))
+    except ValueError:
+        raise _bad(op, f"'{field}' is not an IP address", reply) from None
+
+
+def _required_text(op: str, reply: dict[str, Any], field: str, value: object) -> str:
+    text = _text(op, reply, field, value)
+    if not text:
+        raise _bad(op, f"'{field}' is missing or empty", reply)
+    return text
+
+
+def _address(reply: dict[str, Any], raw: object) -> InterfaceAddress:
+    item = _object(OP_INTERFACES, reply, "addresses", raw)
+    address = _ip(OP_INTERFACES, reply, "address", item.get("address"))
+    prefixlen = _int(OP_INTERFACES, reply, "prefixlen", item.get("prefixlen"))
+    if not 0 <= prefixlen <= (128 if ":" in address else 32):
+        raise _bad(OP_INTERFACES, "'prefixlen' is out of range", reply)
+    return InterfaceAddress(
+        interface=_required_text(OP_INTERFACES, reply, "interface", item.get("interface")),
+        index=_int(OP_INTERFACES, reply, "index", item.get("index")),
+        address=address,
+        prefixlen=prefixlen,
+        up=_bool(OP_INTERFACES, reply, "up", item.get("up")),
+        default_route=_bool(OP_INTERFACES, reply, "default_route", item.get("default_route")),
+    )
 
 
 def _peer(reply: dict[str, Any], raw: object) -> PeerCounters:
@@ -193,6 +262,58 @@ class OwnerCalls:
 
     async def stun_ufrags(self, ufrags: list[str]) -> None:
         await self.transport.request(OP_STUN_UFRAGS, ufrags=ufrags)
+
+    async def interfaces(self) -> list[InterfaceAddress]:
+        """The host's interface addresses (negotiation's `InterfaceSource`)."""
+        reply = await self.transport.request(OP_INTERFACES)
+        return [_address(reply, raw) for raw in _list(OP_INTERFACES, reply, "addresses")]
+
+    async def default_gateway(self) -> Gateway | None:
+        """The default IPv4 gateway (kbwg.portmap's `find_gateway`), or None."""
+        from kbwg.portmap.gateway import Gateway
+
+        reply = await self.transport.request(OP_DEFAULT_GATEWAY)
+        raw = reply.get("gateway")
+        if raw is None:
+            return None
+        item = _object(OP_DEFAULT_GATEWAY, reply, "gateway", raw)
+        return Gateway(
+            address=_ip(OP_DEFAULT_GATEWAY, reply, "address", item.get("address")),
+            local_ip=_ip(OP_DEFAULT_GATEWAY, reply, "local_ip", item.get("local_ip")),
+            interface=_text(OP_DEFAULT_GATEWAY, reply, "interface", item.get("interface")),
+        )
+
+    async def host_routes(self, exclude_ifname: str) -> list[IPv4Network]:
+        """The host's IPv4 route destinations in every table, apart from default routes
+        and routes through `exclude_ifname` (kbwg.agent.overlaycheck's `RoutesReader`)."""
+        reply = await self.transport.request(OP_HOST_ROUTES, exclude_ifname=exclude_ifname)
+        found = []
+        for raw in _list(OP_HOST_ROUTES, reply, "destinations"):
+            try:
+                found.append(IPv4Network(str(raw) if isinstance(raw, str) else ""))
+            except ValueError:
+                raise _bad(OP_HOST_ROUTES, "a destination is not an IPv4 network",
+                           reply) from None
+        return found
+
+    async def egress(self, destination: str, ifname: str | None = None) -> Uplink | None:
+        """How the main table reaches `destination` (through `ifname` only, when given),
+        without the host routes the owner added; None when it does not."""
+        args: dict[str, Any] = {"destination": destination}
+        if ifname is not None:
+            args["ifname"] = ifname
+        reply = await self.transport.request(OP_EGRESS, **args)
+        raw = reply.get("route")
+        if raw is None:
+            return None
+        item = _object(OP_EGRESS, reply, "route", raw)
+        via = item.get("via")
+        return Uplink(ifname=_required_text(OP_EGRESS, reply, "ifname", item.get("ifname")),
+                      via=None if via is None else _ip(OP_EGRESS, reply, "via", via))
+
+    async def watch_network(self) -> None:
+        """From now on the owner sends `network` events (kbwg.agent.netwatch)."""
+        await self.transport.request(OP_WATCH_NETWORK)
 
     async def shutdown(self) -> None:
         await self.transport.request(OP_SHUTDOWN)

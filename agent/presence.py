@@ -33,7 +33,7 @@ from kbwg.agent.runtime_state import AgentState
 from kbwg.agent.team_view import TeamView
 from kbwg.agent.teamconfig import TeamConfig
 from kbwg.core.identity import DeviceId
-from kbwg.negotiation.candidates import gather_host_candidates, interface_addresses
+from kbwg.negotiation.candidates import InterfaceSource, gather_host_candidates
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +61,10 @@ def pick_dynamic(team: TeamView, me: DeviceId, state_dir: Path,
                         "ask a team admin for a larger dynamic_range") from exc
 
 
-async def announce_target(given: str | None, config: TeamConfig) -> tuple[str, int]:
-    """(ip, port) to announce; port 0 means the WireGuard listen port."""
+async def announce_target(given: str | None, config: TeamConfig,
+                          addresses: InterfaceSource) -> tuple[str, int]:
+    """(ip, port) to announce; port 0 means the WireGuard listen port. `addresses`: the
+    host's interface addresses (the device owner's `interfaces`)."""
     if given:
         host, sep, port = given.rpartition(":")
         if sep and port.isdigit():
@@ -71,7 +73,7 @@ async def announce_target(given: str | None, config: TeamConfig) -> tuple[str, i
     # The first host candidate: the default route's interface, by the same rule
     # that chooses candidates (the WireGuard device and tunnels excluded).
     hosts = gather_host_candidates(0, config.interface_exclude, [config.overlay],
-                                   addresses=await interface_addresses())
+                                   addresses=await addresses())
     # Announcements carry IPv4 (the prototype's format): IPv6 goes in offers only.
     ip = next((h.address for h in hosts if ":" not in h.address), None)
     if ip is None:
@@ -180,7 +182,7 @@ class Presence:
         endpoint was given)."""
         if given is not None:
             return
-        ip, _ = await announce_target(None, self._team.config)
+        ip, _ = await announce_target(None, self._team.config, self._owner.interfaces)
         endpoint = f"{ip}:{self._state.listen_port}"
         if endpoint != self._state.announced_endpoint:
             self._state.announced_endpoint = endpoint

@@ -1,7 +1,8 @@
 """The joined device's background loops: the periodic refresh (peers.json, #announce
 history, re-announcing, claim check, peer sync, missing relays), the stats poll, and
-the network watch that re-gathers candidates and renegotiates after a change; and the
-same repair when a peer's chosen pair goes quiet (`on_path_lost`).
+the network watch (the device owner's `network` events, kbwg.agent.netwatch) that
+re-gathers candidates and renegotiates after a change; and the same repair when a
+peer's chosen pair goes quiet (`on_path_lost`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from kbwg.agent.device_stats import StatsPoll
 from kbwg.agent.join_options import JoinOptions
 from kbwg.agent.keybase_upkeep import KeybaseUpkeep
 from kbwg.agent.netwatch import NetworkWatcher
+from kbwg.agent.owner_calls import OwnerCalls
 from kbwg.agent.peer_sync import PeerSync
 from kbwg.agent.presence import Presence
 from kbwg.agent.runtime_state import AgentState
@@ -37,7 +39,8 @@ LOST_PATH_SPACING_S = 2.0
 class Upkeep:
     def __init__(self, options: JoinOptions, team: TeamView, state: AgentState,
                  presence: Presence, peer_sync: PeerSync, stats: StatsPoll, paths: Connectivity,
-                 negotiator: Negotiator | None, chat: ChatDispatch | None = None) -> None:
+                 negotiator: Negotiator | None, chat: ChatDispatch | None = None,
+                 owner: OwnerCalls | None = None) -> None:
         self._options = options
         self._team = team
         self._state = state
@@ -46,6 +49,7 @@ class Upkeep:
         self._stats = stats
         self._paths = paths
         self._negotiator = negotiator
+        self._owner = owner
         self._keybase = KeybaseUpkeep(team, state, presence, peer_sync, chat, negotiator)
         self._lost_at: dict[DeviceId, float] = {}
         if negotiator is not None:
@@ -75,9 +79,13 @@ class Upkeep:
         await self._stats.run(self._options.stats_s)
 
     async def _watch_network(self) -> None:
-        watcher = NetworkWatcher(self.on_network_change,
-                                 ignore_ifnames=[self._options.interface])
-        await watcher.run()
+        if self._owner is None:  # nothing to watch through
+            await asyncio.Event().wait()
+            return
+        watcher = NetworkWatcher(self.on_network_change)
+        # The owner's events other than `stun` come through the shared port's pump.
+        self._paths.shared_port.on_other_event = watcher.on_event
+        await watcher.run(self._owner.watch_network)
 
     async def on_network_change(self) -> None:
         """Also after a lost relay: consent checks move each peer off it within seconds;

@@ -1,6 +1,7 @@
 """Local candidates: host addresses from the interfaces, server-reflexive from STUN.
 
-Host candidates come from every up interface's IPv4 and IPv6 addresses, minus loopback,
+Host candidates come from every up interface's IPv4 and IPv6 addresses (an
+`InterfaceSource` gives them: kbwg.negotiation.host_addresses), minus loopback,
 link-local, addresses inside the overlay, and interfaces matching the exclude globs
 (the WireGuard device and other tunnels/virtual bridges: a peer reaching us through
 another overlay would be routing WireGuard inside a tunnel it may not keep). IPv6
@@ -18,7 +19,15 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from kbwg.negotiation.host_addresses import (
+    InterfaceAddress,
+    InterfaceSource,
+    interface_addresses,
+    list_interface_addresses,
+)
 from kbwg.negotiation.interface_defaults import DEFAULT_INTERFACE_EXCLUDE
+from kbwg.negotiation.priority import LOCAL_PREFERENCE_MAX as _LOCAL_PREFERENCE_MAX
+from kbwg.negotiation.priority import candidate_priority
 from kbwg.negotiation.stun_client import (
     Address,
     BindingResult,
@@ -27,28 +36,14 @@ from kbwg.negotiation.stun_client import (
     format_address,
 )
 
+__all__ = ["Candidate", "CandidateType", "InterfaceAddress", "InterfaceSource",
+           "StunServerResult", "candidate_priority", "excluded_interface",
+           "gather_host_candidates", "gather_srflx", "host_address_problem",
+           "interface_addresses", "list_interface_addresses", "mapped_candidate"]
+
 log = logging.getLogger(__name__)
 
 CandidateType = Literal["host", "srflx", "relay", "prflx", "mapped"]
-
-# RFC 8445 section 5.1.2.2 recommended type preferences. `mapped` (a port the gateway
-# maps for us by PCP, NAT-PMP or UPnP, like Tailscale's portmap endpoints) sits between
-# host and srflx: unlike srflx it reaches us from any peer, even through a symmetric NAT.
-TYPE_PREFERENCE: dict[str, int] = {"host": 126, "prflx": 110, "mapped": 105, "srflx": 100,
-                                   "relay": 0}
-
-_LOCAL_PREFERENCE_MAX = 65535
-_IFF_UP = 0x1
-_AF_INET = 2
-_AF_INET6 = 10
-# linux/if_addr.h: an IPv6 address the kernel cannot (or soon will not) send from.
-_IFA_F_UNUSABLE = 0x40 | 0x20 | 0x08  # tentative, deprecated, dadfailed
-
-
-def candidate_priority(type_: str, local_preference: int = _LOCAL_PREFERENCE_MAX,
-                       component: int = 1) -> int:
-    """RFC 8445 section 5.1.2.1."""
-    return (1 << 24) * TYPE_PREFERENCE[type_] + (1 << 8) * local_preference + (256 - component)
 
 
 @dataclass
@@ -68,55 +63,6 @@ class Candidate:
             "interface": self.interface, "priority": self.priority, "source": self.source,
             "base": self.base,
         }
-
-
-@dataclass(frozen=True)
-class InterfaceAddress:
-    interface: str
-    index: int
-    address: str
-    prefixlen: int
-    up: bool
-    default_route: bool
-
-
-def list_interface_addresses() -> list[InterfaceAddress]:
-    """Every IPv4 and usable IPv6 address on this host with its interface, via netlink.
-
-    Blocking, and pyroute2 0.9's IPRoute refuses to run in a thread with a running
-    event loop: from async code use `interface_addresses()`.
-    """
-    # pyroute2 takes ~0.2 s to import: not before the first gathering (team files need
-    # this module's defaults while `join` starts).
-    from pyroute2 import IPRoute
-
-    result = []
-    with IPRoute() as ipr:
-        links = {link["index"]: link for link in ipr.get_links()}
-        for family in (_AF_INET, _AF_INET6):
-            # "Default route" per family: an IPv6 default route says nothing of IPv4's.
-            default_oifs = {
-                route.get_attr("RTA_OIF") for route in ipr.get_routes(family=family, table=254)
-                if route["dst_len"] == 0
-            }
-            for msg in ipr.get_addr(family=family):
-                link = links.get(msg["index"])
-                flags = msg.get_attr("IFA_FLAGS") or msg["flags"]
-                if link is None or (family == _AF_INET6 and flags & _IFA_F_UNUSABLE):
-                    continue
-                result.append(InterfaceAddress(
-                    interface=str(link.get_attr("IFLA_IFNAME")),
-                    index=int(msg["index"]),
-                    address=str(msg.get_attr("IFA_ADDRESS")),
-                    prefixlen=int(msg["prefixlen"]),
-                    up=bool(link["flags"] & _IFF_UP),
-                    default_route=msg["index"] in default_oifs,
-                ))
-    return result
-
-
-async def interface_addresses() -> list[InterfaceAddress]:
-    return await asyncio.to_thread(list_interface_addresses)
 
 
 def excluded_interface(name: str, patterns: Iterable[str]) -> bool:
@@ -160,7 +106,7 @@ def gather_host_candidates(
     not the choice: choice.py weighs paths, not families).
 
     `addresses` defaults to the host's own (netlink, blocking: from async code pass
-    `await interface_addresses()`).
+    the addresses an `InterfaceSource` gave).
     """
     patterns = list(exclude_patterns)
     networks = list(exclude_networks)

@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 from kbwg.core.addresses import HostPort, ip_family
 from kbwg.negotiation.candidates import (
     Candidate,
+    InterfaceSource,
     StunServerResult,
     gather_host_candidates,
     gather_srflx,
-    interface_addresses,
 )
 from kbwg.negotiation.stun_client import Address, StunClient, resolve
 
@@ -85,14 +85,17 @@ async def gather_local(
     exclude_patterns: Iterable[str],
     exclude_networks: Iterable[ipaddress.IPv4Network | ipaddress.IPv6Network],
     timeout: float = 2.0,
+    *,
+    addresses: InterfaceSource,
 ) -> LocalCandidates:
     """Host candidates, then srflx from each host address at once.
 
     `client_for(address)` gives a StunClient whose requests leave from that local
-    address on the WireGuard port.
+    address on the WireGuard port; `addresses` gives the host's interface addresses
+    (the agent's asks the device owner).
     """
-    addresses = await interface_addresses()
-    hosts = gather_host_candidates(port, exclude_patterns, exclude_networks, addresses=addresses)
+    hosts = gather_host_candidates(port, exclude_patterns, exclude_networks,
+                                   addresses=await addresses())
     result = LocalCandidates(candidates=list(hosts))
     if servers and hosts:
         gathered = await asyncio.gather(*(

@@ -110,7 +110,7 @@ def test_lan_address_change_reconnects(world: World) -> None:
     team = team_with_stun(world, inet)
     home = world.router("home", wan=inet, nat=NatMode.MASQUERADE)
     a, b = world.host("a", lans=[home.lan]), world.host("b", lans=[home.lan])
-    alice, _ = start_pair(team, a, b)
+    alice, bob = start_pair(team, a, b)
     alice.wait_path("desk")
     wait_until(lambda: ping_ok(a, BOB[2]), what="first ping")
 
@@ -129,3 +129,6 @@ def test_lan_address_change_reconnects(world: World) -> None:
         timeout=10, what="alice to move to bob's new address")  # fmt: skip
     assert peer["path"] == "direct-lan"
     wait_until(lambda: ping_ok(a, BOB[2]), timeout=10, what="ping after the change")
+    # Bob's device owner read the change from netlink and told his agent (which has no
+    # netlink of its own); whether that or the lost path re-gathered first is a race.
+    assert "netwatch: network change: RTM_NEWADDR on eth0" in bob.log(1 << 22), bob.log()

@@ -42,6 +42,25 @@ Ops (args → result):
   current local ICE ufrags, replacing the previous list: Binding requests whose USERNAME
   starts with one of them and ':' pass the filter in that ufrag's reserved budget.
 
+- ``interfaces`` () → ``addresses`` [{interface, index, address, prefixlen, up,
+  default_route}]: every IPv4 and usable IPv6 address of the host (kbwg.owner.interfaces),
+  ``default_route`` when its interface holds a default route of its family. Allowed
+  before ``create`` (gathering starts early). Read-only, as are the three below: the
+  owner reads netlink so that the agent never loads pyroute2.
+- ``default_gateway`` () → ``gateway`` {address, local_ip, interface} of the main
+  table's default IPv4 gateway, or None. Allowed before ``create``.
+- ``host_routes`` (``exclude_ifname``) → ``destinations`` ["ip/prefix"]: the host's
+  IPv4 route destinations in every table, apart from default routes and routes through
+  ``exclude_ifname`` (the agent checks the team's overlay against them before
+  ``create``). Allowed before ``create``.
+- ``egress`` (``destination`` ip, optional ``ifname``) → ``route`` {ifname, via} or None:
+  how the main table reaches ``destination`` (through ``ifname`` only, when given),
+  leaving out the host routes this owner added. Allowed before ``create``.
+- ``watch_network`` () → {}: from then on, ``network`` events (below); again is a
+  no-op. Allowed before ``create``.
+
+These ops take no other arguments than those listed: an unknown one is an error.
+
 Requests that are well formed but outside what the owner allows (kbwg.owner.guard) get
 an error reply whose message starts with ``refused:``; each is counted by reason key.
 
@@ -52,6 +71,12 @@ FINGERPRINT where checks need one, then within the budget of its kind: answers t
 own requests, checks for a declared ufrag, and everything else per source and overall),
 after ``stun_open``. The rest is dropped and counted: ``stats`` answers the counts as
 ``stun_filter``.
+
+``network`` (``change`` the netlink message, e.g. "RTM_NEWADDR", ``ifname`` or None,
+``count`` how many changes it stands for), after ``watch_network``: the host's IPv4
+addresses or routes or its links changed (kbwg.owner.netlink_watch). Changes on the
+owner's WireGuard device and host routes (/32) are left out, and events are coalesced:
+at most one per fifth of a second, the latest change.
 """
 
 from __future__ import annotations
@@ -81,11 +106,19 @@ OP_STUN_OPEN = "stun_open"
 OP_STUN_SEND = "stun_send"
 OP_SET_ADDRESS = "set_address"
 OP_STUN_UFRAGS = "stun_ufrags"
+OP_INTERFACES = "interfaces"
+OP_DEFAULT_GATEWAY = "default_gateway"
+OP_HOST_ROUTES = "host_routes"
+OP_EGRESS = "egress"
+OP_WATCH_NETWORK = "watch_network"
 
 EVENT_STUN = "stun"
+EVENT_NETWORK = "network"
 
 # Ops that make sense before a device exists.
-OPS_WITHOUT_DEVICE = frozenset({OP_HELLO, OP_STATS, OP_SHUTDOWN, OP_CREATE})
+OPS_WITHOUT_DEVICE = frozenset({OP_HELLO, OP_STATS, OP_SHUTDOWN, OP_CREATE, OP_INTERFACES,
+                                OP_DEFAULT_GATEWAY, OP_HOST_ROUTES, OP_EGRESS,
+                                OP_WATCH_NETWORK})
 
 BACKENDS = ("auto", "kernel", "userspace")
 DEFAULT_MTU = 1420
@@ -338,3 +371,46 @@ class StunUfragsArgs:
                 raise ProtocolError(
                     f"'ufrags' item {item[:40]!r} must be printable ASCII without ':' or space")
         return cls(ufrags=tuple(dict.fromkeys(raw)))
+
+
+def no_arguments(args: dict[str, Any], op: str) -> None:
+    """For ops that take none: an argument is a client bug, not something to ignore."""
+    if args:
+        raise ProtocolError(f"'{op}' takes no arguments, not {', '.join(sorted(map(str, args)))}")
+
+
+def _only(args: dict[str, Any], op: str, fields: set[str]) -> None:
+    extra = set(args) - fields
+    if extra:
+        raise ProtocolError(f"'{op}' does not take {', '.join(sorted(map(str, extra)))}")
+
+
+@dataclass(frozen=True)
+class HostRoutesArgs:
+    exclude_ifname: str
+
+    @classmethod
+    def parse(cls, args: dict[str, Any]) -> HostRoutesArgs:
+        _only(args, OP_HOST_ROUTES, {"exclude_ifname"})
+        return cls(exclude_ifname=_get_ifname(args, "exclude_ifname"))
+
+
+@dataclass(frozen=True)
+class EgressArgs:
+    destination: ipaddress.IPv4Address | ipaddress.IPv6Address
+    ifname: str | None
+
+    @classmethod
+    def parse(cls, args: dict[str, Any]) -> EgressArgs:
+        _only(args, OP_EGRESS, {"destination", "ifname"})
+        text = _get(args, "destination", str, "a string (an IP address)")
+        try:
+            destination = ipaddress.ip_address(text)
+        except ValueError as exc:
+            raise ProtocolError(f"'destination' is not an IP address: {text[:60]!r}") from exc
+        ifname = _get_ifname(args) if args.get("ifname") is not None else None
+        return cls(destination=destination, ifname=ifname)
+
+
+def network_event(change: str, ifname: str | None, count: int) -> dict[str, Any]:
+    return {"event": EVENT_NETWORK, "change": change, "ifname": ifname, "count": count}

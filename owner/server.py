@@ -6,6 +6,9 @@ routes it was asked for and the raw socket that shares the WireGuard port with S
 (whose packets it passes to the agent as `stun` events), and removes all of them on
 `shutdown`, INT, TERM, HUP, end of stdin (the agent exited), a broken stdout, or a
 stream it cannot resynchronise. Every request is judged by kbwg.owner.guard first.
+It also reads the host's network for the agent (addresses, gateway, routes, and their
+changes as `network` events: kbwg.owner.host_network), so that the agent never loads
+pyroute2.
 
 Its collaborators (netlink, WireGuard backend, raw STUN socket, policy) are constructor
 arguments: there is no switch to anything else in the privileged program.
@@ -22,7 +25,7 @@ import sys
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from ipaddress import IPv4Network
+from ipaddress import IPv4Network, ip_network
 from typing import Any, Protocol
 
 from nacl.public import PrivateKey
@@ -30,14 +33,20 @@ from nacl.public import PrivateKey
 from kbwg.core.ratelimit import TokenBucket
 from kbwg.owner.frames import FrameBodyError, FrameError, encode_frame, read_frame, write_frame
 from kbwg.owner.guard import R_ROUTE_NOT_OURS, Guard, Refusal
+from kbwg.owner.host_network import HostNetwork, NetlinkHostNetwork
 from kbwg.owner.netconfig import HostRoute, IPInterface, NetConfig
+from kbwg.owner.netlink_watch import Coalescer, NetworkChange
 from kbwg.owner.policy import OwnerPolicy
 from kbwg.owner.protocol import (
     ERR_NO_DEVICE,
     ERR_NO_STUN,
     OP_ADD_ROUTE,
     OP_CREATE,
+    OP_DEFAULT_GATEWAY,
+    OP_EGRESS,
     OP_HELLO,
+    OP_HOST_ROUTES,
+    OP_INTERFACES,
     OP_REMOVE_PEER,
     OP_REMOVE_ROUTE,
     OP_SET_ADDRESS,
@@ -47,10 +56,13 @@ from kbwg.owner.protocol import (
     OP_STUN_OPEN,
     OP_STUN_SEND,
     OP_STUN_UFRAGS,
+    OP_WATCH_NETWORK,
     OPS_WITHOUT_DEVICE,
     PROTOCOL_VERSION,
     AddRouteArgs,
     CreateArgs,
+    EgressArgs,
+    HostRoutesArgs,
     ProtocolError,
     RemovePeerArgs,
     RemoveRouteArgs,
@@ -60,6 +72,8 @@ from kbwg.owner.protocol import (
     encode_key,
     error_reply,
     format_endpoint,
+    network_event,
+    no_arguments,
     ok_reply,
     parse_interface,
     parse_request,
@@ -124,8 +138,12 @@ class OwnerServer:
         policy: OwnerPolicy,
         raw_stun_factory: RawStunFactory,
         stun_filter: SharedPortFilter | None = None,
+        host: HostNetwork | None = None,
     ) -> None:
         self._net = net
+        self._host: HostNetwork = host if host is not None else NetlinkHostNetwork()
+        self._watching: asyncio.Task[None] | None = None
+        self._changes = Coalescer(self._on_network_change)
         self._backend_factory = backend_factory
         self._raw_stun_factory = raw_stun_factory
         self.guard = Guard(policy, net)
@@ -150,6 +168,11 @@ class OwnerServer:
             OP_STUN_UFRAGS: self._stun_ufrags,
             OP_SET_ADDRESS: self._set_address,
             OP_SHUTDOWN: self._shutdown,
+            OP_INTERFACES: self._interfaces,
+            OP_DEFAULT_GATEWAY: self._default_gateway,
+            OP_HOST_ROUTES: self._host_routes,
+            OP_EGRESS: self._egress,
+            OP_WATCH_NETWORK: self._watch_network,
         }
 
     async def handle(self, frame: dict[str, Any]) -> dict[str, Any]:
@@ -353,6 +376,46 @@ class OwnerServer:
         self.stun_filter.set_ufrags(spec.ufrags)
         return {"ufrags": len(spec.ufrags)}
 
+    async def _interfaces(self, args: dict[str, Any]) -> dict[str, Any]:
+        no_arguments(args, OP_INTERFACES)
+        return {"addresses": [a.to_json() for a in await self._host.interfaces()]}
+
+    async def _default_gateway(self, args: dict[str, Any]) -> dict[str, Any]:
+        no_arguments(args, OP_DEFAULT_GATEWAY)
+        gateway = await self._host.default_gateway()
+        return {"gateway": None if gateway is None else gateway.to_json()}
+
+    async def _host_routes(self, args: dict[str, Any]) -> dict[str, Any]:
+        spec = HostRoutesArgs.parse(args)
+        found = await self._host.route_destinations(spec.exclude_ifname)
+        return {"destinations": [str(n) for n in found]}
+
+    async def _egress(self, args: dict[str, Any]) -> dict[str, Any]:
+        spec = EgressArgs.parse(args)
+        ours = [ip_network(key) for key in self.state.routes]
+        egress = await self._host.egress(spec.destination, spec.ifname, ours)
+        return {"route": None if egress is None else
+                {"ifname": egress.ifname, "via": egress.gateway}}
+
+    async def _watch_network(self, args: dict[str, Any]) -> dict[str, Any]:
+        no_arguments(args, OP_WATCH_NETWORK)
+        if self._watching is None or self._watching.done():
+            self._watching = asyncio.create_task(
+                self._host.watch(self._changes.note, lambda: self.state.ifname),
+                name="watch-network")
+        return {}
+
+    def _on_network_change(self, change: NetworkChange, count: int) -> None:
+        self.emit(network_event(change.change, change.ifname, count))
+
+    async def stop_watching(self) -> None:
+        self._changes.close()
+        watching, self._watching = self._watching, None
+        if watching is not None:
+            watching.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await watching
+
     def _on_stun_packet(self, datagram: UdpDatagram) -> None:
         # Before anything else: the filter's checks are the cheap ones.
         if self.stun_filter.admit(datagram.payload, datagram.src[0]):
@@ -456,6 +519,7 @@ class OwnerServer:
         finally:
             self._events = None
             stopped.cancel()
+            await self.stop_watching()
 
 
 async def _stdio_streams() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:

@@ -1,12 +1,13 @@
-"""The default IPv4 gateway and the local address that reaches it (netlink, pyroute2)."""
+"""The default IPv4 gateway and the local address that reaches it (netlink, pyroute2).
+
+`join` asks the device owner instead (PortMapper's `find_gateway`), so that the agent
+never loads pyroute2; `diag`, which runs without an owner, reads netlink itself."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 from dataclasses import dataclass
-
-from pyroute2 import IPRoute
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +24,8 @@ class Gateway:
 
 def find_default_gateway() -> Gateway | None:
     """Blocking (pyroute2 refuses a thread with a running loop): use `default_gateway()`."""
+    from pyroute2 import IPRoute  # a fifth of a second to import: only when needed
+
     with IPRoute() as ipr:
         defaults = sorted(
             (r for r in ipr.get_routes(family=_AF_INET, table=_MAIN_TABLE)

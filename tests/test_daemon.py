@@ -69,6 +69,11 @@ class FakeOwner:
                     "public_key": "x", "ifname": args["ifname"]}  # fmt: skip
         if op == "stun_open":
             return {"port": 40000}
+        if op == "interfaces":  # the owner reads the host's network for the agent
+            return {"addresses": [{"interface": "eth9", "index": 2, "address": "198.18.0.5",
+                                   "prefixlen": 24, "up": True, "default_route": True}]}
+        if op == "host_routes":
+            return {"destinations": []}
         if op == "set_peer":
             self.peers[args["public_key"]] = args
         elif op == "remove_peer":

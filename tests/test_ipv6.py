@@ -464,7 +464,7 @@ async def test_diag_reports_ipv6_like_netcheck(monkeypatch: pytest.MonkeyPatch) 
         "no, but OS has support (no STUN server with an IPv6 address to test it)") == 1
 
 
-async def test_the_announced_endpoint_stays_ipv4(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_the_announced_endpoint_stays_ipv4() -> None:
     """`#announce` carries the prototype's IPv4 'ip:port' even where IPv6 leads."""
     from kbwg.agent import presence
     from kbwg.agent.teamconfig import TeamConfig
@@ -472,5 +472,4 @@ async def test_the_announced_endpoint_stays_ipv4(monkeypatch: pytest.MonkeyPatch
     async def addresses() -> list[InterfaceAddress]:
         return [addr(A6, "eth0", 2), addr("198.18.1.10", "eth1", 3, default_route=False)]
 
-    monkeypatch.setattr(presence, "interface_addresses", addresses)
-    assert await presence.announce_target(None, TeamConfig()) == ("198.18.1.10", 0)
+    assert await presence.announce_target(None, TeamConfig(), addresses) == ("198.18.1.10", 0)

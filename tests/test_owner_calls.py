@@ -10,8 +10,9 @@ from typing import Any
 
 import pytest
 
-from kbwg.agent.owner_calls import DeviceStats, OwnerCalls, PeerCounters
+from kbwg.agent.owner_calls import DeviceStats, OwnerCalls, PeerCounters, Uplink
 from kbwg.agent.owner_client import OwnerError
+from kbwg.negotiation.host_addresses import InterfaceAddress
 
 
 @dataclass
@@ -87,6 +88,73 @@ async def test_a_malformed_reply_is_an_owner_error(op: str, reply: dict[str, Any
         "add_route": lambda: owner.add_route(IPv4Network("198.18.0.9/32"), "eth1"),
         "stun_open": owner.stun_open,
         "hello": owner.hello,
+    }[op]
+    with pytest.raises(OwnerError, match=f"malformed {op} reply"):
+        await call()
+
+
+ADDRESS = {"interface": "eth0", "index": 2, "address": "198.18.0.5", "prefixlen": 24,
+           "up": True, "default_route": False}
+
+
+async def test_network_reads_are_parsed_and_go_out_in_the_wire_form() -> None:
+    wire = Scripted({
+        "interfaces": {"addresses": [ADDRESS, {**ADDRESS, "address": "2001:db8::5",
+                                               "prefixlen": 64, "up": False}]},
+        "default_gateway": {"gateway": {"address": "198.18.0.1", "local_ip": "198.18.0.5",
+                                        "interface": None}},
+        "host_routes": {"destinations": ["10.9.0.0/16"]},
+        "egress": {"route": {"ifname": "eth1", "via": None}},
+    })
+    owner = calls_for(wire)
+    assert await owner.interfaces() == [
+        InterfaceAddress("eth0", 2, "198.18.0.5", 24, True, False),
+        InterfaceAddress("eth0", 2, "2001:db8::5", 64, False, False)]
+    gateway = await owner.default_gateway()
+    assert gateway is not None and (gateway.address, gateway.local_ip, gateway.interface) == (
+        "198.18.0.1", "198.18.0.5", None)
+    assert await owner.host_routes("kbwg0") == [IPv4Network("10.9.0.0/16")]
+    assert await owner.egress("198.18.0.9") == Uplink("eth1", None)
+    assert await owner.egress("198.18.0.9", "eth1") == Uplink("eth1", None)
+    await owner.watch_network()
+    assert wire.calls == [("interfaces", {}), ("default_gateway", {}),
+                          ("host_routes", {"exclude_ifname": "kbwg0"}),
+                          ("egress", {"destination": "198.18.0.9"}),
+                          ("egress", {"destination": "198.18.0.9", "ifname": "eth1"}),
+                          ("watch_network", {})]
+    wire.replies = {"default_gateway": {"gateway": None}, "egress": {"route": None}}
+    assert await owner.default_gateway() is None
+    assert await owner.egress("198.18.0.9") is None
+
+
+@pytest.mark.parametrize(("op", "reply"), [
+    ("interfaces", {}),
+    ("interfaces", {"addresses": {"eth0": ADDRESS}}),
+    ("interfaces", {"addresses": ["eth0"]}),
+    ("interfaces", {"addresses": [{**ADDRESS, "address": "198.18.0.500"}]}),
+    ("interfaces", {"addresses": [{**ADDRESS, "prefixlen": 33}]}),
+    ("interfaces", {"addresses": [{**ADDRESS, "index": True}]}),
+    ("interfaces", {"addresses": [{**ADDRESS, "up": 1}]}),
+    ("interfaces", {"addresses": [{**ADDRESS, "interface": ""}]}),
+    ("interfaces", {"addresses": [{k: v for k, v in ADDRESS.items() if k != "default_route"}]}),
+    ("default_gateway", {"gateway": "198.18.0.1"}),
+    ("default_gateway", {"gateway": {"address": "198.18.0.1"}}),
+    ("default_gateway", {"gateway": {"address": "x", "local_ip": "198.18.0.5"}}),
+    ("host_routes", {}),
+    ("host_routes", {"destinations": ["2001:db8::/32"]}),
+    ("host_routes", {"destinations": [None]}),
+    ("egress", {"route": ["eth1"]}),
+    ("egress", {"route": {"via": "198.18.0.1"}}),
+    ("egress", {"route": {"ifname": "eth1", "via": "gateway"}}),
+])
+async def test_a_malformed_network_reply_is_an_owner_error(op: str,
+                                                           reply: dict[str, Any]) -> None:
+    owner = calls_for(Scripted({op: reply}))
+    call = {
+        "interfaces": owner.interfaces,
+        "default_gateway": owner.default_gateway,
+        "host_routes": lambda: owner.host_routes("kbwg0"),
+        "egress": lambda: owner.egress("198.18.0.9"),
     }[op]
     with pytest.raises(OwnerError, match=f"malformed {op} reply"):
         await call()

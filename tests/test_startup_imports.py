@@ -67,6 +67,10 @@ SCRIPT = textwrap.dedent("""
                         "ifname": request["ifname"]}
             if op == "stun_open":
                 return {"port": 40000}
+            if op == "interfaces":
+                return {"addresses": [{"interface": "eth9", "index": 2,
+                                       "address": "198.18.0.5", "prefixlen": 24,
+                                       "up": True, "default_route": True}]}
             if op == "stats":
                 return {"peers": []}
             return {}
