@@ -13,7 +13,7 @@ files, joining the channels); history is read once the listener is subscribed (n
 falls between the two), while the device is created; host candidates go out at once
 and the others trickle in (nothing waits for a STUN or relay server that may not
 answer). Imports are part of that order: this module imports only what starting those
-processes needs, and the rest (pyroute2, the team's books, negotiation, relays: most of
+processes needs, and the rest (the team's books, negotiation, relays: most of
 the agent) is imported in a thread while Keybase answers and the device owner starts
 and creates the device. `startclock.milestone` logs each step's time
 since process start.
@@ -37,9 +37,9 @@ from typing import TYPE_CHECKING, Any
 
 from kbwg.agent.join_options import JoinError, JoinOptions
 from kbwg.agent.keybase import KeybaseClient, KeybaseError
-from kbwg.agent.overlaycheck import OverlayError, RoutesReader, check_team_overlay, host_routes
+from kbwg.agent.overlaycheck import OverlayError, RoutesReader, check_team_overlay
 from kbwg.agent.owner_calls import OwnerCalls
-from kbwg.agent.owner_client import DeviceOwner, OwnerGone
+from kbwg.agent.owner_client import DeviceOwner, OwnerError, OwnerGone
 from kbwg.agent.previous_owner import forget as forget_owner
 from kbwg.agent.previous_owner import record as record_owner
 from kbwg.agent.previous_owner import wait_for_previous as wait_for_previous_owner
@@ -51,6 +51,7 @@ if TYPE_CHECKING:
     from kbwg.agent.joined import JoinedDevice
     from kbwg.agent.team_view import TeamView
     from kbwg.agent.teamconfig import TeamConfig
+    from kbwg.owner.policy import IPNetwork
     from kbwg.turn.client import RelayAllocation
 
 __all__ = ["Agent", "JoinError", "JoinOptions", "JoinedDevice", "OwnerFactory"]
@@ -60,9 +61,10 @@ log = logging.getLogger(__name__)
 SHUTDOWN_GRACE_S = 3.0
 LISTENER_READY_TIMEOUT_S = 5.0
 # What joining needs beyond kbwg.json's parser, loaded while it waits for Keybase and
-# the owner, in the order needed: pyroute2 for the overlay check (the host's routes),
-# TeamView for peers.json, then the data path.
-DATA_PATH_MODULES = ("pyroute2", "kbwg.agent.team_view", "kbwg.agent.runtime_state",
+# the owner, in the order needed: TeamView for peers.json, then the data path. Not
+# pyroute2: the device owner reads netlink for the agent (the host's routes for the
+# overlay check, its addresses, gateway and changes).
+DATA_PATH_MODULES = ("kbwg.agent.team_view", "kbwg.agent.runtime_state",
                      "kbwg.agent.presence", "kbwg.agent.connectivity", "kbwg.agent.control",
                      "kbwg.agent.joined")
 
@@ -99,12 +101,13 @@ class Agent:
         options: JoinOptions,
         keybase: KeybaseClient,
         owner_factory: OwnerFactory = DeviceOwner.start,
-        routes: RoutesReader = host_routes,
+        routes: RoutesReader | None = None,
         on_joined: JoinedCallback | None = None,
     ) -> None:
         self.options = options
         self.keybase = keybase
         self._owner_factory = owner_factory
+        # None: the device owner reads them (`host_routes`).
         self._routes = routes
         # Told the device as soon as it takes messages (tests look inside it).
         self._on_joined = on_joined
@@ -229,7 +232,7 @@ class Agent:
         milestone(log, "whoami and kbwg.json read")
         me = DeviceId(identity.username, identity.device)
         # Before anything is created: the owner has started, but `create` waits for this.
-        await self._check_overlay(config)
+        await self._check_overlay(config, owner_task)
         team = await self._read_team(me, config, peers_raw)
         milestone(log, "peers.json read")
         history = asyncio.create_task(self._read_history(team, me, listener_ready))
@@ -262,7 +265,7 @@ class Agent:
         from kbwg.agent.runtime_state import AgentState
 
         (announce_ip, announce_port), created = await asyncio.gather(
-            announce_target(self.options.endpoint, config), creating)
+            announce_target(self.options.endpoint, config, owner.interfaces), creating)
         port = created.listen_port
         milestone(log, "device created")
         state = AgentState(
@@ -330,15 +333,24 @@ class Agent:
                 "or remove it (without it: no STUN or relay servers)"
             ) from exc
 
-    async def _check_overlay(self, config: TeamConfig) -> None:
+    async def _check_overlay(self, config: TeamConfig,
+                             owner_task: asyncio.Task[DeviceOwner]) -> None:
         from kbwg.agent.teamconfig import team_config_path
+
+        async def owner_routes(own_ifname: str) -> list[IPNetwork]:
+            # Ready about when pyroute2 would have been imported here.
+            return list(await OwnerCalls(await owner_task).host_routes(own_ifname))
 
         try:
             await check_team_overlay(config.overlay, team_config_path(self.options.team),
                                      self.options.interface, self.options.policy_path,
-                                     self._routes)
+                                     self._routes or owner_routes)
         except OverlayError as exc:
             raise JoinError(str(exc)) from exc
+        except OwnerError as exc:
+            raise JoinError(f"cannot check kbwg.json 'overlay' against this host's routes "
+                            f"(the device owner could not read them: {exc}); its log lines "
+                            "above say why") from exc
 
     async def _read_team(self, me: DeviceId, config: TeamConfig,
                          peers_raw: asyncio.Task[bytes]) -> TeamView:
