@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from kbwg.agent.announce import ANNOUNCE_TTL_S, AnnounceError, NewestBook, canonical_key
 from kbwg.core.identity import DeviceId
-from kbwg.negotiation.candidates import candidate_priority
+from kbwg.negotiation.priority import candidate_priority
 from kbwg.negotiation.wire import CandidateInfo
 
 PREFIX = "CANDIDATES "

@@ -15,7 +15,6 @@ an IPv6 remote. A relay candidate counts as the family of its relayed address.
 from __future__ import annotations
 
 import ipaddress
-import statistics
 from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -161,7 +160,7 @@ class CandidatePair:
     @property
     def rtt_ms(self) -> float | None:
         if self._rtt_samples:
-            return float(statistics.median(self._rtt_samples))
+            return _median(self._rtt_samples)
         return self._rtt_bound
 
     def add_rtt(self, sample_ms: float, exact: bool) -> None:
@@ -261,3 +260,13 @@ def form_pairs(bases: Sequence[Candidate], candidates: Sequence[CandidateInfo],
     ]
     pairs.sort(key=lambda p: p.priority, reverse=True)
     return pairs[:MAX_PAIRS]
+
+
+def _median(samples: Iterable[float]) -> float:
+    # statistics.median, without loading `statistics` (and its `fractions`, `decimal`)
+    # on the start path for a handful of samples.
+    ordered = sorted(samples)
+    middle = len(ordered) // 2
+    if len(ordered) % 2:
+        return float(ordered[middle])
+    return (ordered[middle - 1] + ordered[middle]) / 2

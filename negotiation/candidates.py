@@ -27,7 +27,7 @@ from kbwg.negotiation.host_addresses import (
 )
 from kbwg.negotiation.interface_defaults import DEFAULT_INTERFACE_EXCLUDE
 from kbwg.negotiation.priority import LOCAL_PREFERENCE_MAX as _LOCAL_PREFERENCE_MAX
-from kbwg.negotiation.priority import candidate_priority
+from kbwg.negotiation.priority import TYPE_PREFERENCE, candidate_priority
 from kbwg.negotiation.stun_client import (
     Address,
     BindingResult,
@@ -36,8 +36,8 @@ from kbwg.negotiation.stun_client import (
     format_address,
 )
 
-__all__ = ["Candidate", "CandidateType", "InterfaceAddress", "InterfaceSource",
-           "StunServerResult", "candidate_priority", "excluded_interface",
+__all__ = ["TYPE_PREFERENCE", "Candidate", "CandidateType", "InterfaceAddress",
+           "InterfaceSource", "StunServerResult", "candidate_priority", "excluded_interface",
            "gather_host_candidates", "gather_srflx", "host_address_problem",
            "interface_addresses", "list_interface_addresses", "mapped_candidate"]
 
