@@ -7,9 +7,8 @@ import base64
 import hashlib
 import re
 import sqlite3
-from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any
+from typing import Any, NamedTuple
 
 from kbwg_standin.errors import RequestError, ServiceError
 
@@ -29,8 +28,7 @@ def parse_topic_type(value: Any) -> str:
     return value.lower()
 
 
-@dataclass(frozen=True)
-class ChannelSpec:
+class ChannelSpec(NamedTuple):
     name: str
     members_type: str
     topic_type: str

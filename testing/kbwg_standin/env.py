@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
 import os
-from dataclasses import dataclass
+from collections.abc import Mapping
 from pathlib import Path
+from types import MappingProxyType
+from typing import NamedTuple
 
 from kbwg_standin.errors import ServiceError, die
+
+# Records are NamedTuples, not dataclasses, and hashlib and json load only when used:
+# every `keybase` call is a new stand-in process, and `dataclasses` alone (it loads
+# `inspect`) costs more CPU than `whoami` or `fs read` does otherwise.
 
 DEFAULT_POLL_MS = 20
 
 
-@dataclass(frozen=True)
-class Identity:
+class Identity(NamedTuple):
     username: str
     device: str
 
@@ -25,16 +27,19 @@ class Identity:
 
     @property
     def device_id(self) -> str:
+        import hashlib
+
         return hashlib.sha256(f"device|{self.username}|{self.device}".encode()).hexdigest()[:32]
 
 
 def user_uid(username: str) -> str:
+    import hashlib
+
     # Real user ids are 32 hex digits ending in 19; keep that look so nothing is surprised.
     return hashlib.sha256(f"uid|{username}".encode()).hexdigest()[:30] + "19"
 
 
-@dataclass(frozen=True)
-class Env:
+class Env(NamedTuple):
     home: Path
     identity: Identity | None
     delay_ms: int
@@ -50,7 +55,7 @@ class Env:
     # ``KBWG_STANDIN_DROP_PUSHES=dev[:N],chat[:N]``: this listener loses the first N pushes
     # (all without N) of others' messages of that topic type, as the real service loses
     # the ones sent while a client reconnects; `read` still has them.
-    drop_pushes: dict[str, int | None] = dataclasses.field(default_factory=dict)
+    drop_pushes: Mapping[str, int | None] = MappingProxyType({})
 
     @classmethod
     def from_environ(cls) -> Env:
@@ -86,10 +91,16 @@ class Env:
         """teams.json if present; None means everyone is in every team."""
         path = self.home / "teams.json"
         try:
-            raw = json.loads(path.read_text())
+            text = path.read_text()
         except FileNotFoundError:
             return None
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError) as exc:  # ValueError: not UTF-8
+            die(f"cannot read {path}: {exc}")
+        import json
+
+        try:
+            raw = json.loads(text)
+        except ValueError as exc:
             die(f"cannot read {path}: {exc}")
         if not isinstance(raw, dict):
             die(f"{path}: expected an object mapping team names to lists of usernames")

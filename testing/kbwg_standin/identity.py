@@ -10,7 +10,6 @@ from typing import Any
 
 from kbwg_standin.env import Env
 from kbwg_standin.errors import EXIT_OK, die
-from kbwg_standin.store import now_ms
 
 STANDIN_VERSION = "6.2.4-kbwg-standin"
 
@@ -49,6 +48,8 @@ def cmd_status(env: Env, args: Sequence[str]) -> int:
     logged_in = me is not None
     device: dict[str, Any] | None = None
     if me is not None:
+        from kbwg_standin.store import now_ms  # sqlite3 with it: not for `whoami`
+
         ctime = now_ms()
         device = {
             "type": "desktop",

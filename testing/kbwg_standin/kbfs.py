@@ -5,23 +5,20 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import os
 import posixpath
 import stat as stat_mod
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import NoReturn
+from typing import NamedTuple, NoReturn
 
 from kbwg_standin.env import Env
 from kbwg_standin.errors import EXIT_OK, die
 
 
-@dataclass(frozen=True)
-class KbfsPath:
+class KbfsPath(NamedTuple):
     shown: str  # as the user wrote it, for messages
     kbfs: str  # normalised KBFS path, e.g. /team/t/x
     local: Path
@@ -159,6 +156,8 @@ def _fs_write(env: Env, paths: list[KbfsPath], flags: list[str]) -> int:
     if "-a" in flags or "--append" in flags:
         # Appends are read-modify-write; serialise them per file. The lock lives outside
         # the KBFS tree so listings stay clean.
+        import hashlib  # only for appends: `fs read` is a new process each time
+
         lock_dir = env.home / "kbfs-locks"
         lock_dir.mkdir(exist_ok=True)
         lock_path = lock_dir / hashlib.sha256(path.kbfs.encode()).hexdigest()

@@ -8,7 +8,6 @@ of its teams, and channels it created, joined or sent to.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import os
 import select
@@ -16,7 +15,6 @@ import signal
 import sqlite3
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from kbwg_standin.channels import channel_from_json, encode_token
@@ -27,14 +25,17 @@ from kbwg_standin.service import ChatService
 from kbwg_standin.store import now_ms, open_db
 
 
-@dataclass
 class ListenOptions:
-    dev: bool = False
-    local: bool = False
-    hide_exploding: bool = False
-    convs: bool = False
-    wallet: bool = False
-    filters: list[Any] = dataclasses.field(default_factory=list)
+    """api-listen's flags (a plain class: `dataclasses` costs every listener's start
+    more CPU than the rest of its imports)."""
+
+    def __init__(self) -> None:
+        self.dev = False
+        self.local = False
+        self.hide_exploding = False
+        self.convs = False
+        self.wallet = False
+        self.filters: list[Any] = []
 
 
 def parse_listen_args(args: Sequence[str]) -> ListenOptions:
