@@ -9,14 +9,15 @@ until stopped, and cleans up whatever was made, however far joining got.
 
 Start-up order matters for time to first packet: what does not depend on anything
 else starts at once (the chat listener, the device owner, Keybase's whoami, both team
-files, joining the channels); history is read once the listener is subscribed (nothing
-falls between the two), while the device is created; host candidates go out at once
-and the others trickle in (nothing waits for a STUN or relay server that may not
-answer). Imports are part of that order: this module imports only what starting those
-processes needs, and the rest (the team's books, negotiation, relays: most of
-the agent) is imported in a thread while Keybase answers and the device owner starts
-and creates the device. `startclock.milestone` logs each step's time
-since process start.
+files); once whoami and kbwg.json are in, the channels are joined and #announce's
+history is read (once the listener is subscribed: nothing falls between the two) while
+peers.json is parsed and the overlay checked, and the books take that history once
+peers.json is in; the device is created as soon as the owner is up; host candidates go
+out at once and the others trickle in (nothing waits for a STUN or relay server that
+may not answer). Imports are part of that order: this module imports only what
+starting those processes needs, and the rest (negotiation, relays: most of the agent)
+is imported in a thread while Keybase answers and the device owner starts and creates
+the device. `startclock.milestone` logs each step's time since process start.
 
 Team input is checked before it is applied: kbwg.json's overlay must pass the device
 owner's own rule on this host before the device is created (overlaycheck); each key
@@ -36,7 +37,7 @@ from ipaddress import IPv4Interface
 from typing import TYPE_CHECKING, Any
 
 from kbwg.agent.join_options import JoinError, JoinOptions
-from kbwg.agent.keybase import KeybaseClient, KeybaseError
+from kbwg.agent.keybase import ChatMessage, KeybaseClient, KeybaseError
 from kbwg.agent.overlaycheck import OverlayError, RoutesReader, check_team_overlay
 from kbwg.agent.owner_calls import OwnerCalls
 from kbwg.agent.owner_client import DeviceOwner, OwnerError, OwnerGone
@@ -85,6 +86,15 @@ def __getattr__(name: str) -> Any:
 def _import_data_path() -> None:
     for name in DATA_PATH_MODULES:
         importlib.import_module(name)
+
+
+def _drop(task: asyncio.Future[Any]) -> None:
+    """Cancel a start-up step; a failure it already had is start-up's to report (or is
+    moot once another step failed), not the event loop's to log as never retrieved."""
+    if not task.done():
+        task.cancel()
+    elif not task.cancelled():
+        task.exception()
 
 
 def _imported(loading: asyncio.Future[None]) -> None:
@@ -231,17 +241,27 @@ class Agent:
         identity, config = await asyncio.gather(whoami, loading_config)
         milestone(log, "whoami and kbwg.json read")
         me = DeviceId(identity.username, identity.device)
+        from kbwg.agent.team_view import TeamView
+
+        team = TeamView(self.keybase, self.options.team, config)
+        # None of these waits for another: the channels are joined and #announce's
+        # history read (once the listener is subscribed) while peers.json is parsed and
+        # the overlay checked (which waits for the device owner).
+        history = asyncio.create_task(self._fetch_history(team, listener_ready))
+        made.callback(_drop, history)
         # Before anything is created: the owner has started, but `create` waits for this.
-        await self._check_overlay(config, owner_task)
-        team = await self._read_team(me, config, peers_raw)
+        checking = asyncio.create_task(self._check_overlay(config, owner_task))
+        made.callback(_drop, checking)
+        await self._read_team(me, team, peers_raw)
         milestone(log, "peers.json read")
-        history = asyncio.create_task(self._read_history(team, me, listener_ready))
-        made.callback(history.cancel)
+        # The books take the history once both it and peers.json are in.
+        taking = asyncio.create_task(self._take_history(team, me, history))
+        made.callback(_drop, taking)
         mine = next((e for e in team.entries if e.device_id == me), None)
         if mine is None:
             from kbwg.agent.presence import pick_dynamic
 
-            await history  # a dynamic address needs the live claims
+            await taking  # a dynamic address needs the live claims
             overlay_ip = pick_dynamic(team, me, self.options.state_dir)
         else:
             overlay_ip = mine.ip
@@ -251,6 +271,7 @@ class Agent:
         private_key = PrivateKey.generate()
         # An agent killed outright leaves its owner removing the device for a moment.
         await wait_for_previous_owner(self.options.state_dir)
+        await checking
         owner = OwnerCalls(await owner_task)
         record_owner(self.options.state_dir, owner.transport.pid)
         creating = asyncio.create_task(owner.create(
@@ -289,7 +310,7 @@ class Agent:
         paths.portmap.on_change = lambda: relay_lost(None)
         made.push_async_callback(paths.close)
         # The books hold the history before anything acts on the team's messages.
-        await history
+        await taking
         milestone(log, "history read")
         device = JoinedDevice.assemble(self.options, self.keybase, team, state, owner, paths,
                                        private_key, tasks.spawn)
@@ -352,14 +373,13 @@ class Agent:
                             f"(the device owner could not read them: {exc}); its log lines "
                             "above say why") from exc
 
-    async def _read_team(self, me: DeviceId, config: TeamConfig,
-                         peers_raw: asyncio.Task[bytes]) -> TeamView:
+    async def _read_team(self, me: DeviceId, team: TeamView,
+                         peers_raw: asyncio.Task[bytes]) -> None:
         """peers.json (which must list us, or the team allow self-assigned addresses),
-        as read by `peers_raw`."""
+        as read by `peers_raw`, into `team`."""
         from kbwg.agent.claims import check_range_against_peers
-        from kbwg.agent.team_view import TeamView
 
-        team = TeamView(self.keybase, self.options.team, config)
+        config = team.config
         await team.read_peers_file(strict=True, reading=peers_raw)
         if (not any(e.device_id == me for e in team.entries)
                 and config.dynamic_range is None):
@@ -373,17 +393,21 @@ class Agent:
         if config.dynamic_range is not None:
             for problem in check_range_against_peers(config.dynamic_range, team.entries):
                 log.warning("kbwg.json dynamic_range: %s", problem)
-        return team
 
     @staticmethod
-    async def _read_history(team: TeamView, me: DeviceId,
-                            listener_ready: asyncio.Event) -> None:
-        """The team's channels joined, and #announce's history in the books."""
+    async def _fetch_history(team: TeamView,
+                             listener_ready: asyncio.Event) -> list[ChatMessage]:
+        """The team's channels joined, and #announce's history read (not yet taken)."""
         await team.join_channels()
         try:
             await asyncio.wait_for(listener_ready.wait(), LISTENER_READY_TIMEOUT_S)
         except TimeoutError:
             log.warning("chat listener not confirmed after %.0fs; reading history anyway",
                         LISTENER_READY_TIMEOUT_S)
+        return await team.fetch_history(first=True)
+
+    @staticmethod
+    async def _take_history(team: TeamView, me: DeviceId,
+                            history: asyncio.Task[list[ChatMessage]]) -> None:
         # History first (into the books only): a dynamic address needs the live claims.
-        await team.read_history(me, first=True)
+        team.take_history(await history, me)

@@ -89,8 +89,13 @@ _SERVICE_DOWN_RE = re.compile(
 # A call that keeps hitting the rate limit gives up after this many tries.
 RATE_LIMIT_ATTEMPTS = 4
 # Calls in flight at once, each on its own `chat api` process (as the Go bot library's
-# pipes): a send never waits behind another's round trip.
+# pipes): a send never waits long behind another's round trip.
 DEFAULT_MAX_PIPES = 4
+# How long a call waits for a busy pipe before it starts another: about what starting a
+# `chat api` process costs, so a burst of quick calls (start-up's joins, history read
+# and first sends) shares one process, while a slow round trip holds the next call up
+# by no more than this.
+PIPE_WAIT_S = 0.1
 # An api-listen that ran this long before it ended had a working connection: the
 # next restart starts the backoff again.
 _LISTEN_STABLE_S = 10.0
@@ -357,7 +362,8 @@ class _Pipe:
 
 class KeybaseClient:
     """Long-lived `keybase chat api` pipes for calls (one per call in flight, up to
-    `max_pipes`), plus one-shot commands.
+    `max_pipes`; a call waits up to `pipe_wait` seconds for a busy one before starting
+    another), plus one-shot commands.
 
     Listeners are separate processes (`listen`). `link` says whether Keybase answers.
     Call `close()` when done.
@@ -371,6 +377,7 @@ class KeybaseClient:
         call_timeout: float = 30.0,
         listen_backoff: tuple[float, float] = (1.0, 30.0),
         max_pipes: int = DEFAULT_MAX_PIPES,
+        pipe_wait: float = PIPE_WAIT_S,
     ) -> None:
         self.binary = binary
         # Extra variables layered over our own environment (PATH, HOME stay usable).
@@ -380,6 +387,10 @@ class KeybaseClient:
         self._slots = asyncio.Semaphore(max(1, max_pipes))
         self._idle: list[_Pipe] = []
         self._pipes: set[_Pipe] = set()
+        self._pipe_wait = pipe_wait
+        self._busy = 0  # calls holding a pipe (or starting one)
+        # Calls waiting for a busy pipe: a pipe that comes free goes to the first.
+        self._waiting: collections.deque[asyncio.Future[_Pipe | None]] = collections.deque()
         self.link = KeybaseLink()
         self._listeners: set[asyncio.subprocess.Process] = set()
         self._closed = False
@@ -585,11 +596,43 @@ class KeybaseClient:
         await self._stop_pipe(pipe)
         return rc, err
 
+    async def _free_pipe(self) -> _Pipe | None:
+        """An idle pipe, or one that comes free within `pipe_wait` while others are busy;
+        None: start a new one."""
+        if self._idle:
+            return self._idle.pop()
+        if not self._busy or self._pipe_wait <= 0:
+            return None
+        waiter: asyncio.Future[_Pipe | None] = asyncio.get_running_loop().create_future()
+        self._waiting.append(waiter)
+        timer = asyncio.get_running_loop().call_later(self._pipe_wait, _settle, waiter, None)
+        try:
+            return await waiter
+        except BaseException:
+            # Cancelled just as a pipe was handed over: pass it on.
+            if waiter.done() and not waiter.cancelled() and (given := waiter.result()):
+                self._release(given)
+            raise
+        finally:
+            timer.cancel()
+            with contextlib.suppress(ValueError):
+                self._waiting.remove(waiter)
+
+    def _release(self, pipe: _Pipe) -> None:
+        """A pipe whose call is done: to the first waiting call, else idle."""
+        while self._waiting:
+            waiter = self._waiting.popleft()
+            if not waiter.done():
+                waiter.set_result(pipe)
+                return
+        self._idle.append(pipe)
+
     async def _call_once(self, method: str, line: bytes) -> bytes:
-        """One request on an idle pipe (or a new one, up to `max_pipes` at a time): calls
-        do not wait behind one another's round trips."""
+        """One request on an idle pipe (or a new one, up to `max_pipes` at a time, when
+        none comes free soon): calls do not wait long behind one another's round trips."""
         async with self._slots:
-            pipe: _Pipe | None = self._idle.pop() if self._idle else None
+            pipe: _Pipe | None = await self._free_pipe()
+            self._busy += 1
             try:
                 reply, pipe = await self._exchange(pipe, line)
                 if reply is None:
@@ -602,8 +645,9 @@ class KeybaseClient:
                         pipe = None
                         self._pipe_died(method, rc, err, retrying=False)
             finally:
+                self._busy -= 1
                 if pipe is not None and pipe.proc.returncode is None and not self._closed:
-                    self._idle.append(pipe)
+                    self._release(pipe)
         assert reply is not None
         self.link.ok()
         return reply
@@ -859,6 +903,11 @@ async def _drain_stderr(
         if text:
             tail.append(text[:_STDERR_LINE_MAX])
             logger.debug("keybase %s stderr: %s", what, text)
+
+
+def _settle(future: asyncio.Future[Any], result: Any) -> None:
+    if not future.done():
+        future.set_result(result)
 
 
 def _text(err: bytes) -> str:

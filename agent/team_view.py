@@ -8,7 +8,6 @@ from the history or the listener, goes into the books through `take_announce`.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Awaitable
@@ -83,22 +82,33 @@ class TeamView:
         self.entries = entries
 
     async def join_channels(self) -> None:
-        """Keybase notifies only members of a conversation: be one before listening."""
-        await asyncio.gather(*(self._join(channel)
-                               for channel in (self.announce_channel, self.negotiation_channel)))
+        """Keybase notifies only members of a conversation: be one before listening.
+
+        One channel after the other: two quick calls on one `chat api` pipe cost less
+        at start-up than a second pipe (a process) would."""
+        for channel in (self.announce_channel, self.negotiation_channel):
+            await self._join(channel)
 
     async def _join(self, channel: Channel) -> None:
-        # The real service refuses newconv for a channel name the team already uses: on
-        # every start but a team's very first, joining is the normal path.
+        # On every start but a team's very first the channels exist, so `join` comes
+        # first (one call). A channel that does not exist yet is made with newconv,
+        # which the real service refuses for a name the team already uses: another
+        # device made it meanwhile, so join it after all.
+        try:
+            await self.keybase.join(channel)
+            return
+        except KeybaseError as exc:
+            log.debug("join %s: %s; creating it", channel, exc)
         try:
             await self.keybase.newconv(channel)
+            return
         except KeybaseError as exc:
             log.debug("newconv %s: %s; joining it", channel, exc)
-            try:
-                await self.keybase.join(channel)
-            except KeybaseError as exc2:
-                log.warning("cannot join %s (%s); new messages may arrive only with the "
-                            "periodic history read", channel, exc2)
+        try:
+            await self.keybase.join(channel)
+        except KeybaseError as exc:
+            log.warning("cannot join %s (%s); new messages may arrive only with the "
+                        "periodic history read", channel, exc)
 
     def take_announce(self, msg: ChatMessage, me: DeviceId) -> bool:
         """One #announce message into the books; True when something changed."""
@@ -107,12 +117,24 @@ class TeamView:
                                      self.published)
 
     async def read_history(self, me: DeviceId, first: bool = False) -> None:
+        self.take_history(await self.fetch_history(first), me)
+
+    async def fetch_history(self, first: bool = False) -> list[ChatMessage]:
+        """#announce's recent messages, newest first, not yet in the books (start-up
+        reads them before it knows who it is or what peers.json says)."""
         # The first read goes back two lifetimes: a device re-announces its key within
         # every lifetime, so the key's first use is seen before any live copy of it.
         since = time.time() - ANNOUNCE_TTL_S * (2 if first else 1)
+        messages: list[ChatMessage] = []
         try:
             async for msg in self.keybase.read_history(self.announce_channel, since=since):
-                self.take_announce(msg, me)
+                messages.append(msg)
         except KeybaseError as exc:
             # A team that never announced has no #announce yet; our send creates it.
             log.info("no announcement history read: %s", exc)
+        return messages
+
+    def take_history(self, messages: list[ChatMessage], me: DeviceId) -> None:
+        """Messages from `fetch_history` into the books, in the order read."""
+        for msg in messages:
+            self.take_announce(msg, me)
