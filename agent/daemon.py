@@ -38,8 +38,6 @@ from typing import TYPE_CHECKING, Any
 
 from kbwg.agent.join_options import JoinError, JoinOptions
 from kbwg.agent.keybase import ChatMessage, KeybaseClient, KeybaseError
-from kbwg.agent.overlaycheck import OverlayError, RoutesReader, check_team_overlay
-from kbwg.agent.owner_calls import OwnerCalls
 from kbwg.agent.owner_client import DeviceOwner, OwnerError, OwnerGone
 from kbwg.agent.previous_owner import forget as forget_owner
 from kbwg.agent.previous_owner import record as record_owner
@@ -50,6 +48,7 @@ from kbwg.core.identity import DeviceId
 
 if TYPE_CHECKING:
     from kbwg.agent.joined import JoinedDevice
+    from kbwg.agent.overlaycheck import RoutesReader
     from kbwg.agent.team_view import TeamView
     from kbwg.agent.teamconfig import TeamConfig
     from kbwg.owner.policy import IPNetwork
@@ -62,10 +61,12 @@ log = logging.getLogger(__name__)
 SHUTDOWN_GRACE_S = 3.0
 LISTENER_READY_TIMEOUT_S = 5.0
 # What joining needs beyond kbwg.json's parser, loaded while it waits for Keybase and
-# the owner, in the order needed: TeamView for peers.json, then the data path. Not
-# pyroute2: the device owner reads netlink for the agent (the host's routes for the
+# the owner, in the order needed: TeamView for peers.json, the overlay check and the
+# owner's calls (not needed to start the owner, which goes first), then the data path.
+# Not pyroute2: the device owner reads netlink for the agent (the host's routes for the
 # overlay check, its addresses, gateway and changes).
-DATA_PATH_MODULES = ("kbwg.agent.team_view", "kbwg.agent.runtime_state",
+DATA_PATH_MODULES = ("kbwg.agent.team_view", "kbwg.agent.overlaycheck",
+                     "kbwg.agent.owner_calls", "kbwg.agent.runtime_state",
                      "kbwg.agent.presence", "kbwg.agent.connectivity", "kbwg.agent.control",
                      "kbwg.agent.joined")
 
@@ -272,6 +273,8 @@ class Agent:
         # An agent killed outright leaves its owner removing the device for a moment.
         await wait_for_previous_owner(self.options.state_dir)
         await checking
+        from kbwg.agent.owner_calls import OwnerCalls
+
         owner = OwnerCalls(await owner_task)
         record_owner(self.options.state_dir, owner.transport.pid)
         creating = asyncio.create_task(owner.create(
@@ -311,7 +314,6 @@ class Agent:
         made.push_async_callback(paths.close)
         # The books hold the history before anything acts on the team's messages.
         await taking
-        milestone(log, "history read")
         device = JoinedDevice.assemble(self.options, self.keybase, team, state, owner, paths,
                                        private_key, tasks.spawn)
         paths.start_gathering()
@@ -356,6 +358,8 @@ class Agent:
 
     async def _check_overlay(self, config: TeamConfig,
                              owner_task: asyncio.Task[DeviceOwner]) -> None:
+        from kbwg.agent.overlaycheck import OverlayError, check_team_overlay
+        from kbwg.agent.owner_calls import OwnerCalls
         from kbwg.agent.teamconfig import team_config_path
 
         async def owner_routes(own_ifname: str) -> list[IPNetwork]:
@@ -411,3 +415,4 @@ class Agent:
                             history: asyncio.Task[list[ChatMessage]]) -> None:
         # History first (into the books only): a dynamic address needs the live claims.
         team.take_history(await history, me)
+        milestone(log, "history read")
