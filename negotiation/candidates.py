@@ -26,6 +26,8 @@ from kbwg.negotiation.host_addresses import (
     list_interface_addresses,
 )
 from kbwg.negotiation.interface_defaults import DEFAULT_INTERFACE_EXCLUDE
+from kbwg.negotiation.priority import LOCAL_PREFERENCE_MAX as _LOCAL_PREFERENCE_MAX
+from kbwg.negotiation.priority import TYPE_PREFERENCE, candidate_priority
 from kbwg.negotiation.stun_client import (
     Address,
     BindingResult,
@@ -35,28 +37,13 @@ from kbwg.negotiation.stun_client import (
 )
 
 __all__ = ["TYPE_PREFERENCE", "Candidate", "CandidateType", "InterfaceAddress",
-           "InterfaceSource", "StunServerResult", "candidate_priority",
-           "excluded_interface", "gather_host_candidates", "gather_srflx",
-           "host_address_problem", "interface_addresses", "list_interface_addresses",
-           "mapped_candidate"]
+           "InterfaceSource", "StunServerResult", "candidate_priority", "excluded_interface",
+           "gather_host_candidates", "gather_srflx", "host_address_problem",
+           "interface_addresses", "list_interface_addresses", "mapped_candidate"]
 
 log = logging.getLogger(__name__)
 
 CandidateType = Literal["host", "srflx", "relay", "prflx", "mapped"]
-
-# RFC 8445 section 5.1.2.2 recommended type preferences. `mapped` (a port the gateway
-# maps for us by PCP, NAT-PMP or UPnP, like Tailscale's portmap endpoints) sits between
-# host and srflx: unlike srflx it reaches us from any peer, even through a symmetric NAT.
-TYPE_PREFERENCE: dict[str, int] = {"host": 126, "prflx": 110, "mapped": 105, "srflx": 100,
-                                   "relay": 0}
-
-_LOCAL_PREFERENCE_MAX = 65535
-
-
-def candidate_priority(type_: str, local_preference: int = _LOCAL_PREFERENCE_MAX,
-                       component: int = 1) -> int:
-    """RFC 8445 section 5.1.2.1."""
-    return (1 << 24) * TYPE_PREFERENCE[type_] + (1 << 8) * local_preference + (256 - component)
 
 
 @dataclass
