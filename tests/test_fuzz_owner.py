@@ -37,10 +37,14 @@ from kbwg.owner.frames import (
     encode_frame,
     read_frame,
 )
+from kbwg.owner.interfaces import AddressRecord, GatewayRecord
+from kbwg.owner.netconfig import Egress
 from kbwg.owner.policy import OwnerPolicy
 from kbwg.owner.protocol import (
     AddRouteArgs,
     CreateArgs,
+    EgressArgs,
+    HostRoutesArgs,
     ProtocolError,
     RemovePeerArgs,
     RemoveRouteArgs,
@@ -81,9 +85,29 @@ class FakeStunSocket:
         pass
 
 
+class FakeHost:
+    """The host's network as the read-only ops see it: fixed answers, and a watch that
+    waits (stopped with the server)."""
+
+    async def interfaces(self) -> list[AddressRecord]:
+        return [AddressRecord("eth9", 2, "198.18.1.2", 24, True, True)]
+
+    async def default_gateway(self) -> GatewayRecord | None:
+        return GatewayRecord("198.18.1.1", "198.18.1.2", "eth9")
+
+    async def route_destinations(self, exclude_ifname: str) -> list[Any]:
+        return []
+
+    async def egress(self, dst: Any, via_ifname: str | None, ignore: Any) -> Egress | None:
+        return Egress(via_ifname or "eth9", "198.18.1.1")
+
+    async def watch(self, on_change: Any, own_ifname: Any) -> None:
+        await asyncio.Event().wait()
+
+
 def _server() -> OwnerServer:
     return OwnerServer(FakeNetConfig(), lambda _name: MemoryBackend(), OwnerPolicy(),
-                       FakeStunSocket)
+                       FakeStunSocket, host=FakeHost())
 
 
 # --- strategies ---
@@ -138,6 +162,7 @@ FIELDS: dict[str, st.SearchStrategy[Any]] = {
     "source": st.one_of(st.none(), st.sampled_from(["198.18.1.2", "0.0.0.0", "::1",
                                                     "224.0.0.1", "198.18.1.2 "])),
     "ufrags": st.lists(st.one_of(st.text(max_size=10), scalars), max_size=5),
+    "exclude_ifname": ifnames,
 }
 VALID: dict[str, dict[str, Any]] = {
     "hello": {},
@@ -153,11 +178,17 @@ VALID: dict[str, dict[str, Any]] = {
     "stun_open": {},
     "stun_send": {"dest": "198.18.0.2:3478", "data": BINDING},
     "stun_ufrags": {"ufrags": ["abcd", "wxyz"]},
+    "interfaces": {},
+    "default_gateway": {},
+    "host_routes": {"exclude_ifname": "kbwg0"},
+    "egress": {"destination": "198.18.0.2", "ifname": "eth9"},
+    "watch_network": {},
 }
 PARSERS = {"create": CreateArgs.parse, "set_peer": SetPeerArgs.parse,
            "remove_peer": RemovePeerArgs.parse, "add_route": AddRouteArgs.parse,
            "remove_route": RemoveRouteArgs.parse, "set_address": parse_interface,
-           "stun_send": StunSendArgs.parse, "stun_ufrags": StunUfragsArgs.parse}
+           "stun_send": StunSendArgs.parse, "stun_ufrags": StunUfragsArgs.parse,
+           "host_routes": HostRoutesArgs.parse, "egress": EgressArgs.parse}
 
 
 @st.composite
@@ -376,6 +407,7 @@ async def _session(frames: list[dict[str, Any]]) -> None:
                                      "allowed_ips": ["100.64.0.9/32"]})
         assert reply["ok"] or "refused" in reply["error"], reply
     finally:
+        await server.stop_watching()
         await server.cleanup()
 
 
