@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 from kbwg.agent.join_options import JoinError, JoinOptions
 from kbwg.agent.keybase import ChatMessage, KeybaseClient, KeybaseError
-from kbwg.agent.owner_client import DeviceOwner, OwnerError, OwnerGone
+from kbwg.agent.owner_client import INSTALL_COMMAND, DeviceOwner, OwnerError, OwnerGone
 from kbwg.agent.previous_owner import forget as forget_owner
 from kbwg.agent.previous_owner import record as record_owner
 from kbwg.agent.previous_owner import wait_for_previous as wait_for_previous_owner
@@ -373,9 +373,12 @@ class Agent:
         except OverlayError as exc:
             raise JoinError(str(exc)) from exc
         except OwnerError as exc:
+            # The first op of the owner's network reads: an owner helper installed by an
+            # older kbwg-agent does not know them.
+            fix = (f"the device owner helper is older than this agent: run `{INSTALL_COMMAND}` "
+                   "again" if "unknown op" in str(exc) else "its log lines above say why")
             raise JoinError(f"cannot check kbwg.json 'overlay' against this host's routes "
-                            f"(the device owner could not read them: {exc}); its log lines "
-                            "above say why") from exc
+                            f"(the device owner could not read them: {exc}); {fix}") from exc
 
     async def _read_team(self, me: DeviceId, team: TeamView,
                          peers_raw: asyncio.Task[bytes]) -> None:

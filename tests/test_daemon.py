@@ -609,6 +609,40 @@ async def start_agent(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
         await asyncio.wait_for(one.task, 10)
 
 
+@pytest.mark.parametrize(("error", "hint"), [
+    ("unknown op 'host_routes'",
+     "the device owner helper is older than this agent: run `sudo kbwg-agent install-helper`"),
+    ("netlink socket failed", "its log lines above say why"),
+])
+async def test_an_owner_that_cannot_read_the_routes_stops_join_with_a_fix(
+        tmp_path: Path, error: str, hint: str) -> None:
+    """The overlay check asks the device owner for the host's routes; one installed by an
+    older kbwg-agent does not know the op, and the user is told to reinstall it."""
+    home = tmp_path / "kb"
+    write_team_file(home, "peers.json", json.dumps(PEERS))
+
+    @dataclass
+    class OldOwner(FakeOwner):
+        async def request(self, op: str, **args: Any) -> dict[str, Any]:
+            if op == "host_routes":
+                self.calls.append((op, args))
+                raise OwnerError(error)
+            return await super().request(op, **args)
+
+    owner = OldOwner()
+
+    async def factory(_command: list[str] | None) -> Any:
+        return owner
+
+    agent = Agent(JoinOptions(team=TEAM, state_dir=tmp_path, endpoint="198.18.0.5"),
+                  KeybaseClient(STANDIN, env=env_for(home, "alice", "laptop")),
+                  owner_factory=factory)  # fmt: skip
+    with pytest.raises(JoinError, match=re.escape(f"could not read them: {error}); {hint}")):
+        await agent.run(asyncio.Event())
+    assert ("host_routes", {"exclude_ifname": "kbwg0"}) in owner.calls
+    assert not any(op == "create" for op, _ in owner.calls)
+
+
 def write_team_file(home: Path, name: str, data: str) -> None:
     path = home / "kbfs" / "team" / TEAM / name
     path.parent.mkdir(parents=True, exist_ok=True)
