@@ -11,7 +11,9 @@ bench/connect.py --logs keeps them:
 
 Prints each step's median and maximum over the agents (and runs) found, in time order,
 and at the agent's own milestones the CPU it had used by then (the rest of the gap is
-waiting: for Keybase, the owner, or a core).
+waiting: for Keybase, the owner, or a core); then how many `keybase` processes each
+agent had started by its announcement (each costs a process start, as much CPU as
+some steps above), by subcommand.
 """
 
 from __future__ import annotations
@@ -22,10 +24,14 @@ import json
 import re
 import statistics
 import sys
+from collections import Counter
 from pathlib import Path
 
 _STAMP = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ")
 _MILESTONE = re.compile(r"start-up \+(\d+\.\d+)s(?: \(cpu (\d+\.\d+)s\))?: (.+)$")
+# kbwg.agent.keybase logs each CLI process it starts.
+_SPAWNED = re.compile(r"kbwg\.agent\.keybase: started `\S+ ([^`]+)` \(pid \d+\)")
+ANNOUNCED = "introduced (announced)"
 # Steps that are ordinary log lines: (step, pattern); the first match counts.
 _LINES = [
     ("owner: policy read (owner imports done)", re.compile(r"owner: .*policy: overlay within")),
@@ -49,10 +55,13 @@ def _wall(line: str) -> float | None:
     return stamp.timestamp()
 
 
-def steps(log: str, cpu: dict[str, float] | None = None) -> dict[str, float]:
+def steps(log: str, cpu: dict[str, float] | None = None,
+          spawned: list[tuple[float, str]] | None = None) -> dict[str, float]:
     """Step -> seconds since the process started, for one agent's log (and into `cpu`,
-    the agent's CPU seconds at its own milestones)."""
+    the agent's CPU seconds at its own milestones; into `spawned`, each `keybase`
+    process it started: (seconds since start, subcommand))."""
     found: dict[str, float] = {}
+    started: list[tuple[float, str]] = []
     start: float | None = None  # wall time of the process start
     pending: list[tuple[float, str]] = []
     for line in log.splitlines():
@@ -69,6 +78,10 @@ def steps(log: str, cpu: dict[str, float] | None = None) -> dict[str, float]:
             if start is None:
                 start = wall - age
             continue
+        process = _SPAWNED.search(line)
+        if process is not None:
+            started.append((wall, process.group(1)))
+            continue
         for step, pattern in _LINES:
             if step not in found and pattern.search(line):
                 pending.append((wall, step))
@@ -77,7 +90,18 @@ def steps(log: str, cpu: dict[str, float] | None = None) -> dict[str, float]:
         return {}
     for wall, step in pending:
         found[step] = wall - start
+    if spawned is not None:
+        spawned += [(wall - start, what) for wall, what in started]
     return found
+
+
+def spawned_by_announcement(found: dict[str, float],
+                            spawned: list[tuple[float, str]]) -> list[str] | None:
+    """The subcommands of the `keybase` processes started before the announcement."""
+    announced = found.get(ANNOUNCED)
+    if announced is None:
+        return None
+    return [what for age, what in spawned if age <= announced]
 
 
 def main() -> int:
@@ -92,10 +116,17 @@ def main() -> int:
     per_step: dict[str, list[float]] = {}
     cpu_step: dict[str, list[float]] = {}
     agents = 0
+    processes: list[int] = []
+    kinds: Counter[str] = Counter()
     for path in files:
         cpu: dict[str, float] = {}
-        found = steps(path.read_text(errors="replace"), cpu)
+        spawned: list[tuple[float, str]] = []
+        found = steps(path.read_text(errors="replace"), cpu, spawned)
         agents += bool(found)
+        before = spawned_by_announcement(found, spawned)
+        if before is not None:
+            processes.append(len(before))
+            kinds.update(before)
         for step, seconds in found.items():
             per_step.setdefault(step, []).append(seconds)
         for step, seconds in cpu.items():
@@ -104,11 +135,16 @@ def main() -> int:
         print("no start-up milestones found (logs need -vv)", file=sys.stderr)
         return 1
     rows = sorted(per_step.items(), key=lambda item: statistics.median(item[1]))
+    per_agent = {kind: count / len(processes) for kind, count in kinds.most_common()} \
+        if processes else {}
     if args.json:
         print(json.dumps({"agents": agents, "steps": [
             {"step": step, "n": len(times), "median_s": statistics.median(times),
              "max_s": max(times), "agent_cpu_median_s": _median(cpu_step.get(step))}
-            for step, times in rows]}, indent=2))
+            for step, times in rows],
+            "keybase_processes_by_announcement": {
+                "median": _median([float(n) for n in processes]),
+                "max": max(processes, default=None), "per_agent": per_agent}}, indent=2))
         return 0
     print(f"start-up steps, seconds from process start ({agents} agent logs)")
     print("| step | median | max | agent CPU by then (median) | n |")
@@ -117,6 +153,10 @@ def main() -> int:
         used = _median(cpu_step.get(step))
         print(f"| {step} | {statistics.median(times):.2f} | {max(times):.2f} | "
               f"{'-' if used is None else f'{used:.2f}'} | {len(times)} |")
+    if processes:
+        print(f"\n`keybase` processes started by the announcement, per agent: median "
+              f"{statistics.median(processes):g}, max {max(processes)} ("
+              + ", ".join(f"{kind} {n:.2g}" for kind, n in per_agent.items()) + ")")
     return 0
 
 
