@@ -72,9 +72,10 @@ own requests, checks for a declared ufrag, and everything else per source and ov
 after ``stun_open``. The rest is dropped and counted: ``stats`` answers the counts as
 ``stun_filter``.
 
-``network`` (``change`` the netlink message, e.g. "RTM_NEWADDR", ``ifname`` or None,
-``count`` how many changes it stands for), after ``watch_network``: the host's IPv4
-addresses or routes or its links changed (kbwg.owner.netlink_watch). Changes on the
+``network`` (``change`` the netlink message, e.g. "RTM_NEWADDR", or "RESUBSCRIBED" when
+the owner's netlink watch failed and was opened again; ``ifname`` or None; ``count`` how
+many changes it stands for), after ``watch_network``: the host's IPv4 addresses or
+routes or its links changed (kbwg.owner.netlink_watch). Changes on the
 owner's WireGuard device and host routes (/32) are left out, and events are coalesced:
 at most one per fifth of a second, the latest change.
 """
