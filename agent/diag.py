@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import socket
@@ -31,7 +32,6 @@ from kbwg.negotiation.candidates import (
     gather_host_candidates,
     gather_srflx,
     host_address_problem,
-    interface_addresses,
 )
 from kbwg.negotiation.gathering import resolve_servers
 from kbwg.negotiation.natprobe import (
@@ -49,7 +49,7 @@ from kbwg.negotiation.stun_client import (
     format_address,
     open_udp_client,
 )
-from kbwg.portmap.gateway import default_gateway
+from kbwg.portmap.gateway import Gateway
 from kbwg.portmap.mapper import PortmapConfig, ProbeReport, config_from_env, probe
 from kbwg.turn.stream import stream_binding
 
@@ -263,6 +263,27 @@ def conclude(report: DiagReport) -> str:
     return f"{verdict}; {relay}"
 
 
+# diag runs without a device owner: it reads the host with the owner's own netlink reads.
+
+async def _interface_addresses() -> list[InterfaceAddress]:
+    from kbwg.owner.interfaces import interface_addresses
+
+    return [InterfaceAddress(**dataclasses.asdict(record))
+            for record in await interface_addresses()]
+
+
+async def _default_gateway() -> Gateway | None:
+    from kbwg.owner.interfaces import default_gateway
+
+    try:
+        record = await default_gateway()
+    except Exception as exc:  # no gateway read: the port-mapping probe says "no gateway"
+        log.info("cannot read the default gateway: %s", exc)
+        return None
+    return None if record is None else Gateway(record.address, record.local_ip,
+                                               record.interface)
+
+
 def _interface_reports(addresses: Sequence[InterfaceAddress], options: DiagOptions,
                        ) -> list[InterfaceReport]:
     reports = []
@@ -376,11 +397,11 @@ async def diagnose(
     async def portmap() -> ProbeReport:
         if not options.portmap.protocols:  # off: not even the routing table is read
             return await probe(None, options.portmap)
-        return await probe(await default_gateway(), options.portmap)
+        return await probe(await _default_gateway(), options.portmap)
 
     # The gateway is asked alongside everything else: a silent one costs seconds.
     portmap_task = asyncio.create_task(portmap(), name="diag-portmap")
-    addresses = await interface_addresses()
+    addresses = await _interface_addresses()
     report = DiagReport(local_port=local_port, config_source=options.config_source,
                         nat=NatBehaviour(), counters=counters, mode=mode)
     report.interfaces = _interface_reports(addresses, options)

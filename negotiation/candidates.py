@@ -22,8 +22,6 @@ from typing import Any, Literal
 from kbwg.negotiation.host_addresses import (
     InterfaceAddress,
     InterfaceSource,
-    interface_addresses,
-    list_interface_addresses,
 )
 from kbwg.negotiation.interface_defaults import DEFAULT_INTERFACE_EXCLUDE
 from kbwg.negotiation.priority import LOCAL_PREFERENCE_MAX as _LOCAL_PREFERENCE_MAX
@@ -39,7 +37,7 @@ from kbwg.negotiation.stun_client import (
 __all__ = ["TYPE_PREFERENCE", "Candidate", "CandidateType", "InterfaceAddress",
            "InterfaceSource", "StunServerResult", "candidate_priority", "excluded_interface",
            "gather_host_candidates", "gather_srflx", "host_address_problem",
-           "interface_addresses", "list_interface_addresses", "mapped_candidate"]
+           "mapped_candidate"]
 
 log = logging.getLogger(__name__)
 
@@ -99,18 +97,18 @@ def gather_host_candidates(
     port: int,
     exclude_patterns: Iterable[str] = DEFAULT_INTERFACE_EXCLUDE,
     exclude_networks: Iterable[ipaddress.IPv4Network | ipaddress.IPv6Network] = (),
-    addresses: Sequence[InterfaceAddress] | None = None,
+    *,
+    addresses: Sequence[InterfaceAddress],
 ) -> list[Candidate]:
     """Host candidates for `port`, best first: the default-route interface leads, IPv4
     before IPv6 on each interface (pairs only join one family, so this orders checks,
     not the choice: choice.py weighs paths, not families).
 
-    `addresses` defaults to the host's own (netlink, blocking: from async code pass
-    the addresses an `InterfaceSource` gave).
+    `addresses` are the host's, as an `InterfaceSource` gave them.
     """
     patterns = list(exclude_patterns)
     networks = list(exclude_networks)
-    entries = list_interface_addresses() if addresses is None else list(addresses)
+    entries = list(addresses)
     usable = [e for e in entries if host_address_problem(e, patterns, networks) is None]
     usable.sort(key=lambda e: (not e.default_route, e.index,
                                ipaddress.ip_address(e.address).version,

@@ -18,7 +18,7 @@ from typing import Any
 
 from kbwg.portmap import natpmp, pcp, ssdp
 from kbwg.portmap.exchange import DEFAULT_WAITS
-from kbwg.portmap.gateway import Gateway, default_gateway
+from kbwg.portmap.gateway import Gateway
 from kbwg.portmap.mapping import PROTOCOLS, Mapping, PortmapError, Protocol
 
 log = logging.getLogger(__name__)
@@ -145,8 +145,8 @@ async def probe(gateway: Gateway | None, config: PortmapConfig | None = None) ->
 class PortMapper:
     """The WireGuard port's mapping on the current default gateway."""
 
-    def __init__(self, internal_port: int, config: PortmapConfig | None = None,
-                 find_gateway: Callable[[], Awaitable[Gateway | None]] = default_gateway,
+    def __init__(self, internal_port: int, config: PortmapConfig | None,
+                 find_gateway: Callable[[], Awaitable[Gateway | None]],
                  on_change: Callable[[], None] | None = None) -> None:
         self.internal_port = internal_port
         self.config = config or PortmapConfig()

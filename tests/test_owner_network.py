@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
+import subprocess
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from ipaddress import IPv4Network
@@ -249,18 +251,28 @@ async def test_a_failed_watch_is_opened_again_and_says_so() -> None:
 
 
 @REAL_CLOCK
-async def test_netlink_reads_match_what_diag_reads() -> None:
-    """The owner's async reads (AsyncIPRoute: the owner's loop keeps serving) give what
-    the blocking reads `diag` keeps give, on this host."""
-    from kbwg.negotiation.host_addresses import list_interface_addresses
+async def test_netlink_reads_match_iproute2() -> None:
+    """The owner's reads (AsyncIPRoute: the owner's loop keeps serving; `diag` reads the
+    host with them too) give the addresses and default gateway `ip` shows on this host."""
     from kbwg.owner.host_network import NetlinkHostNetwork
-    from kbwg.portmap.gateway import find_default_gateway
+
+    def ip_json(*args: str) -> Any:
+        return json.loads(subprocess.run(["ip", "-j", *args], check=True, text=True,
+                                         capture_output=True).stdout)
 
     host = NetlinkHostNetwork()
-    ours = [a.to_json() for a in await host.interfaces()]
-    theirs = [vars(a) for a in await asyncio.to_thread(list_interface_addresses)]
-    assert ours == theirs and any(a["address"] == "127.0.0.1" for a in ours)
+    ours = {(a.interface, a.address, a.prefixlen) for a in await host.interfaces()}
+    unusable = ("tentative", "deprecated", "dadfailed")
+    theirs = {(link["ifname"], addr["local"], addr["prefixlen"])
+              for link in ip_json("addr", "show") for addr in link.get("addr_info", [])
+              if not (addr["family"] == "inet6" and any(addr.get(f) for f in unusable))}
+    assert ours == theirs and ("lo", "127.0.0.1", 8) in ours
     gateway = await host.default_gateway()
-    expected = await asyncio.to_thread(find_default_gateway)
-    assert (None if gateway is None else gateway.to_json()) == (
-        None if expected is None else vars(expected))
+    defaults = sorted((r for r in ip_json("-4", "route", "show", "default", "table", "main")
+                       if r.get("gateway")), key=lambda r: r.get("metric", 0))
+    if not defaults:
+        assert gateway is None
+    else:
+        assert gateway is not None
+        assert (gateway.address, gateway.interface) == (defaults[0]["gateway"],
+                                                        defaults[0].get("dev"))

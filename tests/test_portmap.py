@@ -222,8 +222,14 @@ async def test_off_by_environment_asks_nothing() -> None:
     fake = await start_pcp_gateway("pcp")
     config = config_from_env({ENV_PORTMAP: "off"})
     assert config.protocols == ()
-    mapper = PortMapper(WG_PORT, config)
-    assert await mapper.ensure() is None and fake.requests == []
+    asked = []
+
+    async def find() -> Gateway:
+        asked.append(True)
+        return Gateway("127.0.0.1", "127.0.0.1", "lo")
+
+    mapper = PortMapper(WG_PORT, config, find_gateway=find)
+    assert await mapper.ensure() is None and fake.requests == [] and asked == []
     assert config_from_env({ENV_PORTMAP: "upnp,pcp"}).protocols == ("pcp", "upnp")
     assert config_from_env({ENV_PORTMAP: "bogus"}).protocols == ("pcp", "nat-pmp", "upnp")
     fake.close()
