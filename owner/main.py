@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import stat
 import sys
 import threading
 from pathlib import Path
@@ -33,6 +34,7 @@ from kbwg.owner.wg_backend import select_backend
 logger = logging.getLogger(__name__)
 
 EXIT_BAD_POLICY = 2
+EXIT_BAD_STDIO = 2
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 PRELOAD_JOIN_S = 5.0
 
@@ -79,6 +81,20 @@ def _import_netlink() -> None:
         logger.debug("preloading pyroute2 failed", exc_info=True)
 
 
+def stdio_problem() -> str | None:
+    """Why stdin/stdout cannot carry frames, or None. Only the agent starts the owner,
+    always on pipes (or a socket): a terminal would mangle binary frames and wait
+    forever, and a file or /dev/null cannot be waited on."""
+    for fd, name in ((0, "stdin"), (1, "stdout")):
+        try:
+            mode = os.fstat(fd).st_mode
+        except OSError:
+            return f"{name} is closed"
+        if not (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)):
+            return f"{name} is not a pipe"
+    return None
+
+
 def build_server(policy: OwnerPolicy) -> OwnerServer:
     return OwnerServer(ReapedNetConfig(), select_backend, policy, RawStunSocket.open)
 
@@ -102,6 +118,11 @@ def main(argv: list[str] | None = None) -> None:
     except PolicyError as exc:
         print(f"kbwg-owner: {exc}", file=sys.stderr)
         sys.exit(EXIT_BAD_POLICY)
+    problem = stdio_problem()
+    if problem is not None:
+        print(f"kbwg-owner: {problem}: the device owner speaks only to kbwg-agent, which "
+              "starts it with pipes; run `kbwg-agent join` instead", file=sys.stderr)
+        sys.exit(EXIT_BAD_STDIO)
     logger.info("policy: overlay within %s", policy.overlay)
     preloading = preload()
     code = asyncio.run(serve_stdio(build_server(policy)))

@@ -399,6 +399,21 @@ def _owner_process(*args: str, cwd: Path | None = None, env: dict[str, str] | No
                           capture_output=True, cwd=cwd, env=env, timeout=30, check=False)
 
 
+@pytest.mark.parametrize("source", ["devnull", "file"])
+def test_owner_run_by_hand_says_to_run_join_instead(tmp_path: Path, source: str) -> None:
+    """Without the agent's pipes (by hand, from a file) it exits at once with what to do,
+    rather than a traceback or waiting forever."""
+    path = Path(os.devnull) if source == "devnull" else tmp_path / "frames"
+    if source == "file":
+        path.write_bytes(b"")
+    with path.open("rb") as stdin:
+        result = subprocess.run([sys.executable, "-I", "-m", "kbwg.owner"], stdin=stdin,
+                                capture_output=True, timeout=30, check=False)
+    assert result.returncode == 2, result.stderr
+    assert b"stdin is not a pipe" in result.stderr and b"kbwg-agent join" in result.stderr
+    assert b"Traceback" not in result.stderr
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="chown needs root")
 def test_owner_exits_2_on_a_bad_policy_file(tmp_path: Path) -> None:
     path = _policy_file(tmp_path, '{"overlay": "100.100.0.0/16"}', uid=NOBODY)
