@@ -35,10 +35,15 @@ How this differs from full ICE (one component, one stream, both ends are this ag
   pair of a better class failed). Either way the first nomination also waits (at most
   `contend_max`) while a pair of the same class could still answer faster: one not
   checked yet, or checked less than the winner's RTT ago (a multi-homed host's fast
-  uplink beside a slow default one), so the first choice is the right one. It
-  renominates whenever choice switches; the controlled side follows the latest
-  nomination. Every consent check of the controlling side carries USE-CANDIDATE too,
-  so a lost or reordered nomination heals within one consent interval.
+  uplink beside a slow default one), so the first choice is the right one. A check
+  sent before the peer knew us (early checks: each side starts when it reads the
+  other's key) may be dropped there: when the peer's own check arrives on that pair
+  the check goes again at once (a triggered check, RFC 8445 section 7.3.1.4), and a
+  pair answered only after a retransmit (its RTT only an upper bound) is checked once
+  more, the first nomination waiting for that answer the same way. It renominates
+  whenever choice switches; the controlled side follows the latest nomination. Every
+  consent check of the controlling side carries USE-CANDIDATE too, so a lost or
+  reordered nomination heals within one consent interval.
 - Keeping the path: single-shot consent checks on the selected pair every few of its
   RTTs (at most `consent_interval`, check_liveness.py) while traffic flows or the path
   is new, every `consent_idle_interval` while idle (`note_traffic`); keepalives on
@@ -82,6 +87,7 @@ from kbwg.negotiation.choice import (
     better_class_pending,
     choose,
     explain,
+    format_rtt,
 )
 from kbwg.negotiation.pair_table import PairTable
 from kbwg.negotiation.wire import CandidateInfo
@@ -169,6 +175,12 @@ class PeerChecker:
         self._contend: asyncio.TimerHandle | None = None
         self._selected_loop_at: float | None = None
         self._first_success_at: float | None = None
+        # When the peer's first authentic check arrived: it knew our credentials then.
+        self._heard_at: float | None = None
+        # Checks ended by `_retrigger` (at most one per pair): their answers still count.
+        self._retriggered: set[bytes] = set()
+        # Pairs checked once more because their first answer came after a retransmit.
+        self._remeasured: set[str] = set()
         self._upkeep = CheckLiveness(self._loop, self.timers, self._table, self._tx,
                                      lambda: self._selected, name)
 
@@ -350,6 +362,8 @@ class PeerChecker:
             self.counters.unusable_source += 1
             return False
         self.counters.requests += 1
+        if self._heard_at is None:
+            self._heard_at = self._loop.time()
         if not self._resolve_role(message, src, base):
             return True
         self._send_datagram(messages.success_response(message, src, self._pwd), src, base)
@@ -406,14 +420,36 @@ class PeerChecker:
         if pair.state in ("waiting", "failed"):
             pair.state = "waiting"
             self._tx.enqueue(pair, "check", urgent=True)
+        elif pair.state == "in-progress":
+            self._retrigger(pair)
         if use_candidate and not self._controlling and self._nominated is not pair:
             self._nominated = pair
             self._evaluate()
+
+    def _retrigger(self, pair: CandidatePair) -> None:
+        """The peer checks a pair whose own check left before we had heard from the
+        peer at all: that copy may have reached it before it knew our credentials
+        (early checks start on each side when the other's key is read) and been
+        dropped, so its retransmit would come an RTO late and answer with only an upper
+        bound for the RTT, and a slower pair would win the first choice. As RFC 8445
+        section 7.3.1.4 does for an in-progress pair: that transaction is not resent
+        (an answer to it still counts) and a new check goes at once; its single copy is
+        answered at the path's RTT."""
+        tx_id = pair.in_flight.get("check")
+        tx = self._tx.get(tx_id) if tx_id is not None else None
+        if (tx is None or not tx.sent_at or self._heard_at is None
+                or tx.sent_at[0] >= self._heard_at):
+            return
+        self._tx.finish(tx)
+        self._retriggered.add(tx.id)  # its answer still counts (`_cancelled_answer`)
+        self._tx.enqueue(pair, "check", urgent=True)
 
     def _on_response(self, message: stun.Message, src: Address) -> bool:
         tx = self._tx.get(message.transaction_id)
         if tx is None:
             late = self._tx.recent(message.transaction_id)
+            if late is not None and late.id in self._retriggered:
+                return self._cancelled_answer(late, message, src)
             if late is not None:
                 self.counters.late_responses += 1
                 self._late_answer(late, message, src)
@@ -446,6 +482,21 @@ class PeerChecker:
         exact = len(tx.sent_at) == 1
         self._succeeded(pair, (now - tx.sent_at[0]) * 1000.0, exact, mapped,
                         live=tx.kind == "live")
+        return True
+
+    def _cancelled_answer(self, tx: Transaction, message: stun.Message,
+                          src: Address) -> bool:
+        """An answer to a check `_retrigger` ended: it counts as RFC 8445 section
+        7.3.1.4 says (its copy was not dropped after all, only slow)."""
+        self._retriggered.discard(tx.id)
+        if (message.message_class != stun.Class.RESPONSE or src != tx.pair.remote_address
+                or self._remote_pwd is None
+                or not message.check_message_integrity(self._remote_pwd)):
+            self.counters.late_responses += 1
+            return True
+        self.counters.responses += 1
+        self._succeeded(tx.pair, (self._loop.time() - tx.sent_at[0]) * 1000.0,
+                        len(tx.sent_at) == 1, message.attributes.get("XOR-MAPPED-ADDRESS"))
         return True
 
     def _late_answer(self, tx: Transaction, message: stun.Message, src: Address) -> None:
@@ -495,7 +546,16 @@ class PeerChecker:
         pair.probe_at = None
         if first:
             pair.succeeded_at = self._loop.time()
-            log.debug("%s: pair %s works (%.1f ms)", self.name, pair.describe(), rtt_ms)
+            log.debug("%s: pair %s works (%s)", self.name, pair.describe(),
+                      format_rtt(rtt_ms, bound=not exact))
+        if (not exact and not self._was_selected and pair.view().rtt_bound
+                and pair.key not in self._remeasured):
+            # Only the retransmit may have been answered (the peer learned our
+            # credentials meanwhile): timed from the first copy, a fast uplink's pair
+            # would lose the first choice to a slower one answered at once. One more
+            # check, answered exactly, says what it is worth (`_contenders_wait`).
+            self._remeasured.add(pair.key)
+            self._tx.enqueue(pair, "check", urgent=True)
         self._evaluate()
 
     def _transaction_failed(self, tx: Transaction, why: str) -> None:
@@ -596,9 +656,11 @@ class PeerChecker:
 
     def _contenders_wait(self, best: CandidatePair) -> bool:
         """Whether to hold the first nomination for pairs that could still beat `best`:
-        of its class or better, still being checked, and either not sent yet or last sent
-        less than `best`'s RTT ago (a faster answer is still possible). At most
-        `contend_max` after the first success; re-evaluated when the next one is out."""
+        of its class or better, still being checked (or checked again because only a
+        retransmit was answered, so their RTT is only an upper bound), and either not
+        sent yet or last sent less than `best`'s RTT ago (a faster answer is still
+        possible). At most `contend_max` after the first success; re-evaluated when the
+        next one is out."""
         now = self._loop.time()
         if self._first_success_at is None:
             self._first_success_at = now
@@ -609,8 +671,11 @@ class PeerChecker:
         rank = CLASS_RANK[best.path]
         wait: float | None = None
         for pair in self._table.pairs:
-            if (pair is best or pair.state not in ("waiting", "in-progress")
-                    or CLASS_RANK[pair.path] > rank):
+            if pair is best or CLASS_RANK[pair.path] > rank:
+                continue
+            remeasuring = (pair.state == "succeeded" and pair.key in self._remeasured
+                           and pair.view().rtt_bound)
+            if pair.state not in ("waiting", "in-progress") and not remeasuring:
                 continue
             tx_id = pair.in_flight.get("check")
             tx = self._tx.get(tx_id) if tx_id is not None else None

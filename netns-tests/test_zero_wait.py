@@ -9,7 +9,10 @@ the machine is quick.
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
+from pathlib import Path
 
 import pytest
 
@@ -19,6 +22,7 @@ from kbwg_world.multihomed import multi_homed
 from kbwg_world.natchange import forget_mappings, new_public_address
 from kbwg_world.stunserver import StunServer
 from kbwg_world.team import AgentProcess, Team
+from kbwg_world.world import Router
 
 pytestmark = pytest.mark.netns
 
@@ -136,9 +140,25 @@ def test_a_multi_homed_host_chooses_the_fast_uplink_first(world: World) -> None:
     inet = world.internet()
     team = team_with(world, inet)
     shape = multi_homed(world, inet)  # eth0 the slow default route, eth1 fast
-    m, p, slow, fast = shape.m, shape.p, shape.slow, shape.fast
-    alice, bob = start(team, (m, *ALICE[:2]), (p, *BOB[:2]))
+    alice, bob = start(team, (shape.m, *ALICE[:2]), (shape.p, *BOB[:2]))
+    try:
+        _first_choices_are_the_fast_uplink(shape.m, alice, bob, shape.slow, shape.fast)
+    finally:
+        keep_logs(alice, bob)
 
+
+def keep_logs(*agents: AgentProcess) -> None:
+    """Diagnostics: with KBWG_KEEP_LOGS=DIR, each agent's log is copied there."""
+    keep = os.environ.get("KBWG_KEEP_LOGS")
+    if not keep:
+        return
+    Path(keep).mkdir(parents=True, exist_ok=True)
+    for agent in agents:
+        shutil.copy(agent.log_path, Path(keep) / f"{agent.username}-{agent.device}.log")
+
+
+def _first_choices_are_the_fast_uplink(m: Node, alice: AgentProcess, bob: AgentProcess,
+                                       slow: Router, fast: Router) -> None:
     peer = wait_until(
         lambda: (x := alice.negotiated("desk")) and x["host_route"] and x,
         timeout=60, what="alice to settle on a pinned uplink")  # fmt: skip

@@ -1037,3 +1037,83 @@ async def test_failed_pairs_are_reprobed_rarely_while_idle_and_soon_again_on_tra
         assert probes[count] - traffic_at <= timers.reprobe_max + 2 * timers.pacing
     finally:
         close(a, b)
+
+
+def _uplinks(net: SimNet) -> tuple[Node, Node]:
+    """A: a slow default uplink (eth0, 80 ms RTT, checked first) and a fast one (eth1,
+    10 ms), each behind its own port-preserving NAT; B: public."""
+    a, b = net.node("a"), net.node("b")
+    slow = a.host("10.1.0.2", lan="slow", nat=net.nat("203.0.113.10"), delay=0.040, rank=0)
+    fast = a.host("10.2.0.2", lan="fast", nat=net.nat("203.0.113.11"), delay=0.005, rank=1)
+    a.srflx(("203.0.113.10", PORT), slow)
+    a.srflx(("203.0.113.11", PORT), fast)
+    b.host("192.0.2.10")
+    return a, b
+
+
+def _checker(node: Node, ufrag: str, pwd: str, controlling: bool,
+             timers: CheckTimers) -> PeerChecker:
+    node.checker = PeerChecker(node.candidates, ufrag, pwd, controlling=controlling,
+                               tie_breaker=2**63 + 7 if controlling else 12345,
+                               send=node.send, on_selected=node.on_selected, timers=timers,
+                               name=node.name)
+    node.mux.register(ufrag, node.checker)
+    return node.checker
+
+
+async def test_a_fast_uplink_whose_first_check_the_peer_dropped_still_wins_the_first_choice(
+        ) -> None:
+    """Early checks: A checks B before B knows A's key. The fast uplink's first check
+    reaches B then and is dropped; the slow one's arrives after B learned the key and is
+    answered (80 ms). B's own checks reach A over the fast uplink meanwhile: that
+    pair's check goes again at once and answers in 10 ms, before the slow one, so A's
+    first nomination is the fast uplink, made before that pair's retransmit would even
+    have left (at 110 ms: answered then, its RTT was only a bound of 110 ms)."""
+    net = SimNet()
+    a, b = _uplinks(net)
+    # A short settle: the slow pair looks like a LAN pair until it answers.
+    timers = replace(SLOW_PATHS, pacing=0.010, rto=0.1, contend_max=0.5, settle=0.01)
+    started = now()
+    try:
+        _checker(a, "aliceufrag", PWD_A, True, timers).set_remote(
+            "bobufrag", PWD_B, infos(b.candidates))
+        await asyncio.sleep(0.02)  # the fast check (sent at 10 ms) reached B at 15 ms
+        assert b.mux.counters.unknown_ufrag >= 1
+        _checker(b, "bobufrag", PWD_B, False, timers).set_remote(
+            "aliceufrag", PWD_A, infos(a.candidates))
+        await advance_until(lambda: a.c.state == "connected" and mirrored(a, b))
+        first, reason = a.selections[0]
+        assert first is not None and first.local.interface == "eth1", reason
+        assert first.rtt_ms == pytest.approx(10.0), reason
+        assert a.selected_at[0] - started < 0.1, a.selected_at
+        assert b.selections[0][0] is not None
+        assert b.selections[0][0].remote_address == ("203.0.113.11", PORT)
+        assert len([p for p, _ in a.selections if p is not None]) == 1, a.selections
+    finally:
+        close(a, b)
+
+
+async def test_a_pair_answered_only_at_its_retransmit_is_measured_again_before_the_first_choice(
+        ) -> None:
+    """B cannot check A (its checks stay unanswered: B's address filter drops them),
+    so nothing triggers the fast pair's check again: it is answered at its retransmit
+    (an RTT bound of 110 ms, after the slow pair's exact 80 ms). One more check of it,
+    answered in 10 ms, comes before the first nomination."""
+    net = SimNet()
+    a, b = _uplinks(net)
+    timers = replace(SLOW_PATHS, pacing=0.010, rto=0.1, contend_max=0.5)
+    try:
+        _checker(a, "aliceufrag", PWD_A, True, timers).set_remote(
+            "bobufrag", PWD_B, infos(b.candidates))
+        await asyncio.sleep(0.02)
+        # B answers but never checks A itself (an old or busy peer).
+        _checker(b, "bobufrag", PWD_B, False, timers)
+        fast = next(p for p in a.c.pairs if p.local.interface == "eth1")
+        await advance_until(lambda: fast.state == "succeeded")
+        assert fast.view().rtt_bound and fast.rtt_ms == pytest.approx(110.0)
+        assert a.selections == [], "no choice while the fast pair's RTT is only a bound"
+        await advance_until(lambda: a.c.state == "connected")
+        first, reason = a.selections[0]
+        assert first is fast and first.rtt_ms == pytest.approx(10.0), reason
+    finally:
+        close(a, b)
