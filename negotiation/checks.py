@@ -440,6 +440,8 @@ class PeerChecker:
         if (tx is None or not tx.sent_at or self._heard_at is None
                 or tx.sent_at[0] >= self._heard_at):
             return
+        log.debug("%s: pair %s checked by the peer: checking it again", self.name,
+                  pair.describe())
         self._tx.finish(tx)
         self._retriggered.add(tx.id)  # its answer still counts (`_cancelled_answer`)
         self._tx.enqueue(pair, "check", urgent=True)
@@ -547,6 +549,9 @@ class PeerChecker:
         if first:
             pair.succeeded_at = self._loop.time()
             log.debug("%s: pair %s works (%s)", self.name, pair.describe(),
+                      format_rtt(rtt_ms, bound=not exact))
+        elif not self._was_selected:
+            log.debug("%s: pair %s answered again (%s)", self.name, pair.describe(),
                       format_rtt(rtt_ms, bound=not exact))
         if (not exact and not self._was_selected and pair.view().rtt_bound
                 and pair.key not in self._remeasured):
