@@ -6,11 +6,17 @@ A peer's endpoint is set only once a pair is chosen (or, for a peer that does no
 negotiate, its announced endpoint after a grace period), together with the persistent
 keepalive: that makes WireGuard start its handshake at once, towards the right place (for
 a direct pair, the keepalive comes once the pair's host route, if it needs one, is in).
-Of the two ends of a fresh negotiated path, only the one with the lower public key turns
-its keepalive on at once; the other waits FIRST_HANDSHAKE_HOLD_S. Both at once, their
-handshake initiations cross on any link slower than the gap between them: each side
-answers the other's and then rejects the answer to its own ("invalid response"), and the
-first handshake waits for WireGuard's 5 s retry, which can cross again.
+Of the two ends of a fresh negotiated path, only the one with the lower public key gives
+WireGuard the endpoint at once; the other (with no session yet) holds its endpoint back
+for up to FIRST_HANDSHAKE_HOLD_S, until the first end's handshake has made a session.
+Both at once, their handshake initiations cross on any link slower than the gap between
+them: each side answers the other's and then rejects the answer to its own ("invalid
+response"), and the first handshake waits for WireGuard's 5 s retry, which can cross
+again. Holding the keepalive back is not enough: any packet to the peer (traffic already
+flowing) starts a handshake once WireGuard has an endpoint. Without one, WireGuard still
+answers the first end's initiation, at the address it came from. The held end's entry is
+not removed and re-added meanwhile either: an initiation arriving between the two would
+be dropped as from an unknown key, and the first end would wait for its 5 s retry.
 A newer announcement never moves an endpoint that works (only a sealed negotiation or
 WireGuard's authenticated roaming does). Every change of WireGuard peers holds the peer
 lock, so the stats poll's reconciliation (device_stats) never sees one half made.
@@ -22,10 +28,11 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
 from typing import Any
 
 from kbwg.agent.announce import Announcement
-from kbwg.agent.connectivity import Connectivity
+from kbwg.agent.connectivity import Connectivity, Route
 from kbwg.agent.early_checks import EarlyChecks
 from kbwg.agent.join_options import JoinOptions
 from kbwg.agent.owner_calls import OwnerCalls
@@ -45,6 +52,20 @@ Spawn = Callable[[Coroutine[Any, Any, object]], None]
 # How long the higher-keyed end of a fresh path keeps quiet: past a handshake's round
 # trip on a slow path, and apart from the first end's 5 s retry if its handshake was lost.
 FIRST_HANDSHAKE_HOLD_S = 2.5
+# While holding, how often it looks for the session the first end's handshake made (an
+# owner round trip each): the path is pinned and its keepalive on soon after.
+HOLD_POLL_S = 0.1
+
+
+@dataclass
+class HeldPath:
+    """A chosen path the higher-keyed end has not given WireGuard yet (the latest
+    choice, for the key configured when it was chosen)."""
+
+    key: str
+    pair: CandidatePair
+    route: Route
+    reason: str
 
 
 class PeerSync:
@@ -63,6 +84,8 @@ class PeerSync:
         self._spawn = spawn
         # Checks before the offer/answer (early_checks.py); set by early_wiring.
         self.early: EarlyChecks | None = None
+        # Paths chosen while this end holds back for the peer's first handshake.
+        self.held: dict[DeviceId, HeldPath] = {}
 
     async def sync(self) -> None:
         """Bring the WireGuard peers in line with peers.json, announcements and claims."""
@@ -167,7 +190,8 @@ class PeerSync:
         async with self._lock:
             peer = self._state.peers.get(device)
             ann = peer.spec.announcement if peer is not None else None
-            if peer is None or ann is None or peer.configured_key != key or peer.endpoint:
+            if peer is None or ann is None or peer.configured_key != key or peer.endpoint \
+                    or device in self.held:
                 return
             log.info("%s: no negotiated path yet; using its announced endpoint %s",
                      peer.name, ann.endpoint)
@@ -213,6 +237,7 @@ class PeerSync:
 
     async def _release(self, peer: PeerState, why: str) -> None:
         log.info("%s %s; old peer entry removed", peer.name, why)
+        self.held.pop(peer.spec.device, None)
         if peer.fallback is not None:
             peer.fallback.cancel()
         if self._negotiator is not None and peer.spec.announcement is None:
@@ -224,6 +249,7 @@ class PeerSync:
 
     async def _drop(self, peer: PeerState, why: str) -> None:
         log.info("%s: %s; removing it", peer.name, why)
+        self.held.pop(peer.spec.device, None)
         if peer.fallback is not None:
             peer.fallback.cancel()
         if self._negotiator is not None:
@@ -248,6 +274,44 @@ class PeerSync:
         if self.early is not None and not self.early.accepts(device, early):
             return
         route = await self._paths.route(peer.name, pair)
+        key = peer.configured_key
+        if key is None or self._state.peers.get(device) is not peer:
+            return  # dropped or re-keyed while the route was made
+        if self._state.public_key > key and not await self._has_session(key):
+            # The second end (module docstring): WireGuard gets the endpoint once the
+            # first end's handshake made a session, or the hold ran out.
+            first_choice = device not in self.held
+            self.held[device] = HeldPath(key, pair, route, reason)
+            if first_choice:
+                self._spawn(self._hold(device))
+            log.debug("%s: %s; holding the endpoint up to %.1f s for the peer's handshake",
+                      peer.name, reason, FIRST_HANDSHAKE_HOLD_S)
+            return
+        self.held.pop(device, None)
+        await self._apply(device, peer, pair, route, reason)
+
+    async def _hold(self, device: DeviceId) -> None:
+        """The held path goes to WireGuard as soon as the peer's handshake made a session
+        (its keepalive then only keeps it), else when the hold runs out (a fresh entry,
+        so this end's own handshake goes at once)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + FIRST_HANDSHAKE_HOLD_S
+        while (left := deadline - loop.time()) > 0:
+            await asyncio.sleep(min(HOLD_POLL_S, left))
+            held = self.held.get(device)
+            if held is None:
+                return  # dropped, re-keyed, or a session came with a newer choice
+            if await self._has_session(held.key):
+                break
+        held = self.held.pop(device, None)
+        peer = self._state.peers.get(device)
+        if held is None or peer is None or peer.configured_key != held.key:
+            return
+        await self._apply(device, peer, held.pair, held.route, held.reason)
+
+    async def _apply(self, device: DeviceId, peer: PeerState, pair: CandidatePair,
+                     route: Route, reason: str) -> None:
+        """The chosen pair becomes the peer's endpoint, pinned to its interface."""
         async with self._lock:
             if peer.configured_key is None or self._state.peers.get(device) is not peer:
                 return  # dropped or re-keyed while the route was made
@@ -257,18 +321,15 @@ class PeerSync:
             # address; the peer roams to it and answers there, and wireguard-go then
             # pins that uplink as the packets' source interface (IP_PKTINFO), which
             # overrides the host route; both ends then stay on the slow uplink.
-            first = self._state.public_key < peer.configured_key
             changed = await self._set_endpoint(peer, route.endpoint, NEGOTIATED,
-                                               quiet=not (route.relayed and first))
-            quiet = changed and not (route.relayed and first)
+                                               quiet=not route.relayed)
+            quiet = changed and not route.relayed
         previous = peer.route
         try:
             peer.route = await self._paths.pin(peer.name, pair, route)
         finally:
             moved = peer.route is not None and peer.route != previous
-            if quiet and not first:
-                self._spawn(self._keepalive_later(peer, route.endpoint))
-            elif quiet or moved:
+            if quiet or moved:
                 async with self._lock:
                     key, ip = peer.configured_key, peer.configured_ip
                     if key is not None and ip is not None and peer.endpoint == route.endpoint:
@@ -279,15 +340,6 @@ class PeerSync:
                         await self._owner.set_peer(key, route.endpoint, [ip],
                                                    self._options.keepalive_s)
         log.info("%s: %s", peer.name, reason)
-
-    async def _keepalive_later(self, peer: PeerState, endpoint: str) -> None:
-        """The second end's keepalive (see the module docstring): by now the first end's
-        handshake has usually made a session, and the keepalive only keeps it."""
-        await asyncio.sleep(FIRST_HANDSHAKE_HOLD_S)
-        async with self._lock:
-            key, ip = peer.configured_key, peer.configured_ip
-            if key is not None and ip is not None and peer.endpoint == endpoint:
-                await self._owner.set_peer(key, endpoint, [ip], self._options.keepalive_s)
 
     def close(self) -> None:
         """Pending announced-endpoint fallbacks are cancelled (and early checks)."""
