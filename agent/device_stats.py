@@ -89,8 +89,10 @@ class StatsPoll:
                     if self._on_traffic is not None:
                         self._on_traffic(device)
                 if first:
+                    # The higher-keyed end of a fresh path may not have set the endpoint
+                    # yet (peer_sync holds it): WireGuard's own is where it answered.
                     log.info("handshake with %s (%s) over %s", peer.name,
-                             peer.spec.overlay_ip, peer.endpoint)
+                             peer.spec.overlay_ip, peer.endpoint or current.endpoint)
                 if peer.endpoint_source == ANNOUNCED and current.endpoint:
                     # WireGuard roams to where the peer's authenticated packets come from.
                     peer.endpoint = current.endpoint
