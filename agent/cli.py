@@ -10,12 +10,17 @@ import os
 import signal
 import sys
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kbwg.agent.control import ControlError, call
 from kbwg.agent.startclock import milestone
 from kbwg.agent.statedir import ENV_STATE_DIR, StateDirBusy, lock_state_dir, resolve_state_dir
 from kbwg.agent.status_view import render_status
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from kbwg.agent.owner_client import EarlyOwner
 
 log = logging.getLogger(__name__)
 
@@ -255,9 +260,7 @@ def _fail(message: str, code: int = 1) -> int:
 
 
 async def _join(args: argparse.Namespace) -> int:
-    from kbwg.agent.daemon import Agent, JoinError, JoinOptions
-    from kbwg.agent.keybase import KeybaseClient, KeybaseError, resolve_keybase_binary
-    from kbwg.agent.owner_client import OwnerError, OwnerGone, OwnerStartError, owner_command
+    from kbwg.agent.owner_client import EarlyOwner, OwnerStartError, owner_command
 
     try:
         owner = owner_command(args.owner)
@@ -268,6 +271,22 @@ async def _join(args: argparse.Namespace) -> int:
         lock = lock_state_dir(state_dir)
     except (StateDirBusy, OSError) as exc:
         return _fail(str(exc))
+    # The device owner is the slowest step of the start: its process starts now and
+    # imports while this one imports the daemon.
+    early_owner = await EarlyOwner.start(owner)
+    try:
+        return await _run_join(args, owner, state_dir, early_owner)
+    finally:
+        await early_owner.discard()
+        lock.close()
+
+
+async def _run_join(args: argparse.Namespace, owner: list[str], state_dir: Path,
+                    early_owner: EarlyOwner) -> int:
+    from kbwg.agent.daemon import Agent, JoinError, JoinOptions
+    from kbwg.agent.keybase import KeybaseClient, KeybaseError, resolve_keybase_binary
+    from kbwg.agent.owner_client import OwnerError, OwnerGone, OwnerStartError
+
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -282,7 +301,8 @@ async def _join(args: argparse.Namespace) -> int:
         keepalive_s=args.keepalive,
         owner_command=owner,
     )
-    agent = Agent(options, KeybaseClient(resolve_keybase_binary(args.keybase)))
+    agent = Agent(options, KeybaseClient(resolve_keybase_binary(args.keybase)),
+                  owner_factory=early_owner.take)
     loop.add_signal_handler(signal.SIGHUP, agent.reload)
     try:
         await agent.run(stop)
@@ -291,8 +311,6 @@ async def _join(args: argparse.Namespace) -> int:
     except Exception as exc:
         log.exception("the agent failed")
         return _fail(f"{exc} (a bug: please report it with the log above)")
-    finally:
-        lock.close()
     log.info("stopped")
     return 0
 

@@ -377,3 +377,41 @@ class DeviceOwner:
         tb: TracebackType | None,
     ) -> None:
         await self.close()
+
+
+class EarlyOwner:
+    """A device owner started before the code that uses it is imported: the owner's
+    start (a process, its imports, its hello) is the slowest step of `join`, so it runs
+    while the daemon's modules load. `take` is an OwnerFactory (daemon.OwnerFactory)
+    handing over that owner, once; `discard` closes it if nobody took it."""
+
+    def __init__(self, command: list[str] | None) -> None:
+        self._command = command
+        self._task: asyncio.Task[DeviceOwner] = asyncio.create_task(DeviceOwner.start(command))
+        self._taken = False
+
+    @classmethod
+    async def start(cls, command: list[str] | None) -> EarlyOwner:
+        """Start it; returns once the owner's process exists (the start's first step),
+        so a blocking import that follows does not hold the spawn back."""
+        early = cls(command)
+        await asyncio.sleep(0)
+        return early
+
+    async def take(self, command: list[str] | None) -> DeviceOwner:
+        if command != self._command:
+            raise OwnerStartError(f"the device owner was started as {self._command!r}, "
+                                  f"not {command!r}")
+        self._taken = True
+        return await self._task
+
+    async def discard(self) -> None:
+        if self._taken:
+            return
+        self._taken = True
+        try:
+            # Not cancelled mid-start: that would leave its process without a close.
+            owner = await asyncio.shield(self._task)
+        except (OwnerStartError, asyncio.CancelledError):
+            return
+        await owner.close()

@@ -131,7 +131,7 @@ async def test_missing_program() -> None:
 class _FakeAgent:
     seen: ClassVar[list[Any]] = []
 
-    def __init__(self, options: Any, keybase: Any) -> None:
+    def __init__(self, options: Any, keybase: Any, owner_factory: Any = None) -> None:
         self.seen.append(options)
 
     async def run(self, stop: Any) -> None:
@@ -151,6 +151,11 @@ def fake_agent(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
     # The state dir checks its owner against the (faked) uid; not what is tested here.
     monkeypatch.setattr(cli, "lock_state_dir", lambda path: io.StringIO())
     monkeypatch.delenv("KBWG_OWNER", raising=False)
+
+    async def no_owner(command: Any) -> Any:
+        raise owner_client.OwnerStartError("join starts the owner early; not in this test")
+
+    monkeypatch.setattr(owner_client.DeviceOwner, "start", no_owner)
     return seen
 
 
