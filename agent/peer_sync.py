@@ -17,6 +17,16 @@ flowing) starts a handshake once WireGuard has an endpoint. Without one, WireGua
 answers the first end's initiation, at the address it came from. The held end's entry is
 not removed and re-added meanwhile either: an initiation arriving between the two would
 be dropped as from an unknown key, and the first end would wait for its 5 s retry.
+The announced endpoint given for want of a chosen path is held back the same way: both
+ends fall back at about the same time (at once when the peer is configured, without
+negotiation). A peer running an older agent sets it at once, whatever the keys: its
+handshake makes the session the held end takes, and one that never arrives still gets
+the held end's own once the hold runs out.
+When WireGuard already sends to the chosen address (the peer's handshake came from it),
+the host route goes in before the endpoint is set again: setting it makes wireguard-go
+forget the source address it used, and until the route is in, a multi-homed host's
+packets would leave through the default uplink. The device owner routes only towards a
+current endpoint, so otherwise the endpoint goes first (quietly) and the route next.
 A newer announcement never moves an endpoint that works (only a sealed negotiation or
 WireGuard's authenticated roaming does). Every change of WireGuard peers holds the peer
 lock, so the stats poll's reconciliation (device_stats) never sees one half made.
@@ -35,12 +45,13 @@ from kbwg.agent.announce import Announcement
 from kbwg.agent.connectivity import Connectivity, Route
 from kbwg.agent.early_checks import EarlyChecks
 from kbwg.agent.join_options import JoinOptions
-from kbwg.agent.owner_calls import OwnerCalls
+from kbwg.agent.owner_calls import OwnerCalls, PeerCounters
 from kbwg.agent.owner_client import OwnerError
 from kbwg.agent.peer_selection import desired_peers
 from kbwg.agent.presence import Presence
 from kbwg.agent.runtime_state import ANNOUNCED, NEGOTIATED, AgentState, PeerState
 from kbwg.agent.team_view import TeamView
+from kbwg.core.addresses import parse_endpoint
 from kbwg.core.identity import DeviceId
 from kbwg.negotiation.candidate_pairs import CandidatePair
 from kbwg.negotiation.session import Negotiator
@@ -59,12 +70,13 @@ HOLD_POLL_S = 0.1
 
 @dataclass
 class HeldPath:
-    """A chosen path the higher-keyed end has not given WireGuard yet (the latest
-    choice, for the key configured when it was chosen)."""
+    """A path the higher-keyed end has not given WireGuard yet (the latest choice, for
+    the key configured when it was chosen): a chosen pair and its route, or neither for
+    the announced endpoint (the fallback; the newest announcement's when it goes)."""
 
     key: str
-    pair: CandidatePair
-    route: Route
+    pair: CandidatePair | None
+    route: Route | None
     reason: str
 
 
@@ -193,34 +205,75 @@ class PeerSync:
             if peer is None or ann is None or peer.configured_key != key or peer.endpoint \
                     or device in self.held:
                 return
-            log.info("%s: no negotiated path yet; using its announced endpoint %s",
-                     peer.name, ann.endpoint)
-            await self._set_endpoint(peer, ann.endpoint, ANNOUNCED)
+            if self._holds_back(key) and not await self._has_session(key):
+                # Both ends fall back at about the same time (module docstring).
+                self._hold_back(device, HeldPath(key, None, None, "announced endpoint"))
+                log.debug("%s: no negotiated path yet; holding its announced endpoint up "
+                          "to %.1f s for the peer's handshake", peer.name,
+                          FIRST_HANDSHAKE_HOLD_S)
+                return
+            await self._use_announced(peer, ann)
+
+    async def _use_announced(self, peer: PeerState, ann: Announcement) -> None:
+        """Under the peer lock: the announced endpoint becomes the peer's, unless the
+        peer's handshake already made a session. WireGuard then sends where that came
+        from (authenticated roaming), which the announcement need not be."""
+        key = peer.configured_key
+        current = await self._wireguard_peer(key) if key is not None else None
+        if current is not None and current.last_handshake and current.endpoint:
+            log.info("%s: no negotiated path yet; keeping the endpoint its handshake came "
+                     "from, %s (announced %s)", peer.name, current.endpoint, ann.endpoint)
+            await self._set_endpoint(peer, current.endpoint, ANNOUNCED, in_wireguard=True)
+            return
+        log.info("%s: no negotiated path yet; using its announced endpoint %s",
+                 peer.name, ann.endpoint)
+        await self._set_endpoint(peer, ann.endpoint, ANNOUNCED)
 
     async def _set_endpoint(self, peer: PeerState, endpoint: str, source: str,
-                            quiet: bool = False) -> bool:
+                            quiet: bool = False, in_wireguard: bool = False) -> bool:
         """Under the peer lock, for a configured peer; whether the endpoint changed.
         `quiet` leaves the persistent keepalive off, so a fresh entry sends nothing
-        until the caller turns it on."""
+        until the caller turns it on. `in_wireguard`: WireGuard's session already has
+        this endpoint; it is left as it is (set again, wireguard-go would forget the
+        source address the session uses)."""
         key, ip = peer.configured_key, peer.configured_ip
         if key is None or ip is None:
             return False
         if peer.endpoint == endpoint:
             peer.endpoint_source = source
             return False
-        if not await self._has_session(key):
+        session = await self._has_session(key)
+        if not session:
             # WireGuard counts a handshake it could not send (no endpoint yet) against
             # its 5 s rate limit; a fresh peer entry starts its handshake at once.
             await self._owner.remove_peer(key)
         keepalive = 0 if quiet else self._options.keepalive_s
-        await self._owner.set_peer(key, endpoint, [ip], keepalive)
+        keep = in_wireguard and session
+        await self._owner.set_peer(key, None if keep else endpoint, [ip], keepalive)
         peer.endpoint, peer.endpoint_source = endpoint, source
         peer.path_since, peer.connected_at = time.time(), None
         return True
 
     async def _has_session(self, public_key: str) -> bool:
+        current = await self._wireguard_peer(public_key)
+        return current is not None and bool(current.last_handshake)
+
+    async def _wireguard_peer(self, public_key: str) -> PeerCounters | None:
+        """WireGuard's own view of the peer entry (its endpoint roams)."""
         stats = await self._owner.stats()
-        return any(p.public_key == public_key and p.last_handshake for p in stats.peers)
+        return next((p for p in stats.peers if p.public_key == public_key), None)
+
+    def _holds_back(self, key: str) -> bool:
+        """Whether this end is the second of a fresh path (module docstring)."""
+        return self._state.public_key > key
+
+    def _hold_back(self, device: DeviceId, held: HeldPath) -> None:
+        """`held` goes to WireGuard when the hold ends (one hold per peer: a later
+        choice replaces the path it will give)."""
+        first = device not in self.held
+        self.held[device] = held
+        if first:
+            self._spawn(self._hold(device))
 
     async def _remove_key(self, peer: PeerState) -> None:
         """Remove the key configured for this peer, and only for it."""
@@ -277,13 +330,10 @@ class PeerSync:
         key = peer.configured_key
         if key is None or self._state.peers.get(device) is not peer:
             return  # dropped or re-keyed while the route was made
-        if self._state.public_key > key and not await self._has_session(key):
+        if self._holds_back(key) and not await self._has_session(key):
             # The second end (module docstring): WireGuard gets the endpoint once the
             # first end's handshake made a session, or the hold ran out.
-            first_choice = device not in self.held
-            self.held[device] = HeldPath(key, pair, route, reason)
-            if first_choice:
-                self._spawn(self._hold(device))
+            self._hold_back(device, HeldPath(key, pair, route, reason))
             log.debug("%s: %s; holding the endpoint up to %.1f s for the peer's handshake",
                       peer.name, reason, FIRST_HANDSHAKE_HOLD_S)
             return
@@ -307,11 +357,22 @@ class PeerSync:
         peer = self._state.peers.get(device)
         if held is None or peer is None or peer.configured_key != held.key:
             return
-        await self._apply(device, peer, held.pair, held.route, held.reason)
+        if held.pair is not None and held.route is not None:
+            await self._apply(device, peer, held.pair, held.route, held.reason)
+            return
+        async with self._lock:
+            ann = peer.spec.announcement
+            if peer.configured_key == held.key and not peer.endpoint and ann is not None:
+                await self._use_announced(peer, ann)
 
     async def _apply(self, device: DeviceId, peer: PeerState, pair: CandidatePair,
                      route: Route, reason: str) -> None:
         """The chosen pair becomes the peer's endpoint, pinned to its interface."""
+        key = peer.configured_key
+        if not route.relayed and key is not None \
+                and await self._sends_to(key, route.endpoint):
+            await self._apply_route_first(device, peer, pair, route, reason)
+            return
         async with self._lock:
             if peer.configured_key is None or self._state.peers.get(device) is not peer:
                 return  # dropped or re-keyed while the route was made
@@ -337,6 +398,37 @@ class PeerSync:
                         # route now in place. For a moved route, the endpoint set again
                         # also makes it drop the source address (and interface) it last
                         # used and choose both anew.
+                        await self._owner.set_peer(key, route.endpoint, [ip],
+                                                   self._options.keepalive_s)
+        log.info("%s: %s", peer.name, reason)
+
+    async def _sends_to(self, key: str, endpoint: str) -> bool:
+        """Whether WireGuard's endpoint for `key` is already at `endpoint`'s address
+        (the device owner adds a host route only towards a current endpoint)."""
+        current = await self._wireguard_peer(key)
+        if current is None or current.endpoint is None:
+            return False
+        try:
+            return parse_endpoint(current.endpoint)[0] == parse_endpoint(endpoint)[0]
+        except ValueError:
+            return False
+
+    async def _apply_route_first(self, device: DeviceId, peer: PeerState,
+                                 pair: CandidatePair, route: Route, reason: str) -> None:
+        """`_apply` when WireGuard already sends to the chosen address (module
+        docstring): the host route, then the endpoint with its keepalive."""
+        previous = peer.route
+        try:
+            peer.route = await self._paths.pin(peer.name, pair, route)
+        finally:
+            moved = peer.route is not None and peer.route != previous
+            async with self._lock:
+                if peer.configured_key is not None and self._state.peers.get(device) is peer:
+                    changed = await self._set_endpoint(peer, route.endpoint, NEGOTIATED)
+                    key, ip = peer.configured_key, peer.configured_ip
+                    if moved and not changed and key is not None and ip is not None:
+                        # Set again, so WireGuard drops the source address it last
+                        # used and chooses it anew, through the route.
                         await self._owner.set_peer(key, route.endpoint, [ip],
                                                    self._options.keepalive_s)
         log.info("%s: %s", peer.name, reason)

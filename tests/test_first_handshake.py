@@ -8,12 +8,16 @@ configured key at the address it came from, and rejects the answer to its own
 initiation once it has answered the peer's (crossed initiations). A peer entry removed
 and added again starts afresh, and drops what arrives in between. If both ends give
 WireGuard the endpoint at about the same time, their initiations cross and the first
-handshake waits for the 5 s retry: only the lower-keyed end may start at once.
+handshake waits for the 5 s retry: only the lower-keyed end may start at once. That
+goes for a chosen path and for the announced endpoint given for want of one alike; a
+peer running an older agent (the prototype) sets the announced endpoint at once,
+whatever the keys, and the held end still connects to it.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address
 from types import SimpleNamespace
@@ -23,10 +27,11 @@ import pytest
 from virtual_clock import VIRTUAL_CLOCK, advance_until, now
 
 from kbwg.agent import peer_sync as peer_sync_module
+from kbwg.agent.announce import Announcement
 from kbwg.agent.connectivity import Route
 from kbwg.agent.peer_selection import PeerSpec
 from kbwg.agent.peer_sync import PeerSync
-from kbwg.agent.runtime_state import PeerState
+from kbwg.agent.runtime_state import ANNOUNCED, PeerState
 from kbwg.core.identity import DeviceId
 
 pytestmark = VIRTUAL_CLOCK
@@ -143,6 +148,10 @@ class ModelWireGuard:
         if peer.retry is not None:
             peer.retry.cancel()
 
+    def other_address(self) -> str:
+        assert self.other is not None
+        return self.other.address
+
     def connected(self, public_key: str) -> bool:
         peer = self.peers.get(public_key)
         return peer is not None and peer.current
@@ -173,7 +182,9 @@ class End:
 
 def make_end(wg: ModelWireGuard, peer_wg: ModelWireGuard) -> End:
     device = DeviceId(peer_wg.key, "dev")
-    peer = PeerState(PeerSpec(device, IPv4Address("100.64.0.2"), None),
+    ip, _, port = peer_wg.address.rpartition(":")
+    ann = Announcement(device, ip, int(port), peer_wg.key, msg_id=1, sent_at=0.0)
+    peer = PeerState(PeerSpec(device, IPv4Address("100.64.0.2"), ann),
                      configured_key=peer_wg.key, configured_ip="100.64.0.2/32")
     state = SimpleNamespace(peers={device: peer}, public_key=wg.key)
     options = SimpleNamespace(keepalive_s=KEEPALIVE)
@@ -192,11 +203,35 @@ async def traffic(wg: ModelWireGuard, public_key: str, offset: float) -> None:
         await asyncio.sleep(TRAFFIC_S)
 
 
+Choose = Callable[[End], Awaitable[None]]
+
+
+async def choose_path(end: End) -> None:
+    """Negotiation chose the pair (the route is the peer's address)."""
+    await end.sync.path_chosen(end.device, cast(Any, object()), "chosen")
+
+
+async def announced_fallback(end: End) -> None:
+    """No path chosen in time (or no negotiation): the announced endpoint."""
+    await end.sync._announced_fallback(end.device, end.peer_key)
+
+
+async def prototype(end: End) -> None:
+    """An older agent: the peer entry made when it reads the announcement, with the
+    announced endpoint and the keepalive, whatever the keys (its PeerSync is not used):
+    a fresh entry, whose handshake goes at once."""
+    await end.wg.remove_peer(end.peer_key)
+    await end.wg.set_peer(end.peer_key, end.wg.other_address(), ["100.64.0.2/32"],
+                          KEEPALIVE)
+
+
 async def first_handshake(offsets: tuple[float, float], chosen_gap: float,
-                          peer_answers: bool = True) -> tuple[float, End, End]:
+                          peer_answers: bool = True,
+                          choose: tuple[Choose, Choose] = (choose_path, choose_path),
+                          ) -> tuple[float, End, End]:
     """Both ends configured without an endpoint (as sync does), their traffic already
-    running; then both choose the path (`chosen_gap` apart): the seconds until both have
-    a session, and the ends."""
+    running; then both choose the path (`chosen_gap` apart; `choose`: how, for the lower-
+    and the higher-keyed end): the seconds until both have a session, and the ends."""
     low = ModelWireGuard("alice-key", "198.18.1.10:51820", retry_jitter=0.11)
     high = ModelWireGuard("carol-key", "198.18.1.12:51820", retry_jitter=0.23)
     low.other, high.other = high, low
@@ -209,9 +244,7 @@ async def first_handshake(offsets: tuple[float, float], chosen_gap: float,
     await asyncio.sleep(0.5)
     start = now()
     try:
-        await asyncio.gather(
-            a.sync.path_chosen(a.device, cast(Any, object()), "chosen"),
-            _later(chosen_gap, b.sync.path_chosen(b.device, cast(Any, object()), "chosen")))
+        await asyncio.gather(choose[0](a), _later(chosen_gap, choose[1](b)))
         if not peer_answers:
             await advance_until(lambda: high.initiations > 0, timeout=10.0,
                                 what="the higher end's own handshake")
@@ -269,3 +302,63 @@ async def test_without_the_first_ends_handshake_the_held_end_starts_its_own() ->
     assert hold <= took < hold + 0.5, took
     assert b.sync.held == {}
     assert b.wg.peers[a.wg.key].keepalive == KEEPALIVE
+
+
+@pytest.mark.parametrize("gap", [0.0, 0.001, 0.003, 0.006, 0.02, 0.05])
+@pytest.mark.parametrize("offsets", [(0.0, 0.0), (0.0, 0.007), (0.013, 0.002)])
+async def test_announced_endpoints_given_together_make_a_session_without_a_retry(
+        offsets: tuple[float, float], gap: float) -> None:
+    """Both fallbacks at about the same time (both peers configured together; at once
+    without negotiation): only the lower-keyed end starts."""
+    took, a, b = await first_handshake(offsets, gap,
+                                       choose=(announced_fallback, announced_fallback))
+    assert took < 1.0, (took, a.wg.dropped, b.wg.dropped)
+    assert not a.wg.dropped and not b.wg.dropped, (a.wg.dropped, b.wg.dropped)
+    held_end = b.sync._state.peers[b.device]
+    assert (held_end.endpoint, held_end.endpoint_source) == (a.wg.address, ANNOUNCED)
+    assert b.wg.peers[a.wg.key].keepalive == KEEPALIVE
+
+
+@pytest.mark.parametrize("gap", [0.0, 0.003, 3.0])
+async def test_a_prototype_peer_that_starts_at_once_is_answered_not_crossed(
+        gap: float) -> None:
+    """The lower-keyed peer runs an older agent: it sets our announced endpoint as soon
+    as it reads it. Ours (higher-keyed) falls back at about the same time (without
+    negotiation) or the grace period later, and takes the session its handshake made."""
+    took, a, b = await first_handshake((0.0, 0.0), gap,
+                                       choose=(prototype, announced_fallback))
+    assert took < 1.0 + (gap if gap > 1.0 else 0.0), (took, a.wg.dropped, b.wg.dropped)
+    assert not a.wg.dropped and not b.wg.dropped, (a.wg.dropped, b.wg.dropped)
+    assert b.wg.initiations == 0  # the session was the peer's; ours never crossed it
+    assert b.sync._state.peers[b.device].endpoint == a.wg.address
+
+
+@pytest.mark.parametrize("lower", [announced_fallback, prototype])
+async def test_without_the_peers_handshake_the_held_fallback_starts_its_own(
+        lower: Choose) -> None:
+    """The hold is bounded: a peer whose handshakes never arrive (an older agent behind
+    a NAT, say) still gets ours, a fresh entry's, right after it."""
+    took, a, b = await first_handshake((0.0, 0.0), 0.0, peer_answers=False,
+                                       choose=(lower, announced_fallback))
+    hold = peer_sync_module.FIRST_HANDSHAKE_HOLD_S
+    assert hold <= took < hold + 0.5, took
+    assert b.sync.held == {}
+    assert b.wg.peers[a.wg.key].keepalive == KEEPALIVE
+
+
+async def test_a_path_chosen_while_the_announced_endpoint_is_held_takes_its_place(
+) -> None:
+    """One hold per peer: the negotiated path replaces the held announced endpoint,
+    and goes to WireGuard once the peer's handshake made a session."""
+    took, a, b = await first_handshake(
+        (0.0, 0.0), 0.01, choose=(choose_path, _fallback_then_path))
+    assert took < 1.0, (took, a.wg.dropped, b.wg.dropped)
+    assert len(b.tasks) == 1, b.tasks  # one hold, not one per choice
+    peer = b.sync._state.peers[b.device]
+    assert (peer.endpoint, peer.endpoint_source) == (a.wg.address, "negotiated")
+
+
+async def _fallback_then_path(end: End) -> None:
+    await announced_fallback(end)
+    assert end.device in end.sync.held
+    await choose_path(end)

@@ -6,7 +6,10 @@ through the default uplink; the peer then answers there and wireguard-go pins th
 uplink as its source, overriding the route. So the endpoint goes in quietly, the route
 next, the keepalive last. And only one end starts at once: initiations sent by both ends
 together cross and each side rejects the answer to its own, so the end with the higher
-key holds its endpoint back a moment.
+key holds its endpoint back a moment. When that end's WireGuard already sends to the chosen
+address (the first end's handshake came from it), the route goes first: setting the
+endpoint makes wireguard-go forget its source address, and the device owner routes
+towards a current endpoint only, which it then already is.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from kbwg.agent import peer_sync as peer_sync_module
 from kbwg.agent.connectivity import Route
 from kbwg.agent.peer_selection import PeerSpec
 from kbwg.agent.peer_sync import PeerSync
-from kbwg.agent.runtime_state import NEGOTIATED, PeerState
+from kbwg.agent.runtime_state import ANNOUNCED, NEGOTIATED, PeerState
 from kbwg.core.identity import DeviceId
 
 KEY = "bob-key"
@@ -41,26 +44,46 @@ class Recorder:
     relayed: bool = False
     route_sentence: str | None = "host route 203.0.113.12/32 via 198.18.2.1 dev eth1"
     pin_fails: bool = False
+    # WireGuard's entry: where it sends (roaming moves it too) and whether a handshake
+    # made a session.
+    wg_endpoint: str | None = None
+    session: bool = False
 
     async def set_peer(self, public_key: str, endpoint: str | None, allowed_ips: list[str],
                        keepalive: int) -> None:
         self.calls.append(("set_peer", (endpoint, keepalive)))
+        if endpoint is not None:
+            self.wg_endpoint = endpoint
 
     async def remove_peer(self, public_key: str) -> None:
         self.calls.append(("remove_peer", public_key))
+        self.wg_endpoint, self.session = None, False
 
     async def stats(self) -> Any:
-        return SimpleNamespace(peers=[])  # no session yet
+        return SimpleNamespace(peers=[SimpleNamespace(
+            public_key=KEY, endpoint=self.wg_endpoint, last_handshake=float(self.session))])
 
     async def route(self, peer: str, pair: Any) -> Route:
         return Route(ENDPOINT if not self.relayed else "127.0.0.1:40000",
                      relayed=self.relayed)
 
     async def pin(self, peer: str, pair: Any, route: Route) -> str | None:
-        self.calls.append(("pin", route.endpoint))
         if self.pin_fails:
+            self.calls.append(("pin", route.endpoint))
             raise RuntimeError("owner went away")
-        return None if route.relayed else self.route_sentence
+        if route.relayed:
+            self.calls.append(("pin", route.endpoint))
+            return None
+        if self.wg_endpoint is None or host(self.wg_endpoint) != host(route.endpoint):
+            # The device owner's rule (owner/guard.py): a current peer endpoint only.
+            self.calls.append(("pin refused", route.endpoint))
+            return None
+        self.calls.append(("pin", route.endpoint))
+        return self.route_sentence
+
+
+def host(endpoint: str) -> str:
+    return endpoint.rpartition(":")[0]
 
 
 def make_sync(rec: Recorder, our_key: str = FIRST_KEY,
@@ -180,3 +203,102 @@ async def test_a_moved_announcement_renegotiates_unless_our_offer_is_out(
     for coro in spawned:
         await coro
     assert offers == ["restart"] * restarts
+
+
+@pytest.mark.parametrize("held", [False, True])
+async def test_a_session_at_the_chosen_address_gets_its_route_before_the_endpoint(
+    held: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The higher-keyed end after the first end's handshake (which came from the chosen
+    address): setting the endpoint makes wireguard-go forget the source address of that
+    session, so the route is in first; then one call gives endpoint and keepalive (the
+    session is kept: no removal)."""
+    rec = Recorder()
+    spawned: list[Any] = []
+    sync, peer, device = make_sync(rec, SECOND_KEY, spawned)
+
+    def first_ends_handshake() -> None:
+        rec.wg_endpoint, rec.session = ENDPOINT, True  # WireGuard roamed to it
+
+    if held:
+        await sync.path_chosen(device, cast(Any, object()), "chosen")
+        assert [op for op, _ in rec.calls] == [], rec.calls
+        first_ends_handshake()
+        monkeypatch.setattr(peer_sync_module, "HOLD_POLL_S", 0.001)
+        await spawned.pop()
+    else:
+        first_ends_handshake()
+        await sync.path_chosen(device, cast(Any, object()), "chosen")
+    assert not spawned
+    assert rec.calls == [("pin", ENDPOINT), ("set_peer", (ENDPOINT, KEEPALIVE))], rec.calls
+    assert (peer.endpoint, peer.endpoint_source, peer.route) == (
+        ENDPOINT, NEGOTIATED, rec.route_sentence)
+
+
+async def test_a_session_elsewhere_gets_the_endpoint_before_the_route() -> None:
+    """WireGuard roamed to another address of the peer: the owner would refuse a route
+    to the chosen one until it is the endpoint, so the endpoint goes first (quietly)."""
+    rec = Recorder(wg_endpoint="198.51.100.7:40000", session=True)
+    sync, _, device = make_sync(rec, SECOND_KEY)
+    await sync.path_chosen(device, cast(Any, object()), "chosen")
+    assert rec.calls == [("set_peer", (ENDPOINT, 0)), ("pin", ENDPOINT),
+                         ("set_peer", (ENDPOINT, KEEPALIVE))], rec.calls
+
+
+async def test_a_moved_route_at_the_same_endpoint_sets_the_endpoint_again() -> None:
+    """The pair moved to another uplink, same peer address: the route first, then the
+    endpoint set again so WireGuard drops the source address it last used."""
+    rec = Recorder(wg_endpoint=ENDPOINT, session=True)
+    sync, peer, device = make_sync(rec)
+    peer.endpoint, peer.endpoint_source = ENDPOINT, NEGOTIATED
+    peer.route = "host route 203.0.113.12/32 via 198.18.3.1 dev eth2"
+    await sync.path_chosen(device, cast(Any, object()), "chosen")
+    assert rec.calls == [("pin", ENDPOINT), ("set_peer", (ENDPOINT, KEEPALIVE))], rec.calls
+    assert peer.route == rec.route_sentence
+
+
+async def test_a_held_announced_endpoint_gives_way_to_a_chosen_path(
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fallback and the chosen path share one hold: what goes to WireGuard when it
+    ends is the path (tests/test_first_handshake.py plays the handshakes out)."""
+    from kbwg.agent.announce import Announcement
+
+    rec = Recorder()
+    spawned: list[Any] = []
+    sync, peer, device = make_sync(rec, SECOND_KEY, spawned)
+    peer.spec = PeerSpec(device, IPv4Address("100.64.0.2"),
+                         Announcement(device, "198.51.100.7", 51820, KEY, msg_id=7,
+                                      sent_at=0.0))
+    await sync._announced_fallback(device, KEY)
+    await sync.path_chosen(device, cast(Any, object()), "chosen")
+    assert [op for op, _ in rec.calls] == [], rec.calls
+    (later,) = spawned
+    monkeypatch.setattr(peer_sync_module, "FIRST_HANDSHAKE_HOLD_S", 0.0)
+    await later
+    assert ("set_peer", ("198.51.100.7:51820", KEEPALIVE)) not in rec.calls, rec.calls
+    assert rec.calls[-1] == ("set_peer", (ENDPOINT, KEEPALIVE)), rec.calls
+    assert (peer.endpoint, peer.endpoint_source) == (ENDPOINT, NEGOTIATED)
+
+
+@pytest.mark.parametrize("our_key", [FIRST_KEY, SECOND_KEY])
+async def test_a_fallback_after_the_peers_handshake_keeps_where_it_came_from(
+    our_key: str
+) -> None:
+    """The peer's handshake made a session before the fallback (an older agent starts at
+    once): WireGuard's endpoint is where it came from, which the announcement need not
+    be; it stays, with the source address the session uses (no endpoint in the call),
+    and the keepalive goes on."""
+    from kbwg.agent.announce import Announcement
+
+    roamed = "198.51.100.9:40001"
+    rec = Recorder(wg_endpoint=roamed, session=True)
+    spawned: list[Any] = []
+    sync, peer, device = make_sync(rec, our_key, spawned)
+    peer.spec = PeerSpec(device, IPv4Address("100.64.0.2"),
+                         Announcement(device, "198.51.100.7", 51820, KEY, msg_id=7,
+                                      sent_at=0.0))
+    await sync._announced_fallback(device, KEY)
+    assert not spawned  # no hold: the session is there
+    assert rec.calls == [("set_peer", (None, KEEPALIVE))], rec.calls
+    assert (peer.endpoint, peer.endpoint_source) == (roamed, ANNOUNCED)
