@@ -11,17 +11,15 @@ selection); these start from an idle one.
 
 from __future__ import annotations
 
-import re
 import time
 
 import pytest
-from test_zero_wait import BOB, connected_pair, ping_ok
 
 from kbwg_testing import wait_until
 from kbwg_world import Node, World
-from kbwg_world.natchange import forget_mappings, new_public_address
+from kbwg_world.natchange import forget_mappings
 from kbwg_world.team import AgentProcess
-from kbwg_world.world import Router
+from kbwg_world.two_nats import TwoNats, connected, nat_moves_under_traffic, ping_ok, two_nats
 
 pytestmark = pytest.mark.netns
 
@@ -36,13 +34,14 @@ def pace(agent: AgentProcess, device: str) -> str | None:
     return None if peer is None else peer.get("consent_pace")
 
 
-def idle_pair(world: World) -> tuple[AgentProcess, AgentProcess, list[Node], list[Node]]:
-    """A connected pair whose path carried no traffic for the active window: both at
-    the idle pace."""
-    alice, bob, hosts, routers = connected_pair(world)
+def idle_pair(world: World) -> tuple[TwoNats, AgentProcess, AgentProcess]:
+    """A connected pair (as test_zero_wait.py's) whose path carried no traffic for the
+    active window: both at the idle pace."""
+    net = two_nats(world, delay_ms=300)
+    alice, bob = connected(net)
     wait_until(lambda: pace(alice, "desk") == "idle" and pace(bob, "laptop") == "idle",
                timeout=IDLE_WAIT_S, what="both sides' consent at the idle pace")
-    return alice, bob, hosts, routers
+    return net, alice, bob
 
 
 def packets_in(node: Node, seconds: float) -> int:
@@ -53,7 +52,8 @@ def packets_in(node: Node, seconds: float) -> int:
 
 def test_an_idle_path_is_checked_every_few_seconds_and_traffic_speeds_it_up(
         world: World) -> None:
-    alice, _, (a, b), _ = idle_pair(world)
+    net, alice, _ = idle_pair(world)
+    a, b = net.a, net.b
     # Idle: alice's consent every ~5 s, her answers to bob's, a WireGuard keepalive
     # every 25 s; at the RTT pace (0.25 s here) it would be ~80 in these 10 s.
     idle = packets_in(a, 10.0)
@@ -72,8 +72,8 @@ def test_an_idle_nat_forgetting_its_mappings_under_fresh_traffic_from_the_far_si
         world: World) -> None:
     """Bob starts sending to an idle path; alice receives it, so her checks speed up
     and reopen her NAT's mapping within about a second of it being forgotten."""
-    alice, bob, (_, b), (r1, _) = idle_pair(world)
-    assert isinstance(r1, Router)
+    net, alice, bob = idle_pair(world)
+    b, r1 = net.b, net.r1
     b.popen(["ping", "-q", "-n", "-i", "0.05", ALICE_IP])
     wait_until(lambda: pace(alice, "desk") == "active", timeout=15,
                what="alice's consent at the RTT pace once bob's traffic arrives")
@@ -83,18 +83,5 @@ def test_an_idle_nat_forgetting_its_mappings_under_fresh_traffic_from_the_far_si
 
 
 def test_an_idle_nat_moving_to_a_new_address_as_traffic_starts(world: World) -> None:
-    alice, bob, (a, b), (r1, _) = idle_pair(world)
-    assert isinstance(r1, Router)
-    for src, dest in ((a, BOB[2]), (b, ALICE_IP)):
-        src.popen(["ping", "-q", "-n", "-i", "0.1", dest])
-    new = new_public_address(r1)
-
-    peer = wait_until(
-        lambda: (x := bob.negotiated("laptop")) and x["endpoint"] == f"{new}:51820" and x,
-        timeout=30, what="bob to follow alice's NAT to its new address")  # fmt: skip
-    assert peer["path"] == "direct", peer
-    wait_until(lambda: ping_ok(a, BOB[2]) and ping_ok(b, ALICE_IP), timeout=15,
-               what="pings both ways after the change")  # fmt: skip
-    log = alice.log(400_000)
-    lost = rf"path to bob/desk lost: candidates now .*srflx {re.escape(new)}:"
-    assert re.search(lost, log), log[-6000:]
+    net, alice, bob = idle_pair(world)
+    nat_moves_under_traffic(net, alice, bob)

@@ -9,26 +9,18 @@ the announcements crossed, and its answer another delay later. Bounds are genero
 
 from __future__ import annotations
 
-import json
 import re
 
 import pytest
 
 from kbwg_testing import wait_until
-from kbwg_world import NatMode, Node, World
-from kbwg_world.stunserver import StunServer
-from kbwg_world.team import AgentProcess, Team
+from kbwg_world import World
+from kbwg_world.two_nats import ALICE, BOB, nat_pair, one_nat, ping_ok, start_pair, team_servers
 
 pytestmark = pytest.mark.netns
 
-ALICE = ("alice", "laptop", "100.64.0.1")
-BOB = ("bob", "desk", "100.64.0.2")
 DELAY_MS = 2000
 EARLY = "early check, before the answer"
-
-
-def ping_ok(src: Node, dest: str) -> bool:
-    return src.ping(dest, count=1, timeout=1.0).ok
 
 
 def first_path_line(log: str, peer: str) -> int:
@@ -45,31 +37,14 @@ def negotiation_line(log: str, peer: str) -> int:
     return -1 if match is None else match.start()
 
 
-def start_pair(world: World, a: Node, b: Node, team: Team) -> tuple[AgentProcess, AgentProcess]:
-    alice = team.start_agent(a, *ALICE[:2])
-    bob = team.start_agent(b, *BOB[:2])
-    for agent in (alice, bob):
-        team.wait_running(agent, timeout=120)
-    return alice, bob
-
-
 @pytest.mark.parametrize("shape", ["lan", "two-nats"])
 def test_a_path_before_any_offer_is_answered(world: World, shape: str) -> None:
-    inet = world.internet()
-    team = Team(world, delay_ms=DELAY_MS)
-    team.write_peers([ALICE, BOB])
-    server = StunServer.start(world.server("stun", inet, ips=["203.0.113.2"]))
-    team.write_file("kbwg.json", json.dumps({"stun": [server.address]}))
-    if shape == "lan":
-        # Announced endpoints are the router's public mappings: the LAN path comes from
-        # the published host candidates (CANDIDATES lines).
-        home = world.router("home", wan=inet, nat=NatMode.MASQUERADE)
-        a, b = world.host("a", lans=[home.lan]), world.host("b", lans=[home.lan])
-    else:
-        r1 = world.router("r1", wan=inet, nat=NatMode.MASQUERADE)
-        r2 = world.router("r2", wan=inet, nat=NatMode.MASQUERADE)
-        a, b = world.host("a", lans=[r1.lan]), world.host("b", lans=[r2.lan])
-    alice, bob = start_pair(world, a, b, team)
+    servers = team_servers(world, delay_ms=DELAY_MS)
+    # "lan": announced endpoints are the router's public mappings, the LAN path comes
+    # from the published host candidates (CANDIDATES lines).
+    hosts = one_nat(world, servers.inet) if shape == "lan" else nat_pair(world, servers.inet)
+    a, b = hosts.a, hosts.b
+    alice, bob = start_pair(servers.team, a, b, timeout=120)
 
     for agent, peer in ((alice, "bob/desk"), (bob, "alice/laptop")):
         wait_until(lambda agent=agent, peer=peer: EARLY in agent.log(400_000)

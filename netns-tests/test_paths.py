@@ -7,47 +7,21 @@ report and that WireGuard really uses it.
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
 from kbwg_testing import wait_until
-from kbwg_world import NatMode, Node, Segment, World
+from kbwg_world import World
 from kbwg_world.multihomed import multi_homed
-from kbwg_world.stunserver import StunServer
-from kbwg_world.team import AgentProcess, Team
+from kbwg_world.two_nats import ALICE, BOB, one_nat, ping_ok, start_pair, team_servers, two_nats
 
 pytestmark = pytest.mark.netns
 
-ALICE = ("alice", "laptop", "100.64.0.1")
-BOB = ("bob", "desk", "100.64.0.2")
-
-
-def team_with_stun(world: World, inet: Segment) -> Team:
-    stun = StunServer.start(world.server("stun", inet, ips=["203.0.113.2"]))
-    team = Team(world)
-    team.write_peers([ALICE, BOB])
-    team.write_file("kbwg.json", json.dumps({"stun": [stun.address]}))
-    return team
-
-
-def start_pair(team: Team, a: Node, b: Node) -> tuple[AgentProcess, AgentProcess]:
-    alice, bob = team.start_running((a, *ALICE[:2]), (b, *BOB[:2]))
-    return alice, bob
-
-
-
-
-def ping_ok(src: Node, dest: str) -> bool:
-    return src.ping(dest, count=1, timeout=1.0).ok
-
 
 def test_same_lan_behind_a_common_nat_uses_the_host_pair(world: World) -> None:
-    inet = world.internet()
-    team = team_with_stun(world, inet)
-    home = world.router("home", wan=inet, nat=NatMode.MASQUERADE)
-    a, b = world.host("a", lans=[home.lan]), world.host("b", lans=[home.lan])
-    alice, bob = start_pair(team, a, b)
+    servers = team_servers(world)
+    lan = one_nat(world, servers.inet)
+    a, b = lan.a, lan.b
+    alice, bob = start_pair(servers.team, a, b)
 
     peer = alice.wait_path("desk")
     assert peer["path"] == "direct-lan", peer
@@ -61,12 +35,9 @@ def test_same_lan_behind_a_common_nat_uses_the_host_pair(world: World) -> None:
 
 
 def test_port_preserving_nats_get_a_direct_punched_path(world: World) -> None:
-    inet = world.internet()
-    team = team_with_stun(world, inet)
-    r1 = world.router("r1", wan=inet, nat=NatMode.MASQUERADE)
-    r2 = world.router("r2", wan=inet, nat=NatMode.MASQUERADE)
-    a, b = world.host("a", lans=[r1.lan]), world.host("b", lans=[r2.lan])
-    alice, bob = start_pair(team, a, b)
+    net = two_nats(world)
+    r1, r2, a, b = net.r1, net.r2, net.a, net.b
+    alice, bob = start_pair(net.team, a, b)
 
     peer = alice.wait_path("desk")
     assert peer["path"] == "direct", peer
@@ -77,11 +48,10 @@ def test_port_preserving_nats_get_a_direct_punched_path(world: World) -> None:
 
 
 def test_multi_homed_host_uses_the_faster_uplink(world: World) -> None:
-    inet = world.internet()
-    team = team_with_stun(world, inet)
-    shape = multi_homed(world, inet)  # eth0 the slow default route, eth1 fast
+    servers = team_servers(world)
+    shape = multi_homed(world, servers.inet)  # eth0 the slow default route, eth1 fast
     m, p, fast = shape.m, shape.p, shape.fast
-    alice, bob = start_pair(team, m, p)
+    alice, bob = start_pair(servers.team, m, p)
 
     # The status names the chosen pair as soon as WireGuard's endpoint is set; the host
     # route follows one owner round trip later.
@@ -106,11 +76,10 @@ def test_multi_homed_host_uses_the_faster_uplink(world: World) -> None:
 
 
 def test_lan_address_change_reconnects(world: World) -> None:
-    inet = world.internet()
-    team = team_with_stun(world, inet)
-    home = world.router("home", wan=inet, nat=NatMode.MASQUERADE)
-    a, b = world.host("a", lans=[home.lan]), world.host("b", lans=[home.lan])
-    alice, bob = start_pair(team, a, b)
+    servers = team_servers(world)
+    lan = one_nat(world, servers.inet)
+    home, a, b = lan.home, lan.a, lan.b
+    alice, bob = start_pair(servers.team, a, b)
     alice.wait_path("desk")
     wait_until(lambda: ping_ok(a, BOB[2]), what="first ping")
 

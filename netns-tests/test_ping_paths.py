@@ -15,14 +15,11 @@ from typing import Any
 import pytest
 
 from kbwg_world import NatMode, World
-from kbwg_world.stunserver import StunServer
-from kbwg_world.team import AGENT, AgentProcess, Team
-from kbwg_world.turnserver import start_relay
+from kbwg_world.team import AGENT, AgentProcess
+from kbwg_world.two_nats import BOB, start_pair, two_nats
 
 pytestmark = pytest.mark.netns
 
-ALICE = ("alice", "laptop", "100.64.0.1")
-BOB = ("bob", "desk", "100.64.0.2")
 PONG = re.compile(r"^pong from bob/desk \(100\.64\.0\.2\) via (?P<path>\S+) "
                   r"\((?P<local>\w+ [\d.]+:\d+) -> (?P<remote>\w+ [\d.]+:\d+)\) "
                   r"in (?P<rtt>[\d.]+) ms$")
@@ -43,15 +40,9 @@ def json_lines(out: str) -> list[dict[str, Any]]:
 
 
 def test_direct_path_pings_with_pair_and_rtt(world: World) -> None:
-    inet = world.internet()
-    stun = StunServer.start(world.server("stun", inet, ips=["203.0.113.2"]))
-    team = Team(world)
-    team.write_peers([ALICE, BOB])
-    team.write_file("kbwg.json", json.dumps({"stun": [stun.address]}))
-    r1 = world.router("r1", wan=inet, nat=NatMode.MASQUERADE)
-    r2 = world.router("r2", wan=inet, nat=NatMode.MASQUERADE)
-    a, b = world.host("a", lans=[r1.lan]), world.host("b", lans=[r2.lan])
-    alice, _bob = team.start_running((a, *ALICE[:2]), (b, *BOB[:2]))
+    net = two_nats(world)
+    r1, r2 = net.r1, net.r2
+    alice, _bob = start_pair(net.team, net.a, net.b)
     peer = alice.wait_path("desk")
     assert peer["path"] == "direct", peer
 
@@ -83,18 +74,9 @@ def test_direct_path_pings_with_pair_and_rtt(world: World) -> None:
 
 
 def test_relayed_path_pings_via_the_relay_and_is_not_direct(world: World) -> None:
-    inet = world.internet()
-    stun = StunServer.start(world.server("stun", inet, ips=["203.0.113.2"]))
-    relay = start_relay(world.server("relay0", inet, ips=["203.0.113.5"]), "203.0.113.5",
-                        kind="kbwg")
-    team = Team(world)
-    team.write_peers([ALICE, BOB])
-    team.write_file("kbwg.json", json.dumps(
-        {"stun": [stun.address], "relays": [relay.config()]}))
-    r1 = world.router("r1", wan=inet, nat=NatMode.FULLY_RANDOM)
-    r2 = world.router("r2", wan=inet, nat=NatMode.FULLY_RANDOM)
-    a, b = world.host("a", lans=[r1.lan]), world.host("b", lans=[r2.lan])
-    alice, _bob = team.start_running((a, *ALICE[:2]), (b, *BOB[:2]))
+    net = two_nats(world, nats=(NatMode.FULLY_RANDOM, NatMode.FULLY_RANDOM),
+                   relays=[("kbwg", "203.0.113.5")])
+    alice, _bob = start_pair(net.team, net.a, net.b)
     peer = alice.wait_path("desk", timeout=30)
     assert peer["path"] == "relay", peer
 

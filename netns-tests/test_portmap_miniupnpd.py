@@ -16,16 +16,12 @@ from typing import Any
 import pytest
 
 from kbwg_testing import wait_until
-from kbwg_world import NatMode, Node, World
+from kbwg_world import NatMode, World
 from kbwg_world.miniupnpd import MiniUpnpd
-from kbwg_world.stunserver import StunServer
-from kbwg_world.team import AGENT, AgentProcess, Team
-from kbwg_world.turnserver import start_relay
+from kbwg_world.team import AGENT, AgentProcess
+from kbwg_world.two_nats import ALICE, BOB, ping_ok, start_pair, two_nats
 
 pytestmark = pytest.mark.netns
-
-ALICE = ("alice", "laptop", "100.64.0.1")
-BOB = ("bob", "desk", "100.64.0.2")
 
 
 def peer_view(agent: AgentProcess, device: str) -> dict[str, Any] | None:
@@ -50,32 +46,20 @@ def diag(agent: AgentProcess) -> dict[str, Any]:
     return result
 
 
-def ping_ok(src: Node, dest: str) -> bool:
-    return src.ping(dest, count=1, timeout=1.0).ok
-
-
 @pytest.mark.parametrize("protocols", ["pcp-natpmp", "upnp"])
 def test_mapped_port_gives_a_direct_path_through_symmetric_nats(
         world: World, protocols: str) -> None:
-    inet = world.internet(extra_subnets=["198.51.100.0/24"])
     # RFC 5780 (two addresses): miniupnpd's own STUN test needs it, the agents use it too.
-    stun = StunServer.start(world.server("stun", inet, ips=["203.0.113.2", "198.51.100.2"]))
-    relay = start_relay(world.server("relay", inet, ips=["203.0.113.5"]), "203.0.113.5")
-    team = Team(world, delay_ms=300)
-    team.write_peers([ALICE, BOB])
-    team.write_file("kbwg.json", json.dumps(
-        {"stun": [stun.address], "relays": [relay.config()]}))
-    r1 = world.router("r1", wan=inet, nat=NatMode.FULLY_RANDOM)
-    r2 = world.router("r2", wan=inet, nat=NatMode.FULLY_RANDOM)
-    a, b = world.host("a", lans=[r1.lan]), world.host("b", lans=[r2.lan])
+    net = two_nats(world, nats=(NatMode.FULLY_RANDOM, NatMode.FULLY_RANDOM),
+                   stun_ips=["203.0.113.2", "198.51.100.2"], relays=[("kbwg", "203.0.113.5")],
+                   delay_ms=300, extra_subnets=["198.51.100.0/24"])
+    r1, a, b = net.r1, net.a, net.b
     natpmp = protocols == "pcp-natpmp"
-    upnpd = MiniUpnpd.start(r1, stun, upnp=not natpmp, natpmp=natpmp, pcp=natpmp,
+    upnpd = MiniUpnpd.start(r1, net.stun, upnp=not natpmp, natpmp=natpmp, pcp=natpmp,
                             timeout=60)
     try:
-        alice, bob = team.start_agent(a, *ALICE[:2]), team.start_agent(b, *BOB[:2])
-        for agent in (alice, bob):
-            # Generous: on a loaded machine start-up alone has taken 30 s.
-            team.wait_running(agent, timeout=120)
+        # Generous: on a loaded machine start-up alone has taken 30 s.
+        alice, bob = start_pair(net.team, a, b, timeout=120)
         cand = wait_until(lambda: mapped_candidate(alice), timeout=60,
                           what="alice's mapped candidate")
         assert cand["address"] == r1.wan_ip, cand

@@ -2,37 +2,30 @@
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any
 
 import pytest
 
 from kbwg_testing import wait_until
-from kbwg_world import NatMode, Node, Segment, World
+from kbwg_world import NatMode, World
 from kbwg_world.iperf import iperf_mbits
-from kbwg_world.stunserver import StunServer
-from kbwg_world.team import AgentProcess, Team
+from kbwg_world.team import AgentProcess
 from kbwg_world.turnserver import TurnServer, start_relay
+from kbwg_world.two_nats import ALICE, BOB, TwoNats, ping_ok, start_pair, two_nats
 
 pytestmark = pytest.mark.netns
 
-ALICE = ("alice", "laptop", "100.64.0.1")
-BOB = ("bob", "desk", "100.64.0.2")
+SYMMETRIC = (NatMode.FULLY_RANDOM, NatMode.FULLY_RANDOM)
 
 
-def world_with_servers(world: World, relays: list[tuple[str, str]]) -> tuple[
-        Segment, Team, list[TurnServer]]:
-    """An internet with a STUN server and relays [(kind, ip)], and a team using them."""
-    inet = world.internet()
-    stun = StunServer.start(world.server("stun", inet, ips=["203.0.113.2"]))
-    servers = [start_relay(world.server(f"relay{i}", inet, ips=[ip]), ip, kind=kind)
-               for i, (kind, ip) in enumerate(relays)]
-    team = Team(world, delay_ms=300)
-    team.write_peers([ALICE, BOB])
-    team.write_file("kbwg.json", json.dumps(
-        {"stun": [stun.address], "relays": [s.config() for s in servers]}))
-    return inet, team, servers
+def relay_world(world: World, relays: list[tuple[str, str]],
+                nats: tuple[NatMode, NatMode] = SYMMETRIC,
+                router_names: tuple[str, str] = ("r1", "r2")) -> TwoNats:
+    """Two NATs on an internet with a STUN server and relays [(kind, ip)], and a team
+    using them."""
+    return two_nats(world, nats=nats, router_names=router_names, relays=relays,
+                    delay_ms=300)  # fmt: skip
 
 
 def peer_view(agent: AgentProcess, device: str) -> dict[str, Any] | None:
@@ -53,21 +46,11 @@ def wait_relayed(agent: AgentProcess, device: str, timeout: float = 20.0) -> dic
         raise AssertionError(f"{exc}\n{agent.log(6000)}") from None
 
 
-def ping_ok(src: Node, dest: str) -> bool:
-    return src.ping(dest, count=1, timeout=1.0).ok
-
-
-def symmetric_pair(world: World, inet: Segment) -> tuple[Node, Node]:
-    r1 = world.router("r1", wan=inet, nat=NatMode.FULLY_RANDOM)
-    r2 = world.router("r2", wan=inet, nat=NatMode.FULLY_RANDOM)
-    return world.host("a", lans=[r1.lan]), world.host("b", lans=[r2.lan])
-
-
 @pytest.mark.parametrize("kind", ["kbwg", "coturn"])
 def test_symmetric_nats_connect_through_the_relay(world: World, kind: str) -> None:
-    inet, team, (relay,) = world_with_servers(world, [(kind, "203.0.113.5")])
-    a, b = symmetric_pair(world, inet)
-    alice, bob = team.start_running((a, *ALICE[:2]), (b, *BOB[:2]))
+    net = relay_world(world, [(kind, "203.0.113.5")])
+    (relay,), a, b = net.relays, net.a, net.b
+    alice, bob = start_pair(net.team, a, b)
 
     peer = wait_relayed(alice, "desk")
     assert "relay" in peer["local_candidate"] or "relay" in peer["remote_candidate"], peer
@@ -82,10 +65,9 @@ def test_symmetric_nats_connect_through_the_relay(world: World, kind: str) -> No
 
 
 def test_dead_relay_is_replaced_by_the_second_one(world: World) -> None:
-    inet, team, relays = world_with_servers(
-        world, [("kbwg", "203.0.113.5"), ("kbwg", "203.0.113.6")])
-    a, b = symmetric_pair(world, inet)
-    alice, _ = team.start_running((a, *ALICE[:2]), (b, *BOB[:2]))
+    net = relay_world(world, [("kbwg", "203.0.113.5"), ("kbwg", "203.0.113.6")])
+    relays, a, b = net.relays, net.a, net.b
+    alice, _ = start_pair(net.team, a, b)
     wait_relayed(alice, "desk")
     wait_until(lambda: ping_ok(a, BOB[2]), timeout=15, what="first ping")
 
@@ -106,9 +88,9 @@ def test_dead_relay_is_replaced_by_the_second_one(world: World) -> None:
 
 @pytest.mark.parametrize("kind", ["kbwg", "coturn"])
 def test_relayed_path_comes_back_after_the_relay_restarts(world: World, kind: str) -> None:
-    inet, team, (relay,) = world_with_servers(world, [(kind, "203.0.113.5")])
-    a, b = symmetric_pair(world, inet)
-    alice, _ = team.start_running((a, *ALICE[:2]), (b, *BOB[:2]))
+    net = relay_world(world, [(kind, "203.0.113.5")])
+    (relay,), a, b = net.relays, net.a, net.b
+    alice, _ = start_pair(net.team, a, b)
     before = wait_relayed(alice, "desk")
     wait_until(lambda: ping_ok(a, BOB[2]), timeout=15, what="first ping")
 
@@ -125,16 +107,15 @@ def test_relayed_path_comes_back_after_the_relay_restarts(world: World, kind: st
 
 
 def test_relay_first_then_direct_once_it_works(world: World) -> None:
-    inet, team, _ = world_with_servers(world, [("kbwg", "203.0.113.5")])
-    r1 = world.router("r1", wan=inet, nat=NatMode.MASQUERADE)
-    r2 = world.router("r2", wan=inet, nat=NatMode.MASQUERADE)
-    a, b = world.host("a", lans=[r1.lan]), world.host("b", lans=[r2.lan])
+    net = relay_world(world, [("kbwg", "203.0.113.5")],
+                      nats=(NatMode.MASQUERADE, NatMode.MASQUERADE))
+    r1, r2, a, b = net.r1, net.r2, net.a, net.b
     # Port-preserving NATs would punch at once: cut the two sites off from each other
     # (not from the servers), so the relay is all that works at first.
     r1.run(["nft", "-f", "-"], input=(
         "table ip cut {\n chain forward {\n type filter hook forward priority -10;\n"
         f" ip daddr {r2.wan_ip} drop\n ip saddr {r2.wan_ip} drop\n }}\n}}\n"))
-    alice, bob = team.start_running((a, *ALICE[:2]), (b, *BOB[:2]))
+    alice, bob = start_pair(net.team, a, b)
     wait_relayed(alice, "desk")
     wait_until(lambda: ping_ok(a, BOB[2]), timeout=15, what="ping over the relay")
 
@@ -148,11 +129,11 @@ def test_relay_first_then_direct_once_it_works(world: World) -> None:
 
 
 def test_symmetric_and_port_preserving_use_what_works(world: World) -> None:
-    inet, team, _ = world_with_servers(world, [("kbwg", "203.0.113.5")])
-    sym = world.router("sym", wan=inet, nat=NatMode.FULLY_RANDOM)
-    cone = world.router("cone", wan=inet, nat=NatMode.MASQUERADE)
-    a, b = world.host("a", lans=[sym.lan]), world.host("b", lans=[cone.lan])
-    alice, _ = team.start_running((a, *ALICE[:2]), (b, *BOB[:2]))
+    net = relay_world(world, [("kbwg", "203.0.113.5")],
+                      nats=(NatMode.FULLY_RANDOM, NatMode.MASQUERADE),
+                      router_names=("sym", "cone"))
+    a = net.a
+    alice, _ = start_pair(net.team, a, net.b)
     wait_until(lambda: ping_ok(a, BOB[2]), timeout=20, what="ping alice -> bob")
     peer = wait_until(lambda: (p := peer_view(alice, "desk")) and p["path"] != "none" and p,
                       what="a chosen path")  # fmt: skip

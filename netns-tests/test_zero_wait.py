@@ -8,7 +8,6 @@ the machine is quick.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -17,69 +16,38 @@ from pathlib import Path
 import pytest
 
 from kbwg_testing import wait_until
-from kbwg_world import NatMode, Node, Segment, World
+from kbwg_world import Node, World
 from kbwg_world.multihomed import multi_homed
-from kbwg_world.natchange import forget_mappings, new_public_address
-from kbwg_world.stunserver import StunServer
-from kbwg_world.team import AgentProcess, Team
+from kbwg_world.natchange import forget_mappings
+from kbwg_world.team import AgentProcess
+from kbwg_world.two_nats import (
+    ALICE,
+    BOB,
+    connected,
+    nat_moves_under_traffic,
+    one_nat,
+    ping_ok,
+    start_pair,
+    team_servers,
+    two_nats,
+)
 from kbwg_world.world import Router
 
 pytestmark = pytest.mark.netns
 
-ALICE = ("alice", "laptop", "100.64.0.1")
-BOB = ("bob", "desk", "100.64.0.2")
-
-
-def team_with(world: World, inet: Segment, stun: bool = True) -> Team:
-    """A team of alice and bob; kbwg.json names a STUN server (coturn), or a STUN and a
-    relay server at addresses where nothing answers."""
-    team = Team(world, delay_ms=300)
-    team.write_peers([ALICE, BOB])
-    if stun:
-        server = StunServer.start(world.server("stun", inet, ips=["203.0.113.2"]))
-        config: dict[str, object] = {"stun": [server.address]}
-    else:
-        config = {"stun": ["203.0.113.2:3478"],
+# kbwg.json naming a STUN and a relay server at addresses where nothing answers.
+SILENT_SERVERS = {"stun": ["203.0.113.2:3478"],
                   "relays": [{"url": "turn:203.0.113.3:3478", "secret": "nobody-answers"}]}
-    team.write_file("kbwg.json", json.dumps(config))
-    return team
-
-
-def start(team: Team, *devices: tuple[Node, str, str]) -> list[AgentProcess]:
-    """Agents started at once, each waited for with a bound for a machine other work
-    keeps busy (start-up is Python importing, on shared cores)."""
-    agents = [team.start_agent(host, username, device) for host, username, device in devices]
-    for agent in agents:
-        team.wait_running(agent, timeout=120)
-    return agents
-
-
-def ping_ok(src: Node, dest: str) -> bool:
-    return src.ping(dest, count=1, timeout=1.0).ok
-
-
-def connected_pair(world: World) -> tuple[AgentProcess, AgentProcess, list[Node], list[Node]]:
-    """alice and bob each behind a port-preserving NAT, with a path both ways."""
-    inet = world.internet()
-    team = team_with(world, inet)
-    r1 = world.router("r1", wan=inet, nat=NatMode.MASQUERADE)
-    r2 = world.router("r2", wan=inet, nat=NatMode.MASQUERADE)
-    a, b = world.host("a", lans=[r1.lan]), world.host("b", lans=[r2.lan])
-    alice, bob = start(team, (a, *ALICE[:2]), (b, *BOB[:2]))
-    alice.wait_path("desk", timeout=60)
-    bob.wait_path("laptop", timeout=60)
-    wait_until(lambda: ping_ok(a, BOB[2]) and ping_ok(b, ALICE[2]), timeout=30,
-               what="pings both ways")
-    return alice, bob, [a, b], [r1, r2]
+# Start-up is Python importing, on shared cores: a bound for a machine other work keeps busy.
+START_TIMEOUT = 120
 
 
 def test_a_lan_peer_does_not_wait_for_a_stun_server_that_does_not_answer(
         world: World) -> None:
-    inet = world.internet()
-    team = team_with(world, inet, stun=False)
-    home = world.router("home", wan=inet, nat=NatMode.MASQUERADE)
-    a, b = world.host("a", lans=[home.lan]), world.host("b", lans=[home.lan])
-    alice, bob = start(team, (a, *ALICE[:2]), (b, *BOB[:2]))
+    servers = team_servers(world, stun_ips=(), delay_ms=300, config=SILENT_SERVERS)
+    lan = one_nat(world, servers.inet)
+    a, b = lan.a, lan.b
+    alice, bob = start_pair(servers.team, a, b, timeout=START_TIMEOUT)
 
     peer = alice.wait_path("desk", timeout=60)
     assert peer["path"] == "direct-lan", peer
@@ -100,29 +68,18 @@ def test_a_lan_peer_does_not_wait_for_a_stun_server_that_does_not_answer(
 
 
 def test_a_nat_changing_its_public_address_is_followed_both_ways(world: World) -> None:
-    alice, bob, (a, b), (r1, _) = connected_pair(world)
-    # Traffic both ways through the change.
-    for src, dest in ((a, BOB[2]), (b, ALICE[2])):
-        src.popen(["ping", "-q", "-n", "-i", "0.1", dest])
-
-    new = new_public_address(r1)
-
-    peer = wait_until(
-        lambda: (x := bob.negotiated("laptop")) and x["endpoint"] == f"{new}:51820" and x,
-        timeout=30, what="bob to follow alice's NAT to its new address")  # fmt: skip
-    assert peer["path"] == "direct", peer
-    wait_until(lambda: ping_ok(a, BOB[2]) and ping_ok(b, ALICE[2]), timeout=15,
-               what="pings both ways after the change")  # fmt: skip
-    # Alice's host saw no network change: the lost path itself sent her back to STUN,
-    # which found the new address and renegotiated.
-    log = alice.log(400_000)
-    assert re.search(rf"path to bob/desk lost: candidates now .*srflx {re.escape(new)}:", log), \
-        log[-6000:]
+    net = two_nats(world, delay_ms=300)
+    alice, bob = connected(net)
+    # Traffic both ways through the change; alice's host sees no network change: the lost
+    # path itself must send her back to STUN, which finds the new address.
+    nat_moves_under_traffic(net, alice, bob)
 
 
 def test_a_nat_forgetting_its_mappings_recovers_with_only_the_far_side_sending(
         world: World) -> None:
-    _, bob, (a, b), (r1, _) = connected_pair(world)
+    net = two_nats(world, delay_ms=300)
+    _, bob = connected(net)
+    a, b, r1 = net.a, net.b, net.r1
     # Consent follows the RTT: on this path (a few ms) alice checks it several times a
     # second, which is what reopens her NAT when only bob sends (RFC 7675's 5 s, or
     # the former 2 s, would leave bob's traffic dropped that long).
@@ -137,10 +94,9 @@ def test_a_nat_forgetting_its_mappings_recovers_with_only_the_far_side_sending(
 
 
 def test_a_multi_homed_host_chooses_the_fast_uplink_first(world: World) -> None:
-    inet = world.internet()
-    team = team_with(world, inet)
-    shape = multi_homed(world, inet)  # eth0 the slow default route, eth1 fast
-    alice, bob = start(team, (shape.m, *ALICE[:2]), (shape.p, *BOB[:2]))
+    servers = team_servers(world, delay_ms=300)
+    shape = multi_homed(world, servers.inet)  # eth0 the slow default route, eth1 fast
+    alice, bob = start_pair(servers.team, shape.m, shape.p, timeout=START_TIMEOUT)
     try:
         _first_choices_are_the_fast_uplink(shape.m, alice, bob, shape.slow, shape.fast)
     finally:
