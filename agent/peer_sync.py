@@ -8,7 +8,8 @@ keepalive: that makes WireGuard start its handshake at once, towards the right p
 a direct pair, the keepalive comes once the pair's host route, if it needs one, is in).
 Of the two ends of a fresh negotiated path, only the one with the lower public key gives
 WireGuard the endpoint at once; the other (with no session yet) holds its endpoint back
-for up to FIRST_HANDSHAKE_HOLD_S, until the first end's handshake has made a session.
+for up to FIRST_HANDSHAKE_HOLD_S (on a path of known RTT, HOLD_FLOOR_S and a few RTTs),
+until the first end's handshake has made a session.
 Both at once, their handshake initiations cross on any link slower than the gap between
 them: each side answers the other's and then rejects the answer to its own ("invalid
 response"), and the first handshake waits for WireGuard's 5 s retry, which can cross
@@ -60,9 +61,17 @@ log = logging.getLogger(__name__)
 
 Spawn = Callable[[Coroutine[Any, Any, object]], None]
 
-# How long the higher-keyed end of a fresh path keeps quiet: past a handshake's round
-# trip on a slow path, and apart from the first end's 5 s retry if its handshake was lost.
+# How long the higher-keyed end of a fresh path keeps quiet at most: past a handshake's
+# round trip on a slow path, and apart from the first end's 5 s retry if its handshake
+# was lost.
 FIRST_HANDSHAKE_HOLD_S = 2.5
+# On a path of known RTT, the first end's initiation is due within about a round trip
+# of our choice (it chose first and nominated, or chooses on our nomination), plus
+# scheduling on a busy host: holding longer only delays the path when that initiation
+# was lost (a relayed side whose proxy came up just after it arrived). Initiations
+# cross only when both are in flight at once, so a late first end costs little.
+HOLD_FLOOR_S = 1.0
+HOLD_RTTS = 4
 # While holding, how often it looks for the session the first end's handshake made (an
 # owner round trip each): the path is pinned and its keepalive on soon after.
 HOLD_POLL_S = 0.1
@@ -78,6 +87,13 @@ class HeldPath:
     pair: CandidatePair | None
     route: Route | None
     reason: str
+
+    def hold_s(self) -> float:
+        """How long to wait for the first end's handshake."""
+        rtt_ms = self.pair.rtt_ms if self.pair is not None else None
+        if rtt_ms is None:
+            return FIRST_HANDSHAKE_HOLD_S
+        return min(FIRST_HANDSHAKE_HOLD_S, HOLD_FLOOR_S + HOLD_RTTS * rtt_ms / 1000.0)
 
 
 class PeerSync:
@@ -335,7 +351,7 @@ class PeerSync:
             # first end's handshake made a session, or the hold ran out.
             self._hold_back(device, HeldPath(key, pair, route, reason))
             log.debug("%s: %s; holding the endpoint up to %.1f s for the peer's handshake",
-                      peer.name, reason, FIRST_HANDSHAKE_HOLD_S)
+                      peer.name, reason, self.held[device].hold_s())
             return
         self.held.pop(device, None)
         await self._apply(device, peer, pair, route, reason)
@@ -345,7 +361,10 @@ class PeerSync:
         (its keepalive then only keeps it), else when the hold runs out (a fresh entry,
         so this end's own handshake goes at once)."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + FIRST_HANDSHAKE_HOLD_S
+        first = self.held.get(device)
+        if first is None:
+            return
+        deadline = loop.time() + first.hold_s()
         while (left := deadline - loop.time()) > 0:
             await asyncio.sleep(min(HOLD_POLL_S, left))
             held = self.held.get(device)

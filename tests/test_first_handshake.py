@@ -207,8 +207,14 @@ Choose = Callable[[End], Awaitable[None]]
 
 
 async def choose_path(end: End) -> None:
-    """Negotiation chose the pair (the route is the peer's address)."""
-    await end.sync.path_chosen(end.device, cast(Any, object()), "chosen")
+    """Negotiation chose the pair (the route is the peer's address), RTT not measured."""
+    await end.sync.path_chosen(end.device, cast(Any, SimpleNamespace(rtt_ms=None)), "chosen")
+
+
+async def choose_measured_path(end: End) -> None:
+    """The same, a pair whose RTT the checks measured (the link's round trip)."""
+    pair = SimpleNamespace(rtt_ms=2 * ONE_WAY_S * 1000.0)
+    await end.sync.path_chosen(end.device, cast(Any, pair), "chosen")
 
 
 async def announced_fallback(end: End) -> None:
@@ -302,6 +308,20 @@ async def test_without_the_first_ends_handshake_the_held_end_starts_its_own() ->
     assert hold <= took < hold + 0.5, took
     assert b.sync.held == {}
     assert b.wg.peers[a.wg.key].keepalive == KEEPALIVE
+
+
+async def test_on_a_measured_path_the_hold_is_a_floor_and_a_few_rtts() -> None:
+    """The first end's initiation was lost (a relayed side's proxy came up just after
+    it arrived): the held end starts its own after about a second, not the whole hold."""
+    took, _, _ = await first_handshake((0.0, 0.0), 0.0, peer_answers=False,
+                                       choose=(choose_measured_path, choose_measured_path))
+    hold = peer_sync_module.HOLD_FLOOR_S + peer_sync_module.HOLD_RTTS * 2 * ONE_WAY_S
+    assert hold < peer_sync_module.FIRST_HANDSHAKE_HOLD_S
+    assert hold <= took < hold + 0.5, took
+    # A slow path waits longer, never past the bound.
+    slow = SimpleNamespace(rtt_ms=600.0)
+    assert peer_sync_module.HeldPath("k", cast(Any, slow), None, "").hold_s() == \
+        peer_sync_module.FIRST_HANDSHAKE_HOLD_S
 
 
 @pytest.mark.parametrize("gap", [0.0, 0.001, 0.003, 0.006, 0.02, 0.05])

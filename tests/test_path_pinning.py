@@ -34,6 +34,8 @@ KEY = "bob-key"
 FIRST_KEY, SECOND_KEY = "alice-key", "carol-key"
 ENDPOINT = "203.0.113.12:51820"
 KEEPALIVE = 25
+# A chosen pair whose RTT the checks did not measure: held for the whole bound.
+UNMEASURED = SimpleNamespace(rtt_ms=None)
 
 
 @dataclass
@@ -102,7 +104,7 @@ def make_sync(rec: Recorder, our_key: str = FIRST_KEY,
 async def test_the_keepalive_starts_only_once_the_host_route_is_in() -> None:
     rec = Recorder()
     sync, peer, device = make_sync(rec)
-    await sync.path_chosen(device, cast(Any, object()), "chosen")
+    await sync.path_chosen(device, cast(Any, UNMEASURED), "chosen")
     sets = [i for i, (op, _) in enumerate(rec.calls) if op == "set_peer"]
     pin = rec.calls.index(("pin", ENDPOINT))
     assert rec.calls[sets[0]] == ("set_peer", (ENDPOINT, 0)), rec.calls
@@ -116,7 +118,7 @@ async def test_the_keepalive_starts_only_once_the_host_route_is_in() -> None:
 async def test_without_a_host_route_the_keepalive_is_still_turned_on() -> None:
     rec = Recorder(route_sentence=None)
     sync, _, device = make_sync(rec)
-    await sync.path_chosen(device, cast(Any, object()), "chosen")
+    await sync.path_chosen(device, cast(Any, UNMEASURED), "chosen")
     assert rec.calls[-1] == ("set_peer", (ENDPOINT, KEEPALIVE)), rec.calls
 
 
@@ -124,14 +126,14 @@ async def test_a_failed_pin_still_turns_the_keepalive_on() -> None:
     rec = Recorder(pin_fails=True)
     sync, _, device = make_sync(rec)
     with pytest.raises(RuntimeError):
-        await sync.path_chosen(device, cast(Any, object()), "chosen")
+        await sync.path_chosen(device, cast(Any, UNMEASURED), "chosen")
     assert rec.calls[-1] == ("set_peer", (ENDPOINT, KEEPALIVE)), rec.calls
 
 
 async def test_a_relayed_endpoint_gets_its_keepalive_at_once() -> None:
     rec = Recorder(relayed=True)
     sync, _, device = make_sync(rec)
-    await sync.path_chosen(device, cast(Any, object()), "chosen")
+    await sync.path_chosen(device, cast(Any, UNMEASURED), "chosen")
     sets = [args for op, args in rec.calls if op == "set_peer"]
     assert sets == [("127.0.0.1:40000", KEEPALIVE)], rec.calls
 
@@ -146,7 +148,7 @@ async def test_the_higher_keyed_end_holds_its_endpoint_back(
     rec = Recorder(relayed=relayed)
     spawned: list[Any] = []
     sync, _, device = make_sync(rec, SECOND_KEY, spawned)
-    await sync.path_chosen(device, cast(Any, object()), "chosen")
+    await sync.path_chosen(device, cast(Any, UNMEASURED), "chosen")
     endpoint = "127.0.0.1:40000" if relayed else ENDPOINT
     assert [op for op, _ in rec.calls if op != "stats"] == [], rec.calls
     (later,) = spawned
@@ -163,7 +165,7 @@ async def test_a_held_path_of_a_peer_dropped_meanwhile_goes_nowhere(
     rec = Recorder()
     spawned: list[Any] = []
     sync, peer, device = make_sync(rec, SECOND_KEY, spawned)
-    await sync.path_chosen(device, cast(Any, object()), "chosen")
+    await sync.path_chosen(device, cast(Any, UNMEASURED), "chosen")
     peer.configured_key = "another-key"  # re-keyed while held
     monkeypatch.setattr(peer_sync_module, "FIRST_HANDSHAKE_HOLD_S", 0.0)
     calls = len(rec.calls)
@@ -221,14 +223,14 @@ async def test_a_session_at_the_chosen_address_gets_its_route_before_the_endpoin
         rec.wg_endpoint, rec.session = ENDPOINT, True  # WireGuard roamed to it
 
     if held:
-        await sync.path_chosen(device, cast(Any, object()), "chosen")
+        await sync.path_chosen(device, cast(Any, UNMEASURED), "chosen")
         assert [op for op, _ in rec.calls] == [], rec.calls
         first_ends_handshake()
         monkeypatch.setattr(peer_sync_module, "HOLD_POLL_S", 0.001)
         await spawned.pop()
     else:
         first_ends_handshake()
-        await sync.path_chosen(device, cast(Any, object()), "chosen")
+        await sync.path_chosen(device, cast(Any, UNMEASURED), "chosen")
     assert not spawned
     assert rec.calls == [("pin", ENDPOINT), ("set_peer", (ENDPOINT, KEEPALIVE))], rec.calls
     assert (peer.endpoint, peer.endpoint_source, peer.route) == (
@@ -240,7 +242,7 @@ async def test_a_session_elsewhere_gets_the_endpoint_before_the_route() -> None:
     to the chosen one until it is the endpoint, so the endpoint goes first (quietly)."""
     rec = Recorder(wg_endpoint="198.51.100.7:40000", session=True)
     sync, _, device = make_sync(rec, SECOND_KEY)
-    await sync.path_chosen(device, cast(Any, object()), "chosen")
+    await sync.path_chosen(device, cast(Any, UNMEASURED), "chosen")
     assert rec.calls == [("set_peer", (ENDPOINT, 0)), ("pin", ENDPOINT),
                          ("set_peer", (ENDPOINT, KEEPALIVE))], rec.calls
 
@@ -252,7 +254,7 @@ async def test_a_moved_route_at_the_same_endpoint_sets_the_endpoint_again() -> N
     sync, peer, device = make_sync(rec)
     peer.endpoint, peer.endpoint_source = ENDPOINT, NEGOTIATED
     peer.route = "host route 203.0.113.12/32 via 198.18.3.1 dev eth2"
-    await sync.path_chosen(device, cast(Any, object()), "chosen")
+    await sync.path_chosen(device, cast(Any, UNMEASURED), "chosen")
     assert rec.calls == [("pin", ENDPOINT), ("set_peer", (ENDPOINT, KEEPALIVE))], rec.calls
     assert peer.route == rec.route_sentence
 
@@ -271,7 +273,7 @@ async def test_a_held_announced_endpoint_gives_way_to_a_chosen_path(
                          Announcement(device, "198.51.100.7", 51820, KEY, msg_id=7,
                                       sent_at=0.0))
     await sync._announced_fallback(device, KEY)
-    await sync.path_chosen(device, cast(Any, object()), "chosen")
+    await sync.path_chosen(device, cast(Any, UNMEASURED), "chosen")
     assert [op for op, _ in rec.calls] == [], rec.calls
     (later,) = spawned
     monkeypatch.setattr(peer_sync_module, "FIRST_HANDSHAKE_HOLD_S", 0.0)
