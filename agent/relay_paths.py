@@ -15,7 +15,12 @@ address is asked over IPv6 when IPv4 cannot reach the relay. A relay that refuse
 
 Connectivity checks from a relayed candidate go out through its allocation; what comes
 back is STUN (handed to the check dispatcher) or WireGuard data (handed to the loopback
-proxy of the peer it comes from).
+proxy of the peer it comes from). The peer's first WireGuard handshake initiation often
+arrives before that proxy exists: the peer gives WireGuard the path as soon as its
+checks chose it, while this side (the controlled one, or the later to see a check
+answered) opens the proxy only on its own choice, and WireGuard would retry only 5 s
+later. So the newest initiation from a peer without a proxy is kept for a moment
+(EARLY_INITIATION_S) and handed to the proxy that opens for it.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -48,6 +54,12 @@ StunHandler = Callable[[bytes, Address, Candidate], None]
 
 # A relay's IPv6 allocation is kept under its group key plus this.
 IPV6_KEY = "#ipv6"
+# A WireGuard handshake initiation (message type 1, always 148 bytes) that arrived
+# before the peer's proxy opened is kept this long, for that many routes at most.
+EARLY_INITIATION_S = 2.0
+EARLY_INITIATION_ROUTES = 64
+_INITIATION_TYPE = 1
+_INITIATION_LEN = 148
 
 
 @dataclass(frozen=True)
@@ -91,6 +103,8 @@ class RelayPaths:
     _by_route: dict[tuple[Address, Address], LoopbackProxy] = field(default_factory=dict)
     # Relays (group keys) that refused an IPv6 relayed address: not asked again.
     no_ipv6: set[str] = field(default_factory=set)
+    # Initiations from peers without a proxy yet: (monotonic time, datagram) by route.
+    _early: dict[tuple[Address, Address], tuple[float, bytes]] = field(default_factory=dict)
 
     def missing(self, relays: list[RelayConfig]) -> list[RelayGroup]:
         """The configured relays without a live allocation or one under way."""
@@ -240,6 +254,25 @@ class RelayPaths:
             if proxy.allocation is allocation and proxy.peer[0] == peer[0]:
                 proxy.from_relay(data)
                 return
+        if len(data) == _INITIATION_LEN and data[0] == _INITIATION_TYPE:
+            self._keep_initiation((allocation.relayed, peer), data)
+
+    def _keep_initiation(self, route: tuple[Address, Address], data: bytes) -> None:
+        self._early.pop(route, None)  # the newest goes last: eviction takes the oldest
+        if len(self._early) >= EARLY_INITIATION_ROUTES:
+            del self._early[next(iter(self._early))]
+        self._early[route] = (time.monotonic(), data)
+
+    def _early_initiation(self, relayed: Address, peer: Address) -> bytes | None:
+        """The kept initiation for this route (or from the peer's address through
+        another port, as `_received` matches), if it is recent enough."""
+        now = time.monotonic()
+        found = None
+        for route in [r for r in self._early if r[0] == relayed and r[1][0] == peer[0]]:
+            at, data = self._early.pop(route)
+            if now - at <= EARLY_INITIATION_S and (found is None or at >= found[0]):
+                found = (at, data)
+        return found[1] if found is not None else None
 
     async def route(self, peer: str, local: Candidate | None, remote: Address) -> str | None:
         """The WireGuard endpoint for `peer` when its pair starts at our relay candidate
@@ -259,6 +292,10 @@ class RelayPaths:
         self._by_route[(allocation.relayed, remote)] = proxy
         log.info("%s relayed through %s: WireGuard endpoint %s", peer, allocation.url,
                  proxy.endpoint)
+        early = self._early_initiation(allocation.relayed, remote)
+        if early is not None:
+            log.debug("%s: its handshake initiation came before the proxy: passed on", peer)
+            proxy.from_relay(early)
         return proxy.endpoint
 
     def drop(self, peer: str) -> None:

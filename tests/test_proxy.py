@@ -145,3 +145,60 @@ async def test_relay_paths_report_the_proxy_counters(wireguard: socket.socket) -
     finally:
         for proxy in paths.proxies.values():
             proxy.close()
+
+
+def _initiation(tag: int) -> bytes:
+    """A WireGuard handshake initiation's shape: type 1, 148 bytes."""
+    return bytes([1, 0, 0, 0, tag]) + bytes(143)
+
+
+async def test_an_initiation_that_came_before_the_proxy_is_passed_to_wireguard(
+    wireguard: socket.socket, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The peer chose the relayed path first and its WireGuard's first initiation came
+    through our allocation before our own choice opened the proxy: the newest one is
+    handed to WireGuard when the proxy opens, so the first handshake need not wait for
+    WireGuard's 5 s retry. Other data, and initiations kept too long, are not."""
+    import kbwg.agent.relay_paths as relay_paths
+
+    clock = [100.0]
+    monkeypatch.setattr(relay_paths.time, "monotonic", lambda: clock[0])
+    allocation = FakeAllocation()
+    paths = RelayPaths("alice", wireguard.getsockname()[1], lambda *_: None, lambda _: None)
+    paths.allocations[allocation.url] = cast(Any, allocation)
+    local = Candidate(type="relay", address=RELAYED[0], port=RELAYED[1], interface=None,
+                      priority=1, source="relay turn:test")
+    other_peer = ("198.51.100.8", 51820)
+    paths._received(cast(Any, allocation), _initiation(1), PEER)
+    paths._received(cast(Any, allocation), b"\x04 transport data", PEER)  # not kept
+    paths._received(cast(Any, allocation), _initiation(2), (PEER[0], 40000))  # NAT port
+    paths._received(cast(Any, allocation), _initiation(3), other_peer)
+    clock[0] += relay_paths.EARLY_INITIATION_S / 2
+    wireguard.settimeout(2)
+    try:
+        assert await paths.route("bob", local, PEER) is not None
+        data, _ = await asyncio.to_thread(wireguard.recvfrom, 2048)
+        assert data == _initiation(2)  # the newest from the peer's address
+        assert list(paths._early) == [(RELAYED, other_peer)]
+        clock[0] += relay_paths.EARLY_INITIATION_S  # carol's is too old by now
+        assert await paths.route("carol", local, other_peer) is not None
+        wireguard.settimeout(0.2)
+        with pytest.raises(TimeoutError):
+            wireguard.recvfrom(2048)
+        assert paths._early == {}
+    finally:
+        for proxy in paths.proxies.values():
+            proxy.close()
+
+
+def test_initiations_are_kept_for_a_bounded_number_of_routes() -> None:
+    import kbwg.agent.relay_paths as relay_paths
+
+    allocation = FakeAllocation()
+    paths = RelayPaths("alice", 51820, lambda *_: None, lambda _: None)
+    bound = relay_paths.EARLY_INITIATION_ROUTES
+    for i in range(bound + 10):
+        paths._received(cast(Any, allocation), _initiation(1), ("198.51.100.9", 1000 + i))
+    assert len(paths._early) == bound
+    assert (RELAYED, ("198.51.100.9", 1000)) not in paths._early  # the oldest went
+    assert (RELAYED, ("198.51.100.9", 1000 + bound + 9)) in paths._early
