@@ -11,14 +11,10 @@ pyroute2 may be loaded.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
-STANDIN = str(Path(sys.executable).parent / "kbwg-keybase-standin")
+from join_script import run_join_script
 
 SCRIPT = textwrap.dedent("""
     import asyncio, json, sys
@@ -98,22 +94,10 @@ SCRIPT = textwrap.dedent("""
 
 
 def test_join_loads_no_pyroute2(tmp_path: Path) -> None:
-    home = tmp_path / "kb"
-    team = home / "kbfs" / "team" / "t1"
-    team.mkdir(parents=True)
-    (team / "peers.json").write_text(json.dumps(
-        [{"username": "alice", "device": "laptop", "ip": "100.64.0.1"}]))
-    state = tmp_path / "state"
-    state.mkdir()
-    env = {**os.environ, "KBWG_STANDIN_HOME": str(home), "KBWG_STANDIN_USER": "alice",
-           "KBWG_STANDIN_DEVICE": "laptop"}
-    env.pop("KBWG_PORTMAP", None)  # on: the gateway comes from the owner too
-    result = subprocess.run([sys.executable, "-c", SCRIPT, STANDIN, str(state)], env=env,
-                            capture_output=True, text=True, timeout=120, check=False)
-    assert result.returncode == 0, result.stderr[-4000:]
-    seen = json.loads(result.stdout.splitlines()[-1])
+    # Port mapping on (the variable unset): the gateway comes from the owner too.
+    seen = run_join_script(tmp_path, SCRIPT, {"KBWG_PORTMAP": None})
     # The run went through everything that used to read netlink in the agent.
-    assert seen["subscribed"] and seen["moved"], result.stderr[-4000:]
+    assert seen["subscribed"] and seen["moved"], seen["stderr"]
     assert {"host_routes", "interfaces", "default_gateway", "watch_network",
             "create"} <= set(seen["ops"]), seen["ops"]
     assert "kbwg.agent.joined" in seen["modules"]

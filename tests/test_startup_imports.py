@@ -11,14 +11,10 @@ mapping is off: it would probe this machine's real gateway.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
-STANDIN = str(Path(sys.executable).parent / "kbwg-keybase-standin")
+from join_script import run_join_script
 
 # Loaded only by the commands and requests that need them, never by `join`'s start.
 NOT_AT_START = (
@@ -124,20 +120,8 @@ def _loaded(modules: list[str], names: tuple[str, ...]) -> list[str]:
 
 
 def test_join_starts_the_owner_first_and_loads_no_other_commands_modules(tmp_path: Path) -> None:
-    home = tmp_path / "kb"
-    team = home / "kbfs" / "team" / "t1"
-    team.mkdir(parents=True)
-    (team / "peers.json").write_text(json.dumps(
-        [{"username": "alice", "device": "laptop", "ip": "100.64.0.1"}]))
-    state = tmp_path / "state"
-    state.mkdir()
-    env = {**os.environ, "KBWG_STANDIN_HOME": str(home), "KBWG_STANDIN_USER": "alice",
-           "KBWG_STANDIN_DEVICE": "laptop", "KBWG_PORTMAP": "off"}
-    result = subprocess.run([sys.executable, "-c", SCRIPT, STANDIN, str(state)], env=env,
-                            capture_output=True, text=True, timeout=120, check=False)
-    assert result.returncode == 0, result.stderr[-4000:]
-    seen = json.loads(result.stdout.splitlines()[-1])
-    assert seen["introduced"], "the agent never announced itself:\n" + result.stderr[-4000:]
+    seen = run_join_script(tmp_path, SCRIPT, {"KBWG_PORTMAP": "off"})
+    assert seen["introduced"], "the agent never announced itself:\n" + seen["stderr"]
     # The run got as far as the data path: the check below is not vacuous.
     assert _loaded(seen["started"], ("pyroute2", "kbwg.agent.joined")) != []
     assert _loaded(seen["owner"], NOT_BEFORE_OWNER) == []
