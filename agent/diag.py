@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import os
 import socket
@@ -268,8 +267,7 @@ def conclude(report: DiagReport) -> str:
 async def _interface_addresses() -> list[InterfaceAddress]:
     from kbwg.owner.interfaces import interface_addresses
 
-    return [InterfaceAddress(**dataclasses.asdict(record))
-            for record in await interface_addresses()]
+    return await interface_addresses()
 
 
 async def _default_gateway() -> Gateway | None:

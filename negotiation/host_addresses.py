@@ -10,18 +10,10 @@ build these records before the data path's modules (aioice among them) have load
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
 
+from kbwg.core.interface_address import InterfaceAddress
 
-@dataclass(frozen=True)
-class InterfaceAddress:
-    interface: str
-    index: int
-    address: str
-    prefixlen: int
-    up: bool
-    default_route: bool
-
+__all__ = ["InterfaceAddress", "InterfaceSource"]
 
 # What gathering needs of the host: its addresses, when asked.
 InterfaceSource = Callable[[], Awaitable[Sequence[InterfaceAddress]]]

@@ -12,7 +12,8 @@ from collections.abc import Callable, Iterable
 from ipaddress import IPv4Network
 from typing import Protocol
 
-from kbwg.owner.interfaces import AddressRecord, GatewayRecord, default_gateway, interface_addresses
+from kbwg.core.interface_address import InterfaceAddress
+from kbwg.owner.interfaces import GatewayRecord, default_gateway, interface_addresses
 from kbwg.owner.netconfig import (
     Egress,
     IPAddress,
@@ -29,7 +30,7 @@ _AF_INET = 2
 
 class HostNetwork(Protocol):
 
-    async def interfaces(self) -> list[AddressRecord]:
+    async def interfaces(self) -> list[InterfaceAddress]:
         ...
 
     async def default_gateway(self) -> GatewayRecord | None:
@@ -51,7 +52,7 @@ class HostNetwork(Protocol):
 class NetlinkHostNetwork:
     """The host itself, through rtnetlink (one short-lived socket per read)."""
 
-    async def interfaces(self) -> list[AddressRecord]:
+    async def interfaces(self) -> list[InterfaceAddress]:
         return await interface_addresses()
 
     async def default_gateway(self) -> GatewayRecord | None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from kbwg.core.interface_address import InterfaceAddress
 from kbwg.owner.netconfig import MAIN_TABLE
 
 _IFF_UP = 0x1
@@ -20,24 +21,6 @@ _AF_INET = 2
 _AF_INET6 = 10
 # linux/if_addr.h: an IPv6 address the kernel cannot (or soon will not) send from.
 _IFA_F_UNUSABLE = 0x40 | 0x20 | 0x08  # tentative, deprecated, dadfailed
-
-
-@dataclass(frozen=True)
-class AddressRecord:
-    """One address of one interface, as the `interfaces` op reports it."""
-
-    interface: str
-    index: int
-    address: str
-    prefixlen: int
-    up: bool
-    # The interface holds a default route of the address's family (main table).
-    default_route: bool
-
-    def to_json(self) -> dict[str, Any]:
-        return {"interface": self.interface, "index": self.index, "address": self.address,
-                "prefixlen": self.prefixlen, "up": self.up,
-                "default_route": self.default_route}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -53,7 +36,7 @@ class GatewayRecord:
                 "interface": self.interface}  # fmt: skip
 
 
-async def interface_addresses() -> list[AddressRecord]:
+async def interface_addresses() -> list[InterfaceAddress]:
     """Every IPv4 and usable IPv6 address on this host with its interface."""
     from pyroute2 import AsyncIPRoute
 
@@ -75,7 +58,7 @@ async def interface_addresses() -> list[AddressRecord]:
                 address = msg.get("address")
                 if not address:
                     continue
-                result.append(AddressRecord(
+                result.append(InterfaceAddress(
                     interface=str(link.get("ifname")),
                     index=int(msg["index"]),
                     address=str(address),

@@ -30,6 +30,7 @@ from nacl.public import PrivateKey
 from owner_fakes import FakeNetConfig, MemoryBackend
 
 from kbwg.agent.owner_stun import OwnerStunTransport
+from kbwg.core.interface_address import InterfaceAddress
 from kbwg.owner.frames import (
     FrameBodyError,
     FrameDecoder,
@@ -37,7 +38,7 @@ from kbwg.owner.frames import (
     encode_frame,
     read_frame,
 )
-from kbwg.owner.interfaces import AddressRecord, GatewayRecord
+from kbwg.owner.interfaces import GatewayRecord
 from kbwg.owner.netconfig import Egress
 from kbwg.owner.policy import OwnerPolicy
 from kbwg.owner.protocol import (
@@ -89,8 +90,8 @@ class FakeHost:
     """The host's network as the read-only ops see it: fixed answers, and a watch that
     waits (stopped with the server)."""
 
-    async def interfaces(self) -> list[AddressRecord]:
-        return [AddressRecord("eth9", 2, "198.18.1.2", 24, True, True)]
+    async def interfaces(self) -> list[InterfaceAddress]:
+        return [InterfaceAddress("eth9", 2, "198.18.1.2", 24, True, True)]
 
     async def default_gateway(self) -> GatewayRecord | None:
         return GatewayRecord("198.18.1.1", "198.18.1.2", "eth9")

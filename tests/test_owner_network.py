@@ -18,7 +18,8 @@ from nacl.public import PrivateKey
 from owner_fakes import FakeNetConfig, MemoryBackend
 from virtual_clock import REAL_CLOCK, VIRTUAL_CLOCK, advance_until, now
 
-from kbwg.owner.interfaces import AddressRecord, GatewayRecord
+from kbwg.core.interface_address import InterfaceAddress
+from kbwg.owner.interfaces import GatewayRecord
 from kbwg.owner.netconfig import Egress, IPAddress, IPNetwork
 from kbwg.owner.netlink_watch import (
     ChangeFilter,
@@ -33,14 +34,14 @@ from kbwg.owner.server import OwnerServer
 
 pytestmark = VIRTUAL_CLOCK
 
-ETH = AddressRecord("eth0", 2, "198.18.0.5", 24, True, True)
+ETH = InterfaceAddress("eth0", 2, "198.18.0.5", 24, True, True)
 
 
 @dataclass
 class FakeHost:
     """A HostNetwork with canned answers that records what it was asked."""
 
-    addresses: list[AddressRecord] = field(default_factory=lambda: [ETH])
+    addresses: list[InterfaceAddress] = field(default_factory=lambda: [ETH])
     gateway: GatewayRecord | None = None
     routes: list[IPv4Network] = field(default_factory=list)
     egress_answer: Egress | None = None
@@ -49,7 +50,7 @@ class FakeHost:
     on_change: Callable[[NetworkChange], None] | None = None
     own_ifname: Callable[[], str | None] | None = None
 
-    async def interfaces(self) -> list[AddressRecord]:
+    async def interfaces(self) -> list[InterfaceAddress]:
         return list(self.addresses)
 
     async def default_gateway(self) -> GatewayRecord | None:
