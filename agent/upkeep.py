@@ -39,8 +39,8 @@ LOST_PATH_SPACING_S = 2.0
 class Upkeep:
     def __init__(self, options: JoinOptions, team: TeamView, state: AgentState,
                  presence: Presence, peer_sync: PeerSync, stats: StatsPoll, paths: Connectivity,
-                 negotiator: Negotiator | None, chat: ChatDispatch | None = None,
-                 owner: OwnerCalls | None = None) -> None:
+                 negotiator: Negotiator | None, chat: ChatDispatch | None = None, *,
+                 owner: OwnerCalls) -> None:
         self._options = options
         self._team = team
         self._state = state
@@ -79,9 +79,6 @@ class Upkeep:
         await self._stats.run(self._options.stats_s)
 
     async def _watch_network(self) -> None:
-        if self._owner is None:  # nothing to watch through
-            await asyncio.Event().wait()
-            return
         watcher = NetworkWatcher(self.on_network_change)
         # The owner's events other than `stun` come through the shared port's pump.
         self._paths.shared_port.on_other_event = watcher.on_event

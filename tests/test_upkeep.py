@@ -58,7 +58,7 @@ def upkeep(paths: FakePaths, negotiator: FakeNegotiator,
     options = type("O", (), {"endpoint": None})()
     none = cast(Any, None)
     return Upkeep(cast(Any, options), none, none, cast(Any, presence), none, none,
-                  cast(Any, paths), cast(Any, negotiator), none)
+                  cast(Any, paths), cast(Any, negotiator), none, owner=none)
 
 
 async def test_lost_path_with_unchanged_candidates_restarts_that_peer_once() -> None:
