@@ -172,6 +172,9 @@ async def test_an_initiation_that_came_before_the_proxy_is_passed_to_wireguard(
     paths._received(cast(Any, allocation), _initiation(1), PEER)
     paths._received(cast(Any, allocation), b"\x04 transport data", PEER)  # not kept
     paths._received(cast(Any, allocation), _initiation(2), (PEER[0], 40000))  # NAT port
+    # Not initiations, so not kept (or they, coming last, would be passed on).
+    paths._received(cast(Any, allocation), _initiation(9)[:100], PEER)
+    paths._received(cast(Any, allocation), _initiation(9) + b"x", PEER)
     paths._received(cast(Any, allocation), _initiation(3), other_peer)
     clock[0] += relay_paths.EARLY_INITIATION_S / 2
     wireguard.settimeout(2)
