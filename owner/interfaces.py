@@ -38,7 +38,7 @@ class GatewayRecord:
 
 async def interface_addresses() -> list[InterfaceAddress]:
     """Every IPv4 and usable IPv6 address on this host with its interface."""
-    from pyroute2 import AsyncIPRoute
+    from pyroute2.iproute.linux import AsyncIPRoute
 
     result = []
     async with AsyncIPRoute() as ipr:
@@ -72,7 +72,7 @@ async def interface_addresses() -> list[InterfaceAddress]:
 async def default_gateway() -> GatewayRecord | None:
     """The main table's default IPv4 gateway of lowest metric that has a source address
     towards it, or None."""
-    from pyroute2 import AsyncIPRoute
+    from pyroute2.iproute.linux import AsyncIPRoute
 
     async with AsyncIPRoute() as ipr:
         routes = [r async for r in await ipr.get_routes(family=_AF_INET, table=MAIN_TABLE)

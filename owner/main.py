@@ -7,9 +7,10 @@ and any import path outside the installation. Then it reads the local policy and
 serves frames on stdin/stdout.
 
 Start-up is on the agent's critical path (issue 13: `join` is timed from process
-start): the owner imports only what answering `hello` needs, and pyroute2 (a fifth of
-a second to import, needed by the first `create`) is imported in a thread meanwhile,
-while the agent is still reading the team's files.
+start): the owner imports only what answering `hello` needs, and pyroute2's route
+socket (needed by the first `create`) is imported in a thread meanwhile, while the
+agent is still reading the team's files; pyroute2's own `__init__`, which loads every
+netlink family it has, is skipped (kbwg.core.deferred_init).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import sys
 import threading
 from pathlib import Path
 
+from kbwg.core.deferred_init import defer_init
 from kbwg.owner.policy import DEFAULT_POLICY_PATH, OwnerPolicy, PolicyError, load_policy
 from kbwg.owner.rawstun import RawStunSocket
 from kbwg.owner.route_reaper import ReapedNetConfig
@@ -68,7 +70,9 @@ def configure_logging(level: str) -> None:
 
 
 def preload() -> threading.Thread:
-    """Import pyroute2 in the background (after `harden`: the import path is ours)."""
+    """Import pyroute2's route socket in the background (after `harden`: the import
+    path is ours)."""
+    defer_init("pyroute2")
     thread = threading.Thread(target=_import_netlink, name="preload", daemon=True)
     thread.start()
     return thread
@@ -76,7 +80,7 @@ def preload() -> threading.Thread:
 
 def _import_netlink() -> None:
     try:
-        import pyroute2  # noqa: F401  (imported for its side effect: the module is loaded)
+        import pyroute2.iproute.linux  # noqa: F401  (imported for its side effect: loaded)
     except Exception:  # the first request that needs it reports the problem
         logger.debug("preloading pyroute2 failed", exc_info=True)
 

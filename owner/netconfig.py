@@ -81,7 +81,7 @@ async def host_route_destinations(exclude_ifname: str | None) -> list[IPv4Networ
 
     Every table, not only main: an address of another VPN (its local route) or a
     policy-routing table counts as the host's too."""
-    from pyroute2 import AsyncIPRoute
+    from pyroute2.iproute.linux import AsyncIPRoute
 
     async with AsyncIPRoute() as ipr:
         names = {link["index"]: link.get("ifname") async for link in await ipr.get_links()}
@@ -101,7 +101,7 @@ async def host_route_destinations(exclude_ifname: str | None) -> list[IPv4Networ
 async def main_table_routes(family: int = _AF_INET) -> list[MainRoute]:
     """The main table's routes of one family, IPv4 unless `family` is 10 (AF_INET6)
     (read-only netlink; no privileges needed)."""
-    from pyroute2 import AsyncIPRoute
+    from pyroute2.iproute.linux import AsyncIPRoute
 
     async with AsyncIPRoute() as ipr:
         names = {link["index"]: link.get("ifname") async for link in await ipr.get_links()}
@@ -162,13 +162,13 @@ class NetlinkNetConfig:
         return int(indexes[0])
 
     async def set_mtu(self, ifname: str, mtu: int) -> None:
-        from pyroute2 import AsyncIPRoute
+        from pyroute2.iproute.linux import AsyncIPRoute
 
         async with AsyncIPRoute() as ipr:
             await ipr.link("set", index=await self._index(ipr, ifname), mtu=mtu)
 
     async def add_address(self, ifname: str, address: IPInterface) -> None:
-        from pyroute2 import AsyncIPRoute
+        from pyroute2.iproute.linux import AsyncIPRoute
 
         async with AsyncIPRoute() as ipr:
             await ipr.addr(
@@ -179,13 +179,13 @@ class NetlinkNetConfig:
             )
 
     async def set_up(self, ifname: str) -> None:
-        from pyroute2 import AsyncIPRoute
+        from pyroute2.iproute.linux import AsyncIPRoute
 
         async with AsyncIPRoute() as ipr:
             await ipr.link("set", index=await self._index(ipr, ifname), state="up")
 
     async def remove_address(self, ifname: str, address: IPInterface) -> None:
-        from pyroute2 import AsyncIPRoute
+        from pyroute2.iproute.linux import AsyncIPRoute
 
         async with AsyncIPRoute() as ipr:
             indexes = await ipr.link_lookup(ifname=ifname)
@@ -210,14 +210,14 @@ class NetlinkNetConfig:
         return args
 
     async def add_route(self, route: HostRoute, replace: bool) -> None:
-        from pyroute2 import AsyncIPRoute
+        from pyroute2.iproute.linux import AsyncIPRoute
 
         async with AsyncIPRoute() as ipr:
             index = await self._index(ipr, route.ifname)
             await ipr.route("replace" if replace else "add", **self._route_args(index, route))
 
     async def remove_route(self, route: HostRoute) -> None:
-        from pyroute2 import AsyncIPRoute
+        from pyroute2.iproute.linux import AsyncIPRoute
 
         async with AsyncIPRoute() as ipr:
             indexes = await ipr.link_lookup(ifname=route.ifname)
@@ -232,7 +232,7 @@ class NetlinkNetConfig:
         return choose_egress(await main_table_routes(_family(dst)), dst, via_ifname=ifname)
 
     async def is_loopback(self, ifname: str) -> bool:
-        from pyroute2 import AsyncIPRoute
+        from pyroute2.iproute.linux import AsyncIPRoute
 
         async with AsyncIPRoute() as ipr:
             index = await self._index(ipr, ifname)

@@ -110,7 +110,7 @@ async def watch_netlink(on_change: Callable[[NetworkChange], None],
                         own_ifname: Callable[[], str | None]) -> None:
     """Report the host's IPv4 address and route changes and link changes until
     cancelled (the same groups the agent watched before it left netlink to the owner)."""
-    from pyroute2 import AsyncIPRoute
+    from pyroute2.iproute.linux import AsyncIPRoute
     from pyroute2.netlink.rtnl import RTMGRP_IPV4_IFADDR, RTMGRP_IPV4_ROUTE, RTMGRP_LINK
 
     async with AsyncIPRoute() as ipr:

@@ -96,21 +96,21 @@ class KernelBackend:
         return self._ifname
 
     async def _wg_set(self, **kwargs: Any) -> None:
-        from pyroute2 import AsyncWireGuard
+        from pyroute2.netlink.generic.wireguard import AsyncWireGuard
 
         async with AsyncWireGuard() as wg:
             await wg.setup_endpoint()
             await wg.set(self._require(), **kwargs)
 
     async def _info(self) -> tuple[int, list[PeerStats]]:
-        from pyroute2 import AsyncWireGuard
+        from pyroute2.netlink.generic.wireguard import AsyncWireGuard
 
         async with AsyncWireGuard() as wg:
             await wg.setup_endpoint()
             return info_to_stats([m async for m in await wg.info(self._require())])
 
     async def create(self, ifname: str, private_key: bytes, listen_port: int) -> int:
-        from pyroute2 import AsyncIPRoute
+        from pyroute2.iproute.linux import AsyncIPRoute
 
         if self._ifname is not None:
             raise BackendError("this backend already owns a device")
@@ -140,7 +140,7 @@ class KernelBackend:
         return (await self._info())[0]
 
     async def close(self) -> None:
-        from pyroute2 import AsyncIPRoute
+        from pyroute2.iproute.linux import AsyncIPRoute
         from pyroute2.netlink.exceptions import NetlinkError
 
         ifname, self._ifname = self._ifname, None

@@ -273,7 +273,7 @@ def _link_exists(ifname: str) -> bool:
 
 
 async def _delete_link(ifname: str) -> None:
-    from pyroute2 import AsyncIPRoute
+    from pyroute2.iproute.linux import AsyncIPRoute
 
     async with AsyncIPRoute() as ipr:
         await ipr.link("del", ifname=ifname)

@@ -31,9 +31,15 @@ NOT_AT_START = (
     "kbwg.agent.relay_proxy",
     # A pair's RTT median is taken without it (it loads fractions and decimal).
     "statistics",
+    # aioice's package __init__ (its ICE agent, mDNS, dnspython): only its STUN module
+    # is used (kbwg.core.deferred_init).
+    "aioice.ice",
+    "aioice.mdns",
+    "dns",
 )
 # Not before the device owner and whoami have been started.
-NOT_BEFORE_OWNER = ("pyroute2", "aioice", "dns", "kbwg.agent.connectivity",
+# (The bare `aioice` is there from the start: registered, its __init__ deferred.)
+NOT_BEFORE_OWNER = ("pyroute2", "aioice.stun", "aioice.ice", "dns", "kbwg.agent.connectivity",
                     "kbwg.agent.joined", "kbwg.negotiation.checks")
 
 SCRIPT = textwrap.dedent("""
@@ -42,6 +48,7 @@ SCRIPT = textwrap.dedent("""
 
     from kbwg.agent import cli
 
+    cli.lighter_imports()
     argv = ["-vv", "join", "t1", "--keybase", sys.argv[1], "--state-dir", sys.argv[2]]
     args = cli.build_parser(argv).parse_args(argv)
 
@@ -123,6 +130,6 @@ def test_join_starts_the_owner_first_and_loads_no_other_commands_modules(tmp_pat
     seen = run_join_script(tmp_path, SCRIPT, {"KBWG_PORTMAP": "off"})
     assert seen["introduced"], "the agent never announced itself:\n" + seen["stderr"]
     # The run got as far as the data path: the check below is not vacuous.
-    assert _loaded(seen["started"], ("pyroute2", "kbwg.agent.joined")) != []
+    assert _loaded(seen["started"], ("pyroute2", "kbwg.agent.joined", "aioice.stun")) != []
     assert _loaded(seen["owner"], NOT_BEFORE_OWNER) == []
     assert _loaded(seen["started"], NOT_AT_START) == []
