@@ -51,6 +51,7 @@ from kbwg.agent.owner_client import OwnerError
 from kbwg.agent.peer_selection import desired_peers
 from kbwg.agent.presence import Presence
 from kbwg.agent.runtime_state import ANNOUNCED, NEGOTIATED, AgentState, PeerState
+from kbwg.agent.shared_stats import SharedStats
 from kbwg.agent.team_view import TeamView
 from kbwg.core.addresses import parse_endpoint
 from kbwg.core.identity import DeviceId
@@ -73,7 +74,9 @@ FIRST_HANDSHAKE_HOLD_S = 2.5
 HOLD_FLOOR_S = 1.0
 HOLD_RTTS = 4
 # While holding, how often it looks for the session the first end's handshake made (an
-# owner round trip each): the path is pinned and its keepalive on soon after.
+# owner round trip each): the path is pinned and its keepalive on soon after. Every held
+# peer looks at the same instants (multiples of this on the loop's clock), sharing one
+# `stats` request.
 HOLD_POLL_S = 0.1
 
 
@@ -114,6 +117,8 @@ class PeerSync:
         self.early: EarlyChecks | None = None
         # Paths chosen while this end holds back for the peer's first handshake.
         self.held: dict[DeviceId, HeldPath] = {}
+        # The holds' polls only (_hold); the owner looked up when a request goes.
+        self._held_stats = SharedStats(lambda: self._owner.stats())
 
     async def sync(self) -> None:
         """Bring the WireGuard peers in line with peers.json, announcements and claims."""
@@ -270,13 +275,22 @@ class PeerSync:
         peer.path_since, peer.connected_at = time.time(), None
         return True
 
-    async def _has_session(self, public_key: str) -> bool:
-        current = await self._wireguard_peer(public_key)
+    async def _has_session(self, public_key: str, shared: bool = False) -> bool:
+        current = await self._wireguard_peer(public_key, shared)
         return current is not None and bool(current.last_handshake)
 
-    async def _wireguard_peer(self, public_key: str) -> PeerCounters | None:
-        """WireGuard's own view of the peer entry (its endpoint roams)."""
-        stats = await self._owner.stats()
+    async def _wireguard_peer(self, public_key: str,
+                              shared: bool = False) -> PeerCounters | None:
+        """WireGuard's own view of the peer entry (its endpoint roams).
+
+        `shared` (the holds' polls only): the reply of a `stats` request already in
+        flight will do, though it went out before this call. Every check that decides
+        a change of WireGuard's entry asks afresh: a request sent before our own last
+        set_peer or remove_peer for the key may be answered with WireGuard as it was
+        before that call, showing a session the removal ended or an endpoint since
+        replaced. A poll a little late only holds a poll longer, and a hold that ends
+        goes through those fresh checks (_apply, _use_announced)."""
+        stats = await (self._held_stats.get() if shared else self._owner.stats())
         return next((p for p in stats.peers if p.public_key == public_key), None)
 
     def _holds_back(self, key: str) -> bool:
@@ -366,11 +380,12 @@ class PeerSync:
             return
         deadline = loop.time() + first.hold_s()
         while (left := deadline - loop.time()) > 0:
-            await asyncio.sleep(min(HOLD_POLL_S, left))
+            # On the shared tick (HOLD_POLL_S), so the holds' polls join one request.
+            await asyncio.sleep(min(HOLD_POLL_S - loop.time() % HOLD_POLL_S, left))
             held = self.held.get(device)
             if held is None:
                 return  # dropped, re-keyed, or a session came with a newer choice
-            if await self._has_session(held.key):
+            if await self._has_session(held.key, shared=True):
                 break
         held = self.held.pop(device, None)
         peer = self._state.peers.get(device)
