@@ -385,7 +385,14 @@ class PeerSync:
             held = self.held.get(device)
             if held is None:
                 return  # dropped, re-keyed, or a session came with a newer choice
-            if await self._has_session(held.key, shared=True):
+            try:
+                if await self._has_session(held.key, shared=True):
+                    break
+            except OwnerError as exc:
+                # Waiting on cannot tell more; left in `held`, the peer would never get
+                # an endpoint (no new hold starts for a device already held).
+                log.warning("%s: could not read WireGuard's sessions (%s); ending the hold",
+                            device, exc)
                 break
         held = self.held.pop(device, None)
         peer = self._state.peers.get(device)
