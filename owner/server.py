@@ -31,7 +31,7 @@ from typing import Any, Protocol
 from nacl.public import PrivateKey
 
 from kbwg.core.ratelimit import TokenBucket
-from kbwg.owner.frames import FrameBodyError, FrameError, encode_frame, read_frame, write_frame
+from kbwg.owner.frames import FrameBodyError, FrameError, encode_frame, read_frame
 from kbwg.owner.guard import R_ROUTE_NOT_OURS, Guard, Refusal
 from kbwg.owner.host_network import HostNetwork, NetlinkHostNetwork
 from kbwg.owner.netconfig import HostRoute, IPInterface, NetConfig
@@ -66,6 +66,7 @@ from kbwg.owner.protocol import (
     ProtocolError,
     RemovePeerArgs,
     RemoveRouteArgs,
+    Request,
     SetPeerArgs,
     StunSendArgs,
     StunUfragsArgs,
@@ -115,6 +116,29 @@ STUN_SEND_RATE, STUN_SEND_BURST = 200.0, 100
 # An agent that stops reading must not make the owner buffer events without bound.
 EVENT_BUFFER_LIMIT = 1 << 20
 
+# Requests being answered at once. With this many, the owner reads no further frame until
+# one is answered: it runs as root and must not grow its memory for an agent that floods
+# it (a well-behaved agent has a handful out at a time).
+MAX_IN_FLIGHT = 32
+
+# Ops answered without waiting behind the others. Every op NOT listed here (including any
+# op added later, unless it is listed) changes the device, the host or what the owner
+# tracks, and runs strictly in arrival order with the rest of them: each may depend on an
+# earlier one's effect (set_peer on create, add_route's check on the peers set before it,
+# set_address on the address before it, shutdown after everything asked before it).
+# These only read, or do all their work without awaiting anything, so they need no turn:
+# - stun_send and stun_ufrags complete in one step (no await), hence in arrival order
+#   among themselves. A connectivity check must not wait behind a set_peer's UAPI exchange
+#   under CPU contention: that inflates the RTT it measures and delays the check.
+# - stats, interfaces, default_gateway, host_routes, egress and hello read, each with its
+#   own netlink socket or UAPI connection. One asked while a change is still in flight may
+#   see the state before it; a client that needs the change's effect waits for its reply
+#   first (the agent always does).
+CONCURRENT_OPS = frozenset({
+    OP_STUN_SEND, OP_STUN_UFRAGS, OP_STATS, OP_INTERFACES, OP_DEFAULT_GATEWAY,
+    OP_HOST_ROUTES, OP_EGRESS, OP_HELLO,
+})
+
 
 @dataclass
 class DeviceState:
@@ -128,8 +152,66 @@ class DeviceState:
     stun: StunSocket | None = None
 
 
+@dataclass
+class _Session:
+    """One `serve` call: its requests in flight, its output, and how it ends."""
+
+    writer: asyncio.StreamWriter
+    # Set once (with the exit code) when the session must end: output closed, shutdown
+    # answered, or a request task failed outside its handler.
+    ended: asyncio.Future[int]
+    tasks: set[asyncio.Task[object]] = field(default_factory=set)
+
+    def start(self, work: Awaitable[object]) -> None:
+        task = asyncio.ensure_future(work)
+        self.tasks.add(task)
+        task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[object]) -> None:
+        self.tasks.discard(task)
+        if task.cancelled() or task.exception() is None:
+            return
+        # handle() answers every handler failure, so this is a bug in the owner: exit and
+        # clean up rather than run on in an unknown state.
+        logger.error("answering a request failed: cleaning up and exiting",
+                     exc_info=task.exception())  # fmt: skip
+        self.end(EXIT_STREAM_BROKEN)
+
+    def end(self, code: int, message: str | None = None) -> None:
+        if not self.ended.done():
+            if message is not None:
+                logger.info("%s", message)
+            self.ended.set_result(code)
+
+    async def send(self, reply: dict[str, Any]) -> bool:
+        """Write one reply as one whole frame (never interleaved with another reply or an
+        event); False, and the session ends, if the output is closed."""
+        try:
+            data = encode_frame(reply)
+        except Exception as exc:  # an oversized or unpackable reply: say so instead
+            logger.exception("reply to request %r cannot be sent", reply.get("id"))
+            data = encode_frame(error_reply(reply.get("id"), f"reply not sent: {exc}"))
+        try:
+            self.writer.write(data)
+            await self.writer.drain()
+        except (ConnectionError, OSError) as exc:
+            self.end(EXIT_OK, f"output closed ({exc}): cleaning up and exiting")
+            return False
+        return True
+
+    async def cancel_all(self) -> None:
+        """Cancel the requests in flight and wait until they are gone, so that cleanup
+        never races a half-done change (a UAPI write, a netlink request)."""
+        tasks = list(self.tasks)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+
 class OwnerServer:
-    """Serves requests one at a time and keeps track of everything it creates."""
+    """Serves requests, each as a task of its own (state-changing ones in arrival order:
+    CONCURRENT_OPS), and keeps track of everything it creates."""
 
     def __init__(
         self,
@@ -154,6 +236,9 @@ class OwnerServer:
         self._send_bucket = TokenBucket(STUN_SEND_RATE, STUN_SEND_BURST)
         self.stun_filter = stun_filter if stun_filter is not None else SharedPortFilter()
         self.events_dropped = 0
+        # Taken by every op not in CONCURRENT_OPS. asyncio.Lock is FIFO, and request tasks
+        # take it in their first step, in the order they were started: arrival order.
+        self._in_order = asyncio.Lock()
         # Later ops plug in here.
         self.handlers: dict[str, Handler] = {
             OP_HELLO: self._hello,
@@ -184,6 +269,12 @@ class OwnerServer:
             echo = rid if isinstance(rid, int) and not isinstance(rid, bool) else None
             logger.warning("invalid request: %s", exc)
             return error_reply(echo, f"invalid request: {exc}")
+        if request.op in CONCURRENT_OPS:
+            return await self._run(request)
+        async with self._in_order:
+            return await self._run(request)
+
+    async def _run(self, request: Request) -> dict[str, Any]:
         handler = self.handlers.get(request.op)
         if handler is None:
             logger.warning("unknown op %r", request.op)
@@ -299,12 +390,12 @@ class OwnerServer:
         refusals = dict(self.refusals)
         if self.state.backend is None:
             return {"listen_port": 0, "peers": [], "refusals": refusals}
-        backend = self.state.backend
-        peers = await backend.peers()
+        # One read for both: on wireguard-go each read is a UAPI exchange.
+        device = await self.state.backend.stats()
         return {
             "refusals": refusals,
             "stun_filter": self.stun_filter_stats(),
-            "listen_port": await backend.listen_port(),
+            "listen_port": device.listen_port,
             "peers": [
                 {
                     "public_key": encode_key(p.public_key),
@@ -315,7 +406,7 @@ class OwnerServer:
                     "allowed_ips": p.allowed_ips,
                     "keepalive": p.keepalive,
                 }
-                for p in peers
+                for p in device.peers
             ],
         }
 
@@ -481,45 +572,77 @@ class OwnerServer:
         writer: asyncio.StreamWriter,
         stop: asyncio.Event,
     ) -> int:
-        """Answer frames until the stream ends or stop is set; returns the exit code."""
+        """Answer frames until the input ends or breaks, the output closes, `shutdown` is
+        answered or stop is set; returns the exit code.
+
+        Each request runs as a task of its own and writes its reply when done (the agent
+        matches replies by id); at most MAX_IN_FLIGHT at once. At the end of the input the
+        requests read before it are still answered; any other way out cancels those in
+        flight, and they have finished when this returns.
+        """
+        loop = asyncio.get_running_loop()
+        session = _Session(writer, loop.create_future())
         stopped = asyncio.ensure_future(stop.wait())
         self._events = writer
         try:
-            while True:
-                reading = asyncio.ensure_future(read_frame(reader))
-                await asyncio.wait({reading, stopped}, return_when=asyncio.FIRST_COMPLETED)
-                if not reading.done():
-                    reading.cancel()
-                    logger.info("stopping on signal")
-                    return EXIT_OK
-                try:
-                    frame = reading.result()
-                except FrameBodyError as exc:
-                    logger.warning("%s", exc)
-                    reply = error_reply(None, str(exc))
-                except FrameError as exc:
-                    logger.error("input stream broken (%s): cleaning up and exiting", exc)
-                    return EXIT_STREAM_BROKEN
-                else:
-                    if frame is None:
-                        logger.info("end of input (the agent is gone): cleaning up and exiting")
-                        return EXIT_OK
-                    reply = await self.handle(frame)
-                try:
-                    await write_frame(writer, reply)
-                except (ConnectionError, OSError) as exc:
-                    logger.info("output closed (%s): cleaning up and exiting", exc)
-                    return EXIT_OK
-                if self.shutdown_requested:
-                    logger.info("shutdown requested")
-                    return EXIT_OK
-                if stop.is_set():
-                    logger.info("stopping on signal")
-                    return EXIT_OK
+            return await self._read_requests(reader, session, stopped)
         finally:
             self._events = None
             stopped.cancel()
+            await session.cancel_all()
             await self.stop_watching()
+
+    async def _read_requests(
+        self, reader: asyncio.StreamReader, session: _Session, stopped: asyncio.Future[Any]
+    ) -> int:
+        while True:
+            if session.ended.done():
+                return session.ended.result()
+            if stopped.done():
+                logger.info("stopping on signal")
+                return EXIT_OK
+            if len(session.tasks) >= MAX_IN_FLIGHT:
+                # Full: the next frame waits in the pipe until a request is answered.
+                await asyncio.wait({stopped, session.ended, *session.tasks},
+                                   return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
+                continue
+            reading = asyncio.ensure_future(read_frame(reader))
+            await asyncio.wait({reading, stopped, session.ended},
+                               return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
+            if not reading.done():
+                reading.cancel()
+                continue  # the top of the loop says why
+            try:
+                frame = reading.result()
+            except FrameBodyError as exc:
+                # The length prefix kept the stream in sync: answer and read on.
+                logger.warning("%s", exc)
+                session.start(session.send(error_reply(None, str(exc))))
+                continue
+            except FrameError as exc:
+                logger.error("input stream broken (%s): cleaning up and exiting", exc)
+                return await self._answer_the_rest(session, stopped, EXIT_STREAM_BROKEN)
+            if frame is None:
+                logger.info("end of input (the agent is gone): cleaning up and exiting")
+                return await self._answer_the_rest(session, stopped, EXIT_OK)
+            session.start(self._answer(frame, session))
+
+    async def _answer_the_rest(
+        self, session: _Session, stopped: asyncio.Future[Any], code: int
+    ) -> int:
+        """The input is over: the requests read before its end still get their replies,
+        as they did when each was answered before the next read (a stop signal, a closed
+        output or a shutdown cuts this short)."""
+        while session.tasks and not stopped.done() and not session.ended.done():
+            await asyncio.wait({stopped, session.ended, *session.tasks},
+                               return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
+        return session.ended.result() if session.ended.done() else code
+
+    async def _answer(self, frame: dict[str, Any], session: _Session) -> None:
+        reply = await self.handle(frame)
+        sent = await session.send(reply)
+        if sent and reply.get("ok") and frame.get("op") == OP_SHUTDOWN:
+            session.end(EXIT_OK, "shutdown requested")
 
 
 async def _stdio_streams() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:

@@ -46,6 +46,14 @@ class PeerStats:
     keepalive: int = 0
 
 
+@dataclass(frozen=True)
+class DeviceStats:
+    """The device as one read saw it: its listen port and its peers."""
+
+    listen_port: int
+    peers: list[PeerStats] = field(default_factory=list)
+
+
 class WireGuardBackend(Protocol):
     name: str
 
@@ -60,6 +68,11 @@ class WireGuardBackend(Protocol):
     async def peers(self) -> list[PeerStats]: ...
 
     async def listen_port(self) -> int: ...
+
+    async def stats(self) -> DeviceStats:
+        """Listen port and peers from a single read of the device: `stats` is asked
+        often, and each read is an exchange with wireguard-go or the kernel."""
+        ...
 
     async def close(self) -> None:
         """Remove the device; safe to call more than once and after a failed create."""

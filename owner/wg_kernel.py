@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from kbwg.core.addresses import format_endpoint
-from kbwg.owner.wg_backend import BackendError, PeerConfig, PeerStats
+from kbwg.owner.wg_backend import BackendError, DeviceStats, PeerConfig, PeerStats
 
 logger = logging.getLogger(__name__)
 
@@ -138,6 +138,10 @@ class KernelBackend:
 
     async def listen_port(self) -> int:
         return (await self._info())[0]
+
+    async def stats(self) -> DeviceStats:
+        listen_port, peers = await self._info()
+        return DeviceStats(listen_port, peers)
 
     async def close(self) -> None:
         from pyroute2.iproute.linux import AsyncIPRoute

@@ -20,7 +20,7 @@ import time
 
 from kbwg.core.addresses import format_endpoint
 from kbwg.owner.tools import SYSTEM_DIRS, clean_env, find_tool
-from kbwg.owner.wg_backend import BackendError, PeerConfig, PeerStats
+from kbwg.owner.wg_backend import BackendError, DeviceStats, PeerConfig, PeerStats
 
 logger = logging.getLogger(__name__)
 
@@ -228,6 +228,10 @@ class UserspaceBackend:
 
     async def listen_port(self) -> int:
         return (await self._get())[0]
+
+    async def stats(self) -> DeviceStats:
+        listen_port, peers = await self._get()
+        return DeviceStats(listen_port, peers)
 
     async def close(self) -> None:
         process, self._process = self._process, None

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from kbwg.core.addresses import format_endpoint
 from kbwg.owner.netconfig import Egress, HostRoute, IPInterface
-from kbwg.owner.wg_backend import BackendError, PeerConfig, PeerStats
+from kbwg.owner.wg_backend import BackendError, DeviceStats, PeerConfig, PeerStats
 
 # The fake owner process (tests/fake_owner.py): the real server with these fakes.
 FAKE_OWNER = [sys.executable, str(Path(__file__).with_name("fake_owner.py")),
@@ -67,6 +67,9 @@ class MemoryBackend:
     async def listen_port(self) -> int:
         self._require()
         return self._port
+
+    async def stats(self) -> DeviceStats:
+        return DeviceStats(await self.listen_port(), await self.peers())
 
     async def close(self) -> None:
         self.ifname = None
