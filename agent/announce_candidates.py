@@ -8,9 +8,14 @@ the port after the last). The line is a message of its own: the prototype matche
 whole message body against its ANNOUNCE pattern, so an ANNOUNCE message must stay one
 line; older agents ignore this one (as they ignore CLAIM). The sender comes from
 Keybase's metadata, and a peer uses a line only with the key it announced, so a member
-can publish candidates for its own device alone. Relayed candidates are not published:
-a relay passes nothing to us before the peer grants our address a permission, which it
-does from an offer.
+can publish candidates for its own device alone.
+
+Relayed candidates are published too: a relay passes a peer's check to us only once our
+allocation has a permission for the peer's address, and our own early checks from the
+relay to the peer's server-reflexive address install it (permissions are per IP), so
+two devices behind symmetric NATs find their relayed path before the offer. An item of
+a type this version does not know is skipped, not the whole line (agents before this
+one refused a line with a `relay` item, and early-checked only the ANNOUNCE endpoint).
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from kbwg.negotiation.priority import candidate_priority
 from kbwg.negotiation.wire import CandidateInfo
 
 PREFIX = "CANDIDATES "
-PUBLISHED_TYPES = ("host", "mapped", "srflx")
+PUBLISHED_TYPES = ("host", "mapped", "srflx", "relay")
 MAX_CANDIDATES = 16
 
 
@@ -50,11 +55,12 @@ def format_candidates(public_key_b64: str, candidates: Sequence[CandidateInfo]) 
     return f"{PREFIX}{public_key_b64} " + " ".join(items[:MAX_CANDIDATES])
 
 
-def _candidate(item: str, rank: int) -> CandidateInfo:
+def _candidate(item: str, rank: int) -> CandidateInfo | None:
+    """The item as a candidate; None for a type this version does not know."""
     type_, _, rest = item.partition(":")
     ip_text, _, port_text = rest.rpartition(":")
     if type_ not in PUBLISHED_TYPES:
-        raise AnnounceError(f"candidate type {type_!r} is not one of {PUBLISHED_TYPES}")
+        return None
     try:
         ip = ipaddress.ip_address(ip_text)
     except ValueError:
@@ -78,7 +84,10 @@ def parse_candidates(body: str, sender: DeviceId, msg_id: int,
     if len(words) - 2 > MAX_CANDIDATES:
         raise AnnounceError(f"{len(words) - 2} candidates, more than {MAX_CANDIDATES}")
     key = canonical_key(words[1])
-    candidates = tuple(_candidate(item, rank) for rank, item in enumerate(words[2:]))
+    candidates = tuple(c for rank, item in enumerate(words[2:])
+                       if (c := _candidate(item, rank)) is not None)
+    if not candidates:
+        raise AnnounceError(f"no candidate of a known type ({', '.join(PUBLISHED_TYPES)})")
     return PublishedCandidates(sender, key, candidates, msg_id, sent_at)
 
 

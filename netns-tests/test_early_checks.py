@@ -15,7 +15,17 @@ import pytest
 
 from kbwg_testing import wait_until
 from kbwg_world import World
-from kbwg_world.two_nats import ALICE, BOB, nat_pair, one_nat, ping_ok, start_pair, team_servers
+from kbwg_world.nat import NatMode
+from kbwg_world.two_nats import (
+    ALICE,
+    BOB,
+    PORT_PRESERVING,
+    nat_pair,
+    one_nat,
+    ping_ok,
+    start_pair,
+    team_servers,
+)
 
 pytestmark = pytest.mark.netns
 
@@ -37,12 +47,20 @@ def negotiation_line(log: str, peer: str) -> int:
     return -1 if match is None else match.start()
 
 
-@pytest.mark.parametrize("shape", ["lan", "two-nats"])
+@pytest.mark.parametrize("shape", ["lan", "two-nats", "symmetric"])
 def test_a_path_before_any_offer_is_answered(world: World, shape: str) -> None:
-    servers = team_servers(world, delay_ms=DELAY_MS)
+    symmetric = shape == "symmetric"
+    # "symmetric": no direct path; the relayed one comes from the relay candidates the
+    # CANDIDATES lines publish (sent again alone once the allocation is made).
+    servers = team_servers(world, delay_ms=DELAY_MS,
+                           relays=[("kbwg", "203.0.113.5")] if symmetric else ())
     # "lan": announced endpoints are the router's public mappings, the LAN path comes
     # from the published host candidates (CANDIDATES lines).
-    hosts = one_nat(world, servers.inet) if shape == "lan" else nat_pair(world, servers.inet)
+    if shape == "lan":
+        hosts = one_nat(world, servers.inet)
+    else:
+        hosts = nat_pair(world, servers.inet, (NatMode.FULLY_RANDOM,) * 2 if symmetric
+                         else PORT_PRESERVING)
     a, b = hosts.a, hosts.b
     alice, bob = start_pair(servers.team, a, b, timeout=120)
 
@@ -71,7 +89,8 @@ def test_a_path_before_any_offer_is_answered(world: World, shape: str) -> None:
     # early checks did.
     for agent, device in ((alice, "desk"), (bob, "laptop")):
         peer = agent.wait_path(device, timeout=60)
-        assert peer["path"] == ("direct-lan" if shape == "lan" else "direct"), peer
+        assert peer["path"] == {"lan": "direct-lan", "two-nats": "direct",
+                                "symmetric": "relay"}[shape], peer
         status = agent.status()
         entry = next(p for p in status["peers"] if p["device"] == device)
         assert entry["early_checks"]["state"] in ("checking", "connected", "resting"), entry

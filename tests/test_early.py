@@ -122,19 +122,26 @@ def test_candidates_line_round_trip_and_old_parsers() -> None:
     parsed = parse_candidates(line, ALICE, 5, 1000.0)
     assert [(c.type, c.ip, c.port) for c in parsed.candidates] == [
         ("host", "198.18.0.2", PORT), ("host", "2001:db8::2", PORT),
-        ("srflx", "203.0.113.7", 40001)]  # relayed ones are not published
+        ("srflx", "203.0.113.7", 40001), ("relay", "192.0.2.9", 50000)]
     assert parsed.candidates[0].priority > parsed.candidates[1].priority
     # Its own message: the prototype's pattern matches no CANDIDATES line, and the
     # ANNOUNCE message is the unchanged single line.
     assert _ANNOUNCE_RE.match(line) is None
-    assert format_candidates(KEY, [cands[3]]) is None
+    # Peer-reflexive candidates are learned from checks, not published.
+    assert format_candidates(KEY, [CandidateInfo("prflx", "203.0.113.8", 1, 1, "p")]) is None
+
+
+def test_an_item_of_an_unknown_type_is_skipped_not_the_whole_line() -> None:
+    parsed = parse_candidates(f"CANDIDATES {KEY} quic:203.0.113.9:443 host:198.18.0.2:51820",
+                              ALICE, 5, 1000.0)
+    assert [(c.type, c.ip) for c in parsed.candidates] == [("host", "198.18.0.2")]
 
 
 @pytest.mark.parametrize("body", [
     "CANDIDATES",
     f"CANDIDATES {KEY}",
     "CANDIDATES notakey host:198.18.0.2:51820",
-    f"CANDIDATES {KEY} relay:198.18.0.2:51820",
+    f"CANDIDATES {KEY} prflx:198.18.0.2:51820",  # no item of a known type left
     f"CANDIDATES {KEY} host:127.0.0.1:51820",
     f"CANDIDATES {KEY} host:fe80::1:51820",
     f"CANDIDATES {KEY} host:198.18.0.2:0",
