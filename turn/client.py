@@ -52,6 +52,8 @@ Receiver = Callable[[bytes, Address], None]
 SOCKET_BUFFER = 4 * 1024 * 1024
 CREDENTIAL_TTL_S = 24 * 3600
 LIFETIME_S = 600
+# Refused peers remembered so that a refusal is logged once (oldest forgotten first).
+MAX_REFUSED = 256
 
 
 @dataclass(frozen=True)
@@ -124,6 +126,9 @@ class RelayAllocation:
         # Per bound channel: when it was last bound (loop time), and which were used since.
         self._bound_at: dict[int, float] = {}
         self._used: set[int] = set()
+        # Peers the relay refused, with why: said once at INFO, not at every check's
+        # retransmit (a relay refuses another allocation on itself each time).
+        self._refused: dict[Address, str] = {}
 
     @classmethod
     async def open(cls, url: str, server: Address, user: str, secret: str,
@@ -267,7 +272,16 @@ class RelayAllocation:
                 self._bound_at[channel] = asyncio.get_running_loop().time()
         except Exception as exc:
             self.counters.send_errors += 1
-            log.info("relay %s: cannot reach %s:%d: %s", self.url, *peer, exc)
+            why = str(exc)
+            said = self._refused.get(peer) == why
+            log.log(logging.DEBUG if said else logging.INFO,
+                    "relay %s: cannot reach %s:%d: %s", self.url, *peer, why)
+            if not said:
+                while len(self._refused) >= MAX_REFUSED:
+                    del self._refused[next(iter(self._refused))]
+                self._refused[peer] = why
+        else:
+            self._refused.pop(peer, None)
 
     def lost(self, exc: Exception | None) -> None:
         if self.closed:
