@@ -261,6 +261,13 @@ async def test_join_refuses_bad_peers_json(tmp_path: Path, peers: str, message: 
     path.parent.mkdir(parents=True)
     path.write_text(peers)
     owner = FakeOwner()
+    await refused_join(tmp_path, home, owner, message)
+    assert not any(op == "create" for op, _ in owner.calls)
+    assert owner.closed
+
+
+async def refused_join(tmp_path: Path, home: Path, owner: FakeOwner, message: str) -> None:
+    """`join` as alice/laptop with this owner stops with a JoinError saying `message`."""
 
     async def factory(_command: list[str] | None) -> Any:
         return owner
@@ -270,21 +277,11 @@ async def test_join_refuses_bad_peers_json(tmp_path: Path, peers: str, message: 
                   owner_factory=factory)  # fmt: skip
     with pytest.raises(JoinError, match=re.escape(message)):
         await agent.run(asyncio.Event())
-    assert not any(op == "create" for op, _ in owner.calls)
-    assert owner.closed
 
 
 async def test_missing_peers_json_says_where_it_looked(tmp_path: Path) -> None:
-    owner = FakeOwner()
-
-    async def factory(_command: list[str] | None) -> Any:
-        return owner
-
-    agent = Agent(JoinOptions(team=TEAM, state_dir=tmp_path, endpoint="198.18.0.5"),
-                  KeybaseClient(STANDIN, env=env_for(tmp_path / "kb", "alice", "laptop")),
-                  owner_factory=factory)  # fmt: skip
-    with pytest.raises(JoinError, match=re.escape("cannot use /keybase/team/t1/peers.json")):
-        await agent.run(asyncio.Event())
+    await refused_join(tmp_path, tmp_path / "kb", FakeOwner(),
+                       "cannot use /keybase/team/t1/peers.json")
     assert not (tmp_path / "control.sock").exists()
 
 
@@ -630,15 +627,7 @@ async def test_an_owner_that_cannot_read_the_routes_stops_join_with_a_fix(
             return await super().request(op, **args)
 
     owner = OldOwner()
-
-    async def factory(_command: list[str] | None) -> Any:
-        return owner
-
-    agent = Agent(JoinOptions(team=TEAM, state_dir=tmp_path, endpoint="198.18.0.5"),
-                  KeybaseClient(STANDIN, env=env_for(home, "alice", "laptop")),
-                  owner_factory=factory)  # fmt: skip
-    with pytest.raises(JoinError, match=re.escape(f"could not read them: {error}); {hint}")):
-        await agent.run(asyncio.Event())
+    await refused_join(tmp_path, home, owner, f"could not read them: {error}); {hint}")
     assert ("host_routes", {"exclude_ifname": "kbwg0"}) in owner.calls
     assert not any(op == "create" for op, _ in owner.calls)
 

@@ -23,6 +23,7 @@ from typing import Any, cast
 import pytest
 
 from kbwg.agent import peer_sync as peer_sync_module
+from kbwg.agent.announce import Announcement
 from kbwg.agent.connectivity import Route
 from kbwg.agent.peer_selection import PeerSpec
 from kbwg.agent.peer_sync import PeerSync
@@ -33,6 +34,7 @@ KEY = "bob-key"
 # Ours sorts before the peer's: this end starts the handshake at once.
 FIRST_KEY, SECOND_KEY = "alice-key", "carol-key"
 ENDPOINT = "203.0.113.12:51820"
+ANNOUNCED_AT = "198.51.100.7:51820"  # the announced endpoint, where no path was chosen
 KEEPALIVE = 25
 # A chosen pair whose RTT the checks did not measure: held for the whole bound.
 UNMEASURED = SimpleNamespace(rtt_ms=None)
@@ -86,6 +88,13 @@ class Recorder:
 
 def host(endpoint: str) -> str:
     return endpoint.rpartition(":")[0]
+
+
+def announced_at(peer: PeerState, device: DeviceId, endpoint: str) -> None:
+    """The peer's announcement (message 7) gives `endpoint`."""
+    ip, _, port = endpoint.rpartition(":")
+    peer.spec = PeerSpec(device, IPv4Address("100.64.0.2"),
+                         Announcement(device, ip, int(port), KEY, msg_id=7, sent_at=0.0))
 
 
 def make_sync(rec: Recorder, our_key: str = FIRST_KEY,
@@ -177,7 +186,6 @@ async def test_a_held_path_of_a_peer_dropped_meanwhile_goes_nowhere(
                          [("checking", 1), ("offering", 0), ("unanswered", 0)])
 async def test_a_moved_announcement_renegotiates_unless_our_offer_is_out(
         session_state: str, restarts: int) -> None:
-    from kbwg.agent.announce import Announcement
     from kbwg.negotiation.session import Negotiator as RealNegotiator
 
     offers: list[str] = []
@@ -264,21 +272,17 @@ async def test_a_held_announced_endpoint_gives_way_to_a_chosen_path(
 ) -> None:
     """The fallback and the chosen path share one hold: what goes to WireGuard when it
     ends is the path (tests/test_first_handshake.py plays the handshakes out)."""
-    from kbwg.agent.announce import Announcement
-
     rec = Recorder()
     spawned: list[Any] = []
     sync, peer, device = make_sync(rec, SECOND_KEY, spawned)
-    peer.spec = PeerSpec(device, IPv4Address("100.64.0.2"),
-                         Announcement(device, "198.51.100.7", 51820, KEY, msg_id=7,
-                                      sent_at=0.0))
+    announced_at(peer, device, ANNOUNCED_AT)
     await sync._announced_fallback(device, KEY)
     await sync.path_chosen(device, cast(Any, UNMEASURED), "chosen")
     assert [op for op, _ in rec.calls] == [], rec.calls
     (later,) = spawned
     monkeypatch.setattr(peer_sync_module, "FIRST_HANDSHAKE_HOLD_S", 0.0)
     await later
-    assert ("set_peer", ("198.51.100.7:51820", KEEPALIVE)) not in rec.calls, rec.calls
+    assert ("set_peer", (ANNOUNCED_AT, KEEPALIVE)) not in rec.calls, rec.calls
     assert rec.calls[-1] == ("set_peer", (ENDPOINT, KEEPALIVE)), rec.calls
     assert (peer.endpoint, peer.endpoint_source) == (ENDPOINT, NEGOTIATED)
 
@@ -291,15 +295,11 @@ async def test_a_fallback_after_the_peers_handshake_keeps_where_it_came_from(
     once): WireGuard's endpoint is where it came from, which the announcement need not
     be; it stays, with the source address the session uses (no endpoint in the call),
     and the keepalive goes on."""
-    from kbwg.agent.announce import Announcement
-
     roamed = "198.51.100.9:40001"
     rec = Recorder(wg_endpoint=roamed, session=True)
     spawned: list[Any] = []
     sync, peer, device = make_sync(rec, our_key, spawned)
-    peer.spec = PeerSpec(device, IPv4Address("100.64.0.2"),
-                         Announcement(device, "198.51.100.7", 51820, KEY, msg_id=7,
-                                      sent_at=0.0))
+    announced_at(peer, device, ANNOUNCED_AT)
     await sync._announced_fallback(device, KEY)
     assert not spawned  # no hold: the session is there
     assert rec.calls == [("set_peer", (None, KEEPALIVE))], rec.calls
