@@ -143,6 +143,8 @@ def test_an_item_of_an_unknown_type_is_skipped_not_the_whole_line() -> None:
     "CANDIDATES notakey host:198.18.0.2:51820",
     f"CANDIDATES {KEY} prflx:198.18.0.2:51820",  # no item of a known type left
     f"CANDIDATES {KEY} host:127.0.0.1:51820",
+    f"CANDIDATES {KEY} relay:127.0.0.1:3478",  # relayed items are checked alike
+    f"CANDIDATES {KEY} relay:224.0.0.1:3478 srflx:203.0.113.7:40001",
     f"CANDIDATES {KEY} host:fe80::1:51820",
     f"CANDIDATES {KEY} host:198.18.0.2:0",
     f"CANDIDATES {KEY} host:198.18.0.2:x",
