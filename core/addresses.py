@@ -5,8 +5,26 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass
+from functools import lru_cache
 
 Address = tuple[str, int]
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def parse_ip(text: str) -> IPAddress:
+    """`ipaddress.ip_address(text)` for text, remembered: every STUN datagram the agent
+    and the owner pass along names its addresses as text, a few parses each, and the
+    same few peers' addresses come back thousands of times. ValueError for anything
+    that is not an address in text form (a failed parse is not remembered)."""
+    if not isinstance(text, str):
+        raise ValueError(f"{type(text).__name__} is not an IP address in text form")
+    return _remembered_ip(text)
+
+
+# Bounded: a flood of distinct addresses only pushes older ones out.
+@lru_cache(maxsize=1024)
+def _remembered_ip(text: str) -> IPAddress:
+    return ipaddress.ip_address(text)
 
 
 def format_endpoint(addr: Address) -> str:
@@ -27,7 +45,7 @@ def parse_endpoint(text: str) -> Address:
     if bracketed:
         host = host[1:-1]
     try:
-        ip = ipaddress.ip_address(host)
+        ip = parse_ip(host)
     except ValueError as exc:
         raise ValueError(f"{text[:80]!r} has an invalid address") from exc
     if ip.version == 6 and not bracketed:
@@ -43,7 +61,7 @@ def parse_endpoint(text: str) -> Address:
 def ip_family(ip: str) -> int | None:
     """4 or 6 for an IP address in text form, None when it is not one."""
     try:
-        return ipaddress.ip_address(ip).version
+        return parse_ip(ip).version
     except ValueError:
         return None
 

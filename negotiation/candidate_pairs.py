@@ -20,7 +20,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from kbwg.core.addresses import Address, format_endpoint, ip_family, parse_endpoint
+from kbwg.core.addresses import Address, format_endpoint, ip_family, parse_endpoint, parse_ip
 from kbwg.negotiation.candidates import Candidate, candidate_priority
 from kbwg.negotiation.choice import PairState, PairView, PathClass, path_class
 from kbwg.negotiation.rtt_estimator import RttEstimator
@@ -50,7 +50,7 @@ def parse_address(text: str | None) -> Address | None:
 
 def ipv4(address: str) -> bool:
     try:
-        return isinstance(ipaddress.ip_address(address), ipaddress.IPv4Address)
+        return isinstance(parse_ip(address), ipaddress.IPv4Address)
     except ValueError:
         return False
 
@@ -59,7 +59,7 @@ def checkable(address: str) -> bool:
     """An address checks may go to or come from: IPv4, or IPv6 that is not link-local
     (no scope to send it with) nor IPv4-mapped (IPv4 goes as IPv4)."""
     try:
-        ip = ipaddress.ip_address(address)
+        ip = parse_ip(address)
     except ValueError:
         return False
     if isinstance(ip, ipaddress.IPv6Address):

@@ -88,7 +88,7 @@ import ipaddress
 from dataclasses import dataclass
 from typing import Any
 
-from kbwg.core.addresses import format_endpoint
+from kbwg.core.addresses import format_endpoint, parse_ip
 from kbwg.core.addresses import parse_endpoint as core_parse_endpoint
 from kbwg.core.stun import is_stun
 from kbwg.owner.rawstun import MAX_STUN_PAYLOAD, is_usable_unicast
@@ -347,7 +347,7 @@ class StunSendArgs:
         if source is not None and (not isinstance(source, str) or not is_usable_unicast(source)):
             raise ProtocolError("'source' must be a unicast IPv4 or IPv6 address or None")
         if source is not None:
-            source = str(ipaddress.ip_address(source))
+            source = str(parse_ip(source))
             if (":" in source) != (":" in dest[0]):
                 raise ProtocolError("'source' and 'dest' must be of one family")
         return cls(dest=dest, data=bytes(data), source=source)

@@ -34,7 +34,7 @@ import struct
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
-from kbwg.core.addresses import Address, ip_family
+from kbwg.core.addresses import Address, ip_family, parse_ip
 from kbwg.core.routing import route_source
 from kbwg.core.stun import MAX_STUN_MESSAGE, STUN_COOKIE
 
@@ -42,6 +42,7 @@ logger = logging.getLogger(__name__)
 
 
 MAX_STUN_PAYLOAD = MAX_STUN_MESSAGE
+LIMITED_BROADCAST = ipaddress.IPv4Address("255.255.255.255")
 
 # Not exported by Python 3.11's socket module; values from linux/socket.h and linux/in.h.
 SO_ATTACH_FILTER = 26
@@ -529,11 +530,11 @@ def is_usable_unicast(ip: str) -> bool:
     and are never candidates. Nor are IPv4-mapped ones: IPv4 goes over the IPv4 socket.
     """
     try:
-        addr = ipaddress.ip_address(ip)
+        addr = parse_ip(ip)
     except ValueError:
         return False
     if addr.is_multicast or addr.is_unspecified:
         return False
     if isinstance(addr, ipaddress.IPv6Address):
         return not (addr.is_link_local or addr.ipv4_mapped is not None or "%" in ip)
-    return addr != ipaddress.IPv4Address("255.255.255.255")
+    return addr != LIMITED_BROADCAST
