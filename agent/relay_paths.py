@@ -3,9 +3,11 @@
 One allocation per configured relay gives one relayed candidate (the lowest-RTT relay
 gets the highest priority). A relay listed with several transports (kbwg.json entries
 with the same host, secret and username: `turn:H`, `turn:H?transport=tcp`, `turns:H`)
-is one relay: UDP is tried first, and only when it gets no answer (a network that
-blocks outbound UDP) TCP, then TLS, in the background, so the other candidates need
-not wait; `transport_reason` says why (status and diag show it).
+is one relay: UDP is tried first; when it has failed or had a second alone (a network
+that blocks outbound UDP), TCP starts beside it, then TLS the same way, and the first
+allocation wins. Gathering waits for it at most its time-out (3 s); one that comes later
+makes the agent gather again. `transport_reason` says why a relay is reached the way it
+is (status and diag show it).
 
 Each relay is also asked for an IPv6 relayed address (REQUESTED-ADDRESS-FAMILY, over its
 IPv6 address when it has one, else over IPv4), so a peer reachable only over IPv6 has a
@@ -58,6 +60,10 @@ IPV6_KEY = "#ipv6"
 # before the peer's proxy opened is kept this long, for that many routes at most.
 EARLY_INITIATION_S = 2.0
 EARLY_INITIATION_ROUTES = 64
+# How long a relay's transport is tried alone before the next one listed for that relay
+# starts beside it: a relay answers an allocation in two round trips (401, then the
+# authenticated request), and aioice retransmits the first after 0.5 s.
+NEXT_TRANSPORT_DELAY_S = 1.0
 _INITIATION_TYPE = 1
 _INITIATION_LEN = 148
 
@@ -109,42 +115,32 @@ class RelayPaths:
     def missing(self, relays: list[RelayConfig]) -> list[RelayGroup]:
         """The configured relays without a live allocation or one under way."""
         return [g for g in relay_groups(relays)
-                if g.key not in self.pending and (g.key not in self.allocations
-                                                  or self.allocations[g.key].closed)]
+                if g.key not in self.pending and not self._alive(g.key)]
+
+    def _alive(self, key: str) -> bool:
+        return key in self.allocations and not self.allocations[key].closed
 
     async def ensure(self, relays: list[RelayConfig], timeout: float = 3.0) -> None:
-        """An allocation on every configured relay that has none alive: its first
-        transport is awaited, fallbacks run in the background (`on_ready`)."""
-        missing = self.missing(relays)
-        missing6 = [g for g in relay_groups(relays)
-                    if g.key not in self.no_ipv6
-                    and (g.key + IPV6_KEY not in self.allocations
-                         or self.allocations[g.key + IPV6_KEY].closed)]
-        results, results6 = await asyncio.gather(
-            asyncio.gather(*(self._allocate(g.options[0], timeout) for g in missing),
-                           return_exceptions=True),
-            asyncio.gather(*(self._allocate(g.options[0], timeout, ipv6=True)
-                             for g in missing6), return_exceptions=True))
-        for group, result in zip(missing6, results6, strict=True):
-            self._ipv6_result(group, result, timeout)
-        for group, result in zip(missing, results, strict=True):
-            if isinstance(result, BaseException):
-                first = group.options[0]
-                reason = _failure(first, result, timeout)
-                self.allocations.pop(group.key, None)
-                if len(group.options) > 1:
-                    log.warning("relay %s: no allocation over %s (%s); trying %s",
-                                first.url, first.transport, reason,
-                                ", ".join(o.url for o in group.options[1:]))
-                    self._start_fallback(group, reason, timeout)
-                else:
-                    log.warning("relay %s: no allocation: %s", first.url, reason)
-            else:
-                result.transport_reason = f"{result.transport}: first choice"
-                self.allocations[group.key] = result
+        """An allocation on every configured relay that has none alive, over the first of
+        its transports to give one (`_first_allocation`), and an IPv6 relayed one beside
+        it. Waits at most `timeout`; a relay still trying then goes on in the background
+        and tells `on_ready` of what it gets."""
+        late = asyncio.Event()  # set once this call has returned
+        tasks = []
+        for group in relay_groups(relays):
+            if group.key in self.pending:
+                continue
+            want4 = not self._alive(group.key)
+            want6 = group.key not in self.no_ipv6 and not self._alive(group.key + IPV6_KEY)
+            if want4 or want6:
+                tasks.append(self._start_group(group, timeout, late, want4, want6))
+        if tasks:
+            await asyncio.wait(tasks, timeout=timeout)
+        late.set()
 
-    def _start_fallback(self, group: RelayGroup, reason: str, timeout: float) -> None:
-        task = asyncio.create_task(self._fall_back(group, [reason], timeout))
+    def _start_group(self, group: RelayGroup, timeout: float, late: asyncio.Event,
+                     want4: bool, want6: bool) -> asyncio.Task[None]:
+        task = asyncio.create_task(self._allocate_group(group, timeout, late, want4, want6))
         self.pending[group.key] = task
 
         def done(_task: asyncio.Task[None]) -> None:
@@ -152,33 +148,110 @@ class RelayPaths:
                 del self.pending[group.key]
 
         task.add_done_callback(done)
+        return task
 
-    async def _fall_back(self, group: RelayGroup, reasons: list[str], timeout: float) -> None:
-        for option in group.options[1:]:
-            try:
-                allocation = await self._allocate(option, timeout)
-            except Exception as exc:  # each failure is reported below
-                reasons.append(_failure(option, exc, timeout))
-                continue
-            allocation.transport_reason = f"{'; '.join(reasons)}; using {option.transport}"
+    async def _allocate_group(self, group: RelayGroup, timeout: float, late: asyncio.Event,
+                              want4: bool, want6: bool) -> None:
+        """The relay's missing allocations. The IPv6 one is asked over the transport
+        the IPv4 one uses: over the first listed, beside the IPv4 race, and once more
+        over the transport that won it when that is another."""
+        first = group.options[0]
+        if self._alive(group.key):
+            first = self._option_of(group, self.allocations[group.key])
+        asking6 = (asyncio.create_task(self._allocate(first, timeout, ipv6=True))
+                   if want6 else None)
+        try:
+            got = await self._allocate_ipv4(group, timeout) if want4 else None
+            if asking6 is not None:
+                over = self._option_of(group, got) if got is not None else first
+                if over is not first:
+                    await _cancel_all({asking6: None})
+                    asking6 = asyncio.create_task(self._allocate(over, timeout, ipv6=True))
+                result6 = (await asyncio.gather(asking6, return_exceptions=True))[0]
+                asking6 = None
+                self._ipv6_result(group, over, result6, timeout)
+                got = got or self.allocations.get(group.key + IPV6_KEY)
+        finally:
+            if asking6 is not None:
+                await _cancel_all({asking6: None})
+        if got is not None and late.is_set():
+            (self.on_ready or self.on_lost)(got)
+
+    async def _allocate_ipv4(self, group: RelayGroup, timeout: float) -> RelayAllocation | None:
+        try:
+            allocation, reasons = await self._first_allocation(group, timeout)
+        except _NoAllocation as exc:
+            self.allocations.pop(group.key, None)
+            log.warning("relay %s: no allocation%s: %s", group.key,
+                        " over any transport" if len(group.options) > 1 else "",
+                        "; ".join(exc.reasons))
+            return None
+        if reasons:
+            allocation.transport_reason = "; ".join([*reasons, f"using {allocation.transport}"])
             log.info("relay %s: %s", group.key, allocation.transport_reason)
-            self.allocations[group.key] = allocation
-            (self.on_ready or self.on_lost)(allocation)
-            return
-        log.warning("relay %s: no allocation over any transport: %s", group.key,
-                    "; ".join(reasons))
+        else:
+            allocation.transport_reason = f"{allocation.transport}: first choice"
+        self.allocations[group.key] = allocation
+        return allocation
 
-    def _ipv6_result(self, group: RelayGroup, result: RelayAllocation | BaseException,
-                     timeout: float) -> None:
-        from kbwg.turn.client import RelayAllocation
+    @staticmethod
+    def _option_of(group: RelayGroup, allocation: RelayAllocation) -> RelayConfig:
+        return next((o for o in group.options if o.url == allocation.url), group.options[0])
 
+    async def _first_allocation(self, group: RelayGroup,
+                                timeout: float) -> tuple[RelayAllocation, list[str]]:
+        """The first allocation any of the group's transports gives, and why the ones
+        before it gave none. Each transport starts when the one before it failed or has
+        had NEXT_TRANSPORT_DELAY_S alone (RFC 8305's attempt delay): where UDP is
+        blocked, TCP waits that long, not a whole time-out. The rest are then cancelled
+        (or closed, when they finished together)."""
+        options = list(group.options)
+        running: dict[asyncio.Task[RelayAllocation], tuple[RelayConfig, float]] = {}
+        reasons: list[str] = []
+        loop = asyncio.get_running_loop()
+        delay = min(NEXT_TRANSPORT_DELAY_S, timeout)
+        winner: RelayAllocation | None = None
+        try:
+            start_next = True
+            while winner is None:
+                if options and (start_next or not running):
+                    option = options.pop(0)
+                    if running:
+                        log.info("relay %s: no answer over %s yet; trying %s beside it",
+                                 group.key, ", ".join(o.transport for o, _ in running.values()),
+                                 option.url)
+                    running[asyncio.create_task(self._allocate(option, timeout))] = (
+                        option, loop.time())
+                if not running:
+                    raise _NoAllocation(reasons)
+                done, _ = await asyncio.wait(running, timeout=delay if options else None,
+                                             return_when=asyncio.FIRST_COMPLETED)
+                start_next = not done  # the delay ran out
+                for task in done:
+                    option, _started = running[task]
+                    exc = task.exception()
+                    if exc is not None:
+                        del running[task]
+                        reasons.append(_failure(option, exc, timeout))
+                        start_next = True
+                    elif winner is None:
+                        del running[task]
+                        winner = task.result()
+            reasons += [f"{option.transport}: no answer in {loop.time() - started:.1f} s"
+                        for task, (option, started) in running.items() if not task.done()]
+            return winner, reasons
+        finally:
+            await _cancel_all(running)
+
+    def _ipv6_result(self, group: RelayGroup, over: RelayConfig,
+                     result: RelayAllocation | BaseException, timeout: float) -> None:
         key = group.key + IPV6_KEY
-        if isinstance(result, RelayAllocation):
+        if not isinstance(result, BaseException):
             result.transport_reason = f"{result.transport}: IPv6 relayed address"
             self.allocations[key] = result
             return
         self.allocations.pop(key, None)
-        reason = _failure(group.options[0], result, timeout)
+        reason = _failure(over, result, timeout)
         if isinstance(result, stun.TransactionFailed):
             self.no_ipv6.add(group.key)  # 440, or a relay that knows no such request
             log.info("relay %s: no IPv6 relayed address (%s); not asked again", group.key,
@@ -321,14 +394,32 @@ class RelayPaths:
                 "proxy_dropped": c.dropped, "proxy_foreign": c.foreign}
 
     async def close(self) -> None:
-        for task in list(self.pending.values()):
+        pending = list(self.pending.values())
+        for task in pending:
             task.cancel()
+        # Their allocations under way close as they are cancelled.
+        await asyncio.gather(*pending, return_exceptions=True)
         for proxy in self.proxies.values():
             proxy.close()
         self.proxies.clear()
         self._by_route.clear()
         await asyncio.gather(*(a.close() for a in self.allocations.values()),
                              return_exceptions=True)
+
+
+class _NoAllocation(Exception):
+    def __init__(self, reasons: list[str]) -> None:
+        super().__init__("; ".join(reasons))
+        self.reasons = reasons
+
+
+async def _cancel_all(running: dict[asyncio.Task[RelayAllocation], Any]) -> None:
+    """Cancel the allocations still under way; close those that came anyway."""
+    for task in running:
+        task.cancel()
+    results = await asyncio.gather(*running, return_exceptions=True)
+    await asyncio.gather(*(r.close() for r in results if not isinstance(r, BaseException)),
+                         return_exceptions=True)
 
 
 def _failure(relay: RelayConfig, exc: BaseException, timeout: float) -> str:
