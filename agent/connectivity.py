@@ -21,7 +21,7 @@ import contextlib
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from aioice import stun
@@ -181,13 +181,26 @@ class Connectivity:
             self._publish(complete=False)
             return local
 
-        self.local, _ = await asyncio.gather(stun_part(), self.relays.ensure(self.config.relays))
+        async def relay_part() -> None:
+            await self.relays.ensure(self.config.relays)
+            if self._local_done.is_set() and self.relays.candidates():
+                # Trickled at once, not after the port mapping's grace: a peer behind a
+                # symmetric NAT can early-check nothing else.
+                self.local = replace(self.local, candidates=[
+                    *(c for c in self.local.candidates if c.type != "relay"),
+                    *self.relays.candidates()])
+                self._publish(complete=False)
+
+        local, _ = await asyncio.gather(stun_part(), relay_part())
+        self.local = replace(local, candidates=local.candidates + self.relays.candidates())
         await asyncio.wait({mapping_task}, timeout=PORTMAP_GRACE_S)
+        mapped: list[Candidate] = []
         if mapping_task.done():
-            self.local.candidates += self._mapped_candidates(mapping_task.result())
+            mapped = self._mapped_candidates(mapping_task.result())
         else:
             mapping_task.add_done_callback(self._late_mapping)
-        self.local.candidates += self.relays.candidates()
+        self.local = replace(local, candidates=[
+            *local.candidates, *mapped, *self.relays.candidates()])
         self._mux.set_local_candidates(self.local.candidates)
         log.info("local candidates: %s", ", ".join(
             f"{c.type} {c.address}:{c.port}" for c in self.local.candidates) or "none")
