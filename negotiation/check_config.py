@@ -26,7 +26,7 @@ class CheckTimers:
     rto: float = 0.100  # first retransmit of a check, doubling ...
     max_rto: float = 1.6  # ... up to this
     max_transmissions: int = 6  # a check fails ~4.7 s after its first copy
-    settle: float = 0.150  # wait for better-class pairs after the first success
+    settle: float = 0.150  # a NAT path waits this for LAN pairs after the first success
     # ... and at most this long for pairs of its class still in flight that could
     # answer faster (a multi-homed host's other uplink): the first choice is the right one.
     contend_max: float = 0.5

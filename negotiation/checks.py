@@ -30,9 +30,11 @@ How this differs from full ICE (one component, one stream, both ends are this ag
   order, one new transaction every `pacing` (Ta). Triggered checks, nominations and
   consent checks go first; keepalives and re-probes last (check_transactions.py).
 - Nomination: the controlling side selects a pair as soon as it has succeeded and the
-  choice says so (choice.py), then sends USE-CANDIDATE on it. It nominates a host-host
-  pair at once; otherwise it waits `settle` after the first success (or until every
-  pair of a better class failed). Either way the first nomination also waits (at most
+  choice says so (choice.py), then sends USE-CANDIDATE on it. It nominates a same-LAN
+  or a relayed pair at once (a relay is the fallback: a direct pair that answers later
+  replaces it, as a better class always does, and the path works meanwhile); a path
+  through NATs waits `settle` after the first success while a LAN pair is still being
+  checked (or until every one failed). Either way the first nomination also waits (at most
   `contend_max`) while a pair of the same class could still answer faster: one not
   checked yet, or checked less than the winner's RTT ago (a multi-homed host's fast
   uplink beside a slow default one), so the first choice is the right one. A check
@@ -632,7 +634,9 @@ class PeerChecker:
             if moved is None:
                 return
             best, reason = moved
-        if (current is None and not self._was_selected and best_view.path != "direct-lan"
+        # Only a NAT path waits for a LAN one: a relayed path works now and any direct
+        # pair replaces it the moment it answers.
+        if (current is None and not self._was_selected and best_view.path == "direct"
                 and not self._settle_expired and better_class_pending(best_view, views)):
             if self._settle is None:
                 self._settle = self._loop.call_later(self.timers.settle, self._settled)

@@ -105,12 +105,21 @@ class Node:
             "srflx", public[0], public[1], None, candidate_priority("srflx"), "stun",
             f"{base.address[0]}:{base.address[1]}"))
 
+    def relay(self, ip: str, port: int, delay: float = 0.0) -> Iface:
+        """A relayed candidate: an allocation on a relay on the internet, which passes
+        what comes to it (permissions are not modelled)."""
+        self.candidates.append(Candidate("relay", ip, port, None, candidate_priority("relay"),
+                                         "turn"))
+        iface = Iface((ip, port), self, None, None, delay)
+        self.net.ifaces[iface.address] = iface
+        return iface
+
     def send(self, data: bytes, dest: Address, local: Candidate) -> None:
         self.net.send(data, (local.address, local.port), dest)
 
     def receive(self, data: bytes, src: Address, local: Address) -> None:
         cand = next(c for c in self.candidates
-                    if c.type == "host" and (c.address, c.port) == local)
+                    if c.type in ("host", "relay") and (c.address, c.port) == local)
         self.mux.datagram_received(data, src, cand)
 
     def on_selected(self, pair: CandidatePair | None, reason: str) -> None:
@@ -649,6 +658,36 @@ async def test_settle_window_is_bounded() -> None:
         # Chosen exactly `settle` after the first pair worked, not when the LAN check ends.
         first_success = min(p.succeeded_at for p in a.c.pairs if p.succeeded_at is not None)
         assert a.selected_at == [pytest.approx(first_success + timers.settle)]
+    finally:
+        close(a, b)
+
+
+async def test_a_relayed_path_is_used_at_once_and_a_direct_one_replaces_it() -> None:
+    # Two NATs whose direct path is slow (120 ms RTT) and a relay beside A that answers
+    # in a few ms. Waiting `settle` would hold the relayed path back for a direct one
+    # that replaces it anyway (a better class always does, at once).
+    net = SimNet()
+    nat_a, nat_b = net.nat("203.0.113.1"), net.nat("198.51.100.1")
+    a, b = net.node("a"), net.node("b")
+    ia = a.host("10.1.0.2", lan="home-a", nat=nat_a, delay=0.06)
+    ib = b.host("10.2.0.2", lan="home-b", nat=nat_b)
+    a.srflx(("203.0.113.1", PORT), ia)
+    b.srflx(("198.51.100.1", PORT), ib)
+    a.relay("203.0.113.5", 50000, delay=0.001)
+    timers = replace(SLOW_PATHS, settle=0.5)
+    await connect(a, b, timers)
+    try:
+        await advance_until(lambda: a.c.state == "connected")
+        first, _ = a.selections[0]
+        assert first is not None and first.local.type == "relay"
+        await advance_until(lambda: a.c.snapshot()["path"] == "direct", timeout=2.0)
+        direct = a.c.selected
+        assert direct is not None and direct.succeeded_at is not None
+        # Chosen before the direct pair had answered (not `settle` after the first
+        # success), then replaced by it as soon as it did.
+        assert a.selected_at[0] < direct.succeeded_at
+        assert len(a.selections) == 2
+        await advance_until(lambda: mirrored(a, b))
     finally:
         close(a, b)
 
