@@ -19,7 +19,7 @@ from kbwg_testing import wait_until
 from kbwg_world import Node, World
 from kbwg_world.natchange import forget_mappings
 from kbwg_world.team import AgentProcess
-from kbwg_world.two_nats import TwoNats, connected, nat_moves_under_traffic, ping_ok, two_nats
+from kbwg_world.two_nats import TwoNats, connected, nat_moves_under_traffic, two_nats
 
 pytestmark = pytest.mark.netns
 
@@ -78,7 +78,7 @@ def test_an_idle_nat_forgetting_its_mappings_under_fresh_traffic_from_the_far_si
     wait_until(lambda: pace(alice, "desk") == "active", timeout=15,
                what="alice's consent at the RTT pace once bob's traffic arrives")
     forget_mappings(r1)
-    wait_until(lambda: ping_ok(b, ALICE_IP), timeout=10, what="bob's pings answered again")
+    wait_until(lambda: b.ping_ok(ALICE_IP), timeout=10, what="bob's pings answered again")
     assert bob.negotiated("laptop") is not None
 
 

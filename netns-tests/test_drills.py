@@ -11,7 +11,6 @@ killed itself and restarted at once.
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import json
 import os
@@ -25,19 +24,16 @@ from typing import Any
 
 import pytest
 
-from kbwg.agent.control import ControlError, call
 from kbwg_testing import wait_until
 from kbwg_world import Direction, NatMode, Node, World
 from kbwg_world.netns import namespace_pids
 from kbwg_world.stunserver import StunServer
-from kbwg_world.team import AgentProcess, Team, first_ping
+from kbwg_world.team import ALICE, BOB, AgentProcess, Team, first_ping
 from kbwg_world.turnserver import start_relay
 from kbwg_world.udp import UdpPeer
 
 pytestmark = pytest.mark.netns
 
-ALICE = ("alice", "laptop", "100.64.0.1")
-BOB = ("bob", "desk", "100.64.0.2")
 CAROL = ("carol", "nas", "100.64.0.3")
 DAVE = ("dave", "phone", "100.64.0.4")
 # Agents starting at once on two cores that other tests share.
@@ -106,33 +102,20 @@ def net_state(host: Node) -> dict[str, str]:
     }
 
 
-def ping_ok(src: Node, dest: str) -> bool:
-    return src.ping(dest, count=1, timeout=1.0).ok
-
-
 def wait_ping(agent: AgentProcess, dest: str, timeout: float, *others: AgentProcess) -> None:
     try:
-        wait_until(lambda: ping_ok(agent.host, dest), timeout=timeout,
+        wait_until(lambda: agent.host.ping_ok(dest), timeout=timeout,
                    what=f"{agent.name} to ping {dest}")  # fmt: skip
     except AssertionError as exc:
         logs = "".join(f"\n--- log of {a.name}:\n{a.log(6000)}" for a in (agent, *others))
         raise AssertionError(f"{exc}{logs}") from None
 
 
-def quick_status(agent: AgentProcess) -> dict[str, Any] | None:
-    """`status` over the control socket from this process: the CLI (a new Python each
-    time) takes seconds on two busy cores, which would swamp what is measured."""
-    try:
-        return asyncio.run(call(agent.state_dir, "status", timeout=5.0))
-    except (ControlError, OSError, TimeoutError, ValueError):
-        return None
-
-
 def wait_running(agent: AgentProcess) -> dict[str, Any]:
     """The agent's status once it answers; fails at once if it exits."""
 
     def ready() -> dict[str, Any] | bool | None:
-        return agent.proc.poll() is not None or quick_status(agent)
+        return agent.proc.poll() is not None or agent.quick_status(timeout=5.0)
 
     status = wait_until(ready, timeout=STARTUP_TIMEOUT_S, what=f"{agent.name} to answer status")
     if not isinstance(status, dict):
@@ -354,7 +337,7 @@ def paths(agents: list[AgentProcess]) -> dict[str, str]:
     """Each pair's path as its first agent reports it ("?" while it does not answer)."""
     found = {}
     for a, b in itertools.combinations(agents, 2):
-        status = quick_status(a)
+        status = a.quick_status(timeout=5.0)
         peer = next((p for p in (status or {}).get("peers", []) if p["device"] == b.device),
                     None)
         found[f"{a.name}-{b.name}"] = "?" if peer is None else peer["path"]

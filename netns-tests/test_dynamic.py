@@ -10,7 +10,6 @@ policy's call (`servers`: no, `mesh`: yes). A restarted client gets its address 
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import json
 import signal
@@ -20,7 +19,6 @@ from typing import Any
 
 import pytest
 
-from kbwg.agent.control import ControlError, call
 from kbwg_testing import wait_until
 from kbwg_world import NatMode, World
 from kbwg_world.team import AgentProcess, Team
@@ -33,25 +31,12 @@ SERVERS = [("ops", "server1", "100.64.0.1"), ("ops", "server2", "100.64.0.2")]
 CLIENTS = [(f"user{i}", "laptop") for i in range(5)]
 
 
-def quick_status(agent: AgentProcess) -> dict[str, Any] | None:
-    """`status` over the agent's control socket from this process, for polling: the CLI
-    (one new Python process a call) is slow on two cores busy with seven agents."""
-    try:
-        return asyncio.run(call(agent.state_dir, "status", timeout=5.0))
-    except (ControlError, OSError, TimeoutError, ValueError):
-        return None
-
-
-def ping_ok(agent: AgentProcess, dest: str) -> bool:
-    return agent.host.ping(dest, count=1, timeout=1.0).ok
-
-
 def in_parallel(jobs: list[tuple[AgentProcess, str]], timeout: float) -> list[bool]:
     """Whether each (agent, overlay ip) ping works, waiting up to `timeout` for it."""
 
     def job(agent: AgentProcess, dest: str) -> bool:
         try:
-            wait_until(lambda: ping_ok(agent, dest), timeout=timeout,
+            wait_until(lambda: agent.ping_ok(dest), timeout=timeout,
                        what=f"{agent.name} to ping {dest}")  # fmt: skip
         except AssertionError:
             return False
@@ -64,14 +49,14 @@ def in_parallel(jobs: list[tuple[AgentProcess, str]], timeout: float) -> list[bo
 def settled(servers: list[AgentProcess], clients: list[AgentProcess]) -> dict[str, Any] | None:
     """Client name -> status once every client has its own address and both servers have
     every client as a dynamic peer at that address with its current key."""
-    statuses = {c.name: quick_status(c) for c in clients}
+    statuses = {c.name: c.quick_status(timeout=5.0) for c in clients}
     if any(s is None for s in statuses.values()):
         return None
     ips = {name: s["overlay_ip"] for name, s in statuses.items() if s is not None}
     if len(set(ips.values())) != len(clients):
         return None
     for server in servers:
-        status = quick_status(server)
+        status = server.quick_status(timeout=5.0)
         if status is None:
             return None
         peers = {f"{p['username']}/{p['device']}": p for p in status["peers"]}

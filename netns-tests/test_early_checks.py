@@ -22,7 +22,6 @@ from kbwg_world.two_nats import (
     PORT_PRESERVING,
     nat_pair,
     one_nat,
-    ping_ok,
     start_pair,
     team_servers,
 )
@@ -68,7 +67,7 @@ def test_a_path_before_any_offer_is_answered(world: World, shape: str) -> None:
         wait_until(lambda agent=agent, peer=peer: EARLY in agent.log(400_000)
                    and f"peer_sync: {peer}: " in agent.log(400_000),
                    timeout=60, what=f"{agent.name} to choose an early path")  # fmt: skip
-    wait_until(lambda: ping_ok(a, BOB[2]) and ping_ok(b, ALICE[2]), timeout=30,
+    wait_until(lambda: a.ping_ok(BOB[2]) and b.ping_ok(ALICE[2]), timeout=30,
                what="pings both ways")
     for agent, peer in ((alice, "bob/desk"), (bob, "alice/laptop")):
         log = agent.log(400_000)

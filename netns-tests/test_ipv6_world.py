@@ -19,13 +19,11 @@ import pytest
 from kbwg_testing import wait_until
 from kbwg_world import NatMode, Node, Segment, World
 from kbwg_world.stunserver import StunServer
-from kbwg_world.team import AGENT, AgentProcess, Team
+from kbwg_world.team import AGENT, ALICE, BOB, AgentProcess, Team
 from kbwg_world.turnserver import start_relay
 
 pytestmark = pytest.mark.netns
 
-ALICE = ("alice", "laptop", "100.64.0.1")
-BOB = ("bob", "desk", "100.64.0.2")
 
 
 def dual_stack_homes(world: World) -> tuple[Segment, Team, Node, Node]:
@@ -42,10 +40,6 @@ def dual_stack_homes(world: World) -> tuple[Segment, Team, Node, Node]:
     r2 = world.router("r2", wan=inet, nat=NatMode.FULLY_RANDOM, ipv6_lan="2001:db8:2::/64")
     a, b = world.host("a", lans=[r1.lan]), world.host("b", lans=[r2.lan])
     return inet, team, a, b
-
-
-def ping_ok(src: Node, dest: str) -> bool:
-    return src.ping(dest, count=1, timeout=1.0).ok
 
 
 def wait_direct_v6(agent: AgentProcess, device: str, peer_ip6: str) -> dict[str, Any]:
@@ -134,8 +128,8 @@ def test_symmetric_ipv4_nats_with_global_ipv6_get_a_direct_ipv6_path(world: Worl
     assert "IPv6" in peer["reason"], peer["reason"]
     wait_direct_v6(bob, "laptop", a.ip6)
 
-    wait_until(lambda: ping_ok(a, BOB[2]), timeout=15, what="ping alice -> bob")
-    wait_until(lambda: ping_ok(b, ALICE[2]), timeout=15, what="ping bob -> alice")
+    wait_until(lambda: a.ping_ok(BOB[2]), timeout=15, what="ping alice -> bob")
+    wait_until(lambda: b.ping_ok(ALICE[2]), timeout=15, what="ping bob -> alice")
     # WireGuard really uses the IPv6 path: none of its packets goes through the relay
     # (checks and keepalives of the relayed pairs still do, so `sent` moves).
     def relayed(status: dict[str, Any]) -> int:
@@ -273,8 +267,8 @@ def test_a_host_with_ipv6_alone_is_relayed_over_ipv6(world: World) -> None:
     try:
         wait_until(lambda: relayed_peer(alice, "desk"), timeout=60, what="alice relayed")
         wait_until(lambda: relayed_peer(bob, "laptop"), timeout=60, what="bob relayed")
-        wait_until(lambda: ping_ok(a, BOB[2]), timeout=30, what="ping alice -> bob")
-        wait_until(lambda: ping_ok(b, ALICE[2]), timeout=30, what="ping bob -> alice")
+        wait_until(lambda: a.ping_ok(BOB[2]), timeout=30, what="ping alice -> bob")
+        wait_until(lambda: b.ping_ok(ALICE[2]), timeout=30, what="ping bob -> alice")
     except AssertionError as exc:
         raise AssertionError(f"{exc}\n{alice.status()}\n{alice.log(8000)}") from None
     status = alice.status()

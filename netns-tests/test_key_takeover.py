@@ -21,12 +21,10 @@ from nacl.public import PrivateKey
 
 from kbwg_testing import wait_until
 from kbwg_world import NatMode, World
-from kbwg_world.team import STANDIN, AgentProcess, Team
+from kbwg_world.team import ALICE, BOB, STANDIN, Team
 
 pytestmark = pytest.mark.netns
 
-ALICE = ("alice", "laptop", "100.64.0.1")
-BOB = ("bob", "desk", "100.64.0.2")
 MALLORY = ("mallory", "phone", "100.64.0.3")
 PING_INTERVAL_S = 0.2
 
@@ -46,13 +44,6 @@ def post_as(team: Team, username: str, device: str, body: str) -> int:
     return int(reply["result"]["id"])
 
 
-def peer_view(agent: AgentProcess, device: str) -> dict[str, Any] | None:
-    status = agent.try_status()
-    if status is None:
-        return None
-    return next((p for p in status["peers"] if p["device"] == device), None)
-
-
 def test_announcing_anothers_key_does_not_take_its_traffic(world: World) -> None:
     inet = world.internet()
     home = world.router("home", wan=inet, nat=NatMode.MASQUERADE)
@@ -66,7 +57,7 @@ def test_announcing_anothers_key_does_not_take_its_traffic(world: World) -> None
                what="alice to ping bob over the overlay")
     wait_until(lambda: b.ping(ALICE[2], count=1, timeout=1.0).ok, timeout=30,
                what="bob to ping alice over the overlay")
-    before = peer_view(bob, "laptop")
+    before = bob.peer_view("laptop")
     assert before is not None and before["public_key"] == alice_key
     alice_endpoint = before["endpoint"]
     assert alice_endpoint == f"{a.ip}:51820", before
@@ -84,7 +75,7 @@ def test_announcing_anothers_key_does_not_take_its_traffic(world: World) -> None
         # Then a fresh key: in the prototype's rules this removed alice's peer entry.
         fresh = base64.b64encode(bytes(PrivateKey.generate().public_key)).decode()
         post_as(team, *MALLORY[:2], f"ANNOUNCE {m.ip}:51820 {fresh}")
-        wait_until(lambda: (peer_view(bob, "phone") or {}).get("public_key") == fresh,
+        wait_until(lambda: (bob.peer_view("phone") or {}).get("public_key") == fresh,
                    timeout=10, what="bob to configure mallory's own key")
         results = {"alice to bob": to_bob.result(), "bob to alice": to_alice.result()}
 
@@ -92,15 +83,15 @@ def test_announcing_anothers_key_does_not_take_its_traffic(world: World) -> None
         assert result.sent == count, (what, result)
         assert result.lost <= 1, f"{what}: {result.lost} of {count} pings lost\n" \
                                  f"--- bob:\n{bob.log(6000)}\n--- alice:\n{alice.log(6000)}"
-    after = peer_view(bob, "laptop")
+    after = bob.peer_view("laptop")
     assert after is not None
     assert (after["public_key"], after["endpoint"]) == (alice_key, alice_endpoint), after
-    mallory = peer_view(bob, "phone")
+    mallory = bob.peer_view("phone")
     assert mallory is not None
     assert (mallory["public_key"], mallory["overlay_ip"]) == (fresh, MALLORY[2])
     # Alice judged the copy of her own key the same way.
     assert "one key per device" in alice.log(100_000)
-    assert (peer_view(alice, "desk") or {}).get("public_key") == bob.status()["public_key"]
+    assert (alice.peer_view("desk") or {}).get("public_key") == bob.status()["public_key"]
 
 
 def test_an_overlay_overlapping_a_host_route_stops_join(world: World) -> None:

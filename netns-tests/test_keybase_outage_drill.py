@@ -20,12 +20,10 @@ import pytest
 
 from kbwg_testing import wait_until
 from kbwg_world import NatMode, World
-from kbwg_world.team import AGENT, STANDIN, AgentProcess, Team
+from kbwg_world.team import AGENT, ALICE, BOB, STANDIN, AgentProcess, Team
 
 pytestmark = pytest.mark.netns
 
-ALICE = ("alice", "laptop", "100.64.0.1")
-BOB = ("bob", "desk", "100.64.0.2")
 CAROL = ("carol", "nas", "100.64.0.3")
 OUTAGE_S = 60.0
 PING_INTERVAL_S = 0.5
@@ -60,10 +58,6 @@ def keybase_state(agent: AgentProcess) -> dict[str, Any] | None:
     return status.get("keybase") if status is not None else None
 
 
-def ping_ok(agent: AgentProcess, dest: str) -> bool:
-    return agent.host.ping(dest, count=1, timeout=1.0).ok
-
-
 def test_tunnels_survive_a_keybase_outage_and_the_agents_catch_up(world: World) -> None:
     inet = world.internet()
     router = world.router("home", wan=inet, nat=NatMode.MASQUERADE)
@@ -75,7 +69,7 @@ def test_tunnels_survive_a_keybase_outage_and_the_agents_catch_up(world: World) 
     for agent in (alice, bob):
         wait_running(agent)
     for a, b in ((alice, BOB[2]), (bob, ALICE[2])):
-        wait_until(lambda a=a, b=b: ping_ok(a, b), timeout=60,
+        wait_until(lambda a=a, b=b: a.ping_ok(b), timeout=60,
                    what=f"{a.name} to ping {b} over the overlay")
     assert (keybase_state(alice) or {}).get("connected") is True
 
@@ -113,7 +107,7 @@ def test_tunnels_survive_a_keybase_outage_and_the_agents_catch_up(world: World) 
             wait_until(lambda agent=agent: (keybase_state(agent) or {}).get("connected")
                        is True, timeout=90, what=f"{agent.name} to reconnect to Keybase")
         for agent in (alice, bob):
-            wait_until(lambda agent=agent: ping_ok(agent, CAROL[2]), timeout=90,
+            wait_until(lambda agent=agent: agent.ping_ok(CAROL[2]), timeout=90,
                        what=f"{agent.name} to reach carol, who joined during the outage")
         results = [p.result(timeout=count * PING_INTERVAL_S + 60) for p in pings]
 
@@ -155,6 +149,6 @@ def test_dev_messages_the_listener_never_got_are_read_again(world: World) -> Non
         wait_until(connected, timeout=120, what="bob's negotiation with alice to complete")
     except AssertionError as exc:
         raise AssertionError(f"{exc}\n--- log of bob:\n{bob.log(20_000)}") from None
-    wait_until(lambda: ping_ok(bob, ALICE[2]), timeout=60, what="bob to ping alice")
+    wait_until(lambda: bob.ping_ok(ALICE[2]), timeout=60, what="bob to ping alice")
     log = bob.log(200_000)
     assert "was not pushed; taken from the history" in log, log[-6000:]

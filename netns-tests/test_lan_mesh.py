@@ -23,14 +23,10 @@ def _links(agent: AgentProcess) -> list[str]:
     return [line.split(":")[1].strip().split("@")[0] for line in out.splitlines()]
 
 
-def _ping_ok(agent: AgentProcess, dest: str) -> bool:
-    return agent.host.ping(dest, count=1, timeout=1.0).ok
-
-
 def _wait_mesh(agents: list[AgentProcess], timeout: float = 30.0) -> None:
     for a, b in itertools.permutations(agents, 2):
         wait_until(
-            lambda a=a, b=b: _ping_ok(a, b.status()["overlay_ip"]),
+            lambda a=a, b=b: a.ping_ok(b.status()["overlay_ip"]),
             timeout=timeout,
             what=f"{a.name} to ping {b.name} over the overlay",
         )

@@ -12,7 +12,7 @@ import pytest
 from kbwg_testing import wait_until
 from kbwg_world import World
 from kbwg_world.multihomed import multi_homed
-from kbwg_world.two_nats import ALICE, BOB, one_nat, ping_ok, start_pair, team_servers, two_nats
+from kbwg_world.two_nats import ALICE, BOB, one_nat, start_pair, team_servers, two_nats
 
 pytestmark = pytest.mark.netns
 
@@ -29,7 +29,7 @@ def test_same_lan_behind_a_common_nat_uses_the_host_pair(world: World) -> None:
     assert peer["remote_candidate"] == f"host {b.ip}:51820"
     assert "same LAN" in peer["reason"]
     assert bob.wait_path("laptop")["endpoint"] == f"{a.ip}:51820"
-    wait_until(lambda: ping_ok(a, BOB[2]), what="ping over the overlay")
+    wait_until(lambda: a.ping_ok(BOB[2]), what="ping over the overlay")
     # Both offered srflx candidates too (the NAT's public address): not chosen.
     assert any(c["type"] == "srflx" for c in alice.status()["candidates"])
 
@@ -43,8 +43,8 @@ def test_port_preserving_nats_get_a_direct_punched_path(world: World) -> None:
     assert peer["path"] == "direct", peer
     assert peer["endpoint"] == f"{r2.wan_ip}:51820", "through bob's NAT, port preserved"
     assert bob.wait_path("laptop")["endpoint"] == f"{r1.wan_ip}:51820"
-    wait_until(lambda: ping_ok(a, BOB[2]), what="ping from alice to bob")
-    wait_until(lambda: ping_ok(b, ALICE[2]), what="ping from bob to alice")
+    wait_until(lambda: a.ping_ok(BOB[2]), what="ping from alice to bob")
+    wait_until(lambda: b.ping_ok(ALICE[2]), what="ping from bob to alice")
 
 
 def test_multi_homed_host_uses_the_faster_uplink(world: World) -> None:
@@ -66,7 +66,7 @@ def test_multi_homed_host_uses_the_faster_uplink(world: World) -> None:
     wait_until(lambda: (x := bob.negotiated("laptop")) and x["endpoint"]
                == f"{fast.wan_ip}:51820", timeout=10, what="bob to follow onto eth1")  # fmt: skip
 
-    wait_until(lambda: ping_ok(m, BOB[2]), what="ping over the overlay")
+    wait_until(lambda: m.ping_ok(BOB[2]), what="ping over the overlay")
     before = {i: m.link_stats(i).tx_packets for i in ("eth0", "eth1")}
     result = m.ping(BOB[2], count=50, interval=0.01, timeout=2.0)
     assert result.received >= 45
@@ -81,7 +81,7 @@ def test_lan_address_change_reconnects(world: World) -> None:
     home, a, b = lan.home, lan.a, lan.b
     alice, bob = start_pair(servers.team, a, b)
     alice.wait_path("desk")
-    wait_until(lambda: ping_ok(a, BOB[2]), what="first ping")
+    wait_until(lambda: a.ping_ok(BOB[2]), what="first ping")
 
     old = b.ip
     new = str(home.lan.allocate())
@@ -97,7 +97,7 @@ def test_lan_address_change_reconnects(world: World) -> None:
         lambda: (x := alice.negotiated("desk")) and x["endpoint"] == f"{new}:51820" and x,
         timeout=10, what="alice to move to bob's new address")  # fmt: skip
     assert peer["path"] == "direct-lan"
-    wait_until(lambda: ping_ok(a, BOB[2]), timeout=10, what="ping after the change")
+    wait_until(lambda: a.ping_ok(BOB[2]), timeout=10, what="ping after the change")
     # Bob's device owner read the change from netlink and told his agent (which has no
     # netlink of its own); whether that or the lost path re-gathered first is a race.
     assert "netwatch: network change: RTM_NEWADDR on eth0" in bob.log(1 << 22), bob.log()

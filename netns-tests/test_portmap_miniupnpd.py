@@ -19,16 +19,9 @@ from kbwg_testing import wait_until
 from kbwg_world import NatMode, World
 from kbwg_world.miniupnpd import MiniUpnpd
 from kbwg_world.team import AGENT, AgentProcess
-from kbwg_world.two_nats import ALICE, BOB, ping_ok, start_pair, two_nats
+from kbwg_world.two_nats import ALICE, BOB, start_pair, two_nats
 
 pytestmark = pytest.mark.netns
-
-
-def peer_view(agent: AgentProcess, device: str) -> dict[str, Any] | None:
-    status = agent.try_status()
-    if status is None:
-        return None
-    return next((p for p in status["peers"] if p["device"] == device), None)
 
 
 def mapped_candidate(agent: AgentProcess) -> dict[str, Any] | None:
@@ -69,7 +62,7 @@ def test_mapped_port_gives_a_direct_path_through_symmetric_nats(
         assert (cand["port"], a.address_on(r1.lan), port) in upnpd.udp_mappings()
 
         def direct(agent: AgentProcess, device: str) -> dict[str, Any] | None:
-            peer = peer_view(agent, device)
+            peer = agent.peer_view(device)
             return peer if peer and peer["path"] == "direct" else None
 
         try:
@@ -83,8 +76,8 @@ def test_mapped_port_gives_a_direct_path_through_symmetric_nats(
                                  ) from None
         # Bob reaches alice at the port her router maps for her.
         assert f"{r1.wan_ip}:{cand['port']}" in seen["remote_candidate"], seen
-        wait_until(lambda: ping_ok(b, ALICE[2]), timeout=30, what="ping bob -> alice")
-        wait_until(lambda: ping_ok(a, BOB[2]), timeout=30, what="ping alice -> bob")
+        wait_until(lambda: b.ping_ok(ALICE[2]), timeout=30, what="ping bob -> alice")
+        wait_until(lambda: a.ping_ok(BOB[2]), timeout=30, what="ping alice -> bob")
 
         report = diag(alice)["portmap"]
         answers = {"pcp": report["pcp"], "nat_pmp": report["nat_pmp"], "upnp": report["upnp"]}

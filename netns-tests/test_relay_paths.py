@@ -12,7 +12,7 @@ from kbwg_world import NatMode, World
 from kbwg_world.iperf import iperf_mbits
 from kbwg_world.team import AgentProcess
 from kbwg_world.turnserver import TurnServer, start_relay
-from kbwg_world.two_nats import ALICE, BOB, TwoNats, ping_ok, start_pair, two_nats
+from kbwg_world.two_nats import ALICE, BOB, TwoNats, start_pair, two_nats
 
 pytestmark = pytest.mark.netns
 
@@ -28,16 +28,9 @@ def relay_world(world: World, relays: list[tuple[str, str]],
                     delay_ms=300)  # fmt: skip
 
 
-def peer_view(agent: AgentProcess, device: str) -> dict[str, Any] | None:
-    status = agent.try_status()
-    if status is None:
-        return None
-    return next((p for p in status["peers"] if p["device"] == device), None)
-
-
 def wait_relayed(agent: AgentProcess, device: str, timeout: float = 20.0) -> dict[str, Any]:
     def relayed() -> dict[str, Any] | None:
-        peer = peer_view(agent, device)
+        peer = agent.peer_view(device)
         return peer if peer and peer["path"] == "relay" else None
 
     try:
@@ -56,8 +49,8 @@ def test_symmetric_nats_connect_through_the_relay(world: World, kind: str) -> No
     assert "relay" in peer["local_candidate"] or "relay" in peer["remote_candidate"], peer
     assert peer["reason"], peer
     wait_relayed(bob, "laptop")
-    wait_until(lambda: ping_ok(a, BOB[2]), timeout=15, what="ping alice -> bob")
-    wait_until(lambda: ping_ok(b, ALICE[2]), timeout=15, what="ping bob -> alice")
+    wait_until(lambda: a.ping_ok(BOB[2]), timeout=15, what="ping alice -> bob")
+    wait_until(lambda: b.ping_ok(ALICE[2]), timeout=15, what="ping bob -> alice")
     status = alice.status()
     assert any(r["url"] == relay.url and r["alive"] for r in status["relays"])
     mbits = iperf_mbits(a, b, BOB[2])
@@ -69,10 +62,10 @@ def test_dead_relay_is_replaced_by_the_second_one(world: World) -> None:
     relays, a, b = net.relays, net.a, net.b
     alice, _ = start_pair(net.team, a, b)
     wait_relayed(alice, "desk")
-    wait_until(lambda: ping_ok(a, BOB[2]), timeout=15, what="first ping")
+    wait_until(lambda: a.ping_ok(BOB[2]), timeout=15, what="first ping")
 
     def relay_in_use() -> TurnServer:
-        peer = peer_view(alice, "desk")
+        peer = alice.peer_view("desk")
         assert peer is not None
         text = f"{peer['local_candidate']} {peer['remote_candidate']}"
         return next(r for r in relays if r.ip in text)
@@ -80,7 +73,7 @@ def test_dead_relay_is_replaced_by_the_second_one(world: World) -> None:
     used = relay_in_use()
     used.kill()
     killed_at = time.monotonic()
-    wait_until(lambda: ping_ok(a, BOB[2]), timeout=15, what="ping after the relay died")
+    wait_until(lambda: a.ping_ok(BOB[2]), timeout=15, what="ping after the relay died")
     resumed = time.monotonic() - killed_at
     assert resumed < 10.0, f"traffic resumed only after {resumed:.1f}s"
     assert relay_in_use() is not used
@@ -92,13 +85,13 @@ def test_relayed_path_comes_back_after_the_relay_restarts(world: World, kind: st
     (relay,), a, b = net.relays, net.a, net.b
     alice, _ = start_pair(net.team, a, b)
     before = wait_relayed(alice, "desk")
-    wait_until(lambda: ping_ok(a, BOB[2]), timeout=15, what="first ping")
+    wait_until(lambda: a.ping_ok(BOB[2]), timeout=15, what="first ping")
 
     # A restarted relay has forgotten every allocation: the agents must notice (their
     # Refresh gets 437), allocate again and renegotiate, with no network change to say so.
     relay.kill()
     start_relay(relay.node, relay.ip, kind=kind)
-    wait_until(lambda: ping_ok(a, BOB[2]), timeout=45, what="ping after the relay restarted")
+    wait_until(lambda: a.ping_ok(BOB[2]), timeout=45, what="ping after the relay restarted")
     after = wait_relayed(alice, "desk")
     assert (after["local_candidate"], after["remote_candidate"]) != (
         before["local_candidate"], before["remote_candidate"]), after
@@ -117,15 +110,15 @@ def test_relay_first_then_direct_once_it_works(world: World) -> None:
         f" ip daddr {r2.wan_ip} drop\n ip saddr {r2.wan_ip} drop\n }}\n}}\n"))
     alice, bob = start_pair(net.team, a, b)
     wait_relayed(alice, "desk")
-    wait_until(lambda: ping_ok(a, BOB[2]), timeout=15, what="ping over the relay")
+    wait_until(lambda: a.ping_ok(BOB[2]), timeout=15, what="ping over the relay")
 
     r1.run(["nft", "delete", "table", "ip", "cut"])
-    direct = wait_until(lambda: (p := peer_view(alice, "desk")) and p["path"] == "direct"
+    direct = wait_until(lambda: (p := alice.peer_view("desk")) and p["path"] == "direct"
                         and p, timeout=45, what="the move to the direct path")  # fmt: skip
     assert direct["remote_candidate"].startswith(("srflx", "prflx")), direct
-    wait_until(lambda: (p := peer_view(bob, "laptop")) and p["path"] == "direct",
+    wait_until(lambda: (p := bob.peer_view("laptop")) and p["path"] == "direct",
                timeout=15, what="bob on the direct path too")  # fmt: skip
-    wait_until(lambda: ping_ok(a, BOB[2]), timeout=10, what="ping over the direct path")
+    wait_until(lambda: a.ping_ok(BOB[2]), timeout=10, what="ping over the direct path")
 
 
 def test_symmetric_and_port_preserving_use_what_works(world: World) -> None:
@@ -134,8 +127,8 @@ def test_symmetric_and_port_preserving_use_what_works(world: World) -> None:
                       router_names=("sym", "cone"))
     a = net.a
     alice, _ = start_pair(net.team, a, net.b)
-    wait_until(lambda: ping_ok(a, BOB[2]), timeout=20, what="ping alice -> bob")
-    peer = wait_until(lambda: (p := peer_view(alice, "desk")) and p["path"] != "none" and p,
+    wait_until(lambda: a.ping_ok(BOB[2]), timeout=20, what="ping alice -> bob")
+    peer = wait_until(lambda: (p := alice.peer_view("desk")) and p["path"] != "none" and p,
                       what="a chosen path")  # fmt: skip
     # Behind a symmetric NAT facing a port-restricted one, a direct pair needs the
     # symmetric side's mapping to be guessed: expect the relay, with its reason.

@@ -19,12 +19,10 @@ from kbwg_world import Node, World
 from kbwg_world.multihomed import multi_homed
 from kbwg_world.netns import namespace_pids
 from kbwg_world.stunserver import StunServer
-from kbwg_world.team import Team
+from kbwg_world.team import ALICE, BOB, Team
 
 pytestmark = pytest.mark.netns
 
-ALICE = ("alice", "laptop", "100.64.0.1")
-BOB = ("bob", "desk", "100.64.0.2")
 
 
 def routes(host: Node) -> str:

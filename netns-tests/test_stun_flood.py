@@ -28,13 +28,11 @@ import pytest
 from kbwg_testing import wait_until
 from kbwg_world import NatMode, Node, World
 from kbwg_world.stunserver import StunServer
-from kbwg_world.team import AGENT, Team
+from kbwg_world.team import AGENT, ALICE, BOB, Team
 from kbwg_world.world import PingResult
 
 pytestmark = pytest.mark.netns
 
-ALICE = ("alice", "laptop", "100.64.0.1")
-BOB = ("bob", "desk", "100.64.0.2")
 CAROL = ("carol", "phone", "100.64.0.3")
 FLOOD = Path(__file__).resolve().parent / "kbwg_world" / "stunflood.py"
 FLOOD_RATE = 5000

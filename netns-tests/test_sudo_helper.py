@@ -32,7 +32,7 @@ from kbwg.owner.frames import FrameDecoder, encode_frame
 from kbwg_testing import wait_until
 from kbwg_world import World
 from kbwg_world.netns import namespace_pids
-from kbwg_world.team import AGENT, STANDIN, AgentProcess, Team
+from kbwg_world.team import AGENT, STANDIN, Team
 
 pytestmark = pytest.mark.netns
 
@@ -308,10 +308,6 @@ def _owner_uids(ns: str) -> list[int]:
     return uids
 
 
-def _ping_ok(agent: AgentProcess, dest: str) -> bool:
-    return agent.host.ping(dest, count=1, timeout=1.0).ok
-
-
 def test_unprivileged_agent_joins_through_sudo(world: World, sudo_setup: SudoSetup) -> None:
     inet = world.internet()
     user_host = world.host("user", lans=[inet])
@@ -345,7 +341,7 @@ def test_unprivileged_agent_joins_through_sudo(world: World, sudo_setup: SudoSet
         team.wait_running(agent)
     for a, b in ((user_agent, root_agent), (root_agent, user_agent)):
         dest = str(b.status()["overlay_ip"])
-        wait_until(partial(_ping_ok, a, dest), timeout=30,
+        wait_until(partial(a.ping_ok, dest), timeout=30,
                    what=f"{a.name} to ping {b.name} over the overlay")  # fmt: skip
 
     # The agent itself is the test user; its owner is root, started through sudo.

@@ -3,59 +3,42 @@ a peer, through the team's relay over TCP or TLS, or through coturn over TCP."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 from typing import Any
 
 import pytest
 
-from kbwg.agent.control import ControlError, call
 from kbwg_testing import wait_until
 from kbwg_testing.certs import make_certificates
-from kbwg_world import NatMode, Node, World
+from kbwg_world import NatMode, World
 from kbwg_world.stunserver import StunServer
-from kbwg_world.team import AgentProcess, Team
+from kbwg_world.team import ALICE, BOB, AgentProcess, Team
 from kbwg_world.turnserver import start_relay
 
 pytestmark = pytest.mark.netns
 
-ALICE = ("alice", "laptop", "100.64.0.1")
-BOB = ("bob", "desk", "100.64.0.2")
 RELAY_IP = "203.0.113.5"
-
-
-def quick_status(agent: AgentProcess) -> dict[str, Any] | None:
-    """`status` over the control socket from this process: the CLI (a new Python each
-    time) can take over 10 s to start on two busy cores."""
-    try:
-        return asyncio.run(call(agent.state_dir, "status", timeout=10.0))
-    except (ControlError, OSError, TimeoutError, ValueError):
-        return None
 
 
 def wait_running(agent: AgentProcess) -> None:
     def ready() -> bool:
-        return agent.proc.poll() is not None or quick_status(agent) is not None
+        return agent.proc.poll() is not None or agent.quick_status() is not None
 
     wait_until(ready, timeout=90, what=f"{agent.name} to answer status")
     assert agent.proc.poll() is None, agent.log()
 
 
 def relay_entry(agent: AgentProcess) -> dict[str, Any] | None:
-    status = quick_status(agent)
+    status = agent.quick_status()
     relays = status["relays"] if status else []
     return relays[0] if relays and relays[0]["alive"] else None
 
 
 def relayed_peer(agent: AgentProcess, device: str) -> dict[str, Any] | None:
-    status = quick_status(agent)
+    status = agent.quick_status()
     peers = status["peers"] if status else []
     return next((p for p in peers if p["device"] == device and p["path"] == "relay"), None)
-
-
-def ping_ok(src: Node, dest: str) -> bool:
-    return src.ping(dest, count=1, timeout=1.0).ok
 
 
 @pytest.mark.parametrize(("kind", "transport"), [
@@ -97,15 +80,15 @@ def test_host_without_outbound_udp_connects_through_the_relay_over_a_stream(
         peer = wait_until(lambda: relayed_peer(alice, "desk"), timeout=45,
                           what="alice -> bob relayed")
         assert peer["reason"], peer
-        wait_until(lambda: ping_ok(a, BOB[2]), timeout=20, what="ping alice -> bob")
-        wait_until(lambda: ping_ok(b, ALICE[2]), timeout=20, what="ping bob -> alice")
+        wait_until(lambda: a.ping_ok(BOB[2]), timeout=20, what="ping alice -> bob")
+        wait_until(lambda: b.ping_ok(ALICE[2]), timeout=20, what="ping bob -> alice")
     except AssertionError as exc:
         raise AssertionError(f"{exc}{log_of(alice)}\nbob:\n{bob.log(6000)}") from None
     bob_relay = relay_entry(bob)
     assert bob_relay is not None and bob_relay["transport"] == "udp", bob_relay
     # Alice's side of the path is her stream allocation: her WireGuard traffic went
     # through it (its loopback proxy), not over UDP she cannot send.
-    status = quick_status(alice)
+    status = alice.quick_status()
     assert status is not None
     [relay_status] = status["relays"]
     assert relay_status["proxy_to_peer"] > 0 or relay_status["sent"] > 0, relay_status

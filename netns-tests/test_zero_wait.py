@@ -26,7 +26,6 @@ from kbwg_world.two_nats import (
     connected,
     nat_moves_under_traffic,
     one_nat,
-    ping_ok,
     start_pair,
     team_servers,
     two_nats,
@@ -51,7 +50,7 @@ def test_a_lan_peer_does_not_wait_for_a_stun_server_that_does_not_answer(
 
     peer = alice.wait_path("desk", timeout=60)
     assert peer["path"] == "direct-lan", peer
-    wait_until(lambda: ping_ok(a, BOB[2]), timeout=10, what="ping over the overlay")
+    wait_until(lambda: a.ping_ok(BOB[2]), timeout=10, what="ping over the overlay")
     # The offer and the answer carried the host candidates at once and said more may
     # follow (the relay's allocation was still being tried, the STUN server silent).
     # Early checks may have found the path before either arrived.
@@ -89,7 +88,7 @@ def test_a_nat_forgetting_its_mappings_recovers_with_only_the_far_side_sending(
 
     b.popen(["ping", "-q", "-n", "-i", "0.05", ALICE[2]])
     forget_mappings(r1)
-    wait_until(lambda: ping_ok(b, ALICE[2]), timeout=10, what="bob's pings answered again")
+    wait_until(lambda: b.ping_ok(ALICE[2]), timeout=10, what="bob's pings answered again")
     assert bob.negotiated("laptop") is not None
 
 

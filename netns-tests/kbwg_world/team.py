@@ -6,6 +6,7 @@ the same way a user would: `kbwg-agent join TEAM --keybase <stand-in>` inside a 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import signal
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kbwg.agent.control import ControlError, call
 from kbwg_testing import wait_until
 from kbwg_world.world import Node, World
 
@@ -29,6 +31,9 @@ def _tool(name: str, module: str) -> list[str]:
 
 
 AGENT = _tool("kbwg-agent", "kbwg.agent.cli")
+# The usual two members of a test team: (username, device, overlay address in peers.json).
+ALICE = ("alice", "laptop", "100.64.0.1")
+BOB = ("bob", "desk", "100.64.0.2")
 STANDIN = BIN / "kbwg-keybase-standin"
 
 
@@ -59,6 +64,25 @@ class AgentProcess:
             return self.status()
         except (subprocess.CalledProcessError, subprocess.TimeoutExpired, ValueError):
             return None
+
+    def quick_status(self, timeout: float = 10.0) -> dict[str, Any] | None:
+        """`status` over the control socket from this process, or None: the CLI (a new
+        Python each time) takes seconds to start on two busy cores, which would swamp
+        what a test polls for."""
+        try:
+            return asyncio.run(call(self.state_dir, "status", timeout=timeout))
+        except (ControlError, OSError, TimeoutError, ValueError):
+            return None
+
+    def peer_view(self, device: str) -> dict[str, Any] | None:
+        """This agent's status entry for the peer `device` (None before it answers)."""
+        status = self.try_status()
+        if status is None:
+            return None
+        return next((p for p in status["peers"] if p["device"] == device), None)
+
+    def ping_ok(self, dest: str) -> bool:
+        return self.host.ping_ok(dest)
 
     def negotiated(self, device: str) -> dict[str, Any] | None:
         """This agent's status entry for the peer `device` once negotiation chose a

@@ -23,13 +23,11 @@ from kbwg_testing import wait_until
 from kbwg_world.nat import NatMode
 from kbwg_world.natchange import new_public_address
 from kbwg_world.stunserver import StunServer
-from kbwg_world.team import AgentProcess, Team
+from kbwg_world.team import ALICE, BOB, AgentProcess, Team
 from kbwg_world.turnserver import TurnServer, start_relay
 from kbwg_world.world import Host, Node, Router, Segment, World
 
 # (username, device, overlay address), as Team.write_peers takes them.
-ALICE = ("alice", "laptop", "100.64.0.1")
-BOB = ("bob", "desk", "100.64.0.2")
 STUN_IP = "203.0.113.2"
 PORT_PRESERVING = (NatMode.MASQUERADE, NatMode.MASQUERADE)
 
@@ -147,12 +145,8 @@ def start_pair(team: Team, a: Node, b: Node,
     return alice, bob
 
 
-def ping_ok(src: Node, dest: str) -> bool:
-    return src.ping(dest, count=1, timeout=1.0).ok
-
-
 def pings_both_ways(net: TwoNats) -> bool:
-    return ping_ok(net.a, BOB[2]) and ping_ok(net.b, ALICE[2])
+    return net.a.ping_ok(BOB[2]) and net.b.ping_ok(ALICE[2])
 
 
 def connected(net: TwoNats, start_timeout: float = 120.0, path_timeout: float = 60.0,

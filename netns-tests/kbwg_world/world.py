@@ -298,6 +298,10 @@ class Node:
             tx_bytes=int(stats["tx"]["bytes"]),
         )
 
+    def ping_ok(self, dest: str) -> bool:
+        """One echo request to `dest` answered within a second."""
+        return self.ping(dest, count=1, timeout=1.0).ok
+
     def ping(
         self,
         dest: str,
