@@ -31,10 +31,9 @@ from kbwg.negotiation.check_config import CheckTimers
 from kbwg.negotiation.session import CheckerSpec, Negotiator
 from kbwg.negotiation.wire import CandidateInfo
 
-# How long an offer or answer, and the first announcement, wait for STUN's answer: a
-# server that answers does so well within it; one that does not is not waited for (the
-# rest of our candidates trickle in after the offer or answer, and a public endpoint
-# found later is announced again).
+# How long an offer or answer waits for STUN's answer: a server that answers does so
+# well within it; one that does not is not waited for (the rest of our candidates
+# trickle in after the offer or answer).
 STUN_WAIT_S = 0.3
 
 
@@ -100,14 +99,8 @@ class JoinedDevice:
         upkeep = Upkeep(options, team, state, presence, peer_sync, stats, paths, negotiator,
                         chat, owner=owner)
 
-        async def trickled(candidates: list[CandidateInfo], complete: bool) -> None:
-            if negotiator is not None:
-                await negotiator.trickle(candidates, complete)
-            if complete and presence.announce_id is not None:
-                # STUN answered after the first announcement left.
-                await announce_if_moved(options, paths, state, presence)
-
-        paths.on_candidates = lambda candidates, complete: spawn(trickled(candidates, complete))
+        paths.on_candidates = lambda candidates, complete: spawn(trickled(
+            negotiator, options, paths, state, presence, candidates, complete))
         attach_early_checks(paths, peer_sync, presence, negotiator, team, state, private_key,
                             spawn)
         return cls(
@@ -120,11 +113,13 @@ class JoinedDevice:
         )
 
     async def introduce(self) -> None:
-        """Tell the team where we are, then configure the peers known so far."""
+        """Tell the team where we are, then configure the peers known so far.
+
+        At once, with what is known: the host candidates (a LAN peer needs nothing
+        else) and the public endpoint only if STUN already answered. A public endpoint
+        found later is announced again as soon as it is (`trickled`), so no peer waits
+        for a STUN server, least of all one that never answers."""
         if self.options.endpoint is None:
-            # With STUN, the NAT's public mapping of the WireGuard port is what a peer
-            # elsewhere can reach (and can punch towards before our offer arrives).
-            await self.paths.local_gathered(STUN_WAIT_S)
             self.state.announced_endpoint = (self.paths.public_endpoint()
                                              or self.state.announced_endpoint)
         await self.presence.announce()
@@ -132,6 +127,18 @@ class JoinedDevice:
         # announcement yet and left it to us).
         await announce_if_moved(self.options, self.paths, self.state, self.presence)
         await self.peer_sync.sync()
+
+
+async def trickled(negotiator: Negotiator | None, options: JoinOptions, paths: Connectivity,
+                   state: AgentState, presence: Presence, candidates: list[CandidateInfo],
+                   complete: bool) -> None:
+    """A gathering step added candidates: the peers' sessions hear of them, and a public
+    endpoint found after the first announcement left is announced at once, not when
+    the whole gathering (relays, port mapping) is over."""
+    if negotiator is not None:
+        await negotiator.trickle(candidates, complete)
+    if presence.announce_id is not None:
+        await announce_if_moved(options, paths, state, presence)
 
 
 async def announce_if_moved(options: JoinOptions, paths: Connectivity, state: AgentState,
