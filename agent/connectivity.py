@@ -247,12 +247,6 @@ class Connectivity:
             f"{mapping.protocol} {mapping.gateway}",
             f"{mapping.internal_ip}:{mapping.internal_port}")]
 
-    async def gathered(self, timeout: float) -> None:
-        """Until the current gathering is done, at most `timeout` seconds."""
-        if self._gathering is not None and not self._gathering.done():
-            with contextlib.suppress(TimeoutError, asyncio.CancelledError):
-                await asyncio.wait_for(asyncio.shield(self._gathering), timeout)
-
     def relays_missing(self) -> bool:
         return bool(self.relays.missing(self.config.relays))
 

@@ -51,7 +51,7 @@ async def test_the_first_announcement_does_not_wait_for_stun() -> None:
     async def never(_timeout: float) -> None:
         raise AssertionError("introduce waited for STUN")
 
-    paths.local_gathered = paths.gathered = never
+    paths.local_gathered = never
     synced: list[bool] = []
 
     async def sync() -> None:
