@@ -231,7 +231,6 @@ class OwnerServer:
         self.guard = Guard(policy, net)
         self.refusals: Counter[str] = Counter()
         self.state = DeviceState()
-        self.shutdown_requested = False
         self._events: asyncio.StreamWriter | None = None
         self._send_bucket = TokenBucket(STUN_SEND_RATE, STUN_SEND_BURST)
         self.stun_filter = stun_filter if stun_filter is not None else SharedPortFilter()
@@ -530,7 +529,7 @@ class OwnerServer:
         writer.write(encode_frame(event))
 
     async def _shutdown(self, args: dict[str, Any]) -> dict[str, Any]:
-        self.shutdown_requested = True
+        # Its reply, once sent, ends the session (_answer).
         return {}
 
     async def cleanup(self) -> None:
