@@ -31,7 +31,7 @@ import asyncio
 import logging
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -165,7 +165,7 @@ class RelayPaths:
             if asking6 is not None:
                 over = self._option_of(group, got) if got is not None else first
                 if over is not first:
-                    await _cancel_all({asking6: None})
+                    await _cancel_all([asking6])
                     asking6 = asyncio.create_task(self._allocate(over, timeout, ipv6=True))
                 result6 = (await asyncio.gather(asking6, return_exceptions=True))[0]
                 asking6 = None
@@ -173,7 +173,7 @@ class RelayPaths:
                 got = got or self.allocations.get(group.key + IPV6_KEY)
         finally:
             if asking6 is not None:
-                await _cancel_all({asking6: None})
+                await _cancel_all([asking6])
         if got is not None and late.is_set():
             (self.on_ready or self.on_lost)(got)
 
@@ -413,11 +413,12 @@ class _NoAllocation(Exception):
         self.reasons = reasons
 
 
-async def _cancel_all(running: dict[asyncio.Task[RelayAllocation], Any]) -> None:
+async def _cancel_all(attempts: Iterable[asyncio.Task[RelayAllocation]]) -> None:
     """Cancel the allocations still under way; close those that came anyway."""
-    for task in running:
+    tasks = list(attempts)
+    for task in tasks:
         task.cancel()
-    results = await asyncio.gather(*running, return_exceptions=True)
+    results = await asyncio.gather(*tasks, return_exceptions=True)
     await asyncio.gather(*(r.close() for r in results if not isinstance(r, BaseException)),
                          return_exceptions=True)
 
