@@ -289,16 +289,21 @@ class PeerChecker:
         self._tx.activate()
         self._evaluate()
 
-    def add_remote(self, candidates: Sequence[CandidateInfo], complete: bool) -> None:
-        """Candidates the peer trickled after its offer or answer; `complete`: the last."""
+    def add_remote(self, candidates: Sequence[CandidateInfo], complete: bool,
+                   replace: bool = False) -> None:
+        """Candidates the peer trickled after its offer or answer; `complete`: the last.
+        `replace`: they correct the type of candidates already known at their addresses
+        (PairTable.add_remotes)."""
         if self._closed:
             return
         if self._remote_pwd is None:  # the answer is still on its way
             self._trickled += candidates
             self._trickle_ended = self._trickle_ended or complete
             return
-        added = self._table.add_remotes(candidates, self._controlling)
+        added, retyped = self._table.add_remotes(candidates, self._controlling, replace)
         self._remote_complete = self._remote_complete or complete
+        if self._selected in retyped:
+            self._relabel(self._selected)
         self._grown(added, "peer")
 
     def add_local(self, candidates: Sequence[Candidate], complete: bool) -> None:
@@ -310,6 +315,15 @@ class PeerChecker:
         self._local_complete = complete
         if self._remote_pwd is not None:
             self._grown(added, "local")
+
+    def _relabel(self, pair: CandidatePair) -> None:
+        """The selected pair's remote is now known as another type (a LAN address first
+        known as the peer's announced endpoint): the same path, told again in its class."""
+        why = explain(pair.view(), [p.view() for p in self._table.pairs])
+        reason = why if self._controlling else f"nominated by the peer: {why}"
+        log.info("%s: path %s: %s", self.name, pair.describe(), reason)
+        self._reason = reason
+        self._notify(pair, reason)
 
     def _grown(self, added: list[CandidatePair], whose: str) -> None:
         if added:

@@ -124,7 +124,8 @@ class EarlyChecker(Protocol):
     def set_remote(self, ufrag: str, pwd: str, candidates: Sequence[CandidateInfo],
                    complete: bool = True) -> None: ...
 
-    def add_remote(self, candidates: Sequence[CandidateInfo], complete: bool) -> None: ...
+    def add_remote(self, candidates: Sequence[CandidateInfo], complete: bool,
+                   replace: bool = False) -> None: ...
 
     def datagram_received(self, data: bytes, src: Address,
                           local: Candidate | None = None) -> bool: ...
@@ -208,8 +209,10 @@ class EarlyPeer:
         new ones are checked. A checker that found no pair tries again with them.
 
         A known address whose type changed (the announced endpoint was a host address,
-        as the peer's CANDIDATES line now says) starts the checks over: the type makes
-        the pair's class ("same LAN" beats "through NAT"), and pairs are formed once."""
+        as the peer's CANDIDATES line now says) is retyped in the running checker's
+        pairs (PairTable): the type makes the pair's class ("same LAN" beats "through
+        NAT"), and the pair keeps its state, so a path it carries is told again in its
+        class without being checked over."""
         known = {_key(c): c.type for c in self.remote}
         new = [c for c in candidates if _key(c) not in known]
         retyped = {_key(c): c for c in candidates
@@ -219,12 +222,8 @@ class EarlyPeer:
         self.remote = [retyped.get(_key(c), c) for c in self.remote] + new
         if self._taken_over:
             return  # the session's checks know better; only remembered for a wake
-        if retyped and self.checker is not None:
-            checker, self.checker = self.checker, None
-            checker.close()
-            self.start()
-        elif self.checker is not None:
-            self.checker.add_remote(new, complete=True)
+        if self.checker is not None:
+            self.checker.add_remote([*retyped.values(), *new], complete=True, replace=True)
         elif self._rest_why == "found no pair":
             self.start()
 

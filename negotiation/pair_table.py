@@ -58,15 +58,42 @@ class PairTable:
         """Pairs with the candidates the peer sent in its offer or answer."""
         self.add_remotes(candidates, controlling)
 
-    def add_remotes(self, candidates: Sequence[CandidateInfo],
-                    controlling: bool) -> list[CandidatePair]:
-        """More of the peer's candidates (trickled): the new pairs they make."""
+    def add_remotes(self, candidates: Sequence[CandidateInfo], controlling: bool,
+                    replace: bool = False) -> tuple[list[CandidatePair], list[CandidatePair]]:
+        """More of the peer's candidates (trickled): the new pairs they make, and the
+        pairs whose remote the peer now lists as another candidate (`_retype`).
+        `replace`: these say what the peer's candidates at their addresses are, and
+        what was known there before was only a guess (its announced endpoint's type)."""
+        if replace:
+            addresses = {(c.ip, c.port) for c in candidates}
+            self._sent = [c for c in self._sent if (c.ip, c.port) not in addresses]
         known = {(c.type, c.ip, c.port) for c in self._sent}
         self._sent += [c for c in candidates if (c.type, c.ip, c.port) not in known]
         self._remotes = unique_remotes(self._sent)
         listed = {(r.ip, r.port) for r in self._remotes}
         self._remotes += [r for r in self._learned if (r.ip, r.port) not in listed]
-        return self._grow(controlling)
+        retyped = self._retype(controlling)
+        return self._grow(controlling), retyped
+
+    def _retype(self, controlling: bool) -> list[CandidatePair]:
+        """Pairs whose remote address the peer now lists take the listed candidate, state
+        and RTT kept: a peer-reflexive candidate the peer then signals becomes the
+        signalled one (RFC 8838 section 11), and so does an address first known only as
+        the peer's announced endpoint. Its type decides the path's class,
+        so a LAN peer checked before its CANDIDATES line arrived is then seen as on the
+        LAN at once, with no checks started over."""
+        current = {(r.ip, r.port): r for r in self._remotes}
+        retyped = []
+        for pair in self.pairs:
+            listed = current.get(pair.remote_address)
+            if listed is None or listed is pair.remote:
+                continue
+            pair.remote = listed
+            pair.priority = pair_priority(pair.local.priority, listed.priority, controlling)
+            retyped.append(pair)
+        if retyped:
+            self.pairs.sort(key=lambda p: p.priority, reverse=True)
+        return retyped
 
     def add_locals(self, candidates: Sequence[Candidate], controlling: bool) -> list[CandidatePair]:
         """More of our candidates (gathered after the checker started): new bases are

@@ -68,3 +68,37 @@ def test_a_bad_priority_is_an_ordinary_peer_reflexive_candidate() -> None:
     for priority in (None, -1, 2**32, "x"):
         remote = table().remote_for(("203.0.113.11", 40000), priority)
         assert remote is not None and remote.type == "prflx"
+
+
+def test_a_learned_candidate_the_peer_then_lists_takes_the_listed_type() -> None:
+    pairs = table()
+    learned = pairs.remote_for(("198.18.2.11", 51820), prflx_priority(HOST))
+    assert learned is not None
+    pair = pairs.pair_for(HOST, learned, controlling=True)
+    assert pair is not None and pair.path == "direct"
+    pair.state = "succeeded"
+    host = CandidateInfo("host", "198.18.2.11", 51820, candidate_priority("host", 1), "host1")
+    added, retyped = pairs.add_remotes([host], controlling=True)
+    assert retyped == [pair] and not added
+    assert pair.remote is host and pair.path == "direct-lan" and pair.state == "succeeded"
+
+
+def test_a_later_lower_listing_never_demotes_a_host_candidate() -> None:
+    pairs = table()
+    same = CandidateInfo("srflx", "198.18.2.10", 51820, candidate_priority("srflx"), "s")
+    added, retyped = pairs.add_remotes([same], controlling=True)
+    assert not added and not retyped
+    assert [p.remote.type for p in pairs.pairs] == ["host"]
+
+
+def test_a_guessed_type_is_replaced_even_by_a_lower_one() -> None:
+    """The announced endpoint is taken as server-reflexive; the peer's own listing of
+    that address (here its relay) replaces the guess, whatever its priority."""
+    pairs = PairTable([HOST], CheckTimers(), CheckCounters(), "bob/desk")
+    pairs.form([CandidateInfo("srflx", "203.0.113.9", 50000, candidate_priority("srflx"),
+                              "announced")], controlling=True)
+    relayed = CandidateInfo("relay", "203.0.113.9", 50000, candidate_priority("relay"), "r")
+    _, kept = pairs.add_remotes([relayed], controlling=True)
+    assert not kept and pairs.pairs[0].path == "direct"
+    _, retyped = pairs.add_remotes([relayed], controlling=True, replace=True)
+    assert retyped == pairs.pairs and pairs.pairs[0].path == "relay"

@@ -93,13 +93,26 @@ class AgentProcess:
         peer = next(p for p in status["peers"] if p["device"] == device)
         return peer if peer["endpoint_source"] == "negotiated" and peer["path"] != "none" else None
 
-    def wait_path(self, device: str, timeout: float = 20.0) -> dict[str, Any]:
-        """The negotiated path to `device`; on time-out the error carries our log."""
+    def wait_path(self, device: str, timeout: float = 20.0,
+                  path: str | None = None) -> dict[str, Any]:
+        """The negotiated path to `device` (of class `path`, if given); on time-out the
+        error carries the last status entry seen and our log.
+
+        A LAN peer whose CANDIDATES line is read a moment after its check may first be
+        seen through its announced endpoint, of unknown type (agent/early_checks.py):
+        a test of the class waits for it."""
+        last: list[dict[str, Any] | None] = [None]
+
+        def ready() -> dict[str, Any] | None:
+            peer = last[0] = self.negotiated(device)
+            return peer if peer is not None and path in (None, peer["path"]) else None
+
         try:
-            return wait_until(lambda: self.negotiated(device), timeout=timeout,
-                              what=f"{self.name} to negotiate a path to {device}")  # fmt: skip
+            return wait_until(ready, timeout=timeout,
+                              what=f"{self.name} to negotiate a {path or 'path'} to {device}")
         except AssertionError as exc:
-            raise AssertionError(f"{exc}\n--- log of {self.name}:\n{self.log(8000)}") from None
+            raise AssertionError(f"{exc}\nlast seen: {last[0]}\n--- log of {self.name}:\n"
+                                 f"{self.log(8000)}") from None
 
     def log(self, last: int = 4000) -> str:
         try:
