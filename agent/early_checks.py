@@ -11,6 +11,12 @@ CANDIDATES line (at most `CANDIDATES_WAIT_S`; the peer's own checks start ours a
 once): with the announced endpoint alone, a LAN peer's path would first be found
 through the router (a NAT that hairpins), and WireGuard's endpoint then moved to the
 LAN address a moment later, restarting its handshake.
+
+The announced endpoint's type is a guess (server-reflexive) until that line says what
+it is: a LAN peer announces its host address before STUN answers. A path the peer's
+checks find through the guess during that wait is held back until the line arrives
+(and retypes it: "same LAN") or the wait ends, so that the first path a peer gets is
+told in its true class. WireGuard already sends to the announced endpoint meanwhile.
 """
 
 from __future__ import annotations
@@ -48,6 +54,8 @@ ChosenFn = Callable[[DeviceId, CandidatePair, str], None]
 
 # How long our early checks of a peer wait for its CANDIDATES line after its ANNOUNCE.
 CANDIDATES_WAIT_S = 0.3
+# The foundation of the candidate guessed from an announced endpoint.
+ANNOUNCED = "announced"
 
 
 def early_candidates(ann: Announcement, published: Iterable[CandidateInfo]
@@ -57,7 +65,7 @@ def early_candidates(ann: Announcement, published: Iterable[CandidateInfo]
     found = list(published)
     if not any((c.ip, c.port) == (ann.endpoint_ip, ann.endpoint_port) for c in found):
         found.append(CandidateInfo("srflx", ann.endpoint_ip, ann.endpoint_port,
-                                   candidate_priority("srflx"), "announced"))
+                                   candidate_priority("srflx"), ANNOUNCED))
     return found
 
 
@@ -73,6 +81,8 @@ class EarlyChecks:
         self._keys: dict[DeviceId, str] = {}
         # Peers whose checks wait for their CANDIDATES line.
         self._waiting: dict[DeviceId, asyncio.TimerHandle] = {}
+        # A path through a guessed type, held while its peer is in `_waiting`.
+        self._held: dict[DeviceId, tuple[CandidatePair, str]] = {}
 
     def sync(self, peers: Iterable[PeerState]) -> None:
         """Early checks for each configured peer's announced key; gone for the rest."""
@@ -120,7 +130,7 @@ class EarlyChecks:
                                              on_selected, name)
 
         early = EarlyPeer(name, creds, make,
-                          lambda pair, reason: self._chosen(device, pair, reason),
+                          lambda pair, reason: self._selected(device, pair, reason),
                           lambda: self._session_of(device), candidates)
         try:
             self._paths.mux.register(creds.local_ufrag, early)
@@ -133,19 +143,37 @@ class EarlyChecks:
                   "controlling" if creds.controlling else "controlled", creds.local_ufrag)
         return early
 
+    def _selected(self, device: DeviceId, pair: CandidatePair, reason: str) -> None:
+        """The early checks found a path: it goes to the agent, unless it runs through
+        the announced endpoint's guessed type while the peer's CANDIDATES line may
+        still say otherwise (see the module docstring)."""
+        if device in self._waiting and pair.remote.foundation == ANNOUNCED:
+            log.debug("%s: path through the announced endpoint held until the peer's "
+                      "candidates are known", device)
+            self._held[device] = (pair, reason)
+            return
+        self._held.pop(device, None)
+        self._chosen(device, pair, reason)
+
     def _start(self, device: DeviceId) -> None:
-        """The wait for `device`'s CANDIDATES line is over: our checks begin."""
+        """The wait for `device`'s CANDIDATES line is over: our checks begin, and a path
+        held meanwhile goes to the agent if it is still the one selected."""
         waiting = self._waiting.pop(device, None)
         if waiting is not None:
             waiting.cancel()
         early = self.peers.get(device)
         if early is not None:
             early.start()
+        held = self._held.pop(device, None)
+        if (held is not None and early is not None and early.checker is not None
+                and early.checker.selected is held[0]):
+            self._chosen(device, *held)
 
     def forget(self, device: DeviceId) -> None:
         waiting = self._waiting.pop(device, None)
         if waiting is not None:
             waiting.cancel()
+        self._held.pop(device, None)
         early = self.peers.pop(device, None)
         self._keys.pop(device, None)
         if early is None:

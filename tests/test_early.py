@@ -532,3 +532,64 @@ async def test_manager_checks_at_once_with_the_candidates_line() -> None:
         early2.close()
     finally:
         early.close()
+
+
+@dataclass
+class SimPaths:
+    """What EarlyChecks uses of Connectivity, on a node of the in-memory network."""
+
+    node: Node
+    shared_port: FakePort = field(default_factory=FakePort)
+
+    @property
+    def mux(self) -> CheckMux:
+        return self.node.mux
+
+    def early_checker(self, ufrag: str, pwd: str, controlling: bool, tie_breaker: int,
+                      on_selected: SelectedFn, name: str) -> PeerChecker:
+        return PeerChecker(self.node.candidates, ufrag, pwd, controlling=controlling,
+                           tie_breaker=tie_breaker, send=self.node.send,
+                           on_selected=on_selected, timers=FAST, name=name)
+
+
+@pytest.mark.parametrize("line_arrives", [True, False])
+async def test_a_path_through_the_announced_guess_waits_for_the_candidates_line(
+        line_arrives: bool) -> None:
+    """Alice reads Bob's ANNOUNCE (his host address: STUN had not answered) before his
+    CANDIDATES line; Bob has both of hers and checks at once. The path his checks
+    find is only told once the line says the address is his host's: same LAN, the
+    first time. Without the line, it is told when the wait for it ends."""
+    _net, a, b = lan_pair()
+    alice, bob = DeviceId("alice", "laptop"), DeviceId("bob", "desk")
+    a_chosen: list[tuple[CandidatePair, str]] = []
+    a_book, b_book = CandidateBook(), CandidateBook()
+    a_early = EarlyChecks(cast(Connectivity, SimPaths(a.node)), a.keys, a_book,
+                          lambda _d: (None, False), lambda _d, p, r: a_chosen.append((p, r)))
+    b_early = EarlyChecks(cast(Connectivity, SimPaths(b.node)), b.keys, b_book,
+                          lambda _d: (None, False), lambda *_: None)
+    a_host, b_host = infos(a.node.candidates)[0], infos(b.node.candidates)[0]
+    b_line = format_candidates(base64.b64encode(bytes(b.keys.public_key)).decode(), [b_host])
+    a_line = format_candidates(base64.b64encode(bytes(a.keys.public_key)).decode(), [a_host])
+    assert a_line is not None and b_line is not None
+    try:
+        a_early.sync([peer_state(bob, b.keys, f"{b_host.ip}:{b_host.port}")])
+        b_book.offer(parse_candidates(a_line, alice, 3, time.time()))
+        b_early.sync([peer_state(alice, a.keys, f"{a_host.ip}:{a_host.port}")])
+        # Bob's checks wake Alice's early peer; a path is found through the guess.
+        early = a_early.peers[bob]
+        await advance_until(lambda: early.checker is not None
+                            and early.checker.selected is not None, timeout=CANDIDATES_WAIT_S)
+        assert early.checker is not None and early.checker.selected is not None
+        assert early.checker.selected.path == "direct"
+        assert a_chosen == []
+        if line_arrives:
+            a_book.offer(parse_candidates(b_line, bob, 4, time.time()))
+            a_early.sync([peer_state(bob, b.keys, f"{b_host.ip}:{b_host.port}")])
+            assert [p.path for p, _ in a_chosen] == ["direct-lan"]
+            assert "same LAN" in a_chosen[0][1] and a_chosen[0][0] is early.checker.selected
+        else:
+            await advance_until(lambda: a_chosen, timeout=CANDIDATES_WAIT_S)
+            assert [p.path for p, _ in a_chosen] == ["direct"]
+    finally:
+        a_early.close()
+        b_early.close()
