@@ -79,9 +79,9 @@ class PairTable:
         """Pairs whose remote address the peer now lists take the listed candidate, state
         and RTT kept: a peer-reflexive candidate the peer then signals becomes the
         signalled one (RFC 8838 section 11), and so does an address first known only as
-        the peer's announced endpoint. Its type decides the path's class,
-        so a LAN peer checked before its CANDIDATES line arrived is then seen as on the
-        LAN at once, with no checks started over."""
+        the peer's announced endpoint. Its type decides the path's class, so a LAN peer
+        checked before its CANDIDATES line arrived is then seen as on the LAN at once,
+        with no checks started over."""
         current = {(r.ip, r.port): r for r in self._remotes}
         retyped = []
         for pair in self.pairs:
