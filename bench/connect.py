@@ -248,7 +248,11 @@ def connect(setup: Setup) -> Outcome:
     pairs = all_pairs(len(setup.hosts))
     reaches = setup.reaches(pairs)
     t0, _ = setup.start()
-    return Outcome(reach_all(reaches, t0), f"{len(pairs)} directions")
+    each: dict[str, float] = {}
+    took = reach_all(reaches, t0, each=each)
+    slowest = sorted(each.items(), key=lambda item: item[1])[-3:]
+    return Outcome(took, f"{len(pairs)} directions; slowest "
+                   + ", ".join(f"{d} {t:.2f}s" for d, t in reversed(slowest)))
 
 
 # ------------------------------------------------------------------ cases

@@ -20,7 +20,7 @@ _IFF_UP = 0x1
 _AF_INET = 2
 _AF_INET6 = 10
 # linux/if_addr.h: an IPv6 address the kernel cannot (or soon will not) send from.
-_IFA_F_UNUSABLE = 0x40 | 0x20 | 0x08  # tentative, deprecated, dadfailed
+IFA_F_UNUSABLE = 0x40 | 0x20 | 0x08  # tentative, deprecated, dadfailed
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,7 @@ async def interface_addresses() -> list[InterfaceAddress]:
             async for msg in await ipr.get_addr(family=family):
                 link = links.get(msg["index"])
                 flags = msg.get_attr("IFA_FLAGS") or msg["flags"]
-                if link is None or (family == _AF_INET6 and flags & _IFA_F_UNUSABLE):
+                if link is None or (family == _AF_INET6 and flags & IFA_F_UNUSABLE):
                     continue
                 address = msg.get("address")
                 if not address:

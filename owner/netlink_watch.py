@@ -9,6 +9,14 @@ choices, or a peer's) are not network changes, or every path switch would trigge
 next. Coalesced here: at most one event per interval goes to the agent (the latest
 change, with how many it stands for), so a netlink storm (a flapping link, a routing
 daemon rewriting its table) cannot flood the pipe. The agent debounces what it gets.
+
+IPv6 is watched too (an IPv6-only network moves as an IPv4 one does), with its own
+noise left out: every router advertisement refreshes the lifetimes of the addresses and
+routes it made, and the kernel says so with RTM_NEWADDR and RTM_NEWROUTE for what it
+already had. So IPv6 addresses and main-table routes are remembered (seeded from a dump
+when the watch opens), and only a new one, a gone one, or an address becoming usable
+or unusable (duplicate address detection done, deprecated) is a change. Link-local
+addresses and routes (fe80::/10, multicast) are never candidates' business.
 """
 
 from __future__ import annotations
@@ -19,7 +27,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from kbwg.core.addresses import parse_ip
+from kbwg.owner.interfaces import IFA_F_UNUSABLE
+from kbwg.owner.netconfig import MAIN_TABLE
+
 logger = logging.getLogger(__name__)
+
+AF_INET6 = 10
 
 ADDRESS_EVENTS = frozenset({"RTM_NEWADDR", "RTM_DELADDR"})
 ROUTE_EVENTS = frozenset({"RTM_NEWROUTE", "RTM_DELROUTE"})
@@ -46,9 +60,13 @@ class NetlinkMessage(Protocol):
 @dataclass
 class ChangeFilter:
     """Turns netlink messages into the changes the agent cares about, keeping the
-    interface names current (route messages name only an index)."""
+    interface names current (route messages name only an index) and the IPv6 addresses
+    and routes known (module docstring)."""
 
     names: dict[int, str | None] = field(default_factory=dict)
+    # (index, address) -> whether the kernel may send from it.
+    v6_addresses: dict[tuple[int, str], bool] = field(default_factory=dict)
+    v6_routes: set[tuple[object, ...]] = field(default_factory=set)
 
     def classify(self, msg: NetlinkMessage, own_ifname: str | None) -> NetworkChange | None:
         event = msg.get("event")
@@ -62,9 +80,66 @@ class ChangeFilter:
         ifname = self.names.get(index) if isinstance(index, int) else None
         if own_ifname is not None and ifname == own_ifname:
             return None
-        if is_route and msg.get("dst_len") == 32:
+        if is_route and msg.get("dst_len") in (32, 128):
             return None  # host routes: ours (multi-homed choices) or a peer's
+        if msg.get("family") == AF_INET6 and not self._v6_changed(str(event), msg):
+            return None
         return NetworkChange(str(event), ifname)
+
+    def _v6_changed(self, event: str, msg: NetlinkMessage) -> bool:
+        """Whether an IPv6 address or route message changes what is known (and learn it)."""
+        if event in ADDRESS_EVENTS:
+            address = msg.get("address")
+            if not isinstance(address, str) or _link_scoped(address):
+                return False
+            index = msg.get("index")
+            key = (index if isinstance(index, int) else -1, address)
+            if event == "RTM_DELADDR":
+                self.v6_addresses.pop(key, None)
+                return True
+            usable = not _flags(msg) & IFA_F_UNUSABLE
+            known = self.v6_addresses.get(key)
+            self.v6_addresses[key] = usable
+            return known != usable
+        if event in ROUTE_EVENTS:
+            dst = msg.get("dst")
+            if msg.get("table") != MAIN_TABLE or (isinstance(dst, str) and _link_scoped(dst)):
+                return False
+            route = _route_key(msg)
+            if event == "RTM_DELROUTE":
+                self.v6_routes.discard(route)
+                return True
+            if route in self.v6_routes:
+                return False
+            self.v6_routes.add(route)
+            return True
+        return True
+
+    def learn(self, msg: NetlinkMessage, route: bool) -> None:
+        """An IPv6 address (or `route`) from the dump made when the watch opened."""
+        self._v6_changed("RTM_NEWROUTE" if route else "RTM_NEWADDR", msg)
+
+
+def _route_key(msg: NetlinkMessage) -> tuple[object, ...]:
+    return (msg.get("dst"), msg.get("dst_len"), msg.get("gateway"), msg.get("oif"),
+            msg.get("priority"))
+
+
+def _flags(msg: NetlinkMessage) -> int:
+    """An address's flags: IFA_FLAGS (32 bits) when present, else the header's 8."""
+    get_attr = getattr(msg, "get_attr", None)
+    flags = get_attr("IFA_FLAGS") if callable(get_attr) else None
+    if flags is None:
+        flags = msg.get("flags")
+    return flags if isinstance(flags, int) else 0
+
+
+def _link_scoped(address: str) -> bool:
+    try:
+        ip = parse_ip(address)
+    except ValueError:
+        return True  # nothing a candidate could be
+    return ip.is_link_local or ip.is_multicast
 
 
 @dataclass
@@ -108,15 +183,27 @@ class Coalescer:
 
 async def watch_netlink(on_change: Callable[[NetworkChange], None],
                         own_ifname: Callable[[], str | None]) -> None:
-    """Report the host's IPv4 address and route changes and link changes until
-    cancelled (the same groups the agent watched before it left netlink to the owner)."""
+    """Report the host's address, route and link changes until cancelled."""
     from pyroute2.iproute.linux import AsyncIPRoute
-    from pyroute2.netlink.rtnl import RTMGRP_IPV4_IFADDR, RTMGRP_IPV4_ROUTE, RTMGRP_LINK
+    from pyroute2.netlink.rtnl import (
+        RTMGRP_IPV4_IFADDR,
+        RTMGRP_IPV4_ROUTE,
+        RTMGRP_IPV6_IFADDR,
+        RTMGRP_IPV6_ROUTE,
+        RTMGRP_LINK,
+    )
 
     async with AsyncIPRoute() as ipr:
-        await ipr.bind(groups=RTMGRP_IPV4_IFADDR | RTMGRP_IPV4_ROUTE | RTMGRP_LINK)
+        await ipr.bind(groups=RTMGRP_IPV4_IFADDR | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_IFADDR
+                       | RTMGRP_IPV6_ROUTE | RTMGRP_LINK)
         changes = ChangeFilter({link["index"]: link.get("ifname")
                                 async for link in await ipr.get_links()})
+        # What the kernel has now: its refreshes of these are not changes. (A change
+        # between the bind and these dumps is reported, or seen in them: not lost.)
+        async for addr in await ipr.get_addr(family=AF_INET6):
+            changes.learn(addr, route=False)
+        async for route in await ipr.get_routes(family=AF_INET6, table=MAIN_TABLE):
+            changes.learn(route, route=True)
         logger.info("watching the network for the agent")
         while True:  # get() ends after each batch of messages
             async for msg in ipr.get():

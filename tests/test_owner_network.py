@@ -208,6 +208,45 @@ def test_the_filter_leaves_out_the_own_device_host_routes_and_other_messages() -
         NetworkChange("RTM_NEWADDR", None)
 
 
+def test_ipv6_refreshes_are_not_changes() -> None:
+    changes = ChangeFilter({2: "eth0"})
+    addr = {"event": "RTM_NEWADDR", "family": 10, "index": 2, "address": "2001:db8::5",
+            "flags": 0}
+    route = {"event": "RTM_NEWROUTE", "family": 10, "oif": 2, "dst_len": 0, "dst": None,
+             "gateway": "2001:db8::1", "table": 254}
+    # Known from the dump when the watch opened: the kernel's refreshes say nothing new.
+    changes.learn(addr, route=False)
+    changes.learn(route, route=True)
+    assert changes.classify(addr, None) is None
+    assert changes.classify(route, None) is None
+    # Usable no more (deprecated, 0x20): a change; and usable again.
+    assert changes.classify({**addr, "flags": 0x20}, None) == NetworkChange("RTM_NEWADDR", "eth0")
+    assert changes.classify({**addr, "flags": 0x20}, None) is None
+    assert changes.classify(addr, None) == NetworkChange("RTM_NEWADDR", "eth0")
+    # New ones are changes once; gone ones always.
+    other = {**addr, "address": "2001:db8::6"}
+    assert changes.classify(other, None) == NetworkChange("RTM_NEWADDR", "eth0")
+    assert changes.classify(other, None) is None
+    assert changes.classify({**other, "event": "RTM_DELADDR"}, None) == \
+        NetworkChange("RTM_DELADDR", "eth0")
+    assert changes.classify(other, None) == NetworkChange("RTM_NEWADDR", "eth0")
+    assert changes.classify({**route, "gateway": "2001:db8::2"}, None) == \
+        NetworkChange("RTM_NEWROUTE", "eth0")
+    assert changes.classify({**route, "event": "RTM_DELROUTE"}, None) == \
+        NetworkChange("RTM_DELROUTE", "eth0")
+    # Link-local and multicast, other tables, host routes: never changes.
+    assert changes.classify({**addr, "address": "fe80::1"}, None) is None
+    assert changes.classify({**addr, "address": "junk"}, None) is None
+    assert changes.classify({**route, "dst": "fe80::", "dst_len": 64}, None) is None
+    assert changes.classify({**route, "dst": "ff00::", "dst_len": 8}, None) is None
+    assert changes.classify({**route, "table": 255, "dst": "2001:db8::"}, None) is None
+    assert changes.classify({**route, "dst": "2001:db8::9", "dst_len": 128}, None) is None
+    # IPv4 is as before: every address message is a change.
+    v4 = {"event": "RTM_NEWADDR", "family": 2, "index": 2, "address": "198.18.0.2"}
+    assert changes.classify(v4, None) == changes.classify(v4, None) == \
+        NetworkChange("RTM_NEWADDR", "eth0")
+
+
 async def test_a_storm_reaches_the_agent_as_a_few_events() -> None:
     sent: list[tuple[float, NetworkChange, int]] = []
     coalescer = Coalescer(lambda change, count: sent.append((now(), change, count)),
