@@ -30,6 +30,7 @@ from kbwg.negotiation.candidate_pairs import (
 )
 from kbwg.negotiation.candidates import TYPE_PREFERENCE, Candidate, candidate_priority
 from kbwg.negotiation.check_config import CheckCounters, CheckTimers
+from kbwg.negotiation.choice import path_class
 from kbwg.negotiation.wire import CandidateInfo
 
 log = logging.getLogger(__name__)
@@ -76,17 +77,22 @@ class PairTable:
         return self._grow(controlling), retyped
 
     def _retype(self, controlling: bool) -> list[CandidatePair]:
-        """Pairs whose remote address the peer now lists take the listed candidate, state
-        and RTT kept: a peer-reflexive candidate the peer then signals becomes the
-        signalled one (RFC 8838 section 11), and so does an address first known only as
-        the peer's announced endpoint. Its type decides the path's class, so a LAN peer
-        checked before its CANDIDATES line arrived is then seen as on the LAN at once,
-        with no checks started over."""
+        """Pairs whose remote address the peer now lists as a candidate of another class
+        take the listed candidate, state and RTT kept: a peer-reflexive candidate the
+        peer then signals becomes the signalled one (RFC 8838 section 11), and so does
+        an address first known only as the peer's announced endpoint. The class is what
+        matters: a LAN peer checked before its CANDIDATES line arrived is then seen as on
+        the LAN at once, with no checks started over. Within a class the learned type
+        stays (a peer-reflexive remote is how `PeerChecker` tells that the peer's checks
+        come from a new address)."""
         current = {(r.ip, r.port): r for r in self._remotes}
         retyped = []
         for pair in self.pairs:
             listed = current.get(pair.remote_address)
             if listed is None or listed is pair.remote:
+                continue
+            local = pair.shown_local
+            if path_class(local.type, listed.type, local.address, listed.ip) == pair.path:
                 continue
             pair.remote = listed
             pair.priority = pair_priority(pair.local.priority, listed.priority, controlling)

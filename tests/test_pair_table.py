@@ -81,6 +81,14 @@ def test_a_learned_candidate_the_peer_then_lists_takes_the_listed_type() -> None
     added, retyped = pairs.add_remotes([host], controlling=True)
     assert retyped == [pair] and not added
     assert pair.remote is host and pair.path == "direct-lan" and pair.state == "succeeded"
+    # Listed in the class it already has: the learned type stays (the checker reads a
+    # peer-reflexive remote as checks coming from a new address).
+    moved = pairs.remote_for(("203.0.113.20", 40000), prflx_priority(HOST))
+    assert moved is not None
+    moved_pair = pairs.pair_for(HOST, moved, controlling=True)
+    srflx = CandidateInfo("srflx", "203.0.113.20", 40000, candidate_priority("srflx"), "s")
+    _, retyped = pairs.add_remotes([srflx], controlling=True)
+    assert not retyped and moved_pair is not None and moved_pair.remote is moved
 
 
 def test_a_later_lower_listing_never_demotes_a_host_candidate() -> None:
