@@ -13,10 +13,13 @@ daemon rewriting its table) cannot flood the pipe. The agent debounces what it g
 IPv6 is watched too (an IPv6-only network moves as an IPv4 one does), with its own
 noise left out: every router advertisement refreshes the lifetimes of the addresses and
 routes it made, and the kernel says so with RTM_NEWADDR and RTM_NEWROUTE for what it
-already had. So IPv6 addresses and main-table routes are remembered (seeded from a dump
-when the watch opens), and only a new one, a gone one, or an address becoming usable
-or unusable (duplicate address detection done, deprecated) is a change. Link-local
-addresses and routes (fe80::/10, multicast) are never candidates' business.
+already had. So IPv6 addresses and main-table routes are remembered from these messages,
+and only a new one, a gone one, or an address becoming usable or unusable (duplicate
+address detection done, deprecated) is a change. Nothing is dumped into that memory
+when the watch opens (a change made between such a dump and the agent's first gathering
+would be lost): the first refresh of what the host already had is reported instead, one
+more gathering at most, once. Link-local addresses and routes (fe80::/10, multicast)
+are never candidates' business.
 """
 
 from __future__ import annotations
@@ -115,10 +118,6 @@ class ChangeFilter:
             return True
         return True
 
-    def learn(self, msg: NetlinkMessage, route: bool) -> None:
-        """An IPv6 address (or `route`) from the dump made when the watch opened."""
-        self._v6_changed("RTM_NEWROUTE" if route else "RTM_NEWADDR", msg)
-
 
 def _route_key(msg: NetlinkMessage) -> tuple[object, ...]:
     return (msg.get("dst"), msg.get("dst_len"), msg.get("gateway"), msg.get("oif"),
@@ -198,12 +197,6 @@ async def watch_netlink(on_change: Callable[[NetworkChange], None],
                        | RTMGRP_IPV6_ROUTE | RTMGRP_LINK)
         changes = ChangeFilter({link["index"]: link.get("ifname")
                                 async for link in await ipr.get_links()})
-        # What the kernel has now: its refreshes of these are not changes. (A change
-        # between the bind and these dumps is reported, or seen in them: not lost.)
-        async for addr in await ipr.get_addr(family=AF_INET6):
-            changes.learn(addr, route=False)
-        async for route in await ipr.get_routes(family=AF_INET6, table=MAIN_TABLE):
-            changes.learn(route, route=True)
         logger.info("watching the network for the agent")
         while True:  # get() ends after each batch of messages
             async for msg in ipr.get():
