@@ -48,6 +48,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -415,13 +416,19 @@ class CaseResult:
 
 
 def one_run(case: Case, delay_ms: int, logs: Path | None) -> RunResult:
+    """One run in a fresh world; its agents' logs go to `logs`, and a failed run's are
+    kept in a new directory under /tmp when `logs` is None (its error names it)."""
     before = load()
     with World() as world:
         try:
             outcome = case.run(world, delay_ms)
             result = RunResult(outcome.seconds, before, outcome.note)
         except Exception as exc:  # one failed run is reported, not fatal
-            result = RunResult(None, before, error=f"{type(exc).__name__}: {exc}"[:2000])
+            error = f"{type(exc).__name__}: {exc}"[:2000]
+            if logs is None:
+                logs = Path(tempfile.mkdtemp(prefix=f"kbwg-bench-{case.name}-failed-"))
+                error += f" (agent logs kept in {logs})"
+            result = RunResult(None, before, error=error)
         finally:
             if logs is not None:
                 logs.mkdir(parents=True, exist_ok=True)
