@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -171,40 +171,45 @@ class Connectivity:
             self._publish(complete=False)
         servers = await resolve_dual(self.config.stun, timeout=2.0)
 
+        found: LocalCandidates | None = None
+
         async def stun_part() -> LocalCandidates:
-            local = await gather_local(self.wg_port, servers, self.client_for,
+            nonlocal found
+            found = await gather_local(self.wg_port, servers, self.client_for,
                                        self.config.interface_exclude, [self.config.overlay],
                                        addresses=self._interfaces)
-            self.local = LocalCandidates(local.candidates + self.relays.candidates(),
-                                         local.stun, local.gathered_at)
+            self.local = self._with_relays(found)
             self._local_done.set()
             self._publish(complete=False)
-            return local
+            return found
 
         async def relay_part() -> None:
             await self.relays.ensure(self.config.relays)
-            if self._local_done.is_set() and self.relays.candidates():
+            if found is not None and self.relays.candidates():
                 # Trickled at once, not after the port mapping's grace: a peer behind a
                 # symmetric NAT can early-check nothing else.
-                self.local = replace(self.local, candidates=[
-                    *(c for c in self.local.candidates if c.type != "relay"),
-                    *self.relays.candidates()])
+                self.local = self._with_relays(found)
                 self._publish(complete=False)
 
         local, _ = await asyncio.gather(stun_part(), relay_part())
-        self.local = replace(local, candidates=local.candidates + self.relays.candidates())
+        self.local = self._with_relays(local)
         await asyncio.wait({mapping_task}, timeout=PORTMAP_GRACE_S)
         mapped: list[Candidate] = []
         if mapping_task.done():
             mapped = self._mapped_candidates(mapping_task.result())
         else:
             mapping_task.add_done_callback(self._late_mapping)
-        self.local = replace(local, candidates=[
-            *local.candidates, *mapped, *self.relays.candidates()])
+        self.local = self._with_relays(local, mapped)
         self._mux.set_local_candidates(self.local.candidates)
         log.info("local candidates: %s", ", ".join(
             f"{c.type} {c.address}:{c.port}" for c in self.local.candidates) or "none")
         self._publish(complete=True)
+
+    def _with_relays(self, local: LocalCandidates,
+                     mapped: Sequence[Candidate] = ()) -> LocalCandidates:
+        """`local` with the port mapping's candidates and the relays' as they are now."""
+        return replace(local, candidates=[*local.candidates, *mapped,
+                                          *self.relays.candidates()])
 
     def _publish(self, complete: bool) -> None:
         """A gathering step is done: checks may leave from new bases at once, and the
