@@ -87,11 +87,10 @@ class AgentProcess:
     def negotiated(self, device: str) -> dict[str, Any] | None:
         """This agent's status entry for the peer `device` once negotiation chose a
         path to it, else None."""
-        status = self.try_status()
-        if status is None:
+        peer = self.peer_view(device)
+        if peer is None or peer["endpoint_source"] != "negotiated" or peer["path"] == "none":
             return None
-        peer = next(p for p in status["peers"] if p["device"] == device)
-        return peer if peer["endpoint_source"] == "negotiated" and peer["path"] != "none" else None
+        return peer
 
     def wait_path(self, device: str, timeout: float = 20.0,
                   path: str | None = None) -> dict[str, Any]:
