@@ -18,6 +18,8 @@ may not answer). Imports are part of that order: this module imports only what
 starting those processes needs, and the rest (negotiation, relays: most of the agent)
 is imported in a thread while Keybase answers and the device owner starts and creates
 the device. `startclock.milestone` logs each step's time since process start.
+A Keybase service that does not answer yet, or a network with no address yet (a boot),
+is waited for (startup_waits), not an error.
 
 Team input is checked before it is applied: kbwg.json's overlay must pass the device
 owner's own rule on this host before the device is created (overlaycheck); each key
@@ -43,6 +45,7 @@ from kbwg.agent.previous_owner import forget as forget_owner
 from kbwg.agent.previous_owner import record as record_owner
 from kbwg.agent.previous_owner import wait_for_previous as wait_for_previous_owner
 from kbwg.agent.startclock import milestone
+from kbwg.agent.startup_waits import StartupWaits
 from kbwg.core.background import Background
 from kbwg.core.identity import DeviceId
 
@@ -224,15 +227,19 @@ class Agent:
         owner_task = asyncio.create_task(self._owner_factory(self.options.owner_command))
         owner_task.add_done_callback(lambda _: milestone(log, "device owner ready"))
         made.push_async_callback(self._stop_owner, owner_task)
-        whoami = asyncio.create_task(self.keybase.whoami())
+        # At boot the Keybase service may not answer yet: these reads wait for it.
+        self.keybase.link.joining = True
+        waits = StartupWaits(self.keybase.link)
+        whoami = asyncio.create_task(waits.keybase(self.keybase.whoami))
         made.callback(whoami.cancel)
         # Both team files at once (kbwg.json's parser is light; peers.json's is parsed
         # by TeamView, which loads with the data path).
         from kbwg.agent.peers_file import peers_path
 
-        peers_raw = asyncio.create_task(self.keybase.fs_read(peers_path(self.options.team)))
+        peers = peers_path(self.options.team)
+        peers_raw = asyncio.create_task(waits.keybase(lambda: self.keybase.fs_read(peers)))
         made.callback(peers_raw.cancel)
-        loading_config = asyncio.create_task(self._load_config())
+        loading_config = asyncio.create_task(self._load_config(waits))
         made.callback(loading_config.cancel)
         await asyncio.sleep(0)  # the Keybase processes started (each task's first step)
         # In a thread, so that this loop goes on with Keybase's answers and the owner's
@@ -248,7 +255,7 @@ class Agent:
         # None of these waits for another: the channels are joined and #announce's
         # history read (once the listener is subscribed) while peers.json is parsed and
         # the overlay checked (which waits for the device owner).
-        history = asyncio.create_task(self._fetch_history(team, listener_ready))
+        history = asyncio.create_task(self._fetch_history(team, listener_ready, waits))
         made.callback(_drop, history)
         # Before anything is created: the owner has started, but `create` waits for this.
         checking = asyncio.create_task(self._check_overlay(config, owner_task))
@@ -289,7 +296,9 @@ class Agent:
         from kbwg.agent.runtime_state import AgentState
 
         (announce_ip, announce_port), created = await asyncio.gather(
-            announce_target(self.options.endpoint, config, owner.interfaces), creating)
+            waits.address(lambda: announce_target(self.options.endpoint, config,
+                                                  owner.interfaces)),
+            creating)
         port = created.listen_port
         milestone(log, "device created")
         state = AgentState(
@@ -326,6 +335,7 @@ class Agent:
         await control.start()
         made.push_async_callback(control.close)
         joined.set_result(device)
+        self.keybase.link.joining = False
         if self._on_joined is not None:
             self._on_joined(device)
         await device.introduce()
@@ -345,11 +355,12 @@ class Agent:
         forget_owner(self.options.state_dir)
         log.info("device %s removed", self.options.interface)
 
-    async def _load_config(self) -> TeamConfig:
+    async def _load_config(self, waits: StartupWaits) -> TeamConfig:
         from kbwg.agent.teamconfig import TeamConfigError, load_team_config, team_config_path
 
         try:
-            return await load_team_config(self.keybase, self.options.team)
+            return await waits.keybase(lambda: load_team_config(self.keybase,
+                                                                self.options.team))
         except (TeamConfigError, KeybaseError) as exc:
             raise JoinError(
                 f"cannot use {team_config_path(self.options.team)}: {exc}; fix the file "
@@ -402,16 +413,16 @@ class Agent:
                 log.warning("kbwg.json dynamic_range: %s", problem)
 
     @staticmethod
-    async def _fetch_history(team: TeamView,
-                             listener_ready: asyncio.Event) -> list[ChatMessage]:
+    async def _fetch_history(team: TeamView, listener_ready: asyncio.Event,
+                             waits: StartupWaits) -> list[ChatMessage]:
         """The team's channels joined, and #announce's history read (not yet taken)."""
-        await team.join_channels()
+        await waits.keybase(team.join_channels)
         try:
             await asyncio.wait_for(listener_ready.wait(), LISTENER_READY_TIMEOUT_S)
         except TimeoutError:
             log.warning("chat listener not confirmed after %.0fs; reading history anyway",
                         LISTENER_READY_TIMEOUT_S)
-        return await team.fetch_history(first=True)
+        return await waits.keybase(lambda: team.fetch_history(first=True))
 
     @staticmethod
     async def _take_history(team: TeamView, me: DeviceId,

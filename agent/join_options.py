@@ -17,6 +17,10 @@ class JoinError(RuntimeError):
     """A condition that stops `join`, with a message saying what to do."""
 
 
+class NoAddressToAnnounce(JoinError):
+    """The host has no IPv4 address yet (a network still coming up at boot)."""
+
+
 @dataclass
 class JoinOptions:
     team: str

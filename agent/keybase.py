@@ -146,6 +146,11 @@ class KeybaseUnavailable(KeybaseError):
     """The keybase binary cannot be started, or exits."""
 
 
+class KeybaseServiceDown(KeybaseUnavailable):
+    """The CLI ran but its service did not answer: not running (yet), restarting, or
+    hung. Worth waiting for, unlike a missing binary or a logged-out device."""
+
+
 class KeybaseFileNotFound(KeybaseError, FileNotFoundError):
     """A KBFS path that does not exist."""
 
@@ -154,6 +159,13 @@ def _unavailable(binary: str, what: str) -> KeybaseUnavailable:
     return KeybaseUnavailable(
         f"{what} (keybase binary {binary!r}). Check --keybase / {BINARY_ENV}, and that the "
         "Keybase service is running and logged in (`keybase whoami`)."
+    )
+
+
+def _service_down(binary: str, what: str) -> KeybaseServiceDown:
+    return KeybaseServiceDown(
+        f"{what} (keybase binary {binary!r}). Check that the Keybase service is running "
+        "(`keybase status`; start it with `run_keybase`)."
     )
 
 
@@ -433,7 +445,7 @@ class KeybaseClient:
             await _kill(proc)
             why = f"`keybase {' '.join(args)}` did not finish in {self._call_timeout}s"
             self.link.lost(why)
-            raise _unavailable(self.binary, why) from None
+            raise _service_down(self.binary, why) from None
         except asyncio.CancelledError:
             await _kill(proc)
             raise
@@ -441,7 +453,7 @@ class KeybaseClient:
         if proc.returncode != 0 and _SERVICE_DOWN_RE.search(_text(err)):
             why = f"`keybase {args[0]}` failed: {_text(err)[:_STDERR_LINE_MAX]}"
             self.link.lost(why)
-            raise _unavailable(self.binary, why)
+            raise _service_down(self.binary, why)
         self.link.ok()
         return proc.returncode, out, err
 
@@ -573,7 +585,7 @@ class KeybaseClient:
             await self._stop_pipe(pipe)
             why = f"`keybase chat api` did not answer within {self._call_timeout}s"
             self.link.lost(why)
-            raise _unavailable(self.binary, why) from None
+            raise _service_down(self.binary, why) from None
         except asyncio.CancelledError:
             # Same: an abandoned request leaves the pipe out of step.
             await _kill(pipe.proc)
@@ -663,7 +675,8 @@ class KeybaseClient:
         if _SERVICE_DOWN_RE.search(err) or not retrying:
             why = f"`keybase chat api` exited ({detail})"
             self.link.lost(why)
-            raise _unavailable(self.binary, why)
+            down = _SERVICE_DOWN_RE.search(err)
+            raise (_service_down if down else _unavailable)(self.binary, why)
         logger.log(logging.WARNING if self.link.connected else logging.DEBUG,
                    "`keybase chat api` exited (%s); restarting it and retrying %s",
                    detail, method)
@@ -811,7 +824,7 @@ class KeybaseClient:
                 delay = backoff.next()
                 logger.debug("cannot restart `keybase chat api-listen`; retrying in %.1fs",
                              delay)
-                await asyncio.sleep(delay)
+                await self._restart_pause(delay)
                 continue
             first = False
             self._listeners.add(proc)
@@ -857,7 +870,19 @@ class KeybaseClient:
                    f"{', stderr: ' + ' / '.join(tail) if tail else ''})")
             logger.debug("%s; restarting it in %.1fs", why, delay)
             self.link.lost(f"{why}; restarting it")
-            await asyncio.sleep(delay)
+            await self._restart_pause(delay)
+
+    async def _restart_pause(self, delay: float) -> None:
+        """The listener's backoff, cut short when another call finds the service back
+        (a join waiting for Keybase at boot listens as soon as it answers); never
+        shorter than the backoff's first step, so a listener that dies for its own
+        reasons is not restarted at the pace of other calls."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await self.link.until_back(delay)
+        rest = min(delay, self._backoff_initial) - (loop.time() - started)
+        if rest > 0:
+            await asyncio.sleep(rest)
 
     async def close(self) -> None:
         """Stop the chat api pipe and any listener processes."""

@@ -14,6 +14,7 @@ resets, said once per episode too.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -66,9 +67,13 @@ class KeybaseLink:
     last_error: str | None = None
     rate_limited_until: float | None = None  # Unix time, for status
     rate_limits: int = 0
+    # Set by `join` until it has joined: then there are no tunnels to keep and nothing
+    # to catch up with, and a wait is start-up's, not a reconnection.
+    joining: bool = False
     _down_at: float | None = None  # monotonic
     _hold_until: float = 0.0  # monotonic
     _back: asyncio.Event | None = None
+    _answered: asyncio.Event | None = None
 
     def lost(self, why: str) -> None:
         """A call or the listener found Keybase away: said once until it is back."""
@@ -79,6 +84,11 @@ class KeybaseLink:
         self.connected = False
         self.down_since = time.time()
         self._down_at = _now()
+        if self._answered is not None:
+            self._answered.clear()
+        if self.joining:
+            log.warning("Keybase is not answering (%s)", why)
+            return
         log.warning("Keybase is unreachable (%s); every tunnel stays up, reconnecting with "
                     "backoff (%.0fs to %.0fs); history is read again once it is back",
                     why, BACKOFF_INITIAL_S, BACKOFF_MAX_S)
@@ -90,11 +100,26 @@ class KeybaseLink:
         away = _now() - (self._down_at if self._down_at is not None else _now())
         self.connected = True
         self.down_since = self._down_at = None
+        if self._answered is not None:
+            self._answered.set()
+        if self.joining:
+            log.warning("Keybase answers after %.0fs; joining", away)
+            return
         self.reconnects += 1
         log.warning("Keybase is back after %.0fs; catching up (history, peers.json, "
                     "kbwg.json)", away)
         if self._back is not None:
             self._back.set()
+
+    async def until_back(self, timeout: float) -> None:
+        """Sleep up to `timeout`: less if Keybase answers a call meanwhile (at once when
+        it already does), so a retry waiting out a backoff goes when the service is back."""
+        if self.connected:
+            return
+        if self._answered is None:
+            self._answered = asyncio.Event()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._answered.wait(), timeout)
 
     async def wait_back(self) -> None:
         """Return at the next reconnection (one that happened since the last return too)."""

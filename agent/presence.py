@@ -26,7 +26,7 @@ from kbwg.agent.claims import (
     pick_free_address,
     save_previous,
 )
-from kbwg.agent.join_options import JoinError
+from kbwg.agent.join_options import JoinError, NoAddressToAnnounce
 from kbwg.agent.keybase import Channel, KeybaseClient, KeybaseError
 from kbwg.agent.owner_calls import OwnerCalls
 from kbwg.agent.runtime_state import AgentState
@@ -77,7 +77,7 @@ async def announce_target(given: str | None, config: TeamConfig,
     # Announcements carry IPv4 (the prototype's format): IPv6 goes in offers only.
     ip = next((h.address for h in hosts if ":" not in h.address), None)
     if ip is None:
-        raise JoinError(
+        raise NoAddressToAnnounce(
             "found no IPv4 address to announce; bring up a network interface "
             "or pass --endpoint IP[:PORT]"
         )

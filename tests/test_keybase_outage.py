@@ -177,6 +177,33 @@ async def test_listener_reconnects_with_backoff_and_says_so_once(
         await task
 
 
+async def test_listener_restarts_at_once_when_another_call_finds_the_service_back(
+    scripted: tuple[KeybaseClient, list[float], list[FakeProc]],
+) -> None:
+    client, times, procs = scripted
+
+    async def consume() -> None:
+        async for _ in client.listen():
+            pass
+
+    task = asyncio.create_task(consume())
+    await advance_until(lambda: len(times) == 1, what="the first listener")
+    client.service_up = False  # type: ignore[attr-defined]
+    procs[0].end(2, LOST)
+    await coarsely_until(lambda: len(times) == 4, what="three failed restarts")
+    # The next restart is about 8 s away; a call that gets through (the refresh's probe,
+    # or a join waiting for the service at boot) brings it forward.
+    await asyncio.sleep(1.5)
+    client.service_up = True  # type: ignore[attr-defined]
+    back_at = now()
+    client.link.ok()
+    await advance_until(lambda: len(times) == 5, what="the listener restarted")
+    assert times[-1] - back_at < 0.01
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
 # --------------------------------------------------------------------------- rate limits
 
 
