@@ -193,6 +193,29 @@ class PeerSync:
         peer.fallback = asyncio.get_running_loop().call_later(
             delay, lambda: self._spawn(self._announced_fallback(device, key)))
 
+    async def renew_sessions(self) -> None:
+        """Every configured peer removed and set again as it was, so that WireGuard's
+        sessions go with it and the next packet to a peer starts a handshake at once.
+        After a sleep wireguard-go still holds keys its peers have refused (wake_watch)
+        and would only notice after 15 s without an answer."""
+        async with self._lock:
+            for peer in self._state.peers.values():
+                await self._guarded(peer, self._renew(peer))
+
+    async def _renew(self, peer: PeerState) -> None:
+        key, ip = peer.configured_key, peer.configured_ip
+        if key is None or ip is None:
+            return
+        await self._owner.remove_peer(key)
+        # Were the set refused, the next sync would configure the peer from scratch.
+        peer.configured_key = peer.configured_ip = None
+        await self._owner.set_peer(key, peer.endpoint, [ip], self._keepalive(peer))
+        peer.configured_key, peer.configured_ip = key, ip
+        # The device's counters start over with the peer: the next poll's are no change.
+        peer.reset_counters()
+        log.info("%s: fresh WireGuard session (endpoint %s)", peer.name,
+                 peer.endpoint or "none yet")
+
     def _keepalive(self, peer: PeerState) -> int:
         return self._options.keepalive_s if peer.endpoint else 0
 

@@ -1,8 +1,9 @@
 """The joined device's background loops: the periodic refresh (peers.json, #announce
-history, re-announcing, claim check, peer sync, missing relays), the stats poll, and
-the network watch (the device owner's `network` events, kbwg.agent.netwatch) that
-re-gathers candidates and renegotiates after a change; and the same repair when a
-peer's chosen pair goes quiet (`on_path_lost`).
+history, re-announcing, claim check, peer sync, missing relays), the stats poll, the
+network watch (the device owner's `network` events, kbwg.agent.netwatch) that
+re-gathers candidates and renegotiates after a change, and the wake watch (the machine
+slept: kbwg.agent.wake_watch); and the same repair when a peer's chosen pair goes quiet
+(`on_path_lost`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from kbwg.agent.peer_sync import PeerSync
 from kbwg.agent.presence import Presence
 from kbwg.agent.runtime_state import AgentState
 from kbwg.agent.team_view import TeamView
+from kbwg.agent.wake_watch import WakeWatch
 from kbwg.core.identity import DeviceId
 from kbwg.negotiation.session import Negotiator
 
@@ -34,6 +36,9 @@ log = logging.getLogger(__name__)
 FIRST_REFRESH_S = 2.0
 # A peer whose path keeps dying (gone offline, flapping) is renegotiated at most this often.
 LOST_PATH_SPACING_S = 2.0
+# Kernel WireGuard drops its session keys itself when the machine suspends
+# (wg_pm_notification); wireguard-go does not.
+KERNEL_BACKEND = "kernel"
 
 
 class Upkeep:
@@ -58,7 +63,8 @@ class Upkeep:
     def loops(self) -> dict[str, Coroutine[Any, Any, None]]:
         """The loops by name; each runs until cancelled."""
         return {"refresh": self._refresh(), "stats": self._poll_stats(),
-                "netwatch": self._watch_network(), "keybase": self._keybase.follow()}
+                "netwatch": self._watch_network(), "keybase": self._keybase.follow(),
+                "wake": WakeWatch(self.on_wake).run()}
 
     async def _refresh(self) -> None:
         """Safety net for missed notifications, peers.json edits and announcement expiry."""
@@ -89,6 +95,19 @@ class Upkeep:
         a fresh allocation and a renegotiation bring a relayed path back."""
         await self._regather("network changed")
         # Pushes may have been lost while the network moved.
+        await self._keybase.reread()
+
+    async def on_wake(self, slept_s: float) -> None:
+        """The machine slept (wake_watch): the peers gave up on this device meanwhile,
+        whatever its own timers think. Fresh WireGuard sessions, candidates gathered
+        again (the NAT's mappings and relay allocations may be gone, the network may be
+        another) and every peer renegotiated."""
+        log.warning("this machine slept for about %.0fs: starting fresh WireGuard sessions "
+                    "and checking every path again", slept_s)
+        if self._state.backend != KERNEL_BACKEND:
+            await self._peer_sync.renew_sessions()
+        if not await self._regather("woke from sleep") and self._negotiator is not None:
+            await self._negotiator.restart_all()
         await self._keybase.reread()
 
     async def on_path_lost(self, peer: DeviceId, fell_back: bool) -> None:
