@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from kbwg.agent.statedir import FILE_MODE, SOCKET_NAME
+from kbwg.agent.statedir import FILE_MODE, SOCKET_NAME, joining_agent
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +126,13 @@ async def call(state_dir: Path, cmd: str, timeout: float = 10.0, **args: Any) ->
             asyncio.open_unix_connection(str(path), limit=16 * 1024 * 1024), timeout
         )
     except (FileNotFoundError, ConnectionRefusedError) as exc:
+        joining = joining_agent(state_dir)
+        if joining is not None:
+            raise ControlError(
+                f"the agent with state dir {state_dir} (pid {joining}) has not joined yet: "
+                "it is starting, or waiting for the Keybase service or the network; its "
+                "log says which (under systemd: journalctl --user -u kbwg-agent@TEAM)"
+            ) from exc
         raise ControlError(
             f"no agent is running with state dir {state_dir} ({path} is not accepting "
             "connections); start one with `kbwg-agent join TEAM --state-dir DIR` "

@@ -192,6 +192,20 @@ def read_private(path: Path, limit: int) -> bytes | None:
     return data
 
 
+def joining_agent(state_dir: Path) -> int | None:
+    """The pid of a `join` that holds `state_dir` but has no control socket yet (still
+    starting, or waiting for Keybase or the network), from the pid its lock file
+    records; None when that process is gone or is no `join` (a stale file)."""
+    try:
+        raw = read_private(state_dir / LOCK_NAME, 32)
+        pid = int(raw or b"")
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+    except (OSError, ValueError):
+        return None
+    return pid if b"join" in argv else None
+
+
 def write_private(path: Path, text: str) -> None:
     """Write `text` to `path` through a fresh private temp file renamed over it: never a
     fixed name someone could have planted, never half written. Raises OSError."""

@@ -3,12 +3,15 @@ import json
 import os
 import socket
 import stat
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from kbwg.agent.control import ControlError, ControlServer, call, socket_path
+from kbwg.agent.statedir import LOCK_NAME
 
 
 async def test_call_round_trip_and_errors(tmp_path: Path) -> None:
@@ -39,6 +42,29 @@ async def test_call_round_trip_and_errors(tmp_path: Path) -> None:
 
 
 async def test_no_agent_says_how_to_start_one(tmp_path: Path) -> None:
+    with pytest.raises(ControlError, match="no agent is running with state dir"):
+        await call(tmp_path, "status")
+
+
+async def test_an_agent_that_has_not_joined_yet_is_told_apart_from_none(
+        tmp_path: Path) -> None:
+    # A `join` still starting (or waiting for Keybase or the network) holds the state
+    # dir's lock, which records its pid, and has no control socket yet.
+    joining = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "join"])
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / LOCK_NAME).write_text(f"{joining.pid}\n")
+        with pytest.raises(ControlError, match=f"pid {joining.pid}\\) has not joined yet"):
+            await call(tmp_path, "status")
+        # A stale lock file: its pid reused by a process that is no `join`, or gone.
+        (tmp_path / LOCK_NAME).write_text(f"{other.pid}\n")
+        with pytest.raises(ControlError, match="no agent is running with state dir"):
+            await call(tmp_path, "status")
+    finally:
+        for proc in (joining, other):
+            proc.kill()
+            proc.wait()
+    (tmp_path / LOCK_NAME).write_text(f"{joining.pid}\n")
     with pytest.raises(ControlError, match="no agent is running with state dir"):
         await call(tmp_path, "status")
 
