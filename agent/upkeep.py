@@ -101,14 +101,16 @@ class Upkeep:
         """The machine slept (wake_watch): the peers gave up on this device meanwhile,
         whatever its own timers think. Fresh WireGuard sessions, candidates gathered
         again (the NAT's mappings and relay allocations may be gone, the network may be
-        another) and every peer renegotiated."""
+        another), every peer renegotiated and the team's news read."""
         log.warning("this machine slept for about %.0fs: starting fresh WireGuard sessions "
                     "and checking every path again", slept_s)
         if self._state.backend != KERNEL_BACKEND:
             await self._peer_sync.renew_sessions()
         if not await self._regather("woke from sleep") and self._negotiator is not None:
             await self._negotiator.restart_all()
-        await self._keybase.reread()
+        # The refresh loop's timer stopped with the clock: what the team said meanwhile
+        # (new keys, peers.json) is read now, not up to `refresh_s` later.
+        await self._keybase.refresh(False)
 
     async def on_path_lost(self, peer: DeviceId, fell_back: bool) -> None:
         """The chosen pair to `peer` went quiet. Our NAT may have a new public address

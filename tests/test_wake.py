@@ -8,14 +8,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
 
 import pytest
-from test_daemon import ANNOUNCE, World, new_key, world  # noqa: F401  (the fixture)
+from test_daemon import STANDIN, FakeOwner, env_for, new_key
+from test_startup_waits import ANNOUNCE, start_agent
 from virtual_clock import REAL_CLOCK, VIRTUAL_CLOCK, advance_until
 
-from kbwg.agent import wake_watch
+from kbwg.agent import upkeep, wake_watch
+from kbwg.agent.keybase import KeybaseClient
 from kbwg.agent.wake_watch import CHECK_S, SLEPT_MIN_S, WakeWatch
 from kbwg_testing import wait_for
 
@@ -84,40 +86,56 @@ async def test_a_failed_start_over_is_logged_and_the_watch_goes_on(
 
 @REAL_CLOCK
 async def test_after_a_sleep_each_peer_gets_a_fresh_session_and_a_new_offer(
-    world: World, monkeypatch: pytest.MonkeyPatch,  # noqa: F811
-    caplog: pytest.LogCaptureFixture,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.INFO, logger="kbwg.agent")
-    key = new_key()
-    await world.client("bob", "desk").send(ANNOUNCE, f"ANNOUNCE 198.18.0.6:51820 {key}")
-    owner = world.owner
-    await wait_for(lambda: owner.peers.get(key, {}).get("endpoint"), "bob configured")
-    endpoint = owner.peers[key]["endpoint"]
-    negotiator = world.device.negotiator
-    assert negotiator is not None
-    offers: list[Any] = []
-    monkeypatch.setattr(negotiator, "restart_all", lambda: _record(offers))
-    before = len(owner.calls)
+    # No periodic refresh in the test's time: only the wake reads the team's news.
+    monkeypatch.setattr(upkeep, "FIRST_REFRESH_S", 3600.0)
+    owner = FakeOwner()
+    home, _agent, joined, stop, task = await start_agent(tmp_path, owner, "198.18.0.5")
+    bob = KeybaseClient(STANDIN, env=env_for(home, "bob", "desk"))
+    try:
+        await wait_for(lambda: bool(joined) or task.done(), "join to join", timeout=30)
+        device = joined[0]
+        key = new_key()
+        await bob.send(ANNOUNCE, f"ANNOUNCE 198.18.0.6:51820 {key}")
+        await wait_for(lambda: owner.peers.get(key, {}).get("endpoint"), "bob configured",
+                       timeout=30)
+        endpoint = owner.peers[key]["endpoint"]
+        negotiator = device.negotiator
+        assert negotiator is not None
+        offers: list[bool] = []
+        refreshes: list[bool] = []
+        monkeypatch.setattr(negotiator, "restart_all", lambda: _record(offers))
+        keybase_upkeep = device.upkeep._keybase
+        monkeypatch.setattr(keybase_upkeep, "refresh", lambda due: _record(refreshes))
+        before = len(owner.calls)
 
-    # The running agent's watch reads the clocks through this module's `time`.
-    slept = SimpleNamespace(s=0.0)
+        # The running agent's watch reads the clocks through this module's `time`.
+        slept = SimpleNamespace(s=0.0)
 
-    def clock_gettime(clock: int) -> float:
-        extra = slept.s if clock == time.CLOCK_BOOTTIME else 0.0
-        return time.clock_gettime(clock) + extra
+        def clock_gettime(clock: int) -> float:
+            extra = slept.s if clock == time.CLOCK_BOOTTIME else 0.0
+            return time.clock_gettime(clock) + extra
 
-    monkeypatch.setattr(wake_watch, "time", SimpleNamespace(
-        clock_gettime=clock_gettime, CLOCK_BOOTTIME=time.CLOCK_BOOTTIME,
-        CLOCK_MONOTONIC=time.CLOCK_MONOTONIC))
-    slept.s = 300.0
-    await wait_for(lambda: offers, "every peer renegotiated after the wake", timeout=30)
-    ops = [(op, args.get("public_key")) for op, args in owner.calls[before:]
-           if op in ("remove_peer", "set_peer")]
-    assert ops == [("remove_peer", key), ("set_peer", key)], ops
-    assert owner.peers[key]["endpoint"] == endpoint
-    assert owner.peers[key]["allowed_ips"] == ["100.64.0.2/32"]
-    assert "this machine slept for about 300s" in caplog.text
+        monkeypatch.setattr(wake_watch, "time", SimpleNamespace(
+            clock_gettime=clock_gettime, CLOCK_BOOTTIME=time.CLOCK_BOOTTIME,
+            CLOCK_MONOTONIC=time.CLOCK_MONOTONIC))
+        slept.s = 300.0
+        await wait_for(lambda: refreshes, "the team's news read after the wake", timeout=30)
+        assert offers, "every peer renegotiated"
+        ops = [(op, args.get("public_key")) for op, args in owner.calls[before:]
+               if op in ("remove_peer", "set_peer")]
+        assert ops == [("remove_peer", key), ("set_peer", key)], ops
+        assert owner.peers[key]["endpoint"] == endpoint
+        assert owner.peers[key]["allowed_ips"] == ["100.64.0.2/32"]
+        assert "this machine slept for about 300s" in caplog.text
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+        await bob.close()
 
 
-async def _record(offers: list[Any]) -> None:
-    offers.append(True)
+async def _record(calls: list[bool]) -> bool:
+    calls.append(True)
+    return False
