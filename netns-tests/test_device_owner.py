@@ -375,3 +375,57 @@ async def test_two_owners_ping_across_the_overlay(netns: Callable[[], str]) -> N
         codes = await asyncio.gather(owner_a.close(), owner_b.close())
     assert codes == [0, 0]
     await wait_for(lambda: not _wg_pids(ifname), "wireguard-go to exit")
+
+
+async def test_setting_a_peer_again_starts_a_fresh_session(netns: Callable[[], str]) -> None:
+    """What the agent does after a sleep (agent/wake_watch.py), with real wireguard-go.
+    A's session to B is one B no longer has (B refused its keys, as 180 s after the
+    handshake; here B's peer entry was set again): A keeps sending under those keys and
+    B drops every packet, until A's own 15 s timeout. Setting B again on A (removed,
+    then set as it was) drops A's keys, so its next packet starts a handshake."""
+    ns_a, ns_b = netns(), netns()
+    veth_a, veth_b = f"kbsa{RUN_TAG}"[:15], f"kbsb{RUN_TAG}"[:15]
+    _ip("link", "add", veth_a, "netns", ns_a, "type", "veth", "peer", "name", veth_b,
+        "netns", ns_b)  # fmt: skip
+    for ns, dev, addr in ((ns_a, veth_a, "198.18.0.1/24"), (ns_b, veth_b, "198.18.0.2/24")):
+        _ip("-n", ns, "addr", "add", addr, "dev", dev)
+        _ip("-n", ns, "link", "set", dev, "up")
+    ifname = _ifname()
+    owner_a, owner_b = await asyncio.gather(
+        DeviceOwner.start(_owner_command(ns_a)), DeviceOwner.start(_owner_command(ns_b))
+    )
+    try:
+        args_a, pub_a = _create_args(ifname, "100.64.0.1/10")
+        args_b, pub_b = _create_args(ifname, "100.64.0.2/10")
+        dev_a = await owner_a.request("create", **args_a)
+        dev_b = await owner_b.request("create", **args_b)
+        to_b = {"public_key": pub_b, "endpoint": f"198.18.0.2:{dev_b['listen_port']}",
+                "allowed_ips": ["100.64.0.2/32"], "keepalive": 0}
+        to_a = {"public_key": pub_a, "endpoint": f"198.18.0.1:{dev_a['listen_port']}",
+                "allowed_ips": ["100.64.0.1/32"], "keepalive": 0}
+        await owner_a.request("set_peer", **to_b)
+        await owner_b.request("set_peer", **to_a)
+
+        async def ping() -> bool:
+            process = await asyncio.create_subprocess_exec(
+                "ip", "netns", "exec", ns_a, "ping", "-c", "1", "-W", "1", "100.64.0.2",
+                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+            )  # fmt: skip
+            return await process.wait() == 0
+
+        await wait_for(ping, "a ping across the overlay", timeout=20, interval=0.2)
+        # B forgets the session; A does not know.
+        await owner_b.request("remove_peer", public_key=pub_a)
+        await owner_b.request("set_peer", **to_a)
+        for _ in range(3):
+            assert not await ping(), "A's stale keys were refused, so no ping gets through"
+        await owner_a.request("remove_peer", public_key=pub_b)
+        await owner_a.request("set_peer", **to_b)
+        renewed = time.monotonic()
+        # Well before A's own 15 s timeout (of which about 3 s are gone).
+        await wait_for(ping, "a ping with the fresh session", timeout=6, interval=0.1)
+        assert time.monotonic() - renewed < 6
+    finally:
+        codes = await asyncio.gather(owner_a.close(), owner_b.close())
+    assert codes == [0, 0]
+    await wait_for(lambda: not _wg_pids(ifname), "wireguard-go to exit")
