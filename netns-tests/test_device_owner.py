@@ -12,7 +12,8 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -322,69 +323,34 @@ async def test_every_exit_path_removes_the_device(netns: Callable[[], str], how:
     await wait_for(lambda: _link(ns, ifname) is None, f"{ifname} to disappear")
 
 
-async def test_two_owners_ping_across_the_overlay(netns: Callable[[], str]) -> None:
-    ns_a, ns_b = netns(), netns()
-    veth_a, veth_b = f"kbva{RUN_TAG}"[:15], f"kbvb{RUN_TAG}"[:15]
-    _ip("link", "add", veth_a, "netns", ns_a, "type", "veth", "peer", "name", veth_b,
-        "netns", ns_b)  # fmt: skip
-    for ns, dev, addr in ((ns_a, veth_a, "198.18.0.1/24"), (ns_b, veth_b, "198.18.0.2/24")):
-        _ip("-n", ns, "addr", "add", addr, "dev", dev)
-        _ip("-n", ns, "link", "set", dev, "up")
-    ifname = _ifname()
-    owner_a, owner_b = await asyncio.gather(
-        DeviceOwner.start(_owner_command(ns_a)), DeviceOwner.start(_owner_command(ns_b))
-    )
-    try:
-        args_a, pub_a = _create_args(ifname, "100.64.0.1/10")
-        args_b, pub_b = _create_args(ifname, "100.64.0.2/10")
-        dev_a = await owner_a.request("create", **args_a)
-        dev_b = await owner_b.request("create", **args_b)
-        await owner_a.request(
-            "set_peer", public_key=pub_b, endpoint=f"198.18.0.2:{dev_b['listen_port']}",
-            allowed_ips=["100.64.0.2/32"], keepalive=0,
+@dataclass
+class PeeredPair:
+    """Two namespaces on one veth, each with a device owner whose device has the other
+    as its peer (no keepalive)."""
+
+    ns_a: str
+    owner_a: DeviceOwner
+    owner_b: DeviceOwner
+    ifname: str
+    dev_a: dict[str, Any]
+    to_a: dict[str, Any]  # B's set_peer arguments for A
+    to_b: dict[str, Any]  # A's for B
+
+    async def ping(self) -> bool:
+        """One ping from A to B over the overlay, waiting at most 1 s."""
+        process = await asyncio.create_subprocess_exec(
+            "ip", "netns", "exec", self.ns_a, "ping", "-c", "1", "-W", "1", "100.64.0.2",
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
         )  # fmt: skip
-        await owner_b.request(
-            "set_peer", public_key=pub_a, endpoint=f"198.18.0.1:{dev_a['listen_port']}",
-            allowed_ips=["100.64.0.1/32"], keepalive=0,
-        )  # fmt: skip
-
-        async def ping() -> bool:
-            process = await asyncio.create_subprocess_exec(
-                "ip", "netns", "exec", ns_a, "ping", "-c", "1", "-W", "1", "100.64.0.2",
-                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
-            )  # fmt: skip
-            return await process.wait() == 0
-
-        try:
-            await wait_for(ping, "a ping across the overlay", timeout=20, interval=0.2)
-        except AssertionError as exc:
-            details = [str(exc), f"wireguard-go pids: {_wg_pids(ifname)}"]
-            for owner in (owner_a, owner_b):
-                details.append(f"stats: {await owner.request('stats')}")
-                details.extend(owner.stderr_tail)
-            raise AssertionError("\n".join(details)) from None
-        for owner, peer in ((owner_a, pub_b), (owner_b, pub_a)):
-            (entry,) = (await owner.request("stats"))["peers"]
-            assert entry["public_key"] == peer
-            assert abs(entry["last_handshake"] - time.time()) < 60
-            assert entry["rx_bytes"] > 0 and entry["tx_bytes"] > 0
-        # B learnt A's endpoint from the handshake as well.
-        (entry,) = (await owner_b.request("stats"))["peers"]
-        assert entry["endpoint"] == f"198.18.0.1:{dev_a['listen_port']}"
-    finally:
-        codes = await asyncio.gather(owner_a.close(), owner_b.close())
-    assert codes == [0, 0]
-    await wait_for(lambda: not _wg_pids(ifname), "wireguard-go to exit")
+        return await process.wait() == 0
 
 
-async def test_setting_a_peer_again_starts_a_fresh_session(netns: Callable[[], str]) -> None:
-    """What the agent does after a sleep (agent/wake_watch.py), with real wireguard-go.
-    A's session to B is one B no longer has (B refused its keys, as 180 s after the
-    handshake; here B's peer entry was set again): A keeps sending under those keys and
-    B drops every packet, until A's own 15 s timeout. Setting B again on A (removed,
-    then set as it was) drops A's keys, so its next packet starts a handshake."""
+@contextlib.asynccontextmanager
+async def peered_pair(netns: Callable[[], str], tag: str) -> AsyncIterator[PeeredPair]:
+    """A PeeredPair; both owners are closed at the end, and must exit 0 having taken
+    their wireguard-go with them."""
     ns_a, ns_b = netns(), netns()
-    veth_a, veth_b = f"kbsa{RUN_TAG}"[:15], f"kbsb{RUN_TAG}"[:15]
+    veth_a, veth_b = f"kb{tag}a{RUN_TAG}"[:15], f"kb{tag}b{RUN_TAG}"[:15]
     _ip("link", "add", veth_a, "netns", ns_a, "type", "veth", "peer", "name", veth_b,
         "netns", ns_b)  # fmt: skip
     for ns, dev, addr in ((ns_a, veth_a, "198.18.0.1/24"), (ns_b, veth_b, "198.18.0.2/24")):
@@ -405,27 +371,50 @@ async def test_setting_a_peer_again_starts_a_fresh_session(netns: Callable[[], s
                 "allowed_ips": ["100.64.0.1/32"], "keepalive": 0}
         await owner_a.request("set_peer", **to_b)
         await owner_b.request("set_peer", **to_a)
-
-        async def ping() -> bool:
-            process = await asyncio.create_subprocess_exec(
-                "ip", "netns", "exec", ns_a, "ping", "-c", "1", "-W", "1", "100.64.0.2",
-                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
-            )  # fmt: skip
-            return await process.wait() == 0
-
-        await wait_for(ping, "a ping across the overlay", timeout=20, interval=0.2)
-        # B forgets the session; A does not know.
-        await owner_b.request("remove_peer", public_key=pub_a)
-        await owner_b.request("set_peer", **to_a)
-        for _ in range(3):
-            assert not await ping(), "A's stale keys were refused, so no ping gets through"
-        await owner_a.request("remove_peer", public_key=pub_b)
-        await owner_a.request("set_peer", **to_b)
-        renewed = time.monotonic()
-        # Well before A's own 15 s timeout (of which about 3 s are gone).
-        await wait_for(ping, "a ping with the fresh session", timeout=6, interval=0.1)
-        assert time.monotonic() - renewed < 6
+        yield PeeredPair(ns_a, owner_a, owner_b, ifname, dev_a, to_a, to_b)
     finally:
         codes = await asyncio.gather(owner_a.close(), owner_b.close())
     assert codes == [0, 0]
     await wait_for(lambda: not _wg_pids(ifname), "wireguard-go to exit")
+
+
+async def test_two_owners_ping_across_the_overlay(netns: Callable[[], str]) -> None:
+    async with peered_pair(netns, "v") as pair:
+        try:
+            await wait_for(pair.ping, "a ping across the overlay", timeout=20, interval=0.2)
+        except AssertionError as exc:
+            details = [str(exc), f"wireguard-go pids: {_wg_pids(pair.ifname)}"]
+            for owner in (pair.owner_a, pair.owner_b):
+                details.append(f"stats: {await owner.request('stats')}")
+                details.extend(owner.stderr_tail)
+            raise AssertionError("\n".join(details)) from None
+        for owner, peer in ((pair.owner_a, pair.to_b), (pair.owner_b, pair.to_a)):
+            (entry,) = (await owner.request("stats"))["peers"]
+            assert entry["public_key"] == peer["public_key"]
+            assert abs(entry["last_handshake"] - time.time()) < 60
+            assert entry["rx_bytes"] > 0 and entry["tx_bytes"] > 0
+        # B learnt A's endpoint from the handshake as well.
+        (entry,) = (await pair.owner_b.request("stats"))["peers"]
+        assert entry["endpoint"] == f"198.18.0.1:{pair.dev_a['listen_port']}"
+
+
+async def test_setting_a_peer_again_starts_a_fresh_session(netns: Callable[[], str]) -> None:
+    """What the agent does after a sleep (agent/wake_watch.py), with real wireguard-go.
+    A's session to B is one B no longer has (B refused its keys, as 180 s after the
+    handshake; here B's peer entry was set again): A keeps sending under those keys and
+    B drops every packet, until A's own 15 s timeout (measured: about 15 s). Setting B
+    again on A (removed, then set as it was) drops A's keys, so its next packet starts
+    a handshake."""
+    async with peered_pair(netns, "s") as pair:
+        await wait_for(pair.ping, "a ping across the overlay", timeout=20, interval=0.2)
+        # B forgets the session; A does not know.
+        await pair.owner_b.request("remove_peer", public_key=pair.to_a["public_key"])
+        await pair.owner_b.request("set_peer", **pair.to_a)
+        for _ in range(3):
+            assert not await pair.ping(), "A's stale keys are refused: no ping gets through"
+        await pair.owner_a.request("remove_peer", public_key=pair.to_b["public_key"])
+        await pair.owner_a.request("set_peer", **pair.to_b)
+        renewed = time.monotonic()
+        # Well before A's own 15 s timeout (of which about 3 s are gone).
+        await wait_for(pair.ping, "a ping with the fresh session", timeout=6, interval=0.1)
+        assert time.monotonic() - renewed < 6
