@@ -8,10 +8,12 @@ against the stand-in, whose service is stopped when `join` starts (real time).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -147,9 +149,34 @@ class BootingOwner(FakeOwner):
         return await super().request(op, **args)
 
 
-async def start_agent(tmp_path: Path, owner: FakeOwner, endpoint: str | None,
-                      ) -> tuple[Path, Agent, list[JoinedDevice], asyncio.Event,
-                                 asyncio.Task[None]]:
+@dataclass
+class Running:
+    """`join` as alice, run by a test, and bob's Keybase client."""
+
+    home: Path
+    agent: Agent
+    joined: list[JoinedDevice]
+    task: asyncio.Task[None]
+    bob: KeybaseClient
+
+    async def says(self, caplog: pytest.LogCaptureFixture, text: str) -> None:
+        """Wait until the agent logs `text`; it must still be running then."""
+        await wait_for(lambda: self.task.done() or any(
+            text in r.getMessage() for r in caplog.records), f"join to say {text!r}",
+            timeout=30)
+        assert not self.task.done(), f"join must wait ({text}), not fail"
+
+    async def joins(self) -> JoinedDevice:
+        await wait_for(lambda: bool(self.joined) or self.task.done(), "join to join",
+                       timeout=30)
+        assert self.joined, self.task
+        return self.joined[0]
+
+
+@contextlib.asynccontextmanager
+async def running_agent(tmp_path: Path, owner: FakeOwner,
+                        endpoint: str | None) -> AsyncIterator[Running]:
+    """alice's `join` started (peers.json lists alice and bob), stopped at the end."""
     home = tmp_path / "kb"
     peers = [{"username": "alice", "device": "laptop", "ip": "100.64.0.1"},
              {"username": "bob", "device": "desk", "ip": "100.64.0.2"}]
@@ -166,7 +193,14 @@ async def start_agent(tmp_path: Path, owner: FakeOwner, endpoint: str | None,
     agent = Agent(options, KeybaseClient(STANDIN, env=env_for(home, "alice", "laptop")),
                   owner_factory=factory, routes=no_routes, on_joined=joined.append)
     stop = asyncio.Event()
-    return home, agent, joined, stop, asyncio.create_task(agent.run(stop))
+    task = asyncio.create_task(agent.run(stop))
+    bob = KeybaseClient(STANDIN, env=env_for(home, "bob", "desk"))
+    try:
+        yield Running(home, agent, joined, task, bob)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+        await bob.close()
 
 
 @REAL_CLOCK
@@ -177,30 +211,20 @@ async def test_join_started_before_the_keybase_service_joins_once_it_answers(
     home = tmp_path / "kb"
     stop_service(home)  # the whole machine's Keybase: not up yet
     owner = FakeOwner()
-    home, agent, joined, stop, task = await start_agent(tmp_path, owner, "198.18.0.5")
-    bob = KeybaseClient(STANDIN, env=env_for(home, "bob", "desk"))
-    try:
-        await wait_for(lambda: task.done() or any(
-            "waiting for the Keybase service" in r.getMessage() for r in caplog.records),
-            "join to say it waits for Keybase", timeout=30)
-        assert not task.done(), "join must wait for the service, not fail"
-        assert not joined and not agent.keybase.link.connected
+    async with running_agent(tmp_path, owner, "198.18.0.5") as run:
+        await run.says(caplog, "waiting for the Keybase service")
+        assert not run.joined and not run.agent.keybase.link.connected
         start_service(home)
-        await wait_for(lambda: bool(joined) or task.done(), "join to join", timeout=30)
-        assert joined, task
+        await run.joins()
         # Listening too: a peer's announcement made after the join configures it.
         bob_key = new_key()
-        await bob.send(ANNOUNCE, f"ANNOUNCE 198.18.0.6:51820 {bob_key}")
+        await run.bob.send(ANNOUNCE, f"ANNOUNCE 198.18.0.6:51820 {bob_key}")
         await wait_for(lambda: bob_key in owner.peers, "bob configured", timeout=30)
-        link = agent.keybase.link.to_json()
+        link = run.agent.keybase.link.to_json()
         assert link["connected"] and link["reconnects"] == 0
         messages = [r.getMessage() for r in caplog.records]
         assert sum("Keybase answers after" in m for m in messages) == 1
         assert not any("every tunnel stays up" in m for m in messages)
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 30)
-        await bob.close()
 
 
 @REAL_CLOCK
@@ -209,25 +233,15 @@ async def test_join_started_before_the_network_has_an_address_announces_it_when_
 ) -> None:
     caplog.set_level(logging.INFO, logger="kbwg.agent")
     owner = BootingOwner()
-    home, _agent, joined, stop, task = await start_agent(tmp_path, owner, None)
-    bob = KeybaseClient(STANDIN, env=env_for(home, "bob", "desk"))
-    try:
-        await wait_for(lambda: task.done() or any(
-            "waiting for one" in r.getMessage() for r in caplog.records),
-            "join to say it waits for an address", timeout=30)
-        assert not task.done(), "join must wait for an address, not fail"
+    async with running_agent(tmp_path, owner, None) as run:
+        await run.says(caplog, "waiting for one")
         asked = sum(op == "interfaces" for op, _ in owner.calls)
         await wait_for(lambda: sum(op == "interfaces" for op, _ in owner.calls) > asked,
                        "the host's addresses read again", timeout=30)
         owner.network_up = True
-        await wait_for(lambda: bool(joined) or task.done(), "join to join", timeout=30)
-        assert joined, task
-        await wait_for(lambda: joined[0].presence.announce_id is not None,
+        device = await run.joins()
+        await wait_for(lambda: device.presence.announce_id is not None,
                        "the announcement", timeout=30)
-        page = await bob.read(ANNOUNCE)
+        page = await run.bob.read(ANNOUNCE)
         assert [(m.body or "").split()[1].rpartition(":")[0] for m in page.messages
                 if (m.body or "").startswith("ANNOUNCE ")] == ["198.18.0.5"]
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 30)
-        await bob.close()

@@ -12,12 +12,11 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from test_daemon import STANDIN, FakeOwner, env_for, new_key
-from test_startup_waits import ANNOUNCE, start_agent
+from test_daemon import FakeOwner, new_key
+from test_startup_waits import ANNOUNCE, running_agent
 from virtual_clock import REAL_CLOCK, VIRTUAL_CLOCK, advance_until
 
 from kbwg.agent import upkeep, wake_watch
-from kbwg.agent.keybase import KeybaseClient
 from kbwg.agent.wake_watch import CHECK_S, SLEPT_MIN_S, WakeWatch
 from kbwg_testing import wait_for
 
@@ -92,13 +91,10 @@ async def test_after_a_sleep_each_peer_gets_a_fresh_session_and_a_new_offer(
     # No periodic refresh in the test's time: only the wake reads the team's news.
     monkeypatch.setattr(upkeep, "FIRST_REFRESH_S", 3600.0)
     owner = FakeOwner()
-    home, _agent, joined, stop, task = await start_agent(tmp_path, owner, "198.18.0.5")
-    bob = KeybaseClient(STANDIN, env=env_for(home, "bob", "desk"))
-    try:
-        await wait_for(lambda: bool(joined) or task.done(), "join to join", timeout=30)
-        device = joined[0]
+    async with running_agent(tmp_path, owner, "198.18.0.5") as run:
+        device = await run.joins()
         key = new_key()
-        await bob.send(ANNOUNCE, f"ANNOUNCE 198.18.0.6:51820 {key}")
+        await run.bob.send(ANNOUNCE, f"ANNOUNCE 198.18.0.6:51820 {key}")
         await wait_for(lambda: owner.peers.get(key, {}).get("endpoint"), "bob configured",
                        timeout=30)
         endpoint = owner.peers[key]["endpoint"]
@@ -130,10 +126,6 @@ async def test_after_a_sleep_each_peer_gets_a_fresh_session_and_a_new_offer(
         assert owner.peers[key]["endpoint"] == endpoint
         assert owner.peers[key]["allowed_ips"] == ["100.64.0.2/32"]
         assert "this machine slept for about 300s" in caplog.text
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 30)
-        await bob.close()
 
 
 async def _record(calls: list[bool]) -> bool:
