@@ -113,6 +113,11 @@ RawStunFactory = Callable[[int, PacketCallback], StunSocket]
 # STUN through the owner: ICE paces checks at tens per second, so this only bites a
 # runaway agent. What arrives is sorted and budgeted by kbwg.owner.stunfilter.
 STUN_SEND_RATE, STUN_SEND_BURST = 200.0, 100
+
+
+class OverRateLimit(ProtocolError):
+    """A stun_send beyond STUN_SEND_RATE: refused, and logged once per episode (a burst
+    of them would otherwise fill the log with one line each)."""
 # An agent that stops reading must not make the owner buffer events without bound.
 EVENT_BUFFER_LIMIT = 1 << 20
 
@@ -233,6 +238,8 @@ class OwnerServer:
         self.state = DeviceState()
         self._events: asyncio.StreamWriter | None = None
         self._send_bucket = TokenBucket(STUN_SEND_RATE, STUN_SEND_BURST)
+        # Sends refused since the rate limit last cut in (0: under the limit).
+        self._sends_refused = 0
         self.stun_filter = stun_filter if stun_filter is not None else SharedPortFilter()
         self.events_dropped = 0
         # Taken by every op not in CONCURRENT_OPS. asyncio.Lock is FIFO, and request tasks
@@ -283,6 +290,8 @@ class OwnerServer:
         logger.debug("request %d: %s", request.id, request.op)
         try:
             result = await handler(request.args)
+        except OverRateLimit as exc:
+            return error_reply(request.id, str(exc))  # said once per episode, not per send
         except Refusal as exc:
             self.refusals[exc.key] += 1
             logger.warning("refused %s (%s): %s", request.op, exc.key, exc.reason)
@@ -456,7 +465,16 @@ class OwnerServer:
         if self.state.stun is None:
             raise ProtocolError(ERR_NO_STUN)
         if not self._send_bucket.take():
-            raise ProtocolError("stun_send refused: over the rate limit")
+            if not self._sends_refused:
+                logger.warning("stun_send over the rate limit (%.0f a second, bursts of "
+                               "%d): refusing STUN sends until the agent slows down",
+                               STUN_SEND_RATE, STUN_SEND_BURST)
+            self._sends_refused += 1
+            raise OverRateLimit("stun_send refused: over the rate limit")
+        if self._sends_refused:
+            logger.warning("stun_send back under the rate limit (%d sends refused)",
+                           self._sends_refused)
+            self._sends_refused = 0
         source = self.state.stun.send(spec.data, spec.dest, spec.source)
         self.stun_filter.note_sent(spec.data)
         return {"source": format_endpoint(source)}

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import socket
 import struct
 from collections.abc import AsyncIterator
@@ -463,9 +464,11 @@ async def test_owner_stun_ops(served: tuple[OwnerServer, Client]) -> None:
     assert raw.closed
 
 
-async def test_owner_stun_send_rate_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_owner_stun_send_rate_limit(monkeypatch: pytest.MonkeyPatch,
+                                         caplog: pytest.LogCaptureFixture) -> None:
     monkeypatch.setattr(owner_module, "STUN_SEND_RATE", 0.0)  # no refill: exact counts
-    async with serve_owner() as (_server, client):
+    caplog.set_level(logging.WARNING, logger="kbwg.owner")
+    async with serve_owner() as (server, client):
         await client.call(
             "create", ifname="kbwg0", private_key="A" * 43 + "=", listen_port=0,
             address="100.64.0.1/10", backend="auto",
@@ -475,8 +478,16 @@ async def test_owner_stun_send_rate_limit(monkeypatch: pytest.MonkeyPatch) -> No
             await client.call("stun_send", dest="203.0.113.5:3478", data=stun_request())
             for _ in range(owner_module.STUN_SEND_BURST + 5)
         ]
-    assert sum(r["ok"] for r in replies) == owner_module.STUN_SEND_BURST
-    assert all("rate limit" in r["error"] for r in replies if not r["ok"])
+        assert sum(r["ok"] for r in replies) == owner_module.STUN_SEND_BURST
+        assert all("rate limit" in r["error"] for r in replies if not r["ok"])
+        # Said once for the whole episode, and once when sends go through again.
+        messages = [r.getMessage() for r in caplog.records]
+        assert sum("rate limit" in m for m in messages) == 1, messages
+        server._send_bucket = TokenBucket(1.0, 1)
+        assert (await client.call("stun_send", dest="203.0.113.5:3478",
+                                  data=stun_request()))["ok"]
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("back under the rate limit (5 sends refused)" in m for m in messages), messages
 
 
 # -- OwnerStunTransport over a fake owner ------------------------------------------------
