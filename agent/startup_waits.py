@@ -1,6 +1,6 @@
 """What `join` waits for, instead of failing, while the machine is still booting.
 
-A service manager may start `join` before the Keybase service (or KBFS) answers, or
+A service manager may start `join` before the Keybase service answers, or
 before the network has an IPv4 address. Failing there cost a user the unit's restart
 delay (10 s) on top of the boot. So start-up retries those reads: Keybase's quickly
 at first, then every few seconds, and all at once when any call finds the service back;
