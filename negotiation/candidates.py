@@ -54,6 +54,19 @@ class Candidate:
     source: str
     # The local address:port the candidate is sent from (RFC 8445's base); None for host.
     base: str | None = None
+    # A host candidate's on-link prefix length (its interface address's); None when not
+    # known. Local only: never sent to peers.
+    prefixlen: int | None = None
+
+    def on_link(self, ip: str) -> bool | None:
+        """Whether `ip` is in this host candidate's subnet; None when that is unknown."""
+        if self.type != "host" or self.prefixlen is None:
+            return None
+        try:
+            network = ipaddress.ip_network(f"{self.address}/{self.prefixlen}", strict=False)
+            return ipaddress.ip_address(ip) in network
+        except ValueError:
+            return None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -120,7 +133,7 @@ def gather_host_candidates(
         candidates.append(Candidate(
             type="host", address=entry.address, port=port, interface=entry.interface,
             priority=candidate_priority("host", local_pref),
-            source=f"interface {entry.interface}",
+            source=f"interface {entry.interface}", prefixlen=entry.prefixlen,
         ))
     return candidates
 

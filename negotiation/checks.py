@@ -34,10 +34,12 @@ How this differs from full ICE (one component, one stream, both ends are this ag
   or a relayed pair at once (a relay is the fallback: a direct pair that answers later
   replaces it, as a better class always does, and the path works meanwhile); a path
   through NATs waits `settle` after the first success while a LAN pair is still being
-  checked (or until every one failed). Either way the first nomination also waits (at most
-  `contend_max`) while a pair of the same class could still answer faster: one not
-  checked yet, or checked less than the winner's RTT ago (a multi-homed host's fast
-  uplink beside a slow default one), so the first choice is the right one. A check
+  checked (or until every one failed), unless the LAN pair's peer address is off our
+  interface's subnet (two NATs' private networks). Either way the first nomination
+  also waits (at most `contend_max`) while a pair of the same class could still answer
+  faster: one not checked yet, or checked less than the winner's RTT ago (a
+  multi-homed host's fast uplink beside a slow default one), so the first choice is
+  the right one. A check
   sent before the peer knew us (early checks: each side starts when it reads the
   other's key) may be dropped there: when the peer's own check arrives on that pair
   the check goes again at once (a triggered check, RFC 8445 section 7.3.1.4), and a
@@ -651,13 +653,23 @@ class PeerChecker:
         # Only a NAT path waits for a LAN one: a relayed path works now and any direct
         # pair replaces it the moment it answers.
         if (current is None and not self._was_selected and best_view.path == "direct"
-                and not self._settle_expired and better_class_pending(best_view, views)):
+                and not self._settle_expired
+                and better_class_pending(best_view, self._lan_candidates(views))):
             if self._settle is None:
                 self._settle = self._loop.call_later(self.timers.settle, self._settled)
             return
         if current is None and not self._was_selected and self._contenders_wait(best):
             return
         self._select(best, reason)
+
+    def _lan_candidates(self, views: list[PairView]) -> list[PairView]:
+        """`views` without the host pairs whose peer address is off our interface's
+        subnet. Between two NATs' private networks such a pair answers only across a
+        routed private network: the NAT path does not wait for it (`settle`), and it
+        replaces that path at once if it ever answers."""
+        off_link = {p.key for p in self._table.pairs
+                    if p.path == "direct-lan" and p.local.on_link(p.remote.ip) is False}
+        return [v for v in views if v.key not in off_link] if off_link else views
 
     def _peer_moved(self, current: CandidatePair | None,
                     views: list[PairView]) -> tuple[CandidatePair, str] | None:

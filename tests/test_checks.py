@@ -92,9 +92,10 @@ class Node:
     selected_at: list[float] = field(default_factory=list)  # loop time of each selection
 
     def host(self, ip: str, lan: str | None = None, nat: Nat | None = None,
-             delay: float = 0.0, rank: int = 0) -> Iface:
+             delay: float = 0.0, rank: int = 0, prefixlen: int | None = None) -> Iface:
         cand = Candidate("host", ip, PORT, f"eth{rank}",
-                         candidate_priority("host", 65535 - rank), f"interface eth{rank}")
+                         candidate_priority("host", 65535 - rank), f"interface eth{rank}",
+                         prefixlen=prefixlen)
         self.candidates.append(cand)
         iface = Iface((ip, PORT), self, lan, nat, delay)
         self.net.ifaces[iface.address] = iface
@@ -658,6 +659,34 @@ async def test_settle_window_is_bounded() -> None:
         # Chosen exactly `settle` after the first pair worked, not when the LAN check ends.
         first_success = min(p.succeeded_at for p in a.c.pairs if p.succeeded_at is not None)
         assert a.selected_at == [pytest.approx(first_success + timers.settle)]
+    finally:
+        close(a, b)
+
+
+@pytest.mark.parametrize(("prefixlen", "waits"), [(24, False), (8, True), (None, True)])
+async def test_a_nat_path_waits_only_for_a_lan_pair_that_may_answer(
+        prefixlen: int | None, waits: bool) -> None:
+    # Two NATs' private networks, 10.1.0.0/24 and 10.2.0.0/24, that nothing routes
+    # between: the host pair never answers. Off our subnet (/24) the NAT path is
+    # nominated at its first success; within it (/8), or with the subnet unknown, it
+    # waits `settle` as for any LAN pair still being checked.
+    net = SimNet()
+    nat_a, nat_b = net.nat("203.0.113.1"), net.nat("198.51.100.1")
+    a, b = net.node("a"), net.node("b")
+    ia = a.host("10.1.0.2", lan="home-a", nat=nat_a, prefixlen=prefixlen)
+    ib = b.host("10.2.0.2", lan="home-b", nat=nat_b, prefixlen=prefixlen)
+    a.srflx(("203.0.113.1", PORT), ia)
+    b.srflx(("198.51.100.1", PORT), ib)
+    timers = replace(SLOW_PATHS, settle=0.3)
+    await connect(a, b, timers)
+    try:
+        await advance_until(lambda: a.c.state == "connected")
+        lan = next(p for p in a.c.pairs if p.remote.ip == "10.2.0.2")
+        assert lan.state != "succeeded"
+        first_success = min(p.succeeded_at for p in a.c.pairs if p.succeeded_at is not None)
+        expected = first_success + (timers.settle if waits else 0.0)
+        assert a.selected_at == [pytest.approx(expected, abs=timers.pacing)]
+        assert a.c.snapshot()["path"] == "direct"
     finally:
         close(a, b)
 

@@ -224,11 +224,17 @@ def test_ipv6_host_addresses_are_candidates_unless_unusable() -> None:
 
 
 def test_host_candidates_are_dual_stack_ipv4_first_per_interface() -> None:
-    entries = [addr("fe80::1"), addr(A6), addr("198.18.1.10"),
+    ipv4 = InterfaceAddress("eth0", 2, "198.18.1.10", 24, True, True)
+    entries = [addr("fe80::1"), addr(A6), ipv4,
                addr("2001:db8:c::1", "eth1", 3, default_route=False)]
     cands = gather_host_candidates(PORT, (), (), addresses=entries)
     assert [c.address for c in cands] == ["198.18.1.10", A6, "2001:db8:c::1"]
     assert len({c.priority for c in cands}) == 3
+    # Each knows its interface address's subnet (whether a LAN pair may answer).
+    assert [c.prefixlen for c in cands] == [24, 64, 64]
+    assert cands[0].on_link("198.18.1.77") is True
+    assert cands[0].on_link("198.18.2.10") is False
+    assert cand("srflx", "203.0.113.9").on_link("203.0.113.10") is None
 
 
 # -- pairing ---------------------------------------------------------------------------
