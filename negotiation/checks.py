@@ -39,15 +39,14 @@ How this differs from full ICE (one component, one stream, both ends are this ag
   also waits (at most `contend_max`) while a pair of the same class could still answer
   faster: one not checked yet, or checked less than the winner's RTT ago (a
   multi-homed host's fast uplink beside a slow default one), so the first choice is
-  the right one. A check
-  sent before the peer knew us (early checks: each side starts when it reads the
-  other's key) may be dropped there: when the peer's own check arrives on that pair
-  the check goes again at once (a triggered check, RFC 8445 section 7.3.1.4), and a
-  pair answered only after a retransmit (its RTT only an upper bound) is checked once
-  more, the first nomination waiting for that answer the same way. It renominates
-  whenever choice switches; the controlled side follows the latest nomination. Every
-  consent check of the controlling side carries USE-CANDIDATE too, so a lost or
-  reordered nomination heals within one consent interval.
+  the right one. A check sent before the peer knew us (early checks: each side starts
+  when it reads the other's key) may be dropped there: when the peer's own check
+  arrives on that pair the check goes again at once (a triggered check, RFC 8445
+  section 7.3.1.4), and a pair answered only after a retransmit (its RTT only an upper
+  bound) is checked once more, the first nomination waiting for that answer the same
+  way. It renominates whenever choice switches; the controlled side follows the latest
+  nomination. Every consent check of the controlling side carries USE-CANDIDATE too,
+  so a lost or reordered nomination heals within one consent interval.
 - Keeping the path: single-shot consent checks on the selected pair every few of its
   RTTs (at most `consent_interval`, check_liveness.py) while traffic flows or the path
   is new, every `consent_idle_interval` while idle (`note_traffic`); keepalives on
