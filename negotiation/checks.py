@@ -321,10 +321,7 @@ class PeerChecker:
         """The selected pair's remote is now known as another type (a LAN address first
         known as the peer's announced endpoint): the same path, told again in its class."""
         why = explain(pair.view(), [p.view() for p in self._table.pairs])
-        reason = why if self._controlling else f"nominated by the peer: {why}"
-        log.info("%s: path %s: %s", self.name, pair.describe(), reason)
-        self._reason = reason
-        self._notify(pair, reason)
+        self._tell(pair, why if self._controlling else f"nominated by the peer: {why}")
 
     def _grown(self, added: list[CandidatePair], whose: str) -> None:
         if added:
@@ -741,7 +738,6 @@ class PeerChecker:
         self._selected_loop_at = self._loop.time()
         self._was_selected = True
         self._failed = False
-        self._reason = reason
         wall = time.time()
         if self._connected_at is None:
             self._connected_at = wall
@@ -749,6 +745,12 @@ class PeerChecker:
         if self._controlling:
             self._tx.enqueue(pair, "nominate", urgent=True)
         self._upkeep.path_selected()
+        self._tell(pair, reason)
+
+    def _tell(self, pair: CandidatePair, reason: str) -> None:
+        """The selected path and why: in the log, in the snapshot and to the owner of
+        this checker."""
+        self._reason = reason
         log.info("%s: path %s: %s", self.name, pair.describe(), reason)
         self._notify(pair, reason)
 

@@ -18,7 +18,7 @@ from kbwg.owner.netconfig import MAIN_TABLE
 
 _IFF_UP = 0x1
 _AF_INET = 2
-_AF_INET6 = 10
+AF_INET6 = 10
 # linux/if_addr.h: an IPv6 address the kernel cannot (or soon will not) send from.
 IFA_F_UNUSABLE = 0x40 | 0x20 | 0x08  # tentative, deprecated, dadfailed
 
@@ -36,6 +36,15 @@ class GatewayRecord:
                 "interface": self.interface}  # fmt: skip
 
 
+def address_flags(msg: Any) -> int:
+    """An address message's flags: IFA_FLAGS (32 bits) when present, else the header's 8."""
+    get_attr = getattr(msg, "get_attr", None)
+    flags = get_attr("IFA_FLAGS") if callable(get_attr) else None
+    if flags is None:
+        flags = msg.get("flags")
+    return flags if isinstance(flags, int) else 0
+
+
 async def interface_addresses() -> list[InterfaceAddress]:
     """Every IPv4 and usable IPv6 address on this host with its interface."""
     from pyroute2.iproute.linux import AsyncIPRoute
@@ -43,7 +52,7 @@ async def interface_addresses() -> list[InterfaceAddress]:
     result = []
     async with AsyncIPRoute() as ipr:
         links = {link["index"]: link async for link in await ipr.get_links()}
-        for family in (_AF_INET, _AF_INET6):
+        for family in (_AF_INET, AF_INET6):
             # "Default route" per family: an IPv6 default route says nothing of IPv4's.
             default_oifs = {
                 route.get("oif")
@@ -52,8 +61,7 @@ async def interface_addresses() -> list[InterfaceAddress]:
             }
             async for msg in await ipr.get_addr(family=family):
                 link = links.get(msg["index"])
-                flags = msg.get_attr("IFA_FLAGS") or msg["flags"]
-                if link is None or (family == _AF_INET6 and flags & IFA_F_UNUSABLE):
+                if link is None or (family == AF_INET6 and address_flags(msg) & IFA_F_UNUSABLE):
                     continue
                 address = msg.get("address")
                 if not address:

@@ -31,12 +31,10 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from kbwg.core.addresses import parse_ip
-from kbwg.owner.interfaces import IFA_F_UNUSABLE
+from kbwg.owner.interfaces import AF_INET6, IFA_F_UNUSABLE, address_flags
 from kbwg.owner.netconfig import MAIN_TABLE
 
 logger = logging.getLogger(__name__)
-
-AF_INET6 = 10
 
 ADDRESS_EVENTS = frozenset({"RTM_NEWADDR", "RTM_DELADDR"})
 ROUTE_EVENTS = frozenset({"RTM_NEWROUTE", "RTM_DELROUTE"})
@@ -100,7 +98,7 @@ class ChangeFilter:
             if event == "RTM_DELADDR":
                 self.v6_addresses.pop(key, None)
                 return True
-            usable = not _flags(msg) & IFA_F_UNUSABLE
+            usable = not address_flags(msg) & IFA_F_UNUSABLE
             known = self.v6_addresses.get(key)
             self.v6_addresses[key] = usable
             return known != usable
@@ -122,15 +120,6 @@ class ChangeFilter:
 def _route_key(msg: NetlinkMessage) -> tuple[object, ...]:
     return (msg.get("dst"), msg.get("dst_len"), msg.get("gateway"), msg.get("oif"),
             msg.get("priority"))
-
-
-def _flags(msg: NetlinkMessage) -> int:
-    """An address's flags: IFA_FLAGS (32 bits) when present, else the header's 8."""
-    get_attr = getattr(msg, "get_attr", None)
-    flags = get_attr("IFA_FLAGS") if callable(get_attr) else None
-    if flags is None:
-        flags = msg.get("flags")
-    return flags if isinstance(flags, int) else 0
 
 
 def _link_scoped(address: str) -> bool:

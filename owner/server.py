@@ -114,10 +114,6 @@ RawStunFactory = Callable[[int, PacketCallback], StunSocket]
 # runaway agent. What arrives is sorted and budgeted by kbwg.owner.stunfilter.
 STUN_SEND_RATE, STUN_SEND_BURST = 200.0, 100
 
-
-class OverRateLimit(ProtocolError):
-    """A stun_send beyond STUN_SEND_RATE: refused, and logged once per episode (a burst
-    of them would otherwise fill the log with one line each)."""
 # An agent that stops reading must not make the owner buffer events without bound.
 EVENT_BUFFER_LIMIT = 1 << 20
 
@@ -143,6 +139,11 @@ CONCURRENT_OPS = frozenset({
     OP_STUN_SEND, OP_STUN_UFRAGS, OP_STATS, OP_INTERFACES, OP_DEFAULT_GATEWAY,
     OP_HOST_ROUTES, OP_EGRESS, OP_HELLO,
 })
+
+
+class OverRateLimit(ProtocolError):
+    """A stun_send beyond STUN_SEND_RATE: refused, and logged once per episode (a burst
+    of them would otherwise fill the log with one line each)."""
 
 
 @dataclass

@@ -60,6 +60,18 @@ async def test_an_agent_that_has_not_joined_yet_is_told_apart_from_none(
         (tmp_path / LOCK_NAME).write_text(f"{other.pid}\n")
         with pytest.raises(ControlError, match="no agent is running with state dir"):
             await call(tmp_path, "status")
+        # Whatever else is there is no pid: not text, or too long to be one.
+        for junk in ("../../proc/self\n", f"{joining.pid}" + " " * 64, "\x00\xff"):
+            (tmp_path / LOCK_NAME).write_text(junk)
+            with pytest.raises(ControlError, match="no agent is running with state dir"):
+                await call(tmp_path, "status")
+        # A link planted as the lock file is not followed.
+        (tmp_path / LOCK_NAME).unlink()
+        (tmp_path / "elsewhere").write_text(f"{joining.pid}\n")
+        (tmp_path / LOCK_NAME).symlink_to(tmp_path / "elsewhere")
+        with pytest.raises(ControlError, match="no agent is running with state dir"):
+            await call(tmp_path, "status")
+        (tmp_path / LOCK_NAME).unlink()
     finally:
         for proc in (joining, other):
             proc.kill()
