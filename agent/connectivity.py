@@ -255,6 +255,14 @@ class Connectivity:
     def relays_missing(self) -> bool:
         return bool(self.relays.missing(self.config.relays))
 
+    def stun_unanswered(self) -> bool:
+        """STUN servers are configured, we have an address to ask from, and none of
+        them answered the last gathering: a name that did not resolve yet (DNS comes
+        up after the address at boot), or a server that was down or unreachable."""
+        return (bool(self.config.stun) and self.gathering_done()
+                and any(c.type == "host" for c in self.local.candidates)
+                and all(r.binding is None for r in self.local.stun))
+
     def public_endpoint(self) -> str | None:
         """The gateway's mapping of our port, else the server-reflexive address of the
         default uplink, if STUN found one: a mapping reaches us from any peer."""

@@ -1,9 +1,9 @@
 """The joined device's background loops: the periodic refresh (peers.json, #announce
-history, re-announcing, claim check, peer sync, missing relays), the stats poll, the
-network watch (the device owner's `network` events, kbwg.agent.netwatch) that
-re-gathers candidates and renegotiates after a change, and the wake watch (the machine
-slept: kbwg.agent.wake_watch); and the same repair when a peer's chosen pair goes quiet
-(`on_path_lost`).
+history, re-announcing, claim check, peer sync, and missing relays and unanswered STUN
+servers asked again), the stats poll, the network watch (the device owner's `network`
+events, kbwg.agent.netwatch) that re-gathers candidates and renegotiates after a change,
+and the wake watch (the machine slept: kbwg.agent.wake_watch); and the same repair when
+a peer's chosen pair goes quiet (`on_path_lost`).
 """
 
 from __future__ import annotations
@@ -77,9 +77,12 @@ class Upkeep:
             due = time.monotonic() - last_announce >= self._options.reannounce_s
             if await self._keybase.refresh(due):
                 last_announce = time.monotonic()
-            if self._paths.relays_missing():
-                # A relay that was down (or forgot our allocation) may be back.
-                await self.on_network_change()
+            if self._paths.relays_missing() or self._paths.stun_unanswered():
+                # A relay that was down (or forgot our allocation) may be back, and a
+                # STUN server whose name did not resolve at boot may resolve now:
+                # without it a NATed device announces only its private address.
+                await self._regather("a STUN or relay server that had not answered was "
+                                     "asked again")
 
     async def _poll_stats(self) -> None:
         await self._stats.run(self._options.stats_s)
