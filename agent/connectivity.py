@@ -256,11 +256,11 @@ class Connectivity:
         return bool(self.relays.missing(self.config.relays))
 
     def stun_unanswered(self) -> bool:
-        """STUN servers are configured, we have an address to ask from, and none of
-        them answered the last gathering: a name that did not resolve yet (DNS comes
-        up after the address at boot), or a server that was down or unreachable."""
-        return (bool(self.config.stun) and self.gathering_done()
-                and any(c.type == "host" for c in self.local.candidates)
+        """The last gathering asked STUN servers and none answered: a name that did not
+        resolve yet (DNS comes up after the address at boot), or a server that was down
+        or unreachable. (None asked: no server of the default uplink's family, or no
+        address; a network change will tell.)"""
+        return (self.gathering_done() and bool(self.local.stun)
                 and all(r.binding is None for r in self.local.stun))
 
     def public_endpoint(self) -> str | None:

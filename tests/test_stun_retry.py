@@ -50,11 +50,15 @@ UNRESOLVED = StunServerResult("stun.example.net:3478", None, error="did not reso
 @pytest.mark.parametrize(("config", "local", "unanswered"), [
     (STUN, LocalCandidates([HOST], [UNRESOLVED]), True),
     (STUN, LocalCandidates([HOST], [StunServerResult("x", SERVER, error="timed out")]), True),
-    (STUN, LocalCandidates([HOST], []), True),  # none resolved: none was asked
     (STUN, LocalCandidates([HOST, SRFLX], [StunServerResult("x", SERVER, ANSWER)]), False),
-    (STUN, LocalCandidates([], []), False),  # no address to ask from: a network event will
+    (STUN, LocalCandidates([HOST, SRFLX], [StunServerResult("x", SERVER, ANSWER),
+                                           UNRESOLVED]), False),  # one answered is enough
+    # None asked (no server of the uplink's family, no address): a network change tells.
+    (STUN, LocalCandidates([HOST], []), False),
+    (STUN, LocalCandidates([], []), False),
     (TeamConfig(), LocalCandidates([HOST], []), False),  # no STUN server configured
-], ids=["unresolved", "timed-out", "none-asked", "answered", "no-address", "no-stun"])
+], ids=["unresolved", "timed-out", "answered", "one-answered", "none-asked", "no-address",
+        "no-stun"])
 async def test_stun_unanswered(config: TeamConfig, local: LocalCandidates,
                                unanswered: bool) -> None:
     paths = paths_with(config, local)
