@@ -1,9 +1,9 @@
 """The joined device's background loops: the periodic refresh (peers.json, #announce
-history, re-announcing, claim check, peer sync, and missing relays and unanswered STUN
-servers asked again), the stats poll, the network watch (the device owner's `network`
-events, kbwg.agent.netwatch) that re-gathers candidates and renegotiates after a change,
-and the wake watch (the machine slept: kbwg.agent.wake_watch); and the same repair when
-a peer's chosen pair goes quiet (`on_path_lost`).
+history, re-announcing, claim check, peer sync, missing relays), unanswered STUN servers
+asked again, the stats poll, the network watch (the device owner's `network` events,
+kbwg.agent.netwatch) that re-gathers candidates and renegotiates after a change, and the
+wake watch (the machine slept: kbwg.agent.wake_watch); and the same repair when a peer's
+chosen pair goes quiet (`on_path_lost`).
 """
 
 from __future__ import annotations
@@ -34,6 +34,9 @@ log = logging.getLogger(__name__)
 # The refresh loop's first pass comes early: it covers messages sent while the
 # listener was still starting.
 FIRST_REFRESH_S = 2.0
+# STUN servers that did not answer are asked again after this, doubling up to the max.
+STUN_RETRY_FIRST_S = 2.0
+STUN_RETRY_MAX_S = 30.0
 # A peer whose path keeps dying (gone offline, flapping) is renegotiated at most this often.
 LOST_PATH_SPACING_S = 2.0
 # Kernel WireGuard drops its session keys itself when the machine suspends
@@ -62,7 +65,8 @@ class Upkeep:
 
     def loops(self) -> dict[str, Coroutine[Any, Any, None]]:
         """The loops by name; each runs until cancelled."""
-        return {"refresh": self._refresh(), "stats": self._poll_stats(),
+        return {"refresh": self._refresh(), "stun": self._ask_stun_again(),
+                "stats": self._poll_stats(),
                 "netwatch": self._watch_network(), "keybase": self._keybase.follow(),
                 "wake": WakeWatch(self.on_wake).run()}
 
@@ -77,12 +81,27 @@ class Upkeep:
             due = time.monotonic() - last_announce >= self._options.reannounce_s
             if await self._keybase.refresh(due):
                 last_announce = time.monotonic()
-            if self._paths.relays_missing() or self._paths.stun_unanswered():
-                # A relay that was down (or forgot our allocation) may be back, and a
-                # STUN server whose name did not resolve at boot may resolve now:
-                # without it a NATed device announces only its private address.
-                await self._regather("a STUN or relay server that had not answered was "
-                                     "asked again")
+            if self._paths.relays_missing():
+                # A relay that was down (or forgot our allocation) may be back.
+                await self.on_network_change()
+
+    async def _ask_stun_again(self) -> None:
+        """STUN servers that did not answer the last gathering are asked again, soon and
+        then less often (`STUN_RETRY_FIRST_S` doubling to `STUN_RETRY_MAX_S`): at boot
+        the address often comes up before DNS, and nothing on the host changes when DNS
+        does, so no network event would make us ask; without an answer a NATed device
+        announces only its private address."""
+        wait = STUN_RETRY_FIRST_S
+        while True:
+            await asyncio.sleep(wait)
+            if not self._paths.stun_unanswered():
+                wait = STUN_RETRY_FIRST_S
+                continue
+            if wait == STUN_RETRY_FIRST_S:
+                log.info("no STUN server answered the last gathering: asking again now, "
+                         "then less and less often (up to every %.0fs)", STUN_RETRY_MAX_S)
+            await self._regather("a STUN server answered again")
+            wait = min(wait * 2, STUN_RETRY_MAX_S)
 
     async def _poll_stats(self) -> None:
         await self._stats.run(self._options.stats_s)

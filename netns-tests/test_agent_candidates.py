@@ -71,3 +71,31 @@ def test_agent_gathers_srflx_from_the_wireguard_port_and_diag_reports_it(
     assert "kbwg-agent diag (agent, UDP port 51820" in human.stdout
     assert "symmetric NAT" in human.stdout
     assert "alice/laptop (100.64.0.1)" in human.stdout
+
+
+def test_a_stun_server_that_answers_only_after_the_gathering_is_asked_again(
+    world: World,
+) -> None:
+    # At boot the address often comes up before DNS: the first gathering gets no STUN
+    # answer. Here the server is simply not running yet when the agent gathers.
+    inet = world.internet()
+    stun_node = world.server("stun", inet, ips=["203.0.113.2"])
+    home = world.router("home", wan=inet, nat=NatMode.MASQUERADE)
+    alice_host = world.host("alice", lans=[home.lan])
+    team = Team(world)
+    team.write_peers(DEVICES)
+    team.write_file("kbwg.json", json.dumps({"stun": ["203.0.113.2:3478"]}))
+    alice = team.start_agent(alice_host, "alice", "laptop", "--port", "51820")
+    team.wait_running(alice)
+    wait_until(lambda: "local candidates: host" in alice.log(200_000), timeout=30,
+               what="the first gathering's end")
+    first = alice.status()
+    assert not [c for c in first["candidates"] if c["type"] == "srflx"], first["candidates"]
+    assert first["endpoint"] == f"{alice_host.ip}:51820"
+
+    StunServer.start(stun_node)
+    # Asked again within seconds (2 s, doubling), with no network change to prompt it;
+    # the public endpoint is then announced.
+    wait_until(lambda: alice.status()["endpoint"] == f"{home.wan_ip}:51820", timeout=30,
+               what="the NAT's public endpoint announced")
+    assert "no STUN server answered the last gathering" in alice.log(200_000)

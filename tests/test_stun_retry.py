@@ -1,10 +1,9 @@
-"""A STUN server that did not answer the gathering is asked again at the next refresh.
+"""STUN servers that did not answer the gathering are asked again, soon, then less often.
 
 At boot the network's address can come up before its DNS: the STUN server's name does
 not resolve, the gathering finds no server-reflexive candidate, and a NATed device
 announces only its private address. Nothing on the host changes when DNS comes up, so
-no network event would make the agent ask again; the refresh loop does, as it does for
-a relay that was missing."""
+no network event would make the agent ask again: Upkeep's STUN loop does."""
 
 from __future__ import annotations
 
@@ -14,20 +13,19 @@ from typing import Any, cast
 
 import pytest
 from test_relay_trickle import FakeOwner, FakePort
-from virtual_clock import VIRTUAL_CLOCK
+from virtual_clock import VIRTUAL_CLOCK, now
 
 from kbwg.agent.connectivity import Connectivity
 from kbwg.agent.owner_calls import OwnerCalls
 from kbwg.agent.owner_stun import OwnerStunTransport
 from kbwg.agent.teamconfig import TeamConfig, parse_team_config
-from kbwg.agent.upkeep import FIRST_REFRESH_S, Upkeep
+from kbwg.agent.upkeep import STUN_RETRY_MAX_S, Upkeep
 from kbwg.negotiation.candidates import Candidate, StunServerResult, candidate_priority
 from kbwg.negotiation.gathering import LocalCandidates
 from kbwg.negotiation.stun_client import BindingResult
 
 pytestmark = VIRTUAL_CLOCK
 
-REFRESH_S = 30.0
 SERVER = ("203.0.113.3", 3478)
 HOST = Candidate("host", "198.18.1.10", 51820, "eth0", candidate_priority("host"),
                  "interface eth0")
@@ -70,19 +68,16 @@ async def test_stun_unanswered(config: TeamConfig, local: LocalCandidates,
 
 @dataclass
 class FakePaths:
-    unanswered: list[bool]
-    regathers: int = 0
+    answered_after: int  # regathers until a server answers
+    regathers: list[float] = field(default_factory=list)
     local: Any = field(default_factory=lambda: LocalCandidates([HOST, SRFLX]))
 
-    def relays_missing(self) -> bool:
-        return False
-
     def stun_unanswered(self) -> bool:
-        return self.unanswered[min(self.regathers, len(self.unanswered) - 1)]
+        return len(self.regathers) < self.answered_after
 
     async def regather(self) -> bool:
-        self.regathers += 1
-        return True  # the server-reflexive candidate is new
+        self.regathers.append(now())
+        return len(self.regathers) == self.answered_after  # the srflx candidate is new
 
     def public_endpoint(self) -> str | None:
         return "203.0.113.10:40000"
@@ -96,26 +91,19 @@ class FakeNegotiator:
         self.restarted_all += 1
 
 
-class QuietKeybase:
-    async def refresh(self, _due: bool) -> bool:
-        return True
-
-
-async def test_an_unanswered_stun_server_is_asked_again_until_it_answers() -> None:
-    paths = FakePaths(unanswered=[True, False])
+async def test_an_unanswered_stun_server_is_asked_again_less_and_less_often() -> None:
+    paths = FakePaths(answered_after=4)
     negotiator = FakeNegotiator()
-    options = type("O", (), {"endpoint": None, "refresh_s": REFRESH_S,
-                             "reannounce_s": 3600.0})()
     none = cast(Any, None)
-    keeper = Upkeep(cast(Any, options), none, none, none, none, none, cast(Any, paths),
-                    cast(Any, negotiator), none, owner=none)
-    keeper._keybase = cast(Any, QuietKeybase())
-    refresh = asyncio.create_task(keeper._refresh())
+    keeper = Upkeep(cast(Any, type("O", (), {"endpoint": None})()), none, none, none, none,
+                    none, cast(Any, paths), cast(Any, negotiator), none, owner=none)
+    start = now()
+    asking = asyncio.create_task(keeper._ask_stun_again())
     try:
-        await asyncio.sleep(FIRST_REFRESH_S + 0.1)
-        # Asked again at the first refresh; the new candidate renegotiates with everyone.
-        assert paths.regathers == 1 and negotiator.restarted_all == 1
-        await asyncio.sleep(3 * REFRESH_S)
-        assert paths.regathers == 1, "asked again after it answered"
+        await asyncio.sleep(10 * STUN_RETRY_MAX_S)
     finally:
-        refresh.cancel()
+        asking.cancel()
+    # 2 s after joining, then 4, 8 and 16 s apart; none after the answer.
+    assert [round(t - start, 3) for t in paths.regathers] == [2.0, 6.0, 14.0, 30.0]
+    # The answer's new candidate renegotiates with everyone.
+    assert negotiator.restarted_all == 1
