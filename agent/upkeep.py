@@ -100,7 +100,11 @@ class Upkeep:
             if wait == STUN_RETRY_FIRST_S:
                 log.info("no STUN server answered the last gathering: asking again now, "
                          "then less and less often (up to every %.0fs)", STUN_RETRY_MAX_S)
-            await self._regather("a STUN server answered again")
+            try:
+                await self._regather("a STUN server answered again")
+            except Exception:
+                # As for a network change: the next try may go better.
+                log.exception("asking the STUN servers again failed")
             wait = min(wait * 2, STUN_RETRY_MAX_S)
 
     async def _poll_stats(self) -> None:

@@ -107,3 +107,26 @@ async def test_an_unanswered_stun_server_is_asked_again_less_and_less_often() ->
     assert [round(t - start, 3) for t in paths.regathers] == [2.0, 6.0, 14.0, 30.0]
     # The answer's new candidate renegotiates with everyone.
     assert negotiator.restarted_all == 1
+
+
+class FailingPaths(FakePaths):
+    async def regather(self) -> bool:
+        self.regathers.append(now())
+        raise RuntimeError("the owner refused")
+
+
+async def test_a_failed_try_is_logged_and_the_loop_goes_on(
+        caplog: pytest.LogCaptureFixture) -> None:
+    paths = FailingPaths(answered_after=2)
+    none = cast(Any, None)
+    keeper = Upkeep(cast(Any, type("O", (), {"endpoint": None})()), none, none, none, none,
+                    none, cast(Any, paths), cast(Any, FakeNegotiator()), none, owner=none)
+    start = now()
+    asking = asyncio.create_task(keeper._ask_stun_again())
+    try:
+        await asyncio.sleep(10.0)
+        assert not asking.done(), "the loop ended with the failure"
+    finally:
+        asking.cancel()
+    assert [round(t - start, 3) for t in paths.regathers] == [2.0, 6.0]
+    assert "asking the STUN servers again failed" in caplog.text
