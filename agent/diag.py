@@ -545,11 +545,11 @@ def render_report(data: dict[str, Any]) -> str:
             (r["url"], _yes_no(r["reachable"]), _ms(r["rtt_ms"]), r["error"] or "")
             for r in data["relays"]
         ])
+    else:
+        lines.append("  none configured")
     for allocation in data.get("relay_allocations") or []:  # agent mode: the live ones
         lines.append(f"  allocation {allocation['relayed']} on {allocation['url']} over "
                      f"{allocation['transport']}: {allocation['transport_reason']}")
-    else:
-        lines.append("  none configured")
     if "portmap" in data:
         lines += ["", *_render_portmap(data["portmap"])]
     lines += ["", "Candidates"]

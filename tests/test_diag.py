@@ -164,6 +164,15 @@ def test_render_without_servers() -> None:
     assert "none configured" in text and "Conclusion: no STUN server configured" in text
 
 
+def test_render_with_a_relay_does_not_say_none_configured() -> None:
+    report = DiagReport(local_port=5, config_source="command line", nat=NatBehaviour(),
+                        relays=[RelayReport("203.0.113.3:3478", rtt_ms=4.0,
+                                            url="turn:203.0.113.3")])
+    text = render_report(report.to_json())
+    relays = text.split("Relays", 1)[1].split("\n\n", 1)[0]
+    assert "turn:203.0.113.3" in relays and "none configured" not in relays, relays
+
+
 def _free_port_pair() -> int:
     for _ in range(50):
         socks = []
