@@ -119,7 +119,7 @@ class PeerState:
             "interface": negotiation.get("interface"),
             "rtt_ms": negotiation.get("rtt_ms"),
             # "active": consent at the path's RTT pace (new path, or traffic within
-            # CheckTimers.active_window); "idle": RFC 7675's 5 s.
+            # CheckTimers.active_window); "idle": CheckTimers.consent_idle_interval (15 s).
             "consent_pace": negotiation.get("consent_pace"),
             "reason": reason or spec.refused or "waiting for the peer's announcement",
             "negotiation": negotiation.get("negotiation", "none"),

@@ -35,7 +35,8 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 
-# Not kbwg.core.stun: the privileged program imports nothing of kbwg but itself.
+# Not aioice: the privileged program's only dependencies are msgpack, PyNaCl and
+# pyroute2 (with kbwg.owner and kbwg.core).
 from kbwg.core.ratelimit import TokenBucket
 from kbwg.core.stun import STUN_HEADER, is_stun
 
