@@ -92,7 +92,7 @@ from kbwg.negotiation.choice import (
     explain,
     format_rtt,
 )
-from kbwg.negotiation.pair_table import PairTable
+from kbwg.negotiation.pair_table import MAX_SENT, PairTable
 from kbwg.negotiation.wire import CandidateInfo
 
 __all__ = ["CheckCounters", "CheckTimers", "CheckerState", "LostCallback", "PeerChecker",
@@ -299,6 +299,9 @@ class PeerChecker:
             return
         if self._remote_pwd is None:  # the answer is still on its way
             self._trickled += candidates
+            # A peer that never answers may trickle without end: keep the newest only
+            # (the pair table keeps no more than that either).
+            del self._trickled[:-MAX_SENT]
             self._trickle_ended = self._trickle_ended or complete
             return
         added, retyped = self._table.add_remotes(candidates, self._controlling, replace)

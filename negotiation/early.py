@@ -49,6 +49,7 @@ from kbwg.negotiation import check_messages as messages
 from kbwg.negotiation.candidate_pairs import CandidatePair
 from kbwg.negotiation.candidates import Candidate
 from kbwg.negotiation.check_config import CheckCounters
+from kbwg.negotiation.pair_table import MAX_SENT
 from kbwg.negotiation.wire import CandidateInfo
 
 log = logging.getLogger(__name__)
@@ -220,6 +221,10 @@ class EarlyPeer:
         if not new and not retyped:
             return
         self.remote = [retyped.get(_key(c), c) for c in self.remote] + new
+        # Every CANDIDATES line may bring new addresses for the same key: the newest
+        # are kept, as the checker's pair table keeps them (a peer that moved is where
+        # it says now; one posting without end must not grow this).
+        del self.remote[:-MAX_SENT]
         if self._taken_over:
             return  # the session's checks know better; only remembered for a wake
         if self.checker is not None:

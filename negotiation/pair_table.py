@@ -31,12 +31,17 @@ from kbwg.negotiation.candidate_pairs import (
 from kbwg.negotiation.candidates import TYPE_PREFERENCE, Candidate, candidate_priority
 from kbwg.negotiation.check_config import CheckCounters, CheckTimers
 from kbwg.negotiation.choice import path_class
-from kbwg.negotiation.wire import CandidateInfo
+from kbwg.negotiation.wire import MAX_CANDIDATES, CandidateInfo
 
 log = logging.getLogger(__name__)
 
 # Peer-reflexive remotes learned from requests: bounded, each costs a pair per base.
 MAX_PRFLX = 16
+# The peer's signalled candidates kept, newest last: an offer carries at most
+# MAX_CANDIDATES and a few more trickle in. A peer may trickle without end, and every
+# trickle pairs all that are kept again, so past this the oldest are forgotten (their
+# pairs stay).
+MAX_SENT = 2 * MAX_CANDIDATES
 
 
 class PairTable:
@@ -70,6 +75,7 @@ class PairTable:
             self._sent = [c for c in self._sent if (c.ip, c.port) not in addresses]
         known = {(c.type, c.ip, c.port) for c in self._sent}
         self._sent += [c for c in candidates if (c.type, c.ip, c.port) not in known]
+        del self._sent[:-MAX_SENT]
         self._remotes = unique_remotes(self._sent)
         listed = {(r.ip, r.port) for r in self._remotes}
         self._remotes += [r for r in self._learned if (r.ip, r.port) not in listed]

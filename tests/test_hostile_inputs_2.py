@@ -1,0 +1,147 @@
+"""Hostile team members and strangers, second round: inputs that a sender can repeat
+without end must cost bounded memory and bounded work per message.
+
+Each case is one sender's lever found in an audit of the agent's inputs (chat lines,
+sealed negotiation messages, STUN at the shared port)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import pytest
+from virtual_clock import VIRTUAL_CLOCK
+
+from kbwg.negotiation import pair_table
+from kbwg.negotiation.candidate_pairs import CandidatePair
+from kbwg.negotiation.candidates import Candidate, candidate_priority
+from kbwg.negotiation.check_config import CheckCounters, CheckTimers
+from kbwg.negotiation.checks import PeerChecker
+from kbwg.negotiation.early import EarlyPeer, derive_credentials
+from kbwg.negotiation.pair_table import PairTable
+from kbwg.negotiation.wire import MAX_CANDIDATES, CandidateInfo
+
+HOSTS = [Candidate("host", f"198.18.1.{i}", 51820, "eth0", candidate_priority("host"), "eth0")
+         for i in range(1, 4)]
+
+
+def fresh_candidates(count: int, start: int = 0) -> Iterator[list[CandidateInfo]]:
+    """Batches of `MAX_CANDIDATES` server-reflexive candidates never sent before."""
+    n = start
+    for _ in range(count):
+        batch = []
+        for _ in range(MAX_CANDIDATES):
+            n += 1
+            batch.append(CandidateInfo("srflx", f"203.0.113.{n % 250 + 1}", 1024 + n,
+                                       candidate_priority("srflx"), "srflx1"))
+        yield batch
+
+
+class FormCounter:
+    """Wraps pair_table.form_pairs: how many remotes each call had to pair."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.sizes: list[int] = []
+        real = pair_table.form_pairs
+
+        def counting(bases: Sequence[Candidate], candidates: Sequence[CandidateInfo],
+                     controlling: bool) -> list[CandidatePair]:
+            self.sizes.append(len(candidates))
+            return real(bases, candidates, controlling)
+
+        monkeypatch.setattr(pair_table, "form_pairs", counting)
+
+
+# -- trickled candidates: one session's "candidates" messages ----------------------------
+
+
+def test_endless_trickles_cost_bounded_work_each(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A peer may send "candidates" messages in its session without end, each with 64
+    new addresses. Every trickle paired all of them again (bases x all, then cut to 100
+    pairs): after 300 messages one took 1.4 s of the event loop, and memory grew with
+    each. What a trickle costs must not grow with what came before."""
+    counter = FormCounter(monkeypatch)
+    table = PairTable(HOSTS, CheckTimers(), CheckCounters(), "mallory/box")
+    table.form([], controlling=True)
+    batches = list(fresh_candidates(300))
+    for batch in batches:
+        table.add_remotes(batch, controlling=True)
+    assert max(counter.sizes) <= 4 * MAX_CANDIDATES
+    assert len(table.pairs) <= pair_table.MAX_PAIRS
+    # The newest candidates are the ones kept: a peer that moved is checked where it is.
+    newest = batches[-1][-1]
+    assert any(r.ip == newest.ip and r.port == newest.port for r in table._remotes)
+
+
+@VIRTUAL_CLOCK
+async def test_trickles_before_the_answer_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The offerer's checker keeps trickled candidates until the answer comes; a peer
+    that never answers but keeps trickling (its "unanswered" session's checker stays)
+    must not grow that list without bound."""
+    counter = FormCounter(monkeypatch)
+    checker = PeerChecker(HOSTS, "abcd", "p" * 22, controlling=False, tie_breaker=1,
+                          send=lambda data, dest, local: None)
+    try:
+        for batch in fresh_candidates(200):
+            checker.add_remote(batch, complete=False)
+        checker.set_remote("efgh", "q" * 22, [], complete=True)
+        assert max(counter.sizes) <= 4 * MAX_CANDIDATES
+        assert len(checker.pairs) <= pair_table.MAX_PAIRS
+    finally:
+        checker.close()
+
+
+# -- published candidates: CANDIDATES lines in #announce for early checks --------------
+
+
+class _IdleChecker:
+    """An early checker that records what it is given."""
+
+    state = "checking"
+    selected = None
+
+    def __init__(self) -> None:
+        self.remote: list[CandidateInfo] = []
+
+    def set_remote(self, ufrag: str, pwd: str, candidates: Sequence[CandidateInfo],
+                   complete: bool = True) -> None:
+        self.remote = list(candidates)
+
+    def add_remote(self, candidates: Sequence[CandidateInfo], complete: bool,
+                   replace: bool = False) -> None:
+        self.remote += candidates
+
+    def datagram_received(self, data: bytes, src: Any, local: Any = None) -> bool:
+        return False
+
+    def has_transaction(self, transaction_id: bytes) -> bool:
+        return False
+
+    def snapshot(self) -> dict[str, Any]:
+        return {}
+
+    def close(self) -> None:
+        pass
+
+
+@VIRTUAL_CLOCK
+async def test_a_peer_republishing_new_candidates_does_not_grow_its_early_peer() -> None:
+    """Each CANDIDATES line (up to 16 addresses) with addresses not seen before added
+    them to the early peer's list for good, while its key stayed the same: a member
+    posting such lines grew it (and `status`'s early_checks.candidates, and the work
+    of every sync) without bound. Addresses the peer no longer publishes are dead."""
+    from nacl.public import PrivateKey
+
+    ours, theirs = PrivateKey.generate(), PrivateKey.generate()
+    creds = derive_credentials(ours, theirs.public_key)
+    early = EarlyPeer("mallory/box (early)", creds, lambda c, cb: _IdleChecker(),
+                      lambda pair, reason: None, lambda: (None, False))
+    early.start()
+    lines = [batch[:16] for batch in fresh_candidates(500)]
+    for line in lines:
+        early.set_candidates(line)
+    assert early.to_json()["candidates"] <= 4 * MAX_CANDIDATES
+    newest = lines[-1]
+    assert all(c in early.remote for c in newest)
+    await asyncio.sleep(0)
