@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from kbwg.agent.announce import ANNOUNCE_TTL_S, AnnounceError, NewestBook, canonical_key
 from kbwg.core.identity import DeviceId
 from kbwg.negotiation.priority import candidate_priority
-from kbwg.negotiation.wire import CandidateInfo
+from kbwg.negotiation.wire import CandidateInfo, WireError
 
 PREFIX = "CANDIDATES "
 PUBLISHED_TYPES = ("host", "mapped", "srflx", "relay")
@@ -69,11 +69,18 @@ def _candidate(item: str, rank: int) -> CandidateInfo | None:
     if (ip.is_unspecified or ip.is_loopback or ip.is_multicast or ip.is_link_local
             or (ip.version == 4 and ip.is_reserved)):
         raise AnnounceError(f"candidate address {ip} is not a unicast address of another host")
-    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+    if isinstance(ip, ipaddress.IPv6Address) and ip.scope_id is not None:
+        # A scope names one of the sender's own interfaces: meaningless here.
+        raise AnnounceError(f"candidate address {ip_text[:45]!r} has a scope")
+    # isdigit() alone passes "²", which int() refuses.
+    if not (port_text.isascii() and port_text.isdigit()) or not 1 <= int(port_text) <= 65535:
         raise AnnounceError(f"candidate port {port_text[:8]!r} is out of range")
-    # Ranked in the sender's order (its own preference).
-    return CandidateInfo(type_, str(ip), int(port_text),
-                         candidate_priority(type_, 65535 - rank), f"{type_}{rank}")
+    try:
+        # Ranked in the sender's order (its own preference).
+        return CandidateInfo(type_, str(ip), int(port_text),
+                             candidate_priority(type_, 65535 - rank), f"{type_}{rank}")
+    except WireError as exc:  # the books catch AnnounceError only
+        raise AnnounceError(f"candidate {item[:60]!r}: {exc}") from None
 
 
 def parse_candidates(body: str, sender: DeviceId, msg_id: int,

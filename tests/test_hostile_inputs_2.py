@@ -7,12 +7,21 @@ sealed negotiation messages, STUN at the shared port)."""
 from __future__ import annotations
 
 import asyncio
+import base64
+import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import pytest
 from virtual_clock import VIRTUAL_CLOCK
 
+from kbwg.agent.announce import AnnounceBook, AnnounceError
+from kbwg.agent.announce_candidates import CandidateBook, parse_candidates
+from kbwg.agent.announce_feed import take_announce_message
+from kbwg.agent.claims import ClaimBook
+from kbwg.agent.keybase import Channel, ChatMessage
+from kbwg.agent.keyowners import KeyBook
+from kbwg.core.identity import DeviceId
 from kbwg.negotiation import pair_table
 from kbwg.negotiation.candidate_pairs import CandidatePair
 from kbwg.negotiation.candidates import Candidate, candidate_priority
@@ -145,3 +154,40 @@ async def test_a_peer_republishing_new_candidates_does_not_grow_its_early_peer()
     newest = lines[-1]
     assert all(c in early.remote for c in newest)
     await asyncio.sleep(0)
+
+
+# -- CANDIDATES lines: every line is judged, none may raise -----------------------------
+
+
+def _announce_message(body: str, msg_id: int = 7) -> ChatMessage:
+    return ChatMessage(msg_id, "conv", Channel("team", "announce"), "mallory", "box",
+                       time.time(), body, "text")
+
+
+def _books() -> tuple[AnnounceBook, ClaimBook, KeyBook, CandidateBook]:
+    return AnnounceBook(), ClaimBook(), KeyBook(), CandidateBook()
+
+
+KEY = base64.b64encode(bytes(range(32))).decode()
+
+
+@pytest.mark.parametrize("item", [
+    # A scope id passes ipaddress, is no link-local address, and made the candidate
+    # longer than a wire candidate may be: InvalidField (no AnnounceError) escaped.
+    "host:2001:db8::1%" + "a" * 40 + ":51820",
+    "srflx:2001:db8::1%eth0:51820",  # a scope means nothing on another host
+    # str.isdigit() passes a superscript digit, which int() refuses: ValueError.
+    "host:198.51.100.1:5\u00b2",
+])
+def test_a_bad_candidates_line_is_refused_not_raised(item: str) -> None:
+    """One such line in #announce raised out of the books: the history read at start-up
+    (two hours of it) stopped every agent of the team from joining, and the refresh loop
+    (which reads the history again) ended, stopping every running agent."""
+    announcements, claims, keys, published = _books()
+    taken = take_announce_message(_announce_message(f"CANDIDATES {KEY} {item}"),
+                                  DeviceId("me", "laptop"), announcements, claims, [],
+                                  None, time.time(), keys, published)
+    assert taken is False
+    assert published.latest == {}
+    with pytest.raises(AnnounceError):
+        parse_candidates(f"CANDIDATES {KEY} {item}", DeviceId("mallory", "box"), 7, 0.0)
