@@ -137,4 +137,10 @@ class TeamView:
     def take_history(self, messages: list[ChatMessage], me: DeviceId) -> None:
         """Messages from `fetch_history` into the books, in the order read."""
         for msg in messages:
-            self.take_announce(msg, me)
+            try:
+                self.take_announce(msg, me)
+            except Exception:
+                # As for a pushed message: one line the books cannot take must not stop
+                # start-up or the refresh loop (both read the history) for the rest.
+                log.exception("taking message %d from %s/%s in %s failed", msg.id,
+                              msg.sender_username, msg.sender_device, msg.channel)

@@ -191,3 +191,25 @@ def test_a_bad_candidates_line_is_refused_not_raised(item: str) -> None:
     assert published.latest == {}
     with pytest.raises(AnnounceError):
         parse_candidates(f"CANDIDATES {KEY} {item}", DeviceId("mallory", "box"), 7, 0.0)
+
+
+def test_a_history_line_the_books_cannot_take_does_not_stop_the_rest(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Start-up and every refresh take #announce's history in one go: whatever one line
+    raises (the case above, or the next such bug) must not end them, nor keep the lines
+    after it out of the books."""
+    from kbwg.agent import team_view
+    from kbwg.agent.teamconfig import TeamConfig
+
+    real = team_view.take_announce_message
+
+    def fragile(msg: ChatMessage, *args: Any, **kwargs: Any) -> bool:
+        if msg.body == "BOOM":
+            raise RuntimeError("a line no book expected")
+        return real(msg, *args, **kwargs)
+
+    monkeypatch.setattr(team_view, "take_announce_message", fragile)
+    team = team_view.TeamView(keybase=None, team="team", config=TeamConfig())  # type: ignore[arg-type]
+    good = _announce_message(f"ANNOUNCE 203.0.113.9:51820 {KEY}", msg_id=9)
+    team.take_history([_announce_message("BOOM", msg_id=8), good], DeviceId("me", "laptop"))
+    assert team.announcements.latest[DeviceId("mallory", "box")].msg_id == 9
