@@ -10,7 +10,7 @@ import asyncio
 import base64
 import time
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from virtual_clock import VIRTUAL_CLOCK
@@ -213,3 +213,47 @@ def test_a_history_line_the_books_cannot_take_does_not_stop_the_rest(
     good = _announce_message(f"ANNOUNCE 203.0.113.9:51820 {KEY}", msg_id=9)
     team.take_history([_announce_message("BOOM", msg_id=8), good], DeviceId("me", "laptop"))
     assert team.announcements.latest[DeviceId("mallory", "box")].msg_id == 9
+
+
+# -- checkers made per offer -------------------------------------------------------------
+
+
+class _Port:
+    local_receiver: Any = None
+    receiver: Any = None
+
+    def from_source(self, _source: str) -> _Port:
+        return self
+
+    def add_ufrag(self, _ufrag: str) -> None:
+        pass
+
+    def remove_ufrag(self, _ufrag: str) -> None:
+        pass
+
+
+@VIRTUAL_CLOCK
+@pytest.mark.xfail(strict=True, reason="agent/connectivity.py (not ours to edit) drops "
+                   "closed checkers only at a gathering step")
+async def test_closed_checkers_are_not_kept_until_the_next_gathering() -> None:
+    """Every offer (and restart, and retry after a failed session) a peer makes gets a
+    new checker, and the one before is closed. Connectivity keeps every checker it made
+    in a set it prunes only when a gathering step publishes candidates, which a stable
+    host may not do for days: a member posting offers (or a peer whose session keeps
+    failing, retried every 5 min) grows it, each with up to 100 pairs."""
+    from test_relay_trickle import FakeOwner
+
+    from kbwg.agent.connectivity import Connectivity
+    from kbwg.agent.owner_calls import OwnerCalls
+    from kbwg.agent.owner_stun import OwnerStunTransport
+    from kbwg.agent.teamconfig import TeamConfig
+    from kbwg.negotiation.session import CheckerSpec
+
+    paths = Connectivity(cast(OwnerCalls, FakeOwner()), cast(OwnerStunTransport, _Port()),
+                         51820, "alice", TeamConfig(), lambda _a: None)
+    peer = DeviceId("mallory", "box")
+    for i in range(200):
+        registered = paths.make_checker(
+            CheckerSpec(peer, f"uf{i:04d}", "p" * 22, True, i), lambda pair, why: None)
+        registered.close()
+    assert len(paths._checkers) <= 1
