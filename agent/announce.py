@@ -12,11 +12,17 @@ import re
 from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
+from nacl.bindings import crypto_scalarmult
+from nacl.exceptions import CryptoError
+
 from kbwg.core.identity import DeviceId
 
 ANNOUNCE_CHANNEL = "announce"
 # How long an announcement stays valid; agents re-announce well within it.
 ANNOUNCE_TTL_S = 3600.0
+
+# Any scalar tells a low-order point (clamping clears the cofactor's bits).
+_ANY_SCALAR = bytes([1]) * 32
 
 _ANNOUNCE_RE = re.compile(r"^ANNOUNCE (\S+):(\d{1,5}) (\S+)\s*$")
 
@@ -51,6 +57,13 @@ def decode_public_key(text: str) -> bytes:
         raise AnnounceError(f"public key {text[:60]!r} is not base64") from exc
     if len(key) != 32:
         raise AnnounceError(f"public key decodes to {len(key)} bytes, not 32")
+    try:
+        # libsodium refuses a point of small order (X25519 with it is all zeros): no
+        # device has such a key, and every Box with it (sealed negotiation, early
+        # check credentials) would fail.
+        crypto_scalarmult(_ANY_SCALAR, key)
+    except CryptoError:
+        raise AnnounceError("public key is a low-order point, no device's key") from None
     return key
 
 

@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from nacl.exceptions import CryptoError
 from nacl.public import PrivateKey, PublicKey
 
 from kbwg.agent.announce import Announcement
@@ -119,7 +120,9 @@ class EarlyChecks:
         """A registered early peer, not checking yet (see `_start`)."""
         try:
             creds = derive_credentials(self._private, PublicKey(base64.b64decode(key)))
-        except ValueError as exc:  # our own key (PeerSync never configures it) or junk
+        # Our own key (PeerSync never configures it), junk, or a low-order point
+        # (libsodium's CryptoError; announce.py refuses those lines already).
+        except (ValueError, CryptoError) as exc:
             log.warning("no early checks with %s: %s", device, exc)
             return None
         name = f"{device} (early)"

@@ -10,15 +10,16 @@ import asyncio
 import base64
 import time
 from collections.abc import Iterator, Sequence
+from ipaddress import IPv4Address, IPv4Network
 from typing import Any, cast
 
 import pytest
 from virtual_clock import VIRTUAL_CLOCK
 
-from kbwg.agent.announce import AnnounceBook, AnnounceError
+from kbwg.agent.announce import AnnounceBook, AnnounceError, parse_announce
 from kbwg.agent.announce_candidates import CandidateBook, parse_candidates
 from kbwg.agent.announce_feed import take_announce_message
-from kbwg.agent.claims import ClaimBook
+from kbwg.agent.claims import ClaimBook, ClaimError, parse_claim
 from kbwg.agent.keybase import Channel, ChatMessage
 from kbwg.agent.keyowners import KeyBook
 from kbwg.core.identity import DeviceId
@@ -257,3 +258,59 @@ async def test_closed_checkers_are_not_kept_until_the_next_gathering() -> None:
             CheckerSpec(peer, f"uf{i:04d}", "p" * 22, True, i), lambda pair, why: None)
         registered.close()
     assert len(paths._checkers) <= 1
+
+
+# -- WireGuard keys that are no key: low-order points -------------------------------------
+
+# Curve25519 points of small order: X25519 with any of them gives all zeros, so libsodium
+# (and with it every Box and early-check credential) refuses them.
+LOW_ORDER_KEYS = [base64.b64encode(bytes.fromhex(h)).decode() for h in (
+    "00" * 32,
+    "01" + "00" * 31,
+    "e0eb7a7c3b41b8ae1656e3faf19fc46ada098deb9c32b1fd866205165f49b800",
+    "ecffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
+)]
+
+
+@pytest.mark.parametrize("key", LOW_ORDER_KEYS)
+def test_a_low_order_key_is_no_devices_key(key: str) -> None:
+    """A member announcing (and claiming with) such a key became a peer like any other;
+    the early checks' credentials for it (a Box with it) then raised nacl's
+    RuntimeError out of every peer sync, ending the refresh loop and so every agent of
+    the team, again at each start while the line was live. Such a line is refused
+    where lines are read."""
+    me = DeviceId("me", "laptop")
+    sender = DeviceId("mallory", "box")
+    with pytest.raises(AnnounceError):
+        parse_announce(f"ANNOUNCE 203.0.113.9:51820 {key}", sender, 7, time.time())
+    with pytest.raises(ClaimError):
+        parse_claim(f"CLAIM 100.64.200.9 {key}", sender, 7, time.time())
+    announcements, claims, keys, published = _books()
+    for body in (f"ANNOUNCE 203.0.113.9:51820 {key}", f"CLAIM 100.64.200.9 {key}",
+                 f"CANDIDATES {key} host:198.18.0.9:51820"):
+        assert not take_announce_message(_announce_message(body), me, announcements, claims,
+                                         [], IPv4Network("100.64.128.0/17"), time.time(),
+                                         keys, published)
+    assert announcements.latest == {} and published.latest == {}
+
+
+@VIRTUAL_CLOCK
+async def test_early_checks_skip_a_peer_whose_key_gives_no_credentials() -> None:
+    """Behind the parse check: a peer configured with a key the early checks cannot
+    derive credentials from gets none (logged), and the sync goes on for the others."""
+    from nacl.public import PrivateKey
+
+    from kbwg.agent.announce import Announcement
+    from kbwg.agent.connectivity import Connectivity
+    from kbwg.agent.early_checks import EarlyChecks
+    from kbwg.agent.peer_selection import PeerSpec
+    from kbwg.agent.runtime_state import PeerState
+
+    device = DeviceId("mallory", "box")
+    key = LOW_ORDER_KEYS[0]
+    ann = Announcement(device, "203.0.113.9", 51820, key, 7, time.time())
+    peer = PeerState(PeerSpec(device, IPv4Address("100.64.0.9"), ann), configured_key=key)
+    early = EarlyChecks(cast(Connectivity, None), PrivateKey.generate(), CandidateBook(),
+                        lambda _d: (None, False), lambda *_: None)
+    early.sync([peer])
+    assert early.peers == {}
