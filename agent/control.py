@@ -87,8 +87,12 @@ class ControlServer:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            line = await reader.readline()
-            reply = await self._dispatch(line)
+            try:
+                line = await reader.readline()
+            except ValueError:  # longer than the reader's limit (64 KiB, = MAX_REQUEST)
+                reply: dict[str, Any] = {"error": "request too large"}
+            else:
+                reply = await self._dispatch(line)
             writer.write(json.dumps(reply).encode() + b"\n")
             await writer.drain()
         except (ConnectionError, asyncio.IncompleteReadError) as exc:

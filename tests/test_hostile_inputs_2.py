@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import time
 from collections.abc import Iterator, Sequence
 from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
 from typing import Any, cast
 
 import pytest
@@ -314,3 +316,29 @@ async def test_early_checks_skip_a_peer_whose_key_gives_no_credentials() -> None
                         lambda _d: (None, False), lambda *_: None)
     early.sync([peer])
     assert early.peers == {}
+
+
+# -- the control socket --------------------------------------------------------------------
+
+
+async def test_an_oversized_control_request_gets_an_error_reply(tmp_path: Path) -> None:
+    """StreamReader.readline refuses a line over its 64 KiB limit with ValueError, which
+    the server did not catch: the client saw the connection drop with no answer (the
+    MAX_REQUEST check behind it never ran) and the agent logged an unhandled error."""
+    from kbwg.agent.control import MAX_REQUEST, ControlServer, call, socket_path
+
+    async def status(_request: dict[str, Any]) -> dict[str, Any]:
+        return {"ok": True}
+
+    server = ControlServer(tmp_path, {"status": status})
+    await server.start()
+    try:
+        reader, writer = await asyncio.open_unix_connection(str(socket_path(tmp_path)))
+        writer.write(b'{"cmd": "status", "pad": "' + b"x" * (MAX_REQUEST + 10) + b'"}\n')
+        await writer.drain()
+        line = await asyncio.wait_for(reader.readline(), 10)
+        writer.close()
+        assert json.loads(line) == {"error": "request too large"}
+        assert (await call(tmp_path, "status"))["ok"] is True
+    finally:
+        await server.close()
