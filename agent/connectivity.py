@@ -322,7 +322,7 @@ class Connectivity:
         )
         if not self.gathering_done():
             checker.add_local([], complete=False)  # more bases may come: not failed yet
-        self._checkers.add(checker)
+        self._keep(checker)
         # `kbwg-agent ping` probes go out like this peer's checks; the mux gives their
         # answers to the probe (ProbingReceiver).
         probe = PairProbe(spec.ufrag, self._send_check)
@@ -345,8 +345,15 @@ class Connectivity:
                               on_selected=on_selected, name=name)
         if not self.gathering_done():
             checker.add_local([], complete=False)
-        self._checkers.add(checker)
+        self._keep(checker)
         return checker
+
+    def _keep(self, checker: PeerChecker) -> None:
+        """`checker` hears of new local candidates. Closed ones go now, not at the next
+        gathering step: every offer, restart and retry makes a checker and closes the
+        one before, and a stable host may gather again only days later."""
+        self._checkers = {c for c in self._checkers if c.state != "closed"}
+        self._checkers.add(checker)
 
     def _send_check(self, data: bytes, dest: Address, local: Candidate) -> None:
         if local.type == "relay":

@@ -236,8 +236,6 @@ class _Port:
 
 
 @VIRTUAL_CLOCK
-@pytest.mark.xfail(strict=True, reason="agent/connectivity.py (not ours to edit) drops "
-                   "closed checkers only at a gathering step")
 async def test_closed_checkers_are_not_kept_until_the_next_gathering() -> None:
     """Every offer (and restart, and retry after a failed session) a peer makes gets a
     new checker, and the one before is closed. Connectivity keeps every checker it made
