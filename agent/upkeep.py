@@ -79,11 +79,18 @@ class Upkeep:
             # peers.json, the histories, (re-)announcing, claim check and peer sync; all
             # of it left alone while Keybase is away (keybase_upkeep).
             due = time.monotonic() - last_announce >= self._options.reannounce_s
-            if await self._keybase.refresh(due):
-                last_announce = time.monotonic()
-            if self._paths.relays_missing():
-                # A relay that was down (or forgot our allocation) may be back.
-                await self.on_network_change()
+            try:
+                if await self._keybase.refresh(due):
+                    last_announce = time.monotonic()
+                if self._paths.relays_missing():
+                    # A relay that was down (or forgot our allocation) may be back.
+                    await self.on_network_change()
+            except Exception:
+                # One pass that fails (a bug, or a team input nothing else refused) must
+                # not stop the agent, and with it every peer's path: the next pass may
+                # go better.
+                log.exception("refresh failed (please report this with the trace); the "
+                              "next one comes in %.0fs", self._options.refresh_s)
 
     async def _ask_stun_again(self) -> None:
         """STUN servers that did not answer the last gathering are asked again, soon and

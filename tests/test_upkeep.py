@@ -7,9 +7,10 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import Any, cast
 
+import pytest
 from virtual_clock import VIRTUAL_CLOCK
 
-from kbwg.agent.upkeep import LOST_PATH_SPACING_S, Upkeep
+from kbwg.agent.upkeep import FIRST_REFRESH_S, LOST_PATH_SPACING_S, Upkeep
 from kbwg.core.identity import DeviceId
 
 pytestmark = VIRTUAL_CLOCK
@@ -88,3 +89,35 @@ async def test_without_stun_a_change_announces_the_host_address() -> None:
     negotiator, presence = FakeNegotiator(), FakePresence()
     await upkeep(paths, negotiator, presence).on_network_change()
     assert presence.followed == 1 and negotiator.restarted_all == 1
+
+
+class FlakyKeybase:
+    """A refresh that fails once (a bug, or an input nothing refused), then works."""
+
+    def __init__(self) -> None:
+        self.passes = 0
+
+    async def refresh(self, _due: bool) -> bool:
+        self.passes += 1
+        if self.passes == 1:
+            raise RuntimeError("one bad line")
+        return False
+
+
+async def test_a_failed_refresh_is_logged_and_the_loop_goes_on(
+        caplog: pytest.LogCaptureFixture) -> None:
+    paths = FakePaths([])
+    paths.relays_missing = lambda: False  # type: ignore[attr-defined]
+    keeper = upkeep(paths, FakeNegotiator(), FakePresence())
+    keeper._options = cast(Any, type("O", (), {"endpoint": None, "refresh_s": 30.0,
+                                               "reannounce_s": 1800.0})())
+    flaky = FlakyKeybase()
+    keeper._keybase = cast(Any, flaky)
+    refresh = asyncio.create_task(keeper._refresh())
+    try:
+        await asyncio.sleep(FIRST_REFRESH_S + 30.0 + 1.0)
+        assert not refresh.done(), "the refresh loop ended with the failure"
+    finally:
+        refresh.cancel()
+    assert flaky.passes == 2
+    assert "refresh failed" in caplog.text and "one bad line" in caplog.text
