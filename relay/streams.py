@@ -41,6 +41,7 @@ MAX_QUEUED = 512 * 1024
 _MAX_DATAGRAM = 65536
 _CHANNEL_HEADER = struct.Struct("!HH")
 _STUN_HEADER = struct.Struct("!HHI")
+_LENGTH = struct.Struct("!H")
 
 
 def frame_problem(head: bytes) -> str | None:
@@ -71,6 +72,9 @@ class StreamConnection(TurnStreamMixin, asyncio.Protocol):
         self.client: Address = ("", 0)
         self.opened = time.monotonic()
         self.last_frame = self.opened  # when the frame now in the buffer began, at most
+        # When it last held an allocation (seen by the sweep): frames do not count, or
+        # a Binding every few seconds would keep a connection open without credentials.
+        self.allocated_at = self.opened
         self.closed = False
 
     def __repr__(self) -> str:
@@ -88,13 +92,27 @@ class StreamConnection(TurnStreamMixin, asyncio.Protocol):
         self.streams.lost(self)
 
     def data_received(self, data: bytes) -> None:
+        """Frames as aioice's TurnStreamMixin splits them, in one pass: the mixin
+        copies what is left of its buffer after each frame, so one read full of tiny
+        frames (256 KiB of 4-byte ChannelData) cost the whole relay seconds."""
         if self.closed:
             return
-        super().data_received(data)  # frames go to datagram_received
-        if not self.closed:
-            problem = frame_problem(self.buffer[:8])
-            if problem is not None:
-                self.fail(problem)
+        buffer = self.buffer = self.buffer + data if self.buffer else bytes(data)
+        end, pos = len(buffer), 0
+        while end - pos >= 4 and not self.closed:
+            (length,) = _LENGTH.unpack_from(buffer, pos + 2)
+            length += stun.padding_length(length)
+            size = 4 + length if 0x40 <= buffer[pos] <= 0x7F else 20 + length
+            if end - pos < size:
+                break
+            self.datagram_received(buffer[pos:pos + size], self.client)
+            pos += size
+        if self.closed:
+            return
+        self.buffer = buffer[pos:] if pos else buffer
+        problem = frame_problem(self.buffer[:8])
+        if problem is not None:
+            self.fail(problem)
 
     def datagram_received(self, data: bytes | str, addr: Any) -> None:
         """One whole frame (TurnStreamMixin), with its padding."""
@@ -241,8 +259,9 @@ class StreamListeners:
                 continue
             allocation = self.table.get(connection.client)
             if allocation is not None and allocation.stream is connection:
+                connection.allocated_at = now
                 continue
-            if now - max(connection.opened, connection.last_frame) > config.stream_idle_timeout:
+            if now - connection.allocated_at > config.stream_idle_timeout:
                 self.counters.stream_idle += 1
                 log.info("%s closed: no allocation after %g s", connection,
                          config.stream_idle_timeout)

@@ -1,0 +1,120 @@
+"""The relay and the agent's TURN client against hostile input (second round): streams
+full of tiny frames, stream clients that never allocate, NAT64 forms of forbidden
+peers, reservations as a way around the quotas, and a relay answering LIFETIME 0."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import struct
+import time
+from typing import Any, cast
+
+from aioice import stun
+from test_relay_protocol import _config
+
+from kbwg.relay.control import ControlPlane
+from kbwg.relay.server import RelayServer
+from kbwg.relay.streams import StreamConnection, StreamListeners
+from kbwg.turn.stream import TurnStreamProtocol
+
+Address = tuple[str, int]
+
+# 16 MiB of small frames, as a client (or relay) that was not read for a while leaves
+# them. Splitting them costs time linear in the frames (a fraction of a second here);
+# copying the rest of the buffer after each frame, as aioice's TurnStreamMixin does,
+# costs frames x bytes (here tens of seconds, during which nothing else runs).
+_FRAMES = 65536
+_FRAME_PAYLOAD = 252
+_SPLIT_BOUND_S = 5.0
+
+
+def _tiny_frames() -> bytes:
+    return (struct.pack("!HH", 0x4000, _FRAME_PAYLOAD) + bytes(_FRAME_PAYLOAD)) * _FRAMES
+
+
+class _Transport:
+    """Enough of an asyncio transport for a stream protocol driven by hand."""
+
+    def __init__(self) -> None:
+        self.written = bytearray()
+        self.closed = False
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return ("192.0.2.9", 40000) if name == "peername" else default
+
+    def write(self, data: bytes) -> None:
+        self.written += data
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def get_write_buffer_size(self) -> int:
+        return len(self.written)
+
+    def close(self) -> None:
+        self.closed = True
+
+    abort = close
+
+
+def test_a_stream_full_of_tiny_frames_costs_the_relay_time_linear_in_them() -> None:
+    config = _config()
+    server = RelayServer(config)
+    main = ("127.0.0.1", 3478)
+    control = ControlPlane(config, server.table, server.counters, lambda *_: None, main, {})
+    streams = StreamListeners(config, server.table, server.counters, control, main)
+    connection = StreamConnection(streams, "tcp")
+    connection.connection_made(cast(asyncio.Transport, _Transport()))
+    data = _tiny_frames()
+    started = time.monotonic()
+    connection.data_received(data[:100])  # a frame cut in two reads still frames
+    connection.data_received(data[100:])
+    elapsed = time.monotonic() - started
+    assert server.counters.no_channel == _FRAMES  # every frame split, none lost
+    assert not connection.buffer and not connection.closed
+    assert elapsed < _SPLIT_BOUND_S, f"{elapsed:.1f} s for {len(data)} bytes"
+    connection.connection_lost(None)
+    server.close()
+
+
+def test_a_relay_sending_tiny_frames_costs_the_agent_time_linear_in_them() -> None:
+    received: list[bytes] = []
+
+    class Receiver(asyncio.DatagramProtocol):
+        def datagram_received(self, data: bytes | str, addr: Address) -> None:
+            received.append(cast(bytes, data))
+
+    protocol = TurnStreamProtocol(("192.0.2.9", 3478), "u", "p", 600, 240)
+    protocol.connection_made(cast(asyncio.Transport, _Transport()))
+    protocol.receiver = Receiver()
+    protocol.channel_to_peer[0x4000] = ("192.0.2.1", 9)
+    data = _tiny_frames()
+    started = time.monotonic()
+    protocol.data_received(data[:100])
+    protocol.data_received(data[100:])
+    elapsed = time.monotonic() - started
+    assert len(received) == _FRAMES and received[0] == bytes(_FRAME_PAYLOAD)
+    assert not protocol.buffer
+    assert elapsed < _SPLIT_BOUND_S, f"{elapsed:.1f} s for {len(data)} bytes"
+
+
+async def test_bindings_do_not_keep_a_stream_without_an_allocation_open() -> None:
+    config = _config(tcp_listen=("127.0.0.1", 0), sweep_interval=0.05,
+                     stream_idle_timeout=0.5)
+    async with RelayServer(config) as server:
+        assert server.streams is not None
+        reader, writer = await asyncio.open_connection(*server.streams.addresses["tcp"])
+        deadline = time.monotonic() + 5.0
+        closed = False
+        try:
+            # A Binding every 0.1 s: frames, but never an allocation.
+            while not closed and time.monotonic() < deadline:
+                writer.write(bytes(stun.Message(stun.Method.BINDING, stun.Class.REQUEST)))
+                with contextlib.suppress(TimeoutError):
+                    closed = await asyncio.wait_for(reader.read(4096), 0.1) == b""
+        finally:
+            writer.close()
+        assert closed, "the relay kept a connection that never allocated"
+        assert server.counters.stream_idle == 1
+        assert server.counters.binding_responses >= 3  # it was served meanwhile
