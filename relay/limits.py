@@ -53,6 +53,9 @@ DEFAULT_DENIED_PEERS: tuple[str, ...] = (
     "ff00::/8",  # multicast
 )
 
+# RFC 6052's well-known NAT64 prefix: the last 32 bits are an IPv4 address.
+NAT64_WELL_KNOWN = IPv6Network("64:ff9b::/96")
+
 # How far in the future a TURN REST username's expiry may lie beyond the longest
 # credential lifetime: the clocks of the relay and of the agent minting it differ.
 CREDENTIAL_CLOCK_SKEW = 300.0
@@ -159,6 +162,10 @@ class PeerPolicy:
             return "not an IP address"
         if isinstance(address, IPv6Address) and address.ipv4_mapped is not None:
             address = address.ipv4_mapped
+        elif isinstance(address, IPv6Address) and address in NAT64_WELL_KNOWN:
+            # A NAT64 next to the relay host takes 64:ff9b::10.0.0.1 to 10.0.0.1, and
+            # 64:ff9b::<the relay's IPv4> back to the relay: judge the IPv4 address.
+            address = IPv4Address(int(address) & 0xFFFFFFFF)
         if any(address in network for network in self.allow):
             return None
         if str(address) in self.own:

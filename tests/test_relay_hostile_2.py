@@ -14,6 +14,7 @@ from aioice import stun
 from test_relay_protocol import _config
 
 from kbwg.relay.control import ControlPlane
+from kbwg.relay.limits import PeerPolicy
 from kbwg.relay.server import RelayServer
 from kbwg.relay.streams import StreamConnection, StreamListeners
 from kbwg.turn.stream import TurnStreamProtocol
@@ -118,3 +119,13 @@ async def test_bindings_do_not_keep_a_stream_without_an_allocation_open() -> Non
         assert closed, "the relay kept a connection that never allocated"
         assert server.counters.stream_idle == 1
         assert server.counters.binding_responses >= 3  # it was served meanwhile
+
+
+def test_nat64_forms_of_forbidden_ipv4_peers_are_refused() -> None:
+    policy = PeerPolicy(own=frozenset({"198.51.100.7"}))
+    for peer in ("64:ff9b::10.0.0.1", "64:ff9b::127.0.0.1", "64:ff9b::169.254.169.254",
+                 "64:ff9b::100.64.0.1", "64:ff9b::198.51.100.7"):
+        assert policy.refusal(peer) is not None, peer
+    # A NAT64 form of an address the relay may reach stays relayable.
+    assert policy.refusal("64:ff9b::192.0.2.1") is None
+    assert policy.refusal("64:ff9b::198.51.100.8") is None
