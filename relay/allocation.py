@@ -95,6 +95,10 @@ class Reservation:
 
     sock: socket.socket
     expires: float
+    # Who made it: a reservation holds a port like an allocation, so it counts against
+    # the same per-user and per-address quotas until used or expired.
+    user: str = ""
+    address: str = ""
 
 
 # RFC 8656 14.9: a reservation lasts about 30 seconds.
@@ -146,9 +150,16 @@ class AllocationTable:
             if self._open_socket6 is None or self._open_pair6 is None:
                 raise Refusal(440, "address_family", "the relay has no IPv6 address")
             open_socket, open_pair = self._open_socket6, self._open_pair6
-        if self._per_user.get(user, 0) >= self.quotas.allocations_per_user:
+        # Reservations count too (but not the one this Allocate takes): otherwise one
+        # client allocating with EVEN-PORT's R bit and deleting, again and again, holds
+        # ports up to the total quota.
+        others = [r for t, r in self.reservations.items() if t != token]
+        users = self._per_user.get(user, 0) + sum(r.user == user for r in others)
+        addresses = (self._per_address.get(client[0], 0)
+                     + sum(r.address == client[0] for r in others))
+        if users >= self.quotas.allocations_per_user:
             raise Refusal(486, "quota_user", f"user {user} has too many allocations")
-        if self._per_address.get(client[0], 0) >= self.quotas.allocations_per_address:
+        if addresses >= self.quotas.allocations_per_address:
             raise Refusal(486, "quota_address", f"{client[0]} has too many allocations")
         # Reservations hold ports too, so they count against the total.
         if len(self.allocations) + len(self.reservations) >= self.quotas.allocations:
@@ -165,7 +176,7 @@ class AllocationTable:
                     sock, odd = open_pair()
                     new_token = os.urandom(8)
                     self.reservations[new_token] = Reservation(
-                        odd, now + RESERVATION_LIFETIME)
+                        odd, now + RESERVATION_LIFETIME, user, client[0])
                 else:
                     sock = open_socket(even_port, dont_fragment)
             except OSError as exc:

@@ -8,11 +8,14 @@ import asyncio
 import contextlib
 import struct
 import time
+from dataclasses import replace
 from typing import Any, cast
 
 from aioice import stun
-from test_relay_protocol import _config
+from aioice.turn import UDP_TRANSPORT
+from test_relay_protocol import Client, _config, client_for, running
 
+from kbwg.relay import wire
 from kbwg.relay.control import ControlPlane
 from kbwg.relay.limits import PeerPolicy
 from kbwg.relay.server import RelayServer
@@ -129,3 +132,39 @@ def test_nat64_forms_of_forbidden_ipv4_peers_are_refused() -> None:
     # A NAT64 form of an address the relay may reach stays relayable.
     assert policy.refusal("64:ff9b::192.0.2.1") is None
     assert policy.refusal("64:ff9b::198.51.100.8") is None
+
+
+async def _allocate_reserving(client: Client) -> stun.Message:
+    """Allocate with EVEN-PORT's R bit (no aioice encoder for it)."""
+    base = stun.Message(stun.Method.ALLOCATE, stun.Class.REQUEST, attributes={
+        "REQUESTED-TRANSPORT": UDP_TRANSPORT, "USERNAME": client.username,
+        "REALM": "kbwg", "NONCE": client.nonce})
+    client.send(wire.encode_with(base, struct.pack("!HHB3x", 0x0018, 1, 0x80), client.key),
+                client.server)
+    while True:
+        data, _ = await client.receive()
+        reply = stun.parse_message(data)
+        if reply.transaction_id == base.transaction_id:
+            return reply
+
+
+async def test_reservations_count_against_the_quota_of_the_address() -> None:
+    config = _config()
+    config = replace(config, quotas=replace(config.quotas, allocations_per_address=3))
+    async with running(config) as server:
+        client = await client_for(server, allocate=False)
+        await client.login()
+        codes = []
+        try:
+            for _ in range(6):
+                # Allocate with a reservation, then delete: the reserved port stays.
+                reply = await _allocate_reserving(client)
+                codes.append(reply.error_code)
+                if reply.error_code is None:
+                    deleted = await client.turn(stun.Method.REFRESH, LIFETIME=0)
+                    assert deleted.message_class == stun.Class.RESPONSE
+        finally:
+            client.close()
+        assert codes[:3] == [None, None, None] and set(codes[3:]) == {486}, codes
+        assert len(server.table.reservations) == 3
+        assert server.counters.quota_address == 3
