@@ -13,9 +13,11 @@ from typing import Any, cast
 
 from aioice import stun
 from aioice.turn import UDP_TRANSPORT
+from test_relay_client import allocation_on
 from test_relay_protocol import Client, _config, client_for, running
 
 from kbwg.relay import wire
+from kbwg.relay.config import Lifetimes
 from kbwg.relay.control import ControlPlane
 from kbwg.relay.limits import PeerPolicy
 from kbwg.relay.server import RelayServer
@@ -168,3 +170,13 @@ async def test_reservations_count_against_the_quota_of_the_address() -> None:
         assert codes[:3] == [None, None, None] and set(codes[3:]) == {486}, codes
         assert len(server.table.reservations) == 3
         assert server.counters.quota_address == 3
+
+
+async def test_a_relay_answering_lifetime_0_is_not_refreshed_in_a_loop() -> None:
+    # Granting 0 s is what a broken or hostile relay may answer; ours, told to, does.
+    config = _config(lifetimes=Lifetimes(allocation_default=0, allocation_max=0),
+                     sweep_interval=60.0)
+    async with RelayServer(config) as server, allocation_on(server, watch_interval=60.0):
+        before = server.counters.stun_requests
+        await asyncio.sleep(0.5)  # what the agent does unprompted: nothing to await
+        assert server.counters.stun_requests - before <= 1

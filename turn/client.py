@@ -14,9 +14,9 @@ stream aioice's protocol reads the frames and hands ChannelData to us without a 
 per datagram; sending takes the same fast path, framed by aioice.
 
 Upkeep is ours too, every `AllocationTimers.watch_interval`:
-- a Refresh confirms the allocation: aioice only refreshes at 5/6 of its lifetime, so a
-  relay that restarted, or dropped the allocation (coturn does on a failed send), would
-  go unnoticed for minutes;
+- a Refresh confirms the allocation, and is the only one sent: aioice only refreshes at
+  5/6 of its lifetime, so a relay that restarted, or dropped the allocation (coturn does
+  on a failed send), would go unnoticed for minutes; its loop is stopped;
 - channel bindings in use are bound again before the peer's permission (300 s, which a
   ChannelBind refreshes) runs out: ChannelData refreshes neither, and aioice refreshes
   only inside its own send path, which the fast path bypasses. A binding left unused
@@ -170,6 +170,12 @@ class RelayAllocation:
         rtt_ms = (time.monotonic() - started) * 1000
         allocation = cls(url, server, protocol, link, relayed, protocol.mapped_address,
                          rtt_ms, transport)
+        # The upkeep's Refresh every watch interval keeps the allocation; aioice's own
+        # loop sleeps 5/6 of whatever LIFETIME the relay answers, so a relay answering 0
+        # would have it refresh as fast as the relay answers, for ever.
+        if protocol.refresh_task is not None:
+            protocol.refresh_task.cancel()
+            protocol.refresh_task = None
         protocol.receiver = _Receiver(allocation)
         if transport == "udp":
             udp_link.handler = allocation._received
