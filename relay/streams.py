@@ -12,8 +12,9 @@ Streams are where slow and hostile clients can hold the relay's memory and socke
 so: a frame that is neither STUN nor ChannelData (the framing is lost), a frame left
 half sent for `stream_frame_timeout`, or a connection without an allocation after
 `stream_idle_timeout` closes the connection with a log line; connections are capped
-per client IP and in total like allocations; and past `MAX_QUEUED` bytes waiting for a
-slow reader, datagrams for it are dropped instead of queued.
+per client IP and in total like allocations, TLS ones from their TCP accept on (not
+once their handshake is done); and past `MAX_QUEUED` bytes waiting for a slow reader,
+datagrams for it are dropped instead of queued.
 """
 
 from __future__ import annotations
@@ -65,9 +66,16 @@ class StreamConnection(TurnStreamMixin, asyncio.Protocol):
 
     transport: asyncio.Transport
 
-    def __init__(self, streams: StreamListeners, kind: str) -> None:
+    def __init__(self, streams: StreamListeners, kind: str,
+                 tls: ssl.SSLContext | None = None) -> None:
         self.streams = streams
         self.kind = kind  # tcp or tls
+        # TLS starts on the accepted TCP connection (see `connection_made`); until its
+        # handshake is done nothing is read as frames and nothing is sent.
+        self._tls = tls
+        self.handshaking = False
+        self._handshake: asyncio.Task[None] | None = None
+        self._early = b""  # decrypted before the handshake task resumed
         self.buffer = b""  # TurnStreamMixin's
         self.client: Address = ("", 0)
         self.opened = time.monotonic()
@@ -85,6 +93,39 @@ class StreamConnection(TurnStreamMixin, asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.client = (str(peer[0]), int(peer[1]))
         self.streams.accepted(self)
+        if self._tls is not None and not self.closed:
+            # Counted and capped from the TCP accept on, not from the end of the TLS
+            # handshake (asyncio's ssl= server calls connection_made only then): a
+            # connection that never says hello holds a socket until it times out.
+            self.handshaking = True
+            self.transport.pause_reading()  # start_tls takes the reading over
+            self._handshake = asyncio.get_running_loop().create_task(
+                self._start_tls(self._tls))
+
+    async def _start_tls(self, context: ssl.SSLContext) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            transport = await loop.start_tls(
+                self.transport, self, context, server_side=True,
+                ssl_handshake_timeout=self.streams.config.tls_handshake_timeout)
+        except (Exception, asyncio.CancelledError) as exc:
+            # ssl.SSLError, a timeout, a reset, or close(): the client goes. asyncio
+            # tells the protocol of no loss during a handshake, so it is said here.
+            log.debug("%s: TLS handshake failed: %r", self, exc)
+            self._handshake = None  # done: nothing for close() to cancel
+            self.close()
+            self.streams.lost(self)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            return
+        self.transport = cast(asyncio.Transport, transport)
+        self.handshaking = False
+        if self.closed:
+            self.transport.close()
+            return
+        early, self._early = self._early, b""
+        if early:
+            self.data_received(early)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -96,6 +137,9 @@ class StreamConnection(TurnStreamMixin, asyncio.Protocol):
         copies what is left of its buffer after each frame, so one read full of tiny
         frames (256 KiB of 4-byte ChannelData) cost the whole relay seconds."""
         if self.closed:
+            return
+        if self.handshaking:
+            self._early += data
             return
         buffer = self.buffer = self.buffer + data if self.buffer else bytes(data)
         end, pos = len(buffer), 0
@@ -134,7 +178,7 @@ class StreamConnection(TurnStreamMixin, asyncio.Protocol):
     def send(self, data: bytes) -> bool:
         """A STUN message or ChannelData to the client, padded; False when dropped."""
         transport = self.transport
-        if self.closed or transport.is_closing():
+        if self.closed or self.handshaking or transport.is_closing():
             return False
         if transport.get_write_buffer_size() > MAX_QUEUED:
             self.streams.counters.stream_dropped += 1
@@ -153,6 +197,9 @@ class StreamConnection(TurnStreamMixin, asyncio.Protocol):
             self.closed = True
             self.buffer = b""
             self.transport.close()
+        handshake = self._handshake
+        if handshake is not None and not handshake.done():
+            handshake.cancel()
 
 
 class StreamListeners:
@@ -179,9 +226,9 @@ class StreamListeners:
         if config.tls_listen is not None:
             listeners.append(("tls", config.tls_listen, server_tls_context(config)))
         for kind, address, tls in listeners:
+            # TLS is started per connection, once it is counted (StreamConnection).
             server = await loop.create_server(
-                self._factory(kind), address[0], address[1], ssl=tls, reuse_address=True,
-                ssl_handshake_timeout=config.tls_handshake_timeout if tls else None)
+                self._factory(kind, tls), address[0], address[1], reuse_address=True)
             self._servers.append(server)
             host, port = server.sockets[0].getsockname()[:2]
             self.addresses[kind] = (str(host), int(port))
@@ -189,8 +236,9 @@ class StreamListeners:
             log.info("TURN over %s", ", ".join(f"{kind} on {h}:{p}"
                                               for kind, (h, p) in self.addresses.items()))
 
-    def _factory(self, kind: str) -> Callable[[], StreamConnection]:
-        return lambda: StreamConnection(self, kind)
+    def _factory(self, kind: str, tls: ssl.SSLContext | None,
+                 ) -> Callable[[], StreamConnection]:
+        return lambda: StreamConnection(self, kind, tls)
 
     def accepted(self, connection: StreamConnection) -> None:
         quotas = self.config.quotas

@@ -11,18 +11,23 @@ import time
 from dataclasses import replace
 from typing import Any, cast
 
+import pytest
 from aioice import stun
 from aioice.turn import UDP_TRANSPORT
 from test_relay_client import allocation_on
-from test_relay_protocol import Client, _config, client_for, running
+from test_relay_protocol import SECRET, Client, Endpoint, _config, client_for, running
 
+from kbwg.agent.teamconfig import RelayConfig, tls_context
 from kbwg.relay import wire
 from kbwg.relay.config import Lifetimes
 from kbwg.relay.control import ControlPlane
 from kbwg.relay.limits import PeerPolicy
 from kbwg.relay.server import RelayServer
 from kbwg.relay.streams import StreamConnection, StreamListeners
+from kbwg.turn.client import RelayAllocation
 from kbwg.turn.stream import TurnStreamProtocol
+from kbwg_testing import wait_for
+from kbwg_testing.certs import RelayCertificates, make_certificates
 
 Address = tuple[str, int]
 
@@ -180,3 +185,50 @@ async def test_a_relay_answering_lifetime_0_is_not_refreshed_in_a_loop() -> None
         before = server.counters.stun_requests
         await asyncio.sleep(0.5)  # what the agent does unprompted: nothing to await
         assert server.counters.stun_requests - before <= 1
+
+
+@pytest.fixture(scope="module")
+def certificates(tmp_path_factory: pytest.TempPathFactory) -> RelayCertificates:
+    return make_certificates(tmp_path_factory.mktemp("certs"), "127.0.0.1")
+
+
+async def test_tls_connections_still_in_their_handshake_count_against_the_caps(
+        certificates: RelayCertificates) -> None:
+    """Connections that never start TLS hold a socket each until the handshake times
+    out: per client IP they are capped like the others, not without bound."""
+    config = _config(tls_listen=("127.0.0.1", 0), cert_file=str(certificates.cert),
+                     key_file=str(certificates.key), sweep_interval=0.05,
+                     tls_handshake_timeout=1.0)
+    config = replace(config, quotas=replace(config.quotas, allocations_per_address=2))
+    async with RelayServer(config) as server:
+        assert server.streams is not None
+        address = server.streams.addresses["tls"]
+        silent = [await asyncio.open_connection(*address) for _ in range(4)]
+        try:
+            # Beyond the cap the relay hangs up at once, not when the handshake times out.
+            for reader, _ in silent[2:]:
+                assert await asyncio.wait_for(reader.read(), 0.8) == b""
+            assert server.counters.stream_refused == 2
+            # Within it, when the handshake times out.
+            for reader, _ in silent[:2]:
+                assert await asyncio.wait_for(reader.read(), 5.0) == b""
+        finally:
+            for _, writer in silent:
+                writer.close()
+        await wait_for(lambda: not server.streams.connections, "the connections to go")
+        # And a client that does speak TLS is served as before.
+        relay = RelayConfig("turns:127.0.0.1", "127.0.0.1", 0, SECRET, "tls",
+                            ca_file=str(certificates.ca))
+        alloc = await RelayAllocation.open("turns:test", address, "alice", SECRET,
+                                           transport="tls", tls=tls_context(relay))
+        try:
+            assert alloc.transport == "tls" and len(server.table.allocations) == 1
+            peer = await Endpoint.open()
+            try:
+                alloc.send(b"through tls", peer.address)
+                assert await peer.receive() == (b"through tls", alloc.relayed)
+            finally:
+                peer.close()
+        finally:
+            await alloc.close()
+        await wait_for(lambda: not server.table.allocations, "the allocation to go")
