@@ -23,6 +23,10 @@ from kbwg.core.addresses import Address
 CHANNEL_MIN = 0x4000
 CHANNEL_MAX = 0x7FFE
 UDP_TRANSPORT = 17
+# More attributes than any TURN request needs (a CreatePermission names one peer per
+# permission, 64 by default): a 64 KiB datagram of 16,000 empty ones cost the relay
+# 70 ms to walk and parse, so one sender could hold its single core at 1 MB/s.
+MAX_ATTRIBUTES = 256
 
 REQUESTED_ADDRESS_FAMILY = 0x0017
 EVEN_PORT = 0x0018
@@ -97,7 +101,11 @@ def scan_attributes(data: bytes) -> list[RawAttribute]:
     pos = stun.HEADER_LENGTH
     end = len(data)
     signed = False
+    count = 0
     while pos < end:
+        count += 1
+        if count > MAX_ATTRIBUTES:
+            raise MalformedDatagram("malformed", f"more than {MAX_ATTRIBUTES} attributes")
         if pos + 4 > end:
             raise MalformedDatagram("malformed", "truncated attribute header")
         attr_type, attr_len = struct.unpack_from("!HH", data, pos)

@@ -232,3 +232,26 @@ async def test_tls_connections_still_in_their_handshake_count_against_the_caps(
         finally:
             await alloc.close()
         await wait_for(lambda: not server.table.allocations, "the allocation to go")
+
+
+def _binding_with(attributes: int) -> bytes:
+    """A Binding request carrying `attributes` empty comprehension-optional ones."""
+    body = struct.pack("!HH", 0x8030, 0) * attributes
+    return struct.pack("!HHI", 0x0001, len(body), stun.COOKIE) + bytes(12) + body
+
+
+async def test_a_datagram_stuffed_with_attributes_is_dropped_unwalked() -> None:
+    async with running() as server:
+        client = await client_for(server, allocate=False)
+        try:
+            # 16,000 empty attributes: 70 ms of parsing each, for anyone who sends them.
+            client.send(_binding_with((65507 - 20) // 4), client.server)
+            assert await client.silent()
+            assert server.counters.malformed == 1
+            assert server.counters.binding_responses == 0
+            # A message with a plausible number of them is served as before.
+            client.send(_binding_with(100), client.server)
+            answer, _ = await client.receive()
+            assert stun.parse_message(answer).message_class == stun.Class.RESPONSE
+        finally:
+            client.close()
