@@ -353,13 +353,16 @@ def peer_to_stream(allocation: Allocation, control: ControlPlane, counters: Coun
     now = time.monotonic()
     for _ in range(batch):
         try:
-            data, peer = recv(_MAX_DATAGRAM)
+            data, source = recv(_MAX_DATAGRAM)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:  # closed under us when the allocation went away
             counters.receive_errors += 1
             return
         counters.peer_datagrams_in += 1
+        # An IPv6 socket's source has flow info and scope too: channels are keyed by
+        # (host, port).
+        peer = source if len(source) == 2 else (source[0], source[1])
         channel = channels.get(peer)
         if channel is None and not allocation.permitted(peer[0], now):
             counters.no_permission_in += 1

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import struct
 import time
 from dataclasses import replace
@@ -15,13 +16,21 @@ import pytest
 from aioice import stun
 from aioice.turn import UDP_TRANSPORT
 from test_relay_client import allocation_on
-from test_relay_protocol import SECRET, Client, Endpoint, _config, client_for, running
+from test_relay_protocol import (
+    SECRET,
+    Client,
+    Endpoint,
+    _config,
+    _Queue,
+    client_for,
+    running,
+)
 
 from kbwg.agent.teamconfig import RelayConfig, tls_context
 from kbwg.relay import wire
 from kbwg.relay.config import Lifetimes
 from kbwg.relay.control import ControlPlane
-from kbwg.relay.limits import PeerPolicy
+from kbwg.relay.limits import PeerPolicy, parse_networks
 from kbwg.relay.server import RelayServer
 from kbwg.relay.streams import StreamConnection, StreamListeners
 from kbwg.turn.client import RelayAllocation
@@ -255,3 +264,31 @@ async def test_a_datagram_stuffed_with_attributes_is_dropped_unwalked() -> None:
             assert stun.parse_message(answer).message_class == stun.Class.RESPONSE
         finally:
             client.close()
+
+
+async def test_an_ipv6_peer_of_a_stream_allocation_comes_back_as_channel_data() -> None:
+    # An IPv6 relayed socket names its senders with flow info and scope: the peer's
+    # channel must still be found, not every datagram sent as a Data indication.
+    config = _config(tcp_listen=("127.0.0.1", 0), relay_ip6="::1",
+                     allow_peers=parse_networks(["127.0.0.0/8", "::1/128"]))
+    async with RelayServer(config) as server:
+        assert server.streams is not None
+        alloc = await RelayAllocation.open("turn:test?transport=tcp",
+                                           server.streams.addresses["tcp"], "alice",
+                                           SECRET, transport="tcp", ipv6=True)
+        got: asyncio.Queue[tuple[bytes, Address]] = asyncio.Queue()
+        alloc.receiver = lambda data, peer: got.put_nowait((data, peer))
+        loop = asyncio.get_running_loop()
+        transport, protocol = await loop.create_datagram_endpoint(
+            _Queue, local_addr=("::1", 0), family=socket.AF_INET6)
+        peer = Endpoint(transport, protocol)
+        try:
+            assert alloc.relayed[0] == "::1"
+            alloc.send(b"out", peer.address)  # binds a channel to the peer
+            assert await peer.receive() == (b"out", alloc.relayed)
+            peer.send(b"back", alloc.relayed)
+            assert await asyncio.wait_for(got.get(), 2.0) == (b"back", peer.address)
+            assert server.counters.data_indications_out == 0
+        finally:
+            peer.close()
+            await alloc.close()
