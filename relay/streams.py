@@ -10,11 +10,12 @@ connection deletes it.
 
 Streams are where slow and hostile clients can hold the relay's memory and sockets,
 so: a frame that is neither STUN nor ChannelData (the framing is lost), a frame left
-half sent for `stream_frame_timeout`, or a connection without an allocation after
-`stream_idle_timeout` closes the connection with a log line; connections are capped
-per client IP and in total like allocations, TLS ones from their TCP accept on (not
-once their handshake is done); and past `MAX_QUEUED` bytes waiting for a slow reader,
-datagrams for it are dropped instead of queued.
+half sent for `stream_frame_timeout`, a connection without an allocation after
+`stream_idle_timeout` or after `MAX_FRAMES_UNALLOCATED` frames closes the connection
+with a log line; connections are capped per client IP and in total like allocations,
+TLS ones from their TCP accept on (not once their handshake is done); and past
+`MAX_QUEUED` bytes waiting for a slow reader, datagrams for it are dropped instead of
+queued.
 """
 
 from __future__ import annotations
@@ -39,6 +40,11 @@ from kbwg.relay.limits import Counters
 log = logging.getLogger(__name__)
 
 MAX_QUEUED = 512 * 1024
+# Frames a connection may send while it holds no allocation: a client needs three
+# (Allocate, its 401, Allocate again) and a few more for a Binding or a retry. Without a
+# cap one read of 256 KiB carries 65,536 frames, each parsed and counted, for anyone
+# who can open a connection.
+MAX_FRAMES_UNALLOCATED = 64
 _MAX_DATAGRAM = 65536
 _CHANNEL_HEADER = struct.Struct("!HH")
 _STUN_HEADER = struct.Struct("!HHI")
@@ -83,6 +89,7 @@ class StreamConnection(TurnStreamMixin, asyncio.Protocol):
         # When it last held an allocation (seen by the sweep): frames do not count, or
         # a Binding every few seconds would keep a connection open without credentials.
         self.allocated_at = self.opened
+        self.unallocated_frames = 0
         self.closed = False
 
     def __repr__(self) -> str:
@@ -162,8 +169,14 @@ class StreamConnection(TurnStreamMixin, asyncio.Protocol):
         """One whole frame (TurnStreamMixin), with its padding."""
         if self.closed or not isinstance(data, bytes):
             return
-        self.last_frame = now = time.monotonic()
         streams = self.streams
+        allocation = streams.table.allocations.get(self.client)
+        if allocation is None or allocation.stream is not self:
+            self.unallocated_frames += 1
+            if self.unallocated_frames > MAX_FRAMES_UNALLOCATED:
+                self.fail(f"over {MAX_FRAMES_UNALLOCATED} frames without an allocation")
+                return
+        self.last_frame = now = time.monotonic()
         if 0x40 <= data[0] <= 0x7F:
             streams.channel_data(self, data, now)
             return

@@ -10,6 +10,7 @@ import socket
 import struct
 import time
 from dataclasses import replace
+from types import SimpleNamespace
 from typing import Any, cast
 
 import pytest
@@ -28,11 +29,12 @@ from test_relay_protocol import (
 
 from kbwg.agent.teamconfig import RelayConfig, tls_context
 from kbwg.relay import wire
+from kbwg.relay.allocation import Allocation
 from kbwg.relay.config import Lifetimes
 from kbwg.relay.control import ControlPlane
 from kbwg.relay.limits import PeerPolicy, parse_networks
 from kbwg.relay.server import RelayServer
-from kbwg.relay.streams import StreamConnection, StreamListeners
+from kbwg.relay.streams import MAX_FRAMES_UNALLOCATED, StreamConnection, StreamListeners
 from kbwg.turn.client import RelayAllocation
 from kbwg.turn.stream import TurnStreamProtocol
 from kbwg_testing import wait_for
@@ -86,6 +88,9 @@ def test_a_stream_full_of_tiny_frames_costs_the_relay_time_linear_in_them() -> N
     streams = StreamListeners(config, server.table, server.counters, control, main)
     connection = StreamConnection(streams, "tcp")
     connection.connection_made(cast(asyncio.Transport, _Transport()))
+    # As if it had allocated (a connection without one may send few frames at all).
+    server.table.allocations[connection.client] = cast(
+        Allocation, SimpleNamespace(stream=connection))
     data = _tiny_frames()
     started = time.monotonic()
     connection.data_received(data[:100])  # a frame cut in two reads still frames
@@ -94,6 +99,7 @@ def test_a_stream_full_of_tiny_frames_costs_the_relay_time_linear_in_them() -> N
     assert server.counters.no_channel == _FRAMES  # every frame split, none lost
     assert not connection.buffer and not connection.closed
     assert elapsed < _SPLIT_BOUND_S, f"{elapsed:.1f} s for {len(data)} bytes"
+    del server.table.allocations[connection.client]
     connection.connection_lost(None)
     server.close()
 
@@ -289,6 +295,36 @@ async def test_an_ipv6_peer_of_a_stream_allocation_comes_back_as_channel_data() 
             peer.send(b"back", alloc.relayed)
             assert await asyncio.wait_for(got.get(), 2.0) == (b"back", peer.address)
             assert server.counters.data_indications_out == 0
+        finally:
+            peer.close()
+            await alloc.close()
+
+
+async def test_a_stream_without_an_allocation_may_send_few_frames() -> None:
+    async with RelayServer(_config(tcp_listen=("127.0.0.1", 0))) as server:
+        assert server.streams is not None
+        address = server.streams.addresses["tcp"]
+        reader, writer = await asyncio.open_connection(*address)
+        try:
+            # Tiny frames by the thousand, no credentials: each would be parsed.
+            writer.write(struct.pack("!HH", 0x4000, 0) * 5000)
+            await asyncio.wait_for(reader.read(), 3.0)  # up to EOF: closed
+        finally:
+            writer.close()
+        assert server.counters.stream_bad_input == 1
+        assert server.counters.no_channel == MAX_FRAMES_UNALLOCATED
+        # A client that allocates is not in the way of the cap, however much it sends.
+        alloc = await RelayAllocation.open("turn:test?transport=tcp", address, "alice",
+                                           SECRET, transport="tcp")
+        peer = await Endpoint.open()
+        try:
+            for number in range(3 * MAX_FRAMES_UNALLOCATED):
+                alloc.send(b"%d" % number, peer.address)
+                if number == 0:  # the first binds the channel
+                    assert await peer.receive() == (b"0", alloc.relayed)
+            for number in range(1, 3 * MAX_FRAMES_UNALLOCATED):
+                assert await peer.receive() == (b"%d" % number, alloc.relayed)
+            assert not alloc.closed and server.counters.stream_bad_input == 1
         finally:
             peer.close()
             await alloc.close()
