@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import socket
 import struct
 import time
@@ -13,9 +14,12 @@ from dataclasses import replace
 from types import SimpleNamespace
 from typing import Any, cast
 
+import fuzzing
 import pytest
 from aioice import stun
-from aioice.turn import UDP_TRANSPORT
+from aioice.turn import UDP_TRANSPORT, TurnClientTcpProtocol
+from hypothesis import given
+from hypothesis import strategies as st
 from test_relay_client import allocation_on
 from test_relay_protocol import (
     SECRET,
@@ -328,3 +332,35 @@ async def test_a_stream_without_an_allocation_may_send_few_frames() -> None:
         finally:
             peer.close()
             await alloc.close()
+
+
+def _frames_split_by(protocol_class: type[TurnClientTcpProtocol], data: bytes,
+                     cuts: list[int]) -> tuple[list[bytes], bytes]:
+    frames: list[bytes] = []
+
+    class Recording(protocol_class):  # type: ignore[misc, valid-type]
+        def datagram_received(self, data: bytes | str, addr: Address) -> None:
+            frames.append(cast(bytes, data))
+
+    protocol = Recording(("192.0.2.9", 3478), "u", "p", 600, 240)
+    protocol.connection_made(cast(asyncio.Transport, _Transport()))
+    edges = sorted({0, len(data), *(c for c in cuts if c < len(data))})
+    for start, end in itertools.pairwise(edges):
+        protocol.data_received(data[start:end])
+    return frames, bytes(getattr(protocol, "buffer", b""))
+
+
+# Runs of short length-prefixed pieces, so that many frames complete, and the pieces'
+# lengths (ChannelData's padding, STUN's 16 more header bytes) often disagree.
+_PIECES = st.lists(st.tuples(st.integers(0, 255), st.binary(max_size=40)), max_size=12).map(
+    lambda pieces: b"".join(bytes([first, 0]) + struct.pack("!H", len(rest)) + rest
+                            for first, rest in pieces))
+
+
+@fuzzing.FUZZ
+@given(data=st.one_of(st.binary(max_size=400), _PIECES),
+       cuts=st.lists(st.integers(0, 400), max_size=6))
+def test_the_agents_stream_framing_is_aioices(data: bytes, cuts: list[int]) -> None:
+    """The one-pass split gives the frames, and keeps the rest, as aioice's mixin."""
+    assert (_frames_split_by(TurnStreamProtocol, data, cuts)
+            == _frames_split_by(TurnClientTcpProtocol, data, cuts))
