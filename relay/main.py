@@ -110,10 +110,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(OTHER-ADDRESS, CHANGE-REQUEST); both must differ from --listen")
     parser.add_argument("--allow-peer", action="append", default=[], metavar="CIDR",
                         help="relay to these peers even when denied by default: private "
-                        "(RFC 1918), shared (100.64/10), benchmarking, documentation, "
-                        "loopback, link-local, multicast and reserved ranges, and the "
-                        "relay host's own addresses; for a test world or a relay serving "
-                        "a LAN (repeatable)")
+                        "(RFC 1918), shared (100.64/10), benchmarking, loopback, "
+                        "link-local, multicast and reserved ranges, and the relay host's "
+                        "own addresses (documentation ranges are allowed); for a test "
+                        "world or a relay serving a LAN (repeatable)")
     parser.add_argument("--deny-peer", action="append", default=[], metavar="CIDR",
                         help="never relay to these peers either (repeatable)")
     parser.add_argument("--max-allocations", type=int, default=quotas.allocations,
