@@ -12,7 +12,7 @@ import struct
 import time
 from dataclasses import replace
 from types import SimpleNamespace
-from typing import Any, cast
+from typing import cast
 
 import fuzzing
 import pytest
@@ -30,15 +30,15 @@ from test_relay_protocol import (
     client_for,
     running,
 )
+from test_turn_stream import FakeStreamTransport, stream_connection
 
 from kbwg.agent.teamconfig import RelayConfig, tls_context
 from kbwg.relay import wire
 from kbwg.relay.allocation import Allocation
 from kbwg.relay.config import Lifetimes
-from kbwg.relay.control import ControlPlane
 from kbwg.relay.limits import PeerPolicy, parse_networks
 from kbwg.relay.server import RelayServer
-from kbwg.relay.streams import MAX_FRAMES_UNALLOCATED, StreamConnection, StreamListeners
+from kbwg.relay.streams import MAX_FRAMES_UNALLOCATED
 from kbwg.turn.client import RelayAllocation
 from kbwg.turn.stream import TurnStreamProtocol
 from kbwg_testing import wait_for
@@ -53,45 +53,18 @@ Address = tuple[str, int]
 _FRAMES = 65536
 _FRAME_PAYLOAD = 252
 _SPLIT_BOUND_S = 5.0
+# The hand-driven streams' client.
+CLIENT = ("192.0.2.9", 40000)
 
 
 def _tiny_frames() -> bytes:
     return (struct.pack("!HH", 0x4000, _FRAME_PAYLOAD) + bytes(_FRAME_PAYLOAD)) * _FRAMES
 
 
-class _Transport:
-    """Enough of an asyncio transport for a stream protocol driven by hand."""
-
-    def __init__(self) -> None:
-        self.written = bytearray()
-        self.closed = False
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return ("192.0.2.9", 40000) if name == "peername" else default
-
-    def write(self, data: bytes) -> None:
-        self.written += data
-
-    def is_closing(self) -> bool:
-        return self.closed
-
-    def get_write_buffer_size(self) -> int:
-        return len(self.written)
-
-    def close(self) -> None:
-        self.closed = True
-
-    abort = close
 
 
 def test_a_stream_full_of_tiny_frames_costs_the_relay_time_linear_in_them() -> None:
-    config = _config()
-    server = RelayServer(config)
-    main = ("127.0.0.1", 3478)
-    control = ControlPlane(config, server.table, server.counters, lambda *_: None, main, {})
-    streams = StreamListeners(config, server.table, server.counters, control, main)
-    connection = StreamConnection(streams, "tcp")
-    connection.connection_made(cast(asyncio.Transport, _Transport()))
+    server, _streams, connection, _transport = stream_connection(CLIENT)
     # As if it had allocated (a connection without one may send few frames at all).
     server.table.allocations[connection.client] = cast(
         Allocation, SimpleNamespace(stream=connection))
@@ -116,7 +89,7 @@ def test_a_relay_sending_tiny_frames_costs_the_agent_time_linear_in_them() -> No
             received.append(cast(bytes, data))
 
     protocol = TurnStreamProtocol(("192.0.2.9", 3478), "u", "p", 600, 240)
-    protocol.connection_made(cast(asyncio.Transport, _Transport()))
+    protocol.connection_made(cast(asyncio.Transport, FakeStreamTransport(CLIENT)))
     protocol.receiver = Receiver()
     protocol.channel_to_peer[0x4000] = ("192.0.2.1", 9)
     data = _tiny_frames()
@@ -343,7 +316,7 @@ def _frames_split_by(protocol_class: type[TurnClientTcpProtocol], data: bytes,
             frames.append(cast(bytes, data))
 
     protocol = Recording(("192.0.2.9", 3478), "u", "p", 600, 240)
-    protocol.connection_made(cast(asyncio.Transport, _Transport()))
+    protocol.connection_made(cast(asyncio.Transport, FakeStreamTransport(CLIENT)))
     edges = sorted({0, len(data), *(c for c in cuts if c < len(data))})
     for start, end in itertools.pairwise(edges):
         protocol.data_received(data[start:end])

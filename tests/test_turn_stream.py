@@ -18,7 +18,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 import fuzzing
 import pytest
@@ -424,15 +424,17 @@ async def test_diag_probes_stream_relays_over_their_transport(tmp_path: Path) ->
 # --- fuzz: any bytes, cut anywhere ----------------------------------------------------------
 
 
-class _FakeTransport:
-    """What a StreamConnection uses of its transport, in memory."""
+class FakeStreamTransport:
+    """What a stream protocol (StreamConnection, the agent's) uses of its transport, in
+    memory; driven by hand."""
 
-    def __init__(self) -> None:
+    def __init__(self, peer: tuple[str, int] = ("127.0.0.1", 40000)) -> None:
         self.written = bytearray()
         self.closed = False
+        self.peer = peer
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return ("127.0.0.1", 40000) if name == "peername" else default
+        return self.peer if name == "peername" else default
 
     def write(self, data: bytes) -> None:
         self.written += data
@@ -462,11 +464,15 @@ def _allocate() -> bytes:
 _GOOD_STREAM = _binding() + struct.pack("!HH", 0x4000, 3) + b"abc\0" + _allocate()
 
 
-@pytest.mark.timeout(120)
-@fuzzing.FUZZ
-@given(data=st.one_of(st.binary(max_size=300), fuzzing.mutated(_GOOD_STREAM, at_least=0)),
-       cuts=st.lists(st.integers(0, 400), max_size=6))
-def test_a_stream_survives_any_bytes_in_any_pieces(data: bytes, cuts: list[int]) -> None:
+class HandDrivenStream(NamedTuple):
+    server: RelayServer
+    streams: Any  # kbwg.relay.streams.StreamListeners
+    connection: Any  # kbwg.relay.streams.StreamConnection
+    transport: FakeStreamTransport
+
+
+def stream_connection(client: tuple[str, int] = ("127.0.0.1", 40000)) -> HandDrivenStream:
+    """A relay's TCP connection from `client`, driven by hand (no listener, no loop)."""
     from kbwg.relay.control import ControlPlane
     from kbwg.relay.streams import StreamConnection, StreamListeners
 
@@ -476,8 +482,17 @@ def test_a_stream_survives_any_bytes_in_any_pieces(data: bytes, cuts: list[int])
     control = ControlPlane(config, server.table, server.counters, lambda *_: None, main, {})
     streams = StreamListeners(config, server.table, server.counters, control, main)
     connection = StreamConnection(streams, "tcp")
-    transport = _FakeTransport()
+    transport = FakeStreamTransport(client)
     connection.connection_made(cast(asyncio.Transport, transport))
+    return HandDrivenStream(server, streams, connection, transport)
+
+
+@pytest.mark.timeout(120)
+@fuzzing.FUZZ
+@given(data=st.one_of(st.binary(max_size=300), fuzzing.mutated(_GOOD_STREAM, at_least=0)),
+       cuts=st.lists(st.integers(0, 400), max_size=6))
+def test_a_stream_survives_any_bytes_in_any_pieces(data: bytes, cuts: list[int]) -> None:
+    server, streams, connection, transport = stream_connection()
     edges = sorted({0, len(data), *(c for c in cuts if c < len(data))})
     for start, end in itertools.pairwise(edges):
         connection.data_received(data[start:end])
