@@ -18,7 +18,14 @@ from typing import NamedTuple, Protocol
 from kbwg.core.addresses import Address
 from kbwg.relay.config import Lifetimes
 from kbwg.relay.hostaddrs import HostAddresses
-from kbwg.relay.limits import Counters, PeerPolicy, Quotas, RateLimiter, rate_limiter
+from kbwg.relay.limits import (
+    Counters,
+    PeerPolicy,
+    Quotas,
+    RateLimiter,
+    client_key,
+    rate_limiter,
+)
 from kbwg.relay.wire import CHANNEL_MAX, CHANNEL_MIN
 
 log = logging.getLogger(__name__)
@@ -154,13 +161,14 @@ class AllocationTable:
         # client allocating with EVEN-PORT's R bit and deleting, again and again, holds
         # ports up to the total quota.
         others = [r for t, r in self.reservations.items() if t != token]
+        source = client_key(client[0])
         users = self._per_user.get(user, 0) + sum(r.user == user for r in others)
-        addresses = (self._per_address.get(client[0], 0)
-                     + sum(r.address == client[0] for r in others))
+        addresses = (self._per_address.get(source, 0)
+                     + sum(r.address == source for r in others))
         if users >= self.quotas.allocations_per_user:
             raise Refusal(486, "quota_user", f"user {user} has too many allocations")
         if addresses >= self.quotas.allocations_per_address:
-            raise Refusal(486, "quota_address", f"{client[0]} has too many allocations")
+            raise Refusal(486, "quota_address", f"{source} has too many allocations")
         # Reservations hold ports too, so they count against the total.
         if len(self.allocations) + len(self.reservations) >= self.quotas.allocations:
             raise Refusal(508, "quota_total", "the relay is full")
@@ -176,7 +184,7 @@ class AllocationTable:
                     sock, odd = open_pair()
                     new_token = os.urandom(8)
                     self.reservations[new_token] = Reservation(
-                        odd, now + RESERVATION_LIFETIME, user, client[0])
+                        odd, now + RESERVATION_LIFETIME, user, source)
                 else:
                     sock = open_socket(even_port, dont_fragment)
             except OSError as exc:
@@ -189,7 +197,7 @@ class AllocationTable:
         )
         self.allocations[client] = allocation
         self._per_user[user] = self._per_user.get(user, 0) + 1
-        self._per_address[client[0]] = self._per_address.get(client[0], 0) + 1
+        self._per_address[source] = self._per_address.get(source, 0) + 1
         self.counters.allocations_created += 1
         self._on_created(allocation)
         log.info("allocation %s:%d for %s (%s) relayed at %s:%d", *client, user, username,
@@ -261,7 +269,7 @@ class AllocationTable:
         allocation.route_keys = []
         allocation.peer_channels = {}
         _decrement(self._per_user, allocation.user)
-        _decrement(self._per_address, allocation.client[0])
+        _decrement(self._per_address, client_key(allocation.client[0]))
         if why == "expired":
             self.counters.allocations_expired += 1
         else:

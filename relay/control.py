@@ -31,7 +31,7 @@ from kbwg.relay import wire
 from kbwg.relay.allocation import Allocation, AllocationTable, Refusal, StreamClient
 from kbwg.relay.config import ServerConfig
 from kbwg.relay.credentials import NonceIssuer, RestAuthenticator, split_username
-from kbwg.relay.limits import Counters, UnauthenticatedLimiter
+from kbwg.relay.limits import Counters, UnauthenticatedLimiter, client_key
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +163,7 @@ class ControlPlane:
 
     def _may_answer(self, client: Address) -> bool:
         """Whether an unauthenticated answer to `client` fits the rate limits."""
-        limited = self._unauthenticated.allow(client[0], time.monotonic())
+        limited = self._unauthenticated.allow(client_key(client[0]), time.monotonic())
         if limited is None:
             return True
         self._count(limited)

@@ -61,12 +61,29 @@ NAT64_WELL_KNOWN = IPv6Network("64:ff9b::/96")
 CREDENTIAL_CLOCK_SKEW = 300.0
 
 
+def client_key(ip: str) -> str:
+    """Whom per-address quotas and rate limits count: an IPv4 address (also written
+    IPv4-mapped), or an IPv6 address's /64. One IPv6 host holds a whole /64 (SLAAC,
+    privacy addresses), as a site behind a NAT holds one IPv4 address: counted per
+    address, it would have 2^64 quotas."""
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:
+        return ip
+    if isinstance(address, IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(IPv6Network((int(address) >> 64 << 64, 64)))
+    return str(address)
+
+
 @dataclass(frozen=True)
 class Quotas:
     allocations: int = 1000
     allocations_per_user: int = 10
-    # Per client IP address, whatever the user names: REST credentials are minted by
-    # anyone holding the team secret, so a user name alone bounds nothing.
+    # Per client IP address (an IPv6 client's /64: client_key), whatever the user names:
+    # REST credentials are minted by anyone holding the team secret, so a user name
+    # alone bounds nothing.
     allocations_per_address: int = 10
     permissions_per_allocation: int = 64
     channels_per_allocation: int = 64

@@ -125,9 +125,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         f"{quotas.allocations_per_user})")
     parser.add_argument("--max-allocations-per-ip", type=int, metavar="N",
                         default=quotas.allocations_per_address,
-                        help=f"allocations per client IP address, whatever the user "
-                        f"names (default {quotas.allocations_per_address}; raise it for "
-                        f"more devices behind one NAT)")
+                        help=f"allocations per client IP address (an IPv6 client's /64), "
+                        f"whatever the user names (default {quotas.allocations_per_address}; "
+                        f"raise it for more devices behind one NAT or /64)")
     parser.add_argument("--max-permissions", type=int, metavar="N",
                         default=quotas.permissions_per_allocation,
                         help=f"permissions per allocation (default "

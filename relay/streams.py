@@ -35,7 +35,7 @@ from kbwg.core.addresses import Address
 from kbwg.relay.allocation import Allocation, AllocationTable
 from kbwg.relay.config import ServerConfig
 from kbwg.relay.control import ControlPlane
-from kbwg.relay.limits import Counters
+from kbwg.relay.limits import Counters, client_key
 
 log = logging.getLogger(__name__)
 
@@ -255,7 +255,7 @@ class StreamListeners:
 
     def accepted(self, connection: StreamConnection) -> None:
         quotas = self.config.quotas
-        ip = connection.client[0]
+        ip = client_key(connection.client[0])
         clash = any(c.client == connection.client for c in self.connections)
         if (len(self.connections) >= quotas.allocations
                 or self._per_ip.get(ip, 0) >= quotas.allocations_per_address or clash):
@@ -274,7 +274,7 @@ class StreamListeners:
         if connection not in self.connections:
             return
         self.connections.discard(connection)
-        ip = connection.client[0]
+        ip = client_key(connection.client[0])
         left = self._per_ip.get(ip, 1) - 1
         if left:
             self._per_ip[ip] = left

@@ -34,11 +34,11 @@ from test_turn_stream import FakeStreamTransport, stream_connection
 
 from kbwg.agent.teamconfig import RelayConfig, tls_context
 from kbwg.relay import wire
-from kbwg.relay.allocation import Allocation
+from kbwg.relay.allocation import Allocation, Refusal
 from kbwg.relay.config import Lifetimes
-from kbwg.relay.limits import PeerPolicy, parse_networks
+from kbwg.relay.limits import PeerPolicy, client_key, parse_networks
 from kbwg.relay.server import RelayServer
-from kbwg.relay.streams import MAX_FRAMES_UNALLOCATED
+from kbwg.relay.streams import MAX_FRAMES_UNALLOCATED, StreamConnection
 from kbwg.turn.client import RelayAllocation
 from kbwg.turn.stream import TurnStreamProtocol
 from kbwg_testing import wait_for
@@ -337,3 +337,52 @@ def test_the_agents_stream_framing_is_aioices(data: bytes, cuts: list[int]) -> N
     """The one-pass split gives the frames, and keeps the rest, as aioice's mixin."""
     assert (_frames_split_by(TurnStreamProtocol, data, cuts)
             == _frames_split_by(TurnClientTcpProtocol, data, cuts))
+
+
+@pytest.mark.parametrize(("ip", "key"), [
+    ("203.0.113.9", "203.0.113.9"),
+    ("::ffff:203.0.113.9", "203.0.113.9"),  # the same client, written IPv4-mapped
+    ("2001:db8:1:2:aaaa:bbbb:cccc:dddd", "2001:db8:1:2::/64"),
+    ("2001:db8:1:2::1", "2001:db8:1:2::/64"),
+    ("2001:db8:1:3::1", "2001:db8:1:3::/64"),
+])
+def test_quotas_count_an_ipv6_client_by_its_64(ip: str, key: str) -> None:
+    assert client_key(ip) == key
+
+
+def test_stream_connections_from_one_ipv6_64_share_its_cap() -> None:
+    """One IPv6 host holds a whole /64: counted per address, its connections (and
+    allocations, and unauthenticated answers) would have no cap at all."""
+    first = stream_connection(("2001:db8:1:2::1", 40000))
+    streams, cap = first.streams, first.server.config.quotas.allocations_per_address
+    made = [first.connection]
+    for i in range(2, cap + 3):
+        connection = StreamConnection(streams, "tcp")
+        connection.connection_made(cast(asyncio.Transport, FakeStreamTransport(
+            (f"2001:db8:1:2::{i:x}", 40000))))
+        made.append(connection)
+    other = StreamConnection(streams, "tcp")
+    other.connection_made(cast(asyncio.Transport, FakeStreamTransport(("2001:db8:9::1", 1))))
+    try:
+        assert len([c for c in made if c in streams.connections]) == cap
+        assert first.server.counters.stream_refused == 2
+        assert other in streams.connections  # another /64 is another client
+    finally:
+        first.server.close()
+
+
+def test_allocations_from_one_ipv6_64_share_its_quota() -> None:
+    config = _config()
+    config = replace(config, quotas=replace(config.quotas, allocations_per_address=2))
+    server = RelayServer(config)
+    table = server.table
+    try:
+        for i in (1, 2):
+            table.create((f"2001:db8:1:2::{i}", 40000), "u", "u", b"k", None, 0.0)
+        with pytest.raises(Refusal, match="2001:db8:1:2::/64 has too many allocations"):
+            table.create(("2001:db8:1:2::3", 40000), "u", "u", b"k", None, 0.0)
+        table.create(("2001:db8:1:3::1", 40000), "u", "u", b"k", None, 0.0)  # another /64
+        table.remove(table.allocations[("2001:db8:1:2::1", 40000)], "test")
+        table.create(("2001:db8:1:2::3", 40000), "u", "u", b"k", None, 0.0)  # room again
+    finally:
+        server.close()
