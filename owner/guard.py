@@ -168,15 +168,15 @@ def _unroutable(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str |
 
 def _endpoint_problem(address: ipaddress.IPv4Address | ipaddress.IPv6Address,
                       overlay: IPv4Network) -> str | None:
+    # An IPv4-mapped address is judged as the IPv4 address it reaches: Python's
+    # is_multicast and is_unspecified say False for ::ffff:224.0.0.1 and ::ffff:0.0.0.0.
+    if isinstance(address, IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
     # Loopback stays allowed: a relayed path's endpoint is the agent's local proxy.
     if address.is_unspecified or address.is_multicast:
         return f"endpoint {address} is an unspecified or multicast address"
     if isinstance(address, IPv6Address) and address.is_link_local:
         return f"endpoint {address} is link-local: WireGuard cannot use it without a scope"
-    if isinstance(address, IPv6Address) and address.ipv4_mapped is not None:
-        mapped = address.ipv4_mapped
-        if mapped in overlay:
-            return f"endpoint {address} is inside the overlay {overlay}"
     if address.version == 4 and address in overlay:
         return f"endpoint {address} is inside the overlay {overlay}"
     return None

@@ -206,11 +206,16 @@ def _get_ifname(args: dict[str, Any], field: str = "ifname") -> str:
 
 
 def parse_endpoint(value: str, field: str = "endpoint") -> tuple[str, int]:
-    """'ip:port' or '[ipv6]:port' → (ip, port)."""
+    """'ip:port' or '[ipv6]:port' → (ip, port). No scoped IPv6 address: its scope is any
+    text but '%' (newlines included), and the endpoint goes into wireguard-go's line-based
+    UAPI as text, where it would add lines of the agent's choosing."""
     try:
-        return core_parse_endpoint(value)
+        host, port = core_parse_endpoint(value)
     except ValueError as exc:
         raise ProtocolError(f"'{field}': {exc}") from exc
+    if "%" in host:
+        raise ProtocolError(f"'{field}': a scoped IPv6 address is not an endpoint")
+    return host, port
 
 
 def parse_interface(args: dict[str, Any]) -> ipaddress.IPv4Interface | ipaddress.IPv6Interface:

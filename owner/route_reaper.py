@@ -42,8 +42,11 @@ class ReapedNetConfig(NetlinkNetConfig):
         self._tell("add", route)
         try:
             await super().add_route(route, replace)
-        except BaseException:
-            if not replace:  # a failed replace leaves the route we had
+        except Exception:
+            # A failed replace leaves the route we had. A cancelled add (the owner is
+            # stopping) may have reached the kernel: the reaper keeps it listed and
+            # removes it, as nothing else would.
+            if not replace:
                 self._tell("del", route)
             raise
 

@@ -95,6 +95,11 @@ EXIT_STREAM_BROKEN = 1
 
 Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 
+# Every signal whose default action ends the process, and that sudo relays from the
+# agent's user to the owner: any of them must clean up, not leave the device behind.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT,
+                signal.SIGUSR1, signal.SIGUSR2, signal.SIGALRM)
+
 
 class StunSocket(Protocol):
     """What the owner needs of kbwg.owner.rawstun.RawStunSocket (tests substitute it)."""
@@ -686,7 +691,7 @@ async def serve_stdio(server: OwnerServer) -> int:
     returns the exit status."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+    for signum in STOP_SIGNALS:
         loop.add_signal_handler(signum, stop.set)
     code = EXIT_STREAM_BROKEN
     try:

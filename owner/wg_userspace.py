@@ -212,6 +212,9 @@ class UserspaceBackend:
         return pairs[:-1]
 
     async def _set(self, lines: list[str]) -> None:
+        # One key=value per line: a value holding a newline would add lines of its own.
+        if any("\n" in line for line in lines):
+            raise BackendError("a UAPI value holds a newline: not sent")
         await self._uapi("set=1\n" + "".join(f"{line}\n" for line in lines) + "\n")
 
     async def set_peer(self, peer: PeerConfig) -> None:

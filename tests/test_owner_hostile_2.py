@@ -1,0 +1,197 @@
+"""A hostile agent against the device owner, second round: inputs the owner checked on
+one value and used as another (a scoped IPv6 endpoint that became extra wireguard-go
+UAPI lines, IPv4-mapped endpoints judged as IPv6), signals sudo relays that ended the
+owner without cleaning up, and a cancelled host route the reaper forgot. In-process with
+the test fakes, or the fake owner process (tests/fake_owner.py); no root needed."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import signal
+from typing import Any
+
+import pytest
+from nacl.public import PrivateKey
+from owner_fakes import FAKE_OWNER, FakeNetConfig, MemoryBackend
+
+from kbwg.owner import route_reaper
+from kbwg.owner.frames import encode_frame, read_frame
+from kbwg.owner.netconfig import HostRoute, NetlinkNetConfig
+from kbwg.owner.policy import OwnerPolicy
+from kbwg.owner.protocol import ProtocolError, parse_endpoint
+from kbwg.owner.server import OwnerServer
+from kbwg.owner.wg_backend import BackendError, PeerConfig
+from kbwg.owner.wg_userspace import UserspaceBackend
+
+
+def _key() -> str:
+    return base64.b64encode(bytes(PrivateKey.generate())).decode()
+
+
+def _pub_bytes() -> bytes:
+    return bytes(PrivateKey.generate().public_key)
+
+
+def _no_raw_stun(port: int, callback: Any) -> Any:
+    raise AssertionError("no raw STUN socket in these tests")
+
+
+async def _owner_with_device() -> tuple[OwnerServer, MemoryBackend]:
+    backend = MemoryBackend()
+    server = OwnerServer(FakeNetConfig(), lambda _name: backend, OwnerPolicy(), _no_raw_stun)
+    reply = await server.handle({"id": 1, "op": "create", "ifname": "kbwg0",
+                                 "private_key": _key(), "listen_port": 0,
+                                 "address": "100.64.0.1/10", "backend": "auto"})
+    assert reply["ok"], reply
+    return server, backend
+
+
+def _injected_endpoint(victim: bytes) -> str:
+    """A scoped IPv6 endpoint whose scope (any text but '%') carries UAPI lines: a second
+    peer with an endpoint inside the overlay and a keepalive above the owner's limit.
+    Against wireguard-go 0.0.20220316 it created exactly that peer."""
+    return ("[2001:db8::1%lo]:1\npublic_key=" + victim.hex()
+            + "\nendpoint=100.64.0.9:51820\npersistent_keepalive_interval=65535"
+            + "\npublic_key=" + _pub_bytes().hex() + "\nendpoint=[2001:db8::2]:51820")
+
+
+# -- scoped IPv6 endpoints --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text", ["[2001:db8::1%lo]:51820", "[2001:db8::1%eth0]:51820",
+                                  "[fe80::1%1]:51820", _injected_endpoint(b"\1" * 32)])
+def test_a_scoped_endpoint_is_a_protocol_error(text: str) -> None:
+    with pytest.raises(ProtocolError, match="scoped"):
+        parse_endpoint(text)
+
+
+async def test_set_peer_with_a_scoped_endpoint_reaches_no_backend() -> None:
+    server, backend = await _owner_with_device()
+    pub = _pub_bytes()
+    reply = await server.handle({
+        "id": 2, "op": "set_peer", "public_key": base64.b64encode(pub).decode(),
+        "endpoint": _injected_endpoint(_pub_bytes()), "allowed_ips": ["100.64.0.2/32"],
+        "keepalive": 25})  # fmt: skip
+    assert reply["ok"] is False and "scoped" in reply["error"], reply
+    assert await backend.peers() == []
+
+
+async def test_the_userspace_backend_never_sends_a_value_holding_a_newline(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    backend = UserspaceBackend("/usr/bin/wireguard-go")
+    sent: list[str] = []
+
+    async def record(request: str) -> list[tuple[str, str]]:
+        sent.append(request)
+        return []
+
+    monkeypatch.setattr(backend, "_uapi", record)
+    peer = PeerConfig(_pub_bytes(), ("2001:db8::1%lo]:1\npublic_key=" + "00" * 32, 1))
+    with pytest.raises(BackendError, match="newline"):
+        await backend.set_peer(peer)
+    assert sent == []
+    # A well-formed peer still goes out, one key=value per line.
+    await backend.set_peer(PeerConfig(_pub_bytes(), ("2001:db8::1", 51820), ["100.64.0.2/32"]))
+    assert len(sent) == 1 and "endpoint=[2001:db8::1]:51820\n" in sent[0]
+
+
+# -- IPv4-mapped endpoints ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("endpoint", ["[::ffff:224.0.0.1]:51820", "[::ffff:0.0.0.0]:51820",
+                                      "[::ffff:239.255.255.250]:1900",
+                                      "[::ffff:100.64.0.9]:51820"])
+async def test_an_ipv4_mapped_endpoint_is_judged_as_its_ipv4_address(endpoint: str) -> None:
+    server, backend = await _owner_with_device()
+    reply = await server.handle({
+        "id": 2, "op": "set_peer", "public_key": base64.b64encode(_pub_bytes()).decode(),
+        "endpoint": endpoint, "allowed_ips": ["100.64.0.2/32"], "keepalive": 25})  # fmt: skip
+    assert reply["ok"] is False and reply["error"].startswith("refused: "), reply
+    assert dict(server.refusals) == {"endpoint": 1}
+    assert await backend.peers() == []
+
+
+async def test_an_ipv4_mapped_public_endpoint_is_still_accepted() -> None:
+    server, backend = await _owner_with_device()
+    reply = await server.handle({
+        "id": 2, "op": "set_peer", "public_key": base64.b64encode(_pub_bytes()).decode(),
+        "endpoint": "[::ffff:198.51.100.7]:51820", "allowed_ips": [], "keepalive": 0})
+    assert reply["ok"], reply
+    assert [p.endpoint for p in await backend.peers()] == ["[::ffff:c633:6407]:51820"]
+
+
+# -- signals sudo relays ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("signum", [signal.SIGUSR1, signal.SIGUSR2, signal.SIGALRM,
+                                    signal.SIGQUIT])
+async def test_a_relayed_signal_cleans_up_before_the_owner_exits(signum: int) -> None:
+    # sudo relays these from the agent's user to the owner; by default each one ended
+    # the owner on the spot (a kernel device and its address stayed behind).
+    process = await asyncio.create_subprocess_exec(
+        *FAKE_OWNER, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE)
+    try:
+        assert process.stdin is not None and process.stdout is not None
+        assert process.stderr is not None
+        process.stdin.write(encode_frame({
+            "id": 1, "op": "create", "ifname": "kbwg0", "private_key": _key(),
+            "listen_port": 0, "address": "100.64.0.1/10", "backend": "auto"}))
+        reply = await asyncio.wait_for(read_frame(process.stdout), 10)
+        assert reply is not None and reply["ok"], reply
+        process.send_signal(signum)
+        err = (await asyncio.wait_for(process.stderr.read(), 15)).decode()
+        code = await asyncio.wait_for(process.wait(), 15)
+        assert code == 0, err
+        assert "stopping on signal" in err and "removed device kbwg0" in err
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+# -- the route reaper ---------------------------------------------------------------------
+
+
+async def test_a_cancelled_route_add_stays_listed_for_the_reaper(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # The owner stopping (a signal, a closed output) cancels an add_route in flight,
+    # possibly after the kernel added the route. The owner does not track it, so only
+    # the reaper can remove it: it must not be told the route is gone.
+    told: list[tuple[str, HostRoute]] = []
+    started = asyncio.Event()
+
+    async def kernel_add(self: NetlinkNetConfig, route: HostRoute, replace: bool) -> None:
+        started.set()
+        await asyncio.Event().wait()  # the kernel's acknowledgement never comes in time
+
+    monkeypatch.setattr(NetlinkNetConfig, "add_route", kernel_add)
+    net = route_reaper.ReapedNetConfig()
+    monkeypatch.setattr(net, "_tell", lambda op, route: told.append((op, route)))
+    route = HostRoute("198.51.100.7/32", "198.18.0.1", "eth9")
+    task = asyncio.ensure_future(net.add_route(route, replace=False))
+    await started.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert told == [("add", route)]
+    assert route_reaper.outstanding(
+        [f'{{"op": "{op}", "destination": "{r.destination}", "via": "{r.via}", '
+         f'"ifname": "{r.ifname}"}}'.encode() for op, r in told]) == [route]
+
+
+async def test_a_refused_route_add_is_still_taken_off_the_reaper_list(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    told: list[tuple[str, HostRoute]] = []
+
+    async def kernel_refuses(self: NetlinkNetConfig, route: HostRoute, replace: bool) -> None:
+        raise BackendError("File exists")
+
+    monkeypatch.setattr(NetlinkNetConfig, "add_route", kernel_refuses)
+    net = route_reaper.ReapedNetConfig()
+    monkeypatch.setattr(net, "_tell", lambda op, route: told.append((op, route)))
+    route = HostRoute("198.51.100.7/32", None, "eth9")
+    with pytest.raises(BackendError):
+        await net.add_route(route, replace=False)
+    assert [op for op, _ in told] == ["add", "del"]
