@@ -52,6 +52,7 @@ R_ROUTE_NOT_PEER = "route_not_peer"
 R_ROUTE_INTERFACE = "route_interface"
 R_ROUTE_EGRESS = "route_egress"
 R_ROUTE_NOT_OURS = "route_not_ours"
+R_PEERS = "peers"
 
 # WireGuard takes up to 65535 s; beyond an hour a keepalive keeps no NAT mapping open.
 MAX_KEEPALIVE = 3600

@@ -12,9 +12,9 @@ Ops (args → result):
   ``backend`` "auto"|"kernel"|"userspace", optional ``mtu``) → ``backend``,
   ``listen_port``, ``public_key`` b64, ``ifname``.
 - ``set_peer`` (``public_key`` b64, ``endpoint`` "ip:port"|None, not inside the overlay,
-  ``allowed_ips`` list of /32s inside the device's overlay network, ``keepalive`` seconds
-  0..3600) → {}. A peer may hold this device's own address (an address conflict
-  settling).
+  ``allowed_ips`` list of at most 64 /32s inside the device's overlay network,
+  ``keepalive`` seconds 0..3600) → {}. A peer may hold this device's own address (an
+  address conflict settling). A new key is refused while the device has 4096 peers.
 - ``remove_peer`` (``public_key``) → {}.
 - ``stats`` () → ``listen_port``, ``peers`` [{public_key, endpoint, last_handshake,
   rx_bytes, tx_bytes, allowed_ips, keepalive}], ``refusals`` {reason key: count},
@@ -132,6 +132,8 @@ ERR_NO_STUN = "no STUN socket yet (stun_open first)"
 # ICE ufrags: 4 to 256 ice-chars (RFC 8445 section 5.3); any printable ASCII but ':'
 # goes here, as the owner only compares them. One per negotiation session.
 MAX_UFRAGS = 1024
+# A peer's allowed IPs in one set_peer: the agent gives each peer one address.
+MAX_ALLOWED_IPS = 64
 MAX_UFRAG_LEN = 256
 
 
@@ -269,6 +271,9 @@ class SetPeerArgs:
         if raw_endpoint is not None and not isinstance(raw_endpoint, str):
             raise ProtocolError("'endpoint' must be 'ip:port' or None")
         raw_ips = _get(args, "allowed_ips", list, "a list of CIDR strings")
+        if len(raw_ips) > MAX_ALLOWED_IPS:
+            raise ProtocolError(
+                f"'allowed_ips' has {len(raw_ips)} items, more than {MAX_ALLOWED_IPS}")
         allowed: list[str] = []
         for item in raw_ips:
             if not isinstance(item, str) or "/" not in item:

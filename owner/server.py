@@ -32,7 +32,7 @@ from nacl.public import PrivateKey
 
 from kbwg.core.ratelimit import TokenBucket
 from kbwg.owner.frames import FrameBodyError, FrameError, encode_frame, read_frame
-from kbwg.owner.guard import R_ROUTE_NOT_OURS, Guard, Refusal
+from kbwg.owner.guard import R_PEERS, R_ROUTE_NOT_OURS, Guard, Refusal
 from kbwg.owner.host_network import HostNetwork, NetlinkHostNetwork
 from kbwg.owner.netconfig import HostRoute, IPInterface, NetConfig
 from kbwg.owner.netlink_watch import Coalescer, NetworkChange
@@ -122,6 +122,11 @@ STUN_SEND_RATE, STUN_SEND_BURST = 200.0, 100
 # An agent that stops reading must not make the owner buffer events without bound.
 EVENT_BUFFER_LIMIT = 1 << 20
 
+# Peers one device may have. Each costs wireguard-go (or the kernel) tens of KiB that no
+# limit of the agent's user covers, and every stats read grows with them; a team's mesh
+# stays far below this.
+MAX_PEERS = 4096
+
 # Requests being answered at once. With this many, the owner reads no further frame until
 # one is answered: it runs as root and must not grow its memory for an agent that floods
 # it (a well-behaved agent has a handful out at a time).
@@ -161,6 +166,8 @@ class DeviceState:
     overlay: IPv4Network | None = None
     routes: dict[str, HostRoute] = field(default_factory=dict)
     stun: StunSocket | None = None
+    # The keys set_peer may have put on the device and remove_peer did not take off.
+    peers: set[bytes] = field(default_factory=set)
 
 
 @dataclass
@@ -382,6 +389,12 @@ class OwnerServer:
     async def _set_peer(self, args: dict[str, Any]) -> dict[str, Any]:
         spec = SetPeerArgs.parse(args)
         self.guard.set_peer(spec, self._overlay())
+        peers = self.state.peers
+        if spec.public_key not in peers and len(peers) >= MAX_PEERS:
+            raise Refusal(R_PEERS, f"the device already has {len(peers)} peers, the most "
+                                   "it may have: remove one first")
+        # Counted before the call: a failed one may still have made the peer.
+        peers.add(spec.public_key)
         await self._backend().set_peer(
             PeerConfig(
                 public_key=spec.public_key,
@@ -395,6 +408,7 @@ class OwnerServer:
     async def _remove_peer(self, args: dict[str, Any]) -> dict[str, Any]:
         spec = RemovePeerArgs.parse(args)
         await self._backend().remove_peer(spec.public_key)
+        self.state.peers.discard(spec.public_key)
         return {}
 
     def stun_filter_stats(self) -> dict[str, int]:
@@ -588,6 +602,7 @@ class OwnerServer:
                 logger.exception("removing device %s failed", state.ifname)
         state.ifname = None
         state.overlay = None
+        state.peers.clear()
 
     async def serve(
         self,

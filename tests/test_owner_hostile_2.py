@@ -16,10 +16,11 @@ from nacl.public import PrivateKey
 from owner_fakes import FAKE_OWNER, FakeNetConfig, MemoryBackend
 
 from kbwg.owner import route_reaper
+from kbwg.owner import server as server_module
 from kbwg.owner.frames import encode_frame, read_frame
 from kbwg.owner.netconfig import HostRoute, NetlinkNetConfig
 from kbwg.owner.policy import OwnerPolicy
-from kbwg.owner.protocol import ProtocolError, parse_endpoint
+from kbwg.owner.protocol import ProtocolError, SetPeerArgs, parse_endpoint
 from kbwg.owner.server import OwnerServer
 from kbwg.owner.wg_backend import BackendError, PeerConfig
 from kbwg.owner.wg_userspace import UserspaceBackend
@@ -195,3 +196,56 @@ async def test_a_refused_route_add_is_still_taken_off_the_reaper_list(
     with pytest.raises(BackendError):
         await net.add_route(route, replace=False)
     assert [op for op, _ in told] == ["add", "del"]
+
+
+# -- how much the agent can make root hold --------------------------------------------------
+
+
+async def _set_peer(server: OwnerServer, rid: int, pub: bytes,
+                    allowed: list[str] | None = None) -> dict[str, Any]:
+    return await server.handle({
+        "id": rid, "op": "set_peer", "public_key": base64.b64encode(pub).decode(),
+        "endpoint": "198.51.100.7:51820", "allowed_ips": allowed or [], "keepalive": 0})
+
+
+async def test_the_number_of_peers_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Each peer costs wireguard-go (or the kernel) tens of KiB outside the agent user's
+    # limits, and every later stats read grows with them: an agent adding keys without
+    # end grew root's memory without bound.
+    monkeypatch.setattr(server_module, "MAX_PEERS", 3)
+    server, backend = await _owner_with_device()
+    keys = [_pub_bytes() for _ in range(3)]
+    for rid, key in enumerate(keys, start=10):
+        assert (await _set_peer(server, rid, key))["ok"]
+    refused = await _set_peer(server, 20, _pub_bytes())
+    assert refused["ok"] is False and refused["error"].startswith("refused: "), refused
+    assert dict(server.refusals) == {"peers": 1}
+    assert len(await backend.peers()) == 3
+    # A peer already there can still be changed, and a removal makes room.
+    assert (await _set_peer(server, 21, keys[0], ["100.64.0.2/32"]))["ok"]
+    reply = await server.handle({"id": 22, "op": "remove_peer",
+                                 "public_key": base64.b64encode(keys[1]).decode()})
+    assert reply["ok"], reply
+    assert (await _set_peer(server, 23, _pub_bytes()))["ok"]
+
+
+async def test_a_peer_whose_backend_call_failed_still_counts(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # wireguard-go makes the peer at its public_key line, before a later line can fail.
+    monkeypatch.setattr(server_module, "MAX_PEERS", 1)
+    server, backend = await _owner_with_device()
+
+    async def half_done(peer: PeerConfig) -> None:
+        raise BackendError("wireguard-go refused the request: errno=-22")
+
+    monkeypatch.setattr(backend, "set_peer", half_done)
+    assert (await _set_peer(server, 10, _pub_bytes()))["ok"] is False
+    assert (await _set_peer(server, 11, _pub_bytes()))["error"].startswith("refused: ")
+
+
+def test_a_set_peer_carries_a_bounded_list_of_allowed_ips() -> None:
+    args = {"public_key": base64.b64encode(_pub_bytes()).decode(), "endpoint": None,
+            "keepalive": 0,
+            "allowed_ips": [f"100.64.{i // 256}.{i % 256}/32" for i in range(1, 1000)]}
+    with pytest.raises(ProtocolError, match="allowed_ips"):
+        SetPeerArgs.parse(args)
