@@ -1,0 +1,120 @@
+"""A hostile agent against the real device owner and wireguard-go, in a throwaway
+network namespace (root): a scoped IPv6 endpoint whose scope carried UAPI lines, and a
+signal sudo relays that ended the owner without removing its device."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import os
+import secrets
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import pytest
+from nacl.public import PrivateKey
+
+from kbwg.owner.frames import encode_frame, read_frame
+
+pytestmark = [
+    pytest.mark.netns,
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces"),
+]
+
+RUN_TAG = f"{os.getpid() % 100000}{secrets.token_hex(2)}"
+
+
+def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["ip", *args], capture_output=True, text=True, check=check, timeout=30)
+
+
+@pytest.fixture
+def ns() -> Iterator[str]:
+    """One fresh namespace (lo up), its processes killed and the namespace deleted at the
+    end whatever happens."""
+    name = f"kbh{RUN_TAG}"
+    _ip("netns", "add", name)
+    try:
+        _ip("-n", name, "link", "set", "lo", "up")
+        yield name
+    finally:
+        for pid in _ip("netns", "pids", name, check=False).stdout.split():
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.kill(int(pid), signal.SIGKILL)
+        _ip("netns", "del", name, check=False)
+
+
+class Owner:
+    def __init__(self, process: asyncio.subprocess.Process) -> None:
+        assert process.stdin is not None and process.stdout is not None
+        self.process, self.stdin, self.stdout = process, process.stdin, process.stdout
+        self.next_id = 1
+
+    async def call(self, op: str, **args: Any) -> dict[str, Any]:
+        rid, self.next_id = self.next_id, self.next_id + 1
+        self.stdin.write(encode_frame({"id": rid, "op": op, **args}))
+        await self.stdin.drain()
+        reply = await asyncio.wait_for(read_frame(self.stdout), 30)
+        assert reply is not None and reply["id"] == rid, reply
+        return reply
+
+
+@pytest.fixture
+async def owner(ns: str) -> AsyncIterator[Owner]:
+    process = await asyncio.create_subprocess_exec(
+        "ip", "netns", "exec", ns, sys.executable, "-I", "-m", "kbwg.owner",
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE)
+    try:
+        yield Owner(process)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+def _b64(raw: bytes) -> str:
+    return base64.b64encode(raw).decode()
+
+
+async def _create(owner: Owner, ifname: str) -> None:
+    reply = await owner.call("create", ifname=ifname,
+                             private_key=_b64(bytes(PrivateKey.generate())), listen_port=0,
+                             address="100.64.0.1/10", backend="userspace")
+    assert reply["ok"], reply
+
+
+def _ifname() -> str:
+    return f"kbwg{10000 + secrets.randbelow(90000)}"
+
+
+async def test_a_scoped_endpoint_adds_no_uapi_lines(owner: Owner) -> None:
+    await _create(owner, _ifname())
+    victim = bytes(PrivateKey.generate().public_key)
+    # Against wireguard-go 0.0.20220316 this made a second peer (victim) with an endpoint
+    # inside the overlay and a keepalive of 65535 s, both of which the guard refuses.
+    endpoint = ("[2001:db8::1%lo]:1\npublic_key=" + victim.hex()
+                + "\nendpoint=100.64.0.9:51820\npersistent_keepalive_interval=65535"
+                + "\npublic_key=" + bytes(PrivateKey.generate().public_key).hex()
+                + "\nendpoint=[2001:db8::2]:51820")
+    reply = await owner.call("set_peer", public_key=_b64(bytes(PrivateKey.generate().public_key)),
+                             endpoint=endpoint, allowed_ips=["100.64.0.2/32"], keepalive=25)
+    assert reply["ok"] is False, reply
+    stats = await owner.call("stats")
+    assert stats["peers"] == [], stats
+    assert (await owner.call("shutdown"))["ok"]
+
+
+async def test_sigusr1_through_sudo_removes_the_device(ns: str, owner: Owner) -> None:
+    ifname = _ifname()
+    await _create(owner, ifname)
+    assert _ip("-n", ns, "link", "show", ifname, check=False).returncode == 0
+    # `ip netns exec` execs the owner: this pid is the owner's, as sudo's child would be.
+    owner.process.send_signal(signal.SIGUSR1)
+    code = await asyncio.wait_for(owner.process.wait(), 30)
+    assert code == 0
+    assert _ip("-n", ns, "link", "show", ifname, check=False).returncode != 0
