@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import resource
 import stat
 import sys
 import threading
@@ -41,10 +42,37 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 PRELOAD_JOIN_S = 5.0
 
 
+# Descriptors the owner may hold: netlink and UAPI sockets per request in flight, the
+# raw STUN sockets, pipes to wireguard-go and the route reaper.
+OWNER_NOFILE = 4096
+
+
+def lift_limits() -> None:
+    """sudo keeps the invoking user's resource limits for the command. A CPU-time limit
+    ends the owner with SIGKILL (no cleanup runs), a small descriptor limit fails its
+    netlink sockets (cleanup's too), and a core file would hold the device's private key:
+    root lifts the first two and forbids core files."""
+    changes = [
+        (resource.RLIMIT_CPU, (resource.RLIM_INFINITY, resource.RLIM_INFINITY)),
+        (resource.RLIMIT_CORE, (0, 0)),
+    ]
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < OWNER_NOFILE:
+        if hard != resource.RLIM_INFINITY:
+            hard = max(hard, OWNER_NOFILE)
+        changes.append((resource.RLIMIT_NOFILE, (OWNER_NOFILE, hard)))
+    for limit, value in changes:
+        try:
+            resource.setrlimit(limit, value)
+        except (OSError, ValueError) as exc:  # not root (a test), or a kernel cap
+            logger.debug("could not set resource limit %d to %s: %s", limit, value, exc)
+
+
 def harden() -> None:
     """Leave nothing of the caller's choosing in effect: cwd, umask, environment (which
-    children inherit) and import path entries that are relative or the caller's cwd
-    (modules such as pyroute2's parts are imported lazily, later)."""
+    children inherit), resource limits and import path entries that are relative or the
+    caller's cwd (modules such as pyroute2's parts are imported lazily, later)."""
+    lift_limits()
     try:
         cwd = os.getcwd()
     except OSError:

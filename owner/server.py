@@ -96,9 +96,10 @@ EXIT_STREAM_BROKEN = 1
 Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 
 # Every signal whose default action ends the process, and that sudo relays from the
-# agent's user to the owner: any of them must clean up, not leave the device behind.
+# agent's user to the owner (or the user's CPU-time limit sends, when root cannot lift
+# it): any of them must clean up, not leave the device behind.
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT,
-                signal.SIGUSR1, signal.SIGUSR2, signal.SIGALRM)
+                signal.SIGUSR1, signal.SIGUSR2, signal.SIGALRM, signal.SIGXCPU)
 
 
 class StunSocket(Protocol):

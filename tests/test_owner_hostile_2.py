@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import resource
 import signal
 from typing import Any
 
@@ -15,6 +16,7 @@ import pytest
 from nacl.public import PrivateKey
 from owner_fakes import FAKE_OWNER, FakeNetConfig, MemoryBackend
 
+from kbwg.owner import main as owner_main
 from kbwg.owner import route_reaper
 from kbwg.owner import server as server_module
 from kbwg.owner.frames import encode_frame, read_frame
@@ -249,3 +251,29 @@ def test_a_set_peer_carries_a_bounded_list_of_allowed_ips() -> None:
             "allowed_ips": [f"100.64.{i // 256}.{i % 256}/32" for i in range(1, 1000)]}
     with pytest.raises(ProtocolError, match="allowed_ips"):
         SetPeerArgs.parse(args)
+
+
+# -- resource limits sudo passes on -------------------------------------------------------
+
+
+def test_harden_lifts_the_limits_that_would_end_the_owner_without_cleanup(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # sudo keeps the invoking user's resource limits for the command. A CPU-time limit
+    # ends the owner with SIGKILL (no cleanup: a kernel device stays), a tiny descriptor
+    # limit makes its netlink sockets (cleanup's too) fail, and a core file of the owner
+    # would hold the device's private key. (Recorded, not applied: raising a hard limit
+    # needs CAP_SYS_RESOURCE, which a container's root may lack.)
+    user_limits = {resource.RLIMIT_CPU: (30, 30), resource.RLIMIT_NOFILE: (16, 16),
+                   resource.RLIMIT_CORE: (resource.RLIM_INFINITY,) * 2}
+    applied: dict[int, tuple[int, int]] = {}
+    monkeypatch.setattr(owner_main.resource, "getrlimit", lambda which: user_limits[which])
+    monkeypatch.setattr(owner_main.resource, "setrlimit",
+                        lambda which, value: applied.__setitem__(which, value))
+    owner_main.lift_limits()
+    assert applied == {resource.RLIMIT_CPU: (resource.RLIM_INFINITY,) * 2,
+                       resource.RLIMIT_NOFILE: (4096, 4096), resource.RLIMIT_CORE: (0, 0)}
+
+
+def test_a_cpu_limit_root_cannot_lift_still_ends_the_owner_with_cleanup() -> None:
+    # Without CAP_SYS_RESOURCE the limit stays; its soft part's SIGXCPU comes first.
+    assert signal.SIGXCPU in server_module.STOP_SIGNALS
