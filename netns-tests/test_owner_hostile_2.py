@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -118,3 +119,36 @@ async def test_sigusr1_through_sudo_removes_the_device(ns: str, owner: Owner) ->
     code = await asyncio.wait_for(owner.process.wait(), 30)
     assert code == 0
     assert _ip("-n", ns, "link", "show", ifname, check=False).returncode != 0
+
+
+FAKE_WIREGUARD_GO = """#!/bin/sh
+# Another owner's device takes the name first (two agents joining with kbwg0 at once);
+# this wireguard-go then cannot have it, as the real one cannot.
+ip link add "$2" type bridge
+echo "Failed to create TUN device: device or resource busy"
+exit 1
+"""
+
+
+def test_a_wireguard_go_that_never_came_up_deletes_no_link_of_its_name(
+        ns: str, tmp_path: Path) -> None:
+    fake = tmp_path / "wireguard-go"
+    fake.write_text(FAKE_WIREGUARD_GO)
+    fake.chmod(0o755)
+    ifname = _ifname()
+    script = (
+        "import asyncio, sys\n"
+        "from kbwg.owner.wg_userspace import UserspaceBackend\n"
+        "async def main():\n"
+        "    backend = UserspaceBackend(sys.argv[1])\n"
+        "    try:\n"
+        "        await backend.create(sys.argv[2], bytes(32), 0)\n"
+        "    except Exception as exc:\n"
+        "        print('failed:', exc)\n"
+        "asyncio.run(main())\n"
+    )
+    result = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", script,
+                             str(fake), ifname], capture_output=True, text=True, timeout=60)
+    assert "failed: wireguard-go for" in result.stdout, (result.stdout, result.stderr)
+    # The link is the other owner's: a failed start must leave it alone.
+    assert _ip("-n", ns, "link", "show", ifname, check=False).returncode == 0, result.stderr[-600:]

@@ -58,6 +58,9 @@ class UserspaceBackend:
         self._output_task: asyncio.Task[None] | None = None
         self._output_tail: collections.deque[str] = collections.deque(maxlen=_OUTPUT_TAIL_LINES)
         self._ifname: str | None = None
+        # The index of the link once wireguard-go made it: only that link is ours to
+        # delete (another owner may hold the name while ours fails to start).
+        self._ifindex: int | None = None
         self._socket_dir = os.path.realpath(UAPI_DIR)
         # UAPI handles one request per connection; one at a time keeps replies ordered.
         self._lock = asyncio.Lock()
@@ -159,7 +162,10 @@ class UserspaceBackend:
                     f"wireguard-go for {ifname} exited with status "
                     f"{self._process.returncode}:\n{self._output()}"
                 )
+            # The socket is in wireguard-go's private mount: once it is there, the link
+            # of that name is wireguard-go's.
             if os.path.exists(path) and _link_exists(ifname):
+                self._ifindex = _link_index(ifname)
                 return
             if time.monotonic() > deadline:
                 raise BackendError(
@@ -239,6 +245,7 @@ class UserspaceBackend:
     async def close(self) -> None:
         process, self._process = self._process, None
         ifname = self._ifname
+        ifindex, self._ifindex = self._ifindex, None
         if process is not None and process.returncode is None:
             try:
                 process.send_signal(signal.SIGTERM)
@@ -262,28 +269,32 @@ class UserspaceBackend:
                 task.cancel()
             except Exception:
                 logger.exception("reading wireguard-go's output failed")
-        # The TUN link goes with the process; only a wedged exit leaves it behind.
-        if ifname is not None and process is not None and _link_exists(ifname):
+        # The TUN link goes with the process; only a wedged exit leaves it behind. A
+        # wireguard-go that never came up made no link: one of its name is someone else's.
+        if ifname is not None and ifindex is not None and _link_index(ifname) == ifindex:
             logger.warning("link %s outlived wireguard-go, deleting it", ifname)
             try:
-                await _delete_link(ifname)
+                await _delete_link(ifindex)
             except Exception:
                 logger.exception("deleting link %s failed", ifname)
 
 
 def _link_exists(ifname: str) -> bool:
+    return _link_index(ifname) is not None
+
+
+def _link_index(ifname: str) -> int | None:
     try:
-        socket.if_nametoindex(ifname)
+        return socket.if_nametoindex(ifname)
     except OSError:
-        return False
-    return True
+        return None
 
 
-async def _delete_link(ifname: str) -> None:
+async def _delete_link(index: int) -> None:
     from pyroute2.iproute.linux import AsyncIPRoute
 
     async with AsyncIPRoute() as ipr:
-        await ipr.link("del", ifname=ifname)
+        await ipr.link("del", index=index)
 
 
 def uapi_peer_lines(peer: PeerConfig) -> list[str]:
