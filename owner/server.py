@@ -5,7 +5,8 @@ and logs to stderr only. It owns the WireGuard device, the overlay address, any 
 routes it was asked for and the raw socket that shares the WireGuard port with STUN
 (whose packets it passes to the agent as `stun` events), and removes all of them on
 `shutdown`, a stop signal (STOP_SIGNALS: INT, TERM, HUP and the others sudo relays),
-end of stdin (the agent exited), a broken stdout, or a stream it cannot resynchronise. Every request is judged by kbwg.owner.guard first.
+end of stdin (the agent exited), a broken stdout, or a stream it cannot resynchronise.
+Every request is judged by kbwg.owner.guard first.
 It also reads the host's network for the agent (addresses, gateway, routes, and their
 changes as `network` events: kbwg.owner.host_network), so that the agent never loads
 pyroute2.
