@@ -6,18 +6,18 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import os
 import secrets
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from nacl.public import PrivateKey
+from test_device_owner import _ip, netns  # noqa: F401  (netns: a fixture)
 
 from kbwg.owner.frames import encode_frame, read_frame
 
@@ -26,27 +26,12 @@ pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces"),
 ]
 
-RUN_TAG = f"{os.getpid() % 100000}{secrets.token_hex(2)}"
-
-
-def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["ip", *args], capture_output=True, text=True, check=check, timeout=30)
-
 
 @pytest.fixture
-def ns() -> Iterator[str]:
+def ns(netns: Callable[[], str]) -> str:  # noqa: F811  (the fixture imported above)
     """One fresh namespace (lo up), its processes killed and the namespace deleted at the
-    end whatever happens."""
-    name = f"kbh{RUN_TAG}"
-    _ip("netns", "add", name)
-    try:
-        _ip("-n", name, "link", "set", "lo", "up")
-        yield name
-    finally:
-        for pid in _ip("netns", "pids", name, check=False).stdout.split():
-            with contextlib.suppress(ProcessLookupError, ValueError):
-                os.kill(int(pid), signal.SIGKILL)
-        _ip("netns", "del", name, check=False)
+    end whatever happens (test_device_owner's factory)."""
+    return netns()
 
 
 class Owner:
