@@ -23,6 +23,7 @@ from kbwg.agent.teamconfig import TeamConfig
 from kbwg.negotiation.session import Negotiator
 
 DIAG_TIMEOUT_S = 5.0
+DIAG_TIMEOUT_MAX_S = 60.0
 
 
 def _sorted_peers(state: AgentState) -> list[PeerState]:
@@ -70,6 +71,16 @@ def status_report(team: str, state: AgentState, config: TeamConfig, paths: Conne
     return report
 
 
+def diag_timeout(request: dict[str, Any]) -> float:
+    """The request's `diag_timeout`: the default when it is not a positive number (NaN
+    included), at most `DIAG_TIMEOUT_MAX_S` (a day would hold the shared port's STUN
+    clients that long)."""
+    timeout = request.get("diag_timeout", DIAG_TIMEOUT_S)
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0:
+        return DIAG_TIMEOUT_S
+    return float(min(timeout, DIAG_TIMEOUT_MAX_S))
+
+
 async def diag_report(request: dict[str, Any], team: str, state: AgentState,
                       config: TeamConfig, paths: Connectivity, claims: ClaimBook,
                       negotiator: Negotiator | None,
@@ -79,12 +90,9 @@ async def diag_report(request: dict[str, Any], team: str, state: AgentState,
     # diag (and pystun3) is not part of `join`'s start: imported by the first request.
     from kbwg.agent.diag import DiagOptions, diagnose
 
-    timeout = request.get("diag_timeout", DIAG_TIMEOUT_S)
-    if not isinstance(timeout, int | float) or timeout <= 0:
-        timeout = DIAG_TIMEOUT_S
     options = DiagOptions(
         stun=list(config.stun), relays=list(config.relays), port=state.listen_port,
-        timeout=float(timeout), interface_exclude=list(config.interface_exclude),
+        timeout=diag_timeout(request), interface_exclude=list(config.interface_exclude),
         overlay=config.overlay, classic=bool(request.get("classic", True)),
         config_source=f"team {team} kbwg.json",
     )

@@ -340,3 +340,14 @@ async def test_an_oversized_control_request_gets_an_error_reply(tmp_path: Path) 
         assert (await call(tmp_path, "status"))["ok"] is True
     finally:
         await server.close()
+
+
+@pytest.mark.parametrize(("value", "used"), [
+    (3, 3.0), (2.5, 2.5), (float("nan"), 5.0), (float("inf"), 60.0), (1e12, 60.0),
+    (0, 5.0), (-1, 5.0), (True, 5.0), ("10", 5.0), (None, 5.0),
+])
+def test_a_diag_timeout_from_the_control_socket_is_bounded(value: Any, used: float) -> None:
+    from kbwg.agent.reports import diag_timeout
+
+    assert diag_timeout({"diag_timeout": value}) == used
+    assert diag_timeout({}) == 5.0
