@@ -157,8 +157,16 @@ class Presence:
             if rival is None:
                 return
             old = s.overlay_ip
-            new = pick_dynamic(self._team, s.me, self._state_dir,
-                               previous=None if rival.ip == old else old)
+            try:
+                new = pick_dynamic(self._team, s.me, self._state_dir,
+                                   previous=None if rival.ip == old else old)
+            except JoinError as exc:
+                # Nowhere to move: keep the address (peers that follow the rule reach
+                # the rival there) and look again at the next check.
+                log.warning("%s also claimed %s, first (message %d < %d), but %s; "
+                            "keeping it for now", rival.sender, old, rival.msg_id,
+                            s.my_claim.msg_id, exc)
+                return
             log.warning("%s also claimed %s, first (message %d < %d): moving to %s",
                         rival.sender, old, rival.msg_id, s.my_claim.msg_id, new)
             prefix = self._team.config.overlay.prefixlen

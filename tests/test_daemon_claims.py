@@ -26,9 +26,11 @@ from typing import Any
 import pytest
 from test_daemon import STANDIN, FakeOwner, env_for, new_key, no_routes
 
+from kbwg.agent import presence as presence_module
 from kbwg.agent.claims import pick_free_address
 from kbwg.agent.control import call
 from kbwg.agent.daemon import Agent, JoinedDevice, JoinOptions
+from kbwg.agent.join_options import JoinError
 from kbwg.agent.keybase import Channel, ChatMessage, KeybaseClient
 from kbwg.agent.presence import ENV_DYNAMIC_SEED
 from kbwg.core.identity import DeviceId
@@ -353,3 +355,30 @@ async def test_concurrent_checks_move_only_once(
         assert len(uma.addresses_set()) == 1, uma.addresses_set()
         assert state.my_claim is not None and state.my_claim.ip == state.overlay_ip
         assert uma.addresses_set() == [f"{state.overlay_ip}/10"]
+
+
+async def test_a_lost_claim_with_no_free_address_is_kept_and_said(
+    team: Team, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """With the dynamic range full there is nowhere to move: a clear warning, not a
+    failure of the check (the refresh loop and the chat listener both run it)."""
+    monkeypatch.setenv(ENV_DYNAMIC_SEED, "7")
+    async with running(team, "uma", "tablet") as uma:
+        state = uma.device.state
+        assert state is not None and state.my_claim is not None
+        mine = state.my_claim
+        rival = ChatMessage(
+            id=mine.msg_id - 1, conversation_id="c", channel=ANNOUNCE,
+            sender_username="rita", sender_device="phone", sent_at=time.time(),
+            body=f"CLAIM {mine.ip} {new_key()}", content_type="text")
+        assert uma.device.team.take_announce(rival, state.me)
+
+        def full(*_args: object, **_kwargs: object) -> IPv4Address:
+            raise JoinError("no free address in 100.64.128.0/24: all taken; ask a team "
+                            "admin for a larger dynamic_range")
+
+        monkeypatch.setattr(presence_module, "pick_dynamic", full)
+        await uma.device.presence.check_my_claim()
+        assert state.overlay_ip == mine.ip and state.my_claim is mine
+        assert "rita/phone also claimed" in caplog.text
+        assert "ask a team admin for a larger dynamic_range; keeping it" in caplog.text
