@@ -33,6 +33,7 @@ from kbwg.agent.daemon import Agent, JoinedDevice, JoinOptions
 from kbwg.agent.join_options import JoinError
 from kbwg.agent.keybase import Channel, ChatMessage, KeybaseClient
 from kbwg.agent.presence import ENV_DYNAMIC_SEED
+from kbwg.agent.runtime_state import AgentState
 from kbwg.core.identity import DeviceId
 from kbwg_standin.store import release_held
 from kbwg_testing import wait_for
@@ -335,21 +336,27 @@ async def test_policy_decides_whether_unlisted_devices_peer(team: Team, policy: 
             assert {p["username"] for p in status["peers"]} == {"alice", "bob"}
 
 
+def lose_claim(uma: Running) -> AgentState:
+    """A rival's claim of `uma`'s address with a lower message id, as a late delivery
+    would bring it, taken into the books (not acted on yet); `uma`'s state."""
+    state = uma.device.state
+    assert state is not None and state.my_claim is not None
+    mine = state.my_claim
+    rival = ChatMessage(
+        id=mine.msg_id - 1, conversation_id="c", channel=ANNOUNCE,
+        sender_username="rita", sender_device="phone", sent_at=time.time(),
+        body=f"CLAIM {mine.ip} {new_key()}", content_type="text")
+    assert uma.device.team.take_announce(rival, state.me)
+    return state
+
+
 async def test_concurrent_checks_move_only_once(
     team: Team, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The chat listener and the refresh loop may both find the claim lost at once."""
     monkeypatch.setenv(ENV_DYNAMIC_SEED, "7")
     async with running(team, "uma", "tablet") as uma:
-        state = uma.device.state
-        assert state is not None and state.my_claim is not None
-        mine = state.my_claim
-        # A rival's claim with a lower id, as a late delivery would bring it.
-        rival = ChatMessage(
-            id=mine.msg_id - 1, conversation_id="c", channel=ANNOUNCE,
-            sender_username="rita", sender_device="phone", sent_at=time.time(),
-            body=f"CLAIM {mine.ip} {new_key()}", content_type="text")
-        assert uma.device.team.take_announce(rival, state.me)
+        state = lose_claim(uma)
         await asyncio.gather(uma.device.presence.check_my_claim(),
                              uma.device.presence.check_my_claim())
         assert len(uma.addresses_set()) == 1, uma.addresses_set()
@@ -364,14 +371,8 @@ async def test_a_lost_claim_with_no_free_address_is_kept_and_said(
     failure of the check (the refresh loop and the chat listener both run it)."""
     monkeypatch.setenv(ENV_DYNAMIC_SEED, "7")
     async with running(team, "uma", "tablet") as uma:
-        state = uma.device.state
-        assert state is not None and state.my_claim is not None
+        state = lose_claim(uma)
         mine = state.my_claim
-        rival = ChatMessage(
-            id=mine.msg_id - 1, conversation_id="c", channel=ANNOUNCE,
-            sender_username="rita", sender_device="phone", sent_at=time.time(),
-            body=f"CLAIM {mine.ip} {new_key()}", content_type="text")
-        assert uma.device.team.take_announce(rival, state.me)
 
         def full(*_args: object, **_kwargs: object) -> IPv4Address:
             raise JoinError("no free address in 100.64.128.0/24: all taken; ask a team "
