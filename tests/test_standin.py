@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from kbwg_standin.ctl import stop_service
 from kbwg_standin.store import release_held
 
 STANDIN = [sys.executable, "-m", "kbwg_standin"]
@@ -667,3 +668,19 @@ def test_fs_read_write_mapping(home: Path) -> None:
     # Atomic writes leave no temporary files behind.
     leftovers = [p.name for p in (home / "kbfs").rglob("*") if p.name.startswith(".standin-")]
     assert leftovers == []
+
+
+def test_a_pipe_refuses_the_first_call_after_its_service_stops(
+        home: Path, alice: ApiPipe) -> None:
+    """The real pipe has no service to hand a call to once it is gone. The stand-in's
+    watch looks at the service every 0.1 s; a call that comes before it noticed must
+    fail all the same, or an agent under load sees a send get through an outage."""
+    alice.result(send_call(chan("general"), "before"))
+    stop_service(home, "alice", "laptop")
+    assert alice.proc.stdin is not None and alice.proc.stdout is not None
+    alice.proc.stdin.write(json.dumps(send_call(chan("general"), "after")).encode() + b"\n")
+    alice.proc.stdin.flush()
+    assert alice.proc.stdout.readline() == b"", "a reply came with the service stopped"
+    assert alice.proc.wait(timeout=10) == 2
+    assert alice.proc.stderr is not None
+    assert b"connection to service lost" in alice.proc.stderr.read()

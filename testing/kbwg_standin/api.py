@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from kbwg_standin.channels import channel_from_json, decode_token, go_type, parse_topic_type
-from kbwg_standin.ctl import LOST, watch
+from kbwg_standin.ctl import LOST, is_stopped, watch
 from kbwg_standin.env import Env
 from kbwg_standin.errors import EXIT_NOTOK, EXIT_OK, RequestError, ServiceError, die, next_arg
 from kbwg_standin.service import ChatService
@@ -213,6 +213,10 @@ def cmd_chat_api(env: Env, args: Sequence[str]) -> int:
         lines = iter(stdin.readline, "")
     try:
         for call in iter_json_values(lines):
+            # The watch above polls; a call that comes first must not get through either:
+            # with its service gone the real pipe has nothing to send the call to.
+            if is_stopped(env.home, env.identity):
+                _service_lost()
             api.handle_call(call)
     finally:
         if out is not sys.stdout.buffer:
