@@ -37,6 +37,8 @@ UAPI_DIR = "/var/run/wireguard"
 _LAUNCH_SCRIPT = '"$1" -t tmpfs -o mode=0700 kbwg "$2" && exec "$3" -f "$4"'
 
 _OUTPUT_TAIL_LINES = 40
+# How long a device asked for any port waits for wireguard-go to bind one.
+PICKED_PORT_WAIT_S = 2.0
 
 
 class UserspaceBackend:
@@ -127,7 +129,15 @@ class UserspaceBackend:
             await self._set(config)
             actual = await self.listen_port()
             if not listen_port:
-                # Pin the port wireguard-go picked so it stays the announced one.
+                # wireguard-go binds its random port a moment after it comes up (its TUN
+                # "up" event): wait for it, then pin it so it stays the announced one.
+                deadline = time.monotonic() + PICKED_PORT_WAIT_S
+                while not actual and time.monotonic() < deadline:
+                    await asyncio.sleep(0.01)
+                    actual = await self.listen_port()
+                if not actual:
+                    raise BackendError(f"wireguard-go for {ifname} picked no listen port "
+                                       f"within {PICKED_PORT_WAIT_S:g} s; pass a port")
                 await self._set([f"listen_port={actual}"])
         except BaseException:
             await self.close()
