@@ -215,7 +215,7 @@ class Connectivity:
         """A gathering step is done: checks may leave from new bases at once, and the
         peers hear of the new candidates (trickle)."""
         self._mux.set_local_candidates(self.local.candidates)
-        self._checkers = {c for c in self._checkers if c.state != "closed"}
+        self._drop_closed()
         for checker in self._checkers:
             checker.add_local(self.local.candidates, complete)
         if self.on_candidates is not None:
@@ -352,8 +352,11 @@ class Connectivity:
         """`checker` hears of new local candidates. Closed ones go now, not at the next
         gathering step: every offer, restart and retry makes a checker and closes the
         one before, and a stable host may gather again only days later."""
-        self._checkers = {c for c in self._checkers if c.state != "closed"}
+        self._drop_closed()
         self._checkers.add(checker)
+
+    def _drop_closed(self) -> None:
+        self._checkers = {c for c in self._checkers if c.state != "closed"}
 
     def _send_check(self, data: bytes, dest: Address, local: Candidate) -> None:
         if local.type == "relay":

@@ -174,8 +174,9 @@ class UserspaceBackend:
                 )
             # The socket is in wireguard-go's private mount: once it is there, the link
             # of that name is wireguard-go's.
-            if os.path.exists(path) and _link_exists(ifname):
-                self._ifindex = _link_index(ifname)
+            index = _link_index(ifname) if os.path.exists(path) else None
+            if index is not None:
+                self._ifindex = index
                 return
             if time.monotonic() > deadline:
                 raise BackendError(
