@@ -12,8 +12,10 @@ and tears everything down.
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -55,6 +57,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--delay-ms", type=int, default=300, help="chat delivery delay")
+    parser.add_argument("--logs", type=Path, metavar="DIR",
+                        help="copy every agent's log to DIR before the world is torn down")
     args = parser.parse_args()
 
     with World() as world:
@@ -91,17 +95,20 @@ def main() -> int:
         for agent in agents:
             team.wait_running(agent)
         t0 = time.monotonic()
+        waits = []
         for a, b in itertools.permutations(agents, 2):
             ip = next(ip for u, _, ip, _ in DEVICES if u == b.username)
-            first_ping(a.host, ip)
+            waits.append((first_ping(a.host, ip), a.name, b.name))
+        slowest = max(waits)
         print(f"every pair answered a ping within {time.monotonic() - t0:.2f} s of all "
-              "agents running")
+              f"agents running (slowest pair {slowest[1]} -> {slowest[2]}: "
+              f"{slowest[0]:.2f} s)")
 
         step("the path each agent chose for each peer")
-        rows = [("AGENT", "PEER", "PATH", "ENDPOINT", "RTT", "REASON")]
+        rows: list[tuple[str, ...]] = [("AGENT", "PEER", "PATH", "ENDPOINT", "RTT", "REASON")]
         for agent in agents:
-            status = wait_until(lambda agent=agent: settled(agent), timeout=30,
-                                what=f"{agent.name} to settle")  # fmt: skip
+            status = wait_until(functools.partial(settled, agent), timeout=30,
+                                what=f"{agent.name} to settle")
             for peer in status["peers"]:
                 rtt = f"{peer['rtt_ms']:.1f} ms" if peer["rtt_ms"] is not None else "-"
                 rows.append((agent.name, f"{peer['username']}/{peer['device']}", peer["path"],
@@ -131,6 +138,11 @@ def main() -> int:
             links = agent.host.run(["ip", "-o", "link", "show"]).stdout
             state = "STILL THERE" if "kbwg0" in links else "removed"
             print(f"  {agent.name:13} exit {code}, kbwg0 {state}")
+        if args.logs is not None:
+            args.logs.mkdir(parents=True, exist_ok=True)
+            for agent in agents:
+                shutil.copyfile(agent.log_path, args.logs / f"{agent.name}.log")
+            print(f"agent logs copied to {args.logs}/")
     print("\nworld torn down; nothing left behind")
     return 1 if failed else 0
 
