@@ -15,7 +15,7 @@ half sent for `stream_frame_timeout`, a connection without an allocation after
 with a log line; connections are capped per client IP and in total like allocations,
 TLS ones from their TCP accept on (not once their handshake is done); and past
 `MAX_QUEUED` bytes waiting for a slow reader, datagrams for it are dropped instead of
-queued.
+queued. The log lines about connections are limited (`LimitedLog`), the counters not.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from aioice import stun
 from aioice.turn import TurnStreamMixin
 
 from kbwg.core.addresses import Address
+from kbwg.core.loglimit import LimitedLog
 from kbwg.relay.allocation import Allocation, AllocationTable
 from kbwg.relay.config import ServerConfig
 from kbwg.relay.control import ControlPlane
@@ -202,7 +203,7 @@ class StreamConnection(TurnStreamMixin, asyncio.Protocol):
     def fail(self, why: str) -> None:
         """Bad input: the framing cannot be trusted any more, so the connection goes."""
         self.streams.counters.stream_bad_input += 1
-        log.warning("%s closed: %s", self, why)
+        self.streams.notes.log(logging.WARNING, "%s closed: %s", self, why)
         self.close()
 
     def close(self) -> None:
@@ -226,6 +227,8 @@ class StreamListeners:
         self.control = control
         self.main = main  # what stream requests name as their local address
         self.connections: set[StreamConnection] = set()
+        # Anyone can connect, over and over: the lines about connections are limited.
+        self.notes = LimitedLog(log)
         self._per_ip: dict[str, int] = {}
         self._servers: list[asyncio.Server] = []
         self.addresses: dict[str, Address] = {}  # tcp/tls -> where it listens
@@ -260,8 +263,9 @@ class StreamListeners:
         if (len(self.connections) >= quotas.allocations
                 or self._per_ip.get(ip, 0) >= quotas.allocations_per_address or clash):
             self.counters.stream_refused += 1
-            log.info("%s refused: %s", connection, "address and port already connected"
-                     if clash else "too many connections")
+            self.notes.log(logging.INFO, "%s refused: %s", connection,
+                           "address and port already connected" if clash
+                           else "too many connections")
             connection.closed = True
             connection.transport.abort()
             return
@@ -324,8 +328,8 @@ class StreamListeners:
                 continue
             if now - connection.allocated_at > config.stream_idle_timeout:
                 self.counters.stream_idle += 1
-                log.info("%s closed: no allocation after %g s", connection,
-                         config.stream_idle_timeout)
+                self.notes.log(logging.INFO, "%s closed: no allocation after %g s",
+                               connection, config.stream_idle_timeout)
                 connection.close()
 
     def close(self) -> None:
