@@ -28,7 +28,9 @@ class LimitedLog:
         self._bucket = TokenBucket(rate, burst, clock)
         self.left_out = 0  # since the last line written
 
-    def log(self, level: int, msg: str, *args: object) -> None:
+    def log(self, level: int, msg: str, *args: object, exc_info: bool = False) -> None:
+        """`exc_info`: with the traceback of the exception being handled, as
+        `Logger.exception` does (a line left out leaves its traceback out too)."""
         if not self._logger.isEnabledFor(level):
             return
         if not self._bucket.take():
@@ -38,4 +40,5 @@ class LimitedLog:
             msg = f"{msg} (%d lines before it left out: too many at once)"
             args = (*args, self.left_out)
             self.left_out = 0
-        self._logger.log(level, msg, *args)
+        # stacklevel: the record names the line that called us, not this one.
+        self._logger.log(level, msg, *args, exc_info=exc_info, stacklevel=2)

@@ -35,6 +35,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 from kbwg.core.addresses import Address, ip_family, parse_ip
+from kbwg.core.loglimit import LimitedLog
 from kbwg.core.routing import route_source
 from kbwg.core.stun import MAX_STUN_MESSAGE, STUN_COOKIE
 
@@ -298,6 +299,8 @@ class RawStunCounters:
     unfiltered: int = 0
     sent: int = 0
     send_errors: int = 0
+    # Delivered datagrams whose callback raised (a bug): logged, with a limit.
+    callback_errors: int = 0
 
     def to_json(self) -> dict[str, int]:
         return asdict(self)
@@ -345,6 +348,8 @@ class RawStunSocket:
         self.port = port
         self._on_packet = on_packet
         self.counters = RawStunCounters()
+        # Whoever trips a bug in the callback can send the same datagram at line rate.
+        self._notes = LimitedLog(logger)
         # Asking every interface for its address on each check cost the owner two thirds
         # of its busy time with 20 peers; an address moves rarely, so a second's memory
         # is enough (bench/resources.py).
@@ -457,7 +462,8 @@ class RawStunSocket:
         try:
             self._on_packet(datagram)
         except Exception:
-            logger.exception("STUN packet callback failed")
+            counters.callback_errors += 1
+            self._notes.log(logging.ERROR, "STUN packet callback failed", exc_info=True)
 
     def send(self, payload: bytes, dest: Address, source: str | None = None) -> Address:
         """Send `payload` from port P to `dest`; returns the (source ip, P) it left from."""

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
 
 from kbwg.core.addresses import Address
+from kbwg.core.loglimit import LimitedLog
 from kbwg.relay.config import Lifetimes
 from kbwg.relay.hostaddrs import HostAddresses
 from kbwg.relay.limits import (
@@ -141,6 +142,9 @@ class AllocationTable:
         self.stream_routes: dict[tuple[Address, int], ChannelRoute] = {}
         self._per_user: dict[str, int] = {}
         self._per_address: dict[str, int] = {}
+        # Anyone holding the team secret can allocate and delete in a loop: the lines
+        # about allocations are limited, the counters not.
+        self.notes = LimitedLog(log)
 
     def get(self, client: Address) -> Allocation | None:
         return self.allocations.get(client)
@@ -200,8 +204,8 @@ class AllocationTable:
         self._per_address[source] = self._per_address.get(source, 0) + 1
         self.counters.allocations_created += 1
         self._on_created(allocation)
-        log.info("allocation %s:%d for %s (%s) relayed at %s:%d", *client, user, username,
-                 *allocation.relayed)
+        self.notes.log(logging.INFO, "allocation %s:%d for %s (%s) relayed at %s:%d",
+                       *client, user, username, *allocation.relayed)
         return allocation, new_token
 
     def refresh(self, allocation: Allocation, lifetime: int | None, now: float) -> float:
@@ -274,7 +278,7 @@ class AllocationTable:
             self.counters.allocations_expired += 1
         else:
             self.counters.allocations_deleted += 1
-        log.info("allocation %s:%d %s", *allocation.client, why)
+        self.notes.log(logging.INFO, "allocation %s:%d %s", *allocation.client, why)
         self._on_removed(allocation)
 
     def close(self) -> None:

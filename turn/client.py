@@ -39,6 +39,7 @@ from aioice import stun
 from aioice.turn import TurnClientProtocol, TurnClientUdpProtocol
 
 from kbwg.core.addresses import Address
+from kbwg.core.loglimit import LimitedLog
 from kbwg.core.stun import is_channel_data
 from kbwg.core.turnrest import rest_password, rest_username
 from kbwg.turn.family import allocate
@@ -54,6 +55,9 @@ CREDENTIAL_TTL_S = 24 * 3600
 LIFETIME_S = 600
 # Refused peers remembered so that a refusal is logged once (oldest forgotten first).
 MAX_REFUSED = 256
+# Characters of a refusal kept and logged: its reason phrase is the relay's to choose,
+# up to a datagram long.
+MAX_WHY = 200
 
 
 @dataclass(frozen=True)
@@ -129,6 +133,8 @@ class RelayAllocation:
         # Peers the relay refused, with why: said once at INFO, not at every check's
         # retransmit (a relay refuses another allocation on itself each time).
         self._refused: dict[Address, str] = {}
+        # A relay can change its reason each time, so that each is new: still limited.
+        self._notes = LimitedLog(log)
 
     @classmethod
     async def open(cls, url: str, server: Address, user: str, secret: str,
@@ -236,8 +242,8 @@ class RelayAllocation:
                     await protocol.channel_bind(channel, peer)
                 except (stun.TransactionError, ConnectionError, OSError) as exc:
                     # Not fatal yet: the next round tries again, the permission lasts.
-                    log.info("relay %s: channel to %s:%d not refreshed: %s", self.url,
-                             *peer, exc)
+                    self._notes.log(logging.INFO, "relay %s: channel to %s:%d not "
+                                    "refreshed: %s", self.url, *peer, str(exc)[:MAX_WHY])
                     continue
                 self._bound_at[channel] = loop.time()
                 self._used.discard(channel)
@@ -278,11 +284,12 @@ class RelayAllocation:
                 self._bound_at[channel] = asyncio.get_running_loop().time()
         except Exception as exc:
             self.counters.send_errors += 1
-            why = str(exc)
-            said = self._refused.get(peer) == why
-            log.log(logging.DEBUG if said else logging.INFO,
-                    "relay %s: cannot reach %s:%d: %s", self.url, *peer, why)
-            if not said:
+            why = str(exc)[:MAX_WHY]
+            if self._refused.get(peer) == why:
+                log.debug("relay %s: cannot reach %s:%d: %s", self.url, *peer, why)
+            else:
+                self._notes.log(logging.INFO, "relay %s: cannot reach %s:%d: %s",
+                                self.url, *peer, why)
                 while len(self._refused) >= MAX_REFUSED:
                     del self._refused[next(iter(self._refused))]
                 self._refused[peer] = why
