@@ -31,7 +31,7 @@ from kbwg.agent.owner_calls import OwnerCalls
 from kbwg.agent.owner_stun import OwnerStunTransport
 from kbwg.agent.relay_paths import RelayPaths
 from kbwg.agent.teamconfig import TeamConfig
-from kbwg.core.addresses import format_endpoint
+from kbwg.core.addresses import format_endpoint, parse_ip
 from kbwg.core.identity import DeviceId
 from kbwg.negotiation.candidate_pairs import CandidatePair
 from kbwg.negotiation.candidates import Candidate, mapped_candidate
@@ -245,6 +245,11 @@ class Connectivity:
         if mapping is None or any(c.address == mapping.external_ip and c.type == "host"
                                   for c in self.local.candidates):
             # No mapping, or the gateway maps to our own address (no NAT): nothing new.
+            return []
+        if parse_ip(mapping.external_ip) in self.config.overlay:
+            # Peers' device owners refuse an endpoint in the overlay: they would skip us.
+            log.warning("port mapping %s is inside the overlay %s: not offered",
+                        mapping.external, self.config.overlay)
             return []
         return [mapped_candidate(
             mapping.external_ip, mapping.external_port,

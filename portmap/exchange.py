@@ -3,7 +3,8 @@
 The socket is connected to the gateway, so only its answers arrive and an ICMP port
 unreachable (nothing listening) ends the exchange at once as "refused". Datagrams the
 decoder rejects are logged and ignored; if nothing decodable came before the last
-timeout, the error says the gateway answered garbage.
+timeout, the error says the gateway answered garbage. Anything on the LAN can send them
+from the gateway's address, as fast as it likes: their log lines are limited.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
+from kbwg.core.loglimit import LimitedLog
 from kbwg.portmap.mapping import PortmapError
 
 log = logging.getLogger(__name__)
@@ -52,6 +54,7 @@ async def exchange(gateway: tuple[str, int], local_ip: str | None, request: byte
     except OSError as exc:
         raise PortmapError("error", f"{what}: cannot reach {gateway[0]}: {exc}") from exc
     garbage: str | None = None
+    ignored = LimitedLog(log, clock=loop.time)
     try:
         for wait in waits:
             with contextlib.suppress(OSError):
@@ -70,10 +73,13 @@ async def exchange(gateway: tuple[str, int], local_ip: str | None, request: byte
                     return decode(item)
                 except Garbage as exc:
                     garbage = str(exc)
-                    log.info("%s: ignoring a %d-byte answer from %s: %s", what, len(item),
-                             gateway[0], exc)
+                    ignored.log(logging.INFO, "%s: ignoring a %d-byte answer from %s: %s",
+                                what, len(item), gateway[0], exc)
     finally:
         transport.close()
+        if ignored.left_out:
+            log.info("%s: %d more answers from %s ignored (lines left out: too many at once)",
+                     what, ignored.left_out, gateway[0])
     if garbage is not None:
         raise PortmapError("garbage", f"{what}: {gateway[0]} answered garbage ({garbage})")
     raise PortmapError("timeout", f"{what}: no answer from {gateway[0]}:{gateway[1]} "

@@ -19,7 +19,7 @@ from typing import Any
 from kbwg.portmap import natpmp, pcp, ssdp
 from kbwg.portmap.exchange import DEFAULT_WAITS
 from kbwg.portmap.gateway import Gateway
-from kbwg.portmap.mapping import PROTOCOLS, Mapping, PortmapError, Protocol
+from kbwg.portmap.mapping import PROTOCOLS, Mapping, PortmapError, Protocol, mapping_problem
 
 log = logging.getLogger(__name__)
 
@@ -208,6 +208,19 @@ class PortMapper:
                 log.warning("port mapping on %s by %s failed unexpectedly: %r",
                             gateway.address, protocol, exc)
                 continue
+            problem = mapping_problem(mapping, self.config.lifetime)
+            if problem is not None:
+                self.last_errors[protocol] = f"{protocol}: {problem}"
+                log.warning("port mapping on %s by %s: %s; not using it", gateway.address,
+                            protocol, problem)
+                if previous is None or previous.protocol != protocol:
+                    # Whatever the gateway made, if it made anything, does not outlive
+                    # us. Not a renewal's: that would delete the mapping we hold.
+                    await self._delete(mapping)
+                continue
+            # A longer lease than asked is renewed as the one asked: believing a forged
+            # 136 years, the mapping would never be renewed and run out unnoticed.
+            mapping.lifetime = min(mapping.lifetime, self.config.lifetime)
             self.last_errors[protocol] = None
             if previous is None or mapping.external != previous.external:
                 log.info("port mapping by %s on %s: %s -> %s:%d (lease %d s)", protocol,
@@ -278,8 +291,10 @@ class PortMapper:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        if mapping is None:
-            return
+        if mapping is not None:
+            await self._delete(mapping)
+
+    async def _delete(self, mapping: Mapping) -> None:
         cfg = self.config
         try:
             if mapping.protocol == "pcp":

@@ -53,7 +53,9 @@ def decode_map(nonce: bytes, internal_port: int,
     """A decoder of the answer to our MAP: (external IP, external port, lifetime)."""
     def decode(data: bytes) -> tuple[str, int, int]:
         if len(data) >= 4 and data[0] == 0 and data[3] == 1:
-            # RFC 6887 9: a NAT-PMP server's "unsupported version".
+            # RFC 6887 9: a NAT-PMP server's "unsupported version". NAT-PMP's format has
+            # no nonce, so a forged one is believed: it moves us on to NAT-PMP, whose
+            # answers carry none either (what is mapped is checked in mapper.py).
             raise PortmapError("error", "PCP: the gateway speaks only NAT-PMP "
                                "(unsupported version)")
         if len(data) < _RESPONSE.size:
@@ -63,14 +65,17 @@ def decode_map(nonce: bytes, internal_port: int,
             raise Garbage(f"version {version}, not PCP's {VERSION}")
         if op != 0x80 | OP_MAP:
             raise Garbage(f"opcode {op:#x}, not a MAP answer")
-        if result:
-            raise PortmapError("error", f"PCP: the gateway refused: result {result} "
-                               f"({RESULTS.get(result, 'unknown')})")
+        # A refusal too must carry our nonce (RFC 6887 7.2: an error answer copies the
+        # request's fields), or anyone on the LAN could end the request with one.
         if len(data) < ANSWER_LEN or len(data) % 4:
-            raise Garbage(f"{len(data)} bytes, a MAP answer has {ANSWER_LEN} or more")
+            raise Garbage(f"{len(data)} bytes, a MAP answer (a refusal too) has "
+                          f"{ANSWER_LEN} or more")
         got_nonce, proto, internal, external, ext_ip = _MAP.unpack_from(data, _RESPONSE.size)
         if got_nonce != nonce or proto != PROTO_UDP or internal != internal_port:
             raise Garbage("an answer to another request (nonce, protocol or port differ)")
+        if result:
+            raise PortmapError("error", f"PCP: the gateway refused: result {result} "
+                               f"({RESULTS.get(result, 'unknown')})")
         v4 = ipaddress.IPv6Address(ext_ip).ipv4_mapped
         if v4 is None:
             raise Garbage("external address is not IPv4")

@@ -39,6 +39,7 @@ class FakePcpGateway(asyncio.DatagramProtocol):
     public_ip: str = PUBLIC_IP
     max_lifetime: int = 7200
     port_shift: int = 0  # the external port granted = suggested + port_shift
+    granted: int | None = None  # the lease answered to a MAP, whatever was asked
     requests: list[Request] = field(default_factory=list)
     mappings: dict[int, int] = field(default_factory=dict)  # internal -> external
     datagrams: int = 0  # every datagram received, answered or not
@@ -91,7 +92,7 @@ class FakePcpGateway(asyncio.DatagramProtocol):
             return
         nonce, proto, internal, suggested = struct.unpack_from("!12sB3xHH", data, 24)
         self.requests.append(Request("pcp", 1, lifetime, internal, suggested, nonce))
-        granted = min(lifetime, self.max_lifetime)
+        granted = self._lease(lifetime)
         external = (suggested or internal) + self.port_shift
         if lifetime == 0:
             self.mappings.pop(internal, None)
@@ -120,7 +121,12 @@ class FakePcpGateway(asyncio.DatagramProtocol):
         elif result == 0:
             self.mappings[internal] = external
         self.transport.sendto(struct.pack("!BBHIHHI", 0, 128 + opcode, result, 1000, internal,
-                                          external, min(lifetime, self.max_lifetime)), addr)
+                                          external, self._lease(lifetime)), addr)
+
+    def _lease(self, asked: int) -> int:
+        if asked == 0 or self.granted is None:
+            return min(asked, self.max_lifetime)
+        return self.granted
 
 
 async def start_pcp_gateway(mode: str = "pcp", host: str = "127.0.0.1",
