@@ -9,6 +9,7 @@ import base64
 import binascii
 import ipaddress
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
@@ -102,6 +103,9 @@ class FromDevice(Protocol):
     @property
     def msg_id(self) -> int: ...
 
+    @property
+    def sent_at(self) -> float: ...
+
 
 M = TypeVar("M", bound=FromDevice)
 
@@ -119,6 +123,14 @@ class NewestBook(Generic[M]):
             return False
         self.latest[message.sender] = message
         return True
+
+    def prune(self, before: float, keep: Callable[[DeviceId], bool] = lambda _: False
+              ) -> None:
+        """Forget the messages sent before `before`, but those of devices `keep` names.
+        A line that old is refused when it comes again (the caller's TTL check), so
+        forgetting its newer one opens no replay."""
+        for device in [d for d, m in self.latest.items() if m.sent_at < before and not keep(d)]:
+            del self.latest[device]
 
 
 class AnnounceBook(NewestBook[Announcement]):

@@ -28,6 +28,7 @@ from kbwg.agent.presence import Presence
 from kbwg.agent.runtime_state import AgentState
 from kbwg.agent.team_view import TeamView
 from kbwg.core.identity import DeviceId
+from kbwg.core.loglimit import LimitedLog
 from kbwg.negotiation.replay import DEFAULT_WINDOW_S
 from kbwg.negotiation.session import Negotiator
 
@@ -81,6 +82,8 @@ class ChatDispatch:
         self._peer_sync = peer_sync
         self._negotiator = negotiator
         self.seen = SeenMessages()
+        # Lines about messages from non-peers: any team member can post them without end.
+        self._notes = LimitedLog(log)
 
     async def on_message(self, msg: ChatMessage) -> None:
         ch = msg.channel
@@ -104,8 +107,9 @@ class ChatDispatch:
         if sender == self._state.me:
             return
         if sender not in self._state.peers:
-            log.info("ignoring negotiation message %d from %s: not a peer of this "
-                     "device (not in peers.json, no live claim, or policy)", msg.id, sender)
+            self._notes.log(logging.INFO, "ignoring negotiation message %d from %s: not a "
+                            "peer of this device (not in peers.json, no live claim, or "
+                            "policy)", msg.id, sender)
             return
         await self._negotiator.handle(msg)
 

@@ -17,6 +17,10 @@ once every message is delivered, whatever the order of delivery):
   itself nor lets a rival that claimed in between overtake it. Claiming another address
   starts a new run, and coming back later counts from the new claim.
 - Claims live ANNOUNCE_TTL_S after they were sent, as announcements do.
+- At most MAX_CLAIMS_PER_DEVICE live claims of a device are kept, its newest: past them
+  the oldest go as expired ones do, their run's rank carried. No correct agent claims
+  that often in a lifetime; agents that saw such a device's claims in different orders
+  (the history is read newest first) may rank that device differently.
 - Ignored claims leave no trace: a claim from a listed device, of a listed address or of
   an address outside the dynamic range, or one already expired, changes nothing.
 """
@@ -48,6 +52,12 @@ _PREVIOUS_MAX_BYTES = 4096  # the file holds one small JSON object
 # Random draws before falling back to listing the free addresses: a nearly full range
 # would otherwise make the draw loop long, a nearly empty one makes the listing wasteful.
 _RANDOM_DRAWS = 64
+# A device's live claims kept (for its seniority; older ones are dropped as expired ones
+# are, their run's rank carried). A device claims once per re-announcement (every 30
+# min) and again after losing an address: a handful an hour. A member claiming without
+# end made every claim cost a pass over all its earlier ones, and the list grew for an
+# hour (the claims' lifetime).
+MAX_CLAIMS_PER_DEVICE = 32
 
 
 class ClaimError(ValueError):
@@ -193,8 +203,12 @@ class _History:
 
     def drop_expired(self, now: float) -> None:
         while len(self.claims) > 1 and not self.claims[0].live(now):
-            self.carried = (self.claims[0].ip, self.seniority_at(0))
-            self.dropped_upto = self.claims.pop(0).msg_id
+            self.drop_oldest()
+
+    def drop_oldest(self) -> None:
+        """Forget the oldest claim, keeping the rank its run earned."""
+        self.carried = (self.claims[0].ip, self.seniority_at(0))
+        self.dropped_upto = self.claims.pop(0).msg_id
 
 
 class ClaimBook:
@@ -222,6 +236,15 @@ class ClaimBook:
             return _reject(Rejection.STALE, f"message {claim.msg_id} was already seen")
         previous = history.current if history.claims else None
         bisect.insort(history.claims, claim, key=lambda c: c.msg_id)
+        if len(history.claims) > MAX_CLAIMS_PER_DEVICE:
+            # Its oldest go as expired ones do: a claim older than them is then stale.
+            log.debug("%s: more than %d live claims, the oldest forgotten", claim.sender,
+                      MAX_CLAIMS_PER_DEVICE)
+            while len(history.claims) > MAX_CLAIMS_PER_DEVICE:
+                history.drop_oldest()
+            if claim.msg_id <= history.dropped_upto:
+                return _reject(Rejection.STALE, f"message {claim.msg_id} is older than the "
+                               f"{MAX_CLAIMS_PER_DEVICE} claims kept of {claim.sender}")
         if previous is not None and claim.msg_id < previous.msg_id:
             # History is read newest first: the older claim still counts for seniority.
             return _reject(

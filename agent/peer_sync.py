@@ -125,7 +125,7 @@ class PeerSync:
         async with self._lock:
             s, team = self._state, self._team
             now = time.time()
-            team.keys.prune(now)
+            team.prune(now)
             desired = desired_peers(s.me, team.entries, team.announcements, team.claims,
                                     team.config.policy, now, team.keys, s.public_key)
             for refusal in desired.refusals:

@@ -8,6 +8,7 @@ from the history or the listener, goes into the books through `take_announce`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable
@@ -15,7 +16,7 @@ from dataclasses import dataclass, field
 
 from kbwg.agent.announce import ANNOUNCE_TTL_S, AnnounceBook
 from kbwg.agent.announce_candidates import CandidateBook
-from kbwg.agent.announce_feed import take_announce_message
+from kbwg.agent.announce_feed import announce_feed_notes, take_announce_message
 from kbwg.agent.claims import ClaimBook
 from kbwg.agent.join_options import JoinError
 from kbwg.agent.keybase import Channel, ChatMessage, KeybaseClient, KeybaseError
@@ -23,8 +24,17 @@ from kbwg.agent.keyowners import KeyBook
 from kbwg.agent.peers_file import PeerEntry, PeersError, parse_peers, peers_path
 from kbwg.agent.teamconfig import TeamConfig
 from kbwg.core.identity import DeviceId
+from kbwg.core.loglimit import LimitedLog
 
 log = logging.getLogger(__name__)
+
+# At most this many #announce messages per history read (newest first). Start-up reads
+# two hours of it and every refresh (30 s) one hour, each line parsed and its key
+# checked again: a member posting without end made every agent of the team read all of
+# it, at every refresh. A device posts about 3 lines per re-announcement (every 30 min)
+# and a few more when its candidates change: 5000 is two hours of a 250-device team.
+# Past it the books keep what they took before (pushes are taken one by one).
+HISTORY_MAX_MESSAGES = 5000
 
 
 @dataclass
@@ -39,6 +49,9 @@ class TeamView:
     keys: KeyBook = field(default_factory=KeyBook)
     # CANDIDATES lines: what peers published for early checks.
     published: CandidateBook = field(default_factory=CandidateBook)
+    # Refused lines, which every history read meets again: a member can post them
+    # without end.
+    notes: LimitedLog = field(default_factory=announce_feed_notes)
 
     def __post_init__(self) -> None:
         # Keybase team names are case-insensitive and its replies use the canonical
@@ -114,7 +127,19 @@ class TeamView:
         """One #announce message into the books; True when something changed."""
         return take_announce_message(msg, me, self.announcements, self.claims, self.entries,
                                      self.config.dynamic_range, time.time(), self.keys,
-                                     self.published)
+                                     self.published, self.notes)
+
+    def prune(self, now: float) -> None:
+        """Forget what has expired from the books. Announcements stay for listed devices
+        and live claimants (their peer keeps its key, as before); other devices' expired
+        lines are no longer used, and a member posting as ever new devices grew them."""
+        listed = {e.device_id for e in self.entries}
+        self.claims.prune(now)
+        self.announcements.prune(
+            now - ANNOUNCE_TTL_S,
+            keep=lambda d: d in listed or self.claims.claim_of(d, now) is not None)
+        self.published.prune(now - ANNOUNCE_TTL_S)
+        self.keys.prune(now)
 
     async def read_history(self, me: DeviceId, first: bool = False) -> None:
         self.take_history(await self.fetch_history(first), me)
@@ -126,9 +151,16 @@ class TeamView:
         # every lifetime, so the key's first use is seen before any live copy of it.
         since = time.time() - ANNOUNCE_TTL_S * (2 if first else 1)
         messages: list[ChatMessage] = []
+        history = self.keybase.read_history(self.announce_channel, since=since)
         try:
-            async for msg in self.keybase.read_history(self.announce_channel, since=since):
-                messages.append(msg)
+            async with contextlib.aclosing(history):
+                async for msg in history:
+                    if len(messages) >= HISTORY_MAX_MESSAGES:
+                        log.warning("#announce: read the newest %d messages only, older "
+                                    "ones are left out (a member posting without end?)",
+                                    HISTORY_MAX_MESSAGES)
+                        break
+                    messages.append(msg)
         except KeybaseError as exc:
             # A team that never announced has no #announce yet; our send creates it.
             log.info("no announcement history read: %s", exc)

@@ -153,6 +153,10 @@ class Upkeep:
         now = asyncio.get_running_loop().time()
         if now - self._lost_at.get(peer, -LOST_PATH_SPACING_S) < LOST_PATH_SPACING_S:
             return
+        # Only the spacing's window matters: peers that come and go (claimed devices)
+        # would otherwise stay here for good.
+        self._lost_at = {p: t for p, t in self._lost_at.items()
+                         if now - t < LOST_PATH_SPACING_S}
         self._lost_at[peer] = now
         if await self._regather(f"path to {peer} lost"):
             return

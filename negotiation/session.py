@@ -60,6 +60,7 @@ from kbwg.core.identity import DeviceId
 from kbwg.negotiation.replay import ReplayGuard
 from kbwg.negotiation.signalling import SignalMessage
 from kbwg.negotiation.wire import (
+    MAX_TEXT,
     Answer,
     CandidateInfo,
     Offer,
@@ -67,6 +68,7 @@ from kbwg.negotiation.wire import (
     Trickle,
     WireError,
     WireMessage,
+    ignored_notes,
     log_ignored,
     new_sender_session,
     new_session_id,
@@ -211,6 +213,8 @@ class Negotiator:
         self.guard = ReplayGuard()
         self.sessions: dict[DeviceId, PeerSession] = {}
         self._pending: dict[DeviceId, list[tuple[float, SignalMessage]]] = {}
+        # Lines about refused messages: a peer can send them without end.
+        self._ignored = ignored_notes()
         self._tasks = Background(log, "negotiation step")
         self._spawn = self._tasks.spawn
 
@@ -374,12 +378,24 @@ class Negotiator:
             except SenderKeyMismatch:
                 self._hold(sender, chat)  # sealed with a key not announced (yet)
             except WireError as exc:
-                log_ignored(chat, exc)
+                log_ignored(chat, exc, self._ignored)
 
     def _hold(self, sender: DeviceId, chat: SignalMessage) -> None:
-        now = time.monotonic()
-        held = [(t, m) for t, m in self._pending.get(sender, []) if now - t < PENDING_TTL_S]
-        self._pending[sender] = [*held, (now, chat)][-PENDING_MAX:]
+        if chat.body is not None and len(chat.body) > MAX_TEXT:
+            # open_body refuses it anyway; held, a dev body can be 1,000,000 bytes.
+            log.debug("not holding negotiation message %d from %s: %d characters, over %d",
+                      chat.id, sender, len(chat.body), MAX_TEXT)
+            return
+        now = asyncio.get_running_loop().time()
+        # Every sender's expired messages go, not only this one's: a peer that never
+        # announces (or stopped being one) would keep its last PENDING_MAX for good.
+        for other in list(self._pending):
+            live = [(t, m) for t, m in self._pending[other] if now - t < PENDING_TTL_S]
+            if live:
+                self._pending[other] = live
+            else:
+                del self._pending[other]
+        self._pending[sender] = [*self._pending.get(sender, []), (now, chat)][-PENDING_MAX:]
         log.debug("holding negotiation message %d from %s until its key is announced",
                   chat.id, sender)
 

@@ -51,6 +51,7 @@ from nacl.exceptions import CryptoError
 from nacl.public import Box, PrivateKey, PublicKey
 
 from kbwg.core.identity import DeviceId
+from kbwg.core.loglimit import LimitedLog
 from kbwg.negotiation.signalling import SignalMessage
 
 if TYPE_CHECKING:
@@ -294,17 +295,26 @@ def receive(chat: SignalMessage, *, known_keys: Mapping[DeviceId, PublicKey],
     return message
 
 
-def log_ignored(chat: SignalMessage, exc: WireError) -> None:
-    """One log line for a dev-channel post that is not used, at a level that fits."""
+def ignored_notes() -> LimitedLog:
+    """For `log_ignored`: a sender can post refused messages without end."""
+    return LimitedLog(log)
+
+
+def log_ignored(chat: SignalMessage, exc: WireError, notes: LimitedLog | None = None) -> None:
+    """One log line for a dev-channel post that is not used, at a level that fits
+    (through `notes` when given)."""
+    note = notes.log if notes is not None else log.log
     sender = f"{chat.sender_username}/{chat.sender_device}"
     if isinstance(exc, NotForUs):
-        log.debug("negotiation message %d from %s not for us: %s", chat.id, sender, exc)
+        note(logging.DEBUG, "negotiation message %d from %s not for us: %s", chat.id, sender,
+             exc)
     elif isinstance(exc, BadBox | WrongSender | UnknownSender):
         # Possible forgery: worth an operator's attention.
-        log.warning("ignoring negotiation message %d from %s: %s", chat.id, sender, exc)
+        note(logging.WARNING, "ignoring negotiation message %d from %s: %s", chat.id, sender,
+             exc)
     else:
-        log.info("ignoring negotiation message %d from %s (%s): %s", chat.id, sender,
-                 type(exc).__name__, exc)
+        note(logging.INFO, "ignoring negotiation message %d from %s (%s): %s", chat.id,
+             sender, type(exc).__name__, exc)
 
 
 # ------------------------------------------------------------------- bodies
