@@ -306,8 +306,9 @@ def log_ignored(chat: SignalMessage, exc: WireError, notes: LimitedLog | None = 
     note = notes.log if notes is not None else log.log
     sender = f"{chat.sender_username}/{chat.sender_device}"
     if isinstance(exc, NotForUs):
-        note(logging.DEBUG, "negotiation message %d from %s not for us: %s", chat.id, sender,
-             exc)
+        # The other pairs' everyday traffic, and only when debugging: it must not spend
+        # the budget the lines below (possible forgeries) need.
+        log.debug("negotiation message %d from %s not for us: %s", chat.id, sender, exc)
     elif isinstance(exc, BadBox | WrongSender | UnknownSender):
         # Possible forgery: worth an operator's attention.
         note(logging.WARNING, "ignoring negotiation message %d from %s: %s", chat.id, sender,

@@ -12,6 +12,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from ipaddress import IPv4Address, IPv4Network
+from types import SimpleNamespace
 from typing import Any, cast
 
 import pytest
@@ -34,7 +35,7 @@ from kbwg.agent.upkeep import LOST_PATH_SPACING_S
 from kbwg.core.identity import DeviceId
 from kbwg.core.loglimit import BURST, LINES_PER_SECOND
 from kbwg.negotiation.session import PENDING_TTL_S
-from kbwg.negotiation.wire import MAX_TEXT
+from kbwg.negotiation.wire import MAX_TEXT, BadBox, NotForUs, ignored_notes, log_ignored
 
 TEAM = "t1"
 ANNOUNCE = Channel(TEAM, "announce", "chat")
@@ -235,6 +236,20 @@ async def test_refused_negotiation_messages_of_a_peer_write_a_bounded_log(
             await alice.negotiator.handle(bus.message(BOB, f"not a sealed message {i}"))
     ignored = lines(caplog, "kbwg.negotiation.wire", "ignoring negotiation message")
     assert 1 <= len(ignored) <= bound(started)
+
+
+def test_other_pairs_traffic_does_not_spend_the_budget_of_possible_forgeries(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """With debugging on, every post between two other devices is a "not for us" line:
+    limited alongside the warnings, everyday traffic would crowd out a forgery's."""
+    notes = ignored_notes()
+    chat = SimpleNamespace(id=7, sender_username="carol", sender_device="nas", body="x")
+    with caplog.at_level(logging.DEBUG, logger="kbwg.negotiation.wire"):
+        for _ in range(BURST * 5):
+            log_ignored(chat, NotForUs("sealed to another key"), notes)
+        log_ignored(chat, BadBox("does not open"), notes)
+    assert lines(caplog, "kbwg.negotiation.wire", "not for us")
+    assert lines(caplog, "kbwg.negotiation.wire", "ignoring negotiation message 7")
 
 
 @VIRTUAL_CLOCK
