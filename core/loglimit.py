@@ -20,7 +20,11 @@ BURST = 20
 
 
 class LimitedLog:
-    """At most `burst` lines at once, then `rate` per second, into `logger`."""
+    """At most `burst` lines at once, then `rate` per second, into `logger`.
+
+    Debug lines pass unlimited and spend nothing: they are written only when the
+    operator asked for them, and the everyday ones (other pairs' traffic, messages
+    read again) must not crowd out the warnings that share the budget."""
 
     def __init__(self, logger: logging.Logger, rate: float = LINES_PER_SECOND,
                  burst: float = BURST, clock: Callable[[], float] = time.monotonic) -> None:
@@ -32,6 +36,9 @@ class LimitedLog:
         """`exc_info`: with the traceback of the exception being handled, as
         `Logger.exception` does (a line left out leaves its traceback out too)."""
         if not self._logger.isEnabledFor(level):
+            return
+        if level < logging.INFO:
+            self._logger.log(level, msg, *args, exc_info=exc_info, stacklevel=2)
             return
         if not self._bucket.take():
             self.left_out += 1

@@ -52,6 +52,18 @@ def test_a_level_not_logged_spends_nothing(caplog: pytest.LogCaptureFixture) -> 
     assert limited.left_out == 0
 
 
+def test_debug_lines_pass_and_leave_the_budget_to_the_others(
+        caplog: pytest.LogCaptureFixture) -> None:
+    logger = logging.getLogger("test.loglimit.debug")
+    limited = LimitedLog(logger, rate=1.0, burst=1, clock=Clock())
+    with caplog.at_level(logging.DEBUG, logger="test.loglimit.debug"):
+        for i in range(5):
+            limited.log(logging.DEBUG, "debug %d", i)
+        limited.log(logging.WARNING, "warning")
+    assert [r.getMessage() for r in caplog.records] == \
+        [*(f"debug {i}" for i in range(5)), "warning"]
+
+
 def test_a_connection_loop_past_the_cap_writes_a_bounded_log(
         caplog: pytest.LogCaptureFixture) -> None:
     """Every refusal is counted; only the first lines (and then a trickle) are logged."""
