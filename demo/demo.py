@@ -141,7 +141,7 @@ def main() -> int:
         if args.logs is not None:
             args.logs.mkdir(parents=True, exist_ok=True)
             for agent in agents:
-                shutil.copyfile(agent.log_path, args.logs / f"{agent.name}.log")
+                shutil.copyfile(agent.log_path, args.logs / f"{agent.username}-{agent.device}.log")
             print(f"agent logs copied to {args.logs}/")
     print("\nworld torn down; nothing left behind")
     return 1 if failed else 0
