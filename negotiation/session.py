@@ -57,6 +57,7 @@ from nacl.public import PrivateKey, PublicKey
 
 from kbwg.core.background import Background
 from kbwg.core.identity import DeviceId
+from kbwg.core.loglimit import LimitedLog
 from kbwg.negotiation.replay import ReplayGuard
 from kbwg.negotiation.signalling import SignalMessage
 from kbwg.negotiation.wire import (
@@ -149,6 +150,9 @@ class PeerSession:
     # Renegotiating after checks that found no path, with backoff.
     retry_s: float = RETRY_MIN_S
     retry: asyncio.TimerHandle | None = None
+    # The lines about the peer's messages: a handful per session, but a peer can post
+    # offers or candidates without end. Per peer, so that one does not silence others.
+    notes: LimitedLog = field(default_factory=lambda: LimitedLog(log))
 
     def told(self, candidates: list[CandidateInfo], complete: bool) -> None:
         self.sent = {(c.type, c.ip, c.port) for c in candidates}
@@ -407,7 +411,7 @@ class Negotiator:
         elif message.type == "candidates":
             self._on_trickle(session, message, Trickle.from_wire(message.body))
         elif message.type == "bye":
-            log.info("%s said bye", session.peer)
+            session.notes.log(logging.INFO, "%s said bye", session.peer)
             session.cancel_timer()
             session.cancel_retry()  # its agent stopped: its next run offers or announces
             session.replace_checker(None)
@@ -431,7 +435,7 @@ class Negotiator:
                       session.peer_latest - message.timestamp)
             return
         if session.glare_won():
-            log.info("glare with %s: our offer wins (higher key)", peer)
+            session.notes.log(logging.INFO, "glare with %s: our offer wins (higher key)", peer)
             return
         session.peer_latest = message.timestamp
         if message.type == "restart":
@@ -442,7 +446,7 @@ class Negotiator:
         if session.glare_won():
             # Our own offer went out while we re-checked or gathered (our candidates
             # changed: a restart to everyone), and it wins.
-            log.info("glare with %s: our offer wins (higher key)", peer)
+            session.notes.log(logging.INFO, "glare with %s: our offer wins (higher key)", peer)
             return
         if session.session_id is not None and session.session_id != sid:
             self.guard.supersede(str(peer), session.session_id)
@@ -454,8 +458,8 @@ class Negotiator:
         session.replace_checker(checker)
         checker.set_remote(offer.ufrag, offer.pwd, list(offer.candidates), offer.complete)
         session.state = "checking"
-        log.info("%s from %s: %d candidates%s; answering", message.type, peer,
-                 len(offer.candidates), "" if offer.complete else ", more to come")
+        session.notes.log(logging.INFO, "%s from %s: %d candidates%s; answering", message.type,
+                          peer, len(offer.candidates), "" if offer.complete else ", more to come")
         complete = self._gathering_done()
         session.told(candidates, complete)
         answer = session.answer = Answer(ufrag, pwd, candidates, complete)
@@ -524,16 +528,16 @@ class Negotiator:
         session.checker.set_remote(answer.ufrag, answer.pwd, list(answer.candidates),
                                    answer.complete)
         session.state = "checking"
-        log.info("answer from %s: %d candidates%s", session.peer, len(answer.candidates),
-                 "" if answer.complete else ", more to come")
+        session.notes.log(logging.INFO, "answer from %s: %d candidates%s", session.peer,
+                          len(answer.candidates), "" if answer.complete else ", more to come")
 
     def _on_trickle(self, session: PeerSession, message: WireMessage, trickle: Trickle) -> None:
         if message.session_id != session.session_id or session.checker is None:
             log.debug("candidates from %s for another session; ignored", session.peer)
             return
         session.checker.add_remote(list(trickle.candidates), trickle.complete)
-        log.info("%d more candidates from %s%s", len(trickle.candidates), session.peer,
-                 " (the last)" if trickle.complete else "")
+        session.notes.log(logging.INFO, "%d more candidates from %s%s", len(trickle.candidates),
+                          session.peer, " (the last)" if trickle.complete else "")
 
     # -- plumbing -----------------------------------------------------------------
 

@@ -238,6 +238,26 @@ async def test_refused_negotiation_messages_of_a_peer_write_a_bounded_log(
     assert 1 <= len(ignored) <= bound(started)
 
 
+@VIRTUAL_CLOCK
+async def test_a_peer_offering_without_end_writes_a_bounded_log(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A peer's offers are authentic (sealed by its key), yet it can post them without
+    end: each is answered, and only the first lines (then a trickle) are logged."""
+    bus, alice, bob = pair(offer_grace_s=LONG, answer_timeout_s=LONG)
+    alice.meet(they_joined_later=True)
+    bob.meet(they_joined_later=False)
+    await settle(bus, alice, bob)
+    started = time.monotonic()
+    offers = 100
+    with caplog.at_level(logging.INFO, logger="kbwg.negotiation.session"):
+        for _ in range(offers):
+            await bob.negotiator.offer(bob.negotiator.sessions[ALICE], kind="restart")
+            await settle(bus, alice, bob)
+    answering = lines(caplog, "kbwg.negotiation.session", "; answering")
+    assert len(alice.checkers) > offers  # every offer was taken
+    assert 1 <= len(answering) <= bound(started)
+
+
 def test_other_pairs_traffic_does_not_spend_the_budget_of_possible_forgeries(
         caplog: pytest.LogCaptureFixture) -> None:
     """With debugging on, every post between two other devices is a "not for us" line:
