@@ -17,6 +17,7 @@ from kbwg.agent.startclock import milestone
 from kbwg.agent.statedir import ENV_STATE_DIR, StateDirBusy, lock_state_dir, resolve_state_dir
 from kbwg.agent.status_view import render_status
 from kbwg.core.deferred_init import defer_init
+from kbwg.core.printable import LOG_LINE_LIMIT, PrintableMessage, printable
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -230,6 +231,8 @@ def _setup_logging(verbosity: int, quiet: bool = False) -> None:
     for handler in logging.getLogger().handlers:
         handler.addFilter(_quiet_pyroute2)
         handler.addFilter(SyslogPriority())
+        # Messages quote what others chose (names, reasons): one line, no controls.
+        handler.addFilter(PrintableMessage())
 
 
 def log_format(environ: Mapping[str, str]) -> str:
@@ -256,7 +259,8 @@ def _quiet_pyroute2(record: logging.LogRecord) -> bool:
 
 
 def _fail(message: str, code: int = 1) -> int:
-    print(f"kbwg-agent: error: {message}", file=sys.stderr)
+    # Errors quote what others chose (kbwg.json, Keybase, the agent): no controls.
+    print(f"kbwg-agent: error: {printable(message, LOG_LINE_LIMIT)}", file=sys.stderr)
     return code
 
 

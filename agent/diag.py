@@ -24,6 +24,7 @@ from aioice import stun
 
 from kbwg.agent.peers_file import DEFAULT_OVERLAY
 from kbwg.agent.teamconfig import HostPort, RelayConfig, tls_context
+from kbwg.core.printable import printable_tree
 from kbwg.negotiation.candidates import (
     DEFAULT_INTERFACE_EXCLUDE,
     Candidate,
@@ -58,6 +59,9 @@ JSON_VERSION = 1
 EXIT_OK = 0
 EXIT_UDP_BLOCKED = 2
 ENV_RELAY_SECRET = "KBWG_RELAY_SECRET"
+# Characters kept of any one string in a report rendered for a terminal: servers, relays,
+# gateways and team members choose some of them (reason phrases, names, URLs).
+RENDER_LIMIT = 1000
 _SECRET_FILE_MAX = 64 * 1024
 SECRET_ON_COMMAND_LINE = (
     "--relay-secret puts the secret in the process list, where every local user can "
@@ -505,7 +509,9 @@ def _ipv6_line(ipv6: dict[str, Any] | None) -> str | None:
 
 
 def render_report(data: dict[str, Any]) -> str:
-    """The human report from `DiagReport.to_json()` (also what a running agent returns)."""
+    """The human report from `DiagReport.to_json()` (also what a running agent returns),
+    every string in it made printable: no terminal controls from others."""
+    data = printable_tree(data, RENDER_LIMIT)
     lines = [f"kbwg-agent diag ({data['mode']}, UDP port {data['local_port']}, "
              f"servers from {data['config_source']}, {data['duration_s']:.2f}s)", ""]
     lines.append("Interfaces")

@@ -24,11 +24,15 @@ from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 from kbwg.agent.control import ControlError
+from kbwg.core.printable import printable, printable_tree
 
 DIRECT_PATHS = ("direct", "direct-lan")
 PATH_NAMES = {"direct-lan": "LAN", "direct": "direct", "relay": "relay"}
 EXIT_OK = 0
 EXIT_FAILED = 1
+# Characters kept of any one string of a reply shown on the terminal (a reason quotes
+# what others chose: names, relay refusals).
+RENDER_LIMIT = 1000
 
 # One ping: the peer and the per-ping timeout, answered with the agent's reply.
 PingCall = Callable[[str, float], Awaitable[dict[str, Any]]]
@@ -77,6 +81,7 @@ def describe_path(reply: dict[str, Any]) -> str:
 
 
 def render_ping(reply: dict[str, Any], timeout: float) -> str:
+    reply = printable_tree(reply, RENDER_LIMIT)  # no terminal controls from others
     who = f"{reply.get('peer')} ({reply.get('overlay_ip')})"
     status = reply.get("status")
     rtt = reply.get("rtt_ms")
@@ -89,7 +94,7 @@ def render_ping(reply: dict[str, Any], timeout: float) -> str:
 
 
 def render_summary(tally: PingTally, peer: str) -> str:
-    name = tally.last["peer"] if tally.last else peer
+    name = printable(tally.last["peer"] if tally.last else peer, RENDER_LIMIT)
     line = f"--- {name}: {tally.sent} pings, {len(tally.rtts_ms)} pongs"
     if tally.rtts_ms:
         rtts = tally.rtts_ms
@@ -108,7 +113,7 @@ async def run_ping(options: PingOptions, call: PingCall, out: TextIO, err: TextI
         try:
             reply = await call(options.peer, options.timeout)
         except ControlError as exc:
-            print(f"kbwg-agent: error: {exc}", file=err)
+            print(f"kbwg-agent: error: {printable(exc, RENDER_LIMIT)}", file=err)
             return EXIT_FAILED
         tally.sent += 1
         tally.last = reply
@@ -131,6 +136,7 @@ async def run_ping(options: PingOptions, call: PingCall, out: TextIO, err: TextI
         print(render_summary(tally, options.peer), file=out)
         if options.until_direct and code != EXIT_OK:
             last = tally.last.get("path") if tally.last else None
+            path = printable(PATH_NAMES.get(str(last), last or "none"), RENDER_LIMIT)
             print(f"kbwg-agent: direct connection not established after {tally.sent} "
-                  f"pings (path: {PATH_NAMES.get(str(last), last or 'none')})", file=err)
+                  f"pings (path: {path})", file=err)
     return code

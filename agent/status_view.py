@@ -5,6 +5,12 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from kbwg.core.printable import printable_tree
+
+# Characters kept of any one string in the report: team members, relays and gateways
+# choose some of them (reasons, names, URLs), and all of them reach a terminal.
+RENDER_LIMIT = 1000
+
 
 def _ago(ts: float | None, now: float) -> str:
     if not ts:
@@ -28,6 +34,7 @@ def _bytes(n: int) -> str:
 
 def render_status(status: dict[str, Any], now: float | None = None) -> str:
     now = time.time() if now is None else now
+    status = printable_tree(status, RENDER_LIMIT)  # no terminal controls from others
     lines = [
         f"{status['username']}/{status['device']} in team {status['team']}: "
         f"{status['overlay_ip']} on {status['interface']} ({status['backend']}), "

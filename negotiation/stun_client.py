@@ -24,6 +24,7 @@ from typing import Protocol, cast
 from aioice import stun
 
 from kbwg.core.addresses import Address
+from kbwg.core.printable import printable
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +98,9 @@ class StunTimeout(StunError):
 
 class StunErrorResponse(StunError):
     def __init__(self, server: Address, code: int | None, reason: str) -> None:
-        super().__init__(f"{format_address(server)} answered error {code} {reason}".rstrip())
+        # The reason phrase is the server's to choose: no terminal controls, cut short.
+        super().__init__(f"{format_address(server)} answered error {code} "
+                         f"{printable(reason)}".rstrip())
         self.server = server
         self.code = code
 

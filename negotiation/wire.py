@@ -52,6 +52,7 @@ from nacl.public import Box, PrivateKey, PublicKey
 
 from kbwg.core.identity import DeviceId
 from kbwg.core.loglimit import LimitedLog
+from kbwg.core.printable import printable
 from kbwg.negotiation.signalling import SignalMessage
 
 if TYPE_CHECKING:
@@ -80,8 +81,17 @@ _BOX_OVERHEAD = Box.NONCE_SIZE + 16
 _MAX_DEVICE_LEN = 128
 
 
+# Characters of a reason kept: it may quote the body (a name, a value), which the
+# sender chose, and it goes into log lines.
+MAX_REASON = 300
+
+
 class WireError(Exception):
-    """A negotiation message that cannot be used; str() is the reason."""
+    """A negotiation message that cannot be used; str() is the reason, printable (no
+    terminal controls from the body or the sender's name) and cut short."""
+
+    def __str__(self) -> str:
+        return printable(super().__str__(), MAX_REASON)
 
 
 class NotForUs(WireError):

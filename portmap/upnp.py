@@ -27,6 +27,7 @@ from async_upnp_client.const import HttpRequest, HttpResponse
 from async_upnp_client.search import SsdpSearchListener
 
 from kbwg.core.loglimit import LimitedLog
+from kbwg.core.printable import printable
 from kbwg.portmap.mapping import Mapping, PortmapError
 
 log = logging.getLogger(__name__)
@@ -73,9 +74,9 @@ class GatewayRequester(UpnpRequester):
                 data=http_request.body, allow_redirects=False) as response:
             if response.status in _REDIRECTS:
                 where = response.headers.get("Location", "")[:200]
-                raise PortmapError("error", f"UPnP: {url[:200]} answered a redirect "
+                raise PortmapError("error", f"UPnP: {printable(url)} answered a redirect "
                                    f"({response.status}) to {where!r}: not followed")
-            too_large = PortmapError("error", f"UPnP: {url[:200]} answered a body larger "
+            too_large = PortmapError("error", f"UPnP: {printable(url)} answered a body larger "
                                      f"than {MAX_BODY_BYTES} bytes (no IGD's is): refused")
             if (response.content_length or 0) > MAX_BODY_BYTES:
                 raise too_large
@@ -156,8 +157,8 @@ async def wan_service(location: str, timeout: float) -> UpnpService:
     for service in device.all_services:
         if any(f":service:{name}:" in service.service_type for name in _WAN_SERVICES):
             return service
-    raise PortmapError("error", f"UPnP: the device at {location} has no WAN connection "
-                       "service (not an Internet Gateway Device)")
+    raise PortmapError("error", f"UPnP: the device at {printable(location)} has no WAN "
+                       "connection service (not an Internet Gateway Device)")
 
 
 async def _call(service: UpnpService, action: str, timeout: float,
@@ -169,8 +170,10 @@ def _wrap(what: str, exc: Exception) -> PortmapError:
     if isinstance(exc, PortmapError):
         return exc
     kind = "timeout" if isinstance(exc, TimeoutError) else "error"
-    text = str(exc) or type(exc).__name__
-    return PortmapError(kind, f"UPnP: {what}: {text[:300]}")
+    # The library's messages quote the gateway's answers (fault strings, XML): diag and
+    # the log show them, so no terminal controls, and cut short.
+    text = printable(str(exc) or type(exc).__name__, 300)
+    return PortmapError(kind, f"UPnP: {what}: {text}")
 
 
 async def map_udp(gateway: str, local_ip: str, internal_port: int, external_port: int,

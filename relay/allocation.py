@@ -17,6 +17,7 @@ from typing import NamedTuple, Protocol
 
 from kbwg.core.addresses import Address
 from kbwg.core.loglimit import LimitedLog
+from kbwg.core.printable import printable
 from kbwg.relay.config import Lifetimes
 from kbwg.relay.hostaddrs import HostAddresses
 from kbwg.relay.limits import (
@@ -204,8 +205,9 @@ class AllocationTable:
         self._per_address[source] = self._per_address.get(source, 0) + 1
         self.counters.allocations_created += 1
         self._on_created(allocation)
+        # The username is the client's text (a credential holder's): no terminal controls.
         self.notes.log(logging.INFO, "allocation %s:%d for %s (%s) relayed at %s:%d",
-                       *client, user, username, *allocation.relayed)
+                       *client, printable(user), printable(username), *allocation.relayed)
         return allocation, new_token
 
     def refresh(self, allocation: Allocation, lifetime: int | None, now: float) -> float:

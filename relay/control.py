@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from aioice import stun
 
 from kbwg.core.addresses import Address
+from kbwg.core.printable import printable
 from kbwg.relay import wire
 from kbwg.relay.allocation import Allocation, AllocationTable, Refusal, StreamClient
 from kbwg.relay.config import ServerConfig
@@ -182,7 +183,7 @@ class ControlPlane:
         """Count and answer; without `key` (unauthenticated) within the rate limits."""
         self._count(refusal.counter)
         log.debug("%s from %s:%d refused %d (%s)", request.message.message_method.name,
-                  *request.client, refusal.code, refusal)
+                  *request.client, refusal.code, printable(refusal))  # may quote the client
         if key is None and not self._may_answer(request.client):
             return
         self._error(request, refusal.code, key)

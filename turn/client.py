@@ -40,6 +40,7 @@ from aioice.turn import TurnClientProtocol, TurnClientUdpProtocol
 
 from kbwg.core.addresses import Address
 from kbwg.core.loglimit import LimitedLog
+from kbwg.core.printable import printable
 from kbwg.core.stun import is_channel_data
 from kbwg.core.turnrest import rest_password, rest_username
 from kbwg.turn.family import allocate
@@ -56,8 +57,16 @@ LIFETIME_S = 600
 # Refused peers remembered so that a refusal is logged once (oldest forgotten first).
 MAX_REFUSED = 256
 # Characters of a refusal kept and logged: its reason phrase is the relay's to choose,
-# up to a datagram long.
+# up to a datagram long, control characters included (made printable).
 MAX_WHY = 200
+
+
+class RelayRefused(stun.TransactionFailed):
+    """aioice's TransactionFailed, saying the relay's reason phrase printable and cut
+    short: it reaches log lines, `status` and `diag` (the allocation's failure)."""
+
+    def __str__(self) -> str:
+        return printable(super().__str__(), MAX_WHY)
 
 
 @dataclass(frozen=True)
@@ -170,6 +179,9 @@ class RelayAllocation:
         try:
             left = max(0.1, timeout - (time.monotonic() - started))
             relayed = await asyncio.wait_for(allocate(protocol, ipv6), left)
+        except stun.TransactionFailed as exc:
+            link.close()
+            raise RelayRefused(exc.response) from None
         except BaseException:
             link.close()
             raise
@@ -243,7 +255,7 @@ class RelayAllocation:
                 except (stun.TransactionError, ConnectionError, OSError) as exc:
                     # Not fatal yet: the next round tries again, the permission lasts.
                     self._notes.log(logging.INFO, "relay %s: channel to %s:%d not "
-                                    "refreshed: %s", self.url, *peer, str(exc)[:MAX_WHY])
+                                    "refreshed: %s", self.url, *peer, printable(exc, MAX_WHY))
                     continue
                 self._bound_at[channel] = loop.time()
                 self._used.discard(channel)
@@ -284,7 +296,7 @@ class RelayAllocation:
                 self._bound_at[channel] = asyncio.get_running_loop().time()
         except Exception as exc:
             self.counters.send_errors += 1
-            why = str(exc)[:MAX_WHY]
+            why = printable(exc, MAX_WHY)
             if self._refused.get(peer) == why:
                 log.debug("relay %s: cannot reach %s:%d: %s", self.url, *peer, why)
             else:
@@ -301,7 +313,7 @@ class RelayAllocation:
             return
         self.closed = True
         log.warning("relay %s: allocation %s:%d lost%s", self.url, *self.relayed,
-                    f" ({exc})" if exc else "")
+                    f" ({printable(exc, MAX_WHY)})" if exc else "")
         if self.on_lost is not None:
             self.on_lost(self)
 
