@@ -259,8 +259,12 @@ def _quiet_pyroute2(record: logging.LogRecord) -> bool:
 
 
 def _fail(message: str, code: int = 1) -> int:
-    # Errors quote what others chose (kbwg.json, Keybase, the agent): no controls.
-    print(f"kbwg-agent: error: {printable(message, LOG_LINE_LIMIT)}", file=sys.stderr)
+    # Errors quote what others chose (kbwg.json, Keybase, the agent): no controls. Our
+    # own hints span lines (the sudo set-up), so newlines stay, but every line after
+    # the first is indented: no line a quoted text starts can pass for one of ours or
+    # carry a journal priority (`<3>`) at its start.
+    text = printable(message, LOG_LINE_LIMIT, keep="\n").replace("\n", "\n  ")
+    print(f"kbwg-agent: error: {text}", file=sys.stderr)
     return code
 
 

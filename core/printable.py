@@ -23,18 +23,19 @@ LOG_LINE_LIMIT = 4000
 CUT = "…"
 
 
-def printable(text: object, limit: int = DEFAULT_LIMIT) -> str:
+def printable(text: object, limit: int = DEFAULT_LIMIT, keep: str = "") -> str:
     """`str(text)` with every non-printable character (C0 and C1 controls, DEL, line and
     paragraph separators, format characters such as bidirectional overrides, unpaired
     surrogates) escaped as `repr` escapes it, cut after `limit` characters of the
-    result, with "…" after a cut. Printable text, spaces included, is unchanged."""
+    result, with "…" after a cut. Printable text, spaces included, is unchanged, and so
+    are the characters in `keep` (newlines, for our own multi-line messages)."""
     raw = text if isinstance(text, str) else str(text)
     if len(raw) <= limit and raw.isprintable():
         return raw
     out: list[str] = []
     size = 0
     for char in raw:
-        piece = char if char.isprintable() else repr(char)[1:-1]
+        piece = char if char.isprintable() or char in keep else repr(char)[1:-1]
         if size + len(piece) > limit:
             out.append(CUT)
             break

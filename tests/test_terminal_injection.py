@@ -411,4 +411,14 @@ def test_joins_log_lines_are_inert_whatever_a_caller_passes(
 
 def test_a_cli_error_quoting_others_is_inert(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli._fail("team t: kbwg.json relay " + HOSTILE) == 1
-    assert_inert(capsys.readouterr().err.rstrip("\n"))
+    err = capsys.readouterr().err.rstrip("\n")
+    assert_inert(err)
+    # A line the quoted text starts is indented: no forged line, no journal priority.
+    assert all(line.startswith("  ") for line in err.split("\n")[1:]), err
+
+
+def test_a_cli_error_keeps_our_own_lines(capsys: pytest.CaptureFixture[str]) -> None:
+    """The sudo set-up hint spans lines: shown as lines, not as one line of escapes."""
+    assert cli._fail("the device owner needs root:\n    sudo kbwg-agent install-helper") == 1
+    assert capsys.readouterr().err == ("kbwg-agent: error: the device owner needs root:\n"
+                                       "      sudo kbwg-agent install-helper\n")
