@@ -111,6 +111,14 @@ _STDERR_TAIL = 20
 # api-listen's status line, printed once it is subscribed (cmd_chat_api_listen.go).
 _LISTENING = "Listening for chat notifications"
 _STDERR_LINE_MAX = 300
+# The most `fs_read` takes of a file. It reads the team's files, which any team writer
+# can make as big as they like (or keep growing), and read whole they were held in
+# memory, then parsed at every refresh. peers.json at its cap (PEERS_MAX_ENTRIES) and
+# any sensible kbwg.json are far smaller.
+FS_READ_MAX_BYTES = 1024 * 1024
+# What `fs_read` keeps of the CLI's stderr (only its error message matters).
+_FS_STDERR_MAX = 64 * 1024
+_READ_CHUNK = 64 * 1024
 
 
 class KeybaseError(Exception):
@@ -153,6 +161,10 @@ class KeybaseServiceDown(KeybaseUnavailable):
 
 class KeybaseFileNotFound(KeybaseError, FileNotFoundError):
     """A KBFS path that does not exist."""
+
+
+class KeybaseFileTooLarge(KeybaseError):
+    """A KBFS file over FS_READ_MAX_BYTES: not read further."""
 
 
 def _unavailable(binary: str, what: str) -> KeybaseUnavailable:
@@ -511,7 +523,32 @@ class KeybaseClient:
         return name
 
     async def fs_read(self, path: str) -> bytes:
-        rc, out, err = await self._run("fs", "read", path)
+        """The file's bytes, at most FS_READ_MAX_BYTES: past them the CLI is stopped and
+        KeybaseFileTooLarge raised (the team's files are written by any team writer)."""
+        proc = await self._spawn("fs", "read", path)
+        try:
+            out, err = await asyncio.wait_for(_read_output(proc, FS_READ_MAX_BYTES),
+                                              timeout=self._call_timeout)
+        except TimeoutError:
+            await _kill(proc)
+            why = f"`keybase fs read {path}` did not finish in {self._call_timeout}s"
+            self.link.lost(why)
+            raise _service_down(self.binary, why) from None
+        except asyncio.CancelledError:
+            await _kill(proc)
+            raise
+        if out is None:
+            self.link.ok()  # Keybase answered: the file is the problem, not the service
+            raise KeybaseFileTooLarge(
+                f"keybase fs read {path}: stopped at {FS_READ_MAX_BYTES} bytes (1 MiB), the "
+                "most kbwg-agent reads of a team file; make the file smaller")
+        rc = proc.returncode
+        assert rc is not None
+        if rc != 0 and _SERVICE_DOWN_RE.search(_text(err)):
+            why = f"`keybase fs` failed: {_text(err)[:_STDERR_LINE_MAX]}"
+            self.link.lost(why)
+            raise _service_down(self.binary, why)
+        self.link.ok()
         if rc != 0:
             _raise_fs(rc, err, f"keybase fs read {path}")
         return out
@@ -939,6 +976,40 @@ def _settle(future: asyncio.Future[Any], result: Any) -> None:
 
 def _text(err: bytes) -> str:
     return err.decode(errors="replace").strip()
+
+
+async def _read_output(proc: asyncio.subprocess.Process,
+                       limit: int) -> tuple[bytes | None, bytes]:
+    """`fs read`'s stdout (None past `limit` bytes: the process is then killed) and the
+    start of its stderr, once it has exited."""
+    assert proc.stdout is not None and proc.stderr is not None
+    errors = asyncio.ensure_future(_read_at_most(proc.stderr, _FS_STDERR_MAX, drain=True))
+    try:
+        out = await _read_at_most(proc.stdout, limit + 1)
+        if len(out) > limit:
+            await _kill(proc)
+            return None, b""
+        err = await errors
+        await proc.wait()
+        return out, err
+    finally:
+        errors.cancel()
+
+
+async def _read_at_most(stream: asyncio.StreamReader, limit: int, drain: bool = False) -> bytes:
+    """Up to `limit` bytes of `stream` (until its end); with `drain`, what follows is
+    read and dropped until the end (the writer must not block on a full pipe)."""
+    chunks: list[bytes] = []
+    size = 0
+    while size < limit:
+        chunk = await stream.read(min(_READ_CHUNK, limit - size))
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+        size += len(chunk)
+    while drain and await stream.read(_READ_CHUNK):
+        pass
+    return b"".join(chunks)
 
 
 def _raise_fs(rc: int, err: bytes, what: str) -> None:

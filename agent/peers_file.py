@@ -15,6 +15,20 @@ from kbwg.core.identity import DeviceId
 
 DEFAULT_OVERLAY = IPv4Network("100.64.0.0/10")
 PEERS_NAME = "peers.json"
+# The most devices peers.json may list. Every listed device is a peer of every agent,
+# built again at each peer sync (5 s), and each claim read from #announce (all of them
+# at every refresh, 30 s) is checked against every entry: 19,000 entries (what 1 MiB
+# holds) cost 13 s of CPU per refresh with 500 claims. A mesh this agent runs well is
+# far smaller (bench/resources.py measures 21 devices).
+PEERS_MAX_ENTRIES = 1024
+# What an error message quotes of a value: the file is any team writer's, and a broken
+# one is logged again at every refresh.
+SHOWN_MAX = 64
+
+
+def shown(text: str) -> str:
+    """`text` as an error message may quote it: at most SHOWN_MAX characters."""
+    return text if len(text) <= SHOWN_MAX else f"{text[:SHOWN_MAX]}… ({len(text)} characters)"
 
 
 def peers_path(team: str) -> str:
@@ -42,7 +56,7 @@ def _describe(index: int, raw: object) -> str:
     if isinstance(raw, dict):
         user, device = raw.get("username"), raw.get("device")
         if isinstance(user, str) and isinstance(device, str):
-            return f"entry {index} ({user}/{device})"
+            return f"entry {index} ({shown(user)}/{shown(device)})"
     return f"entry {index}"
 
 
@@ -63,6 +77,9 @@ def parse_peers(data: bytes | str, overlay: IPv4Network = DEFAULT_OVERLAY) -> li
         raise PeersError(f"peers.json is not valid JSON: {exc}") from exc
     if not isinstance(doc, list):
         raise PeersError("peers.json must be a JSON list of {username, device, ip} objects")
+    if len(doc) > PEERS_MAX_ENTRIES:
+        raise PeersError(f"peers.json has {len(doc)} entries; it may list at most "
+                         f"{PEERS_MAX_ENTRIES} devices")
 
     entries: list[PeerEntry] = []
     by_device: dict[DeviceId, int] = {}
@@ -77,13 +94,14 @@ def parse_peers(data: bytes | str, overlay: IPv4Network = DEFAULT_OVERLAY) -> li
         try:
             ip = ipaddress.ip_address(ip_text)
         except ValueError as exc:
-            raise PeersError(f"peers.json {where}: '{ip_text}' is not an IP address") from exc
+            raise PeersError(
+                f"peers.json {where}: '{shown(ip_text)}' is not an IP address") from exc
         if not isinstance(ip, IPv4Address) or ip not in overlay:
             raise PeersError(
-                f"peers.json {where}: address {ip_text} is outside the overlay range {overlay}"
+                f"peers.json {where}: address {ip} is outside the overlay range {overlay}"
             )
         if ip in (overlay.network_address, overlay.broadcast_address):
-            raise PeersError(f"peers.json {where}: {ip_text} is not a usable host address")
+            raise PeersError(f"peers.json {where}: {ip} is not a usable host address")
         entry = PeerEntry(username, device, ip)
         if entry.device_id in by_device:
             raise PeersError(

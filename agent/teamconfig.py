@@ -13,8 +13,10 @@ from __future__ import annotations
 import ipaddress
 import json
 import logging
+import os
 import re
 import ssl
+import stat
 from dataclasses import dataclass, field
 from ipaddress import IPv4Network
 from typing import Protocol
@@ -22,7 +24,7 @@ from urllib.parse import parse_qs
 
 from kbwg.agent.claims import Policy
 from kbwg.agent.keybase import KeybaseFileNotFound
-from kbwg.agent.peers_file import DEFAULT_OVERLAY
+from kbwg.agent.peers_file import DEFAULT_OVERLAY, shown
 from kbwg.core.addresses import HostPort
 from kbwg.negotiation.interface_defaults import DEFAULT_INTERFACE_EXCLUDE
 from kbwg.owner.policy import WIDEST_PREFIX
@@ -43,6 +45,26 @@ _KNOWN_RELAY_KEYS = frozenset({"url", "secret", "username", "ca_file"})
 TURN_DEFAULT_PORT = 3478
 TURNS_DEFAULT_PORT = 5349
 TRANSPORTS = ("udp", "tcp", "tls")
+# Every device sends each gathering's Binding requests to every STUN server, and keeps
+# an allocation (UDP, TCP or TLS) on every relay entry: without a bound a writer listing
+# thousands (or one victim many times) made the whole team a traffic source at their
+# choice. A team needs two STUN servers to measure its NAT, and a few relays reached up
+# to three ways each. Entries past these are ignored, with a warning.
+STUN_MAX = 8
+RELAYS_MAX = 12
+# Each gathering matches every address's interface against every pattern (fnmatch,
+# whose cache holds 32,768): 100,000 patterns took minutes of the event loop. Interface
+# names have at most 15 characters. More, or longer, is refused.
+INTERFACE_EXCLUDE_MAX = 64
+PATTERN_MAX_CHARS = 64
+# DNS names have at most 253 characters (RFC 1035); a URL is a name and a little more.
+HOST_MAX_CHARS = 253
+URL_MAX_CHARS = 300
+# ca_file is read whole into memory by every device (it may live in the team's KBFS
+# folder, which any writer fills); a CA bundle is a few hundred KB.
+CA_FILE_MAX_BYTES = 1024 * 1024
+# Unknown keys named in one warning (a file for a newer agent has a few).
+_UNKNOWN_SHOWN = 3
 # Addresses that are never a peer's: the overlay must not touch them.
 _NEVER_OVERLAY = tuple(IPv4Network(n) for n in (
     "0.0.0.0/8", "127.0.0.0/8", "169.254.0.0/16", "224.0.0.0/4", "240.0.0.0/4"))
@@ -94,7 +116,12 @@ def tls_context(relay: RelayConfig) -> ssl.SSLContext:
     if relay.ca_file is None:
         return ssl.create_default_context()
     try:
-        return ssl.create_default_context(cafile=relay.ca_file)
+        # Read here, not by OpenSSL: a FIFO or a device named there blocked the event
+        # loop, and a huge file was read whole. ASCII only: cadata takes nothing else,
+        # and outside the PEM blocks (comments) other bytes do not matter.
+        pem = _read_ca_file(relay.ca_file).decode("latin-1")
+        return ssl.create_default_context(
+            cadata=pem.encode("ascii", "replace").decode("ascii"))
     except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
         detail = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
         raise ValueError(
@@ -102,6 +129,18 @@ def tls_context(relay: RelayConfig) -> ssl.SSLContext:
             "give a readable PEM file holding the CA that signed the relay's certificate "
             "(or remove 'ca_file' for a relay with a publicly trusted certificate)"
         ) from exc
+
+
+def _read_ca_file(path: str) -> bytes:
+    """A regular file of at most CA_FILE_MAX_BYTES, opened without blocking."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as file:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ValueError("not a regular file")
+        data = file.read(CA_FILE_MAX_BYTES + 1)
+    if len(data) > CA_FILE_MAX_BYTES:
+        raise ValueError(f"larger than {CA_FILE_MAX_BYTES} bytes (1 MiB)")
+    return data
 
 
 class FileReader(Protocol):
@@ -114,33 +153,36 @@ def parse_host_port(text: str, default_port: int | None = STUN_DEFAULT_PORT) -> 
     Raises ValueError with a message fit for the user.
     """
     text = text.strip()
+    quoted = shown(text)
     if text.startswith("["):
         host, sep, rest = text[1:].partition("]")
         if not sep or (rest and not rest.startswith(":")):
-            raise ValueError(f"'{text}' is not HOST:PORT")
+            raise ValueError(f"'{quoted}' is not HOST:PORT")
         port_text = rest[1:] if rest else ""
     elif text.count(":") == 1:
         host, port_text = text.split(":")
     elif ":" in text:
-        raise ValueError(f"'{text}': write IPv6 addresses as [ADDRESS]:PORT")
+        raise ValueError(f"'{quoted}': write IPv6 addresses as [ADDRESS]:PORT")
     else:
         host, port_text = text, ""
     if not host or any(c.isspace() or c in "/?#@" for c in host):
-        raise ValueError(f"'{text}' has no valid host")
+        raise ValueError(f"'{quoted}' has no valid host")
     try:
         # As the resolver will: an empty or over-63-character label fails there with a
         # UnicodeError that the gatherer does not expect.
-        host.encode("idna")
+        valid = len(host.encode("idna")) <= HOST_MAX_CHARS
     except UnicodeError:
-        raise ValueError(f"'{text}': '{host}' is not a valid host name") from None
+        valid = False
+    if not valid:
+        raise ValueError(f"'{quoted}': '{shown(host)}' is not a valid host name")
     if not port_text:
         if default_port is None:
-            raise ValueError(f"'{text}' has no port (HOST:PORT)")
+            raise ValueError(f"'{quoted}' has no port (HOST:PORT)")
         return HostPort(host, default_port)
     # isdigit() alone also passes "²" and other digits int() refuses, and any length.
     if not (port_text.isascii() and port_text.isdigit() and len(port_text) <= 5) \
             or not 1 <= int(port_text) <= 65535:
-        raise ValueError(f"'{text}': port must be a number from 1 to 65535")
+        raise ValueError(f"'{quoted}': port must be a number from 1 to 65535")
     return HostPort(host, int(port_text))
 
 
@@ -149,15 +191,18 @@ def parse_relay_url(url: str) -> tuple[HostPort, str]:
     (RFC 7065) -> (address, transport: udp, tcp or tls). turn: defaults to port 3478,
     turns: to 5349. Raises UnsupportedRelayUrl for another scheme or transport and
     ValueError for a malformed URL, with a message fit for the user."""
+    quoted = shown(url)
+    if len(url) > URL_MAX_CHARS:
+        raise ValueError(f"'{quoted}' is longer than {URL_MAX_CHARS} characters")
     scheme, sep, rest = url.partition(":")
     scheme = scheme.lower()
     if not sep or scheme not in ("turn", "turns"):
         raise UnsupportedRelayUrl(
-            f"'{url}' is not a turn: or turns: URL; write turn:HOST:PORT (UDP), "
+            f"'{quoted}' is not a turn: or turns: URL; write turn:HOST:PORT (UDP), "
             "turn:HOST:PORT?transport=tcp or turns:HOST:PORT (TLS)")
     hostport, _, query = rest.partition("?")
     if hostport.startswith("//"):
-        raise ValueError(f"'{url}': write {scheme}:HOST:PORT, without //")
+        raise ValueError(f"'{quoted}': write {scheme}:HOST:PORT, without //")
     tls = scheme == "turns"
     address = parse_host_port(hostport, TURNS_DEFAULT_PORT if tls else TURN_DEFAULT_PORT)
     transport = "tls" if tls else "udp"
@@ -165,13 +210,13 @@ def parse_relay_url(url: str) -> tuple[HostPort, str]:
         params = parse_qs(query, keep_blank_values=True)
         unknown = set(params) - {"transport"}
         if unknown:
-            raise ValueError(f"'{url}': unknown URL parameter {sorted(unknown)[0]}")
-        asked = params["transport"][-1].lower()
+            raise ValueError(f"'{quoted}': unknown URL parameter {shown(sorted(unknown)[0])}")
+        asked = shown(params["transport"][-1].lower())
         # turns: is TLS over TCP; RFC 7065 lets it say so, DTLS (turns: over UDP) we lack.
         allowed = ("tcp",) if tls else ("udp", "tcp")
         if asked not in allowed:
             raise UnsupportedRelayUrl(
-                f"'{url}': transport={asked} is not supported; use "
+                f"'{quoted}': transport={asked} is not supported; use "
                 + (f"{scheme}:HOST:PORT without it" if tls else "transport=udp or tcp, "
                    "or turns:HOST:PORT for TLS"))
         if not tls:
@@ -179,14 +224,52 @@ def parse_relay_url(url: str) -> tuple[HostPort, str]:
     return address, transport
 
 
-def _string_list(doc: dict[str, object], key: str) -> list[str]:
-    value = doc[key]
-    if not isinstance(value, list):
-        raise TeamConfigError(f"kbwg.json '{key}' must be a list of strings")
-    for index, item in enumerate(value, start=1):
+def _string_list(doc: dict[str, object], key: str, limit: int | None = None) -> list[str]:
+    """The strings at `key`; past `limit` ignored with a warning."""
+    strings: list[str] = []
+    for index, item in enumerate(_capped(doc, key, limit, "a list of strings"), start=1):
         if not isinstance(item, str) or not item.strip():
             raise TeamConfigError(f"kbwg.json '{key}' item {index} must be a non-empty string")
-    return [item.strip() for item in value]
+        strings.append(item.strip())
+    return strings
+
+
+def _capped(doc: dict[str, object], key: str, limit: int | None, what: str) -> list[object]:
+    """The list at `key`, its first `limit` items only (the rest are not even checked:
+    logged once, with the cap)."""
+    value = doc[key]
+    if not isinstance(value, list):
+        raise TeamConfigError(f"kbwg.json '{key}' must be {what}")
+    if limit is not None and len(value) > limit:
+        log.warning("kbwg.json '%s': only the first %d entries are used (at most %d, so "
+                    "that no file makes every device contact more servers); %d more "
+                    "ignored", key, limit, limit, len(value) - limit)
+        return value[:limit]
+    return value
+
+
+def _unknown_keys(where: str, raw: dict[str, object], known: frozenset[str]) -> None:
+    """One warning naming a few unknown keys, however many there are."""
+    unknown = sorted(set(raw) - known)
+    if not unknown:
+        return
+    names = ", ".join(f"'{shown(key)}'" for key in unknown[:_UNKNOWN_SHOWN])
+    more = f" and {len(unknown) - _UNKNOWN_SHOWN} more" if len(unknown) > _UNKNOWN_SHOWN else ""
+    log.warning("%s: ignoring unknown key%s %s%s", where, "s" if len(unknown) > 1 else "",
+                names, more)
+
+
+def _interface_exclude(doc: dict[str, object]) -> list[str]:
+    patterns = _string_list(doc, "interface_exclude")
+    if len(patterns) > INTERFACE_EXCLUDE_MAX:
+        raise TeamConfigError(f"kbwg.json 'interface_exclude' has {len(patterns)} patterns; "
+                              f"give at most {INTERFACE_EXCLUDE_MAX}")
+    for index, pattern in enumerate(patterns, start=1):
+        if len(pattern) > PATTERN_MAX_CHARS:
+            raise TeamConfigError(
+                f"kbwg.json 'interface_exclude' item {index}: '{shown(pattern)}' is longer "
+                f"than {PATTERN_MAX_CHARS} characters (interface names have at most 15)")
+    return patterns
 
 
 def _parse_relay(index: int, raw: object) -> RelayConfig | None:
@@ -195,8 +278,7 @@ def _parse_relay(index: int, raw: object) -> RelayConfig | None:
     where = f"kbwg.json 'relays' item {index}"
     if not isinstance(raw, dict):
         raise TeamConfigError(f"{where} must be an object with 'url' and 'secret'")
-    for key in sorted(set(raw) - _KNOWN_RELAY_KEYS):
-        log.warning("%s: ignoring unknown key '%s'", where, key)
+    _unknown_keys(where, raw, _KNOWN_RELAY_KEYS)
     url = raw.get("url")
     if not isinstance(url, str) or not url.strip():
         raise TeamConfigError(f"{where}: 'url' must be a turn:HOST:PORT string")
@@ -231,7 +313,7 @@ def _channel(doc: dict[str, object], key: str, default: str) -> str:
     if not isinstance(value, str) or not _CHANNEL_RE.match(value):
         raise TeamConfigError(
             f"kbwg.json '{key}' must be a channel name (letters, digits, - and _, "
-            f"at most 20), got {value!r}"
+            f"at most 20), got {shown(repr(value))}"
         )
     return value
 
@@ -244,11 +326,13 @@ def _network(doc: dict[str, object], key: str, example: str) -> IPv4Network:
         network = ipaddress.ip_network(raw, strict=True)
     except ValueError as exc:
         raise TeamConfigError(
-            f"kbwg.json '{key}' must be an IPv4 network like {example}, got {raw!r}"
+            f"kbwg.json '{key}' must be an IPv4 network like {example}, "
+            f"got {shown(repr(raw))}"
         ) from exc
     if not isinstance(network, IPv4Network) or network.prefixlen > 30:
         raise TeamConfigError(
-            f"kbwg.json '{key}' must be an IPv4 network of at least 4 addresses, got {raw!r}"
+            f"kbwg.json '{key}' must be an IPv4 network of at least 4 addresses, "
+            f"got {shown(repr(raw))}"
         )
     return network
 
@@ -289,7 +373,7 @@ def _policy(doc: dict[str, object]) -> Policy:
     if isinstance(raw, str) and raw in {p.value for p in Policy}:
         return Policy(raw)
     choices = " or ".join(f"'{p.value}'" for p in Policy)
-    raise TeamConfigError(f"kbwg.json 'policy' must be {choices}, got {raw!r}")
+    raise TeamConfigError(f"kbwg.json 'policy' must be {choices}, got {shown(repr(raw))}")
 
 
 def parse_team_config(data: bytes | str) -> TeamConfig:
@@ -302,12 +386,11 @@ def parse_team_config(data: bytes | str) -> TeamConfig:
         raise TeamConfigError(f"kbwg.json is not valid JSON: {exc}") from exc
     if not isinstance(doc, dict):
         raise TeamConfigError("kbwg.json must be a JSON object")
-    for key in sorted(set(doc) - _KNOWN_KEYS):
-        log.warning("kbwg.json: ignoring unknown key '%s'", key)
+    _unknown_keys("kbwg.json", doc, _KNOWN_KEYS)
 
     stun: list[HostPort] = []
     if "stun" in doc:
-        for index, text in enumerate(_string_list(doc, "stun"), start=1):
+        for index, text in enumerate(_string_list(doc, "stun", STUN_MAX), start=1):
             try:
                 stun.append(parse_host_port(text))
             except ValueError as exc:
@@ -315,9 +398,8 @@ def parse_team_config(data: bytes | str) -> TeamConfig:
 
     relays: list[RelayConfig] = []
     if "relays" in doc:
-        if not isinstance(doc["relays"], list):
-            raise TeamConfigError("kbwg.json 'relays' must be a list of {url, secret} objects")
-        parsed = [_parse_relay(i, raw) for i, raw in enumerate(doc["relays"], start=1)]
+        entries = _capped(doc, "relays", RELAYS_MAX, "a list of {url, secret} objects")
+        parsed = [_parse_relay(i, raw) for i, raw in enumerate(entries, start=1)]
         relays = [relay for relay in parsed if relay is not None]
 
     overlay = _overlay(doc) if "overlay" in doc else DEFAULT_OVERLAY
@@ -325,7 +407,7 @@ def parse_team_config(data: bytes | str) -> TeamConfig:
     announce = _channel(doc, "announce_channel", "announce")
     negotiation = _channel(doc, "negotiation_channel", "kbwg")
     exclude = (
-        _string_list(doc, "interface_exclude") if "interface_exclude" in doc
+        _interface_exclude(doc) if "interface_exclude" in doc
         else list(DEFAULT_INTERFACE_EXCLUDE)
     )
     return TeamConfig(
