@@ -216,11 +216,21 @@ class _History:
         self.dropped_upto = self.claims.pop(0).msg_id
 
 
+@dataclass(frozen=True)
+class _ListedIndex:
+    """peers.json's entries (`source`, the list itself) by device and by address."""
+
+    source: Collection[PeerEntry]
+    by_device: dict[DeviceId, IPv4Address]
+    by_ip: dict[IPv4Address, DeviceId]
+
+
 class ClaimBook:
     """Every device's claims as seen in `#announce`, and who owns which address."""
 
     def __init__(self) -> None:
         self._devices: dict[DeviceId, _History] = {}
+        self._listed: _ListedIndex | None = None
 
     def offer(
         self,
@@ -231,10 +241,10 @@ class ClaimBook:
         now: float,
     ) -> ClaimVerdict:
         """Record a claim unless it is to be ignored; the verdict says why not."""
-        rejected = self._check(claim, listed, dynamic_range, now)
+        rejected = self._check(claim, self._index(listed), dynamic_range, now)
         if rejected is not None:
             return rejected
-        self.prune(now)
+        self._prune_device(claim.sender, now)  # the others' at the next sync (prune)
         history = self._devices.setdefault(claim.sender, _History())
         known = [c.msg_id for c in history.claims]
         if claim.msg_id in known or claim.msg_id <= history.dropped_upto:
@@ -259,25 +269,37 @@ class ClaimBook:
             )
         return ClaimVerdict(accepted=True, replaced=previous)
 
+    def _index(self, listed: Collection[PeerEntry]) -> _ListedIndex:
+        """`listed` by device and by address, made again only for another list: every
+        claim of the history, read again at each refresh, is checked against it."""
+        if self._listed is None or self._listed.source is not listed:
+            by_device: dict[DeviceId, IPv4Address] = {}
+            by_ip: dict[IPv4Address, DeviceId] = {}
+            for entry in listed:
+                by_device.setdefault(entry.device_id, entry.ip)
+                by_ip.setdefault(entry.ip, entry.device_id)
+            self._listed = _ListedIndex(listed, by_device, by_ip)
+        return self._listed
+
     @staticmethod
     def _check(
-        claim: Claim, listed: Collection[PeerEntry], dynamic_range: IPv4Network | None,
+        claim: Claim, listed: _ListedIndex, dynamic_range: IPv4Network | None,
         now: float,
     ) -> ClaimVerdict | None:
         if dynamic_range is None:
             return _reject(Rejection.NO_RANGE, "the team's kbwg.json has no dynamic_range")
-        for entry in listed:
-            if entry.device_id == claim.sender:
-                return _reject(
-                    Rejection.LISTED_DEVICE,
-                    f"{claim.sender} is listed in peers.json (at {entry.ip}) and may not claim",
-                )
-        for entry in listed:
-            if entry.ip == claim.ip:
-                return _reject(
-                    Rejection.LISTED_ADDRESS,
-                    f"{claim.ip} is listed in peers.json for {entry.device_id}",
-                )
+        listed_ip = listed.by_device.get(claim.sender)
+        if listed_ip is not None:
+            return _reject(
+                Rejection.LISTED_DEVICE,
+                f"{claim.sender} is listed in peers.json (at {listed_ip}) and may not claim",
+            )
+        holder = listed.by_ip.get(claim.ip)
+        if holder is not None:
+            return _reject(
+                Rejection.LISTED_ADDRESS,
+                f"{claim.ip} is listed in peers.json for {holder}",
+            )
         if not _host_in(claim.ip, dynamic_range):
             return _reject(
                 Rejection.OUTSIDE_RANGE,
@@ -289,11 +311,17 @@ class ClaimBook:
 
     def prune(self, now: float) -> None:
         """Forget what has expired; queries already ignore it, this only frees memory."""
-        for device, history in list(self._devices.items()):
-            if not history.current.live(now):
-                del self._devices[device]
-            else:
-                history.drop_expired(now)
+        for device in list(self._devices):
+            self._prune_device(device, now)
+
+    def _prune_device(self, device: DeviceId, now: float) -> None:
+        history = self._devices.get(device)
+        if history is None:
+            return
+        if not history.current.live(now):
+            del self._devices[device]  # a claim after this starts a new run
+        else:
+            history.drop_expired(now)
 
     def claim_of(self, device: DeviceId, now: float) -> Claim | None:
         """The device's current claim, if live (whether or not it owns the address)."""

@@ -377,3 +377,20 @@ def test_corrupt_previous_address_is_ignored(
     with caplog.at_level(logging.WARNING):
         assert load_previous(tmp_path) is None
     assert "dynamic-address.json" in caplog.text
+
+
+def test_claims_are_checked_against_the_peers_list_of_the_moment() -> None:
+    """The listed devices and addresses are indexed once per peers.json list (the
+    history's claims are checked again at every refresh): a new list is used at once."""
+    book = ClaimBook()
+    assert book.offer(claim(ALICE, IP_A, 10), listed=LISTED, dynamic_range=RANGE,
+                      now=T0 + 1).accepted
+    now_listed = [*LISTED, PeerEntry("alice", "laptop", IPv4Address("100.64.0.9"))]
+    verdict = book.offer(claim(ALICE, IP_A, 11), listed=now_listed, dynamic_range=RANGE,
+                         now=T0 + 1)
+    assert verdict.rejection is Rejection.LISTED_DEVICE, verdict
+    taken = [*LISTED, PeerEntry("dave", "nas", IP_B)]
+    verdict = book.offer(claim(BOB, IP_B, 12), listed=taken, dynamic_range=RANGE,
+                         now=T0 + 1)
+    assert verdict.rejection is Rejection.LISTED_ADDRESS, verdict
+    assert "dave/nas" in verdict.reason
