@@ -15,12 +15,11 @@ from kbwg.core.identity import DeviceId
 
 DEFAULT_OVERLAY = IPv4Network("100.64.0.0/10")
 PEERS_NAME = "peers.json"
-# The most devices peers.json may list. Every listed device is a peer of every agent,
-# built again at each peer sync (5 s), and each claim read from #announce (all of them
-# at every refresh, 30 s) is checked against every entry: 19,000 entries (what 1 MiB
-# holds) cost 13 s of CPU per refresh with 500 claims. A mesh this agent runs well is
-# far smaller (bench/resources.py measures 21 devices).
-PEERS_MAX_ENTRIES = 1024
+# The most devices peers.json may list: as many as the device owner takes peers
+# (kbwg.owner.server.MAX_PEERS). Every listed device is a peer of every agent, built
+# again at each peer sync (5 s) and parsed at every refresh (30 s): the 19,000 entries
+# 1 MiB holds cost 0.33 s per refresh and 0.23 s per sync.
+PEERS_MAX_ENTRIES = 4096
 # What an error message quotes of a value: the file is any team writer's, and a broken
 # one is logged again at every refresh.
 SHOWN_MAX = 64

@@ -261,9 +261,8 @@ def test_host_names_longer_than_dns_allows_are_refused() -> None:
 
 
 def test_peers_json_over_the_cap_is_refused() -> None:
-    """Each history read checks every claim against every listed device, and each peer
-    sync (5 s) builds a peer for each: 19,000 entries (what 1 MiB holds) cost 13 s of
-    CPU per refresh with 500 claims in #announce."""
+    """Each peer sync (5 s) builds a peer for every listed device, and the device owner
+    takes no more peers than this."""
     overlay = IPv4Network("100.64.0.0/10")
     entries = [{"username": f"u{i}", "device": "d", "ip": str(overlay[i + 1])}
                for i in range(PEERS_MAX_ENTRIES + 1)]
