@@ -15,7 +15,7 @@ import logging
 import math
 import os
 import re
-from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -165,6 +165,10 @@ class KeybaseFileNotFound(KeybaseError, FileNotFoundError):
 
 class KeybaseFileTooLarge(KeybaseError):
     """A KBFS file over FS_READ_MAX_BYTES: not read further."""
+
+
+class _TooMuchOutput(Exception):
+    """A call's stdout went past its limit (`_run`)."""
 
 
 def _unavailable(binary: str, what: str) -> KeybaseUnavailable:
@@ -444,15 +448,21 @@ class KeybaseClient:
         logger.debug("started `%s %s` (pid %d)", self.binary, " ".join(args[:2]), proc.pid)
         return proc
 
-    async def _run(self, *args: str, input_data: bytes | None = None) -> tuple[int, bytes, bytes]:
+    async def _run(self, *args: str, input_data: bytes | None = None,
+                   output_limit: int | None = None) -> tuple[int, bytes, bytes]:
+        """`output_limit`: past that many bytes of stdout the CLI is stopped and
+        _TooMuchOutput raised (Keybase did answer: the link stays up)."""
         proc = await self._spawn(
             *args,
             stdin=asyncio.subprocess.PIPE if input_data is not None else asyncio.subprocess.DEVNULL,
         )
         try:
-            out, err = await asyncio.wait_for(
-                proc.communicate(input_data), timeout=self._call_timeout
-            )
+            reading: Awaitable[tuple[bytes | None, bytes]]
+            if output_limit is None:
+                reading = proc.communicate(input_data)
+            else:
+                reading = _read_output(proc, output_limit)
+            read = await asyncio.wait_for(reading, timeout=self._call_timeout)
         except TimeoutError:
             await _kill(proc)
             why = f"`keybase {' '.join(args)}` did not finish in {self._call_timeout}s"
@@ -461,6 +471,10 @@ class KeybaseClient:
         except asyncio.CancelledError:
             await _kill(proc)
             raise
+        out, err = read
+        if out is None:
+            self.link.ok()
+            raise _TooMuchOutput
         assert proc.returncode is not None
         if proc.returncode != 0 and _SERVICE_DOWN_RE.search(_text(err)):
             why = f"`keybase {args[0]}` failed: {_text(err)[:_STDERR_LINE_MAX]}"
@@ -525,30 +539,12 @@ class KeybaseClient:
     async def fs_read(self, path: str) -> bytes:
         """The file's bytes, at most FS_READ_MAX_BYTES: past them the CLI is stopped and
         KeybaseFileTooLarge raised (the team's files are written by any team writer)."""
-        proc = await self._spawn("fs", "read", path)
         try:
-            out, err = await asyncio.wait_for(_read_output(proc, FS_READ_MAX_BYTES),
-                                              timeout=self._call_timeout)
-        except TimeoutError:
-            await _kill(proc)
-            why = f"`keybase fs read {path}` did not finish in {self._call_timeout}s"
-            self.link.lost(why)
-            raise _service_down(self.binary, why) from None
-        except asyncio.CancelledError:
-            await _kill(proc)
-            raise
-        if out is None:
-            self.link.ok()  # Keybase answered: the file is the problem, not the service
+            rc, out, err = await self._run("fs", "read", path, output_limit=FS_READ_MAX_BYTES)
+        except _TooMuchOutput:
             raise KeybaseFileTooLarge(
                 f"keybase fs read {path}: stopped at {FS_READ_MAX_BYTES} bytes (1 MiB), the "
-                "most kbwg-agent reads of a team file; make the file smaller")
-        rc = proc.returncode
-        assert rc is not None
-        if rc != 0 and _SERVICE_DOWN_RE.search(_text(err)):
-            why = f"`keybase fs` failed: {_text(err)[:_STDERR_LINE_MAX]}"
-            self.link.lost(why)
-            raise _service_down(self.binary, why)
-        self.link.ok()
+                "most kbwg-agent reads of a team file; make the file smaller") from None
         if rc != 0:
             _raise_fs(rc, err, f"keybase fs read {path}")
         return out
