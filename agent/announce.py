@@ -17,7 +17,7 @@ from nacl.bindings import crypto_scalarmult
 from nacl.exceptions import CryptoError
 
 from kbwg.core.identity import DeviceId
-from kbwg.core.printable import printable
+from kbwg.core.printable import PrintableReason
 
 ANNOUNCE_CHANNEL = "announce"
 # How long an announcement stays valid; agents re-announce well within it.
@@ -29,17 +29,9 @@ _ANY_SCALAR = bytes([1]) * 32
 _ANNOUNCE_RE = re.compile(r"^ANNOUNCE (\S+):(\d{1,5}) (\S+)\s*$")
 
 
-# Characters of a reason kept: it may quote the body, which the sender chose, and it
-# goes into log lines.
-MAX_REASON = 300
-
-
-class AnnounceError(ValueError):
+class AnnounceError(PrintableReason, ValueError):
     """A body that is not a usable announcement; str() is the reason, printable (no
     terminal controls from the body) and cut short."""
-
-    def __str__(self) -> str:
-        return printable(super().__str__(), MAX_REASON)
 
 
 @dataclass(frozen=True)

@@ -43,7 +43,7 @@ from kbwg.agent.announce import ANNOUNCE_TTL_S, AnnounceError, canonical_key
 from kbwg.agent.peers_file import PeerEntry
 from kbwg.agent.statedir import read_private, write_private
 from kbwg.core.identity import DeviceId
-from kbwg.core.printable import printable
+from kbwg.core.printable import PrintableReason
 
 log = logging.getLogger(__name__)
 
@@ -61,12 +61,9 @@ _RANDOM_DRAWS = 64
 MAX_CLAIMS_PER_DEVICE = 32
 
 
-class ClaimError(ValueError):
+class ClaimError(PrintableReason, ValueError):
     """A body that is not a usable claim, or no address left to claim; str() is printable
     (no terminal controls from the body) and cut short."""
-
-    def __str__(self) -> str:
-        return printable(super().__str__(), 300)
 
 
 class Policy(StrEnum):

@@ -24,7 +24,7 @@ from aioice import stun
 
 from kbwg.agent.peers_file import DEFAULT_OVERLAY
 from kbwg.agent.teamconfig import HostPort, RelayConfig, tls_context
-from kbwg.core.printable import printable_tree
+from kbwg.core.printable import RENDER_LIMIT, printable_tree
 from kbwg.negotiation.candidates import (
     DEFAULT_INTERFACE_EXCLUDE,
     Candidate,
@@ -59,9 +59,6 @@ JSON_VERSION = 1
 EXIT_OK = 0
 EXIT_UDP_BLOCKED = 2
 ENV_RELAY_SECRET = "KBWG_RELAY_SECRET"
-# Characters kept of any one string in a report rendered for a terminal: servers, relays,
-# gateways and team members choose some of them (reason phrases, names, URLs).
-RENDER_LIMIT = 1000
 _SECRET_FILE_MAX = 64 * 1024
 SECRET_ON_COMMAND_LINE = (
     "--relay-secret puts the secret in the process list, where every local user can "

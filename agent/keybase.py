@@ -976,7 +976,7 @@ def _text(err: bytes) -> str:
 
 async def _read_output(proc: asyncio.subprocess.Process,
                        limit: int) -> tuple[bytes | None, bytes]:
-    """`fs read`'s stdout (None past `limit` bytes: the process is then killed) and the
+    """The call's stdout (None past `limit` bytes: the process is then killed) and the
     start of its stderr, once it has exited."""
     assert proc.stdout is not None and proc.stderr is not None
     errors = asyncio.ensure_future(_read_at_most(proc.stderr, _FS_STDERR_MAX, drain=True))

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 
 from kbwg.core.identity import DeviceId
+from kbwg.core.printable import printable
 
 DEFAULT_OVERLAY = IPv4Network("100.64.0.0/10")
 PEERS_NAME = "peers.json"
@@ -26,8 +27,10 @@ SHOWN_MAX = 64
 
 
 def shown(text: str) -> str:
-    """`text` as an error message may quote it: at most SHOWN_MAX characters."""
-    return text if len(text) <= SHOWN_MAX else f"{text[:SHOWN_MAX]}… ({len(text)} characters)"
+    """`text` as an error message may quote it: printable, at most SHOWN_MAX characters
+    (and its length when cut)."""
+    quoted = printable(text, SHOWN_MAX)
+    return quoted if len(text) <= SHOWN_MAX else f"{quoted} ({len(text)} characters)"
 
 
 def peers_path(team: str) -> str:

@@ -24,15 +24,12 @@ from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 from kbwg.agent.control import ControlError
-from kbwg.core.printable import printable, printable_tree
+from kbwg.core.printable import RENDER_LIMIT, printable, printable_tree
 
 DIRECT_PATHS = ("direct", "direct-lan")
 PATH_NAMES = {"direct-lan": "LAN", "direct": "direct", "relay": "relay"}
 EXIT_OK = 0
 EXIT_FAILED = 1
-# Characters kept of any one string of a reply shown on the terminal (a reason quotes
-# what others chose: names, relay refusals).
-RENDER_LIMIT = 1000
 
 # One ping: the peer and the per-ping timeout, answered with the agent's reply.
 PingCall = Callable[[str, float], Awaitable[dict[str, Any]]]

@@ -5,11 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from kbwg.core.printable import printable_tree
-
-# Characters kept of any one string in the report: team members, relays and gateways
-# choose some of them (reasons, names, URLs), and all of them reach a terminal.
-RENDER_LIMIT = 1000
+from kbwg.core.printable import RENDER_LIMIT, printable_tree
 
 
 def _ago(ts: float | None, now: float) -> str:

@@ -1,5 +1,6 @@
 """Text from others made safe to show: `printable` for one string, `printable_tree` for a
-report about to be rendered, `PrintableMessage` for a whole log line.
+report about to be rendered, `PrintableReason` for an exception's reason,
+`PrintableMessage` for a whole log line.
 
 Team members, relays, STUN servers and LAN gateways choose strings that reach a user's
 terminal (status, diag, ping, join's log lines) and the journal: a reason phrase, a
@@ -20,6 +21,10 @@ from typing import Any
 DEFAULT_LIMIT = 200
 # A log line's whole message: ours with its arguments, cut only when hostile in size.
 LOG_LINE_LIMIT = 4000
+# Any one string of a report rendered for a terminal (status, diag, ping).
+RENDER_LIMIT = 1000
+# An exception's reason that may quote what others sent (a body, a name, a value).
+REASON_LIMIT = 300
 CUT = "…"
 
 
@@ -54,6 +59,16 @@ def printable_tree(value: Any, limit: int = DEFAULT_LIMIT) -> Any:
     if isinstance(value, list | tuple):
         return [printable_tree(item, limit) for item in value]
     return value
+
+
+class PrintableReason(Exception):
+    """A base for exceptions whose reason may quote what others chose: str() is the
+    reason `printable`, cut at `reason_limit`."""
+
+    reason_limit = REASON_LIMIT
+
+    def __str__(self) -> str:
+        return printable(super().__str__(), self.reason_limit)
 
 
 class PrintableMessage(logging.Filter):

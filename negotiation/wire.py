@@ -52,7 +52,7 @@ from nacl.public import Box, PrivateKey, PublicKey
 
 from kbwg.core.identity import DeviceId
 from kbwg.core.loglimit import LimitedLog
-from kbwg.core.printable import printable
+from kbwg.core.printable import PrintableReason
 from kbwg.negotiation.signalling import SignalMessage
 
 if TYPE_CHECKING:
@@ -81,17 +81,9 @@ _BOX_OVERHEAD = Box.NONCE_SIZE + 16
 _MAX_DEVICE_LEN = 128
 
 
-# Characters of a reason kept: it may quote the body (a name, a value), which the
-# sender chose, and it goes into log lines.
-MAX_REASON = 300
-
-
-class WireError(Exception):
+class WireError(PrintableReason):
     """A negotiation message that cannot be used; str() is the reason, printable (no
     terminal controls from the body or the sender's name) and cut short."""
-
-    def __str__(self) -> str:
-        return printable(super().__str__(), MAX_REASON)
 
 
 class NotForUs(WireError):
@@ -316,9 +308,9 @@ def log_ignored(chat: SignalMessage, exc: WireError, notes: LimitedLog | None = 
     note = notes.log if notes is not None else log.log
     sender = f"{chat.sender_username}/{chat.sender_device}"
     if isinstance(exc, NotForUs):
-        # The other pairs' everyday traffic, and only when debugging: it must not spend
-        # the budget the lines below (possible forgeries) need.
-        log.debug("negotiation message %d from %s not for us: %s", chat.id, sender, exc)
+        # The other pairs' everyday traffic (LimitedLog passes debug lines unlimited).
+        note(logging.DEBUG, "negotiation message %d from %s not for us: %s", chat.id, sender,
+             exc)
     elif isinstance(exc, BadBox | WrongSender | UnknownSender):
         # Possible forgery: worth an operator's attention.
         note(logging.WARNING, "ignoring negotiation message %d from %s: %s", chat.id, sender,

@@ -40,7 +40,7 @@ from aioice.turn import TurnClientProtocol, TurnClientUdpProtocol
 
 from kbwg.core.addresses import Address
 from kbwg.core.loglimit import LimitedLog
-from kbwg.core.printable import printable
+from kbwg.core.printable import PrintableReason, printable
 from kbwg.core.stun import is_channel_data
 from kbwg.core.turnrest import rest_password, rest_username
 from kbwg.turn.family import allocate
@@ -61,12 +61,11 @@ MAX_REFUSED = 256
 MAX_WHY = 200
 
 
-class RelayRefused(stun.TransactionFailed):
+class RelayRefused(PrintableReason, stun.TransactionFailed):
     """aioice's TransactionFailed, saying the relay's reason phrase printable and cut
     short: it reaches log lines, `status` and `diag` (the allocation's failure)."""
 
-    def __str__(self) -> str:
-        return printable(super().__str__(), MAX_WHY)
+    reason_limit = MAX_WHY
 
 
 @dataclass(frozen=True)
