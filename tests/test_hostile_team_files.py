@@ -304,3 +304,13 @@ def test_a_huge_ca_file_is_refused(tmp_path: Path) -> None:
     path.write_bytes(b"#" * (LIMIT + 1))
     with pytest.raises(ValueError, match=r"'ca_file'.*1 MiB"):
         tls_context(_relay(str(path)))
+
+
+def test_a_value_quoted_in_an_error_has_no_terminal_controls() -> None:
+    """A broken peers.json is logged at every refresh: what it quotes is inert."""
+    entries = [{"username": "u", "device": "d", "ip": "\x1b]0;pwned\x07" + "x" * 100}]
+    with pytest.raises(PeersError) as caught:
+        parse_peers(json.dumps(entries))
+    message = str(caught.value)
+    assert "\x1b" not in message and "\\x1b]0;pwned\\x07" in message, message
+    assert "(110 characters)" in message, message
