@@ -260,6 +260,15 @@ class Connectivity:
     def relays_missing(self) -> bool:
         return bool(self.relays.missing(self.config.relays))
 
+    def relays_on_later_transport(self) -> bool:
+        """A relay is reached over TCP or TLS although UDP is listed before it."""
+        return bool(self.relays.on_later_transport(self.config.relays))
+
+    async def retry_relay_transports(self) -> bool:
+        """Those relays asked over their first transport again: True when one moved
+        (the relayed candidates changed; the caller gathers again)."""
+        return await self.relays.retry_first_transports(self.config.relays)
+
     def stun_unanswered(self) -> bool:
         """The last gathering asked STUN servers and none answered: a name that did not
         resolve yet (DNS comes up after the address at boot), or a server that was down

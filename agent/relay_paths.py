@@ -7,7 +7,12 @@ is one relay: UDP is tried first; when it has failed or had a second alone (a ne
 that blocks outbound UDP), TCP starts beside it, then TLS the same way, and the first
 allocation wins. Gathering waits for it at most its time-out (3 s); one that comes later
 makes the agent gather again. `transport_reason` says why a relay is reached the way it
-is (status and diag show it).
+is (status and diag show it). A relay reached over a later transport is asked again
+over its first now and then (`retry_first_transports`, Upkeep's loop): WireGuard inside a
+stream suffers from every lost segment, and a UDP answer lost once at start-up, or a
+network that let no UDP out for a while, must not keep the device on the stream for good.
+The allocation it replaces carries its peers' data for a moment more
+(`RETIRE_GRACE_S`), while the renegotiation moves them to the new one.
 
 Each relay is also asked for an IPv6 relayed address (REQUESTED-ADDRESS-FAMILY, over its
 IPv6 address when it has one, else over IPv4), so a peer reachable only over IPv6 has a
@@ -64,6 +69,9 @@ EARLY_INITIATION_ROUTES = 64
 # starts beside it: a relay answers an allocation in two round trips (401, then the
 # authenticated request), and aioice retransmits the first after 0.5 s.
 NEXT_TRANSPORT_DELAY_S = 1.0
+# An allocation replaced by one over the relay's first transport stays open this long:
+# its peers' renegotiation (a chat delivery, then checks) moves them off it meanwhile.
+RETIRE_GRACE_S = 10.0
 _INITIATION_TYPE = 1
 _INITIATION_LEN = 148
 
@@ -111,6 +119,8 @@ class RelayPaths:
     no_ipv6: set[str] = field(default_factory=set)
     # Initiations from peers without a proxy yet: (monotonic time, datagram) by route.
     _early: dict[tuple[Address, Address], tuple[float, bytes]] = field(default_factory=dict)
+    # Allocations replaced by one over the first transport, closing after RETIRE_GRACE_S.
+    _retiring: dict[asyncio.Task[None], RelayAllocation] = field(default_factory=dict)
 
     def missing(self, relays: list[RelayConfig]) -> list[RelayGroup]:
         """The configured relays without a live allocation or one under way."""
@@ -193,6 +203,54 @@ class RelayPaths:
             allocation.transport_reason = f"{allocation.transport}: first choice"
         self.allocations[group.key] = allocation
         return allocation
+
+    def on_later_transport(self, relays: list[RelayConfig]) -> list[RelayGroup]:
+        """The relays whose live (IPv4) allocation goes over a transport listed after
+        their first, with nothing under way for them."""
+        return [g for g in relay_groups(relays)
+                if g.key not in self.pending and self._alive(g.key)
+                and self.allocations[g.key].url != g.options[0].url]
+
+    async def retry_first_transports(self, relays: list[RelayConfig],
+                                     timeout: float = 3.0) -> bool:
+        """Ask each relay on a later transport for an allocation over its first once
+        more; one that gives it replaces the old (which retires, see `_retire`). True
+        when any did: the relayed candidates changed."""
+        moved = False
+        for group in self.on_later_transport(relays):
+            first = group.options[0]
+            try:
+                allocation = await self._allocate(first, timeout)
+            except Exception as exc:  # any failure means "not yet"
+                log.debug("relay %s: still no allocation over %s (%s)", group.key,
+                          first.transport, _failure(first, exc, timeout))
+                continue
+            old = self.allocations.get(group.key)
+            if old is None or old.closed or group.key in self.pending:
+                # Lost or replaced while we asked: the gathering that follows decides.
+                await allocation.close()
+                continue
+            allocation.transport_reason = (f"{first.transport}: answers again "
+                                           f"(was {old.transport})")
+            log.info("relay %s: %s answers again: moving from %s to %s:%d", group.key,
+                     first.transport, old.transport, *allocation.relayed)
+            self.allocations[group.key] = allocation
+            self._retire(old)
+            moved = True
+        return moved
+
+    def _retire(self, allocation: RelayAllocation) -> None:
+        """Close `allocation` after RETIRE_GRACE_S; its proxies carry data till then."""
+        allocation.on_lost = None  # its end is ours: no gathering for it
+        task = asyncio.create_task(self._close_later(allocation))
+        self._retiring[task] = allocation
+        task.add_done_callback(lambda done: self._retiring.pop(done, None))
+
+    async def _close_later(self, allocation: RelayAllocation) -> None:
+        await asyncio.sleep(RETIRE_GRACE_S)
+        for peer in [p for p, proxy in self.proxies.items() if proxy.allocation is allocation]:
+            self.drop(peer)
+        await allocation.close()
 
     @staticmethod
     def _option_of(group: RelayGroup, allocation: RelayAllocation) -> RelayConfig:
@@ -395,16 +453,17 @@ class RelayPaths:
 
     async def close(self) -> None:
         pending = list(self.pending.values())
-        for task in pending:
+        retiring = dict(self._retiring)
+        for task in [*pending, *retiring]:
             task.cancel()
         # Their allocations under way close as they are cancelled.
-        await asyncio.gather(*pending, return_exceptions=True)
+        await asyncio.gather(*pending, *retiring, return_exceptions=True)
         for proxy in self.proxies.values():
             proxy.close()
         self.proxies.clear()
         self._by_route.clear()
-        await asyncio.gather(*(a.close() for a in self.allocations.values()),
-                             return_exceptions=True)
+        open_ = [*self.allocations.values(), *(a for a in retiring.values() if not a.closed)]
+        await asyncio.gather(*(a.close() for a in open_), return_exceptions=True)
 
 
 class _NoAllocation(Exception):

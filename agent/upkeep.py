@@ -1,9 +1,10 @@
 """The joined device's background loops: the periodic refresh (peers.json, #announce
 history, re-announcing, claim check, peer sync, missing relays), unanswered STUN servers
-asked again, the stats poll, the network watch (the device owner's `network` events,
-kbwg.agent.netwatch) that re-gathers candidates and renegotiates after a change, and the
-wake watch (the machine slept: kbwg.agent.wake_watch); and the same repair when a peer's
-chosen pair goes quiet (`on_path_lost`).
+asked again, relays reached over a stream asked over UDP again, the stats poll, the
+network watch (the device owner's `network` events, kbwg.agent.netwatch) that re-gathers
+candidates and renegotiates after a change, and the wake watch (the machine slept:
+kbwg.agent.wake_watch); and the same repair when a peer's chosen pair goes quiet
+(`on_path_lost`).
 """
 
 from __future__ import annotations
@@ -37,6 +38,10 @@ FIRST_REFRESH_S = 2.0
 # STUN servers that did not answer are asked again after this, doubling up to the max.
 STUN_RETRY_FIRST_S = 2.0
 STUN_RETRY_MAX_S = 30.0
+# A relay reached over TCP or TLS, with UDP listed first, is asked over UDP again after
+# this, doubling up to the max while UDP still gets no answer.
+RELAY_RETRY_FIRST_S = 15.0
+RELAY_RETRY_MAX_S = 300.0
 # A peer whose path keeps dying (gone offline, flapping) is renegotiated at most this often.
 LOST_PATH_SPACING_S = 2.0
 # Kernel WireGuard drops its session keys itself when the machine suspends
@@ -66,6 +71,7 @@ class Upkeep:
     def loops(self) -> dict[str, Coroutine[Any, Any, None]]:
         """The loops by name; each runs until cancelled."""
         return {"refresh": self._refresh(), "stun": self._ask_stun_again(),
+                "relays": self._retry_relay_transports(),
                 "stats": self._poll_stats(),
                 "netwatch": self._watch_network(), "keybase": self._keybase.follow(),
                 "wake": WakeWatch(self.on_wake).run()}
@@ -113,6 +119,27 @@ class Upkeep:
                 # As for a network change: the next try may go better.
                 log.exception("asking the STUN servers again failed")
             wait = min(wait * 2, STUN_RETRY_MAX_S)
+
+    async def _retry_relay_transports(self) -> None:
+        """A relay reached over a stream because UDP got no answer (a network that let
+        no UDP out, or one answer lost at start-up) is asked over UDP again, soon and
+        then less often (`RELAY_RETRY_FIRST_S` doubling to `RELAY_RETRY_MAX_S`); once it
+        answers, the relayed paths move to the UDP allocation."""
+        wait = RELAY_RETRY_FIRST_S
+        while True:
+            await asyncio.sleep(wait)
+            if not self._paths.relays_on_later_transport():
+                wait = RELAY_RETRY_FIRST_S
+                continue
+            try:
+                moved = await self._paths.retry_relay_transports()
+                if moved:
+                    await self._regather("a relay answers over UDP again")
+            except Exception:
+                # As for a network change: the next try may go better.
+                log.exception("asking a relay over UDP again failed")
+                moved = False
+            wait = RELAY_RETRY_FIRST_S if moved else min(wait * 2, RELAY_RETRY_MAX_S)
 
     async def _poll_stats(self) -> None:
         await self._stats.run(self._options.stats_s)

@@ -94,3 +94,43 @@ def test_host_without_outbound_udp_connects_through_the_relay_over_a_stream(
     assert relay_status["proxy_to_peer"] > 0 or relay_status["sent"] > 0, relay_status
     # And the router did drop her UDP: nothing reached the STUN server from her.
     assert not any(c["type"] == "srflx" for c in status["candidates"]), status["candidates"]
+
+
+def test_a_relay_reached_over_tcp_is_used_over_udp_once_udp_gets_out_again(
+        world: World) -> None:
+    inet = world.internet()
+    stun = StunServer.start(world.server("stun", inet, ips=["203.0.113.2"]))
+    relay = start_relay(world.server("relay", inet, ips=[RELAY_IP]), RELAY_IP, kind="kbwg")
+    team = Team(world, delay_ms=300)
+    team.write_peers([ALICE, BOB])
+    team.write_file("kbwg.json", json.dumps({"stun": [stun.address], "relays": [
+        relay.config_for("udp"), relay.config_for("tcp")]}))
+    blocked = world.router("r1", wan=inet, nat=NatMode.MASQUERADE)
+    blocked.block_outbound_udp()
+    home = world.router("r2", wan=inet, nat=NatMode.MASQUERADE)
+    a = world.host("a", lans=[blocked.lan])
+    b = world.host("b", lans=[home.lan])
+    alice, bob = (team.start_agent(a, *ALICE[:2]), team.start_agent(b, *BOB[:2]))
+    for agent in (alice, bob):
+        wait_running(agent)
+    try:
+        entry = wait_until(lambda: relay_entry(alice), timeout=30,
+                           what="alice's allocation over TCP")
+        assert entry["transport"] == "tcp", entry
+        wait_until(lambda: a.ping_ok(BOB[2]), timeout=30, what="ping alice -> bob over TCP")
+        blocked.allow_outbound_udp()
+
+        def over_udp() -> dict[str, Any] | None:
+            e = relay_entry(alice)
+            return e if e is not None and e["transport"] == "udp" else None
+
+        # Asked again 15 s after joining (then less often): well within this bound.
+        entry = wait_until(over_udp, timeout=60, what="alice's allocation over UDP again")
+        assert entry["transport_reason"] == "udp: answers again (was tcp)", entry
+        status = alice.quick_status()
+        assert status is not None and len(status["relays"]) == 1, status
+        wait_until(lambda: a.ping_ok(BOB[2]), timeout=20, what="ping alice -> bob after")
+        wait_until(lambda: b.ping_ok(ALICE[2]), timeout=20, what="ping bob -> alice after")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n{alice.log(8000)}\nbob:\n{bob.log(4000)}") from None
+    assert "moving from tcp to" in alice.log(100000), "the move was not logged"

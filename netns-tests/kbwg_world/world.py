@@ -397,6 +397,11 @@ class Router(Node):
         ]) + "\n"
         netns.run(["ip", "netns", "exec", self.ns, "nft", "-f", "-"], input_text=ruleset)
 
+    def allow_outbound_udp(self) -> None:
+        """Undo `block_outbound_udp`: the network lets UDP out again."""
+        netns.run(["ip", "netns", "exec", self.ns, "nft", "delete", "table", "ip",
+                   "kbwg_udpblock"])
+
 
 def _on_sigterm(signum: int, _frame: FrameType | None) -> None:
     # Unwinds `with World()` blocks and runs atexit handlers, both of which close worlds.
