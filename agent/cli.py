@@ -84,6 +84,9 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
                       "auto (kernel when available; default)")
     join.add_argument("--keepalive", type=int, default=25, metavar="SECONDS",
                       help="persistent keepalive for every peer, 0 to disable (default: 25)")
+    join.add_argument("--new-key", action="store_true",
+                      help="start with a new WireGuard key instead of the one kept in the "
+                      "state dir (peers then learn it from the announcement)")
     join.add_argument("--owner", metavar="PATH",
                       help="device owner helper (default: $KBWG_OWNER, else "
                       "/usr/local/libexec/kbwg-owner, see install-helper); run through "
@@ -309,6 +312,7 @@ async def _run_join(args: argparse.Namespace, owner: list[str], state_dir: Path,
         backend=args.backend,
         keepalive_s=args.keepalive,
         owner_command=owner,
+        new_key=args.new_key,
     )
     agent = Agent(options, KeybaseClient(resolve_keybase_binary(args.keybase)),
                   owner_factory=early_owner.take)

@@ -274,9 +274,12 @@ class Agent:
         else:
             overlay_ip = mine.ip
 
-        from nacl.public import PrivateKey
+        from kbwg.agent.wg_key import kept_private_key
 
-        private_key = PrivateKey.generate()
+        # The key of the last run: its peers still know it, so early checks reconnect
+        # them before this run's announcement is delivered.
+        private_key = kept_private_key(self.options.state_dir, me, self.options.team,
+                                       new=self.options.new_key)
         # An agent killed outright leaves its owner removing the device for a moment.
         await wait_for_previous_owner(self.options.state_dir)
         await checking

@@ -72,8 +72,10 @@ def early_candidates(ann: Announcement, published: Iterable[CandidateInfo]
 
 class EarlyChecks:
     def __init__(self, paths: Connectivity, private_key: PrivateKey,
-                 published: CandidateBook, session_of: SessionOf, chosen: ChosenFn) -> None:
+                 published: CandidateBook, session_of: SessionOf, chosen: ChosenFn,
+                 rewoken: Callable[[DeviceId], None] | None = None) -> None:
         self._paths = paths
+        self._rewoken = rewoken
         self._private = private_key
         self._published = published
         self._session_of = session_of
@@ -132,9 +134,11 @@ class EarlyChecks:
                                              creds.controlling, creds.tie_breaker,
                                              on_selected, name)
 
+        rewoken = self._rewoken
         early = EarlyPeer(name, creds, make,
                           lambda pair, reason: self._selected(device, pair, reason),
-                          lambda: self._session_of(device), candidates)
+                          lambda: self._session_of(device), candidates,
+                          on_rewoken=None if rewoken is None else lambda: rewoken(device))
         try:
             self._paths.mux.register(creds.local_ufrag, early)
         except ValueError as exc:  # a session's random ufrag took it: 2^-48
@@ -171,6 +175,13 @@ class EarlyChecks:
         if (held is not None and early is not None and early.checker is not None
                 and early.checker.selected is held[0]):
             self._chosen(device, *held)
+
+    def peer_left(self, device: DeviceId) -> None:
+        """`device`'s agent said bye: its next run (with the same key) wakes our early
+        checks at once, which renews WireGuard's session with it (`rewoken`)."""
+        early = self.peers.get(device)
+        if early is not None:
+            early.peer_left()
 
     def forget(self, device: DeviceId) -> None:
         waiting = self._waiting.pop(device, None)

@@ -101,7 +101,11 @@ def attach_early_checks(paths: Connectivity, peer_sync: PeerSync, presence: Pres
     def chosen(device: DeviceId, pair: CandidatePair, reason: str) -> None:
         spawn(peer_sync.path_chosen(device, pair, reason, early=True))
 
-    early = EarlyChecks(paths, private_key, team.published, session_of, chosen)
+    def rewoken(device: DeviceId) -> None:
+        spawn(peer_sync.peer_checks_again(device))
+
+    early = EarlyChecks(paths, private_key, team.published, session_of, chosen, rewoken)
+    negotiator.on_bye = early.peer_left
     peer_sync.early = early
     paths.early_view = early.status
     published = CandidatesLine(team, state, paths.candidate_infos, spawn)

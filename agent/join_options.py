@@ -31,6 +31,8 @@ class JoinOptions:
     backend: str = "auto"
     keepalive_s: int = 25
     owner_command: list[str] | None = None
+    # A new WireGuard key, not the one kept in the state dir (kbwg.agent.wg_key).
+    new_key: bool = False
     refresh_s: float = 30.0
     reannounce_s: float = ANNOUNCE_TTL_S / 2
     stats_s: float = 5.0

@@ -216,6 +216,23 @@ class PeerSync:
         log.info("%s: fresh WireGuard session (endpoint %s)", peer.name,
                  peer.endpoint or "none yet")
 
+    async def peer_checks_again(self, device: DeviceId) -> None:
+        """`device` checks us early again: it restarted with the same key (or lost our
+        session). WireGuard's session with it is then likely one it no longer has, and
+        choosing the path we already give WireGuard changes nothing, so no handshake
+        would go until that session times out, while the peer, as the second end of a
+        fresh path, holds its own back for ours. As the first end, a fresh entry sends
+        our handshake at once; as the second, the peer's comes."""
+        async with self._lock:
+            peer = self._state.peers.get(device)
+            key = peer.configured_key if peer is not None else None
+            if peer is None or key is None or not peer.endpoint or device in self.held \
+                    or self._holds_back(key):
+                return
+            log.info("%s checks us again (it restarted?): renewing its WireGuard session",
+                     peer.name)
+            await self._guarded(peer, self._renew(peer))
+
     def _keepalive(self, peer: PeerState) -> int:
         return self._options.keepalive_s if peer.endpoint else 0
 
@@ -401,7 +418,9 @@ class PeerSync:
         first = self.held.get(device)
         if first is None:
             return
-        deadline = loop.time() + first.hold_s()
+        started = loop.time()
+        deadline = started + first.hold_s()
+        ended = "it ran out"
         while (left := deadline - loop.time()) > 0:
             # On the shared tick (HOLD_POLL_S), so the holds' polls join one request.
             await asyncio.sleep(min(HOLD_POLL_S - loop.time() % HOLD_POLL_S, left))
@@ -410,6 +429,7 @@ class PeerSync:
                 return  # dropped, re-keyed, or a session came with a newer choice
             try:
                 if await self._has_session(held.key, shared=True):
+                    ended = "the peer's handshake came"
                     break
             except OwnerError as exc:
                 # Waiting on cannot tell more; left in `held`, the peer would never get
@@ -417,6 +437,7 @@ class PeerSync:
                 log.warning("%s: could not read WireGuard's sessions (%s); ending the hold",
                             device, exc)
                 break
+        log.debug("%s: hold ended after %.2f s: %s", device, loop.time() - started, ended)
         held = self.held.pop(device, None)
         peer = self._state.peers.get(device)
         if held is None or peer is None or peer.configured_key != held.key:

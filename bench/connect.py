@@ -29,6 +29,10 @@ Cases (`--case NAME`, repeatable; default: all):
                   behind masquerade NATs are connected, then a third behind its own
                   joins; timed from its process start to the first reply in all 4
                   directions with it (no other start-up competes for the cores)
+  restart         the everyday case too (no goal): two devices behind masquerade NATs
+                  are connected, then one stops (INT) and starts again with its state
+                  dir (its kept WireGuard key); timed from its new process start to
+                  the first reply both ways
 
 Before the first case the project's modules are compiled to bytecode, as installing
 the package does: this venv's install is editable, and where PYTHONDONTWRITEBYTECODE is
@@ -339,6 +343,18 @@ def case_join(world: World, delay_ms: int) -> Outcome:
     return Outcome(took, directions(each))
 
 
+def case_restart(world: World, delay_ms: int) -> Outcome:
+    setup, agents = _connected_pair(world, delay_ms)
+    if agents[0].stop() != 0:
+        raise RunFailed(f"{agents[0].name} did not stop cleanly:\n{agents[0].log(2000)}")
+    reaches = setup.reaches(all_pairs(2))
+    t0 = time.monotonic()
+    setup.team.start_agent(setup.hosts[0], *device(0)[:2], state_dir=agents[0].state_dir)
+    each: dict[str, float] = {}
+    took = reach_all(reaches, t0, each=each)
+    return Outcome(took, directions(each))
+
+
 def traffic(setup: Setup, src: int, dst: int) -> None:
     """Steady pings from host `src` to device `dst` over the overlay, until the world
     closes: the traffic that flows through a change."""
@@ -395,6 +411,8 @@ CASES = {c.name: c for c in [
     Case("six", "six devices on three NATs, all 30 directions", 1.5, "1.5 s", "-", case_six),
     Case("join", "a third device joins two connected ones (three NATs)", None, "-", "-",
          case_join),
+    Case("restart", "a device restarts (two NATs, its key kept)", None, "-", "-",
+         case_restart),
 ]}  # fmt: skip
 
 

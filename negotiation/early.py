@@ -22,9 +22,11 @@ agent) against the peer's announced endpoint and the candidates it published:
   peer's session connects (or once we no longer answer them);
 - while resting it still answers for the ufrag: an authenticated check of the peer
   (its early checker runs again: it restarted with the same key, or lost our session)
-  wakes it. A session checker connected at that moment is *stale* (the peer no longer
-  knows its credentials): its selections then never override a connected early path,
-  and an early path is taken even though that stale session still looks connected;
+  wakes it, and the agent is told (`on_rewoken`: WireGuard's session with the peer is
+  likely stale too). A session checker connected at that moment is *stale* (the peer
+  no longer knows its credentials): its selections then never override a connected
+  early path, and an early path is taken even though that stale session still looks
+  connected;
 - a checker that finds no pair (an old agent never answers early checks) rests quietly;
   it tries again when the peer's candidates change or its checks arrive.
 """
@@ -155,13 +157,17 @@ class EarlyPeer:
 
     def __init__(self, name: str, creds: EarlyCredentials, make: CheckerMaker,
                  on_selected: Callable[[CandidatePair, str], None], session: SessionFn,
-                 remote: Sequence[CandidateInfo] = ()) -> None:
+                 remote: Sequence[CandidateInfo] = (),
+                 on_rewoken: Callable[[], None] | None = None) -> None:
         self._loop = asyncio.get_running_loop()
         self.name = name
         self.creds = creds
         self._make = make
         self._on_selected = on_selected
         self._session = session
+        # Told when the peer's checks wake us after we had checked it before: it
+        # restarted (with the same key) or lost our session.
+        self._on_rewoken = on_rewoken
         self.remote: list[CandidateInfo] = list(remote)
         self.checker: EarlyChecker | None = None
         # The session checker that was current when the peer's checks woke us.
@@ -249,6 +255,15 @@ class EarlyPeer:
         self.rest("closed", math.inf)
         self._closed = True
 
+    def peer_left(self) -> None:
+        """The peer's agent stopped (it said bye): rest, and let its next run's first
+        check wake us at once (no quiet time: its old checks are gone with it)."""
+        if self._closed:
+            return
+        self.rest("the peer said bye", 0.0)
+        self._quiet_until = -math.inf
+        self._taken_over = False
+
     def _selected(self, checker: EarlyChecker, pair: CandidatePair | None,
                   reason: str) -> None:
         if pair is not None:
@@ -318,7 +333,10 @@ class EarlyPeer:
             self._stale = current if connected else None
             log.info("%s: early checks from the peer at %s:%s; checking again",
                      self.name, *src)
+            rewoken = self._started
             self.start()
+            if rewoken and self._on_rewoken is not None:
+                self._on_rewoken()
         assert self.checker is not None
         return self.checker.datagram_received(data, src, local)
 

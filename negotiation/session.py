@@ -213,6 +213,8 @@ class Negotiator:
         self._rechecked_at = -math.inf
         # Set by the agent: a peer restarts, so re-check our candidates (STUN again).
         self.on_restart: Callable[[DeviceId], Awaitable[None]] | None = None
+        # Set by the agent: a peer's agent said bye (it stopped; it may start again).
+        self.on_bye: Callable[[DeviceId], None] | None = None
         self.sender_session = new_sender_session()
         self.guard = ReplayGuard()
         self.sessions: dict[DeviceId, PeerSession] = {}
@@ -417,6 +419,8 @@ class Negotiator:
             session.replace_checker(None)
             session.answer = None
             session.state = "idle"
+            if self.on_bye is not None:
+                self.on_bye(session.peer)
         else:
             log.debug("ignoring %s from %s", message.type, session.peer)
 

@@ -16,7 +16,7 @@ from typing import cast
 import pytest
 from nacl.public import PrivateKey
 from test_checks import FAST, PORT, Node, SimNet, infos
-from virtual_clock import VIRTUAL_CLOCK, advance_until
+from virtual_clock import VIRTUAL_CLOCK, advance_until, now
 
 from kbwg.agent.announce import _ANNOUNCE_RE, AnnounceBook, AnnounceError, Announcement
 from kbwg.agent.announce_candidates import (
@@ -189,6 +189,7 @@ class Side:
     # The negotiated session's checker as the agent would report it.
     session: object | None = None
     session_connected: bool = False
+    rewoken: int = 0  # times on_rewoken was called
 
     def open(self, peer: Side, remote: Sequence[CandidateInfo]) -> EarlyPeer:
         creds = derive_credentials(self.keys, peer.keys.public_key)
@@ -203,10 +204,14 @@ class Side:
 
         early = self.early = EarlyPeer(
             self.node.name, creds, make, lambda pair, why: self.chosen.append((pair, why)),
-            lambda: (self.session, self.session_connected), remote)
+            lambda: (self.session, self.session_connected), remote,
+            on_rewoken=self._rewoken)
         self.node.mux.register(creds.local_ufrag, early)
         early.start()
         return early
+
+    def _rewoken(self) -> None:
+        self.rewoken += 1
 
     def close(self) -> None:
         if self.early is not None:
@@ -311,6 +316,7 @@ async def test_a_restarted_peer_wakes_the_resting_side() -> None:
         b.open(a, infos(a.node.candidates))
         await advance_until(lambda: a.chosen and b.chosen, timeout=1.0)
         assert a.e.wakes == 1 and a.e.state == "connected"
+        assert a.rewoken == 1 and b.rewoken == 0  # the agent renews WireGuard's session
         assert a.chosen[-1][0].path == "direct-lan"
         # The stale session's later choices (its consent failing over to another
         # pair) do not override the fresh early path; the early one is taken.
@@ -323,6 +329,49 @@ async def test_a_restarted_peer_wakes_the_resting_side() -> None:
         assert not a.e.accept_early()
         await asyncio.sleep(TAKEOVER_LINGER_S + 0.1)
         assert a.e.state == "resting"
+    finally:
+        a.close()
+        b.close()
+
+
+async def test_a_peer_that_said_bye_wakes_us_at_once_when_it_is_back() -> None:
+    _net, a, b = lan_pair()
+    try:
+        await both_chose(a, b)
+        a.session, a.session_connected = object(), True
+        assert a.e.accept_session()
+        b.session, b.session_connected = object(), True
+        assert b.e.accept_session()
+        await asyncio.sleep(TAKEOVER_LINGER_S + 0.1)
+        assert a.e.state == "resting"  # and deaf to B's early checks for a while
+        # B's agent stops (bye) and starts again at once with the same key: its checks
+        # wake A at once, not after the quiet time, and A's agent is told.
+        a.e.peer_left()
+        b.close()
+        a.chosen.clear()
+        b.chosen.clear()
+        start = now()
+        b.open(a, infos(a.node.candidates))
+        await advance_until(lambda: a.chosen and b.chosen, timeout=1.0)
+        assert now() - start < 1.0 < TAKEOVER_QUIET_S
+        assert a.e.wakes == 1 and a.rewoken == 1
+    finally:
+        a.close()
+        b.close()
+
+
+async def test_without_a_bye_the_quiet_time_after_a_takeover_holds() -> None:
+    _net, a, b = lan_pair()
+    try:
+        await both_chose(a, b)
+        a.session, a.session_connected = object(), True
+        assert a.e.accept_session()
+        await asyncio.sleep(TAKEOVER_LINGER_S + 0.1)
+        assert a.e.state == "resting"
+        b.close()
+        b.open(a, infos(a.node.candidates))
+        await asyncio.sleep(1.0)
+        assert a.e.wakes == 0 and a.rewoken == 0 and a.e.state == "resting"
     finally:
         a.close()
         b.close()

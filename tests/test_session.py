@@ -459,6 +459,8 @@ async def test_bye_closes_the_peer_checker() -> None:
     await negotiate(bus, alice, bob)
     a_checker, = alice.checkers
     assert not a_checker.closed
+    byes: list[DeviceId] = []
+    alice.negotiator.on_bye = byes.append
 
     await bob.negotiator.close()  # bob's agent stops
     await settle(bus, alice, bob)
@@ -468,6 +470,7 @@ async def test_bye_closes_the_peer_checker() -> None:
     session = alice.negotiator.sessions[BOB]
     assert session.state == "idle" and session.checker is None
     assert alice.negotiator.snapshot(BOB)["negotiation"] == "idle"
+    assert byes == [BOB]  # the agent is told (its early checks wake at once)
 
 
 async def test_a_lost_path_restarts_the_negotiation_with_that_peer_only_once() -> None:
