@@ -38,9 +38,11 @@ How this differs from full ICE (one component, one stream, both ends are this ag
   interface's subnet (two NATs' private networks). Either way the first nomination
   also waits (at most `contend_max`) while a pair of the same class could still answer
   faster: one not checked yet, or checked less than the winner's RTT ago (a
-  multi-homed host's fast uplink beside a slow default one), so the first choice is
-  the right one. A check sent before the peer knew us (early checks: each side starts
-  when it reads the other's key) may be dropped there: when the peer's own check
+  multi-homed host's fast uplink beside a slow default one; another uplink's pair to
+  the same peer address, sent once and unanswered, also until its first retransmit
+  could be answered), so the first choice is the right one. A check sent before the
+  peer knew us (early checks: each side starts when it reads the other's key) may be
+  dropped there: when the peer's own check
   arrives on that pair the check goes again at once (a triggered check, RFC 8445
   section 7.3.1.4), and a pair answered only after a retransmit (its RTT only an upper
   bound) is checked once more, the first nomination waiting for that answer the same
@@ -693,8 +695,9 @@ class PeerChecker:
         of its class or better, still being checked (or checked again because only a
         retransmit was answered, so their RTT is only an upper bound), and either not
         sent yet or last sent less than `best`'s RTT ago (a faster answer is still
-        possible). At most `contend_max` after the first success; re-evaluated when the
-        next one is out."""
+        possible), or, from another interface to the same peer address, sent once and
+        due for its first retransmit (that copy too). At most `contend_max` after the first success;
+        re-evaluated when the next one is out."""
         now = self._loop.time()
         if self._first_success_at is None:
             self._first_success_at = now
@@ -717,6 +720,15 @@ class PeerChecker:
                 out = self.timers.pacing  # its check has not left yet: look again soon
             else:
                 out = tx.sent_at[-1] + rtt / 1000.0 - now
+                if (out <= 0 and len(tx.sent_at) == 1 and tx.timer is not None
+                        and best.path != "relay" and pair.remote_address == best.remote_address
+                        and None is not pair.local.interface != best.local.interface):
+                    # Another uplink's first check to the same peer address may have
+                    # reached the peer before it knew us (early checks) and been dropped
+                    # there, while `best`'s, slower on the way, came after: its
+                    # retransmit could still answer faster. Only the first: a second
+                    # copy unanswered is no such case.
+                    out = tx.timer.when() + rtt / 1000.0 - now
             if out > 0:
                 wait = out if wait is None else min(wait, out)
         if wait is None:

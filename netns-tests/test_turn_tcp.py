@@ -11,10 +11,10 @@ import pytest
 
 from kbwg_testing import wait_until
 from kbwg_testing.certs import make_certificates
-from kbwg_world import NatMode, World
+from kbwg_world import NatMode, Node, Router, World
 from kbwg_world.stunserver import StunServer
 from kbwg_world.team import ALICE, BOB, AgentProcess, Team
-from kbwg_world.turnserver import start_relay
+from kbwg_world.turnserver import TurnServer, start_relay
 
 pytestmark = pytest.mark.netns
 
@@ -41,11 +41,10 @@ def relayed_peer(agent: AgentProcess, device: str) -> dict[str, Any] | None:
     return next((p for p in peers if p["device"] == device and p["path"] == "relay"), None)
 
 
-@pytest.mark.parametrize(("kind", "transport"), [
-    ("kbwg", "tcp"), ("kbwg", "tls"), ("coturn", "tcp"), ("coturn", "tls"),
-])
-def test_host_without_outbound_udp_connects_through_the_relay_over_a_stream(
-        world: World, kind: str, transport: str) -> None:
+def udp_blocked_pair(world: World, kind: str, transport: str) -> tuple[
+        TurnServer, Router, tuple[Node, AgentProcess], tuple[Node, AgentProcess]]:
+    """Alice behind a router that lets no UDP out, bob behind a plain NAT, the team's
+    relay listed twice (UDP first, then `transport`), both agents running."""
     inet = world.internet()
     stun = StunServer.start(world.server("stun", inet, ips=["203.0.113.2"]))
     certs = (make_certificates(world.dir / "certs", RELAY_IP) if transport == "tls"
@@ -65,6 +64,15 @@ def test_host_without_outbound_udp_connects_through_the_relay_over_a_stream(
     alice, bob = (team.start_agent(a, *ALICE[:2]), team.start_agent(b, *BOB[:2]))
     for agent in (alice, bob):  # generous: start-up takes long on a loaded machine
         wait_running(agent)
+    return relay, blocked, (a, alice), (b, bob)
+
+
+@pytest.mark.parametrize(("kind", "transport"), [
+    ("kbwg", "tcp"), ("kbwg", "tls"), ("coturn", "tcp"), ("coturn", "tls"),
+])
+def test_host_without_outbound_udp_connects_through_the_relay_over_a_stream(
+        world: World, kind: str, transport: str) -> None:
+    relay, _blocked, (a, alice), (b, bob) = udp_blocked_pair(world, kind, transport)
 
     def log_of(agent: AgentProcess) -> str:
         return f"\n{agent.log(6000)}\nrelay:\n{relay.log()[-3000:]}"
@@ -98,21 +106,7 @@ def test_host_without_outbound_udp_connects_through_the_relay_over_a_stream(
 
 def test_a_relay_reached_over_tcp_is_used_over_udp_once_udp_gets_out_again(
         world: World) -> None:
-    inet = world.internet()
-    stun = StunServer.start(world.server("stun", inet, ips=["203.0.113.2"]))
-    relay = start_relay(world.server("relay", inet, ips=[RELAY_IP]), RELAY_IP, kind="kbwg")
-    team = Team(world, delay_ms=300)
-    team.write_peers([ALICE, BOB])
-    team.write_file("kbwg.json", json.dumps({"stun": [stun.address], "relays": [
-        relay.config_for("udp"), relay.config_for("tcp")]}))
-    blocked = world.router("r1", wan=inet, nat=NatMode.MASQUERADE)
-    blocked.block_outbound_udp()
-    home = world.router("r2", wan=inet, nat=NatMode.MASQUERADE)
-    a = world.host("a", lans=[blocked.lan])
-    b = world.host("b", lans=[home.lan])
-    alice, bob = (team.start_agent(a, *ALICE[:2]), team.start_agent(b, *BOB[:2]))
-    for agent in (alice, bob):
-        wait_running(agent)
+    _relay, blocked, (a, alice), (b, bob) = udp_blocked_pair(world, "kbwg", "tcp")
     try:
         entry = wait_until(lambda: relay_entry(alice), timeout=30,
                            what="alice's allocation over TCP")

@@ -12,6 +12,7 @@ from typing import Any, cast
 
 import pytest
 from test_relay_transport_race import NEVER, TCP, TLS, UDP, FakeAllocation, Script, paths_with
+from test_stun_retry import FakeNegotiator
 from virtual_clock import VIRTUAL_CLOCK, now
 
 from kbwg.agent.relay_paths import RETIRE_GRACE_S, RelayPaths
@@ -132,14 +133,6 @@ class FakePaths:
 
     def public_endpoint(self) -> str | None:
         return "203.0.113.10:40000"
-
-
-@dataclass
-class FakeNegotiator:
-    restarted_all: int = 0
-
-    async def restart_all(self) -> None:
-        self.restarted_all += 1
 
 
 def keeper_for(paths: FakePaths, negotiator: FakeNegotiator) -> Upkeep:
