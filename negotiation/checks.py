@@ -722,7 +722,8 @@ class PeerChecker:
                 out = tx.sent_at[-1] + rtt / 1000.0 - now
                 if (out <= 0 and len(tx.sent_at) == 1 and tx.timer is not None
                         and best.path != "relay" and pair.remote_address == best.remote_address
-                        and None is not pair.local.interface != best.local.interface):
+                        and pair.local.interface is not None
+                        and pair.local.interface != best.local.interface):
                     # Another uplink's first check to the same peer address may have
                     # reached the peer before it knew us (early checks) and been dropped
                     # there, while `best`'s, slower on the way, came after: its
