@@ -23,7 +23,7 @@ from typing import Literal
 from kbwg.core.addresses import Address, format_endpoint, ip_family, parse_endpoint, parse_ip
 from kbwg.negotiation.candidates import Candidate, candidate_priority
 from kbwg.negotiation.choice import PairState, PairView, PathClass, path_class
-from kbwg.negotiation.rtt_estimator import RttEstimator
+from kbwg.negotiation.rtt_estimator import BaseRtt, RttEstimator
 from kbwg.negotiation.wire import CandidateInfo
 
 TxKind = Literal["check", "nominate", "live"]
@@ -32,6 +32,10 @@ TxKind = Literal["check", "nominate", "live"]
 MAX_PAIRS = 100
 # RTT is the median of the last few unambiguous samples: one late answer does not move it.
 RTT_WINDOW = 5
+# A pair's base RTT, which choice compares, is its lowest sample in this window: a
+# sustained transfer's own queue moves the selected path away at most once per window,
+# while a slower route (or another user's traffic) raises the base within it.
+BASE_RTT_WINDOW_S = 30.0
 # The weight of each liveness check's outcome in a pair's loss estimate (about the
 # last 16 checks).
 LOSS_GAIN = 1 / 16
@@ -134,6 +138,7 @@ class CandidatePair:
     _rtt_bound: float | None = None
     # SRTT and RTTVAR from the exact samples: the consent timeout (RFC 6298's RTO).
     rtt_estimate: RttEstimator = field(default_factory=RttEstimator)
+    base_rtt: BaseRtt = field(default_factory=lambda: BaseRtt(BASE_RTT_WINDOW_S))
 
     @property
     def remote_address(self) -> Address:
@@ -163,8 +168,9 @@ class CandidatePair:
             return _median(self._rtt_samples)
         return self._rtt_bound
 
-    def add_rtt(self, sample_ms: float, exact: bool) -> None:
-        """An RTT sample; `exact` is False when the transaction was retransmitted.
+    def add_rtt(self, sample_ms: float, exact: bool, at: float) -> None:
+        """An RTT sample taken at loop time `at`; `exact` is False when the transaction
+        was retransmitted.
 
         Karn: an answer after retransmits may answer any copy. Timed from the first
         copy it is an upper bound (exact when the first copy was answered, the usual
@@ -173,6 +179,7 @@ class CandidatePair:
         if exact:
             self._rtt_samples.append(sample_ms)
             self.rtt_estimate.add(sample_ms)
+            self.base_rtt.add(at, sample_ms)
         elif not self._rtt_samples:
             self._rtt_bound = sample_ms
 
@@ -206,7 +213,7 @@ class CandidatePair:
             local_address=format_endpoint((local.address, local.port)),
             remote_type=self.remote.type, remote_address=format_endpoint(self.remote_address),
             state=self.state, rtt_ms=self.rtt_ms, rtt_bound=not self._rtt_samples,
-            priority=self.priority,
+            base_rtt_ms=self.base_rtt.value_ms, priority=self.priority,
         )
 
     def to_json(self) -> dict[str, object]:

@@ -531,7 +531,8 @@ class PeerChecker:
                 or self._remote_pwd is None
                 or not message.check_message_integrity(self._remote_pwd)):
             return
-        pair.add_rtt((self._loop.time() - tx.sent_at[0]) * 1000.0, exact=True)
+        now = self._loop.time()
+        pair.add_rtt((now - tx.sent_at[0]) * 1000.0, exact=True, at=now)
         pair.answered(live=True)
 
     # -- sending ----------------------------------------------------------------------
@@ -561,7 +562,7 @@ class PeerChecker:
         pair.tried = True
         pair.answers += 1
         pair.answered(live)
-        pair.add_rtt(rtt_ms, exact)
+        pair.add_rtt(rtt_ms, exact, at=self._loop.time())
         pair.local_seen = self._table.local_seen(pair, mapped)
         pair.probe_delay = self.timers.reprobe_min
         pair.probe_at = None

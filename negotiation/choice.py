@@ -19,11 +19,17 @@ RTT), so the rules can be tested without a network:
    the path passes WireGuard through the agent's loopback proxy, so it is the slower
    path even when an idle check measures it a millisecond faster. Class and relayed
    ends together make a pair's tier.
-2. Within a tier, lower RTT wins. A selected pair is replaced by another of the same
-   tier only when the newcomer is faster by both margins: `new < ratio * current` and
-   `current - new >= hysteresis_ms`. Jitter then cannot make the choice flap, while a
-   real improvement (a congested uplink clearing, a faster interface coming up) wins.
-   An unknown RTT never wins on RTT.
+2. Within a tier, lower RTT wins: each pair's base RTT, its lowest recent sample
+   (`rtt_estimator.BaseRtt`), not its median. Traffic on the selected path queues
+   behind itself and raises that path's recent samples while an idle alternative's stay
+   low; on medians every bulk transfer would move its own path away and back, and each
+   move costs the transfer its in-flight window. A selected pair is replaced by another
+   of the same tier only when the newcomer is faster by both margins:
+   `new < ratio * current` and `current - new >= hysteresis_ms`. Jitter then cannot
+   make the choice flap, while a real improvement (a congested uplink clearing, a
+   faster interface coming up) wins. An unknown RTT never wins on RTT. Two relayed
+   pairs through the same relay address never replace each other on RTT: they differ
+   only in whose allocation, and so whose loopback proxy, carries the path.
 3. A pair of a better tier replaces the selected one at once, and a selected pair that
    stopped answering is replaced by the best usable pair at once.
 
@@ -98,7 +104,14 @@ class PairView:
     rtt_ms: float | None = None
     # True while the RTT is only an upper bound (timed across retransmissions).
     rtt_bound: bool = False
+    # The lowest exact sample of the last window (None: no exact sample).
+    base_rtt_ms: float | None = None
     priority: int = 0
+
+    @property
+    def compared_rtt_ms(self) -> float | None:
+        """The RTT choice ranks by: the base RTT once measured exactly."""
+        return self.base_rtt_ms if self.base_rtt_ms is not None else self.rtt_ms
 
     @property
     def path(self) -> PathClass:
@@ -110,6 +123,13 @@ class PairView:
         """Class rank, then how many ends are relayed (see the module docstring)."""
         relayed = (self.local_type == "relay") + (self.remote_type == "relay")
         return (CLASS_RANK[self.path], relayed)
+
+    @property
+    def relay_ips(self) -> frozenset[str]:
+        """The addresses of the relays the pair goes through (its relayed ends)."""
+        ends = ((self.local_type, self.local_address), (self.remote_type, self.remote_address))
+        return frozenset(ip for kind, address in ends
+                         if kind == "relay" and (ip := _ip_of(address)) is not None)
 
     @property
     def usable(self) -> bool:
@@ -131,8 +151,8 @@ def format_rtt(rtt_ms: float | None, bound: bool = False) -> str:
 
 
 def _rank(view: PairView) -> tuple[tuple[int, int], float, int]:
-    rtt = math.inf if view.rtt_ms is None else view.rtt_ms
-    return (view.tier, rtt, -view.priority)
+    rtt = view.compared_rtt_ms
+    return (view.tier, math.inf if rtt is None else rtt, -view.priority)
 
 
 def explain(view: PairView, pairs: Sequence[PairView]) -> str:
@@ -206,8 +226,16 @@ def choose(current: PairView | None, pairs: Sequence[PairView], *,
         return best, (f"switched from {current.label()} to {best.label()}: "
                       f"{explain(best, pairs)}")
     # Same tier (best is never of a worse tier than a usable current): RTT decides.
-    if best.tier == current.tier and faster_enough(
-            best.rtt_ms, current.rtt_ms, ratio=hysteresis_ratio, margin_ms=hysteresis_ms):
+    new_ms, current_ms = best.compared_rtt_ms, current.compared_rtt_ms
+    if (best.tier == current.tier and not same_relay(best, current)
+            and faster_enough(new_ms, current_ms, ratio=hysteresis_ratio,
+                              margin_ms=hysteresis_ms)):
         return best, (f"switched from {current.label()} to {best.label()}: "
-                      f"{format_rtt(best.rtt_ms)} vs {format_rtt(current.rtt_ms)}")
+                      f"{format_rtt(new_ms)} vs {format_rtt(current_ms)}")
     return current, explain(current, pairs)
+
+
+def same_relay(a: PairView, b: PairView) -> bool:
+    """Whether two pairs are both relayed through the same relay addresses."""
+    relays = a.relay_ips
+    return bool(relays) and relays == b.relay_ips

@@ -7,13 +7,20 @@ varies (a relayed pair over links with 100 ms of jitter each); SRTT + 4 RTTVAR f
 the spread as well as the level, so such a path is not failed by jitter alone, while a
 steady low-RTT path keeps a short timeout (and a dead one is noticed in about a second).
 
+`BaseRtt` is the path's delay without the queue in front of it: the lowest sample of a
+window (LEDBAT's base delay, BBR's min_rtt). Traffic we send on the selected path queues
+behind itself (in a NAT's uplink, in a relay's loopback proxy) and raises that path's
+recent samples while an idle alternative's stay low; choice compares base RTTs, or
+every bulk transfer would move its own path away and back (`choice.py`).
+
 Only exact samples belong here (Karn: an answer after a retransmit may answer any
 copy); `CandidatePair.add_rtt` sorts them.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 
 # RFC 6298's gains: SRTT moves by 1/8 of the error, RTTVAR by 1/4 of its own.
 ALPHA = 0.125
@@ -48,3 +55,25 @@ class RttEstimator:
         if self.srtt_ms is None:
             return None
         return self.srtt_ms + max(granularity_ms, K * self.rttvar_ms)
+
+
+@dataclass
+class BaseRtt:
+    """The lowest exact sample of the last `window_s` seconds, counted back from the
+    newest sample; None before the first."""
+
+    window_s: float
+    # (at, ms) with both rising: each entry is the lowest from its time on, so the
+    # first is the window's minimum and older higher samples never need keeping.
+    _floor: deque[tuple[float, float]] = field(default_factory=deque)
+
+    def add(self, at: float, sample_ms: float) -> None:
+        while self._floor and self._floor[-1][1] >= sample_ms:
+            self._floor.pop()
+        self._floor.append((at, sample_ms))
+        while self._floor[0][0] < at - self.window_s:
+            self._floor.popleft()
+
+    @property
+    def value_ms(self) -> float | None:
+        return self._floor[0][1] if self._floor else None

@@ -53,8 +53,18 @@ def test_symmetric_nats_connect_through_the_relay(world: World, kind: str) -> No
     wait_until(lambda: b.ping_ok(ALICE[2]), timeout=15, what="ping bob -> alice")
     status = alice.status()
     assert any(r["url"] == relay.url and r["alive"] for r in status["relays"])
+    switched = [switches(alice), switches(bob)]
     mbits = iperf_mbits(a, b, BOB[2])
+    # The transfer's own queue in the proxy makes the path look slower than the idle
+    # pair through the other end's allocation; moving to it stalled TCP for seconds.
+    assert [switches(alice), switches(bob)] == switched, (
+        f"the path moved during the transfer\n{alice.log(3000)}\n{bob.log(3000)}")
     assert mbits > 5, f"relayed iperf3 only {mbits:.1f} Mbit/s"
+
+
+def switches(agent: AgentProcess) -> int:
+    """How often the agent's choice has moved a path so far (its log says each time)."""
+    return agent.log(1 << 30).count(": switched from ")
 
 
 def test_dead_relay_is_replaced_by_the_second_one(world: World) -> None:

@@ -15,7 +15,7 @@ import pytest
 from aioice import stun
 from virtual_clock import VIRTUAL_CLOCK, advance_until, now
 
-from kbwg.negotiation.candidate_pairs import CandidatePair, form_pairs
+from kbwg.negotiation.candidate_pairs import BASE_RTT_WINDOW_S, CandidatePair, form_pairs
 from kbwg.negotiation.candidates import Candidate, candidate_priority
 from kbwg.negotiation.checks import CheckTimers, PeerChecker
 from kbwg.negotiation.mux import CheckMux
@@ -330,7 +330,8 @@ async def test_hysteresis_ignores_jitter_and_follows_a_big_change() -> None:
     if1 = a.host("198.18.1.10", lan="lan1", delay=0.010, rank=0)
     a.host("198.18.3.10", lan="lan1", delay=0.012, rank=1)
     b.host("198.18.1.20", lan="lan1")
-    await connect(a, b, SLOW_PATHS)
+    # Active throughout (as under a transfer): consent at its RTT pace, not idle.
+    await connect(a, b, replace(SLOW_PATHS, active_window=120.0))
     try:
         await advance_until(lambda: a.c.state == "connected" and mirrored(a, b))
         assert a.c.selected is not None and a.c.selected.local.address == "198.18.1.10"
@@ -340,10 +341,18 @@ async def test_hysteresis_ignores_jitter_and_follows_a_big_change() -> None:
         await asyncio.sleep(0.8)
         assert a.c.selected.local.address == "198.18.1.10"
         assert len(a.selections) == 1
-        # 90 ms against 24 ms: switch, and the peer follows the renomination.
+        # 90 ms against 24 ms. For a window that could be the queue our own traffic
+        # builds on the selected path: kept while its base RTT is still the idle 20 ms.
         if1.delay = 0.045
+        raised_at = now()
+        await asyncio.sleep(BASE_RTT_WINDOW_S - 1.0)
+        assert a.c.selected.local.address == "198.18.1.10"
+        assert a.c.selected.rtt_ms == pytest.approx(90.0)
+        # Longer than the window: the path is slower. Switch, and the peer follows the
+        # renomination.
         await advance_until(lambda: a.c.selected is not None
                     and a.c.selected.local.address == "198.18.3.10", timeout=3.0)
+        assert now() - raised_at == pytest.approx(BASE_RTT_WINDOW_S, abs=0.5)
         assert len(a.selections) == 2
         reason = a.selections[-1][1]
         assert reason.startswith("switched from host 198.18.1.10:51820 -> host "
@@ -733,14 +742,14 @@ def test_rtt_from_a_retransmitted_check_is_only_a_stand_in() -> None:
     local = Candidate("host", "198.18.1.10", PORT, "eth0", candidate_priority("host"), "if")
     remote = CandidateInfo("host", "198.18.1.20", PORT, candidate_priority("host"), "f0")
     pair = CandidatePair(local, remote, 1)
-    pair.add_rtt(130.0, exact=False)  # first copy lost: timed from it, an upper bound
+    pair.add_rtt(130.0, exact=False, at=0.0)  # first copy lost: timed from it, an upper bound
     assert pair.rtt_ms == 130.0
-    pair.add_rtt(30.0, exact=True)
+    pair.add_rtt(30.0, exact=True, at=0.0)
     assert pair.rtt_ms == 30.0  # replaced at once, not averaged in
-    pair.add_rtt(500.0, exact=False)
+    pair.add_rtt(500.0, exact=False, at=0.0)
     assert pair.rtt_ms == 30.0  # ambiguous samples never displace exact ones
     for sample in (31.0, 29.0, 400.0):
-        pair.add_rtt(sample, exact=True)
+        pair.add_rtt(sample, exact=True, at=0.0)
     assert pair.rtt_ms == 30.5  # median: one late answer does not move it
 
 
@@ -771,9 +780,9 @@ def test_pair_view_marks_an_rtt_without_exact_samples_as_a_bound() -> None:
     local = Candidate("host", "198.18.1.10", PORT, "eth0", candidate_priority("host"), "if")
     remote = CandidateInfo("host", "198.18.1.20", PORT, candidate_priority("host"), "f0")
     pair = CandidatePair(local, remote, 1)
-    pair.add_rtt(130.0, exact=False)
+    pair.add_rtt(130.0, exact=False, at=0.0)
     assert pair.view().rtt_bound
-    pair.add_rtt(30.0, exact=True)
+    pair.add_rtt(30.0, exact=True, at=0.0)
     assert not pair.view().rtt_bound
 
 

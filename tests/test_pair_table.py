@@ -48,7 +48,7 @@ def test_a_check_through_the_peers_relay_teaches_a_relayed_candidate() -> None:
     # Both answer; the relayed one faster. The direct one still wins.
     for pair, rtt in ((relayed_pair, 10.0), (direct_pair, 10.2)):
         pair.state = "succeeded"
-        pair.add_rtt(rtt, exact=True)
+        pair.add_rtt(rtt, exact=True, at=0.0)
     best, _ = choose(None, [relayed_pair.view(), direct_pair.view()])
     assert best is not None and best.key == direct_pair.key
 

@@ -15,10 +15,27 @@ from virtual_clock import VIRTUAL_CLOCK, advance_until, now
 from kbwg.negotiation.candidate_pairs import CandidatePair
 from kbwg.negotiation.candidates import Candidate, candidate_priority
 from kbwg.negotiation.check_config import CheckTimers
-from kbwg.negotiation.rtt_estimator import RttEstimator
+from kbwg.negotiation.rtt_estimator import BaseRtt, RttEstimator
 from kbwg.negotiation.wire import CandidateInfo
 
 pytestmark = VIRTUAL_CLOCK
+
+
+def test_the_base_rtt_is_the_lowest_sample_of_its_window() -> None:
+    base = BaseRtt(window_s=30.0)
+    assert base.value_ms is None
+    base.add(0.0, 2.0)
+    for t in range(1, 30):  # a transfer's queue: higher samples for 29 s
+        base.add(float(t), 9.0 + t % 3)
+    assert base.value_ms == 2.0
+    base.add(30.5, 9.5)  # the idle sample is out of the window now
+    assert base.value_ms == 9.0
+    base.add(31.0, 3.0)  # the queue drained
+    assert base.value_ms == 3.0
+    # Only rising minima are kept: a long run of samples costs no memory.
+    for t in range(32, 1000):
+        base.add(float(t), 50.0)
+    assert base.value_ms == 50.0 and len(base._floor) == 1
 
 
 def test_the_estimator_follows_rfc_6298() -> None:
@@ -44,10 +61,10 @@ def test_only_exact_samples_feed_the_estimator() -> None:
     pair = CandidatePair(local, remote, 1)
     timers = CheckTimers()
     assert timers.consent_timeout_for(pair.rto_ms(10.0), pair.rtt_ms) == timers.consent_timeout
-    pair.add_rtt(200.0, exact=False)  # after a retransmit: only a bound, 3x of it
+    pair.add_rtt(200.0, exact=False, at=0.0)  # after a retransmit: only a bound, 3x of it
     assert pair.rto_ms(10.0) is None
     assert timers.consent_timeout_for(pair.rto_ms(10.0), pair.rtt_ms) == pytest.approx(0.6)
-    pair.add_rtt(50.0, exact=True)
+    pair.add_rtt(50.0, exact=True, at=0.0)
     assert pair.rtt_estimate.srtt_ms == 50.0
 
 

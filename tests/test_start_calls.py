@@ -184,7 +184,7 @@ def test_a_pairs_rtt_is_the_median_of_its_samples() -> None:
     remote = CandidateInfo("host", "198.18.1.20", 51820, candidate_priority("host"), "f0")
     pair = CandidatePair(local, remote, 1)
     for sample in (30.0, 10.0, 20.0):
-        pair.add_rtt(sample, exact=True)
+        pair.add_rtt(sample, exact=True, at=0.0)
     assert pair.rtt_ms == 20.0
-    pair.add_rtt(50.0, exact=True)
+    pair.add_rtt(50.0, exact=True, at=0.0)
     assert pair.rtt_ms == 25.0
