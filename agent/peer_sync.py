@@ -31,6 +31,11 @@ current endpoint, so otherwise the endpoint goes first (quietly) and the route n
 A newer announcement never moves an endpoint that works (only a sealed negotiation or
 WireGuard's authenticated roaming does). Every change of WireGuard peers holds the peer
 lock, so the stats poll's reconciliation (device_stats) never sees one half made.
+A peer's choices reach WireGuard one at a time, in the order they were made, and one
+overtaken while it waited is skipped (`ChoiceOrder`): a renomination a few ms after the
+last choice must not be undone by the older one finishing last. Applied out of order,
+WireGuard sent to the path the peer had just left while the relay proxy for the one it
+now uses was closed, and a transfer stalled until a keepalive (25 s).
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from kbwg.agent.announce import Announcement
@@ -99,6 +104,15 @@ class HeldPath:
         return min(FIRST_HANDSHAKE_HOLD_S, HOLD_FLOOR_S + HOLD_RTTS * rtt_ms / 1000.0)
 
 
+@dataclass
+class ChoiceOrder:
+    """One peer's path choices in the order they were made: `newest` counts them, and
+    `applying` lets one at a time change WireGuard and the relay proxies."""
+
+    newest: int = 0
+    applying: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
 class PeerSync:
     def __init__(self, owner: OwnerCalls, state: AgentState, team: TeamView,
                  paths: Connectivity, negotiator: Negotiator | None, presence: Presence,
@@ -117,6 +131,7 @@ class PeerSync:
         self.early: EarlyChecks | None = None
         # Paths chosen while this end holds back for the peer's first handshake.
         self.held: dict[DeviceId, HeldPath] = {}
+        self._choices: dict[DeviceId, ChoiceOrder] = {}
         # The holds' polls only (_hold); the owner looked up when a request goes.
         self._held_stats = SharedStats(lambda: self._owner.stats())
 
@@ -396,19 +411,27 @@ class PeerSync:
             return
         if self.early is not None and not self.early.accepts(device, early):
             return
-        route = await self._paths.route(peer.name, pair)
-        key = peer.configured_key
-        if key is None or self._state.peers.get(device) is not peer:
-            return  # dropped or re-keyed while the route was made
-        if self._holds_back(key) and not await self._has_session(key):
-            # The second end (module docstring): WireGuard gets the endpoint once the
-            # first end's handshake made a session, or the hold ran out.
-            self._hold_back(device, HeldPath(key, pair, route, reason))
-            log.debug("%s: %s; holding the endpoint up to %.1f s for the peer's handshake",
-                      peer.name, reason, self.held[device].hold_s())
-            return
-        self.held.pop(device, None)
-        await self._apply(device, peer, pair, route, reason)
+        order = self._choices.setdefault(device, ChoiceOrder())
+        order.newest += 1
+        this = order.newest
+        async with order.applying:
+            if order.newest != this:
+                log.debug("%s: %s; a newer choice came meanwhile, not applied", peer.name,
+                          reason)
+                return
+            route = await self._paths.route(peer.name, pair)
+            key = peer.configured_key
+            if key is None or self._state.peers.get(device) is not peer:
+                return  # dropped or re-keyed while the route was made
+            if self._holds_back(key) and not await self._has_session(key):
+                # The second end (module docstring): WireGuard gets the endpoint once the
+                # first end's handshake made a session, or the hold ran out.
+                self._hold_back(device, HeldPath(key, pair, route, reason))
+                log.debug("%s: %s; holding the endpoint up to %.1f s for the peer's "
+                          "handshake", peer.name, reason, self.held[device].hold_s())
+                return
+            self.held.pop(device, None)
+            await self._apply(device, peer, pair, route, reason)
 
     async def _hold(self, device: DeviceId) -> None:
         """The held path goes to WireGuard as soon as the peer's handshake made a session
@@ -438,17 +461,21 @@ class PeerSync:
                             device, exc)
                 break
         log.debug("%s: hold ended after %.2f s: %s", device, loop.time() - started, ended)
-        held = self.held.pop(device, None)
-        peer = self._state.peers.get(device)
-        if held is None or peer is None or peer.configured_key != held.key:
-            return
-        if held.pair is not None and held.route is not None:
-            await self._apply(device, peer, held.pair, held.route, held.reason)
-            return
-        async with self._lock:
-            ann = peer.spec.announcement
-            if peer.configured_key == held.key and not peer.endpoint and ann is not None:
-                await self._use_announced(peer, ann)
+        order = self._choices.setdefault(device, ChoiceOrder())
+        async with order.applying:
+            # The newest choice is the one held: a later one replaced it or, applied
+            # already, took it out.
+            held = self.held.pop(device, None)
+            peer = self._state.peers.get(device)
+            if held is None or peer is None or peer.configured_key != held.key:
+                return
+            if held.pair is not None and held.route is not None:
+                await self._apply(device, peer, held.pair, held.route, held.reason)
+                return
+            async with self._lock:
+                ann = peer.spec.announcement
+                if peer.configured_key == held.key and not peer.endpoint and ann is not None:
+                    await self._use_announced(peer, ann)
 
     async def _apply(self, device: DeviceId, peer: PeerState, pair: CandidatePair,
                      route: Route, reason: str) -> None:
