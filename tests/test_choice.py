@@ -54,17 +54,23 @@ def test_lower_rtt_wins_within_a_class_without_current() -> None:
     assert choose(None, tied)[0] == tied[1]
 
 
+def between(key: str, local: str, remote: str, rtt: float, base: float) -> PairView:
+    """A working pair from `local` to `remote` ("type ip:port"), its recent and base
+    RTT."""
+    (local_type, local_address), (remote_type, remote_address) = (
+        local.split(), remote.split())
+    return PairView(key, local_type, local_address, remote_type, remote_address,
+                    rtt_ms=rtt, base_rtt_ms=base)
+
+
 def test_the_base_rtt_not_the_recent_one_decides_a_switch() -> None:
     # The selected path carries a transfer: its recent checks wait behind the transfer's
     # queue (9.1 ms), an idle alternative's do not (1.5 ms). Its base is 1.4 ms: kept.
-    loaded = PairView("cur", "host", "198.18.1.10:51820", "srflx", "203.0.113.11:40001",
-                      rtt_ms=9.1, base_rtt_ms=1.4)
-    idle = PairView("new", "host", "198.18.3.10:51820", "srflx", "203.0.113.11:40002",
-                    rtt_ms=1.5, base_rtt_ms=1.5)
+    loaded = between("cur", "host 198.18.1.10:51820", "srflx 203.0.113.11:40001", 9.1, 1.4)
+    idle = between("new", "host 198.18.3.10:51820", "srflx 203.0.113.11:40002", 1.5, 1.5)
     assert choose(loaded, [loaded, idle])[0] == loaded
     # Slower at its base too: replaced, and the reason gives the base RTTs compared.
-    slow = PairView("cur", "host", "198.18.1.10:51820", "srflx", "203.0.113.11:40001",
-                    rtt_ms=9.1, base_rtt_ms=8.0)
+    slow = between("cur", "host 198.18.1.10:51820", "srflx 203.0.113.11:40001", 9.1, 8.0)
     best, reason = choose(slow, [slow, idle])
     assert best == idle
     assert reason.endswith(": 1.5 ms vs 8.0 ms")
@@ -75,18 +81,14 @@ def test_the_base_rtt_not_the_recent_one_decides_a_switch() -> None:
 def test_relayed_pairs_through_the_same_relay_never_switch_on_rtt() -> None:
     # Ours through the peer's allocation, or the peer's through ours, on one relay:
     # only whose loopback proxy carries the path differs.
-    theirs = PairView("a", "prflx", "203.0.113.10:35545", "relay", "203.0.113.5:57713",
-                      rtt_ms=9.1, base_rtt_ms=9.1)
-    ours = PairView("b", "relay", "203.0.113.5:60875", "prflx", "203.0.113.11:58448",
-                    rtt_ms=1.5, base_rtt_ms=1.5)
+    theirs = between("a", "prflx 203.0.113.10:35545", "relay 203.0.113.5:57713", 9.1, 9.1)
+    ours = between("b", "relay 203.0.113.5:60875", "prflx 203.0.113.11:58448", 1.5, 1.5)
     assert choose(theirs, [theirs, ours])[0] == theirs
     # Through another relay: a different route, and RTT decides.
-    other = PairView("c", "relay", "203.0.113.6:50000", "prflx", "203.0.113.11:58449",
-                     rtt_ms=1.5, base_rtt_ms=1.5)
+    other = between("c", "relay 203.0.113.6:50000", "prflx 203.0.113.11:58449", 1.5, 1.5)
     assert choose(theirs, [theirs, other])[0] == other
     # Not a question of RTT: a pair relayed at one end still beats one relayed twice.
-    twice = PairView("d", "relay", "203.0.113.5:60875", "relay", "203.0.113.5:57713",
-                     rtt_ms=0.5, base_rtt_ms=0.5)
+    twice = between("d", "relay 203.0.113.5:60875", "relay 203.0.113.5:57713", 0.5, 0.5)
     assert choose(twice, [twice, theirs])[0] == theirs
 
 
