@@ -121,12 +121,13 @@ def _peer_diag(peer: PeerState, negotiator: Negotiator | None,
         candidates.append({"type": "announced", "ip": ann.endpoint_ip,
                            "port": ann.endpoint_port})
     pairs = [{"local": a.get("local"), "remote": a.get("remote"), "state": a.get("state"),
-              "rtt_ms": a.get("rtt_ms")}
+              "rtt_ms": a.get("rtt_ms"), "base_rtt_ms": a.get("base_rtt_ms")}
              for a in negotiation.get("alternatives", [])]
     if negotiation.get("local_candidate"):
         pairs.insert(0, {"local": negotiation["local_candidate"],
                          "remote": negotiation["remote_candidate"],
-                         "state": "selected", "rtt_ms": negotiation.get("rtt_ms")})
+                         "state": "selected", "rtt_ms": negotiation.get("rtt_ms"),
+                         "base_rtt_ms": negotiation.get("base_rtt_ms")})
     return {**_peer_json(peer, negotiation), "candidates": candidates, "pairs": pairs}
 
 

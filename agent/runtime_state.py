@@ -118,6 +118,8 @@ class PeerState:
             "remote_candidate": negotiation.get("remote_candidate"),
             "interface": negotiation.get("interface"),
             "rtt_ms": negotiation.get("rtt_ms"),
+            # The lowest RTT of the last 30 s: what path choice compares.
+            "base_rtt_ms": negotiation.get("base_rtt_ms"),
             # "active": consent at the path's RTT pace (new path, or traffic within
             # CheckTimers.active_window); "idle": CheckTimers.consent_idle_interval (15 s).
             "consent_pace": negotiation.get("consent_pace"),

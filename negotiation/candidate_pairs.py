@@ -217,10 +217,11 @@ class CandidatePair:
         )
 
     def to_json(self) -> dict[str, object]:
-        rtt = self.rtt_ms
+        rtt, base = self.rtt_ms, self.base_rtt.value_ms
         return {
             "local": self.local_label(), "remote": self.remote_label(), "state": self.state,
             "path": self.path, "rtt_ms": None if rtt is None else round(rtt, 3),
+            "base_rtt_ms": None if base is None else round(base, 3),
             "interface": self.local.interface,
         }
 

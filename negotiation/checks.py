@@ -246,11 +246,14 @@ class PeerChecker:
         `path` is "direct-lan", "direct", "relay" or "none"; candidates read
         "type ip:port" (the local one as the peer sees it); `connected_at` is the unix
         time the peer got a path, kept across switches and cleared when no pair works;
-        `selected_at` is when the current pair was chosen; `alternatives` lists every
-        other pair with its state and RTT.
+        `selected_at` is when the current pair was chosen; `rtt_ms` is the median of
+        recent checks, `base_rtt_ms` the lowest of the last `BASE_RTT_WINDOW_S` (what
+        choice compares); `alternatives` lists every other pair with its state and
+        both RTTs.
         """
         pair = self._selected
         rtt = pair.rtt_ms if pair is not None else None
+        base = pair.base_rtt.value_ms if pair is not None else None
         return {
             "state": self.state,
             "role": "controlling" if self._controlling else "controlled",
@@ -259,6 +262,7 @@ class PeerChecker:
             "remote_candidate": pair.remote_label() if pair is not None else None,
             "interface": pair.local.interface if pair is not None else None,
             "rtt_ms": None if rtt is None else round(rtt, 3),
+            "base_rtt_ms": None if base is None else round(base, 3),
             "consent_pace": "active" if self._upkeep.active else "idle",
             "reason": self._reason,
             "connected_at": self._connected_at,
