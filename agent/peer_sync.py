@@ -35,7 +35,7 @@ A peer's choices reach WireGuard one at a time, in the order they were made, and
 overtaken while it waited is skipped (`ChoiceOrder`): a renomination a few ms after the
 last choice must not be undone by the older one finishing last. Applied out of order,
 WireGuard sent to the path the peer had just left while the relay proxy for the one it
-now uses was closed, and a transfer stalled until a keepalive (25 s).
+now uses was closed, and a transfer stalled for tens of seconds.
 """
 
 from __future__ import annotations
