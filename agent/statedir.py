@@ -172,20 +172,26 @@ def lock_state_dir(state_dir: Path) -> IO[str]:
     return handle
 
 
-def read_private(path: Path, limit: int) -> bytes | None:
+def read_private(path: Path, limit: int, owner_only: bool = False) -> bytes | None:
     """A small file the agent wrote into its state dir; None if there is none.
 
     O_NOFOLLOW and a regular file only: never a link or a FIFO someone put there (reading
-    one could block or read another file). Raises OSError (ELOOP for a link) or
-    ValueError (not a regular file, over `limit` bytes).
+    one could block or read another file). `owner_only`: a secret, refused when group or
+    others may read it (checked on the file read, not on its path). Raises OSError (ELOOP
+    for a link) or ValueError (not a regular file, readable by others, over `limit`
+    bytes).
     """
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         return None
     with os.fdopen(fd, "rb") as handle:
-        if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+        st = os.fstat(handle.fileno())
+        if not stat.S_ISREG(st.st_mode):
             raise ValueError("not a regular file")
+        mode = stat.S_IMODE(st.st_mode)
+        if owner_only and mode & 0o077:
+            raise ValueError(f"others may have read it (mode {mode:04o})")
         data = handle.read(limit + 1)
     if len(data) > limit:
         raise ValueError("too large")

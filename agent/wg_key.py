@@ -22,8 +22,6 @@ import binascii
 import errno
 import json
 import logging
-import os
-import stat
 from pathlib import Path
 
 from nacl.public import PrivateKey
@@ -59,12 +57,9 @@ def kept_private_key(state_dir: Path, me: DeviceId, team: str, new: bool = False
 
 def _read(path: Path, me: DeviceId, team: str) -> PrivateKey | None:
     try:
-        data = read_private(path, _KEY_MAX_BYTES)
+        data = read_private(path, _KEY_MAX_BYTES, owner_only=True)
         if data is None:
             return None
-        mode = stat.S_IMODE(os.stat(path, follow_symlinks=False).st_mode)
-        if mode & 0o077:
-            raise ValueError(f"others may have read it (mode {mode:04o})")
         kept = json.loads(data)
         if not isinstance(kept, dict):
             raise ValueError("not a JSON object")
