@@ -42,13 +42,13 @@ How this differs from full ICE (one component, one stream, both ends are this ag
   the same peer address, sent once and unanswered, also until its first retransmit
   could be answered), so the first choice is the right one. A check sent before the
   peer knew us (early checks: each side starts when it reads the other's key) may be
-  dropped there: when the peer's own check
-  arrives on that pair the check goes again at once (a triggered check, RFC 8445
-  section 7.3.1.4), and a pair answered only after a retransmit (its RTT only an upper
-  bound) is checked once more, the first nomination waiting for that answer the same
-  way. It renominates whenever choice switches; the controlled side follows the latest
-  nomination. Every consent check of the controlling side carries USE-CANDIDATE too,
-  so a lost or reordered nomination heals within one consent interval.
+  dropped there: when the peer's own check arrives on that pair the check goes again
+  at once (a triggered check, RFC 8445 section 7.3.1.4), and a pair answered only
+  after a retransmit (its RTT only an upper bound) is checked once more, the first
+  nomination waiting for that answer the same way. It renominates whenever choice
+  switches; the controlled side follows the latest nomination. Every consent check of
+  the controlling side carries USE-CANDIDATE too, so a lost or reordered nomination
+  heals within one consent interval.
 - Keeping the path: single-shot consent checks on the selected pair every few of its
   RTTs (at most `consent_interval`, check_liveness.py) while traffic flows or the path
   is new, every `consent_idle_interval` while idle (`note_traffic`); keepalives on
@@ -701,8 +701,8 @@ class PeerChecker:
         retransmit was answered, so their RTT is only an upper bound), and either not
         sent yet or last sent less than `best`'s RTT ago (a faster answer is still
         possible), or, from another interface to the same peer address, sent once and
-        due for its first retransmit (that copy too). At most `contend_max` after the first success;
-        re-evaluated when the next one is out."""
+        due for its first retransmit (that copy too). At most `contend_max` after the
+        first success; re-evaluated when the next one is out."""
         now = self._loop.time()
         if self._first_success_at is None:
             self._first_success_at = now
