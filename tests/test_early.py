@@ -338,10 +338,9 @@ async def test_a_peer_that_said_bye_wakes_us_at_once_when_it_is_back() -> None:
     _net, a, b = lan_pair()
     try:
         await both_chose(a, b)
-        a.session, a.session_connected = object(), True
-        assert a.e.accept_session()
-        b.session, b.session_connected = object(), True
-        assert b.e.accept_session()
+        for side in (a, b):
+            side.session, side.session_connected = object(), True
+            assert side.e.accept_session()
         await asyncio.sleep(TAKEOVER_LINGER_S + 0.1)
         assert a.e.state == "resting"  # and deaf to B's early checks for a while
         # B's agent stops (bye) and starts again at once with the same key: its checks
