@@ -388,6 +388,9 @@ class PeerSync:
     async def _drop(self, peer: PeerState, why: str) -> None:
         log.info("%s: %s; removing it", peer.name, why)
         self.held.pop(peer.spec.device, None)
+        order = self._choices.pop(peer.spec.device, None)
+        if order is not None:
+            order.newest += 1  # the choices still waiting to apply are for nobody now
         if peer.fallback is not None:
             peer.fallback.cancel()
         if self._negotiator is not None:
@@ -421,8 +424,13 @@ class PeerSync:
                 return
             route = await self._paths.route(peer.name, pair)
             key = peer.configured_key
+            if device not in self._state.peers:
+                # Dropped while the route was made: the relay proxy it may have opened
+                # would stay open for nobody.
+                await self._paths.forget(peer.name)
+                return
             if key is None or self._state.peers.get(device) is not peer:
-                return  # dropped or re-keyed while the route was made
+                return  # re-keyed (or dropped and back) while the route was made
             if self._holds_back(key) and not await self._has_session(key):
                 # The second end (module docstring): WireGuard gets the endpoint once the
                 # first end's handshake made a session, or the hold ran out.
@@ -461,6 +469,8 @@ class PeerSync:
                             device, exc)
                 break
         log.debug("%s: hold ended after %.2f s: %s", device, loop.time() - started, ended)
+        if device not in self._state.peers:
+            return  # dropped: the hold went with it
         order = self._choices.setdefault(device, ChoiceOrder())
         async with order.applying:
             # The newest choice is the one held: a later one replaced it or, applied

@@ -66,3 +66,29 @@ async def test_a_choice_overtaken_while_it_waited_is_skipped() -> None:
     await asyncio.gather(*tasks)
     assert rec.routed == ["A", "C"]  # B's relay proxy is never opened only to close
     assert peer.endpoint == ENDPOINTS["C"] and rec.wg_endpoint == ENDPOINTS["C"]
+
+
+@dataclass
+class ForgettingRoutes(SlowRoutes):
+    forgotten: list[str] = field(default_factory=list)
+
+    async def forget(self, peer: str) -> None:
+        self.forgotten.append(peer)
+
+
+async def test_a_peer_dropped_while_its_choices_wait_gets_none_of_them() -> None:
+    rec = ForgettingRoutes()
+    sync, peer, device = make_sync(rec)
+    first = asyncio.create_task(sync.path_chosen(device, pair("A"), "chosen A"))
+    await asyncio.sleep(0)  # A is routing
+    second = asyncio.create_task(sync.path_chosen(device, pair("B"), "switched to B"))
+    await asyncio.sleep(0)
+    state = cast(Any, sync)._state
+    await cast(Any, sync)._drop(state.peers.pop(device), "no longer a peer")
+    rec.release.set()
+    await asyncio.gather(first, second)
+    assert rec.routed == ["A"]  # B waited and is for nobody now
+    # The drop forgot the peer's paths, and A's route, done after it, is undone too
+    # (a relay proxy it opened would stay open for nobody).
+    assert rec.forgotten == [peer.name, peer.name]
+    assert rec.wg_endpoint is None
