@@ -7,10 +7,10 @@ Every problem is reported with the entry it concerns, so a team admin can fix th
 from __future__ import annotations
 
 import ipaddress
-import json
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 
+from kbwg.core import strict_json
 from kbwg.core.identity import DeviceId
 from kbwg.core.printable import printable
 
@@ -74,7 +74,11 @@ def parse_peers(data: bytes | str, overlay: IPv4Network = DEFAULT_OVERLAY) -> li
     # ValueError also covers an integer over Python's digit limit; RecursionError is
     # deep nesting. Both are documents the decoder refuses, like any other bad JSON.
     try:
-        doc = json.loads(data)
+        doc = strict_json.loads(data)
+    except strict_json.DuplicateKeyError as exc:
+        raise PeersError(
+            f"peers.json: key '{shown(exc.key)}' appears twice in one object; write each "
+            "key once (readers disagree on which one counts)") from exc
     except (ValueError, RecursionError) as exc:
         raise PeersError(f"peers.json is not valid JSON: {exc}") from exc
     if not isinstance(doc, list):

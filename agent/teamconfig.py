@@ -11,7 +11,6 @@ Unknown keys are logged and ignored, so a file written for a newer agent still l
 from __future__ import annotations
 
 import ipaddress
-import json
 import logging
 import os
 import re
@@ -25,6 +24,7 @@ from urllib.parse import parse_qs
 from kbwg.agent.claims import Policy
 from kbwg.agent.keybase import KeybaseFileNotFound
 from kbwg.agent.peers_file import DEFAULT_OVERLAY, shown
+from kbwg.core import strict_json
 from kbwg.core.addresses import HostPort
 from kbwg.negotiation.interface_defaults import DEFAULT_INTERFACE_EXCLUDE
 from kbwg.owner.policy import WIDEST_PREFIX
@@ -381,7 +381,11 @@ def parse_team_config(data: bytes | str) -> TeamConfig:
     # ValueError also covers an integer over Python's digit limit; RecursionError is
     # deep nesting. Both are documents the decoder refuses, like any other bad JSON.
     try:
-        doc = json.loads(data)
+        doc = strict_json.loads(data)
+    except strict_json.DuplicateKeyError as exc:
+        raise TeamConfigError(
+            f"kbwg.json: key '{shown(exc.key)}' appears twice in one object; write each "
+            "key once (readers disagree on which one counts)") from exc
     except (ValueError, RecursionError) as exc:
         raise TeamConfigError(f"kbwg.json is not valid JSON: {exc}") from exc
     if not isinstance(doc, dict):

@@ -25,6 +25,9 @@ def test_valid_file_parses_in_order() -> None:
     ("text", "message"),
     [
         ("{not json", "not valid JSON"),
+        # Python keeps the last of a repeated key, other readers the first.
+        ('[{"username": "a", "device": "d", "ip": "100.64.0.1", "ip": "100.64.0.9"}]',
+         "peers.json: key 'ip' appears twice in one object"),
         ('{"username": "a"}', "must be a JSON list"),
         ('["x"]', "entry 1: must be an object"),
         (doc({"username": "a", "device": "d"}), "entry 1 (a/d): 'ip' must be"),

@@ -90,6 +90,11 @@ def test_unknown_keys_are_ignored_with_a_warning(caplog: pytest.LogCaptureFixtur
 
 @pytest.mark.parametrize(("data", "message"), [
     (b"{not json", "not valid JSON"),
+    # Python keeps the last of a repeated key, other readers the first.
+    (b'{"stun": ["127.0.0.1:3478"], "stun": ["192.0.2.1:3478"]}',
+     "kbwg.json: key 'stun' appears twice in one object"),
+    (b'{"relays": [{"url": "turn:a:1", "secret": "s", "secret": "t"}]}',
+     "key 'secret' appears twice"),
     (b"[]", "must be a JSON object"),
     (_doc(stun="127.0.0.1:3478"), "'stun' must be a list"),
     (_doc(stun=[3478]), "'stun' item 1 must be a non-empty string"),
