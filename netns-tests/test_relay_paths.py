@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
+import re
+import subprocess
 import time
 from typing import Any
 
@@ -122,13 +125,34 @@ def test_relay_first_then_direct_once_it_works(world: World) -> None:
     wait_relayed(alice, "desk")
     wait_until(lambda: a.ping_ok(BOB[2]), timeout=15, what="ping over the relay")
 
-    r1.run(["nft", "delete", "table", "ip", "cut"])
-    direct = wait_until(lambda: (p := alice.peer_view("desk")) and p["path"] == "direct"
-                        and p, timeout=45, what="the move to the direct path")  # fmt: skip
-    assert direct["remote_candidate"].startswith(("srflx", "prflx")), direct
-    wait_until(lambda: (p := bob.peer_view("laptop")) and p["path"] == "direct",
-               timeout=15, what="bob on the direct path too")  # fmt: skip
-    wait_until(lambda: a.ping_ok(BOB[2]), timeout=10, what="ping over the direct path")
+    # Pings every 20 ms across the move: it must not cut the overlay for long (choices
+    # once reached WireGuard out of order and left a path dead for tens of seconds).
+    pinger = a.popen(["ping", "-n", "-i", str(PING_INTERVAL_S), "-W", "1", BOB[2]],
+                     stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        r1.run(["nft", "delete", "table", "ip", "cut"])
+        direct = wait_until(lambda: (p := alice.peer_view("desk")) and p["path"] == "direct"
+                            and p, timeout=45, what="the move to the direct path")  # fmt: skip
+        assert direct["remote_candidate"].startswith(("srflx", "prflx")), direct
+        wait_until(lambda: (p := bob.peer_view("laptop")) and p["path"] == "direct",
+                   timeout=15, what="bob on the direct path too")  # fmt: skip
+        wait_until(lambda: a.ping_ok(BOB[2]), timeout=10, what="ping over the direct path")
+    finally:
+        pinger.terminate()
+    out = pinger.communicate(timeout=10)[0]
+    # About 0.04 s here (one reply lost at the switch, if any).
+    assert longest_silence_s(out) < 1.0, f"{out[-3000:]}\n{alice.log(3000)}\n{bob.log(3000)}"
+
+
+PING_INTERVAL_S = 0.02
+
+
+def longest_silence_s(ping_output: str) -> float:
+    """The longest run of unanswered echo requests in `ping -n` output, in seconds
+    (from the sequence numbers of the replies, sent every PING_INTERVAL_S)."""
+    seqs = [int(m) for m in re.findall(r"icmp_seq=(\d+)", ping_output)]
+    assert len(seqs) > 1, ping_output[-2000:]
+    return max(b - a for a, b in itertools.pairwise(seqs)) * PING_INTERVAL_S
 
 
 def test_symmetric_and_port_preserving_use_what_works(world: World) -> None:
