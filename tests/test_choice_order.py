@@ -40,16 +40,23 @@ def pair(name: str) -> Any:
     return cast(Any, SimpleNamespace(name=name, rtt_ms=None))
 
 
+async def behind_a(sync: Any, device: Any, *names: str) -> list[asyncio.Task[None]]:
+    """Choice A, routing (until `release`), then a choice per name, all waiting on it."""
+    tasks = [asyncio.create_task(sync.path_chosen(device, pair("A"), "chosen A"))]
+    await asyncio.sleep(0)  # A is routing
+    tasks += [asyncio.create_task(sync.path_chosen(device, pair(name), f"switched to {name}"))
+              for name in names]
+    for _ in range(5):
+        await asyncio.sleep(0)
+    return tasks
+
+
 async def test_a_later_choice_is_not_undone_by_an_earlier_one_finishing_last() -> None:
     rec = SlowRoutes()
     sync, peer, device = make_sync(rec)
-    first = asyncio.create_task(sync.path_chosen(device, pair("A"), "chosen A"))
-    await asyncio.sleep(0)  # A is routing
-    second = asyncio.create_task(sync.path_chosen(device, pair("B"), "switched to B"))
-    for _ in range(5):
-        await asyncio.sleep(0)
+    tasks = await behind_a(sync, device, "B")
     rec.release.set()
-    await asyncio.gather(first, second)
+    await asyncio.gather(*tasks)
     assert rec.routed == ["A", "B"]
     assert peer.endpoint == ENDPOINTS["B"] and rec.wg_endpoint == ENDPOINTS["B"]
 
@@ -57,11 +64,7 @@ async def test_a_later_choice_is_not_undone_by_an_earlier_one_finishing_last() -
 async def test_a_choice_overtaken_while_it_waited_is_skipped() -> None:
     rec = SlowRoutes()
     sync, peer, device = make_sync(rec)
-    tasks = [asyncio.create_task(sync.path_chosen(device, pair("A"), "chosen A"))]
-    await asyncio.sleep(0)
-    tasks += [asyncio.create_task(sync.path_chosen(device, pair(name), f"switched to {name}"))
-              for name in ("B", "C")]
-    await asyncio.sleep(0)
+    tasks = await behind_a(sync, device, "B", "C")
     rec.release.set()
     await asyncio.gather(*tasks)
     assert rec.routed == ["A", "C"]  # B's relay proxy is never opened only to close
@@ -79,14 +82,11 @@ class ForgettingRoutes(SlowRoutes):
 async def test_a_peer_dropped_while_its_choices_wait_gets_none_of_them() -> None:
     rec = ForgettingRoutes()
     sync, peer, device = make_sync(rec)
-    first = asyncio.create_task(sync.path_chosen(device, pair("A"), "chosen A"))
-    await asyncio.sleep(0)  # A is routing
-    second = asyncio.create_task(sync.path_chosen(device, pair("B"), "switched to B"))
-    await asyncio.sleep(0)
+    tasks = await behind_a(sync, device, "B")
     state = cast(Any, sync)._state
     await cast(Any, sync)._drop(state.peers.pop(device), "no longer a peer")
     rec.release.set()
-    await asyncio.gather(first, second)
+    await asyncio.gather(*tasks)
     assert rec.routed == ["A"]  # B waited and is for nobody now
     # The drop forgot the peer's paths, and A's route, done after it, is undone too
     # (a relay proxy it opened would stay open for nobody).
