@@ -2,7 +2,9 @@
 
 The host route that pins a peer to the fast uplink goes through that uplink, not the
 WireGuard device, so only the owner's route reaper (owner/route_reaper.py) can take it
-away when the owner gets no chance to.
+away when the owner gets no chance to. The same reaper removes a kernel WireGuard
+device, which (unlike wireguard-go's) is no process that dies with the owner; with no
+WireGuard module here, its removal is shown on veth devices.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -62,3 +66,35 @@ def test_a_killed_owners_host_route_is_removed(world: World) -> None:
                what=f"the host route to go\n{alice.log()}")
     assert routes(m) == before
     assert "removed it" in alice.log(), alice.log()
+
+
+def link_index(host: Node, ifname: str) -> int | None:
+    out = host.run(["ip", "-j", "link", "show", ifname], check=False)
+    return int(json.loads(out.stdout)[0]["ifindex"]) if out.returncode == 0 else None
+
+
+def test_the_reaper_removes_a_listed_device_but_not_one_made_since_under_its_name(
+        world: World) -> None:
+    host = world.host("h", [world.internet()])
+    for name in ("kbreap0", "kbreap2"):
+        host.run(["ip", "link", "add", name, "type", "veth", "peer", "name", f"{name}p"])
+    listed = {name: link_index(host, name) for name in ("kbreap0", "kbreap2")}
+    reaper = host.popen([sys.executable, "-I", "-m", "kbwg.owner.route_reaper"],
+                        stdin=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    assert reaper.stdin is not None and reaper.stderr is not None
+    for name, index in listed.items():
+        reaper.stdin.write(json.dumps({"op": "link", "ifname": name, "index": index})
+                           .encode() + b"\n")  # fmt: skip
+    reaper.stdin.flush()
+    # kbreap2 is removed and made again (another index) before the owner ends.
+    host.run(["ip", "link", "del", "kbreap2"])
+    host.run(["ip", "link", "add", "kbreap2", "type", "veth", "peer", "name", "kbreap2p"])
+    remade = link_index(host, "kbreap2")
+    assert remade is not None and remade != listed["kbreap2"]
+
+    reaper.stdin.close()  # the owner's end of the pipe closes: it ended
+    assert reaper.wait(timeout=30) == 0
+    log = reaper.stderr.read().decode()
+    assert link_index(host, "kbreap0") is None, log
+    assert link_index(host, "kbreap2") == remade, log
+    assert "without removing device kbreap0: removed it" in log, log

@@ -63,6 +63,14 @@ class NetConfig(Protocol):
 
     async def is_loopback(self, ifname: str) -> bool: ...
 
+    async def reap_link(self, ifname: str) -> None:
+        """`ifname` is removed even if the owner is killed before it removes it."""
+        ...
+
+    def link_removed(self, ifname: str) -> None:
+        """The owner removed `ifname` itself (after `reap_link`)."""
+        ...
+
 
 @dataclass(frozen=True)
 class MainRoute:
@@ -238,3 +246,26 @@ class NetlinkNetConfig:
             index = await self._index(ipr, ifname)
             links = [link async for link in await ipr.get_links(index)]
         return any(int(link["flags"]) & IFF_LOOPBACK for link in links)
+
+    async def reap_link(self, ifname: str) -> None:
+        pass  # no reaper here: ReapedNetConfig has one
+
+    def link_removed(self, ifname: str) -> None:
+        pass
+
+    async def link_index(self, ifname: str) -> int:
+        from pyroute2.iproute.linux import AsyncIPRoute
+
+        async with AsyncIPRoute() as ipr:
+            return await self._index(ipr, ifname)
+
+    async def remove_link(self, ifname: str, index: int) -> bool:
+        """Remove the link `index` if it is still named `ifname` (a link made since
+        under that name has another index); whether it was there to remove."""
+        from pyroute2.iproute.linux import AsyncIPRoute
+
+        async with AsyncIPRoute() as ipr:
+            if index not in await ipr.link_lookup(ifname=ifname):
+                return False
+            await ipr.link("del", index=index)
+        return True

@@ -1,12 +1,16 @@
-"""Host routes outlive an owner killed outright (SIGKILL, OOM): this removes them.
+"""Host routes and a kernel WireGuard device outlive an owner killed outright (SIGKILL,
+OOM): this removes them.
 
 The owner removes its host routes when it stops, but routes go through the uplinks,
 not the WireGuard device, so nothing takes them away with a killed owner, and the next
-owner's `add` of the same route then fails. `ReapedNetConfig` starts, at the first
-host route only, a child `python -I -m kbwg.owner.route_reaper` in its own session
-and tells it, one JSON line each, every route before adding it and after removing it.
-When the owner's end of the pipe closes, however the owner ended, the reaper removes
-the routes still listed (none after a clean stop) and exits.
+owner's `add` of the same route then fails. The kernel's WireGuard device, unlike
+wireguard-go's, is no process that dies with the owner: left behind, it would keep its
+overlay route and make the next owner's `create` fail. `ReapedNetConfig` starts, at
+the first host route or kernel device only, a child `python -I -m
+kbwg.owner.route_reaper` in its own session and tells it, one JSON line each, every
+route before adding it and after removing it, and the device (by name and index) once
+made and once removed. When the owner's end of the pipe closes, however the owner
+ended, the reaper removes what is still listed (nothing after a clean stop) and exits.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import logging
 import subprocess
 import sys
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from kbwg.owner.netconfig import HostRoute, NetlinkNetConfig
@@ -37,9 +41,10 @@ class ReapedNetConfig(NetlinkNetConfig):
         # collected, and the reaper must outlive the owner. A line is far below a pipe's
         # buffer, so the write never blocks.
         self._reaper: subprocess.Popen[bytes] | None = None
+        self._links: dict[str, int] = {}  # reaped links' indexes, by name
 
     async def add_route(self, route: HostRoute, replace: bool) -> None:
-        self._tell("add", route)
+        self._tell({"op": "add", **asdict(route)})
         try:
             await super().add_route(route, replace)
         except Exception:
@@ -47,14 +52,23 @@ class ReapedNetConfig(NetlinkNetConfig):
             # stopping) may have reached the kernel: the reaper keeps it listed and
             # removes it, as nothing else would.
             if not replace:
-                self._tell("del", route)
+                self._tell({"op": "del", **asdict(route)})
             raise
 
     async def remove_route(self, route: HostRoute) -> None:
         await super().remove_route(route)
-        self._tell("del", route)
+        self._tell({"op": "del", **asdict(route)})
 
-    def _tell(self, op: str, route: HostRoute) -> None:
+    async def reap_link(self, ifname: str) -> None:
+        index = self._links[ifname] = await self.link_index(ifname)
+        self._tell({"op": "link", "ifname": ifname, "index": index})
+
+    def link_removed(self, ifname: str) -> None:
+        index = self._links.pop(ifname, None)
+        if index is not None:
+            self._tell({"op": "unlink", "ifname": ifname, "index": index})
+
+    def _tell(self, message: dict[str, Any]) -> None:
         try:
             if self._reaper is None:
                 self._reaper = subprocess.Popen(
@@ -65,42 +79,65 @@ class ReapedNetConfig(NetlinkNetConfig):
                     # terminal's Ctrl-C) must not stop the reaper before the owner.
                     start_new_session=True)
             assert self._reaper.stdin is not None
-            self._reaper.stdin.write(json.dumps({"op": op, **asdict(route)}).encode() + b"\n")
+            self._reaper.stdin.write(json.dumps(message).encode() + b"\n")
             self._reaper.stdin.flush()
         except OSError as exc:
-            # The routes still work; only a killed owner would leave them behind.
-            logger.warning("the route reaper is not running (%s): host routes would "
-                           "outlive an owner killed outright", exc)
+            # The routes and the device still work; only a killed owner would leave them.
+            logger.warning("the route reaper is not running (%s): host routes and a kernel "
+                           "WireGuard device would outlive an owner killed outright", exc)
 
 
-def parse_line(line: bytes) -> tuple[str, HostRoute] | None:
+@dataclass(frozen=True)
+class ReapedLink:
+    """A network device the owner made, known by its index too: a device made later
+    under the same name is another one's and is left alone."""
+
+    ifname: str
+    index: int
+
+
+def parse_line(line: bytes) -> tuple[str, HostRoute | ReapedLink] | None:
     """One line from the owner; None for anything else (logged)."""
     try:
         data: Any = json.loads(line)
         op = data["op"]
-        route = HostRoute(str(data["destination"]), data.get("via"), str(data["ifname"]))
+        item: HostRoute | ReapedLink
+        if op in ("link", "unlink"):
+            if not isinstance(data["index"], int) or isinstance(data["index"], bool):
+                raise TypeError(f"index {data['index']!r} is not an integer")
+            item = ReapedLink(str(data["ifname"]), data["index"])
+        else:
+            item = HostRoute(str(data["destination"]), data.get("via"), str(data["ifname"]))
     except (ValueError, KeyError, TypeError) as exc:
         logger.warning("route reaper: ignoring a line it cannot read (%s)", exc)
         return None
-    if op not in ("add", "del") or (route.via is not None and not isinstance(route.via, str)):
+    if op not in ("add", "del", "link", "unlink") or (
+            isinstance(item, HostRoute) and item.via is not None
+            and not isinstance(item.via, str)):
         logger.warning("route reaper: ignoring %r", line[:200])
         return None
-    return op, route
+    return op, item
 
 
-def outstanding(lines: Iterable[bytes]) -> list[HostRoute]:
-    """The routes added and not removed, in the order they were added."""
+def outstanding(lines: Iterable[bytes]) -> tuple[list[HostRoute], list[ReapedLink]]:
+    """The routes and links added and not removed, in the order they were added."""
     routes: dict[str, HostRoute] = {}
+    links: dict[str, ReapedLink] = {}
     for line in lines:
         parsed = parse_line(line)
         if parsed is None:
             continue
-        op, route = parsed
-        if op == "add":
-            routes[route.destination] = route
-        elif routes.get(route.destination) == route:
-            del routes[route.destination]
-    return list(routes.values())
+        op, item = parsed
+        if isinstance(item, ReapedLink):
+            if op == "link":
+                links[item.ifname] = item
+            elif links.get(item.ifname) == item:
+                del links[item.ifname]
+        elif op == "add":
+            routes[item.destination] = item
+        elif routes.get(item.destination) == item:
+            del routes[item.destination]
+    return list(routes.values()), list(links.values())
 
 
 async def reap(routes: Iterable[HostRoute], remove: RemoveFn) -> int:
@@ -117,14 +154,35 @@ async def reap(routes: Iterable[HostRoute], remove: RemoveFn) -> int:
     return removed
 
 
+async def reap_links(links: Iterable[ReapedLink],
+                     remove: Callable[[str, int], Awaitable[bool]]) -> int:
+    """Remove each link still there under its name and index; how many went."""
+    removed = 0
+    for link in links:
+        try:
+            if await remove(link.ifname, link.index):
+                removed += 1
+                logger.warning("the device owner ended without removing device %s: "
+                               "removed it", link.ifname)
+        except Exception as exc:
+            logger.info("device %s not removed: %s", link.ifname, exc)
+    return removed
+
+
+async def _reap_all(routes: list[HostRoute], links: list[ReapedLink]) -> None:
+    net = NetlinkNetConfig()
+    await reap(routes, net.remove_route)
+    await reap_links(links, net.remove_link)
+
+
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="kbwg-route-reaper: %(message)s")
     # The owner's stderr may be gone by the time there is something to say.
     logging.raiseExceptions = False
     lines = iter(lambda: sys.stdin.buffer.readline(MAX_LINE), b"")
-    routes = outstanding(lines)
-    if routes:
-        asyncio.run(reap(routes, NetlinkNetConfig().remove_route))
+    routes, links = outstanding(lines)
+    if routes or links:
+        asyncio.run(_reap_all(routes, links))
 
 
 if __name__ == "__main__":

@@ -368,6 +368,8 @@ class OwnerServer:
         self.state.backend, self.state.ifname = backend, spec.ifname
         self.state.overlay = spec.address.network
         try:
+            if backend.outlives_owner:
+                await self._net.reap_link(spec.ifname)
             await self._net.set_mtu(spec.ifname, spec.mtu)
             await self._net.add_address(spec.ifname, spec.address)
             self.state.address = spec.address
@@ -600,6 +602,8 @@ class OwnerServer:
             try:
                 await backend.close()
                 logger.info("removed device %s", state.ifname)
+                if state.ifname is not None:
+                    self._net.link_removed(state.ifname)
             except Exception:
                 logger.exception("removing device %s failed", state.ifname)
         state.ifname = None

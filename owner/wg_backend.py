@@ -56,6 +56,9 @@ class DeviceStats:
 
 class WireGuardBackend(Protocol):
     name: str
+    # Whether the device stays when the owner is killed outright: the kernel's does
+    # (the route reaper then removes it), wireguard-go's goes with its process.
+    outlives_owner: bool
 
     async def create(self, ifname: str, private_key: bytes, listen_port: int) -> int:
         """Create the device with this key; returns the actual listen port."""

@@ -86,6 +86,7 @@ def info_to_stats(messages: Iterable[Any]) -> tuple[int, list[PeerStats]]:
 
 class KernelBackend:
     name = "kernel"
+    outlives_owner = True
 
     def __init__(self) -> None:
         self._ifname: str | None = None

@@ -43,6 +43,7 @@ PICKED_PORT_WAIT_S = 2.0
 
 class UserspaceBackend:
     name = "userspace"
+    outlives_owner = False
 
     def __init__(
         self,

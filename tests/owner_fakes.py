@@ -25,6 +25,7 @@ class MemoryBackend:
     """In-memory WireGuard: no device, no process, no privileges."""
 
     name = "fake"
+    outlives_owner = False
 
     def __init__(self) -> None:
         self.ifname: str | None = None
@@ -94,6 +95,8 @@ class FakeNetConfig:
     loopbacks: set[str] = field(default_factory=lambda: {"lo"})
     added_routes: list[HostRoute] = field(default_factory=list)
     addresses: dict[str, list[IPInterface]] = field(default_factory=dict)
+    # Devices the owner asked to be removed should it be killed (a kernel backend's).
+    reaped_links: list[str] = field(default_factory=list)
 
     async def set_mtu(self, ifname: str, mtu: int) -> None:
         pass
@@ -122,6 +125,13 @@ class FakeNetConfig:
         if ifname not in self.uplinks:
             return None
         return Egress(ifname, self.uplinks[ifname])
+
+    async def reap_link(self, ifname: str) -> None:
+        self.reaped_links.append(ifname)
+
+    def link_removed(self, ifname: str) -> None:
+        if ifname in self.reaped_links:  # as ReapedNetConfig: a device never reaped too
+            self.reaped_links.remove(ifname)
 
     async def is_loopback(self, ifname: str) -> bool:
         if ifname not in self.uplinks | dict.fromkeys(self.bare | self.loopbacks):
