@@ -59,7 +59,10 @@ def test_multi_homed_host_uses_the_faster_uplink(world: World) -> None:
         and x["host_route"] and x,
         timeout=30, what="alice to settle on eth1")  # fmt: skip
     assert peer["endpoint"] == f"{p.ip}:51820"
-    assert peer["rtt_ms"] < 40, peer
+    # The fast uplink's checks answer in ~10 ms, the slow one's in 80 ms or more; a
+    # first sample taken while three processes per device start on two cores carries
+    # tens of ms of owner latency (42 ms seen once), so the bound only tells them apart.
+    assert peer["rtt_ms"] < 75, peer
     assert peer["host_route"] == f"host route {p.ip}/32 via {fast.lan.gateway} dev eth1"
     # Bob follows Alice's latest nomination, which may still be on its way.
     wait_until(lambda: (x := bob.negotiated("laptop")) and x["endpoint"]
