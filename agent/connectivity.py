@@ -356,7 +356,7 @@ class Connectivity:
         with `mux` and the owner itself, once for all the checkers it runs."""
         checker = PeerChecker(self.local.candidates, ufrag, pwd, controlling=controlling,
                               tie_breaker=tie_breaker, send=self._send_check,
-                              on_selected=on_selected, name=name)
+                              on_selected=on_selected, name=name, lists_end=False)
         if not self.gathering_done():
             checker.add_local([], complete=False)
         self._keep(checker)

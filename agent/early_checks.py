@@ -36,7 +36,7 @@ from kbwg.agent.announce_candidates import CandidateBook
 from kbwg.agent.connectivity import Connectivity
 from kbwg.agent.runtime_state import PeerState
 from kbwg.core.identity import DeviceId
-from kbwg.negotiation.candidate_pairs import CandidatePair
+from kbwg.negotiation.candidate_pairs import GUESSED_FOUNDATION, CandidatePair
 from kbwg.negotiation.candidates import candidate_priority
 from kbwg.negotiation.early import (
     EarlyChecker,
@@ -55,8 +55,6 @@ ChosenFn = Callable[[DeviceId, CandidatePair, str], None]
 
 # How long our early checks of a peer wait for its CANDIDATES line after its ANNOUNCE.
 CANDIDATES_WAIT_S = 0.3
-# The foundation of the candidate guessed from an announced endpoint.
-ANNOUNCED = "announced"
 
 
 def early_candidates(ann: Announcement, published: Iterable[CandidateInfo]
@@ -66,7 +64,7 @@ def early_candidates(ann: Announcement, published: Iterable[CandidateInfo]
     found = list(published)
     if not any((c.ip, c.port) == (ann.endpoint_ip, ann.endpoint_port) for c in found):
         found.append(CandidateInfo("srflx", ann.endpoint_ip, ann.endpoint_port,
-                                   candidate_priority("srflx"), ANNOUNCED))
+                                   candidate_priority("srflx"), GUESSED_FOUNDATION))
     return found
 
 
@@ -154,7 +152,7 @@ class EarlyChecks:
         """The early checks found a path: it goes to the agent, unless it runs through
         the announced endpoint's guessed type while the peer's CANDIDATES line may
         still say otherwise (see the module docstring)."""
-        if device in self._waiting and pair.remote.foundation == ANNOUNCED:
+        if device in self._waiting and pair.remote.foundation == GUESSED_FOUNDATION:
             log.debug("%s: path through the announced endpoint held until the peer's "
                       "candidates are known", device)
             self._held[device] = (pair, reason)

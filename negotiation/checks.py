@@ -134,7 +134,10 @@ class PeerChecker:
         hysteresis_ratio: float = DEFAULT_HYSTERESIS_RATIO,
         hysteresis_ms: float = DEFAULT_HYSTERESIS_MS,
         name: str = "peer",
+        lists_end: bool = True,
     ) -> None:
+        """`lists_end` False: the peer's candidates come from a list that never ends
+        (#announce, for early checks), so they are never final (PairTable.remote_final)."""
         self._loop = asyncio.get_running_loop()
         self._ufrag = ufrag
         self._pwd = pwd.encode()
@@ -160,6 +163,7 @@ class PeerChecker:
         self._trickled: list[CandidateInfo] = []
         self._trickle_ended = False
         self._table = PairTable(local_candidates, self.timers, self.counters, name)
+        self._lists_end = lists_end
         self._early: list[_EarlyCheck] = []
         self._tx = CheckTransactions(
             self._loop, self.timers, self.counters, request=self._request,
@@ -284,6 +288,7 @@ class PeerChecker:
         self._remote_ufrag = ufrag
         self._remote_pwd = pwd.encode()
         self._remote_complete = complete or self._trickle_ended
+        self._table.remote_final = self._remote_complete and self._lists_end
         self._table.form([*candidates, *self._trickled], self._controlling)
         self._trickled = []
         pairs = self._table.pairs
@@ -310,8 +315,9 @@ class PeerChecker:
             del self._trickled[:-MAX_SENT]
             self._trickle_ended = self._trickle_ended or complete
             return
-        added, retyped = self._table.add_remotes(candidates, self._controlling, replace)
         self._remote_complete = self._remote_complete or complete
+        self._table.remote_final = self._remote_complete and self._lists_end
+        added, retyped = self._table.add_remotes(candidates, self._controlling, replace)
         if self._selected in retyped:
             self._relabel(self._selected)
         self._grown(added, "peer")

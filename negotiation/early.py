@@ -48,7 +48,7 @@ from nacl.public import Box, PrivateKey, PublicKey
 
 from kbwg.core.addresses import Address
 from kbwg.negotiation import check_messages as messages
-from kbwg.negotiation.candidate_pairs import CandidatePair
+from kbwg.negotiation.candidate_pairs import GUESSED_FOUNDATION, CandidatePair
 from kbwg.negotiation.candidates import Candidate
 from kbwg.negotiation.check_config import CheckCounters
 from kbwg.negotiation.pair_table import MAX_SENT
@@ -152,6 +152,13 @@ def _key(c: CandidateInfo) -> tuple[str, int]:
     return (c.ip, c.port)
 
 
+def _corrects(told: CandidateInfo, known: CandidateInfo) -> bool:
+    """`told` says what `known`, at the same address, is: another type, or the type
+    `known` only guessed (a relay is then paired with it, see relay_reaches)."""
+    return told.type != known.type or (known.foundation == GUESSED_FOUNDATION
+                                       and told.foundation != GUESSED_FOUNDATION)
+
+
 class EarlyPeer:
     """One peer's early checks; registered with the mux as its `CheckReceiver`."""
 
@@ -219,11 +226,13 @@ class EarlyPeer:
         as the peer's CANDIDATES line now says) is retyped in the running checker's
         pairs (PairTable): the type makes the pair's class ("same LAN" beats "through
         NAT"), and the pair keeps its state, so a path it carries is told again in its
-        class without being checked over."""
-        known = {_key(c): c.type for c in self.remote}
+        class without being checked over. One whose type was a guess and is now told
+        is taken as told even with the same type: only then is it paired with our
+        relay candidates."""
+        known = {_key(c): c for c in self.remote}
         new = [c for c in candidates if _key(c) not in known]
         retyped = {_key(c): c for c in candidates
-                   if _key(c) in known and known[_key(c)] != c.type}
+                   if _key(c) in known and _corrects(c, known[_key(c)])}
         if not new and not retyped:
             return
         self.remote = [retyped.get(_key(c), c) for c in self.remote] + new

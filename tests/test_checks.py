@@ -15,7 +15,12 @@ import pytest
 from aioice import stun
 from virtual_clock import VIRTUAL_CLOCK, advance_until, now
 
-from kbwg.negotiation.candidate_pairs import BASE_RTT_WINDOW_S, CandidatePair, form_pairs
+from kbwg.negotiation.candidate_pairs import (
+    BASE_RTT_WINDOW_S,
+    GUESSED_FOUNDATION,
+    CandidatePair,
+    form_pairs,
+)
 from kbwg.negotiation.candidates import Candidate, candidate_priority
 from kbwg.negotiation.checks import CheckTimers, PeerChecker
 from kbwg.negotiation.mux import CheckMux
@@ -774,7 +779,66 @@ def test_relay_base_skips_remote_host_candidates_behind_a_nat() -> None:
 
     unknown = [CandidateInfo("host", "198.18.2.10", PORT, candidate_priority("host"), "h")]
     pairs = {(p.local.type, p.remote.type) for p in form_pairs([relay], unknown, True)}
-    assert pairs == {("relay", "host")}  # no srflx known: nothing says it is private
+    assert pairs == {("relay", "host")}  # all it has, no srflx: nothing says it is private
+    # The peer's srflx may still come: its host address waits for it.
+    assert form_pairs([relay], unknown, True, final=False) == []
+    assert len(form_pairs([host], unknown, True, final=False)) == 1
+
+
+async def test_a_relay_checks_a_host_candidate_only_once_the_peer_has_sent_all() -> None:
+    """A peer's host candidate comes first, its srflx once STUN answered: pairing our
+    relay candidate with the host address before would send the relay to a private
+    address, and coturn then closes the allocation's relay socket (every relayed path
+    on it goes). Early checks' candidates (#announce) are never all."""
+    relay = Candidate("relay", "203.0.113.5", 50000, None, candidate_priority("relay"), "turn")
+    host = CandidateInfo("host", "198.18.2.10", PORT, candidate_priority("host"), "h")
+    srflx = CandidateInfo("srflx", "203.0.113.11", 40001, candidate_priority("srflx"), "s")
+
+    def checker(**kwargs: bool) -> PeerChecker:
+        return PeerChecker([relay], "aliceufrag", PWD_A, controlling=True, tie_breaker=1,
+                           send=lambda d, a, c: None, timers=FAST, **kwargs)
+
+    def remotes(c: PeerChecker) -> set[str]:
+        return {p.remote.type for p in c.pairs}
+
+    natted = checker()
+    natted.set_remote("bobufrag", PWD_B, [host], complete=False)
+    assert remotes(natted) == set()
+    natted.add_remote([srflx], complete=True)
+    assert remotes(natted) == {"srflx"}  # the host address is behind the NAT
+    natted.close()
+
+    public = checker()
+    public.set_remote("bobufrag", PWD_B, [host], complete=False)
+    public.add_remote([], complete=True)  # the end, no srflx: nothing says it is NATed
+    assert remotes(public) == {"host"}
+    public.close()
+
+    early = checker(lists_end=False)
+    early.set_remote("bobufrag", PWD_B, [host], complete=True)
+    early.add_remote([], complete=True)
+    assert remotes(early) == set()
+    early.close()
+
+    # The announced endpoint, taken for srflx, is the peer's own address when it
+    # announced before its STUN answer: a guess waits like a host candidate.
+    announced = CandidateInfo("srflx", "198.18.2.10", PORT, candidate_priority("srflx"),
+                              GUESSED_FOUNDATION)
+    early = checker(lists_end=False)
+    early.set_remote("bobufrag", PWD_B, [announced], complete=True)
+    assert remotes(early) == set()
+    early.add_remote([srflx], complete=True)  # its CANDIDATES line says where it is
+    assert {(p.remote.ip, p.remote.port) for p in early.pairs} == {("203.0.113.11", 40001)}
+    early.close()
+
+    # A guess that was right: told as srflx at the same address, it is paired then.
+    early = checker(lists_end=False)
+    early.set_remote("bobufrag", PWD_B, [replace(srflx, foundation=GUESSED_FOUNDATION)],
+                     complete=True)
+    assert remotes(early) == set()
+    early.add_remote([srflx], complete=True, replace=True)  # as EarlyPeer passes it
+    assert remotes(early) == {"srflx"}
+    early.close()
 
 
 def test_pair_view_marks_an_rtt_without_exact_samples_as_a_bound() -> None:

@@ -33,7 +33,7 @@ from kbwg.agent.peer_selection import PeerSpec
 from kbwg.agent.runtime_state import PeerState
 from kbwg.core.identity import DeviceId
 from kbwg.negotiation import check_messages as messages
-from kbwg.negotiation.candidate_pairs import CandidatePair
+from kbwg.negotiation.candidate_pairs import GUESSED_FOUNDATION, CandidatePair
 from kbwg.negotiation.checks import PeerChecker
 from kbwg.negotiation.early import (
     EARLY_REASON,
@@ -462,6 +462,20 @@ async def test_an_announced_host_address_is_retyped_as_host_in_place() -> None:
     finally:
         a.close()
         b.close()
+
+
+async def test_an_announced_guess_told_with_the_same_type_is_taken_as_told() -> None:
+    _net, a, b = lan_pair()
+    try:
+        guess = CandidateInfo("srflx", "203.0.113.1", 40001, 1, GUESSED_FOUNDATION)
+        a.open(b, [guess])
+        told = CandidateInfo("srflx", "203.0.113.1", 40001, 1, "s")
+        a.e.set_candidates([told])
+        # No longer a guess: a relay candidate may now be paired with it (relay_reaches,
+        # test_checks.py).
+        assert a.e.remote == [told]
+    finally:
+        a.close()
 
 
 # -- the agent's manager: one early peer per announced key ------------------------------

@@ -58,9 +58,9 @@ class FormCounter:
         real = pair_table.form_pairs
 
         def counting(bases: Sequence[Candidate], candidates: Sequence[CandidateInfo],
-                     controlling: bool) -> list[CandidatePair]:
+                     controlling: bool, final: bool = True) -> list[CandidatePair]:
             self.sizes.append(len(candidates))
-            return real(bases, candidates, controlling)
+            return real(bases, candidates, controlling, final)
 
         monkeypatch.setattr(pair_table, "form_pairs", counting)
 

@@ -7,6 +7,7 @@ import contextlib
 import struct
 from collections.abc import AsyncIterator
 
+import pytest
 from aioice import stun
 from test_relay_protocol import SECRET, Endpoint, _config
 
@@ -178,3 +179,97 @@ async def test_malformed_stun_from_the_relay_is_counted_not_fatal() -> None:
             assert not alloc.closed and not lost.is_set() and got.empty()
         finally:
             bad_relay.close()
+
+
+def refuse_binds(alloc: RelayAllocation, code: int) -> list[stun.Method]:
+    """Make the relay refuse every ChannelBind with `code`, as coturn does once it has
+    filed the client under a new session (coturn issue 688); returns the methods of the
+    requests that reached the relay, in order."""
+    protocol = alloc._protocol
+    request = protocol.request_with_retry
+    sent: list[stun.Method] = []
+
+    async def refusing(message: stun.Message) -> tuple[stun.Message, Address]:
+        sent.append(message.message_method)
+        if message.message_method == stun.Method.CHANNEL_BIND:
+            refusal = stun.Message(message.message_method, stun.Class.ERROR,
+                                   message.transaction_id)
+            refusal.attributes["ERROR-CODE"] = (code, "refused")
+            raise stun.TransactionFailed(refusal)
+        return await request(message)
+
+    protocol.request_with_retry = refusing  # type: ignore[method-assign]
+    return sent
+
+
+async def test_a_bind_refused_437_is_the_allocations_loss_at_once() -> None:
+    first = RelayServer(_config())
+    await first.start()
+    address = first.address
+    async with allocation_on(first, watch_interval=60.0) as (alloc, _, lost):
+        first.close()
+        async with RelayServer(_config(listen=address)):
+            peer = await Endpoint.open()
+            try:
+                # The watch would notice in a minute; the bind's own 437 says it now.
+                alloc.send(b"x", peer.address)
+                await asyncio.wait_for(lost.wait(), 5.0)
+            finally:
+                peer.close()
+        assert alloc.closed
+
+
+async def test_a_bind_refused_400_by_a_relay_that_lost_the_allocation_is_noticed_at_once(
+) -> None:
+    first = RelayServer(_config())
+    await first.start()
+    address = first.address
+    async with allocation_on(first, watch_interval=60.0, doubt_gap=0.05) as (
+            alloc, _, lost):
+        sent = refuse_binds(alloc, 400)
+        first.close()
+        async with RelayServer(_config(listen=address)):
+            peer = await Endpoint.open()
+            try:
+                alloc.send(b"x", peer.address)
+                await asyncio.wait_for(lost.wait(), 5.0)
+            finally:
+                peer.close()
+        assert sent == [stun.Method.CHANNEL_BIND, stun.Method.REFRESH]
+
+
+async def test_a_bind_refused_400_by_a_live_relay_confirms_and_keeps_the_allocation() -> None:
+    async with RelayServer(_config()) as server, allocation_on(
+            server, watch_interval=60.0, doubt_gap=0.2) as (alloc, _, lost):
+        sent = refuse_binds(alloc, 400)
+        peer = await Endpoint.open()
+        try:
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            # A refusal per send for a second: confirmed early, but once per doubt_gap.
+            while loop.time() - started < 1.0:
+                alloc.send(b"x", peer.address)
+                await asyncio.sleep(0.01)
+            await wait_for(lambda: stun.Method.REFRESH in sent, "an early Refresh")
+            assert 1 <= sent.count(stun.Method.REFRESH) <= 6, sent
+            assert sent.count(stun.Method.CHANNEL_BIND) > 20
+            assert not lost.is_set() and not alloc.closed
+        finally:
+            peer.close()
+
+
+@pytest.mark.parametrize("code", [403, 443, 508])
+async def test_a_refusal_about_the_peer_does_not_doubt_the_allocation(code: int) -> None:
+    async with RelayServer(_config()) as server, allocation_on(
+            server, watch_interval=60.0, doubt_gap=0.0) as (alloc, _, lost):
+        sent = refuse_binds(alloc, code)
+        peer = await Endpoint.open()
+        try:
+            alloc.send(b"x", peer.address)
+            await wait_for(lambda: alloc.counters.send_errors == 1, "the refused send")
+            # The upkeep runs whenever it has cause (doubt_gap 0): a yield is enough.
+            await asyncio.sleep(0.05)
+            assert sent == [stun.Method.CHANNEL_BIND]
+            assert not lost.is_set() and not alloc.closed
+        finally:
+            peer.close()

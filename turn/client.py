@@ -16,7 +16,12 @@ per datagram; sending takes the same fast path, framed by aioice.
 Upkeep is ours too, every `AllocationTimers.watch_interval`:
 - a Refresh confirms the allocation, and is the only one sent: aioice only refreshes at
   5/6 of its lifetime, so a relay that restarted, or dropped the allocation (coturn does
-  on a failed send), would go unnoticed for minutes; its loop is stopped;
+  on a failed send), would go unnoticed for minutes; its loop is stopped. A refused
+  permission or channel bind confirms it at once (at most every `doubt_gap`), unless the
+  refusal is about the peer (403, 443, 508): coturn can file a client's later requests
+  under a new session of its own that holds no allocation (coturn issue 688), and then
+  answers every bind 400 while the allocation looks alive until its next Refresh gets
+  437; a 437 to any request is the loss itself;
 - channel bindings in use are bound again before the peer's permission (300 s, which a
   ChannelBind refreshes) runs out: ChannelData refreshes neither, and aioice refreshes
   only inside its own send path, which the fast path bypasses. A binding left unused
@@ -59,6 +64,10 @@ MAX_REFUSED = 256
 # Characters of a refusal kept and logged: its reason phrase is the relay's to choose,
 # up to a datagram long, control characters included (made printable).
 MAX_WHY = 200
+# Refusals about the peer, not the allocation (RFC 8656: 403 Forbidden, 443 Peer Address
+# Family Mismatch, 508 Insufficient Capacity): no sign that the allocation is gone.
+POLICY_REFUSALS = frozenset({403, 443, 508})
+ALLOCATION_MISMATCH = 437
 
 
 class RelayRefused(PrintableReason, stun.TransactionFailed):
@@ -74,6 +83,9 @@ class AllocationTimers:
 
     watch_interval: float = 15.0  # how often the upkeep runs
     watch_timeout: float = 10.0  # a Refresh unanswered by then: the allocation is gone
+    # A refusal confirms the allocation early, but not sooner than this after the last
+    # confirmation (a relay refusing every bind must not be refreshed per check).
+    doubt_gap: float = 1.0
     # A binding in use is bound again this long after the last bind: before the peer's
     # permission (RFC 8656: 300 s) expires, with a watch interval to spare.
     channel_refresh: float = 240.0
@@ -143,6 +155,8 @@ class RelayAllocation:
         self._refused: dict[Address, str] = {}
         # A relay can change its reason each time, so that each is new: still limited.
         self._notes = LimitedLog(log)
+        # Set by a refusal that may mean the allocation is gone: the upkeep confirms early.
+        self._doubted = asyncio.Event()
 
     @classmethod
     async def open(cls, url: str, server: Address, user: str, secret: str,
@@ -218,10 +232,19 @@ class RelayAllocation:
             self._protocol.datagram_received(data, addr)
 
     async def _keep_up(self, timers: AllocationTimers) -> None:
+        loop = asyncio.get_running_loop()
+        confirmed_at = loop.time()
         while not self.closed:
-            await asyncio.sleep(timers.watch_interval)
+            try:
+                await asyncio.wait_for(self._doubted.wait(), timers.watch_interval)
+            except TimeoutError:
+                pass
+            else:  # woken by a refusal: still at most one early Refresh per doubt_gap
+                await asyncio.sleep(confirmed_at + timers.doubt_gap - loop.time())
+            self._doubted.clear()
             if not await self._confirm(timers.watch_timeout):
                 return
+            confirmed_at = loop.time()
             await self._keep_channels(timers)
 
     async def _confirm(self, timeout: float) -> bool:
@@ -232,13 +255,25 @@ class RelayAllocation:
             await asyncio.wait_for(self._protocol.request_with_retry(request), timeout)
         except (stun.TransactionError, ConnectionError, OSError, TimeoutError) as exc:
             if isinstance(exc, stun.TransactionFailed):
-                reason = f"refresh refused: {exc.response.error_code}"
+                self._gone(f"refresh refused: {exc.response.error_code}")
             else:
-                reason = f"refresh unanswered: {type(exc).__name__}"
-            self.lost(ConnectionError(reason))
-            self._transport.close()  # stops aioice's own refresh task too
+                self._gone(f"refresh unanswered: {type(exc).__name__}")
             return False
         return True
+
+    def _gone(self, reason: str) -> None:
+        self.lost(ConnectionError(reason))
+        self._transport.close()  # stops aioice's own refresh task too
+
+    def _doubt(self, refusal: Exception) -> None:
+        """A request failed: a 437 is the allocation's loss, a refusal other than the
+        relay's policy a reason to confirm it now rather than at the next watch."""
+        code = (refusal.response.error_code if isinstance(refusal, stun.TransactionFailed)
+                else None)
+        if code == ALLOCATION_MISMATCH:
+            self._gone(f"channel bind refused: {code}")
+        elif code not in POLICY_REFUSALS:
+            self._doubted.set()
 
     async def _keep_channels(self, timers: AllocationTimers) -> None:
         loop = asyncio.get_running_loop()
@@ -255,6 +290,9 @@ class RelayAllocation:
                     # Not fatal yet: the next round tries again, the permission lasts.
                     self._notes.log(logging.INFO, "relay %s: channel to %s:%d not "
                                     "refreshed: %s", self.url, *peer, printable(exc, MAX_WHY))
+                    self._doubt(exc)
+                    if self.closed:
+                        return
                     continue
                 self._bound_at[channel] = loop.time()
                 self._used.discard(channel)
@@ -295,6 +333,7 @@ class RelayAllocation:
                 self._bound_at[channel] = asyncio.get_running_loop().time()
         except Exception as exc:
             self.counters.send_errors += 1
+            self._doubt(exc)
             why = printable(exc, MAX_WHY)
             if self._refused.get(peer) == why:
                 log.debug("relay %s: cannot reach %s:%d: %s", self.url, *peer, why)
