@@ -332,7 +332,7 @@ class Connectivity:
         checker = PeerChecker(
             self.local.candidates, spec.ufrag, spec.pwd, controlling=spec.controlling,
             tie_breaker=spec.tie_breaker, send=self._send_check, on_selected=selected,
-            name=str(spec.peer),
+            name=str(spec.peer), on_relay_quiet=self.relays.confirm_soon,
         )
         if not self.gathering_done():
             checker.add_local([], complete=False)  # more bases may come: not failed yet
@@ -356,7 +356,8 @@ class Connectivity:
         with `mux` and the owner itself, once for all the checkers it runs."""
         checker = PeerChecker(self.local.candidates, ufrag, pwd, controlling=controlling,
                               tie_breaker=tie_breaker, send=self._send_check,
-                              on_selected=on_selected, name=name, lists_end=False)
+                              on_selected=on_selected, name=name, lists_end=False,
+                              on_relay_quiet=self.relays.confirm_soon)
         if not self.gathering_done():
             checker.add_local([], complete=False)
         self._keep(checker)

@@ -357,6 +357,13 @@ class RelayPaths:
             for rank, a in enumerate(alive)
         ]
 
+    def confirm_soon(self) -> None:
+        """Have every allocation confirmed now (a path went quiet; see
+        RelayAllocation.confirm_soon)."""
+        for allocation in self.allocations.values():
+            if not allocation.closed:
+                allocation.confirm_soon()
+
     def allocation_for(self, local: Candidate) -> RelayAllocation | None:
         for allocation in self.allocations.values():
             if allocation.relayed == (local.address, local.port) and not allocation.closed:

@@ -135,9 +135,12 @@ class PeerChecker:
         hysteresis_ms: float = DEFAULT_HYSTERESIS_MS,
         name: str = "peer",
         lists_end: bool = True,
+        on_relay_quiet: Callable[[], None] | None = None,
     ) -> None:
         """`lists_end` False: the peer's candidates come from a list that never ends
-        (#announce, for early checks), so they are never final (PairTable.remote_final)."""
+        (#announce, for early checks), so they are never final (PairTable.remote_final).
+        `on_relay_quiet`: a relayed pair that worked stopped answering (the relay may
+        have lost our allocation too)."""
         self._loop = asyncio.get_running_loop()
         self._ufrag = ufrag
         self._pwd = pwd.encode()
@@ -164,6 +167,7 @@ class PeerChecker:
         self._trickle_ended = False
         self._table = PairTable(local_candidates, self.timers, self.counters, name)
         self._lists_end = lists_end
+        self._on_relay_quiet = on_relay_quiet
         self._early: list[_EarlyCheck] = []
         self._tx = CheckTransactions(
             self._loop, self.timers, self.counters, request=self._request,
@@ -622,6 +626,8 @@ class PeerChecker:
         self._upkeep.reprobe_later(pair)
         if was == "succeeded":
             log.info("%s: pair %s failed: %s", self.name, pair.describe(), why)
+            if pair.path == "relay" and self._on_relay_quiet is not None:
+                self._on_relay_quiet()
         else:
             log.debug("%s: pair %s failed: %s", self.name, pair.describe(), why)
         self._evaluate()

@@ -102,9 +102,13 @@ def test_relayed_path_comes_back_after_the_relay_restarts(world: World, kind: st
 
     # A restarted relay has forgotten every allocation: the agents must notice (their
     # Refresh gets 437), allocate again and renegotiate, with no network change to say so.
+    # The pings keep the path active, so its silence is noticed within seconds, and
+    # the allocation confirmed then, not at the next 15 s watch.
     relay.kill()
     start_relay(relay.node, relay.ip, kind=kind)
+    restarted = time.monotonic()
     wait_until(lambda: a.ping_ok(BOB[2]), timeout=45, what="ping after the relay restarted")
+    assert time.monotonic() - restarted < 10, alice.log(8000)
     after = wait_relayed(alice, "desk")
     assert (after["local_candidate"], after["remote_candidate"]) != (
         before["local_candidate"], before["remote_candidate"]), after

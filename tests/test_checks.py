@@ -744,6 +744,41 @@ async def test_a_relayed_path_is_used_at_once_and_a_direct_one_replaces_it() -> 
         close(a, b)
 
 
+@pytest.mark.parametrize("relayed", [True, False])
+async def test_a_relayed_pair_going_quiet_is_told_for_the_allocation(relayed: bool) -> None:
+    """A relay that restarted drops our traffic without a word: the agent has its
+    allocations confirmed when a relayed pair that worked stops answering."""
+    net = SimNet()
+    a, b = net.node("a"), net.node("b")
+    if relayed:
+        a.relay("203.0.113.5", 50000)
+        ends = ("203.0.113.5", "198.51.100.20")
+    else:
+        a.host("203.0.113.10")
+        ends = ("203.0.113.10", "198.51.100.20")
+    b.host("198.51.100.20")
+    quiet: list[float] = []
+    a.checker = PeerChecker(a.candidates, "aliceufrag", PWD_A, controlling=True,
+                            tie_breaker=2**63 + 7, send=a.send, on_selected=a.on_selected,
+                            timers=FAST, name="alice",
+                            on_relay_quiet=lambda: quiet.append(now()))
+    b.checker = PeerChecker(b.candidates, "bobufrag", PWD_B, controlling=False,
+                            tie_breaker=12345, send=b.send, on_selected=b.on_selected,
+                            timers=FAST, name="bob")
+    a.mux.register("aliceufrag", a.checker)
+    b.mux.register("bobufrag", b.checker)
+    b.checker.set_remote("aliceufrag", PWD_A, infos(a.candidates))
+    a.checker.set_remote("bobufrag", PWD_B, infos(b.candidates))
+    try:
+        await advance_until(lambda: a.c.state == "connected")
+        assert (a.c.snapshot()["path"] == "relay") is relayed
+        net.cut.add(frozenset(ends))
+        await advance_until(lambda: a.c.state == "failed", timeout=5.0)
+        assert len(quiet) == (1 if relayed else 0)
+    finally:
+        close(a, b)
+
+
 def test_rtt_from_a_retransmitted_check_is_only_a_stand_in() -> None:
     local = Candidate("host", "198.18.1.10", PORT, "eth0", candidate_priority("host"), "if")
     remote = CandidateInfo("host", "198.18.1.20", PORT, candidate_priority("host"), "f0")

@@ -202,6 +202,20 @@ def refuse_binds(alloc: RelayAllocation, code: int) -> list[stun.Method]:
     return sent
 
 
+async def test_a_quiet_path_has_the_allocation_confirmed_at_once() -> None:
+    first = RelayServer(_config())
+    await first.start()
+    address = first.address
+    async with allocation_on(first, watch_interval=60.0, doubt_gap=0.05) as (
+            alloc, _, lost):
+        first.close()
+        # A restarted relay drops ChannelData without a word: only a Refresh tells.
+        async with RelayServer(_config(listen=address)):
+            alloc.confirm_soon()  # a relayed path through it stopped answering
+            await asyncio.wait_for(lost.wait(), 5.0)
+        assert alloc.closed
+
+
 async def test_a_bind_refused_437_is_the_allocations_loss_at_once() -> None:
     first = RelayServer(_config())
     await first.start()

@@ -21,7 +21,8 @@ Upkeep is ours too, every `AllocationTimers.watch_interval`:
   refusal is about the peer (403, 443, 508): coturn can file a client's later requests
   under a new session of its own that holds no allocation (coturn issue 688), and then
   answers every bind 400 while the allocation looks alive until its next Refresh gets
-  437; a 437 to any request is the loss itself;
+  437; a 437 to any request is the loss itself. So does a path through it that went
+  quiet (`confirm_soon`): a relay that restarted drops ChannelData without a word;
 - channel bindings in use are bound again before the peer's permission (300 s, which a
   ChannelBind refreshes) runs out: ChannelData refreshes neither, and aioice refreshes
   only inside its own send path, which the fast path bypasses. A binding left unused
@@ -273,7 +274,13 @@ class RelayAllocation:
         if code == ALLOCATION_MISMATCH:
             self._gone(f"channel bind refused: {code}")
         elif code not in POLICY_REFUSALS:
-            self._doubted.set()
+            self.confirm_soon()
+
+    def confirm_soon(self) -> None:
+        """Refresh now (at most once per `doubt_gap`), not at the next watch: a path
+        through the allocation went quiet, or a request was refused. A relay that
+        restarted drops ChannelData silently; only a Refresh tells."""
+        self._doubted.set()
 
     async def _keep_channels(self, timers: AllocationTimers) -> None:
         loop = asyncio.get_running_loop()
