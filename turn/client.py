@@ -156,7 +156,7 @@ class RelayAllocation:
         self._refused: dict[Address, str] = {}
         # A relay can change its reason each time, so that each is new: still limited.
         self._notes = LimitedLog(log)
-        # Set by a refusal that may mean the allocation is gone: the upkeep confirms early.
+        # Set when the allocation may be gone (a refusal, a quiet path): confirmed early.
         self._doubted = asyncio.Event()
 
     @classmethod
@@ -240,7 +240,7 @@ class RelayAllocation:
                 await asyncio.wait_for(self._doubted.wait(), timers.watch_interval)
             except TimeoutError:
                 pass
-            else:  # woken by a refusal: still at most one early Refresh per doubt_gap
+            else:  # woken early: still at most one early Refresh per doubt_gap
                 await asyncio.sleep(confirmed_at + timers.doubt_gap - loop.time())
             self._doubted.clear()
             if not await self._confirm(timers.watch_timeout):
