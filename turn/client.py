@@ -18,11 +18,12 @@ Upkeep is ours too, every `AllocationTimers.watch_interval`:
   5/6 of its lifetime, so a relay that restarted, or dropped the allocation (coturn does
   on a failed send), would go unnoticed for minutes; its loop is stopped. A refused
   permission or channel bind confirms it at once (at most every `doubt_gap`), unless the
-  refusal is about the peer (403, 443, 508): coturn can file a client's later requests
-  under a new session of its own that holds no allocation (coturn issue 688), and then
-  answers every bind 400 while the allocation looks alive until its next Refresh gets
-  437; a 437 to any request is the loss itself. So does a path through it that went
-  quiet (`confirm_soon`): a relay that restarted drops ChannelData without a word;
+  refusal is about the peer (403, 443, 508): a coturn that dropped the allocation (a
+  failed send closed its relay socket) answered the next bind 438 with a new nonce,
+  then every bind 400, and only a Refresh 437 (seen in netns worlds; coturn issue 688
+  shows the same pattern); a 437 to any request is the loss itself. So does a path
+  through it that went quiet (`confirm_soon`): a restarted relay drops ChannelData
+  without a word;
 - channel bindings in use are bound again before the peer's permission (300 s, which a
   ChannelBind refreshes) runs out: ChannelData refreshes neither, and aioice refreshes
   only inside its own send path, which the fast path bypasses. A binding left unused
