@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import pytest
@@ -186,11 +187,12 @@ def infos(candidates: list[Candidate]) -> list[CandidateInfo]:
 
 
 async def connect(a: Node, b: Node, timers: CheckTimers = FAST, *,
-                  b_controlling: bool = False) -> None:
+                  b_controlling: bool = False,
+                  on_relay_quiet: Callable[[], None] | None = None) -> None:
     """A offers (controlling), B answers: B knows A first, as over chat."""
     a.checker = PeerChecker(a.candidates, "aliceufrag", PWD_A, controlling=True,
                             tie_breaker=2**63 + 7, send=a.send, on_selected=a.on_selected,
-                            timers=timers, name="alice")
+                            timers=timers, name="alice", on_relay_quiet=on_relay_quiet)
     b.checker = PeerChecker(b.candidates, "bobufrag", PWD_B, controlling=b_controlling,
                             tie_breaker=12345, send=b.send, on_selected=b.on_selected,
                             timers=timers, name="bob")
@@ -758,17 +760,7 @@ async def test_a_relayed_pair_going_quiet_is_told_for_the_allocation(relayed: bo
         ends = ("203.0.113.10", "198.51.100.20")
     b.host("198.51.100.20")
     quiet: list[float] = []
-    a.checker = PeerChecker(a.candidates, "aliceufrag", PWD_A, controlling=True,
-                            tie_breaker=2**63 + 7, send=a.send, on_selected=a.on_selected,
-                            timers=FAST, name="alice",
-                            on_relay_quiet=lambda: quiet.append(now()))
-    b.checker = PeerChecker(b.candidates, "bobufrag", PWD_B, controlling=False,
-                            tie_breaker=12345, send=b.send, on_selected=b.on_selected,
-                            timers=FAST, name="bob")
-    a.mux.register("aliceufrag", a.checker)
-    b.mux.register("bobufrag", b.checker)
-    b.checker.set_remote("aliceufrag", PWD_A, infos(a.candidates))
-    a.checker.set_remote("bobufrag", PWD_B, infos(b.candidates))
+    await connect(a, b, on_relay_quiet=lambda: quiet.append(now()))
     try:
         await advance_until(lambda: a.c.state == "connected")
         assert (a.c.snapshot()["path"] == "relay") is relayed

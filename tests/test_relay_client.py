@@ -65,16 +65,34 @@ async def test_data_from_an_unbound_port_of_a_permitted_peer_arrives() -> None:
             other.close()
 
 
-async def test_allocation_forgotten_by_a_restarted_relay_is_reported_lost() -> None:
+@contextlib.asynccontextmanager
+async def after_a_restart(**timers: float) -> AsyncIterator[
+        tuple[RelayAllocation, asyncio.Event]]:
+    """An allocation on a relay that then restarted: the same address, a new process
+    that knows no allocation (a Refresh or a bind there gets 437)."""
     first = RelayServer(_config())
     await first.start()
     address = first.address
-    async with allocation_on(first, watch_interval=0.05) as (alloc, _, lost):
+    async with allocation_on(first, **timers) as (alloc, _, lost):
         first.close()
-        # The same address, a new process: it knows no allocation, so Refresh gets 437.
         async with RelayServer(_config(listen=address)):
-            await asyncio.wait_for(lost.wait(), 5.0)
-        assert alloc.closed
+            yield alloc, lost
+
+
+async def lost_on_sending(alloc: RelayAllocation, lost: asyncio.Event) -> None:
+    """Send to a new peer (a bind first); the allocation must be reported lost."""
+    peer = await Endpoint.open()
+    try:
+        alloc.send(b"x", peer.address)
+        await asyncio.wait_for(lost.wait(), 5.0)
+    finally:
+        peer.close()
+
+
+async def test_allocation_forgotten_by_a_restarted_relay_is_reported_lost() -> None:
+    async with after_a_restart(watch_interval=0.05) as (alloc, lost):
+        await asyncio.wait_for(lost.wait(), 5.0)
+    assert alloc.closed
 
 
 async def test_allocation_on_a_silent_relay_is_reported_lost() -> None:
@@ -203,53 +221,26 @@ def refuse_binds(alloc: RelayAllocation, code: int) -> list[stun.Method]:
 
 
 async def test_a_quiet_path_has_the_allocation_confirmed_at_once() -> None:
-    first = RelayServer(_config())
-    await first.start()
-    address = first.address
-    async with allocation_on(first, watch_interval=60.0, doubt_gap=0.05) as (
-            alloc, _, lost):
-        first.close()
-        # A restarted relay drops ChannelData without a word: only a Refresh tells.
-        async with RelayServer(_config(listen=address)):
-            alloc.confirm_soon()  # a relayed path through it stopped answering
-            await asyncio.wait_for(lost.wait(), 5.0)
-        assert alloc.closed
+    # A restarted relay drops ChannelData without a word: only a Refresh tells.
+    async with after_a_restart(watch_interval=60.0, doubt_gap=0.05) as (alloc, lost):
+        alloc.confirm_soon()  # a relayed path through it stopped answering
+        await asyncio.wait_for(lost.wait(), 5.0)
+    assert alloc.closed
 
 
 async def test_a_bind_refused_437_is_the_allocations_loss_at_once() -> None:
-    first = RelayServer(_config())
-    await first.start()
-    address = first.address
-    async with allocation_on(first, watch_interval=60.0) as (alloc, _, lost):
-        first.close()
-        async with RelayServer(_config(listen=address)):
-            peer = await Endpoint.open()
-            try:
-                # The watch would notice in a minute; the bind's own 437 says it now.
-                alloc.send(b"x", peer.address)
-                await asyncio.wait_for(lost.wait(), 5.0)
-            finally:
-                peer.close()
-        assert alloc.closed
+    # The watch would notice in a minute; the bind's own 437 says it now.
+    async with after_a_restart(watch_interval=60.0) as (alloc, lost):
+        await lost_on_sending(alloc, lost)
+    assert alloc.closed
 
 
 async def test_a_bind_refused_400_by_a_relay_that_lost_the_allocation_is_noticed_at_once(
 ) -> None:
-    first = RelayServer(_config())
-    await first.start()
-    address = first.address
-    async with allocation_on(first, watch_interval=60.0, doubt_gap=0.05) as (
-            alloc, _, lost):
+    async with after_a_restart(watch_interval=60.0, doubt_gap=0.05) as (alloc, lost):
         sent = refuse_binds(alloc, 400)
-        first.close()
-        async with RelayServer(_config(listen=address)):
-            peer = await Endpoint.open()
-            try:
-                alloc.send(b"x", peer.address)
-                await asyncio.wait_for(lost.wait(), 5.0)
-            finally:
-                peer.close()
-        assert sent == [stun.Method.CHANNEL_BIND, stun.Method.REFRESH]
+        await lost_on_sending(alloc, lost)
+    assert sent == [stun.Method.CHANNEL_BIND, stun.Method.REFRESH]
 
 
 async def test_a_bind_refused_400_by_a_live_relay_confirms_and_keeps_the_allocation() -> None:
