@@ -127,6 +127,11 @@ def new_credentials() -> tuple[str, str]:
     return secrets.token_hex(4), base64.b64encode(os.urandom(18)).decode()
 
 
+# What `snapshot` shows of the previous checker's path while a new one has none yet.
+KEPT_FIELDS = ("path", "local_candidate", "remote_candidate", "interface", "rtt_ms",
+               "base_rtt_ms", "reason", "connected_at", "selected_at")
+
+
 @dataclass
 class PeerSession:
     peer: DeviceId
@@ -153,6 +158,9 @@ class PeerSession:
     # The lines about the peer's messages: a handful per session, but a peer can post
     # offers or candidates without end. Per peer, so that one does not silence others.
     notes: LimitedLog = field(default_factory=lambda: LimitedLog(log))
+    # The path the replaced checker had chosen: WireGuard stays on it until the new
+    # checker chooses, so `snapshot` shows it meanwhile (None: it had none).
+    kept: dict[str, Any] | None = None
 
     def told(self, candidates: list[CandidateInfo], complete: bool) -> None:
         self.sent = {(c.type, c.ip, c.port) for c in candidates}
@@ -164,6 +172,9 @@ class PeerSession:
 
     def replace_checker(self, checker: Checker | None) -> None:
         if self.checker is not None:
+            snap = self.checker.snapshot()
+            self.kept = ({key: snap.get(key) for key in KEPT_FIELDS}
+                         if snap.get("path", "none") != "none" else None)
             self.checker.close()
         self.checker = checker
 
@@ -256,6 +267,11 @@ class Negotiator:
         if session is None:
             return {"negotiation": "none"}
         data = session.checker.snapshot() if session.checker is not None else {}
+        # Until the new checks choose (or fail), WireGuard is on the replaced path.
+        if (data.get("path", "none") == "none" and data.get("state") != "failed"
+                and session.kept is not None):
+            kept = session.kept
+            data = {**data, **kept, "reason": f"{kept['reason']} (kept while renegotiating)"}
         # Once checks run, the checker's state (checking, connected, failed) says more.
         state = data.get("state", session.state) if session.state == "checking" else \
             session.state

@@ -60,6 +60,7 @@ class FakeChecker:
 
     trickled: list[tuple[list[CandidateInfo], bool]] = field(default_factory=list)
     complete: bool | None = None
+    snap: dict[str, Any] = field(default_factory=dict)  # what snapshot() says
 
     def set_remote(self, ufrag: str, pwd: str, candidates: list[CandidateInfo],
                    complete: bool = True) -> None:
@@ -71,7 +72,7 @@ class FakeChecker:
         self.trickled.append((list(candidates), complete))
 
     def snapshot(self) -> dict[str, Any]:
-        return {}
+        return dict(self.snap)
 
     def close(self) -> None:
         self.closed = True
@@ -487,6 +488,27 @@ async def test_a_lost_path_restarts_the_negotiation_with_that_peer_only_once() -
     assert all(c.closed for c in old), "the old checker goes with the old session"
     assert alice.negotiator.sessions[BOB].state == "checking"
     assert not await alice.negotiator.restart(DeviceId("carol", "phone")), "unknown peer"
+
+
+async def test_a_renegotiation_shows_the_path_wireguard_keeps_until_a_new_one() -> None:
+    bus, alice, bob = pair(offer_grace_s=LONG, answer_timeout_s=LONG)
+    await negotiate(bus, alice, bob)
+    (first,) = alice.live_checkers()
+    first.snap = {"state": "connected", "path": "direct", "reason": "through NAT (5 ms)",
+                  "local_candidate": "host 198.18.0.1:51820", "rtt_ms": 5.0}
+    assert await alice.negotiator.restart(BOB)  # e.g. a network change
+    await settle(bus, alice, bob)
+    (second,) = alice.live_checkers()
+    second.snap = {"state": "checking", "path": "none", "reason": "checking 4 pairs"}
+    shown = alice.negotiator.snapshot(BOB)
+    assert (shown["path"], shown["local_candidate"], shown["rtt_ms"]) == (
+        "direct", "host 198.18.0.1:51820", 5.0)
+    assert shown["reason"] == "through NAT (5 ms) (kept while renegotiating)"
+    assert shown["state"] == "checking"
+    second.snap = {"state": "failed", "path": "none", "reason": "no pair answered"}
+    assert alice.negotiator.snapshot(BOB)["path"] == "none"  # nothing works: not hidden
+    second.snap = {"state": "connected", "path": "relay", "reason": "relayed"}
+    assert alice.negotiator.snapshot(BOB)["reason"] == "relayed"
 
 
 async def test_candidates_gathered_later_trickle_to_the_peer_once() -> None:
