@@ -72,9 +72,14 @@ class Route:
 class Connectivity:
     def __init__(self, owner: OwnerCalls, port: OwnerStunTransport, wg_port: int,
                  relay_user: str, config: TeamConfig,
-                 on_relay_lost: Callable[[RelayAllocation], None]) -> None:
+                 on_relay_lost: Callable[[RelayAllocation], None],
+                 endpoint: tuple[str, int] | None = None) -> None:
         self.config = config
         self.wg_port = wg_port
+        # `join --endpoint`: a forwarded port, say, that STUN cannot see (a symmetric NAT
+        # maps our own packets elsewhere); offered as a mapped candidate, so the
+        # negotiated checks try it, not only the early checks of the announcement.
+        self._endpoint = endpoint
         self.local = LocalCandidates()
         self.stun_counters = StunCounters()
         self._port = port
@@ -107,10 +112,11 @@ class Connectivity:
     @classmethod
     async def open(cls, owner: OwnerCalls, wg_port: int, relay_user: str,
                    config: TeamConfig,
-                   on_relay_lost: Callable[[RelayAllocation], None]) -> Connectivity:
+                   on_relay_lost: Callable[[RelayAllocation], None],
+                   endpoint: tuple[str, int] | None = None) -> Connectivity:
         # STUN on the shared port speaks the owner's transport directly (owner_stun).
         port = await OwnerStunTransport.open(owner.transport)
-        return cls(owner, port, wg_port, relay_user, config, on_relay_lost)
+        return cls(owner, port, wg_port, relay_user, config, on_relay_lost, endpoint)
 
     @property
     def shared_port(self) -> OwnerStunTransport:
@@ -207,9 +213,26 @@ class Connectivity:
 
     def _with_relays(self, local: LocalCandidates,
                      mapped: Sequence[Candidate] = ()) -> LocalCandidates:
-        """`local` with the port mapping's candidates and the relays' as they are now."""
-        return replace(local, candidates=[*local.candidates, *mapped,
+        """`local` with the port mapping's candidates, the configured endpoint's and the
+        relays' as they are now."""
+        known = [*local.candidates, *mapped]
+        return replace(local, candidates=[*known, *self._configured(known),
                                           *self.relays.candidates()])
+
+    def _configured(self, known: Sequence[Candidate]) -> list[Candidate]:
+        """The configured endpoint as a mapped candidate, based on the first IPv4 host
+        candidate's WireGuard port (where a forward delivers); none when a candidate
+        already has its address and port (no NAT, or STUN saw the same)."""
+        if self._endpoint is None:
+            return []
+        ip, port = self._endpoint
+        host = next((c for c in known if c.type == "host" and ":" not in c.address), None)
+        if host is None or any((c.address, c.port) == (ip, port) for c in known):
+            return []
+        if parse_ip(ip) in self.config.overlay:
+            return []  # peers' owners refuse an endpoint in the overlay (join said so)
+        return [mapped_candidate(ip, port, host.interface, "--endpoint",
+                                 f"{host.address}:{self.wg_port}")]
 
     def _publish(self, complete: bool) -> None:
         """A gathering step is done: checks may leave from new bases at once, and the

@@ -15,7 +15,7 @@ from kbwg_world import NatMode, World
 from kbwg_world.iperf import iperf_mbits
 from kbwg_world.team import AgentProcess
 from kbwg_world.turnserver import TurnServer, start_relay
-from kbwg_world.two_nats import ALICE, BOB, TwoNats, start_pair, two_nats
+from kbwg_world.two_nats import ALICE, BOB, TwoNats, pings_both_ways, start_pair, two_nats
 
 pytestmark = pytest.mark.netns
 
@@ -172,3 +172,26 @@ def test_symmetric_and_port_preserving_use_what_works(world: World) -> None:
     # symmetric side's mapping to be guessed: expect the relay, with its reason.
     assert peer["path"] in ("relay", "direct"), peer
     assert peer["reason"]
+
+
+def test_a_forwarded_port_given_as_endpoint_beats_the_relay_behind_symmetric_nats(
+        world: World) -> None:
+    # Both NATs symmetric, so STUN sees nothing a peer can reach; alice's router
+    # forwards the WireGuard port to her, and she says so with --endpoint. The
+    # negotiated checks must try it (a mapped candidate), not only the early checks of
+    # her announcement: otherwise the session would settle on the relay.
+    net = relay_world(world, [("kbwg", "203.0.113.5")])
+    net.r1.forward_port(51820, net.a, 51820)
+    alice = net.team.start_agent(net.a, *ALICE[:2], "--endpoint", f"{net.r1.wan_ip}:51820")
+    bob = net.team.start_agent(net.b, *BOB[:2])
+    for agent in (alice, bob):
+        net.team.wait_running(agent)
+    for agent, device in ((bob, "laptop"), (alice, "desk")):
+        # The session's own choice, not the early checks' (which the session replaces).
+        wait_until(lambda agent=agent, device=device: (
+            (p := agent.negotiated(device)) and p["path"] == "direct"
+            and "early check" not in p["reason"]),
+            timeout=30, what=f"{agent.name}: a negotiated direct path")  # fmt: skip
+    seen = bob.negotiated("laptop")
+    assert seen is not None and seen["remote_candidate"] == f"mapped {net.r1.wan_ip}:51820"
+    wait_until(lambda: pings_both_ways(net), timeout=15, what="pings both ways")

@@ -708,3 +708,15 @@ async def test_reload_applies_peers_json_and_reports_kbwg_json(
         assert not agent.task.done()
     finally:
         await bob.close()
+
+
+def test_the_configured_endpoint_is_an_ipv4_address_and_port() -> None:
+    from kbwg.agent.daemon import configured_endpoint
+
+    assert configured_endpoint("203.0.113.7:40000", 51820) == ("203.0.113.7", 40000)
+    assert configured_endpoint("203.0.113.7", 51820) == ("203.0.113.7", 51820)
+    assert configured_endpoint(None, 51820) is None
+    # Not an IPv4 address (announce_target announces it as given), or no usable port.
+    assert configured_endpoint("vpn.example.com:51820", 51820) is None
+    assert configured_endpoint("[2001:db8::1]:51820", 51820) is None
+    assert configured_endpoint("203.0.113.7:70000", 51820) is None
