@@ -230,7 +230,7 @@ class Connectivity:
         if host is None or any((c.address, c.port) == (ip, port) for c in known):
             return []
         if parse_ip(ip) in self.config.overlay:
-            return []  # peers' owners refuse an endpoint in the overlay (join said so)
+            return []  # peers' device owners refuse an endpoint in the overlay
         return [mapped_candidate(ip, port, host.interface, "--endpoint",
                                  f"{host.address}:{self.wg_port}")]
 
