@@ -35,7 +35,7 @@ import contextlib
 import importlib
 import logging
 from collections.abc import Callable, Coroutine
-from ipaddress import IPv4Address, IPv4Interface
+from ipaddress import IPv4Interface
 from typing import TYPE_CHECKING, Any
 
 from kbwg.agent.join_options import JoinError, JoinOptions
@@ -90,20 +90,6 @@ def __getattr__(name: str) -> Any:
 def _import_data_path() -> None:
     for name in DATA_PATH_MODULES:
         importlib.import_module(name)
-
-
-def configured_endpoint(given: str | None, wg_port: int) -> tuple[str, int] | None:
-    """`--endpoint IP[:PORT]` as (ip, port), the port defaulting to WireGuard's; None
-    without one, or when it is no IPv4 address (announce_target said so already)."""
-    if not given:
-        return None
-    host, sep, port = given.rpartition(":")
-    ip, number = (host, int(port)) if sep and port.isdigit() else (given, wg_port)
-    try:
-        IPv4Address(ip)
-    except ValueError:
-        return None
-    return (ip, number) if 0 < number < 65536 else None
 
 
 def _drop(task: asyncio.Future[Any]) -> None:
@@ -309,7 +295,7 @@ class Agent:
         from kbwg.agent.connectivity import Connectivity
         from kbwg.agent.control import ControlServer
         from kbwg.agent.joined import JoinedDevice
-        from kbwg.agent.presence import announce_target
+        from kbwg.agent.presence import announce_target, configured_endpoint
         from kbwg.agent.runtime_state import AgentState
 
         (announce_ip, announce_port), created = await asyncio.gather(

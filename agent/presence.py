@@ -61,15 +61,36 @@ def pick_dynamic(team: TeamView, me: DeviceId, state_dir: Path,
                         "ask a team admin for a larger dynamic_range") from exc
 
 
+def split_endpoint(given: str) -> tuple[str, int | None]:
+    """`IP[:PORT]` as (ip, port); port None when none is given."""
+    host, sep, port = given.rpartition(":")
+    if sep and port.isdigit():
+        return host, int(port)
+    return given, None
+
+
+def configured_endpoint(given: str | None, wg_port: int) -> tuple[str, int] | None:
+    """`--endpoint IP[:PORT]` as (ip, port), the port defaulting to WireGuard's; None
+    without one, or when it is no IPv4 address (it is still announced as given, but
+    cannot be a candidate)."""
+    if not given:
+        return None
+    ip, port = split_endpoint(given)
+    try:
+        IPv4Address(ip)
+    except ValueError:
+        return None
+    port = wg_port if port is None else port
+    return (ip, port) if 0 < port < 65536 else None
+
+
 async def announce_target(given: str | None, config: TeamConfig,
                           addresses: InterfaceSource) -> tuple[str, int]:
     """(ip, port) to announce; port 0 means the WireGuard listen port. `addresses`: the
     host's interface addresses (the device owner's `interfaces`)."""
     if given:
-        host, sep, port = given.rpartition(":")
-        if sep and port.isdigit():
-            return host, int(port)
-        return given, 0
+        given_ip, port = split_endpoint(given)
+        return given_ip, port or 0
     # The first host candidate: the default route's interface, by the same rule
     # that chooses candidates (the WireGuard device and tunnels excluded).
     hosts = gather_host_candidates(0, config.interface_exclude, [config.overlay],

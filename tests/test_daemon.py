@@ -711,7 +711,7 @@ async def test_reload_applies_peers_json_and_reports_kbwg_json(
 
 
 def test_the_configured_endpoint_is_an_ipv4_address_and_port() -> None:
-    from kbwg.agent.daemon import configured_endpoint
+    from kbwg.agent.presence import configured_endpoint
 
     assert configured_endpoint("203.0.113.7:40000", 51820) == ("203.0.113.7", 40000)
     assert configured_endpoint("203.0.113.7", 51820) == ("203.0.113.7", 51820)
