@@ -168,7 +168,8 @@ class Connectivity:
         relays, at once."""
         mapping_task = self._mapping_task = asyncio.create_task(
             self._ensure_mapping(), name="portmap")
-        if not self.local.candidates:
+        again = bool(self.local.candidates)
+        if not again:
             # First gathering: host candidates at once (a LAN peer needs nothing else);
             # server-reflexive and relayed ones trickle in as they come.
             self.local = await gather_local(self.wg_port, [], self.client_for,
@@ -190,6 +191,8 @@ class Connectivity:
             return found
 
         async def relay_part() -> None:
+            if again:
+                self.relays.drop_moved({a.address for a in await self._interfaces()})
             await self.relays.ensure(self.config.relays)
             if found is not None and self.relays.candidates():
                 # Trickled at once, not after the port mapping's grace: a peer behind a
@@ -468,6 +471,13 @@ class RegisteredChecker:
 
     def snapshot(self) -> dict[str, Any]:
         return self.checker.snapshot()
+
+    @property
+    def was_connected(self) -> bool:
+        return self.checker.was_connected
+
+    def retire(self) -> None:
+        self.checker.retire()
 
     def close(self) -> None:
         self.mux.unregister(self.checker.ufrag)

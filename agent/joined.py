@@ -64,9 +64,10 @@ class JoinedDevice:
         async def post(text: str) -> None:
             await post_or_drop(keybase, team.negotiation_channel, text)
 
-        # The newest checker per peer, told of traffic by the stats poll (a path starts
-        # active; without traffic its consent slows to the idle pace).
-        checkers: dict[DeviceId, RegisteredChecker] = {}
+        # The live checkers per peer (the newest, and one a renegotiation retired), told
+        # of traffic by the stats poll (a path starts active; without traffic its
+        # consent slows to the idle pace).
+        checkers: dict[DeviceId, list[RegisteredChecker]] = {}
 
         def make_checker(spec: CheckerSpec) -> RegisteredChecker:
             # `peer_sync` and `upkeep` are made below; the negotiator asks for checkers
@@ -75,15 +76,19 @@ class JoinedDevice:
                 peer_sync.path_chosen(spec.peer, pair, reason)))
             registered.checker.on_lost = lambda _pair, fell_back: spawn(
                 upkeep.on_path_lost(spec.peer, fell_back))
-            checkers[spec.peer] = registered
+            checkers[spec.peer] = [*live(spec.peer), registered]
             return registered
 
+        def live(device: DeviceId) -> list[RegisteredChecker]:
+            return [r for r in checkers.get(device, []) if r.checker.state != "closed"]
+
         def traffic(device: DeviceId) -> None:
-            registered = checkers.get(device)
-            if registered is None or registered.checker.state == "closed":
+            if not (registered := live(device)):
                 checkers.pop(device, None)
                 return
-            registered.checker.note_traffic()
+            checkers[device] = registered
+            for one in registered:
+                one.checker.note_traffic()
 
         async def offer_candidates() -> list[CandidateInfo]:
             return await paths.offer_candidates(STUN_WAIT_S)

@@ -138,8 +138,10 @@ class PingReplies:
             return PingReply(peer, "no-path", reason="negotiation is off in this agent: "
                              "there are no check credentials to seal a ping with")
         session = self.negotiator.sessions.get(peer.spec.device)
-        checker = session.checker if session is not None else None
-        if isinstance(checker, Pingable):
+        # While a renegotiation has no path yet, the retired checker carries the path.
+        for checker in (session.checker, session.retired) if session is not None else ():
+            if not isinstance(checker, Pingable):
+                continue
             result = await checker.ping(timeout)
             if result is not None:
                 if result.answered:

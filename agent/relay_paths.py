@@ -239,6 +239,19 @@ class RelayPaths:
             moved = True
         return moved
 
+    def drop_moved(self, host_ips: set[str]) -> None:
+        """Allocations whose link leaves from an address this host no longer has (it
+        moved to another network) are replaced now, not when a Refresh times out
+        seconds later: the relay knows them by that address. `ensure` makes new ones."""
+        for key, allocation in list(self.allocations.items()):
+            local = allocation.local_ip
+            if allocation.closed or local is None or local in host_ips:
+                continue
+            log.info("relay %s: allocation %s:%d left from %s, which this host no longer "
+                     "has: allocating again", key, *allocation.relayed, local)
+            del self.allocations[key]
+            self._retire(allocation)
+
     def _retire(self, allocation: RelayAllocation) -> None:
         """Close `allocation` after RETIRE_GRACE_S; its proxies carry data till then."""
         allocation.on_lost = None  # its end is ours: no gathering for it

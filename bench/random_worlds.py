@@ -10,7 +10,8 @@ anywhere in 100.64.0.0/10, and (`--ipv6`) IPv6 on some LANs. It starts every age
 once and waits until every ordered pair pings over the overlay, then applies
 `--events` random events (a NAT forgets its mappings, a NAT moves to a new public
 address, the relay is killed and restarted, an agent is stopped with INT or SIGKILL
-and started again with its state dir), each followed by the same wait.
+and started again with its state dir, a device moves to another network as a laptop
+does), each followed by the same wait.
 
 Prints per seed the world, the time until every pair answered, each event's time to
 full recovery and which pairs never came back (`--timeout`, 60 s), each agent's paths,
@@ -20,7 +21,7 @@ pair never came back or an agent logged an unwanted line. An earlier form of it 
 a relay sent to a peer's private address and a restarted relay noticed only at the
 15 s watch (README, Benchmarks).
 
-    sudo .venv/bin/python bench/random_worlds.py 1 2 3 [--events 4] [--ipv6] [--json]
+    sudo .venv/bin/python bench/random_worlds.py 1 2 3 [--events 4] [--only roam] [--ipv6] [--json]
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from typing import Any
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH.parent / "netns-tests"))
 
-from kbwg_world import NatMode, Node, Router, World  # noqa: E402
+from kbwg_world import NatMode, Node, Router, Segment, World  # noqa: E402
 from kbwg_world.natchange import forget_mappings, new_public_address  # noqa: E402
 from kbwg_world.stunserver import StunServer  # noqa: E402
 from kbwg_world.team import AgentProcess, Team  # noqa: E402
@@ -52,7 +53,7 @@ STUN_IP, RELAY_IP = "203.0.113.2", "203.0.113.5"
 PORT = 51820
 MODES = [NatMode.MASQUERADE, NatMode.MASQUERADE_RANDOM, NatMode.FULLY_RANDOM,
          NatMode.NONE, NatMode.STATIC_DNAT]
-EVENTS = ["flush", "readdress", "restart", "kill", "relay"]
+EVENTS = ["flush", "readdress", "restart", "kill", "relay", "roam"]
 UNWANTED = re.compile(r"Traceback| ERROR |CRITICAL")
 
 
@@ -130,13 +131,36 @@ def reach_all(agents: list[AgentProcess], overlay: list[str], timeout: float) ->
     return time.monotonic() - start, never
 
 
-def apply_event(rng: random.Random, world: World, team: Team, placed: list[Placed],
-                agents: list[AgentProcess], devices: list[tuple[str, str, str]],
-                relay: TurnServer, kind: str) -> tuple[str, TurnServer]:
+def roam(rng: random.Random, world: World, inet: Segment, placed: list[Placed],
+         routers: list[Router]) -> str:
+    """A device leaves its network for another router's LAN or the internet, as a
+    laptop moves from one Wi-Fi to another: the old interface loses its addresses and
+    goes down, a new one comes up there. Not a device given `--endpoint` (it names the
+    old router)."""
+    i = rng.choice([n for n, p in enumerate(placed) if not p.extra])
+    host, current = placed[i].host, placed[i].router
+    target = rng.choice([r for r in routers if r is not current] + [None])
+    old = host.interfaces[-1].name
+    host.ip_batch([f"addr flush dev {old}", f"link set {old} down"])
+    seg = inet if target is None else target.lan
+    new = world.attach(host, seg, f"eth{len(host.interfaces)}")
+    if seg.gateway is not None:
+        host.ip_batch([f"route replace default via {seg.gateway} dev {new.name}"])
+    if seg.gateway6 is not None:
+        host.ip_batch([f"route replace ::/0 via {seg.gateway6} dev {new.name}"])
+    placed[i] = Placed(host, [], target)
+    where = "the internet" if target is None else f"{target.name}'s LAN"
+    return f"h{i} moves to {where} ({new.addresses[0]})"
+
+
+def apply_event(rng: random.Random, world: World, inet: Segment, team: Team,
+                placed: list[Placed], agents: list[AgentProcess],
+                devices: list[tuple[str, str, str]], relay: TurnServer,
+                kind: str, events: list[str]) -> tuple[str, TurnServer]:
     routers = sorted({p.router for p in placed if p.router is not None},
                      key=lambda r: r.name)
     natted = [r for r in routers if r.nat is not NatMode.NONE]
-    event = rng.choice(EVENTS)
+    event = rng.choice(events)
     if event == "flush" and routers:
         router = rng.choice(routers)
         forget_mappings(router)
@@ -145,6 +169,8 @@ def apply_event(rng: random.Random, world: World, team: Team, placed: list[Place
         # Not a routed LAN's router: the internet's route to its LAN names the old address.
         router = rng.choice(natted)
         return f"{router.name} moves to {new_public_address(router)}", relay
+    if event == "roam":
+        return roam(rng, world, inet, placed, routers), relay
     if event == "relay":
         relay.kill()
         return "relay restarted", start_relay(relay.node, RELAY_IP, kind=kind)
@@ -188,7 +214,8 @@ def run(seed: int, options: argparse.Namespace) -> Outcome:
         print(f"  every pair in {took:.1f} s" +
               (f"; never: {', '.join(outcome.never)}" if outcome.never else ""), flush=True)
         for _ in range(options.events):
-            what, relay = apply_event(rng, world, team, placed, agents, devices, relay, kind)
+            what, relay = apply_event(rng, world, inet, team, placed, agents, devices,
+                                      relay, kind, options.only or EVENTS)
             took, never = reach_all(agents, overlay, options.timeout)
             outcome.events.append({"event": what, "recovered_s": round(took, 2),
                                    "never": never})
@@ -224,6 +251,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("seeds", nargs="+", type=int)
     parser.add_argument("--events", type=int, default=4, help="events per world (4)")
+    parser.add_argument("--only", action="append", choices=EVENTS, metavar="EVENT",
+                        help=f"draw events only from these ({', '.join(EVENTS)}; repeatable)")
     parser.add_argument("--devices", type=int, default=0, help="devices (3-5 at random)")
     parser.add_argument("--ipv6", action="store_true", help="IPv6 on the internet and some LANs")
     parser.add_argument("--lossy", action="store_true", help="5-15 %% loss, chat 1.5-3 s")

@@ -214,6 +214,7 @@ class CandidatePair:
             remote_type=self.remote.type, remote_address=format_endpoint(self.remote_address),
             state=self.state, rtt_ms=self.rtt_ms, rtt_bound=not self._rtt_samples,
             base_rtt_ms=self.base_rtt.value_ms, priority=self.priority,
+            missed=self.misses > 0,
         )
 
     def to_json(self) -> dict[str, object]:

@@ -179,6 +179,7 @@ class PeerChecker:
         self._was_selected = False
         self._failed = False
         self._closed = False
+        self._retired = False
         self._settle_expired = False
         self._reason = "waiting for the peer's candidates"
         self._connected_at: float | None = None
@@ -218,6 +219,10 @@ class PeerChecker:
     @property
     def selected(self) -> CandidatePair | None:
         return self._selected
+
+    @property
+    def was_connected(self) -> bool:
+        return self._was_selected
 
     @property
     def reason(self) -> str:
@@ -348,6 +353,15 @@ class PeerChecker:
                       whose)
             self._tx.activate()
         self._evaluate()
+
+    def retire(self) -> None:
+        """A newer session's checker took over from this one: go on answering the peer's
+        checks, checking and following its path (WireGuard stays on it until the newer
+        one chooses), but report neither its loss nor a failure, which the newer one
+        now owns."""
+        self.on_lost = None
+        self._retired = True
+        self.name = f"{self.name} (previous session)"
 
     def close(self) -> None:
         """Stop every timer; later datagrams are ignored."""
@@ -808,7 +822,7 @@ class PeerChecker:
         self._notify(None, reason)
 
     def _notify(self, pair: CandidatePair | None, reason: str) -> None:
-        if self.on_selected is None:
+        if self.on_selected is None or (pair is None and self._retired):
             return
         try:
             self.on_selected(pair, reason)

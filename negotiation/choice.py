@@ -107,6 +107,8 @@ class PairView:
     # The lowest exact sample of the last window (None: no exact sample).
     base_rtt_ms: float | None = None
     priority: int = 0
+    # Its latest check went unanswered: it may be dying (a peer that moved away).
+    missed: bool = False
 
     @property
     def compared_rtt_ms(self) -> float | None:
@@ -214,7 +216,12 @@ def choose(current: PairView | None, pairs: Sequence[PairView], *,
         if current is not None:
             reason = f"{current.label()} stopped answering; {reason}"
         return None, reason
-    best = min(usable, key=_rank)
+    # A pair whose latest check went unanswered is kept while it is the path, but not
+    # moved to while another answers: a peer that moved leaves its old pairs working
+    # until their misses add up, and going back to one would undo following it.
+    answering = [p for p in usable
+                 if not p.missed or (current is not None and p.key == current.key)]
+    best = min(answering or usable, key=_rank)
     if current is None:
         return best, explain(best, pairs)
     if not current.usable:

@@ -21,8 +21,13 @@ is read again at every refresh, so any message may arrive late or twice):
   reached it) gets the same answer again: new credentials would make the checker the
   peer is running useless.
 - Resends of an offer belong to its session: a newer offer stops them.
+- A checker a new session replaces after it had a path is retired, not closed: it
+  goes on answering the peer's checks and following the peer (a device that moved
+  checks from its new address with the old session's credentials at once, long before
+  its restart crosses the chat) until the new checker chooses a path, or for at most
+  `RETIRED_MAX_S`. It no longer reports losses or failure: the new session owns them.
 - A restart means the peer's path to us went quiet, so ours to it probably did too,
-  noticed or not (answering closes the checks that would notice), and our NAT may have
+  noticed or not (answering retires the checks that would notice), and our NAT may have
   moved: the agent re-checks our candidates (`on_restart`, at most `RECHECK_S`) before
   we answer, so that the answer does not carry a public address that is gone. One
   re-check serves every peer that restarts meanwhile or within `RECHECK_FRESH_S` (when
@@ -89,6 +94,8 @@ RECHECK_FRESH_S = 2.0
 # A session whose checks found no path is renegotiated after this, doubling to the max.
 RETRY_MIN_S = 2.0
 RETRY_MAX_S = 300.0
+# How long a replaced checker that had a path goes on beside the new one (above).
+RETIRED_MAX_S = 30.0
 # Offers that arrive before the sender's announcement (other channel, other order).
 PENDING_MAX = 8
 PENDING_TTL_S = 10.0
@@ -101,6 +108,14 @@ class Checker(Protocol):
     def add_remote(self, candidates: list[CandidateInfo], complete: bool) -> None: ...
 
     def snapshot(self) -> dict[str, Any]: ...
+
+    @property
+    def was_connected(self) -> bool:
+        """Whether its checks ever chose a path (the peer may still check with them)."""
+
+    def retire(self) -> None:
+        """A newer session took over: keep answering and following the peer, but report
+        no loss or failure."""
 
     def close(self) -> None: ...
 
@@ -132,6 +147,13 @@ KEPT_FIELDS = ("path", "local_candidate", "remote_candidate", "interface", "rtt_
                "base_rtt_ms", "reason", "connected_at", "selected_at")
 
 
+def _path_of(snap: dict[str, Any]) -> dict[str, Any] | None:
+    """A checker snapshot's path fields (KEPT_FIELDS); None when it has no path."""
+    if snap.get("path", "none") == "none":
+        return None
+    return {key: snap.get(key) for key in KEPT_FIELDS}
+
+
 @dataclass
 class PeerSession:
     peer: DeviceId
@@ -158,7 +180,10 @@ class PeerSession:
     # The lines about the peer's messages: a handful per session, but a peer can post
     # offers or candidates without end. Per peer, so that one does not silence others.
     notes: LimitedLog = field(default_factory=lambda: LimitedLog(log))
-    # The path the replaced checker had chosen: WireGuard stays on it until the new
+    # The replaced checker that had a path, still answering the peer (module docstring).
+    retired: Checker | None = None
+    retired_timer: asyncio.TimerHandle | None = None
+    # The path the last replaced checker had chosen: WireGuard stays on it until the new
     # checker chooses, so `snapshot` shows it meanwhile (None: it had none).
     kept: dict[str, Any] | None = None
 
@@ -171,12 +196,42 @@ class PeerSession:
         return self.state == "offering" and self.wins_glare
 
     def replace_checker(self, checker: Checker | None) -> None:
-        if self.checker is not None:
-            snap = self.checker.snapshot()
-            self.kept = ({key: snap.get(key) for key in KEPT_FIELDS}
-                         if snap.get("path", "none") != "none" else None)
-            self.checker.close()
-        self.checker = checker
+        """`checker` takes over; the one before is retired if it ever had a path (the
+        peer may still check with its credentials; a device that moved lost that path
+        but finds it again with them) and a new one is coming, else closed."""
+        old, self.checker = self.checker, checker
+        if checker is None:
+            self.close_retired(keep=False)
+        if old is None:
+            return
+        if checker is None or not old.was_connected:
+            if self.retired is None:
+                self.kept = None
+            old.close()
+            return
+        self.close_retired(keep=False)
+        old.retire()
+        self.retired = old
+        self.retired_timer = asyncio.get_running_loop().call_later(
+            RETIRED_MAX_S, self.close_retired)
+
+    def close_retired(self, keep: bool = True) -> None:
+        """The retired checker goes: its time is up, and the path it had is what
+        `snapshot` shows until the new one chooses (`keep`); or the new one chose."""
+        if self.retired_timer is not None:
+            self.retired_timer.cancel()
+            self.retired_timer = None
+        if self.retired is not None:
+            self.kept = _path_of(self.retired.snapshot()) if keep else None
+            self.retired.close()
+            self.retired = None
+
+    def shown_path(self) -> dict[str, Any] | None:
+        """The path WireGuard is on while the current checker has none: the retired
+        checker's (live), else the one kept when it went."""
+        if self.retired is not None:
+            return _path_of(self.retired.snapshot())
+        return self.kept
 
     def cancel_timer(self) -> None:
         if self.timer is not None:
@@ -269,8 +324,7 @@ class Negotiator:
         data = session.checker.snapshot() if session.checker is not None else {}
         # Until the new checks choose (or fail), WireGuard is on the replaced path.
         if (data.get("path", "none") == "none" and data.get("state") != "failed"
-                and session.kept is not None):
-            kept = session.kept
+                and (kept := session.shown_path()) is not None):
             data = {**data, **kept, "reason": f"{kept['reason']} (kept while renegotiating)"}
         # Once checks run, the checker's state (checking, connected, failed) says more.
         state = data.get("state", session.state) if session.state == "checking" else \
@@ -516,6 +570,7 @@ class Negotiator:
         session.cancel_retry()
         if ok:
             session.retry_s = RETRY_MIN_S
+            session.close_retired(keep=False)
             return
         delay, session.retry_s = session.retry_s, min(session.retry_s * 2, RETRY_MAX_S)
         # Usually a lost path, which the agent renegotiates at once; else the retry does.

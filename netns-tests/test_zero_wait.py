@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from kbwg_standin.store import hold_sends, release_held
 from kbwg_testing import wait_until
-from kbwg_world import Node, World
+from kbwg_world import NatMode, Node, World
 from kbwg_world.multihomed import multi_homed
 from kbwg_world.natchange import forget_mappings
 from kbwg_world.team import AgentProcess
@@ -89,6 +90,49 @@ def test_a_nat_forgetting_its_mappings_recovers_with_only_the_far_side_sending(
     forget_mappings(r1)
     wait_until(lambda: b.ping_ok(ALICE[2]), timeout=10, what="bob's pings answered again")
     assert bob.negotiated("laptop") is not None
+
+
+def test_a_device_moving_to_another_network_is_followed_before_its_news_crosses_the_chat(
+        world: World) -> None:
+    """A laptop leaves one NAT's network for another's; its peer is public (a server, or
+    a forwarded port). Its restart offers and new announcement need the chat; its checks
+    from the new address, with the credentials of the session it had, need nothing: the
+    old session's checkers on both sides go on until a new session chooses, and carry
+    the path meanwhile. Here alice's chat is cut as she moves, so nothing else can. Her
+    relay allocation, known to the relay by her old address, is made again at once."""
+    servers = team_servers(world, delay_ms=300, relays=[("kbwg", "203.0.113.5")])
+    r1 = world.router("r1", wan=servers.inet, nat=NatMode.MASQUERADE)
+    r3 = world.router("r3", wan=servers.inet, nat=NatMode.MASQUERADE)
+    a = world.host("a", lans=[r1.lan])
+    b = world.host("b", lans=[servers.inet])
+    alice, bob = start_pair(servers.team, a, b, timeout=START_TIMEOUT)
+    try:
+        alice.wait_path("desk", timeout=60)
+        bob.wait_path("laptop", timeout=60)
+        wait_until(lambda: a.ping_ok(BOB[2]) and b.ping_ok(ALICE[2]), timeout=30,
+                   what="pings both ways")
+        hold_sends(servers.team.home, ALICE[0])
+        for src, dest in ((a, BOB[2]), (b, ALICE[2])):
+            src.popen(["ping", "-q", "-n", "-i", "0.1", dest])
+        # As a Wi-Fi switch: the old interface loses its address and goes down, a new
+        # one comes up on the other network.
+        a.ip_batch(["addr flush dev eth0", "link set eth0 down"])
+        world.attach(a, r3.lan, "eth1")
+        a.ip_batch([f"route replace default via {r3.lan.gateway} dev eth1"])
+
+        wait_until(lambda: (x := bob.peer_view("laptop")) is not None
+                   and x["endpoint"].startswith(f"{r3.wan_ip}:"),
+                   timeout=30, what="bob to follow alice to her new network")
+        wait_until(lambda: a.ping_ok(BOB[2]) and b.ping_ok(ALICE[2]), timeout=15,
+                   what="pings both ways again")
+        assert "(previous session): path" in alice.log(1 << 22) + bob.log(1 << 22)
+        assert re.search(r"network change|candidates now", alice.log(1 << 22)), alice.log()
+        # Her relay allocation was known by the address she left: replaced at once.
+        wait_until(lambda: "which this host no longer has: allocating again" in alice.log(
+            1 << 22), timeout=10, what="alice's allocation made again")
+        assert release_held(servers.team.home, ALICE[0]) > 0, "alice's news crossed"
+    finally:
+        keep_logs(alice, bob)
 
 
 def test_a_multi_homed_host_chooses_the_fast_uplink_first(world: World) -> None:

@@ -771,6 +771,39 @@ async def test_a_relayed_pair_going_quiet_is_told_for_the_allocation(relayed: bo
         close(a, b)
 
 
+async def test_retired_checkers_follow_a_peer_that_moved_and_report_no_loss() -> None:
+    """A renegotiation retires the checkers of the old session while the new one waits
+    for the chat: they must still carry the path to a device that moved (it checks
+    from its new address at once) without telling the agent of a loss or a failure,
+    which the new session owns."""
+    net = SimNet()
+    a, b = net.node("a"), net.node("b")
+    a.host("203.0.113.10")
+    b.host("198.51.100.20")
+    await connect(a, b)
+    try:
+        await advance_until(lambda: mirrored(a, b))
+        told: list[str] = []
+        for node in (a, b):
+            node.c.on_lost = lambda pair, _fell_back, n=node.name: told.append(n)
+            node.c.retire()
+        before = len(a.selections), len(b.selections)
+        a.host("203.0.113.11", rank=1)  # a new network; the old address is gone
+        net.cut.add(frozenset(("203.0.113.10", "198.51.100.20")))
+        a.c.add_local(a.candidates, complete=True)
+        for node in (a, b):
+            node.c.note_traffic()
+        await advance_until(lambda: mirrored(a, b) and a.c.selected is not None
+                            and a.c.selected.local.address == "203.0.113.11", timeout=10.0)
+        assert b.c.selected is not None and b.c.selected.remote_address[0] == "203.0.113.11"
+        assert told == []
+        new = a.selections[before[0]:] + b.selections[before[1]:]
+        assert new and all(pair is not None for pair, _ in new), new
+        assert a.c.name == "alice (previous session)"
+    finally:
+        close(a, b)
+
+
 def test_rtt_from_a_retransmitted_check_is_only_a_stand_in() -> None:
     local = Candidate("host", "198.18.1.10", PORT, "eth0", candidate_priority("host"), "if")
     remote = CandidateInfo("host", "198.18.1.20", PORT, candidate_priority("host"), "f0")

@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 from kbwg.negotiation.choice import (
     PairState,
     PairView,
@@ -123,6 +125,19 @@ def test_better_class_switches_regardless_of_rtt() -> None:
     assert reason.startswith("switched from relay")
     # ... but a worse class never replaces a working current.
     assert choose(direct, [relay, direct])[0] == direct
+
+
+def test_a_pair_that_missed_its_latest_check_is_kept_but_not_moved_to() -> None:
+    """The peer moved: its old direct pair, one miss from failing, must not take the
+    path back from the pair its new address answers on."""
+    dying = replace(view("old", "srflx", "srflx", rtt=30.0), missed=True)
+    relay = view("relay", "relay", "prflx", rtt=60.0)
+    assert choose(relay, [dying, relay])[0] == relay
+    assert choose(None, [dying, relay])[0] == relay
+    # As the path itself it stays until its misses add up; with nothing else, it is used.
+    assert choose(dying, [dying, relay])[0] == dying
+    assert choose(None, [dying])[0] == dying
+    assert choose(relay, [dying, replace(relay, state="failed")])[0] == dying
 
 
 def test_dead_current_is_replaced_at_once() -> None:

@@ -363,6 +363,13 @@ class _Checker:
     def snapshot(self) -> dict[str, Any]:
         return {}
 
+    @property
+    def was_connected(self) -> bool:
+        return False
+
+    def retire(self) -> None:
+        pass
+
     def close(self) -> None:
         pass
 

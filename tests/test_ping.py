@@ -307,8 +307,10 @@ class FakeChecker:
 
 
 class FakeSession:
-    def __init__(self, checker: FakeChecker | None) -> None:
+    def __init__(self, checker: FakeChecker | None,
+                 retired: FakeChecker | None = None) -> None:
         self.checker = checker
+        self.retired = retired
 
 
 class FakeNegotiator:
@@ -349,6 +351,15 @@ async def test_agent_reply_for_a_pong_names_path_and_pair() -> None:
             "peer": "100.64.0.2"})
     assert timed_out["status"] == "timeout" and timed_out["rtt_ms"] is None
     assert timed_out["reason"] == "no authenticated answer within 1.5 s"
+
+
+async def test_while_renegotiating_the_retired_checker_answers_the_ping() -> None:
+    pair = CandidatePair(LOCAL, REMOTE, 1)
+    new, retired = FakeChecker(None), FakeChecker(ProbeResult(pair, 7.0, None))
+    reply = await replies({DeviceId("bob", "desk"): FakeSession(new, retired)}).ping(
+        {"peer": "bob/desk"})
+    assert reply["status"] == "pong" and reply["rtt_ms"] == 7.0
+    assert new.timeouts and retired.timeouts, "the new checker is asked first"
 
 
 async def test_agent_reply_without_a_path_says_why() -> None:

@@ -46,6 +46,7 @@ async def test_data_goes_both_ways_over_a_channel() -> None:
             peer.send(b"reply", alloc.relayed)
             assert await asyncio.wait_for(got.get(), 2.0) == (b"reply", peer.address)
             assert (alloc.counters.sent, alloc.counters.received) == (2, 1)
+            assert alloc.local_ip == "127.0.0.1"  # the address the relay knows it by
         finally:
             peer.close()
 

@@ -36,6 +36,7 @@ class FakeAllocation:
     rtt_ms: float = 10.0
     transport_reason: str = ""
     closed: bool = False
+    local_ip: str | None = "198.18.1.10"
 
     async def close(self) -> None:
         self.closed = True

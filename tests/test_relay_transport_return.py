@@ -182,3 +182,25 @@ async def test_a_failed_try_is_logged_and_the_loop_goes_on(
     assert [round(t - start, 3) for t in paths.tries] == [RELAY_RETRY_FIRST_S,
                                                           3 * RELAY_RETRY_FIRST_S]
     assert "asking a relay over UDP again failed" in caplog.text
+
+
+async def test_an_allocation_from_an_address_the_host_lost_is_replaced_at_once() -> None:
+    """The relay knows an allocation by the address it is used from: after a move to
+    another network only a Refresh timing out would tell, seconds later."""
+    script, told = Script({}), cast(list[Any], [])
+    paths = paths_with(script, told, on_ready=False)
+    await paths.ensure([UDP])
+    old = cast(FakeAllocation, paths.allocations[UDP.url])
+    proxy = FakeProxy(old)
+    paths.proxies["bob/desk"] = cast(Any, proxy)
+    paths.drop_moved({"198.18.1.10", "2001:db8::10"})
+    assert paths.allocations[UDP.url] is old, "its address is still the host's"
+    paths.drop_moved({"198.18.7.20"})
+    assert UDP.url not in paths.allocations
+    await paths.ensure([UDP])
+    assert paths.allocations[UDP.url] is not old
+    # Its proxies go after the grace, and its end is no lost relay to gather again for.
+    await asyncio.sleep(RETIRE_GRACE_S + 0.1)
+    assert old.closed and proxy.closed
+    assert told == []
+    await paths.close()

@@ -27,6 +27,7 @@ from kbwg.negotiation.session import (
     ANSWER_TIMEOUT_S,
     MAX_OFFERS,
     OFFER_GRACE_S,
+    RETIRED_MAX_S,
     CheckerSpec,
     Negotiator,
 )
@@ -61,6 +62,8 @@ class FakeChecker:
     trickled: list[tuple[list[CandidateInfo], bool]] = field(default_factory=list)
     complete: bool | None = None
     snap: dict[str, Any] = field(default_factory=dict)  # what snapshot() says
+    retired: bool = False
+    ever_connected: bool = False  # had a path once, whatever snapshot() says now
 
     def set_remote(self, ufrag: str, pwd: str, candidates: list[CandidateInfo],
                    complete: bool = True) -> None:
@@ -73,6 +76,13 @@ class FakeChecker:
 
     def snapshot(self) -> dict[str, Any]:
         return dict(self.snap)
+
+    @property
+    def was_connected(self) -> bool:
+        return self.snap.get("path", "none") != "none" or self.ever_connected
+
+    def retire(self) -> None:
+        self.retired = True
 
     def close(self) -> None:
         self.closed = True
@@ -498,7 +508,7 @@ async def test_a_renegotiation_shows_the_path_wireguard_keeps_until_a_new_one() 
                   "local_candidate": "host 198.18.0.1:51820", "rtt_ms": 5.0}
     assert await alice.negotiator.restart(BOB)  # e.g. a network change
     await settle(bus, alice, bob)
-    (second,) = alice.live_checkers()
+    second = alice.checkers[-1]
     second.snap = {"state": "checking", "path": "none", "reason": "checking 4 pairs"}
     shown = alice.negotiator.snapshot(BOB)
     assert (shown["path"], shown["local_candidate"], shown["rtt_ms"]) == (
@@ -509,6 +519,63 @@ async def test_a_renegotiation_shows_the_path_wireguard_keeps_until_a_new_one() 
     assert alice.negotiator.snapshot(BOB)["path"] == "none"  # nothing works: not hidden
     second.snap = {"state": "connected", "path": "relay", "reason": "relayed"}
     assert alice.negotiator.snapshot(BOB)["reason"] == "relayed"
+
+
+async def test_a_replaced_checker_with_a_path_goes_on_until_the_new_one_chooses() -> None:
+    """A device that moved checks from its new address with the old session's
+    credentials long before its restart crosses the chat: the old checkers must still
+    answer and follow it, without reporting the loss the new session owns."""
+    bus, alice, bob = pair(offer_grace_s=LONG, answer_timeout_s=LONG)
+    await negotiate(bus, alice, bob)
+    (a_first,) = alice.live_checkers()
+    (b_first,) = bob.live_checkers()
+    for checker in (a_first, b_first):
+        checker.snap = {"state": "connected", "path": "direct", "reason": "through NAT"}
+    assert await alice.negotiator.restart(BOB)
+    await settle(bus, alice, bob)
+    a_second, b_second = alice.checkers[-1], bob.checkers[-1]
+    assert a_first.retired and not a_first.closed, "the restarting side's old checker"
+    assert b_first.retired and not b_first.closed, "the answering side's old checker"
+    assert not a_second.retired and not b_second.closed
+    # It follows the peer meanwhile: what it chose is what is shown.
+    a_first.snap = {"state": "connected", "path": "direct", "reason": "moved",
+                    "local_candidate": "host 198.18.5.1:51820"}
+    assert alice.negotiator.snapshot(BOB)["local_candidate"] == "host 198.18.5.1:51820"
+    # The new session chose: the old checker goes.
+    assert a_second.spec.on_outcome is not None
+    a_second.spec.on_outcome(True)
+    assert a_first.closed
+    # A checker without a path is closed at once, and the retired one is not doubled.
+    assert b_second.spec.on_outcome is not None
+    assert await bob.negotiator.restart(ALICE)
+    await settle(bus, alice, bob)
+    assert b_second.closed and not b_second.retired, "it had no path"
+    assert not b_first.closed, "the one with a path still answers"
+    # Its time runs out: the path it had is still shown (WireGuard is on it).
+    await asyncio.sleep(RETIRED_MAX_S + 1)
+    assert b_first.closed
+    assert bob.negotiator.snapshot(ALICE)["reason"] == "through NAT (kept while renegotiating)"
+    # Forgetting the peer closes the retired checker too.
+    bob.checkers[-1].snap = dict(b_first.snap)
+    assert await bob.negotiator.restart(ALICE)
+    await settle(bus, alice, bob)
+    assert bob.checkers[-2].retired and not bob.checkers[-2].closed
+    bob.negotiator.forget(ALICE)
+    assert all(c.closed for c in bob.checkers)
+
+
+async def test_a_checker_that_lost_its_path_to_a_move_is_retired_too() -> None:
+    """Moving away fails the path before the new candidates are in: the checker of the
+    session the peer still runs is what finds it again, so it is retired, not closed."""
+    bus, alice, bob = pair(offer_grace_s=LONG, answer_timeout_s=LONG)
+    await negotiate(bus, alice, bob)
+    (first,) = alice.live_checkers()
+    first.ever_connected = True
+    first.snap = {"state": "failed", "path": "none", "reason": "stopped answering"}
+    assert await alice.negotiator.restart(BOB)
+    await settle(bus, alice, bob)
+    assert first.retired and not first.closed
+    assert alice.negotiator.snapshot(BOB).get("path", "none") == "none", "none is shown"
 
 
 async def test_candidates_gathered_later_trickle_to_the_peer_once() -> None:

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from kbwg_standin.ctl import stop_service
-from kbwg_standin.store import release_held
+from kbwg_standin.store import hold_sends, release_held
 
 STANDIN = [sys.executable, "-m", "kbwg_standin"]
 TEAM = "myteam"
@@ -548,6 +548,31 @@ def test_held_messages_wait_for_their_release(
         assert release_held(home) == 0
     finally:
         held_alice.close()
+
+
+def test_a_running_senders_messages_are_held_from_the_moment_a_test_says(
+    home: Path, bob: ApiPipe, listeners: list[Listener],
+) -> None:
+    listener = Listener(make_env(home, "bob", "desktop"))
+    listeners.append(listener)
+    listener.wait_started()
+    alice = ApiPipe(make_env(home))  # one long-lived pipe, as the agent keeps
+    try:
+        bob.result(send_call(chan("announce"), "create"))
+        assert listener.next()[1]["msg"]["content"]["text"]["body"] == "create"
+        alice.result(send_call(chan("announce"), "before"))
+        assert listener.next()[1]["msg"]["content"]["text"]["body"] == "before"
+        hold_sends(home, "Alice")
+        alice.result(send_call(chan("announce"), "cut off"))
+        bob.result(send_call(chan("announce"), "bob's"))
+        assert listener.next()[1]["msg"]["content"]["text"]["body"] == "bob's"
+        hold_sends(home, "alice", hold=False)
+        alice.result(send_call(chan("announce"), "back"))
+        assert listener.next()[1]["msg"]["content"]["text"]["body"] == "back"
+        assert release_held(home, "alice") == 1
+        assert listener.next()[1]["msg"]["content"]["text"]["body"] == "cut off"
+    finally:
+        alice.close()
 
 
 def test_listener_exits_on_sigterm_and_closed_stdout(home: Path) -> None:

@@ -176,6 +176,7 @@ async def test_allocation_over_tcp_carries_channel_data_both_ways() -> None:
     async with stream_relay() as server:
         async with allocation(stream_address(server, "tcp"), "tcp") as (alloc, got, _):
             assert alloc.transport == "tcp"
+            assert alloc.local_ip == "127.0.0.1"
             [entry] = server.table.allocations.values()
             assert entry.stream is not None  # made over the stream, not over UDP
             await round_trip(alloc, got)

@@ -111,6 +111,9 @@ class Link(Protocol):
 
     def send(self, data: bytes) -> bool: ...
 
+    def local_ip(self) -> str | None:
+        """The host address the link leaves from (None: unknown, or closed)."""
+
     def close(self) -> None: ...
 
 
@@ -262,6 +265,13 @@ class RelayAllocation:
                 self._gone(f"refresh unanswered: {type(exc).__name__}")
             return False
         return True
+
+    @property
+    def local_ip(self) -> str | None:
+        """The host address this allocation's link leaves from: the relay knows the
+        allocation by it, so once the host lost it (another network) the allocation is
+        out of reach."""
+        return self._transport.local_ip()
 
     def _gone(self, reason: str) -> None:
         self.lost(ConnectionError(reason))

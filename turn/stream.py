@@ -73,6 +73,10 @@ class StreamLink:
         self._protocol._send(data)  # aioice frames it (pads ChannelData to 4 bytes)
         return True
 
+    def local_ip(self) -> str | None:
+        sockname = self._transport.get_extra_info("sockname")
+        return str(sockname[0]) if sockname else None
+
     def close(self) -> None:
         self._transport.close()
 

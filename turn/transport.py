@@ -94,6 +94,12 @@ class ConnectedUdpTransport(asyncio.DatagramTransport):
                addr: Any = None) -> None:
         self.send(bytes(data))
 
+    def local_ip(self) -> str | None:
+        try:
+            return str(self._sock.getsockname()[0])
+        except OSError:
+            return None
+
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         if name == "socket":
             return self._sock

@@ -573,6 +573,13 @@ class World:
                                          addresses6=addresses6))
         seg.members.append((node, ifname))
 
+    def attach(self, node: Node, seg: Segment, ifname: str) -> Interface:
+        """A new interface `ifname` of `node` on `seg`, with an address of its own and the
+        segment's routes but no default route (a laptop plugged into another network)."""
+        self._require_open()
+        self._attach(node, seg, ifname, self._addresses(seg, None))
+        return node.interface(ifname)
+
     def _announce(self, seg: Segment, net: IPv4Network, via: IPv4Address, announcer: Node) -> None:
         seg.routes.append((net, via, announcer))
         for member, ifname in seg.members:

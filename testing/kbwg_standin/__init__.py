@@ -15,7 +15,8 @@ Environment: ``KBWG_STANDIN_HOME`` (required), ``KBWG_STANDIN_USER`` and
 ``KBWG_STANDIN_DEVICE`` (unset: logged out), ``KBWG_STANDIN_DELAY_MS`` (messages this process
 sends become visible that much later), ``KBWG_STANDIN_HOLD=1`` (messages this process sends
 stay hidden until ``kbwg_standin.store.release_held(home, username)`` is called: a test's way
-to deliver a message late without racing a delay), ``KBWG_STANDIN_POLL_MS`` (api-listen poll,
+to deliver a message late without racing a delay; ``store.hold_sends(home, username)`` holds
+one user's messages from then on, mid-run), ``KBWG_STANDIN_POLL_MS`` (api-listen poll,
 default 20), ``KBWG_STANDIN_OLD_CLIENT=1`` (an older client: `whoami --json` has no
 ``deviceName``, `status --json` still has ``Device.name``).
 Like the real client, `whoami --json` exits 0 when logged out (``loggedIn: false``, no

@@ -19,7 +19,7 @@ from kbwg_standin.channels import (
 )
 from kbwg_standin.env import Env, Identity
 from kbwg_standin.errors import RequestError, ServiceError
-from kbwg_standin.store import HELD_MS, now_ms, write_txn
+from kbwg_standin.store import HELD_MS, held_marker, now_ms, write_txn
 
 CHAT_MAX_BODY = 10_000
 OTHER_MAX_BODY = 1_000_000
@@ -230,7 +230,7 @@ class ChatService:
                     me.device,
                     body,
                     sent,
-                    HELD_MS if self.env.hold else sent + max(0, self.env.delay_ms),
+                    HELD_MS if self.holding(me) else sent + max(0, self.env.delay_ms),
                 ),
             )
             # Sending joins the channel (the real sender joins from preview mode).
@@ -241,6 +241,10 @@ class ChatService:
                 (msg_id, conv["id"], me.username),
             )
         return {"message": "message sent", "id": msg_id, "ratelimits": ratelimits()}
+
+    def holding(self, me: Identity) -> bool:
+        """Whether what `me` sends now is held (KBWG_STANDIN_HOLD, or `hold_sends`)."""
+        return self.env.hold or held_marker(self.env.home, me.username).exists()
 
     def check_rate(self, me: Identity, now: int) -> None:
         """KBWG_STANDIN_RATE_LIMIT: the real service's ChatRateLimitError, whose RateLimit

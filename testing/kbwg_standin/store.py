@@ -76,6 +76,23 @@ def open_db(home: Path) -> sqlite3.Connection:
     return conn
 
 
+def held_marker(home: Path, username: str) -> Path:
+    """While this file exists, the messages `username` sends are held as with
+    KBWG_STANDIN_HOLD (`hold_sends`)."""
+    return home / "held" / username.strip().lower()
+
+
+def hold_sends(home: Path, username: str, hold: bool = True) -> None:
+    """From now on the messages `username` sends are held (or, `hold` False, no longer):
+    a test's way to cut one device off the chat while it runs."""
+    marker = held_marker(home, username)
+    if hold:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.touch()
+    else:
+        marker.unlink(missing_ok=True)
+
+
 def release_held(home: Path, username: str | None = None) -> int:
     """Make the held messages (of `username`, or everyone's) visible now; how many.
 
