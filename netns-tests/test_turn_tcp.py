@@ -41,10 +41,11 @@ def relayed_peer(agent: AgentProcess, device: str) -> dict[str, Any] | None:
     return next((p for p in peers if p["device"] == device and p["path"] == "relay"), None)
 
 
-def udp_blocked_pair(world: World, kind: str, transport: str) -> tuple[
+def udp_blocked_pair(world: World, kind: str, transport: str, both: bool = False) -> tuple[
         TurnServer, Router, tuple[Node, AgentProcess], tuple[Node, AgentProcess]]:
-    """Alice behind a router that lets no UDP out, bob behind a plain NAT, the team's
-    relay listed twice (UDP first, then `transport`), both agents running."""
+    """Alice behind a router that lets no UDP out, bob behind a plain NAT (`both`: one
+    that lets no UDP out either), the team's relay listed twice (UDP first, then
+    `transport`), both agents running."""
     inet = world.internet()
     stun = StunServer.start(world.server("stun", inet, ips=["203.0.113.2"]))
     certs = (make_certificates(world.dir / "certs", RELAY_IP) if transport == "tls"
@@ -59,6 +60,8 @@ def udp_blocked_pair(world: World, kind: str, transport: str) -> tuple[
     blocked = world.router("r1", wan=inet, nat=NatMode.MASQUERADE)
     blocked.block_outbound_udp()
     home = world.router("r2", wan=inet, nat=NatMode.MASQUERADE)
+    if both:
+        home.block_outbound_udp()
     a = world.host("a", lans=[blocked.lan])
     b = world.host("b", lans=[home.lan])
     alice, bob = (team.start_agent(a, *ALICE[:2]), team.start_agent(b, *BOB[:2]))
@@ -102,6 +105,28 @@ def test_host_without_outbound_udp_connects_through_the_relay_over_a_stream(
     assert relay_status["proxy_to_peer"] > 0 or relay_status["sent"] > 0, relay_status
     # And the router did drop her UDP: nothing reached the STUN server from her.
     assert not any(c["type"] == "srflx" for c in status["candidates"]), status["candidates"]
+
+
+@pytest.mark.parametrize("kind", ["kbwg", "coturn"])
+def test_two_hosts_without_outbound_udp_meet_through_the_relay_both_over_tcp(
+        world: World, kind: str) -> None:
+    """Each side reaches the relay only over TCP: the one path is from one allocation
+    to the other, a relayed address of the relay itself."""
+    relay, _blocked, (a, alice), (b, bob) = udp_blocked_pair(world, kind, "tcp", both=True)
+    try:
+        for agent in (alice, bob):
+            entry = wait_until(lambda agent=agent: relay_entry(agent), timeout=30,
+                               what=f"{agent.name}'s allocation over TCP")
+            assert entry["transport"] == "tcp", entry
+        peer = wait_until(lambda: relayed_peer(alice, "desk"), timeout=45,
+                          what="alice -> bob relayed")
+        assert peer["local_candidate"].startswith("relay ") and peer[
+            "remote_candidate"].startswith("relay "), peer
+        wait_until(lambda: a.ping_ok(BOB[2]), timeout=20, what="ping alice -> bob")
+        wait_until(lambda: b.ping_ok(ALICE[2]), timeout=20, what="ping bob -> alice")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n{alice.log(8000)}\nbob:\n{bob.log(4000)}\n"
+                             f"relay:\n{relay.log()[-3000:]}") from None
 
 
 def test_a_relay_reached_over_tcp_is_used_over_udp_once_udp_gets_out_again(

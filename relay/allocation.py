@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
@@ -139,6 +140,11 @@ class AllocationTable:
         self._on_created = on_created
         self._on_removed = on_removed
         self.allocations: dict[Address, Allocation] = {}
+        # The live allocations by relayed address. A peer there is another client of
+        # this relay (both ends relayed: two hosts that reach it only over TCP): the one
+        # peer allowed on the relay's own address, port by port, so that nothing is
+        # ever relayed to the relay's own listening sockets.
+        self.relayed: dict[Address, Allocation] = {}
         self.routes: dict[tuple[Address, int], ChannelRoute] = {}
         self.stream_routes: dict[tuple[Address, int], ChannelRoute] = {}
         self._per_user: dict[str, int] = {}
@@ -201,6 +207,7 @@ class AllocationTable:
             limiter=rate_limiter(self.quotas, now), stream=stream,
         )
         self.allocations[client] = allocation
+        self.relayed[allocation.relayed] = allocation
         self._per_user[user] = self._per_user.get(user, 0) + 1
         self._per_address[source] = self._per_address.get(source, 0) + 1
         self.counters.allocations_created += 1
@@ -223,10 +230,24 @@ class AllocationTable:
         if (":" in peer[0]) != allocation.ipv6:
             family = "IPv6" if allocation.ipv6 else "IPv4"
             raise Refusal(443, "address_family", f"peer {peer[0]} on an {family} allocation")
-        host = self.host.current(now) if self.host is not None else ()
-        reason = self.policy.refusal(peer[0], host)
+        other = self.relayed.get((peer[0], peer[1]))
+        if other is not None and other is not allocation:
+            return
+        reason = self.refusal(peer[0], now)
         if reason is not None:
             raise Refusal(403, "peer_forbidden", f"peer {peer[0]}: {reason}")
+
+    def refusal(self, ip: str, now: float) -> str | None:
+        """Why `ip` may not be a peer (None: it may), another allocation of this relay
+        aside (`relayed`)."""
+        host = self.host.current(now) if self.host is not None else ()
+        return self.policy.refusal(ip, host)
+
+    def may_send(self, peer: Address, now: float) -> bool:
+        """Whether a datagram may go to `peer` on a permission (by IP, RFC 8656): a
+        permission for the relay's own address (another allocation's) is for the
+        relayed ports alone."""
+        return (peer[0], peer[1]) in self.relayed or self.refusal(peer[0], now) is None
 
     def permit(self, allocation: Allocation, peers: list[Address], now: float) -> None:
         """Install or refresh permissions, all or none (RFC 8656 9.2)."""
@@ -269,6 +290,9 @@ class AllocationTable:
         if self.allocations.get(allocation.client) is not allocation:
             return
         del self.allocations[allocation.client]
+        if self.relayed.get(allocation.relayed) is allocation:
+            del self.relayed[allocation.relayed]
+            self._unbind_peer(allocation.relayed)
         routes = self.routes if allocation.stream is None else self.stream_routes
         for key in allocation.route_keys:
             routes.pop(key, None)
@@ -282,6 +306,15 @@ class AllocationTable:
             self.counters.allocations_deleted += 1
         self.notes.log(logging.INFO, "allocation %s:%d %s", *allocation.client, why)
         self._on_removed(allocation)
+
+    def _unbind_peer(self, peer: Address) -> None:
+        """Channels to a relayed address that went: its port may be anyone's next."""
+        now = time.monotonic()
+        for allocation in self.allocations.values():
+            channel = allocation.peer_channel.pop(peer, None)
+            if channel is not None:
+                allocation.channels.pop(channel, None)
+                self._sync(allocation, now)
 
     def close(self) -> None:
         for allocation in list(self.allocations.values()):

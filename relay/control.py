@@ -372,7 +372,7 @@ class ControlPlane:
             self.counters.bad_request += 1
             return
         now = time.monotonic()
-        if not allocation.permitted(peer[0], now):
+        if not allocation.permitted(peer[0], now) or not self.table.may_send(peer, now):
             self.counters.no_permission += 1
             return
         if allocation.limiter is not None and not allocation.limiter.allow(now, len(data)):

@@ -487,6 +487,49 @@ async def test_loopback_and_private_peers_are_refused_by_default() -> None:
     assert any(ip_address("127.0.0.1") in net for net in server.table.host.networks)
 
 
+async def test_two_clients_of_the_relay_reach_each_other_but_never_its_own_sockets() -> None:
+    """Two hosts that reach the relay only over TCP have one path: from one allocation
+    to the other. The relay's address is its own, refused as a peer but for the relayed
+    ports of live allocations; its listening port stays out of reach even with a
+    permission for that address, and a channel to an allocation that went goes too."""
+    async with running(_config(allow_peers=())) as server:
+        alice, bob = await client_for(server, "alice"), await client_for(server, "bob")
+        a_entry, b_entry = server.table.get(alice.address), server.table.get(bob.address)
+        assert a_entry is not None and b_entry is not None
+        listening = server.address
+        to_own = await alice.turn(stun.Method.CREATE_PERMISSION,
+                                  **{"XOR-PEER-ADDRESS": listening})
+        assert _code(to_own) == 403
+        bound = await alice.turn(stun.Method.CHANNEL_BIND, **{
+            "CHANNEL-NUMBER": 0x4000, "XOR-PEER-ADDRESS": b_entry.relayed})
+        permitted = await bob.turn(stun.Method.CREATE_PERMISSION,
+                                   **{"XOR-PEER-ADDRESS": a_entry.relayed})
+        assert bound.message_class == permitted.message_class == stun.Class.RESPONSE
+        alice.send(struct.pack("!HH", 0x4000, 5) + b"hello", alice.server)
+        raw, _ = await bob.receive()
+        indication = stun.parse_message(raw)
+        assert indication.attributes["XOR-PEER-ADDRESS"] == a_entry.relayed
+        assert indication.attributes["DATA"] == b"hello"
+        # A permission is by IP: alice holds one for the relay's own, yet a Send to
+        # its listening port is dropped.
+        before = server.counters.stun_requests
+        alice.send(bytes(stun.Message(stun.Method.SEND, stun.Class.INDICATION, attributes={
+            "XOR-PEER-ADDRESS": listening, "DATA": bytes(stun.Message(
+                stun.Method.BINDING, stun.Class.REQUEST))})), alice.server)
+        assert await alice.silent()
+        assert server.counters.no_permission == 1
+        assert server.counters.stun_requests == before
+        # Bob's allocation goes: alice's channel to its port goes with it.
+        gone = await bob.turn(stun.Method.REFRESH, LIFETIME=0)
+        assert gone.message_class == stun.Class.RESPONSE
+        assert b_entry.relayed not in a_entry.peer_channel
+        alice.send(struct.pack("!HH", 0x4000, 5) + b"again", alice.server)
+        assert await alice.silent()
+        assert server.counters.no_channel == 1
+        alice.close()
+        bob.close()
+
+
 async def test_a_relay_on_a_denied_network_says_so_at_start(
         caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.INFO, logger="kbwg.relay.server"):
