@@ -5,7 +5,8 @@ a router of its own (masquerade, random or fully-random symmetric NAT, a routed 
 behind a firewall, or static DNAT forwarding the WireGuard port, sometimes with
 `--endpoint`), on another device's LAN, or behind a second masquerade NAT inside
 another router's LAN; 0-60 ms delay and 0-3 % loss on router uplinks (`--lossy`: 5-15 %
-loss, chat 1.5-3 s), chat delay 0-800 ms, our relay or coturn, overlay addresses
+loss, chat 1.5-3 s), some routers letting no UDP out (the relay is listed over UDP and
+TCP), chat delay 0-800 ms, our relay or coturn, overlay addresses
 anywhere in 100.64.0.0/10, and (`--ipv6`) IPv6 on some LANs. It starts every agent at
 once and waits until every ordered pair pings over the overlay, then applies
 `--events` random events (a NAT forgets its mappings, a NAT moves to a new public
@@ -101,6 +102,9 @@ def place(world: World, rng: random.Random, inet: Any, index: int, routers: list
                           delay_ms={"wan0": delay} if delay else None,
                           loss_percent={"wan0": loss} if loss else None)
     routers.append(router)
+    no_udp = mode is not NatMode.STATIC_DNAT and rng.random() < 0.12
+    if no_udp:  # a network that lets no UDP out: only the relay over TCP gets through
+        router.block_outbound_udp()
     host = world.host(name, lans=[router.lan])
     extra: list[str] = []
     if mode is NatMode.STATIC_DNAT:
@@ -108,7 +112,8 @@ def place(world: World, rng: random.Random, inet: Any, index: int, routers: list
         if rng.random() < 0.5:
             extra = ["--endpoint", f"{router.wan_ip}:{PORT}"]
     shape.append(f"{name} behind {router.name} ({mode.value}, {delay} ms, {loss} % loss"
-                 f"{', IPv6 LAN' if lan6 else ''}{', --endpoint' if extra else ''})")
+                 f"{', IPv6 LAN' if lan6 else ''}{', --endpoint' if extra else ''}"
+                 f"{', no UDP out' if no_udp else ''})")
     return Placed(host, extra, router)
 
 
@@ -200,8 +205,9 @@ def run(seed: int, options: argparse.Namespace) -> Outcome:
         overlay = overlay_addresses(rng, count)
         devices = [(f"user{i}", f"dev{i}", overlay[i]) for i in range(count)]
         team.write_peers(devices)
+        # The relay over UDP, then over TCP for hosts whose network lets no UDP out.
         team.write_file("kbwg.json", json.dumps(
-            {"stun": [stun.address], "relays": [relay.config()]}))
+            {"stun": [stun.address], "relays": [relay.config(), relay.config_for("tcp")]}))
         shape.append(f"{count} devices, relay {kind}, chat {chat} ms")
         routers: list[Router] = []
         placed = [place(world, rng, inet, i, routers, options, shape) for i in range(count)]
