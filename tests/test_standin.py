@@ -523,20 +523,30 @@ def test_delivery_delay_is_honoured(home: Path, bob: ApiPipe, listeners: list[Li
         slow_alice.close()
 
 
-def test_held_messages_wait_for_their_release(
-    home: Path, bob: ApiPipe, listeners: list[Listener],
-) -> None:
+def bob_listening(home: Path, bob: ApiPipe, listeners: list[Listener]) -> Listener:
+    """Bob's listener, once #announce exists (bob created it) and it saw that."""
     listener = Listener(make_env(home, "bob", "desktop"))
     listeners.append(listener)
     listener.wait_started()
+    bob.result(send_call(chan("announce"), "create"))
+    assert next_body(listener) == "create"
+    return listener
+
+
+def next_body(listener: Listener) -> str:
+    return str(listener.next()[1]["msg"]["content"]["text"]["body"])
+
+
+def test_held_messages_wait_for_their_release(
+    home: Path, bob: ApiPipe, listeners: list[Listener],
+) -> None:
+    listener = bob_listening(home, bob, listeners)
     held_alice = ApiPipe(make_env(home, KBWG_STANDIN_HOLD="1"))
     try:
-        bob.result(send_call(chan("announce"), "create"))
-        assert listener.next()[1]["msg"]["content"]["text"]["body"] == "create"
         held_alice.result(send_call(chan("announce"), "held"))
         bob.result(send_call(chan("announce"), "after"))
         # The later message is delivered; the held one, with the lower id, is not.
-        assert listener.next()[1]["msg"]["content"]["text"]["body"] == "after"
+        assert next_body(listener) == "after"
         visible = [m["msg"]["id"] for m in bob.result(read_call(chan("announce")))["messages"]]
         assert visible == [3, 1]
         assert release_held(home, "bob") == 0, "only the named sender's messages"
@@ -553,24 +563,20 @@ def test_held_messages_wait_for_their_release(
 def test_a_running_senders_messages_are_held_from_the_moment_a_test_says(
     home: Path, bob: ApiPipe, listeners: list[Listener],
 ) -> None:
-    listener = Listener(make_env(home, "bob", "desktop"))
-    listeners.append(listener)
-    listener.wait_started()
+    listener = bob_listening(home, bob, listeners)
     alice = ApiPipe(make_env(home))  # one long-lived pipe, as the agent keeps
     try:
-        bob.result(send_call(chan("announce"), "create"))
-        assert listener.next()[1]["msg"]["content"]["text"]["body"] == "create"
         alice.result(send_call(chan("announce"), "before"))
-        assert listener.next()[1]["msg"]["content"]["text"]["body"] == "before"
+        assert next_body(listener) == "before"
         hold_sends(home, "Alice")
         alice.result(send_call(chan("announce"), "cut off"))
         bob.result(send_call(chan("announce"), "bob's"))
-        assert listener.next()[1]["msg"]["content"]["text"]["body"] == "bob's"
+        assert next_body(listener) == "bob's"
         hold_sends(home, "alice", hold=False)
         alice.result(send_call(chan("announce"), "back"))
-        assert listener.next()[1]["msg"]["content"]["text"]["body"] == "back"
+        assert next_body(listener) == "back"
         assert release_held(home, "alice") == 1
-        assert listener.next()[1]["msg"]["content"]["text"]["body"] == "cut off"
+        assert next_body(listener) == "cut off"
     finally:
         alice.close()
 
