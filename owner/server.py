@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import signal
@@ -90,6 +91,17 @@ from kbwg.owner.stunfilter import SharedPortFilter
 from kbwg.owner.wg_backend import BackendError, PeerConfig, WireGuardBackend
 
 logger = logging.getLogger(__name__)
+
+# A send refused because the address or route it needs just went: routine while the
+# host changes networks (a Wi-Fi switch fails every check for a second), and the
+# agent, which sent it, says so itself.
+UNREACHABLE = frozenset({errno.ENETUNREACH, errno.EHOSTUNREACH, errno.EADDRNOTAVAIL})
+
+
+def _network_moving(exc: Exception) -> bool:
+    cause = exc.__cause__
+    return isinstance(cause, OSError) and cause.errno in UNREACHABLE
+
 
 EXIT_OK = 0
 EXIT_STREAM_BROKEN = 1
@@ -312,7 +324,8 @@ class OwnerServer:
             logger.warning("refused %s (%s): %s", request.op, exc.key, exc.reason)
             return error_reply(request.id, str(exc))
         except (ProtocolError, BackendError, RawStunError) as exc:
-            logger.warning("%s failed: %s", request.op, exc)
+            logger.log(logging.DEBUG if _network_moving(exc) else logging.WARNING,
+                       "%s failed: %s", request.op, exc)
             return error_reply(request.id, str(exc))
         except Exception as exc:
             logger.exception("%s failed", request.op)

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
+import os
 import socket
 import struct
 from collections.abc import AsyncIterator
@@ -362,9 +364,13 @@ class FakeStunSocket:
         self.on_packet = on_packet
         self.sent: list[tuple[bytes, tuple[str, int], str | None]] = []
         self.closed = False
+        self.fail: OSError | None = None  # what the kernel says to the next sends
         FakeStunSocket.instances.append(self)
 
     def send(self, payload: bytes, dest: tuple[str, int], source: str | None) -> tuple[str, int]:
+        if self.fail is not None:
+            raise RawStunError(f"sending to {dest[0]}:{dest[1]} failed: {self.fail}") \
+                from self.fail
         self.sent.append((payload, dest, source))
         return (source or "198.18.1.2", self.port)
 
@@ -414,6 +420,27 @@ async def serve_owner() -> AsyncIterator[tuple[OwnerServer, Client]]:
 async def served() -> AsyncIterator[tuple[OwnerServer, Client]]:
     async with serve_owner() as pair:
         yield pair
+
+
+async def test_a_send_the_changing_network_refuses_is_no_warning(
+        served: tuple[OwnerServer, Client], caplog: pytest.LogCaptureFixture) -> None:
+    """Moving to another network fails every check for a moment (the address or route
+    just went): routine, said by the agent; anything else is worth a warning."""
+    _server, client = served
+    created = await client.call(
+        "create", ifname="kbwg0", private_key="A" * 43 + "=", listen_port=0,
+        address="100.64.0.1/10", backend="auto",
+    )  # fmt: skip
+    assert created["ok"] and (await client.call("stun_open"))["ok"]
+    raw = FakeStunSocket.instances[-1]
+    request = stun_request()
+    with caplog.at_level(logging.DEBUG, logger="kbwg.owner.server"):
+        for code in (errno.ENETUNREACH, errno.EADDRNOTAVAIL, errno.EPERM):
+            raw.fail = OSError(code, os.strerror(code))
+            sent = await client.call("stun_send", dest="203.0.113.5:3478", data=request)
+            assert not sent["ok"] and os.strerror(code) in sent["error"]
+    levels = [(r.levelno, r.getMessage()) for r in caplog.records if "failed" in r.getMessage()]
+    assert [level for level, _ in levels] == [logging.DEBUG, logging.DEBUG, logging.WARNING]
 
 
 async def test_owner_stun_ops(served: tuple[OwnerServer, Client]) -> None:
