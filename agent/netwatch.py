@@ -6,7 +6,8 @@ loads pyroute2) and sends a `network` event per change after `watch_network`, al
 without changes on the WireGuard device itself and host routes (or every path switch
 would trigger the next) and coalesced (kbwg.owner.netlink_watch). Changes come in bursts
 (an address, then its routes): the callback runs once things have been quiet for
-`debounce_s`.
+`debounce_s`. That an address went is also told at once (`on_address_gone`): what
+sends from it must stop doing so before the network settles.
 """
 
 from __future__ import annotations
@@ -21,13 +22,17 @@ from kbwg.owner.protocol import EVENT_NETWORK
 log = logging.getLogger(__name__)
 
 MAX_FIELD_LEN = 64
+# The netlink message of an address removed (the owner names changes by them).
+ADDRESS_GONE = "RTM_DELADDR"
 
 
 class NetworkWatcher:
     def __init__(self, on_change: Callable[[], Awaitable[None]],
-                 debounce_s: float = 0.5) -> None:
+                 debounce_s: float = 0.5,
+                 on_address_gone: Callable[[], None] | None = None) -> None:
         self._on_change = on_change
         self._debounce = debounce_s
+        self._on_address_gone = on_address_gone
         self._dirty = asyncio.Event()
         self.changes = 0
         self.bad_events = 0
@@ -48,6 +53,8 @@ class NetworkWatcher:
         log.debug("network change: %s on %s", change, ifname or "?")
         self.changes += 1
         self._dirty.set()
+        if change == ADDRESS_GONE and self._on_address_gone is not None:
+            self._on_address_gone()
 
     async def run(self, subscribe: Callable[[], Awaitable[None]]) -> None:
         """Ask for the events (`subscribe`: the owner's `watch_network`), then call back

@@ -41,6 +41,7 @@ now uses was closed, and a transfer stalled for tens of seconds.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import time
 from collections.abc import Callable, Coroutine
@@ -83,6 +84,13 @@ HOLD_RTTS = 4
 # peer looks at the same instants (multiples of this on the loop's clock), sharing one
 # `stats` request.
 HOLD_POLL_S = 0.1
+
+
+def _on_loopback(endpoint: str) -> bool:
+    try:
+        return ipaddress.ip_address(parse_endpoint(endpoint)[0]).is_loopback
+    except ValueError:
+        return False
 
 
 @dataclass
@@ -230,6 +238,25 @@ class PeerSync:
         peer.reset_counters()
         log.info("%s: fresh WireGuard session (endpoint %s)", peer.name,
                  peer.endpoint or "none yet")
+
+    async def forget_sources(self) -> None:
+        """The host lost an address (another network). wireguard-go goes on sending to
+        each peer from the address it last used with it, and every such packet now
+        fails, until the peer, which our checks reach seconds later, answers on the new
+        one. Set again, the endpoint WireGuard has makes it pick the source anew: our
+        next packet leaves from the new address and the peer roams to it at once."""
+        stats = await self._owner.stats()
+        current = {p.public_key: p.endpoint for p in stats.peers}
+        async with self._lock:
+            for peer in self._state.peers.values():
+                key, ip = peer.configured_key, peer.configured_ip
+                endpoint = current.get(key or "")
+                if key is None or ip is None or not endpoint or _on_loopback(endpoint):
+                    continue  # a relayed path leaves through our proxy on loopback
+                await self._guarded(peer, self._owner.set_peer(
+                    key, endpoint, [ip], self._keepalive(peer)))
+                log.debug("%s: WireGuard picks its source address anew (endpoint %s)",
+                          peer.name, endpoint)
 
     async def peer_checks_again(self, device: DeviceId) -> None:
         """`device` checks us early again: it restarted with the same key (or lost our

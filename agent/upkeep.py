@@ -22,6 +22,7 @@ from kbwg.agent.join_options import JoinOptions
 from kbwg.agent.keybase_upkeep import KeybaseUpkeep
 from kbwg.agent.netwatch import NetworkWatcher
 from kbwg.agent.owner_calls import OwnerCalls
+from kbwg.agent.owner_client import OwnerError
 from kbwg.agent.peer_sync import PeerSync
 from kbwg.agent.presence import Presence
 from kbwg.agent.runtime_state import AgentState
@@ -65,6 +66,8 @@ class Upkeep:
         self._owner = owner
         self._keybase = KeybaseUpkeep(team, state, presence, peer_sync, chat, negotiator)
         self._lost_at: dict[DeviceId, float] = {}
+        # WireGuard told to pick its source addresses anew (an address went), if under way.
+        self._forgetting: asyncio.Task[None] | None = None
         if negotiator is not None:
             negotiator.on_restart = self.on_peer_restart
 
@@ -145,7 +148,7 @@ class Upkeep:
         await self._stats.run(self._options.stats_s)
 
     async def _watch_network(self) -> None:
-        watcher = NetworkWatcher(self.on_network_change)
+        watcher = NetworkWatcher(self.on_network_change, on_address_gone=self.on_address_gone)
         # The owner's events other than `stun` come through the shared port's pump.
         self._paths.shared_port.on_other_event = watcher.on_event
         await watcher.run(self._owner.watch_network)
@@ -156,6 +159,18 @@ class Upkeep:
         await self._regather("network changed")
         # Pushes may have been lost while the network moved.
         await self._keybase.reread()
+
+    def on_address_gone(self) -> None:
+        """An address of the host went (another network, at once, not after the network
+        settles): WireGuard must stop sending from it (PeerSync.forget_sources)."""
+        if self._forgetting is None or self._forgetting.done():
+            self._forgetting = asyncio.create_task(self._forget_sources())
+
+    async def _forget_sources(self) -> None:
+        try:
+            await self._peer_sync.forget_sources()
+        except OwnerError as exc:
+            log.debug("WireGuard's source addresses not renewed: %s", exc)
 
     async def on_wake(self, slept_s: float) -> None:
         """The machine slept (wake_watch): the peers gave up on this device meanwhile,

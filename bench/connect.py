@@ -33,6 +33,13 @@ Cases (`--case NAME`, repeatable; default: all):
                   are connected, then one stops (INT) and starts again with its state
                   dir (its kept WireGuard key); timed from its new process start to
                   the first reply both ways
+  roam            the laptop's case (no goal): two devices behind masquerade NATs
+                  are connected, pings flowing both ways; one leaves for a third NAT's
+                  network (old interface down, a new one up there); timed from the
+                  move to the first reply each way. Its peer's NAT lets nothing from
+                  the new address in before the peer hears of it over chat
+  roam-public     the same with a public peer (a server, or a forwarded port), which
+                  the moved device's checks reach at once
 
 Before the first case the project's modules are compiled to bytecode, as installing
 the package does: this venv's install is editable, and where PYTHONDONTWRITEBYTECODE is
@@ -313,8 +320,9 @@ def case_multihomed(world: World, delay_ms: int) -> Outcome:
     return Outcome(took, f"first choice {first}" + ("" if first == "eth1" else " (WRONG)"))
 
 
-def _connected_pair(world: World, delay_ms: int) -> tuple[Setup, list[AgentProcess]]:
-    setup = build(world, delay_ms, [NatMode.MASQUERADE] * 2, 1)
+def _connected_pair(world: World, delay_ms: int,
+                    setup: Setup | None = None) -> tuple[Setup, list[AgentProcess]]:
+    setup = setup or build(world, delay_ms, [NatMode.MASQUERADE] * 2, 1)
     reaches = setup.reaches(all_pairs(2))
     t0, agents = setup.start()
     reach_all(reaches, t0)
@@ -376,6 +384,35 @@ def case_readdress(world: World, delay_ms: int) -> Outcome:
     return Outcome(took, f"{old} -> {new}: {directions(each)}")
 
 
+def _roam(world: World, delay_ms: int, peer_public: bool) -> Outcome:
+    """Device 0 (behind r0) leaves for another NAT's network, as a laptop changes
+    Wi-Fi, with traffic both ways; its peer is behind a NAT of its own or public."""
+    setup = build(world, delay_ms, [NatMode.MASQUERADE] * (1 if peer_public else 2), 1)
+    if peer_public:
+        setup.hosts.append(world.host("h10", lans=[setup.inet]))
+        setup.team.write_peers([device(i) for i in range(2)])
+    setup, _ = _connected_pair(world, delay_ms, setup)
+    away = world.router("away", wan=setup.inet, nat=NatMode.MASQUERADE)
+    traffic(setup, 0, 1)
+    traffic(setup, 1, 0)
+    mover = setup.hosts[0]
+    t_move = time.monotonic()
+    mover.ip_batch(["addr flush dev eth0", "link set eth0 down"])
+    world.attach(mover, away.lan, "eth1")
+    mover.ip_batch([f"route replace default via {away.lan.gateway} dev eth1"])
+    each: dict[str, float] = {}
+    took = reach_all(setup.reaches(all_pairs(2)), t_move, each=each)
+    return Outcome(took, directions(each))
+
+
+def case_roam(world: World, delay_ms: int) -> Outcome:
+    return _roam(world, delay_ms, peer_public=False)
+
+
+def case_roam_public(world: World, delay_ms: int) -> Outcome:
+    return _roam(world, delay_ms, peer_public=True)
+
+
 def case_flush(world: World, delay_ms: int) -> Outcome:
     setup, _ = _connected_pair(world, delay_ms)
     # Only the far side (host 1) sends; host 0's NAT forgets its mappings.
@@ -413,6 +450,10 @@ CASES = {c.name: c for c in [
          case_join),
     Case("restart", "a device restarts (two NATs, its key kept)", None, "-", "-",
          case_restart),
+    Case("roam", "a device moves to another NAT's network (peer behind a NAT)", None,
+         "-", "-", case_roam),
+    Case("roam-public", "a device moves to another NAT's network (peer public)", None,
+         "-", "-", case_roam_public),
 ]}  # fmt: skip
 
 

@@ -133,7 +133,9 @@ def _link_scoped(address: str) -> bool:
 @dataclass
 class Coalescer:
     """Passes a change on at once when none went in the last `interval` seconds; else
-    keeps the latest and passes it on when the interval is over."""
+    keeps the latest and passes it on when the interval is over. An address removed is
+    kept over later changes: the agent acts on that one at once (what sends from the
+    address must stop), and a burst's route removals must not hide it."""
 
     emit: Callable[[NetworkChange, int], None]
     interval: float = DEFAULT_INTERVAL_S
@@ -143,7 +145,8 @@ class Coalescer:
     _timer: asyncio.TimerHandle | None = None
 
     def note(self, change: NetworkChange) -> None:
-        self._pending = change
+        if self._pending is None or self._pending.change != "RTM_DELADDR":
+            self._pending = change
         self._count += 1
         if self._timer is not None:
             return

@@ -19,6 +19,29 @@ def network(change: str = "RTM_NEWADDR", ifname: str | None = "eth0") -> dict[st
     return {"event": "network", "change": change, "ifname": ifname, "count": 1}
 
 
+async def test_an_address_gone_is_told_at_once_not_after_the_quiet() -> None:
+    gone: list[float] = []
+    calls: list[float] = []
+
+    async def on_change() -> None:
+        calls.append(now())
+
+    async def subscribe() -> None:
+        pass
+
+    watcher = NetworkWatcher(on_change, debounce_s=0.5,
+                             on_address_gone=lambda: gone.append(now()))
+    task = asyncio.create_task(watcher.run(subscribe))
+    start = now()
+    watcher.on_event(network("RTM_NEWROUTE"))
+    assert gone == []
+    watcher.on_event(network("RTM_DELADDR"))
+    assert gone == [start]  # before the debounce, which still runs once
+    await advance_until(lambda: calls)
+    assert calls[0] - start == pytest.approx(0.5, abs=0.01)
+    task.cancel()
+
+
 async def test_a_burst_of_changes_is_one_callback_after_quiet() -> None:
     calls: list[float] = []
     subscribed: list[float] = []

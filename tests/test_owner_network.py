@@ -269,6 +269,24 @@ async def test_a_storm_reaches_the_agent_as_a_few_events() -> None:
     coalescer.close()
 
 
+async def test_an_address_removed_in_a_burst_is_what_the_burst_reports() -> None:
+    """The agent acts at once on an address removed (WireGuard must stop sending from
+    it): the route removals that follow within the interval must not hide it."""
+    sent: list[NetworkChange] = []
+    coalescer = Coalescer(lambda change, _count: sent.append(change), interval=0.2)
+    coalescer.note(NetworkChange("RTM_NEWLINK", "eth0"))  # goes at once
+    coalescer.note(NetworkChange("RTM_DELADDR", "eth0"))
+    coalescer.note(NetworkChange("RTM_DELROUTE", "eth0"))
+    coalescer.note(NetworkChange("RTM_NEWROUTE", "eth1"))
+    await advance_until(lambda: len(sent) == 2)
+    assert sent == [NetworkChange("RTM_NEWLINK", "eth0"), NetworkChange("RTM_DELADDR", "eth0")]
+    coalescer.note(NetworkChange("RTM_NEWROUTE", "eth1"))  # the next burst: the latest
+    coalescer.note(NetworkChange("RTM_DELROUTE", "eth1"))
+    await advance_until(lambda: len(sent) == 3)
+    assert sent[2] == NetworkChange("RTM_DELROUTE", "eth1")
+    coalescer.close()
+
+
 async def test_a_failed_watch_is_opened_again_and_says_so() -> None:
     seen: list[NetworkChange] = []
     attempts: list[float] = []

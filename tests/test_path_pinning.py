@@ -304,3 +304,18 @@ async def test_a_fallback_after_the_peers_handshake_keeps_where_it_came_from(
     assert not spawned  # no hold: the session is there
     assert rec.calls == [("set_peer", (None, KEEPALIVE))], rec.calls
     assert (peer.endpoint, peer.endpoint_source) == (roamed, ANNOUNCED)
+
+
+async def test_a_lost_host_address_has_wireguard_pick_its_source_again() -> None:
+    """Set again, the endpoint WireGuard has (roamed or not) makes wireguard-go forget
+    the source address it used with the peer; a relayed one (our proxy on loopback)
+    has no host address to lose."""
+    rec = Recorder(wg_endpoint="203.0.113.77:40001")  # roamed away from ours
+    sync, peer, _ = make_sync(rec)
+    peer.endpoint = ENDPOINT
+    await sync.forget_sources()
+    assert rec.calls == [("set_peer", ("203.0.113.77:40001", KEEPALIVE))]
+    rec.calls.clear()
+    rec.wg_endpoint = "127.0.0.1:40000"
+    await sync.forget_sources()
+    assert rec.calls == []

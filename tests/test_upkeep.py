@@ -54,12 +54,21 @@ class FakePresence:
         self.followed += 1
 
 
-def upkeep(paths: FakePaths, negotiator: FakeNegotiator,
-           presence: FakePresence) -> Upkeep:
+@dataclass
+class FakePeerSync:
+    forgotten: int = 0
+
+    async def forget_sources(self) -> None:
+        self.forgotten += 1
+
+
+def upkeep(paths: FakePaths, negotiator: FakeNegotiator, presence: FakePresence,
+           peer_sync: FakePeerSync | None = None) -> Upkeep:
     options = type("O", (), {"endpoint": None})()
     none = cast(Any, None)
-    return Upkeep(cast(Any, options), none, none, cast(Any, presence), none, none,
-                  cast(Any, paths), cast(Any, negotiator), none, owner=none)
+    return Upkeep(cast(Any, options), none, none, cast(Any, presence),
+                  cast(Any, peer_sync or FakePeerSync()), none, cast(Any, paths),
+                  cast(Any, negotiator), none, owner=none)
 
 
 async def test_lost_path_with_unchanged_candidates_restarts_that_peer_once() -> None:
@@ -89,6 +98,20 @@ async def test_without_stun_a_change_announces_the_host_address() -> None:
     negotiator, presence = FakeNegotiator(), FakePresence()
     await upkeep(paths, negotiator, presence).on_network_change()
     assert presence.followed == 1 and negotiator.restarted_all == 1
+
+
+async def test_an_address_gone_has_wireguard_pick_its_source_again_once_at_a_time() -> None:
+    """wireguard-go sends from the address it last used with a peer: after a move to
+    another network, until told to pick anew, from one the host no longer has."""
+    peer_sync = FakePeerSync()
+    keeper = upkeep(FakePaths([]), FakeNegotiator(), FakePresence(), peer_sync=peer_sync)
+    keeper.on_address_gone()
+    keeper.on_address_gone()  # the same burst, while the first is under way
+    await asyncio.sleep(0.01)
+    assert peer_sync.forgotten == 1
+    keeper.on_address_gone()  # a later one
+    await asyncio.sleep(0.01)
+    assert peer_sync.forgotten == 2
 
 
 class FlakyKeybase:
