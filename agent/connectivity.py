@@ -382,7 +382,7 @@ class Connectivity:
         with `mux` and the owner itself, once for all the checkers it runs."""
         checker = PeerChecker(self.local.candidates, ufrag, pwd, controlling=controlling,
                               tie_breaker=tie_breaker, send=self._send_check,
-                              on_selected=on_selected, name=name, lists_end=False,
+                              on_selected=on_selected, name=name,
                               on_relay_quiet=self.relays.confirm_soon)
         if not self.gathering_done():
             checker.add_local([], complete=False)

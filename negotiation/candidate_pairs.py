@@ -246,37 +246,35 @@ def unique_remotes(candidates: Iterable[CandidateInfo]) -> list[CandidateInfo]:
 GUESSED_FOUNDATION = "announced"
 
 
-def relay_reaches(remote: CandidateInfo, candidates: Iterable[CandidateInfo],
-                  final: bool = True) -> bool:
+def relay_reaches(remote: CandidateInfo, candidates: Iterable[CandidateInfo]) -> bool:
     """Whether a check from a relay allocation to `remote` is worth sending.
 
-    A relay sits on the public side, so a peer's host address that its STUN server saw
-    differently is behind a NAT and private: unreachable from the relay. Sending there
-    is worse than useless: coturn closes an allocation's relay socket on the first send
+    A relay sits on the public side, so a peer's host address is only worth sending to
+    when its STUN server saw it as it is (a srflx candidate at that address; a peer
+    without NAT lists its address as both). One its STUN server saw differently is
+    behind a NAT, and one no STUN server answered for may be too (a network that lets
+    no UDP out, or a STUN server down): unreachable from the relay. Sending there is
+    worse than useless: coturn closes an allocation's relay socket on the first send
     error (ENETUNREACH where it has no route), and with it every relayed path of that
-    allocation. Kept when the peer's candidates are `final` and hold no srflx one: then
-    nothing says it is NATed, and only our sending installs the permission its checks
-    to our relay need. Not before: a host candidate comes first and the peer's srflx
-    trickles in after its STUN answer. A candidate whose type is a guess
-    (`GUESSED_FOUNDATION`) counts as a host one: an announced endpoint is the peer's
-    own address when it announced before STUN answered, or when it has no NAT.
+    allocation, TCP ones too. A candidate whose type is a guess (`GUESSED_FOUNDATION`)
+    counts as a host one: an announced endpoint is the peer's own address when it
+    announced before STUN answered, or when it has no NAT.
     """
     if remote.type != "host" and remote.foundation != GUESSED_FOUNDATION:
         return True
-    public = {c.ip for c in candidates
-              if c.type in ("srflx", "mapped") and c.foundation != GUESSED_FOUNDATION}
-    return remote.ip in public if public else final
+    return remote.ip in {c.ip for c in candidates
+                         if c.type in ("srflx", "mapped") and c.foundation != GUESSED_FOUNDATION}
 
 
 def form_pairs(bases: Sequence[Candidate], candidates: Sequence[CandidateInfo],
-               controlling: bool, final: bool = True) -> list[CandidatePair]:
+               controlling: bool) -> list[CandidatePair]:
     """Every base with every distinct remote of its family it can reach, best first,
-    at most MAX_PAIRS; `final`: the peer has sent all its candidates (relay_reaches)."""
+    at most MAX_PAIRS (a relay base: relay_reaches)."""
     pairs = [
         CandidatePair(base, remote, pair_priority(base.priority, remote.priority, controlling))
         for base in bases for remote in unique_remotes(candidates)
         if same_family(base.address, remote.ip)
-        and (base.type != "relay" or relay_reaches(remote, candidates, final))
+        and (base.type != "relay" or relay_reaches(remote, candidates))
     ]
     pairs.sort(key=lambda p: p.priority, reverse=True)
     return pairs[:MAX_PAIRS]

@@ -134,12 +134,9 @@ class PeerChecker:
         hysteresis_ratio: float = DEFAULT_HYSTERESIS_RATIO,
         hysteresis_ms: float = DEFAULT_HYSTERESIS_MS,
         name: str = "peer",
-        lists_end: bool = True,
         on_relay_quiet: Callable[[], None] | None = None,
     ) -> None:
-        """`lists_end` False: the peer's candidates come from a list that never ends
-        (#announce, for early checks), so they are never final (PairTable.remote_final).
-        `on_relay_quiet`: a relayed pair that worked stopped answering (the relay may
+        """`on_relay_quiet`: a relayed pair that worked stopped answering (the relay may
         have lost our allocation too)."""
         self._loop = asyncio.get_running_loop()
         self._ufrag = ufrag
@@ -166,7 +163,6 @@ class PeerChecker:
         self._trickled: list[CandidateInfo] = []
         self._trickle_ended = False
         self._table = PairTable(local_candidates, self.timers, self.counters, name)
-        self._lists_end = lists_end
         self._on_relay_quiet = on_relay_quiet
         self._early: list[_EarlyCheck] = []
         self._tx = CheckTransactions(
@@ -297,7 +293,6 @@ class PeerChecker:
         self._remote_ufrag = ufrag
         self._remote_pwd = pwd.encode()
         self._remote_complete = complete or self._trickle_ended
-        self._table.remote_final = self._remote_complete and self._lists_end
         self._table.form([*candidates, *self._trickled], self._controlling)
         self._trickled = []
         pairs = self._table.pairs
@@ -325,7 +320,6 @@ class PeerChecker:
             self._trickle_ended = self._trickle_ended or complete
             return
         self._remote_complete = self._remote_complete or complete
-        self._table.remote_final = self._remote_complete and self._lists_end
         added, retyped = self._table.add_remotes(candidates, self._controlling, replace)
         if self._selected in retyped:
             self._relabel(self._selected)

@@ -59,9 +59,6 @@ class PairTable:
         self._learned: list[CandidateInfo] = []  # from requests, in order
         self._by_addr: dict[tuple[Address, Address], CandidatePair] = {}
         self.pairs: list[CandidatePair] = []
-        # The peer has sent all its candidates: only then is a host candidate with no
-        # srflx beside it paired with our relay candidates (relay_reaches).
-        self.remote_final = False
 
     def form(self, candidates: Sequence[CandidateInfo], controlling: bool) -> None:
         """Pairs with the candidates the peer sent in its offer or answer."""
@@ -120,7 +117,7 @@ class PairTable:
 
     def _grow(self, controlling: bool) -> list[CandidatePair]:
         added = []
-        for pair in form_pairs(self._bases, self._sent, controlling, self.remote_final):
+        for pair in form_pairs(self._bases, self._sent, controlling):
             key = (pair.local_address, pair.remote_address)
             if key in self._by_addr or len(self.pairs) >= MAX_PAIRS:
                 continue

@@ -837,26 +837,25 @@ def test_relay_base_skips_remote_host_candidates_behind_a_nat() -> None:
     pairs = {(p.local.type, p.remote.type) for p in form_pairs([relay], public, True)}
     assert pairs == {("relay", "host")}  # no NAT: the host address is public
 
+    # No STUN server answered the peer (a network that lets no UDP out, or STUN down):
+    # nothing says its host address is public, so the relay does not send there.
     unknown = [CandidateInfo("host", "198.18.2.10", PORT, candidate_priority("host"), "h")]
-    pairs = {(p.local.type, p.remote.type) for p in form_pairs([relay], unknown, True)}
-    assert pairs == {("relay", "host")}  # all it has, no srflx: nothing says it is private
-    # The peer's srflx may still come: its host address waits for it.
-    assert form_pairs([relay], unknown, True, final=False) == []
-    assert len(form_pairs([host], unknown, True, final=False)) == 1
+    assert form_pairs([relay], unknown, True) == []
+    assert len(form_pairs([host], unknown, True)) == 1
 
 
-async def test_a_relay_checks_a_host_candidate_only_once_the_peer_has_sent_all() -> None:
-    """A peer's host candidate comes first, its srflx once STUN answered: pairing our
-    relay candidate with the host address before would send the relay to a private
-    address, and coturn then closes the allocation's relay socket (every relayed path
-    on it goes). Early checks' candidates (#announce) are never all."""
+async def test_a_relay_checks_a_host_candidate_only_once_its_srflx_says_it_is_public() -> None:
+    """A peer's host candidate comes first, its srflx once STUN answered (and never, in a
+    network that lets no UDP out): pairing our relay candidate with the host address
+    before would send the relay to what may be a private address, and coturn then
+    closes the allocation's relay socket (every relayed path on it goes)."""
     relay = Candidate("relay", "203.0.113.5", 50000, None, candidate_priority("relay"), "turn")
     host = CandidateInfo("host", "198.18.2.10", PORT, candidate_priority("host"), "h")
     srflx = CandidateInfo("srflx", "203.0.113.11", 40001, candidate_priority("srflx"), "s")
 
-    def checker(**kwargs: bool) -> PeerChecker:
+    def checker() -> PeerChecker:
         return PeerChecker([relay], "aliceufrag", PWD_A, controlling=True, tie_breaker=1,
-                           send=lambda d, a, c: None, timers=FAST, **kwargs)
+                           send=lambda d, a, c: None, timers=FAST)
 
     def remotes(c: PeerChecker) -> set[str]:
         return {p.remote.type for p in c.pairs}
@@ -868,23 +867,23 @@ async def test_a_relay_checks_a_host_candidate_only_once_the_peer_has_sent_all()
     assert remotes(natted) == {"srflx"}  # the host address is behind the NAT
     natted.close()
 
-    public = checker()
-    public.set_remote("bobufrag", PWD_B, [host], complete=False)
-    public.add_remote([], complete=True)  # the end, no srflx: nothing says it is NATed
-    assert remotes(public) == {"host"}
-    public.close()
+    silent = checker()
+    silent.set_remote("bobufrag", PWD_B, [host], complete=False)
+    silent.add_remote([], complete=True)  # the end, no srflx: maybe a NAT letting no UDP out
+    assert remotes(silent) == set()
+    silent.close()
 
-    early = checker(lists_end=False)
-    early.set_remote("bobufrag", PWD_B, [host], complete=True)
-    early.add_remote([], complete=True)
-    assert remotes(early) == set()
-    early.close()
+    public = checker()
+    own = replace(srflx, ip=host.ip, port=host.port)  # no NAT: the same address twice
+    public.set_remote("bobufrag", PWD_B, [host, own], complete=True)
+    assert {(p.remote.ip, p.remote.port) for p in public.pairs} == {(host.ip, host.port)}
+    public.close()
 
     # The announced endpoint, taken for srflx, is the peer's own address when it
     # announced before its STUN answer: a guess waits like a host candidate.
     announced = CandidateInfo("srflx", "198.18.2.10", PORT, candidate_priority("srflx"),
                               GUESSED_FOUNDATION)
-    early = checker(lists_end=False)
+    early = checker()
     early.set_remote("bobufrag", PWD_B, [announced], complete=True)
     assert remotes(early) == set()
     early.add_remote([srflx], complete=True)  # its CANDIDATES line says where it is
@@ -892,7 +891,7 @@ async def test_a_relay_checks_a_host_candidate_only_once_the_peer_has_sent_all()
     early.close()
 
     # A guess that was right: told as srflx at the same address, it is paired then.
-    early = checker(lists_end=False)
+    early = checker()
     early.set_remote("bobufrag", PWD_B, [replace(srflx, foundation=GUESSED_FOUNDATION)],
                      complete=True)
     assert remotes(early) == set()
