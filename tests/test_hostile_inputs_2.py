@@ -58,9 +58,9 @@ class FormCounter:
         real = pair_table.form_pairs
 
         def counting(bases: Sequence[Candidate], candidates: Sequence[CandidateInfo],
-                     controlling: bool, final: bool = True) -> list[CandidatePair]:
+                     controlling: bool) -> list[CandidatePair]:
             self.sizes.append(len(candidates))
-            return real(bases, candidates, controlling, final)
+            return real(bases, candidates, controlling)
 
         monkeypatch.setattr(pair_table, "form_pairs", counting)
 
