@@ -30,6 +30,12 @@ class CheckTimers:
     # ... and at most this long for pairs of its class still in flight that could
     # answer faster (a multi-homed host's other uplink): the first choice is the right one.
     contend_max: float = 0.5
+    # A controlled side whose pairs work but that has no nomination after this checks
+    # its best pair again, at most `nomination_rechecks` times (the wait doubling): the
+    # controlling side may have stopped checking (its agent took the bye of our
+    # previous run, delivered after our first checks), and a check of ours wakes it.
+    nomination_wait: float = 1.0
+    nomination_rechecks: int = 3
     # Consent follows the selected pair's RTT (consent_interval_for): a check every
     # `consent_rtts` RTTs, never more often than `consent_min_interval` nor less often
     # than `consent_interval`, while the path is active (below). Each check is missed

@@ -48,7 +48,11 @@ How this differs from full ICE (one component, one stream, both ends are this ag
   nomination waiting for that answer the same way. It renominates whenever choice
   switches; the controlled side follows the latest nomination. Every consent check of
   the controlling side carries USE-CANDIDATE too, so a lost or reordered nomination
-  heals within one consent interval.
+  heals within one consent interval. A controlled side whose pairs work but that has no
+  nomination after `nomination_wait` checks its best pair again (a few times, backing
+  off): the controlling side may have stopped checking, as early checks do on the bye
+  of a peer's previous run delivered after its new run's first checks, and a check
+  wakes it (early.py).
 - Keeping the path: single-shot consent checks on the selected pair every few of its
   RTTs (at most `consent_interval`, check_liveness.py) while traffic flows or the path
   is new, every `consent_idle_interval` while idle (`note_traffic`); keepalives on
@@ -183,6 +187,8 @@ class PeerChecker:
 
         self._settle: asyncio.TimerHandle | None = None
         self._contend: asyncio.TimerHandle | None = None
+        self._recheck: asyncio.TimerHandle | None = None  # controlled: no nomination yet
+        self._rechecks = 0
         self._selected_loop_at: float | None = None
         self._first_success_at: float | None = None
         # When the peer's first authentic check arrived: it knew our credentials then.
@@ -362,10 +368,10 @@ class PeerChecker:
         self._closed = True
         self._tx.close()
         self._upkeep.close()
-        for handle in (self._settle, self._contend):
+        for handle in (self._settle, self._contend, self._recheck):
             if handle is not None:
                 handle.cancel()
-        self._settle = self._contend = None
+        self._settle = self._contend = self._recheck = None
 
     # -- receiving --------------------------------------------------------------------
 
@@ -661,6 +667,7 @@ class PeerChecker:
             if current is not None and current.state == "succeeded":
                 return  # the peer decides while the path works
             if current is None and not self._was_selected:
+                self._await_nomination()
                 self._maybe_failed(None)
                 return
             # Our path stopped answering: move on without waiting for a nomination.
@@ -764,6 +771,32 @@ class PeerChecker:
                       self.name, best.describe(), min(wait, left) * 1000)
             self._contend = self._loop.call_later(min(wait, left), self._contended)
         return True
+
+    def _await_nomination(self) -> None:
+        """Controlled, with pairs that work and none nominated: check the best of them
+        again if the nomination is long in coming (`CheckTimers.nomination_wait`)."""
+        if (self._recheck is None and self._rechecks < self.timers.nomination_rechecks
+                and any(p.state == "succeeded" for p in self._table.pairs)):
+            self._recheck = self._loop.call_later(
+                self.timers.nomination_wait * 2 ** self._rechecks, self._recheck_best)
+
+    def _recheck_best(self) -> None:
+        self._recheck = None
+        if (self._closed or self._controlling or self._was_selected
+                or self._nominated is not None):
+            return
+        views = [p.view() for p in self._table.pairs if p.state == "succeeded"]
+        best_view, _ = choose(None, views, hysteresis_ratio=self.hysteresis_ratio,
+                              hysteresis_ms=self.hysteresis_ms)
+        if best_view is None:
+            return
+        best = next(p for p in self._table.pairs if p.key == best_view.key)
+        self._rechecks += 1
+        log.debug("%s: %s works but the peer nominated nothing; checking it again",
+                  self.name, best.describe())
+        if "check" not in best.in_flight:
+            self._tx.enqueue(best, "check", urgent=True)
+        self._await_nomination()
 
     def _contended(self) -> None:
         self._contend = None

@@ -359,6 +359,59 @@ async def test_a_peer_that_said_bye_wakes_us_at_once_when_it_is_back() -> None:
         b.close()
 
 
+async def test_a_bye_delivered_after_the_new_runs_first_checks_does_not_strand_it() -> None:
+    """The bye of a peer's previous run can arrive (one chat delivery late) after its
+    new run's first early checks worked and before our nomination went out: we rest,
+    and the new run, controlled, would wait for a nomination that never comes. Its
+    check of the working pair, again after `nomination_wait`, wakes us."""
+    _net, a, b = lan_pair()
+    try:
+        await both_chose(a, b)
+        ctl, ctd = (a, b) if a.e.creds.controlling else (b, a)
+        ctd.close()
+        ctl.chosen.clear()
+        ctd.chosen.clear()
+        ctd.open(ctl, infos(ctl.node.candidates))
+        new_run = ctd.checkers[-1]
+        # The instant the new run's first pair works, the old run's bye is taken.
+        await advance_until(lambda: any(p.state == "succeeded" for p in new_run.pairs),
+                            timeout=1.0)
+        assert not ctd.chosen
+        ctl.e.peer_left()
+        assert ctl.e.state == "resting"
+        took = await advance_until(lambda: ctd.chosen, timeout=10.0,
+                                   what="the new run to be nominated")
+        assert FAST.nomination_wait <= took < FAST.nomination_wait + 1.0
+        assert ctd.chosen[-1][0].path == "direct-lan"
+        assert ctl.e.wakes == 1 and ctl.rewoken == 1  # its WireGuard session renewed
+        assert new_run.counters.checks > 0
+    finally:
+        a.close()
+        b.close()
+
+
+async def test_a_controlled_side_without_a_nomination_rechecks_only_a_few_times() -> None:
+    _net, a, b = lan_pair()
+    try:
+        await both_chose(a, b)
+        ctl, ctd = (a, b) if a.e.creds.controlling else (b, a)
+        ctd.close()
+        ctd.open(ctl, infos(ctl.node.candidates))
+        new_run = ctd.checkers[-1]
+        await advance_until(lambda: any(p.state == "succeeded" for p in new_run.pairs),
+                            timeout=1.0)
+        ctl.close()  # the controlling side is gone for good: nothing answers
+        sent = new_run.counters.checks
+        waits = sum(FAST.nomination_wait * 2 ** i for i in range(FAST.nomination_rechecks))
+        await asyncio.sleep(waits + 1.0)
+        assert new_run.counters.checks - sent == FAST.nomination_rechecks
+        await asyncio.sleep(waits * 4)
+        assert new_run.counters.checks - sent == FAST.nomination_rechecks
+    finally:
+        a.close()
+        b.close()
+
+
 async def test_without_a_bye_the_quiet_time_after_a_takeover_holds() -> None:
     _net, a, b = lan_pair()
     try:
