@@ -52,6 +52,7 @@ from kbwg.negotiation.candidate_pairs import GUESSED_FOUNDATION, CandidatePair
 from kbwg.negotiation.candidates import Candidate
 from kbwg.negotiation.check_config import CheckCounters
 from kbwg.negotiation.pair_table import MAX_SENT
+from kbwg.negotiation.priority import TYPE_PREFERENCE
 from kbwg.negotiation.wire import CandidateInfo
 
 log = logging.getLogger(__name__)
@@ -152,6 +153,22 @@ def _key(c: CandidateInfo) -> tuple[str, int]:
     return (c.ip, c.port)
 
 
+def _per_address(candidates: Sequence[CandidateInfo]) -> list[CandidateInfo]:
+    """One candidate per address, of the best type (then told over guessed), in first-
+    seen order: a peer with no NAT lists its address as both host and srflx, and
+    keeping both made every line of it retype the one to the other and back."""
+    best: dict[tuple[str, int], CandidateInfo] = {}
+    for cand in candidates:
+        known = best.get(_key(cand))
+        if known is None or _rank(cand) > _rank(known):
+            best[_key(cand)] = cand
+    return list(best.values())
+
+
+def _rank(c: CandidateInfo) -> tuple[int, bool]:
+    return TYPE_PREFERENCE.get(c.type, -1), c.foundation != GUESSED_FOUNDATION
+
+
 def _corrects(told: CandidateInfo, known: CandidateInfo) -> bool:
     """`told` says what `known`, at the same address, is: another type, or the type
     `known` only guessed (a relay is then paired with it, see relay_reaches)."""
@@ -175,7 +192,7 @@ class EarlyPeer:
         # Told when the peer's checks wake us after we had checked it before: it
         # restarted (with the same key) or lost our session.
         self._on_rewoken = on_rewoken
-        self.remote: list[CandidateInfo] = list(remote)
+        self.remote: list[CandidateInfo] = _per_address(remote)
         self.checker: EarlyChecker | None = None
         # The session checker that was current when the peer's checks woke us.
         self._stale: object | None = None
@@ -229,6 +246,7 @@ class EarlyPeer:
         class without being checked over. One whose type was a guess and is now told
         is taken as told even with the same type: only then is it paired with our
         relay candidates."""
+        candidates = _per_address(candidates)
         known = {_key(c): c for c in self.remote}
         new = [c for c in candidates if _key(c) not in known]
         retyped = {_key(c): c for c in candidates

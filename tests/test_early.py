@@ -517,6 +517,32 @@ async def test_an_announced_host_address_is_retyped_as_host_in_place() -> None:
         b.close()
 
 
+async def test_a_peer_listing_one_address_as_host_and_srflx_keeps_its_class() -> None:
+    """A peer with no NAT lists its address twice, host and server-reflexive (its STUN
+    server saw it as it is). Each CANDIDATES line or announcement of it used to flip
+    the known candidate between the two, and the path's class with it (seen in random
+    world 744: a public peer reported "direct through NAT" every other time)."""
+    _net, a, b = lan_pair()
+    try:
+        host = infos(b.node.candidates)[0]
+        public = [host, CandidateInfo("srflx", host.ip, host.port, 1, "srflx0")]
+        a.open(b, public)
+        b.open(a, infos(a.node.candidates))
+        await advance_until(lambda: a.chosen, timeout=1.0)
+        first = a.chosen[-1][0]
+        assert first.path == "direct-lan"
+        told = len(a.chosen)
+        for _ in range(3):  # every line from B repeats both
+            a.e.set_candidates(public)
+            await asyncio.sleep(0.1)
+        assert [c.type for c in a.e.remote] == ["host"]
+        assert len(a.chosen) == told and a.chosen[-1][0].path == "direct-lan"
+        assert a.checkers[-1].snapshot()["path"] == "direct-lan"
+    finally:
+        a.close()
+        b.close()
+
+
 async def test_an_announced_guess_told_with_the_same_type_is_taken_as_told() -> None:
     _net, a, b = lan_pair()
     try:
