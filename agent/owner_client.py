@@ -289,7 +289,10 @@ class DeviceOwner:
             return
         rid = frame.get("id")
         future = self._pending.get(rid) if isinstance(rid, int) else None
-        if future is None:
+        if future is None and type(rid) is int and 0 < rid < self._next_id:
+            # Its caller was cancelled (start-up stopped, a step gave up) before the reply.
+            logger.debug("device owner reply to request %d, no longer awaited", rid)
+        elif future is None:
             logger.warning("device owner reply to no pending request: %r", frame)
         elif not future.done():
             future.set_result(frame)

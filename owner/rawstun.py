@@ -26,9 +26,12 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import errno
 import fcntl
 import ipaddress
 import logging
+import math
+import os
 import socket
 import struct
 from collections.abc import Callable
@@ -354,6 +357,8 @@ class RawStunSocket:
         # of its busy time with 20 peers; an address moves rarely, so a second's memory
         # is enough (bench/resources.py).
         self._ifindex_seen: dict[str, tuple[float, int]] = {}
+        # When each source refused by the kernel was last looked up afresh.
+        self._rechecked: dict[str, float] = {}
         self._loop = asyncio.get_running_loop()
         self._loop.add_reader(sock.fileno(), self._on_readable)
         if sock6 is not None:
@@ -491,9 +496,29 @@ class RawStunSocket:
                                    (dst_ip, 0))
         except OSError as exc:
             self.counters.send_errors += 1
+            if (source is not None and exc.errno in (errno.EINVAL, errno.ENODEV)
+                    and self._source_gone(source)):
+                # Linux refuses an IPv6 source that is no longer ours with EINVAL (and
+                # an interface that went, pinned from the last second, with ENODEV): the
+                # host just left that network, which is routine, unlike EINVAL itself.
+                raise RawStunError(
+                    f"sending to {dst_ip}:{dst_port} failed: {exc} (source {source} is no "
+                    "longer an address of this host)") from OSError(
+                        errno.EADDRNOTAVAIL, os.strerror(errno.EADDRNOTAVAIL))
             raise RawStunError(f"sending to {dst_ip}:{dst_port} failed: {exc}") from exc
         self.counters.sent += 1
         return (src_ip, self.port)
+
+    def _source_gone(self, ip: str) -> bool:
+        """Whether `ip` is no longer an address of this host: looked up afresh, at most
+        once per IFINDEX_MEMORY (refused sends come in bursts)."""
+        now = self._loop.time()
+        if now - self._rechecked.get(ip, -math.inf) >= IFINDEX_MEMORY:
+            if len(self._rechecked) >= 64:
+                self._rechecked.clear()
+            self._rechecked[ip] = now
+            self._ifindex_seen.pop(ip, None)
+        return self._interface_index(ip) == 0
 
     def _interface_index(self, ip: str) -> int:
         now = self._loop.time()

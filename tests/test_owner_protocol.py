@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 import os
 import signal
 import socket
@@ -382,6 +383,48 @@ async def test_client_delivers_events() -> None:
     assert event == {"event": "link_down", "ifname": "x"}
     assert seen == [event]
     assert await owner.close() == 0
+
+
+async def test_a_late_reply_to_a_cancelled_request_is_no_warning(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A request whose caller gave up (start-up stopped) may still be answered: routine.
+    A reply to an id the agent never used is worth a warning."""
+    # A stand-in owner: holds the reply to `slow` until `release`; after hello it also
+    # answers a request nobody sent.
+    script = (
+        "import sys\n"
+        "from kbwg.owner.frames import encode_frame, FrameDecoder\n"
+        "out = sys.stdout.buffer\n"
+        "dec = FrameDecoder()\n"
+        "held = None\n"
+        "while True:\n"
+        "    data = sys.stdin.buffer.read1(65536)\n"
+        "    if not data: break\n"
+        "    for f in dec.feed(data):\n"
+        "        if f['op'] == 'slow':\n"
+        "            held = f\n"
+        "            continue\n"
+        "        out.write(encode_frame({'id': f['id'], 'ok': True, 'pid': 1}))\n"
+        "        if f['op'] == 'hello':\n"
+        "            out.write(encode_frame({'id': 999, 'ok': True}))\n"
+        "        if f['op'] == 'release':\n"
+        "            out.write(encode_frame({'id': held['id'], 'ok': True}))\n"
+        "        out.flush()\n"
+        "        if f['op'] == 'shutdown': sys.exit(0)\n"
+    )
+    with caplog.at_level(logging.DEBUG, logger="kbwg.agent.owner_client"):
+        owner = await DeviceOwner.start([sys.executable, "-c", script])
+        slow = asyncio.create_task(owner.request("slow"))
+        await owner.request("ping")  # answered in order: `slow` has reached the owner
+        slow.cancel()
+        await owner.request("release")
+        await owner.request("ping")  # after the held reply, which is handled by now
+        assert await owner.close() == 0
+    late = [r for r in caplog.records if "no longer awaited" in r.getMessage()]
+    stray = [r for r in caplog.records if "no pending request" in r.getMessage()]
+    assert [r.levelno for r in late] == [logging.DEBUG]
+    assert [r.levelno for r in stray] == [logging.WARNING]
+    assert "999" in stray[0].getMessage()
 
 
 # Pure translation functions of the backends.

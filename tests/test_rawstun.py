@@ -273,6 +273,20 @@ async def test_send_errors_are_reported_and_counted() -> None:
         raw.close()
 
 
+class _Refusing:
+    """A socket whose sends the kernel refuses with `code`."""
+
+    def __init__(self, sock: socket.socket, code: int) -> None:
+        self._sock = sock
+        self._code = code
+
+    def sendmsg(self, *_args: object) -> int:
+        raise OSError(self._code, os.strerror(self._code))
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._sock, name)
+
+
 async def test_interface_index_is_looked_up_once_a_second(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """Checks from one source reuse its interface index for a second, then look again."""
@@ -282,6 +296,7 @@ async def test_interface_index_is_looked_up_once_a_second(
     udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     udp.setblocking(False)
     raw = RawStunSocket(udp, PORT, lambda _d: None)
+    raw._sock = cast(socket.socket, _Refusing(udp, errno.EPERM))
     clock = [100.0]
     monkeypatch.setattr(raw._loop, "time", lambda: clock[0])
     try:
@@ -586,3 +601,35 @@ async def test_shared_port_transport() -> None:
     assert transport.counters.send_failed == 1 and transport.counters.sent == sends >= 2
     with pytest.raises(OSError):
         transport.send(b"late", ("203.0.113.5", 3478))
+
+
+@pytest.mark.parametrize("code", [errno.EINVAL, errno.ENODEV])
+async def test_a_source_the_host_no_longer_has_is_the_network_moving(
+        monkeypatch: pytest.MonkeyPatch, code: int) -> None:
+    """Linux refuses an IPv6 source address that left the host with EINVAL (ENODEV for
+    its interface): like EADDRNOTAVAIL, the network changing, not a fault. The same
+    errors with the address still ours stay what they are."""
+    from kbwg.owner import rawstun
+    held = {"192.0.2.1": 3}
+    monkeypatch.setattr(rawstun, "interface_index_of", lambda ip: held.get(ip, 0))
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    udp.setblocking(False)
+    raw = RawStunSocket(udp, PORT, lambda _d: None)
+    raw._sock = cast(socket.socket, _Refusing(udp, code))
+    clock = [100.0]
+    monkeypatch.setattr(raw._loop, "time", lambda: clock[0])
+    try:
+        with pytest.raises(RawStunError) as still_ours:
+            raw.send(stun_request(), ("192.0.2.9", 3478), source="192.0.2.1")
+        assert isinstance(still_ours.value.__cause__, OSError)
+        assert still_ours.value.__cause__.errno == code
+        held.clear()  # the host left that network
+        clock[0] += rawstun.IFINDEX_MEMORY  # a burst looks again once a second
+        with pytest.raises(RawStunError) as gone:
+            raw.send(stun_request(), ("192.0.2.9", 3478), source="192.0.2.1")
+        assert isinstance(gone.value.__cause__, OSError)
+        assert gone.value.__cause__.errno == errno.EADDRNOTAVAIL
+        assert "no longer an address of this host" in str(gone.value)
+        assert raw.counters.send_errors == 2
+    finally:
+        raw.close()
