@@ -106,6 +106,9 @@ class JoinedDevice:
 
         paths.on_candidates = lambda candidates, complete: spawn(trickled(
             negotiator, options, paths, state, presence, candidates, complete))
+        if negotiator is not None:
+            negotiator.on_new_run = lambda device: spawn(
+                peer_sync.peer_checks_again(device, "started a new agent run"))
         attach_early_checks(paths, peer_sync, presence, negotiator, team, state, private_key,
                             spawn)
         return cls(

@@ -51,6 +51,8 @@ class PeerState:
     traffic_at: float | None = None
     fallback: asyncio.TimerHandle | None = None
     route: str | None = None
+    # When (time.monotonic) WireGuard's entry for the peer was last made afresh.
+    renewed_at: float | None = None
 
     @property
     def name(self) -> str:

@@ -71,8 +71,9 @@ class ReplayGuard:
         self._max_superseded = max_superseded
         self._senders: dict[str, _Sender] = {}
 
-    def check(self, msg: WireMessage) -> None:
-        """Raise Stale or Replayed, or record `msg` as seen."""
+    def check(self, msg: WireMessage) -> bool:
+        """Raise Stale or Replayed, or record `msg` as seen; whether it is the first of a
+        new run of a sender heard from before (its agent started again)."""
         now = self._clock()
         self._prune(now)
         age = now - msg.timestamp
@@ -92,6 +93,7 @@ class ReplayGuard:
         if msg.nonce in state.seen:
             raise Replayed(f"message id {msg.nonce.hex()} already seen")
 
+        restarted = new_run and state.session is not None
         if new_run:
             if state.session is not None:
                 log.info("%s started a new agent run", msg.sender)
@@ -105,6 +107,7 @@ class ReplayGuard:
             ts, nonce = heapq.heappop(state.by_time)
             state.seen.discard(nonce)
             state.floor = max(state.floor, ts)
+        return restarted
 
     def supersede(self, sender: str, session_id: bytes) -> None:
         """Refuse `sender`'s further messages in negotiation session `session_id`."""

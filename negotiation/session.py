@@ -281,6 +281,9 @@ class Negotiator:
         self.on_restart: Callable[[DeviceId], Awaitable[None]] | None = None
         # Set by the agent: a peer's agent said bye (it stopped; it may start again).
         self.on_bye: Callable[[DeviceId], None] | None = None
+        # Set by the agent: the first message of a peer's new agent run (it restarted,
+        # with or without a bye: killed, crashed); WireGuard's session with it is stale.
+        self.on_new_run: Callable[[DeviceId], None] | None = None
         self.sender_session = new_sender_session()
         self.guard = ReplayGuard()
         self.sessions: dict[DeviceId, PeerSession] = {}
@@ -449,7 +452,8 @@ class Negotiator:
                 message = open_body(chat.body, sender=str(sender),
                                     sender_public=session.public_key,
                                     my_private=self._private, me=str(self.me))
-                self.guard.check(message)
+                if self.guard.check(message) and self.on_new_run is not None:
+                    self.on_new_run(sender)
                 await self._dispatch(session, message)
             except SenderKeyMismatch:
                 self._hold(sender, chat)  # sealed with a key not announced (yet)

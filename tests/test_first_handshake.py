@@ -382,3 +382,41 @@ async def _fallback_then_path(end: End) -> None:
     await announced_fallback(end)
     assert end.device in end.sync.held
     await choose_path(end)
+
+
+async def test_a_peer_killed_and_started_again_gets_our_handshake_on_its_new_run() -> None:
+    """The higher-keyed end is killed and starts again (no bye): the lower-keyed end's
+    WireGuard still has a session with its old run and never starts a handshake, so
+    the new run, holding its endpoint for ours, waited out the hold. Told of the new
+    run (its first sealed message), the lower end renews its entry: its handshake goes
+    at once. Told again (the new run's early checks), it does not renew a second time
+    once that handshake came."""
+    _took, a, b = await first_handshake((0.0, 0.0), 0.0)
+    low, old_high = a.wg, b.wg
+    assert low.connected(old_high.key)
+    high = ModelWireGuard(old_high.key, old_high.address, retry_jitter=0.23)
+    low.other, high.other = high, low
+    reborn = make_end(high, low)
+    await high.set_peer(low.key, None, ["100.64.0.2/32"], 0)
+    runners = [asyncio.ensure_future(traffic(low, high.key, 0.0)),
+               asyncio.ensure_future(traffic(high, low.key, 0.0))]
+    try:
+        start = now()
+        await choose_measured_path(reborn)
+        assert reborn.sync.held  # the new run holds its endpoint for ours
+        await a.sync.peer_checks_again(a.device, "started a new agent run")
+        await advance_until(lambda: low.connected(high.key) and high.connected(low.key),
+                            timeout=10.0, what="a session with the new run")
+        assert now() - start < peer_sync_module.HOLD_FLOOR_S
+        assert high.initiations == 0  # ours did it, not the new run's after its hold
+        made = low.initiations
+        await a.sync.peer_checks_again(a.device)
+        assert low.connected(high.key) and low.initiations == made
+    finally:
+        for task in [*runners, *a.tasks, *reborn.tasks]:
+            task.cancel()
+        await asyncio.gather(*runners, *a.tasks, *reborn.tasks, return_exceptions=True)
+        for wg in (low, high, old_high):
+            for peer in wg.peers.values():
+                if peer.retry is not None:
+                    peer.retry.cancel()

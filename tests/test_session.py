@@ -484,6 +484,25 @@ async def test_bye_closes_the_peer_checker() -> None:
     assert byes == [BOB]  # the agent is told (its early checks wake at once)
 
 
+async def test_a_peers_new_run_is_told_to_the_agent_once() -> None:
+    """A peer killed and started again (no bye) negotiates from a new run: the agent is
+    told with its first message (WireGuard's session with the peer is stale), once."""
+    bus, alice, bob = pair(offer_grace_s=LONG, answer_timeout_s=LONG)
+    runs: list[DeviceId] = []
+    alice.negotiator.on_new_run = runs.append
+    await negotiate(bus, alice, bob)
+    assert runs == []  # the first run heard of is no restart
+    reborn = Side(bus, BOB, bob.key, 2, offer_grace_s=LONG, answer_timeout_s=LONG)
+    alice.peer, reborn.peer = reborn, alice
+    reborn.meet(they_joined_later=False)  # its history holds alice's announcement
+    await settle(bus, alice, reborn)
+    assert reborn.sent_types(alice)[-1] == "offer"
+    assert runs == [BOB]
+    assert await reborn.negotiator.restart(ALICE)  # the same run again: nothing new
+    await settle(bus, alice, reborn)
+    assert runs == [BOB]
+
+
 async def test_a_lost_path_restarts_the_negotiation_with_that_peer_only_once() -> None:
     bus, alice, bob = pair(offer_grace_s=LONG, answer_timeout_s=LONG)
     await negotiate(bus, alice, bob)

@@ -420,8 +420,11 @@ def test_previous_sender_run_is_stale_once_a_newer_one_is_seen() -> None:
     guard = ReplayGuard(clock=clock)
     old_run, new_run = new_sender_session(), new_sender_session()
     late_old = message(run=old_run, timestamp=clock.now - 5)  # sent before the restart
-    guard.check(message(run=old_run, timestamp=clock.now - 10))
-    guard.check(message(run=new_run, timestamp=clock.now - 1))
+    # The first run heard of is no restart; the next one is (the agent renews
+    # WireGuard's session with the peer then), once.
+    assert not guard.check(message(run=old_run, timestamp=clock.now - 10))
+    assert guard.check(message(run=new_run, timestamp=clock.now - 1))
+    assert not guard.check(message(run=new_run, timestamp=clock.now - 0.5))
     with pytest.raises(Stale, match="earlier run"):
         guard.check(late_old)
     # Once replaced, the old run is never taken back, whatever its timestamps say.
