@@ -39,6 +39,7 @@ from kbwg.core.identity import DeviceId
 from kbwg.negotiation.candidate_pairs import GUESSED_FOUNDATION, CandidatePair
 from kbwg.negotiation.candidates import candidate_priority
 from kbwg.negotiation.early import (
+    EARLY_REASON,
     EarlyChecker,
     EarlyCredentials,
     EarlyPeer,
@@ -201,6 +202,17 @@ class EarlyChecks:
         if peer is None:
             return not early
         return peer.accept_early() if early else peer.accept_session()
+
+    def session_lost(self, device: DeviceId) -> None:
+        """The negotiated session has no path to `device` any more: a path our early
+        checks hold (refused while that session looked connected: it may have been dying,
+        on an address the peer left) becomes the peer's again."""
+        early = self.peers.get(device)
+        checker = early.checker if early is not None else None
+        pair = checker.selected if checker is not None else None
+        if checker is not None and pair is not None:
+            log.info("%s: the session has no path; taking the early checks' again", device)
+            self._chosen(device, pair, f"{checker.reason}; {EARLY_REASON}")
 
     def status(self, device: DeviceId, negotiation: dict[str, Any]) -> dict[str, Any]:
         peer = self.peers.get(device)

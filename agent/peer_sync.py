@@ -452,6 +452,8 @@ class PeerSync:
             return
         if pair is None:
             log.warning("%s: %s", peer.name, reason)
+            if not early and self.early is not None:
+                self.early.session_lost(device)
             return
         if self.early is not None and not self.early.accepts(device, early):
             return

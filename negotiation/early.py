@@ -125,6 +125,9 @@ class EarlyChecker(Protocol):
     @property
     def selected(self) -> CandidatePair | None: ...
 
+    @property
+    def reason(self) -> str: ...
+
     def set_remote(self, ufrag: str, pwd: str, candidates: Sequence[CandidateInfo],
                    complete: bool = True) -> None: ...
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from kbwg.negotiation.early import EARLY_REASON
 from kbwg_standin.store import hold_sends, release_held
 from kbwg_testing import wait_until
 from kbwg_world import NatMode, Node, World
@@ -111,6 +112,12 @@ def test_a_device_moving_to_another_network_is_followed_before_its_news_crosses_
         bob.wait_path("laptop", timeout=60)
         wait_until(lambda: a.ping_ok(BOB[2]) and b.ping_ok(ALICE[2]), timeout=30,
                    what="pings both ways")
+        # The sessions, not only the early checks, carry the path: theirs are the
+        # checkers that must outlive the move.
+        wait_until(lambda: all((v := agent.peer_view(peer)) is not None
+                               and EARLY_REASON not in v["reason"]
+                               for agent, peer in ((alice, "desk"), (bob, "laptop"))),
+                   timeout=30, what="the negotiated sessions to carry the path")
         hold_sends(servers.team.home, ALICE[0])
         for src, dest in ((a, BOB[2]), (b, ALICE[2])):
             src.popen(["ping", "-q", "-n", "-i", "0.1", dest])

@@ -734,3 +734,40 @@ async def test_a_path_through_the_announced_guess_waits_for_the_candidates_line(
     finally:
         a_early.close()
         b_early.close()
+
+
+async def test_a_session_that_loses_its_path_gives_it_back_to_the_early_checks() -> None:
+    """A session can look connected on a dying pair (an address the peer just left) while
+    the early checks already follow the peer to its new one: their path was refused
+    then. When the session finds no path, theirs is the peer's again."""
+    _net, a, b = lan_pair()
+    alice, bob = DeviceId("alice", "laptop"), DeviceId("bob", "desk")
+    a_chosen: list[tuple[DeviceId, CandidatePair, str]] = []
+    a_book, b_book = CandidateBook(), CandidateBook()
+    a_early = EarlyChecks(cast(Connectivity, SimPaths(a.node)), a.keys, a_book,
+                          lambda _d: (None, False),
+                          lambda d, p, r: a_chosen.append((d, p, r)))
+    b_early = EarlyChecks(cast(Connectivity, SimPaths(b.node)), b.keys, b_book,
+                          lambda _d: (None, False), lambda *_: None)
+    a_host, b_host = infos(a.node.candidates)[0], infos(b.node.candidates)[0]
+    for book, host, key, sender in ((a_book, b_host, b.keys, bob),
+                                    (b_book, a_host, a.keys, alice)):
+        line = format_candidates(base64.b64encode(bytes(key.public_key)).decode(), [host])
+        assert line is not None
+        book.offer(parse_candidates(line, sender, 3, time.time()))
+    try:
+        a_early.sync([peer_state(bob, b.keys, f"{b_host.ip}:{b_host.port}")])
+        b_early.sync([peer_state(alice, a.keys, f"{a_host.ip}:{a_host.port}")])
+        await advance_until(lambda: a_chosen, timeout=1.0)
+        a_chosen.clear()
+        a_early.session_lost(bob)
+        ((device, pair, reason),) = a_chosen
+        checker = a_early.peers[bob].checker
+        assert device == bob and checker is not None and pair is checker.selected
+        assert reason.endswith(EARLY_REASON) and "same LAN" in reason
+        # Nothing to give for a peer without early checks.
+        a_early.session_lost(DeviceId("carol", "phone"))
+        assert len(a_chosen) == 1
+    finally:
+        a_early.close()
+        b_early.close()

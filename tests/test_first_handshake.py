@@ -420,3 +420,18 @@ async def test_a_peer_killed_and_started_again_gets_our_handshake_on_its_new_run
             for peer in wg.peers.values():
                 if peer.retry is not None:
                     peer.retry.cancel()
+
+
+async def test_a_session_without_a_path_asks_the_early_checks_for_theirs() -> None:
+    low = ModelWireGuard("alice-key", "198.18.1.10:51820", retry_jitter=0.11)
+    high = ModelWireGuard("carol-key", "198.18.1.12:51820", retry_jitter=0.23)
+    low.other, high.other = high, low
+    end = make_end(low, high)
+    lost: list[DeviceId] = []
+    end.sync.early = cast(Any, SimpleNamespace(session_lost=lost.append,
+                                               accepts=lambda _d, _e: True))
+    await end.sync.path_chosen(end.device, None, "no pair answered")
+    assert lost == [end.device]
+    # The early checks' own loss is theirs to handle.
+    await end.sync.path_chosen(end.device, None, "no pair answered", early=True)
+    assert lost == [end.device]
