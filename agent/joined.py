@@ -20,7 +20,7 @@ from kbwg.agent.early_wiring import attach_early_checks
 from kbwg.agent.join_options import JoinOptions
 from kbwg.agent.keybase import KeybaseClient
 from kbwg.agent.owner_calls import OwnerCalls
-from kbwg.agent.peer_sync import PeerSync, Spawn
+from kbwg.agent.peer_sync import NEW_RUN, PeerSync, Spawn
 from kbwg.agent.presence import Presence
 from kbwg.agent.reports import ControlReplies
 from kbwg.agent.runtime_state import AgentState
@@ -108,7 +108,7 @@ class JoinedDevice:
             negotiator, options, paths, state, presence, candidates, complete))
         if negotiator is not None:
             negotiator.on_new_run = lambda device: spawn(
-                peer_sync.peer_checks_again(device, "started a new agent run"))
+                peer_sync.peer_checks_again(device, NEW_RUN))
         attach_early_checks(paths, peer_sync, presence, negotiator, team, state, private_key,
                             spawn)
         return cls(

@@ -84,9 +84,10 @@ HOLD_RTTS = 4
 # peer looks at the same instants (multiples of this on the loop's clock), sharing one
 # `stats` request.
 HOLD_POLL_S = 0.1
-# A peer that restarted says so twice, its early checks and its new run's first sealed
-# message, at most about a chat delivery apart: a renewal this recent, followed by a
-# handshake, is not made again.
+# A peer that restarted says so twice (`peer_checks_again`), its early checks and its
+# new run's first sealed message, at most about a chat delivery apart.
+CHECKS_AGAIN = "checks us again (it restarted?)"
+NEW_RUN = "started a new agent run"
 RESTART_SIGNS_S = 10.0
 
 
@@ -238,7 +239,6 @@ class PeerSync:
         peer.configured_key = peer.configured_ip = None
         await self._owner.set_peer(key, peer.endpoint, [ip], self._keepalive(peer))
         peer.configured_key, peer.configured_ip = key, ip
-        peer.renewed_at = time.monotonic()
         # The device's counters start over with the peer: the next poll's are no change.
         peer.reset_counters()
         log.info("%s: fresh WireGuard session (endpoint %s)", peer.name,
@@ -263,30 +263,33 @@ class PeerSync:
                 log.debug("%s: WireGuard picks its source address anew (endpoint %s)",
                           peer.name, endpoint)
 
-    async def peer_checks_again(self, device: DeviceId,
-                                why: str = "checks us again (it restarted?)") -> None:
-        """`device` checks us early again, or its new agent run negotiates: it restarted
-        with the same key (or lost our session). WireGuard's session with it is then
-        likely one it no longer has, and choosing the path we already give WireGuard
-        changes nothing, so no handshake would go until that session times out, while
-        the peer, as the second end of a fresh path, holds its own back for ours. As the
-        first end, a fresh entry sends our handshake at once; as the second, the peer's
-        comes."""
+    async def peer_checks_again(self, device: DeviceId, sign: str = CHECKS_AGAIN) -> None:
+        """`device` restarted with the same key (or lost our session), as its early
+        checks waking ours (`CHECKS_AGAIN`) or its new run's first sealed message
+        (`NEW_RUN`) says. WireGuard's session with it is then likely one it no longer
+        has, and choosing the path we already give WireGuard changes nothing, so no
+        handshake would go until that session times out, while the peer, as the second
+        end of a fresh path, holds its own back for ours. As the first end, a fresh
+        entry sends our handshake at once; as the second, the peer's comes.
+
+        One restart usually gives both signs, a chat delivery apart: the second, once
+        the renewed entry has a session, is the same restart and renews nothing."""
         async with self._lock:
             peer = self._state.peers.get(device)
             key = peer.configured_key if peer is not None else None
             if peer is None or key is None or not peer.endpoint or device in self.held \
                     or self._holds_back(key):
                 return
-            # Both its early checks and its new run's first message say so, a chat
-            # delivery apart: a session on the entry renewed since was made with the
-            # new run (a renewed entry starts without one).
-            current = await self._wireguard_peer(key)
-            if (peer.renewed_at is not None
-                    and time.monotonic() - peer.renewed_at < RESTART_SIGNS_S
-                    and current is not None and current.last_handshake):
-                return
-            log.info("%s %s: renewing its WireGuard session", peer.name, why)
+            now = time.monotonic()
+            first = peer.restart_sign
+            if first is not None and first[0] != sign and now - first[1] < RESTART_SIGNS_S:
+                peer.restart_sign = None
+                current = await self._wireguard_peer(key)
+                if current is not None and current.last_handshake:
+                    return
+            else:
+                peer.restart_sign = (sign, now)
+            log.info("%s %s: renewing its WireGuard session", peer.name, sign)
             await self._guarded(peer, self._renew(peer))
 
     def _keepalive(self, peer: PeerState) -> int:

@@ -51,8 +51,9 @@ class PeerState:
     traffic_at: float | None = None
     fallback: asyncio.TimerHandle | None = None
     route: str | None = None
-    # When (time.monotonic) WireGuard's entry for the peer was last made afresh.
-    renewed_at: float | None = None
+    # The peer's last sign of a restart that renewed WireGuard's entry, and when
+    # (time.monotonic), until its other sign pairs with it (peer_sync.peer_checks_again).
+    restart_sign: tuple[str, float] | None = None
 
     @property
     def name(self) -> str:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from functools import partial
 from ipaddress import IPv4Address
 from types import SimpleNamespace
 from typing import Any, cast
@@ -30,7 +31,7 @@ from kbwg.agent import peer_sync as peer_sync_module
 from kbwg.agent.announce import Announcement
 from kbwg.agent.connectivity import Route
 from kbwg.agent.peer_selection import PeerSpec
-from kbwg.agent.peer_sync import PeerSync
+from kbwg.agent.peer_sync import CHECKS_AGAIN, NEW_RUN, PeerSync
 from kbwg.agent.runtime_state import ANNOUNCED, PeerState
 from kbwg.core.identity import DeviceId
 
@@ -384,39 +385,49 @@ async def _fallback_then_path(end: End) -> None:
     await choose_path(end)
 
 
+def _both_connected(x: ModelWireGuard, y: ModelWireGuard) -> bool:
+    return x.connected(y.key) and y.connected(x.key)
+
+
 async def test_a_peer_killed_and_started_again_gets_our_handshake_on_its_new_run() -> None:
     """The higher-keyed end is killed and starts again (no bye): the lower-keyed end's
     WireGuard still has a session with its old run and never starts a handshake, so
     the new run, holding its endpoint for ours, waited out the hold. Told of the new
     run (its first sealed message), the lower end renews its entry: its handshake goes
-    at once. Told again (the new run's early checks), it does not renew a second time
-    once that handshake came."""
+    at once. The same restart's other sign (its early checks) renews nothing more once
+    that handshake came; a restart after it renews again."""
     _took, a, b = await first_handshake((0.0, 0.0), 0.0)
     low, old_high = a.wg, b.wg
-    assert low.connected(old_high.key)
-    high = ModelWireGuard(old_high.key, old_high.address, retry_jitter=0.23)
-    low.other, high.other = high, low
-    reborn = make_end(high, low)
-    await high.set_peer(low.key, None, ["100.64.0.2/32"], 0)
-    runners = [asyncio.ensure_future(traffic(low, high.key, 0.0)),
-               asyncio.ensure_future(traffic(high, low.key, 0.0))]
+    wgs, ends, runners = [old_high], [b], []
     try:
-        start = now()
-        await choose_measured_path(reborn)
-        assert reborn.sync.held  # the new run holds its endpoint for ours
-        await a.sync.peer_checks_again(a.device, "started a new agent run")
-        await advance_until(lambda: low.connected(high.key) and high.connected(low.key),
-                            timeout=10.0, what="a session with the new run")
-        assert now() - start < peer_sync_module.HOLD_FLOOR_S
-        assert high.initiations == 0  # ours did it, not the new run's after its hold
-        made = low.initiations
-        await a.sync.peer_checks_again(a.device)
-        assert low.connected(high.key) and low.initiations == made
+        for sign, other_sign in ((NEW_RUN, CHECKS_AGAIN), (CHECKS_AGAIN, NEW_RUN)):
+            assert low.connected(old_high.key)
+            high = ModelWireGuard(old_high.key, old_high.address, retry_jitter=0.23)
+            low.other, high.other = high, low
+            wgs.append(high)
+            reborn = make_end(high, low)
+            ends.append(reborn)
+            await high.set_peer(low.key, None, ["100.64.0.2/32"], 0)
+            runners += [asyncio.ensure_future(traffic(low, high.key, 0.0)),
+                        asyncio.ensure_future(traffic(high, low.key, 0.0))]
+            start = now()
+            await choose_measured_path(reborn)
+            assert reborn.sync.held  # the new run holds its endpoint for ours
+            await a.sync.peer_checks_again(a.device, sign)
+            await advance_until(partial(_both_connected, low, high),
+                                timeout=10.0, what="a session with the new run")
+            assert now() - start < peer_sync_module.HOLD_FLOOR_S
+            assert high.initiations == 0  # ours did it, not the new run's after its hold
+            made = low.initiations
+            await a.sync.peer_checks_again(a.device, other_sign)
+            assert low.connected(high.key) and low.initiations == made
+            old_high = high
     finally:
-        for task in [*runners, *a.tasks, *reborn.tasks]:
+        for task in [*runners, *a.tasks, *(t for e in ends for t in e.tasks)]:
             task.cancel()
-        await asyncio.gather(*runners, *a.tasks, *reborn.tasks, return_exceptions=True)
-        for wg in (low, high, old_high):
+        await asyncio.gather(*runners, *a.tasks, *(t for e in ends for t in e.tasks),
+                             return_exceptions=True)
+        for wg in (low, *wgs):
             for peer in wg.peers.values():
                 if peer.retry is not None:
                     peer.retry.cancel()
