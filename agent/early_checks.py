@@ -39,7 +39,6 @@ from kbwg.core.identity import DeviceId
 from kbwg.negotiation.candidate_pairs import GUESSED_FOUNDATION, CandidatePair
 from kbwg.negotiation.candidates import candidate_priority
 from kbwg.negotiation.early import (
-    EARLY_REASON,
     EarlyChecker,
     EarlyCredentials,
     EarlyPeer,
@@ -208,11 +207,10 @@ class EarlyChecks:
         checks hold (refused while that session looked connected: it may have been dying,
         on an address the peer left) becomes the peer's again."""
         early = self.peers.get(device)
-        checker = early.checker if early is not None else None
-        pair = checker.selected if checker is not None else None
-        if checker is not None and pair is not None:
+        held = early.current() if early is not None else None
+        if held is not None:
             log.info("%s: the session has no path; taking the early checks' again", device)
-            self._chosen(device, pair, f"{checker.reason}; {EARLY_REASON}")
+            self._selected(device, *held)
 
     def status(self, device: DeviceId, negotiation: dict[str, Any]) -> dict[str, Any]:
         peer = self.peers.get(device)

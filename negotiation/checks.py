@@ -76,7 +76,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -711,16 +711,22 @@ class PeerChecker:
         than after `consent_failures` misses."""
         if current is None or current.misses == 0 or self._selected_loop_at is None:
             return None
-        fresh = [p.view() for p in self._table.pairs
-                 if p is not current and p.state == "succeeded" and p.remote.type == "prflx"
-                 and p.succeeded_at is not None and p.succeeded_at > self._selected_loop_at]
-        best_view, _ = choose(None, fresh, hysteresis_ratio=self.hysteresis_ratio,
-                              hysteresis_ms=self.hysteresis_ms)
-        if best_view is None:
+        best = self._best_of(
+            p for p in self._table.pairs
+            if p is not current and p.state == "succeeded" and p.remote.type == "prflx"
+            and p.succeeded_at is not None and p.succeeded_at > self._selected_loop_at)
+        if best is None:
             return None
-        best = next(p for p in self._table.pairs if p.key == best_view.key)
         return best, (f"{current.describe()} missed its last consent check and the peer "
-                      f"now checks from {best.remote_label()}: {explain(best_view, views)}")
+                      f"now checks from {best.remote_label()}: {explain(best.view(), views)}")
+
+    def _best_of(self, pairs: Iterable[CandidatePair]) -> CandidatePair | None:
+        """The best of `pairs` by choice's rules, none being current."""
+        among = list(pairs)
+        best_view, _ = choose(None, [p.view() for p in among],
+                              hysteresis_ratio=self.hysteresis_ratio,
+                              hysteresis_ms=self.hysteresis_ms)
+        return None if best_view is None else next(p for p in among if p.key == best_view.key)
 
     def _contenders_wait(self, best: CandidatePair) -> bool:
         """Whether to hold the first nomination for pairs that could still beat `best`:
@@ -785,12 +791,9 @@ class PeerChecker:
         if (self._closed or self._controlling or self._was_selected
                 or self._nominated is not None):
             return
-        views = [p.view() for p in self._table.pairs if p.state == "succeeded"]
-        best_view, _ = choose(None, views, hysteresis_ratio=self.hysteresis_ratio,
-                              hysteresis_ms=self.hysteresis_ms)
-        if best_view is None:
+        best = self._best_of(p for p in self._table.pairs if p.state == "succeeded")
+        if best is None:
             return
-        best = next(p for p in self._table.pairs if p.key == best_view.key)
         self._rechecks += 1
         log.debug("%s: %s works but the peer nominated nothing; checking it again",
                   self.name, best.describe())

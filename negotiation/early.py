@@ -172,6 +172,11 @@ def _rank(c: CandidateInfo) -> tuple[int, bool]:
     return TYPE_PREFERENCE.get(c.type, -1), c.foundation != GUESSED_FOUNDATION
 
 
+def _told(reason: str) -> str:
+    """A path's reason as early checks tell it (the agent shows where it came from)."""
+    return f"{reason}; {EARLY_REASON}"
+
+
 def _corrects(told: CandidateInfo, known: CandidateInfo) -> bool:
     """`told` says what `known`, at the same address, is: another type, or the type
     `known` only guessed (a relay is then paired with it, see relay_reaches)."""
@@ -297,11 +302,18 @@ class EarlyPeer:
     def _selected(self, checker: EarlyChecker, pair: CandidatePair | None,
                   reason: str) -> None:
         if pair is not None:
-            self._on_selected(pair, f"{reason}; {EARLY_REASON}")
+            self._on_selected(pair, _told(reason))
         elif checker.state == "failed":
             # Quietly: an old agent never answers these, and the offer/answer goes on.
             # Not from inside the checker's callback: it is still running.
             self._loop.call_soon(self._failed, checker)
+
+    def current(self) -> tuple[CandidatePair, str] | None:
+        """The path our checker holds now, with its reason as `on_selected` told it."""
+        checker = self.checker
+        if checker is None or checker.selected is None:
+            return None
+        return checker.selected, _told(checker.reason)
 
     def _failed(self, checker: EarlyChecker) -> None:
         if checker is self.checker and checker.state == "failed":

@@ -359,6 +359,22 @@ async def test_a_peer_that_said_bye_wakes_us_at_once_when_it_is_back() -> None:
         b.close()
 
 
+async def controlled_end_restarts(a: Side, b: Side) -> tuple[Side, Side, PeerChecker]:
+    """A and B connected; the controlled end restarts with its key (a fresh early peer,
+    its choices forgotten on both sides) until its first pair works: (the controlling
+    end, the controlled one, the new run's checker)."""
+    await both_chose(a, b)
+    ctl, ctd = (a, b) if a.e.creds.controlling else (b, a)
+    ctd.close()
+    ctl.chosen.clear()
+    ctd.chosen.clear()
+    ctd.open(ctl, infos(ctl.node.candidates))
+    new_run = ctd.checkers[-1]
+    await advance_until(lambda: any(p.state == "succeeded" for p in new_run.pairs),
+                        timeout=1.0)
+    return ctl, ctd, new_run
+
+
 async def test_a_bye_delivered_after_the_new_runs_first_checks_does_not_strand_it() -> None:
     """The bye of a peer's previous run can arrive (one chat delivery late) after its
     new run's first early checks worked and before our nomination went out: we rest,
@@ -366,16 +382,8 @@ async def test_a_bye_delivered_after_the_new_runs_first_checks_does_not_strand_i
     check of the working pair, again after `nomination_wait`, wakes us."""
     _net, a, b = lan_pair()
     try:
-        await both_chose(a, b)
-        ctl, ctd = (a, b) if a.e.creds.controlling else (b, a)
-        ctd.close()
-        ctl.chosen.clear()
-        ctd.chosen.clear()
-        ctd.open(ctl, infos(ctl.node.candidates))
-        new_run = ctd.checkers[-1]
+        ctl, ctd, new_run = await controlled_end_restarts(a, b)
         # The instant the new run's first pair works, the old run's bye is taken.
-        await advance_until(lambda: any(p.state == "succeeded" for p in new_run.pairs),
-                            timeout=1.0)
         assert not ctd.chosen
         ctl.e.peer_left()
         assert ctl.e.state == "resting"
@@ -393,13 +401,7 @@ async def test_a_bye_delivered_after_the_new_runs_first_checks_does_not_strand_i
 async def test_a_controlled_side_without_a_nomination_rechecks_only_a_few_times() -> None:
     _net, a, b = lan_pair()
     try:
-        await both_chose(a, b)
-        ctl, ctd = (a, b) if a.e.creds.controlling else (b, a)
-        ctd.close()
-        ctd.open(ctl, infos(ctl.node.candidates))
-        new_run = ctd.checkers[-1]
-        await advance_until(lambda: any(p.state == "succeeded" for p in new_run.pairs),
-                            timeout=1.0)
+        ctl, _ctd, new_run = await controlled_end_restarts(a, b)
         ctl.close()  # the controlling side is gone for good: nothing answers
         sent = new_run.counters.checks
         waits = sum(FAST.nomination_wait * 2 ** i for i in range(FAST.nomination_rechecks))

@@ -14,7 +14,7 @@ import asyncio
 import base64
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import pytest
@@ -497,6 +497,11 @@ async def test_a_peers_new_run_is_told_to_the_agent_once() -> None:
     reborn.meet(they_joined_later=False)  # its history holds alice's announcement
     await settle(bus, alice, reborn)
     assert reborn.sent_types(alice)[-1] == "offer"
+    assert runs == [BOB]
+    # The old run's offer posted again (replayed by anyone who saw it): stale, not told.
+    old_offer = next(m for m in bus.log if m.sender_username == BOB.username)
+    bus.deliver(alice, replace(old_offer, id=bus.next_id))
+    await settle(bus, alice, reborn)
     assert runs == [BOB]
     assert await reborn.negotiator.restart(ALICE)  # the same run again: nothing new
     await settle(bus, alice, reborn)
